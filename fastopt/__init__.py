@@ -1,0 +1,18 @@
+"""fastopt: fused optimizer update kernels for training on raw arrays.
+
+Optimizers update NumPy (CPU) or CuPy (GPU) arrays in place, in one pass over
+memory per step where the math allows.  ``import fastopt`` imports neither
+numba nor cupy: a backend loads on first use (see :func:`backends`).
+"""
+
+from . import functional, schedules
+from ._backend import backends
+from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
+                     Newton, Optimizer, RAdam, RMSprop)
+from ._pipeline import StepInfo
+
+__version__ = "0.1.0"
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
+           "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
+           "functional", "schedules", "__version__"]

@@ -1,0 +1,194 @@
+"""The backend-dispatch layer (SPEC section 2).
+
+A backend is a module under ``fastopt.kernels`` that, when imported, calls
+:func:`register_kernel` once per rule and :func:`register_ops` once.  Nothing
+here imports numba or cupy: a backend's module is imported the first time a
+step needs it, and a failed import is remembered as the reason it is
+unavailable.
+
+The contract a backend implements
+---------------------------------
+``kernel(params, grads, states, scalars, pre, extras=None) -> None``
+    One step of one rule over a list of tensors, the whole of SPEC section 4
+    steps 1 and 3-7 plus ``weight_clip``, writing ``params`` and the state
+    arrays in place.  ``params``/``grads``/``extras`` are lists of flat (1-D),
+    C-contiguous arrays of one dtype (Newton's ``extras`` are its n*n Hessians,
+    flattened); ``states`` maps each state name of the rule (``exp_avg``, ...) to
+    a list like ``params``; ``scalars`` are the rule's host scalars as Python
+    floats and bools (``fastopt._rules``); ``pre`` is a :class:`Pre`.
+    Everything was validated before the call: a kernel never raises on data.
+
+``Ops``
+    The non-rule primitives of the pipeline (norms, the non-finite check,
+    ``max_norm``), see :class:`Ops`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: backend name -> the module (relative to ``fastopt.kernels``) that registers it.
+BACKEND_MODULES = {
+    "numpy": "reference",
+    "numba": "numba_cpu",
+    "cupy": "cupy_gpu",
+}
+BACKEND_NAMES = tuple(BACKEND_MODULES)
+ENV_VAR = "FASTOPT_BACKEND"
+
+_KERNELS: dict[tuple[str, str], Callable] = {}
+_OPS: dict[str, "Ops"] = {}
+_FAILED: dict[str, str] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Pre:
+    """The element-wise pipeline options of one step of one group (SPEC section 4).
+
+    ``inv_scale``: ``1 / grad_scale`` computed in double on the host (as
+    torch's GradScaler multiplies by the reciprocal), or None.
+    ``scales``: per-tensor factor from ``clip_norm`` and ``clip_global_norm``
+    (a float64 array of the backend's kind, one entry per tensor), or None.
+    """
+
+    inv_scale: float | None = None
+    maximize: bool = False
+    clip_value: float | None = None
+    scales: Any = None
+    weight_clip: float | None = None
+
+
+class Ops:
+    """Pipeline primitives of a backend; every list holds flat arrays of one dtype."""
+
+    name = "?"
+    xp: Any = None  # the array module (numpy or cupy)
+
+    def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
+        """One read pass over the grads.
+
+        Returns ``(sumsq, finite)``: ``sumsq`` the float64 per-tensor sum of
+        squares of ``clip(g * inv_scale, -clip_value, clip_value)`` (None
+        unless ``need_sumsq``), ``finite`` whether every ``g * inv_scale`` (and
+        every extra input) is finite (True unless ``check_finite``).
+        """
+        raise NotImplementedError
+
+    def sumsq(self, arrays):
+        """Per-tensor sums of squares, float64, one array of the backend's kind."""
+        raise NotImplementedError
+
+    def scale_(self, arrays, factors):
+        """``a *= factors[i]`` for each array (factors: float64 array)."""
+        raise NotImplementedError
+
+    def clip_(self, arrays, c):
+        """``a = clip(a, -c, c)`` in place for each array."""
+        raise NotImplementedError
+
+    def asarray(self, host_array, like=None):
+        """A backend array holding a copy of a NumPy array (state_dict loading)."""
+        return self.xp.array(host_array, copy=True)
+
+    def to_host(self, array):
+        """A NumPy copy of a backend array."""
+        import numpy as np
+
+        return np.array(array, copy=True)
+
+
+def register_kernel(rule: str, backend: str, fn: Callable) -> None:
+    _KERNELS[(rule, backend)] = fn
+
+
+def register_ops(ops: Ops) -> None:
+    _OPS[ops.name] = ops
+
+
+def _load(backend: str) -> None:
+    if backend in _OPS:
+        return
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    with _LOCK:
+        if backend in _OPS:
+            return
+        if backend in _FAILED:
+            raise RuntimeError(f"backend {backend!r} is unavailable: {_FAILED[backend]}")
+        try:
+            mod = importlib.import_module(f"fastopt.kernels.{BACKEND_MODULES[backend]}")
+            register_ops(mod.OPS)
+        except Exception as e:  # ImportError, missing CUDA driver, no device, ...
+            _FAILED[backend] = f"{type(e).__name__}: {e}"
+            raise RuntimeError(f"backend {backend!r} is unavailable: {_FAILED[backend]}") from e
+
+
+def get_ops(backend: str) -> Ops:
+    _load(backend)
+    return _OPS[backend]
+
+
+def get_kernel(rule: str, backend: str) -> Callable:
+    _load(backend)
+    try:
+        return _KERNELS[(rule, backend)]
+    except KeyError:
+        raise NotImplementedError(f"rule {rule!r} has no kernel on backend {backend!r}") from None
+
+
+def available(backend: str) -> bool:
+    try:
+        _load(backend)
+        return True
+    except RuntimeError:
+        return False
+
+
+def backends() -> dict:
+    """Every backend: ``{name: {"available": bool, "reason": str | None, "rules": [...]}}``.
+
+    Asking loads each backend (imports numba or cupy where installed).
+    """
+    out = {}
+    for name in BACKEND_NAMES:
+        ok = available(name)
+        out[name] = {
+            "available": ok,
+            "reason": None if ok else _FAILED.get(name),
+            "rules": sorted(r for (r, b) in _KERNELS if b == name),
+        }
+    return out
+
+
+def array_kind(a) -> str | None:
+    """``"numpy"`` or ``"cupy"`` for an array, None for anything else."""
+    import numpy as np
+
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    mod = type(a).__module__ or ""
+    if mod.startswith("cupy"):
+        return "cupy"
+    return None
+
+
+def resolve(backend: str, kind: str) -> str:
+    """The concrete backend for ``backend`` and arrays of ``kind`` (SPEC section 2)."""
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    if backend == "auto":
+        if kind == "cupy":
+            return "cupy"
+        return "numba" if available("numba") else "numpy"
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    wants = "cupy" if backend == "cupy" else "numpy"
+    if wants != kind:
+        raise TypeError(f"backend {backend!r} takes {wants} arrays, got {kind} arrays")
+    _load(backend)
+    return backend

@@ -1,0 +1,510 @@
+"""Optimizer classes: thin owners of state around the step pipeline.
+
+``Optimizer`` holds the param groups, the state arrays and the step count, and
+calls the same pipeline as :mod:`fastopt.functional`.  The rule classes below
+only fix the constructor signature and the docstring of each rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+
+import numpy as np
+
+from . import _backend
+from ._pipeline import GroupStep, make_buckets, run_step
+from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
+from ._validate import (as_list, check_companions, check_grad_scale, check_nonfinite,
+                        check_params)
+
+_OPTIMIZER_WIDE = ("nonfinite", "backend")
+
+
+def _flat(a):
+    return a.reshape(-1)
+
+
+class Optimizer:
+    """Base class: param groups, state, ``step``, ``state_dict`` (SPEC sections 3, 4, 8).
+
+    ``params`` is a list of arrays or a list of dicts ``{"params": [...], **overrides}``
+    where any hyperparameter (and any pipeline option) may be overridden per
+    group, as in torch.optim.  ``nonfinite`` and ``backend`` are optimizer-wide:
+    a step is atomic across all groups.
+    """
+
+    rule: Rule = None  # set by each subclass
+
+    def __init__(self, params, *, nonfinite="raise", backend="auto", **hyperparameters):
+        rule = self.rule
+        self.defaults = {**rule.defaults, **PIPELINE_DEFAULTS}
+        unknown = set(hyperparameters) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
+                            f"{sorted(unknown)}")
+        self.defaults.update(hyperparameters)
+        self.nonfinite = check_nonfinite(nonfinite)
+        if backend != "auto" and backend not in _backend.BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {('auto',) + _backend.BACKEND_NAMES}, "
+                             f"got {backend!r}")
+
+        self.param_groups = self._parse_groups(params)
+        self._multi = len(self.param_groups) > 1
+        flat_params, labels = [], []
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                flat_params.append(p)
+                labels.append(self._label("params", gi, pi))
+        self._kind = check_params(flat_params, labels)
+        for gi, g in enumerate(self.param_groups):
+            check_hyperparameters(rule, g, self._where(gi))
+        self._requested_backend = backend
+        self.backend = _backend.resolve(backend, self._kind)
+        self._ops = _backend.get_ops(self.backend)
+        self.step_count = 0
+        self.state = [[{} for _ in g["params"]] for g in self.param_groups]
+        self.group_state = [dict(rule.group_state) for _ in self.param_groups]
+        self._buckets = [None] * len(self.param_groups)
+        for gi in range(len(self.param_groups)):
+            self._ensure_state(gi)
+
+    # ------------------------------------------------------------------ construction
+
+    def _parse_groups(self, params):
+        if _backend.array_kind(params) is not None:
+            raise TypeError("params: expected a list of arrays or of param-group dicts, "
+                            "got a single array (wrap it in a list)")
+        params = as_list(params, "params")
+        if params and all(isinstance(g, dict) for g in params):
+            groups = []
+            for gi, g in enumerate(params):
+                if "params" not in g:
+                    raise ValueError(f"param_groups[{gi}]: expected a 'params' key, got keys {sorted(g)}")
+                bad = set(g) - set(self.defaults) - {"params"}
+                bad |= set(g) & set(_OPTIMIZER_WIDE)
+                if bad:
+                    raise ValueError(f"param_groups[{gi}]: unknown or optimizer-wide option(s) "
+                                     f"{sorted(bad)}; per-group options are {sorted(self.defaults)}")
+                grp = {**self.defaults, **g}
+                grp["params"] = as_list(g["params"], f"param_groups[{gi}]['params']")
+                if not grp["params"]:
+                    raise ValueError(f"param_groups[{gi}]['params']: expected a non-empty list, got []")
+                groups.append(grp)
+            return groups
+        if any(isinstance(g, dict) for g in params):
+            raise TypeError("params: expected either arrays or param-group dicts, not a mix")
+        return [{**self.defaults, "params": params}]
+
+    def _label(self, name, gi, pi):
+        if name == "params" and self._multi_groups():
+            return f"param_groups[{gi}]['params'][{pi}]"
+        return f"{name}[{self._flat_index(gi, pi)}]"
+
+    def _multi_groups(self):
+        return len(self.param_groups) > 1
+
+    def _flat_index(self, gi, pi):
+        return sum(len(g["params"]) for g in self.param_groups[:gi]) + pi
+
+    def _where(self, gi):
+        return f"param_groups[{gi}]: " if self._multi_groups() else ""
+
+    def _ensure_state(self, gi):
+        """Create the state arrays the group's current options need (once, or after a change)."""
+        g = self.param_groups[gi]
+        names = self.rule.state(g)
+        xp = self._ops.xp
+        changed = self._buckets[gi] is None
+        for p, st in zip(g["params"], self.state[gi]):
+            for name, init in names:
+                if name not in st:
+                    st[name] = xp.full_like(p, init)
+                    changed = True
+        if changed or set(self._buckets[gi][0].states) != {n for n, _ in names}:
+            flat_states = {n: [_flat(st[n]) for st in self.state[gi]] for n, _ in names}
+            self._buckets[gi] = make_buckets([_flat(p) for p in g["params"]], flat_states)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def lr(self):
+        """The learning rate the next step uses (first group; a schedule is evaluated)."""
+        lr = self.param_groups[0]["lr"]
+        return float(lr(self.step_count)) if callable(lr) else lr
+
+    @lr.setter
+    def lr(self, value):
+        if not callable(value):
+            check_lr_value(value)
+        for g in self.param_groups:
+            g["lr"] = value
+
+    def step(self, grads, grad_scale=None):
+        """One step (SPEC section 4); updates the params in place and returns a ``StepInfo``."""
+        return self._step(grads, None, grad_scale)
+
+    def _step(self, grads, extras, grad_scale):
+        t = self.step_count + 1
+        steps = self._prepare(grads, extras, grad_scale, t)
+        info = run_step(self.backend, self.rule, steps, t, self.nonfinite, self._inv_scale)
+        if not info.skipped:
+            self.step_count = t
+            self.group_state = [dict(s) for s in info.group_state]
+        return info
+
+    def _prepare(self, grads, extras, grad_scale, t):
+        """Every check of the step, before anything is written; returns the GroupSteps."""
+        self._inv_scale = check_grad_scale(grad_scale)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        label = lambda name, i: f"{name}[{i}]"  # noqa: E731
+        grads = check_companions(all_params, grads, "grads", label, self._kind, allow_copy=True)
+        if self.rule.extra is not None:
+            if extras is None:
+                raise TypeError(f"{type(self).__name__}.step() needs {self.rule.extra}")
+            shape_of = (lambda p: (p.size, p.size)) if self.rule.extra == "hessians" else None
+            extras = check_companions(all_params, extras, self.rule.extra, label, self._kind,
+                                      shape_of=shape_of, allow_copy=True)
+        steps, start = [], 0
+        for gi, g in enumerate(self.param_groups):
+            check_hyperparameters(self.rule, g, self._where(gi))
+            hp = dict(g)
+            if callable(g["lr"]):
+                hp["lr"] = float(g["lr"](t - 1))
+                check_lr_value(hp["lr"], f"{self._where(gi)}lr (the schedule's value at step {t - 1})")
+            self._ensure_state(gi)
+            n = len(g["params"])
+            gflat = [_flat(x) for x in grads[start:start + n]]
+            eflat = None if extras is None else [_flat(x) for x in extras[start:start + n]]
+            steps.append(GroupStep(hp=hp, buckets=self._buckets[gi], grads=gflat, extras=eflat,
+                                   gstate=self.group_state[gi]))
+            start += n
+        return steps
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Host (NumPy) copies of every state array, the step count and every group's options.
+
+        ``param_groups[i]["params"]`` holds flat indices, as torch.optim's does.
+        A schedule given as ``lr`` is kept as the (picklable) object itself.
+        """
+        groups, state, idx = [], {}, 0
+        for gi, g in enumerate(self.param_groups):
+            d = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            d["params"] = list(range(idx, idx + len(g["params"])))
+            groups.append(d)
+            for st in self.state[gi]:
+                state[idx] = {k: self._ops.to_host(v) for k, v in st.items()}
+                idx += 1
+        return {"rule": self.rule.name, "step_count": self.step_count, "param_groups": groups,
+                "state": state, "group_state": copy.deepcopy(self.group_state)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict`` from any backend; checked whole before anything changes."""
+        sd = state_dict
+        if not isinstance(sd, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
+        for key in ("rule", "step_count", "param_groups", "state"):
+            if key not in sd:
+                raise ValueError(f"state_dict: missing key {key!r}")
+        if sd["rule"] != self.rule.name:
+            raise ValueError(f"state_dict: expected a {self.rule.name!r} state, got {sd['rule']!r}")
+        sc = sd["step_count"]
+        if isinstance(sc, bool) or not isinstance(sc, numbers.Integral) or sc < 0:
+            raise ValueError(f"state_dict['step_count']: expected an integer >= 0, got {sc!r}")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict['param_groups']: expected {len(self.param_groups)} groups, "
+                             f"got {len(groups)}")
+        new_groups, new_state = [], []
+        idx = 0
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            n = len(mine["params"])
+            if len(theirs.get("params", ())) != n:
+                raise ValueError(f"state_dict['param_groups'][{gi}]: expected {n} params, "
+                                 f"got {len(theirs.get('params', ()))}")
+            hp = {**self.defaults, **{k: v for k, v in theirs.items() if k != "params"}}
+            unknown = set(hp) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"state_dict['param_groups'][{gi}]: unknown option(s) {sorted(unknown)}")
+            check_hyperparameters(self.rule, hp, f"state_dict['param_groups'][{gi}]: ")
+            names = [nm for nm, _ in self.rule.state(hp)]
+            gstate = []
+            for pi, p in enumerate(mine["params"]):
+                key = theirs["params"][pi]
+                st = sd["state"].get(key, sd["state"].get(str(key)))
+                if st is None:
+                    raise ValueError(f"state_dict['state'][{key}]: missing (state of params[{idx + pi}])")
+                for nm in names:
+                    a = st.get(nm)
+                    where = f"state_dict['state'][{key}][{nm!r}]"
+                    if a is None:
+                        raise ValueError(f"{where}: missing")
+                    a = self._ops.to_host(a) if _backend.array_kind(a) == "cupy" else np.asarray(a)
+                    if a.shape != p.shape or a.dtype != p.dtype:
+                        raise ValueError(f"{where}: expected {p.dtype} {p.shape} (like params[{idx + pi}]), "
+                                         f"got {a.dtype} {a.shape}")
+                gstate.append({nm: st[nm] for nm in names})
+            new_groups.append(hp)
+            new_state.append(gstate)
+            idx += n
+        gs = sd.get("group_state") or [dict(self.rule.group_state) for _ in groups]
+        if len(gs) != len(groups) or any(set(g) != set(self.rule.group_state) for g in gs):
+            raise ValueError(f"state_dict['group_state']: expected {len(groups)} dicts with keys "
+                             f"{sorted(self.rule.group_state)}, got {gs!r}")
+        # everything checked: now write
+        for gi, (g, hp) in enumerate(zip(self.param_groups, new_groups)):
+            for k, v in hp.items():
+                g[k] = copy.deepcopy(v)
+            for st, loaded in zip(self.state[gi], new_state[gi]):
+                for nm, a in loaded.items():
+                    host = self._ops.to_host(a) if _backend.array_kind(a) == "cupy" else np.asarray(a)
+                    if nm in st:
+                        st[nm][...] = self._ops.asarray(host) if self._kind == "cupy" else host
+                    else:
+                        st[nm] = self._ops.asarray(host)
+            self._buckets[gi] = None
+            self._ensure_state(gi)
+        self.step_count = int(sc)
+        self.group_state = [{k: float(v) for k, v in g.items()} for g in gs]
+
+    def __repr__(self):
+        opts = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return (f"{type(self).__name__}({sum(len(g['params']) for g in self.param_groups)} params, "
+                f"{len(self.param_groups)} group(s), backend={self.backend!r}, {opts})")
+
+
+def _opts(local: dict) -> dict:
+    """Constructor locals -> keyword arguments of Optimizer.__init__."""
+    out = {k: v for k, v in local.items() if k not in ("self", "params", "__class__")}
+    if isinstance(out.get("betas"), list):
+        out["betas"] = tuple(out["betas"])
+    return out
+
+
+_PIPELINE_DOC = """
+    Pipeline options (SPEC section 4, any of them per group): ``maximize``,
+    ``clip_value``, ``clip_norm`` (per tensor), ``clip_global_norm`` (all
+    tensors of the group), ``weight_clip``, ``max_norm``; optimizer-wide
+    ``nonfinite`` ('raise' | 'skip' | 'ignore') and ``backend``
+    ('auto' | 'numpy' | 'numba' | 'cupy').
+"""
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, optionally with (Nesterov) momentum, as torch.optim.SGD.
+
+    .. math::
+        g \mathrel{+}= \lambda p;\quad b_1 = g,\ b_t = \mu b_{t-1} + (1-\tau) g;\quad
+        g = g + \mu b_t \text{ (nesterov) or } b_t;\quad p \mathrel{-}= \eta g
+    """ + _PIPELINE_DOC
+    rule = RULES["sgd"]
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
+                 weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba), as torch.optim.Adam; ``weight_decay`` is L2 (added to the gradient).
+
+    .. math::
+        m = \beta_1 m + (1-\beta_1) g;\quad v = \beta_2 v + (1-\beta_2) g^2;\quad
+        p \mathrel{-}= \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+
+    ``amsgrad`` uses the running maximum of ``v``; ``bias_correction=False`` drops both
+    ``1 - beta**t`` terms.
+    """ + _PIPELINE_DOC
+    rule = RULES["adam"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, bias_correction=True, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class AdamW(Optimizer):
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW.
+
+    ``p *= 1 - lr * weight_decay`` before the Adam update; the decay is scaled by ``lr``
+    (torch's convention; optax's ``adamw`` scales it by the learning rate too).
+    """ + _PIPELINE_DOC
+    rule = RULES["adamw"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, bias_correction=True, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad, as torch.optim.Adagrad.
+
+    .. math::
+        s \mathrel{+}= g^2;\quad p \mathrel{-}= \frac{\eta}{1 + (t-1)\,\text{lr\_decay}}
+        \,\frac{g}{\sqrt{s} + \epsilon}
+    """ + _PIPELINE_DOC
+    rule = RULES["adagrad"]
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop, as torch.optim.RMSprop (epsilon outside the square root).
+
+    .. math::
+        v = \alpha v + (1-\alpha) g^2;\quad d = \sqrt{v - \bar g^2 \text{ (centered)}} + \epsilon;
+        \quad p \mathrel{-}= \eta\, g / d \text{ or, with momentum, } b = \mu b + g/d,\ p \mathrel{-}= \eta b
+    """ + _PIPELINE_DOC
+    rule = RULES["rmsprop"]
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class Adadelta(Optimizer):
+    r"""Adadelta (Zeiler), as torch.optim.Adadelta.
+
+    .. math::
+        v = \rho v + (1-\rho) g^2;\quad \delta = \frac{\sqrt{u+\epsilon}}{\sqrt{v+\epsilon}} g;
+        \quad u = \rho u + (1-\rho)\delta^2;\quad p \mathrel{-}= \eta \delta
+    """ + _PIPELINE_DOC
+    rule = RULES["adadelta"]
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class Adamax(Optimizer):
+    r"""Adamax (the infinity-norm Adam), as torch.optim.Adamax.
+
+    .. math::
+        m = \beta_1 m + (1-\beta_1) g;\quad u = \max(\beta_2 u, |g| + \epsilon);\quad
+        p \mathrel{-}= \frac{\eta}{1-\beta_1^t}\,\frac{m}{u}
+    """ + _PIPELINE_DOC
+    rule = RULES["adamax"]
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class NAdam(Optimizer):
+    r"""NAdam (Dozat), as torch.optim.NAdam with its ``momentum_decay`` schedule.
+
+    .. math::
+        \mu_t = \beta_1(1 - \tfrac12 0.96^{t\psi});\quad
+        p \mathrel{-}= \eta\frac{1-\mu_t}{1-\prod_{i\le t}\mu_i}\frac{g}{d}
+        + \eta\frac{\mu_{t+1}}{1-\prod_{i\le t+1}\mu_i}\frac{m}{d},\ d = \sqrt{v/(1-\beta_2^t)} + \epsilon
+    """ + _PIPELINE_DOC
+    rule = RULES["nadam"]
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum_decay=4e-3, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class RAdam(Optimizer):
+    r"""Rectified Adam (Liu et al.), as torch.optim.RAdam.
+
+    Rectified step ``lr * r_t * sqrt(1-beta2^t)/(1-beta1^t) * m / (sqrt(v) + eps)`` when
+    ``rho_t > 5``, else the un-adapted step ``lr/(1-beta1^t) * m``.
+    """ + _PIPELINE_DOC
+    rule = RULES["radam"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class Lion(Optimizer):
+    r"""Lion (Chen et al., 2023), sign momentum with decoupled decay.
+
+    .. math::
+        c = \beta_1 m + (1-\beta_1) g;\quad p \mathrel{*}= 1-\eta\lambda;\quad
+        p \mathrel{-}= \eta\,\mathrm{sign}(c);\quad m = \beta_2 m + (1-\beta_2) g
+    """ + _PIPELINE_DOC
+    rule = RULES["lion"]
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class LAMB(Optimizer):
+    r"""LAMB (You et al.): Adam moments with a per-tensor trust ratio, decoupled decay.
+
+    .. math::
+        r = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda p;\quad
+        p \mathrel{-}= \eta \frac{\lVert p\rVert}{\lVert r\rVert} r
+        \quad(\text{ratio } 1 \text{ if either norm is } 0)
+    """ + _PIPELINE_DOC
+    rule = RULES["lamb"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 bias_correction=True, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+
+class AdaHessian(Optimizer):
+    r"""AdaHessian (Yao et al.): Adam whose second moment is fed by a Hessian-diagonal estimate.
+
+    ``step(grads, hessian_diags)``: ``v = beta2*v + (1-beta2)*D^2``,
+    ``p -= lr/(1-beta1^t) * m / ((sqrt(v/(1-beta2^t)))^k + eps)``.
+    ``weight_decay`` is L2, as for every rule but AdamW, Lion and LAMB (SPEC section 5).
+    ``grad_scale`` unscales the Hessian diagonals too, and the non-finite check covers them.
+    """ + _PIPELINE_DOC
+    rule = RULES["adahessian"]
+
+    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
+                 weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+    def step(self, grads, hessian_diags, grad_scale=None):
+        return self._step(grads, hessian_diags, grad_scale)
+
+
+class Newton(Optimizer):
+    r"""Damped Newton's method, per tensor: ``p -= lr * solve(H + damping*I, g)``.
+
+    ``step(grads, hessians)`` with ``hessians[i]`` of shape ``(n, n)``, ``n = params[i].size``;
+    for small problems (the backend's dense linear algebra).  ``grad_scale`` unscales the
+    Hessians too.  ``maximize`` negates ``g`` only (so the step ascends for a negative-definite H).
+    """ + _PIPELINE_DOC
+    rule = RULES["newton"]
+
+    def __init__(self, params, lr=1.0, damping=1e-4, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        super().__init__(params, **_opts(locals()))
+
+    def step(self, grads, hessians, grad_scale=None):
+        return self._step(grads, hessians, grad_scale)
+
+
+OPTIMIZERS = {cls.rule.name: cls for cls in
+              (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
+               AdaHessian, Newton)}

@@ -1,0 +1,152 @@
+"""The step pipeline of SPEC section 4, the same on every backend.
+
+A step runs in two phases so that it is atomic across every tensor of every
+group:
+
+1. *read*: for each group, one pass over the grads (``Ops.grad_stats``) when a
+   non-finite check or a norm clip needs it.  Nothing is written.  If any grad
+   is non-finite the step raises or is skipped here.
+2. *write*: the per-tensor clip factors are derived from the sums of squares
+   (on the backend's own arrays, so a GPU step keeps them on the device), then
+   one fused kernel call per (group, dtype) updates params and state, and
+   ``max_norm`` costs one more read and write of the params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._backend import Pre, get_kernel, get_ops
+from ._rules import CLIP_EPS, Rule
+
+
+@dataclass
+class StepInfo:
+    """What a step did.
+
+    ``skipped``: True when ``nonfinite="skip"`` dropped the step.
+    ``grad_norm``: the global gradient norm ‖G‖ before clipping, over the
+    tensors of every group that sets ``clip_global_norm`` (None when no group
+    does); ``group_grad_norms`` holds it per group (None where not computed).
+    ``group_state``: the per-group scalar state after the step (NAdam's
+    ``mu_product``), as the functional API returns it.
+    """
+
+    skipped: bool = False
+    _grad_norm: object = None
+    _group_norms: tuple = ()
+    group_state: tuple = ()
+
+    # read lazily: on the GPU the norms stay on the device until asked for
+    @property
+    def grad_norm(self):
+        return None if self._grad_norm is None else float(self._grad_norm)
+
+    @property
+    def group_grad_norms(self):
+        return tuple(None if n is None else float(n) for n in self._group_norms)
+
+    def __repr__(self):
+        return f"StepInfo(skipped={self.skipped}, grad_norm={self.grad_norm})"
+
+
+@dataclass
+class Bucket:
+    """The tensors of one group that share a dtype, as flat arrays.
+
+    ``index`` maps bucket position -> position in the group.  ``params`` and
+    ``states`` are built once per optimizer and passed as the same list
+    objects on every step.
+    """
+
+    index: list
+    params: list
+    states: dict
+
+
+@dataclass
+class GroupStep:
+    hp: dict                       # hyperparameters with lr resolved to a float
+    buckets: list                  # of Bucket
+    grads: list                    # flat, in group order
+    extras: list | None = None     # flat, in group order (AdaHessian, Newton)
+    gstate: dict = field(default_factory=dict)
+
+
+def make_buckets(flat_params: list, flat_states: dict) -> list:
+    """Split a group into dtype buckets; a single-dtype group is one bucket of the same lists."""
+    dtypes = {p.dtype for p in flat_params}
+    if len(dtypes) == 1:
+        return [Bucket(list(range(len(flat_params))), flat_params, flat_states)]
+    out = []
+    for dt in sorted(dtypes, key=str):
+        idx = [i for i, p in enumerate(flat_params) if p.dtype == dt]
+        out.append(Bucket(idx, [flat_params[i] for i in idx],
+                          {k: [v[i] for i in idx] for k, v in flat_states.items()}))
+    return out
+
+
+def clip_scales(xp, sumsq, hp):
+    """Per-tensor factors of steps 5-6 and the group's ‖G‖, from per-tensor sums of squares."""
+    norms = xp.sqrt(sumsq)
+    scales = xp.ones_like(norms)
+    if hp["clip_norm"] is not None:
+        scales = xp.minimum(1.0, hp["clip_norm"] / (norms + CLIP_EPS))
+    gnorm = None
+    if hp["clip_global_norm"] is not None:
+        gnorm = xp.sqrt(xp.sum((norms * scales) ** 2))
+        scales = scales * xp.minimum(1.0, hp["clip_global_norm"] / (gnorm + CLIP_EPS))
+    return scales, gnorm
+
+
+def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv_scale) -> StepInfo:
+    """One step of ``rule`` over validated groups (see the module docstring)."""
+    ops = get_ops(backend)
+    kernel = get_kernel(rule.name, backend)
+    xp = ops.xp
+
+    # phase 1: read
+    stats = []
+    for gs in groups:
+        hp = gs.hp
+        need = hp["clip_norm"] is not None or hp["clip_global_norm"] is not None
+        check = nonfinite != "ignore"
+        if need or check:
+            stats.append(ops.grad_stats(gs.grads, gs.extras, inv_scale=inv_scale,
+                                        clip_value=hp["clip_value"], need_sumsq=need,
+                                        check_finite=check))
+        else:
+            stats.append((None, True))
+    if not all(bool(finite) for _, finite in stats):
+        if nonfinite == "raise":
+            raise FloatingPointError(
+                "non-finite gradient (inf or nan) after unscaling; nothing was written "
+                "(pass nonfinite='skip' to skip such steps, as a loss scaler does)")
+        return StepInfo(skipped=True, group_state=tuple(gs.gstate for gs in groups))
+
+    # phase 2: write
+    norms, new_gstates, total = [], [], None
+    for gs, (sumsq, _) in zip(groups, stats):
+        hp = gs.hp
+        scales = gnorm = None
+        if sumsq is not None:
+            scales, gnorm = clip_scales(xp, sumsq, hp)
+            if gnorm is not None:
+                total = gnorm * gnorm if total is None else total + gnorm * gnorm
+        norms.append(gnorm)
+        scalars, new_gs = rule.scalars(hp, t, gs.gstate)
+        new_gstates.append(new_gs)
+        for b in gs.buckets:
+            single = len(gs.buckets) == 1
+            grads = gs.grads if single else [gs.grads[i] for i in b.index]
+            extras = gs.extras if (single or gs.extras is None) else [gs.extras[i] for i in b.index]
+            bscales = scales if (single or scales is None) else scales[xp.asarray(b.index)]
+            pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
+                      scales=bscales, weight_clip=hp["weight_clip"])
+            kernel(b.params, grads, b.states, scalars, pre, extras)
+            if hp["max_norm"] is not None:
+                pn = xp.sqrt(ops.sumsq(b.params))
+                ops.scale_(b.params, xp.minimum(1.0, hp["max_norm"] / (pn + CLIP_EPS)))
+    return StepInfo(skipped=False, _grad_norm=None if total is None else xp.sqrt(total),
+                    _group_norms=tuple(norms),
+                    group_state=tuple(new_gstates))

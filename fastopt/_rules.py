@@ -1,0 +1,355 @@
+"""The table of update rules: hyperparameters, state, checks and host scalars.
+
+Every backend reads this table. A rule's per-element math lives in the
+kernels (``fastopt/kernels/reference.py`` defines it, the compiled backends
+repeat it once each); what lives here is everything that is *not* per element:
+
+* the hyperparameters and their torch.optim defaults,
+* which state arrays a tensor carries (``exp_avg``, ... named as torch names
+  them) and their initial value,
+* the range checks of SPEC section 7,
+* the host scalars of a step (``1 - beta1**t`` and friends), computed once in
+  double precision and handed to every kernel as plain Python floats, so no
+  backend recomputes them and no float32 kernel sees a float64 promotion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+#: The epsilon of every norm clip (SPEC section 4): ``min(1, c / (norm + CLIP_EPS))``.
+#: torch.nn.utils.clip_grad_norm_ uses the same 1e-6.
+CLIP_EPS = 1e-6
+
+#: Options of the step pipeline (SPEC section 4), shared by every rule and
+#: overridable per param group.
+PIPELINE_DEFAULTS = {
+    "maximize": False,
+    "clip_value": None,
+    "clip_norm": None,
+    "clip_global_norm": None,
+    "weight_clip": None,
+    "max_norm": None,
+}
+
+NONFINITE_MODES = ("raise", "skip", "ignore")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One update rule.
+
+    ``state(hp)`` lists ``(name, initial_value)`` for every state array the
+    rule keeps per tensor under the hyperparameters ``hp`` (variants such as
+    ``amsgrad`` add arrays).  ``scalars(hp, t, gstate)`` returns the host
+    scalars of step ``t`` (1-based) and the new group state; it is pure, so a
+    skipped step simply drops its result.
+    """
+
+    name: str
+    class_name: str
+    defaults: dict
+    state: Callable[[dict], tuple]
+    scalars: Callable[[dict, int, dict], tuple]
+    check: Callable[[dict], None]
+    all_state: tuple  # every state name the rule may use, in functional-argument order
+    extra: str | None = None  # name of the extra per-tensor input of step()
+    group_state: dict = field(default_factory=dict)
+
+
+def _require(cond: bool, name: str, expected: str, value) -> None:
+    if not cond:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_nonneg(hp: dict, *names: str) -> None:
+    for n in names:
+        _require(_real(hp[n]) and hp[n] >= 0, n, "a finite number >= 0", hp[n])
+
+
+def check_positive(hp: dict, *names: str) -> None:
+    for n in names:
+        _require(_real(hp[n]) and hp[n] > 0, n, "a finite number > 0", hp[n])
+
+
+def check_unit(hp: dict, name: str, *, closed: bool = False) -> None:
+    v = hp[name]
+    ok = _real(v) and 0 <= v and (v <= 1 if closed else v < 1)
+    _require(ok, name, "a number in [0, 1]" if closed else "a number in [0, 1)", v)
+
+
+def check_betas(hp: dict) -> None:
+    b = hp["betas"]
+    _require(isinstance(b, (tuple, list)) and len(b) == 2, "betas", "a pair (beta1, beta2)", b)
+    for i, v in enumerate(b):
+        _require(_real(v) and 0 <= v < 1, f"betas[{i}]", "a number in [0, 1)", v)
+
+
+def check_pipeline(hp: dict) -> None:
+    """Range checks of the pipeline options (SPEC section 4)."""
+    _require(isinstance(hp["maximize"], bool), "maximize", "a bool", hp["maximize"])
+    for n in ("clip_value", "clip_norm", "clip_global_norm", "weight_clip", "max_norm"):
+        v = hp[n]
+        _require(v is None or (_real(v) and v > 0), n, "None or a finite number > 0", v)
+
+
+def check_lr_value(lr, where: str = "lr") -> None:
+    _require(_real(lr) and lr >= 0, where, "a finite number >= 0", lr)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _sgd_state(hp):
+    return (("momentum_buffer", 0.0),) if hp["momentum"] != 0 else ()
+
+
+def _sgd_scalars(hp, t, gs):
+    s = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"],
+             dampening=hp["dampening"], nesterov=bool(hp["nesterov"]), first_step=(t == 1))
+    return s, gs
+
+
+def _sgd_check(hp):
+    check_nonneg(hp, "momentum", "weight_decay")
+    check_unit(hp, "dampening", closed=True)
+    _require(isinstance(hp["nesterov"], bool), "nesterov", "a bool", hp["nesterov"])
+    if hp["nesterov"]:
+        _require(hp["momentum"] > 0 and hp["dampening"] == 0, "nesterov",
+                 "momentum > 0 and dampening == 0 (as torch.optim.SGD)",
+                 f"momentum={hp['momentum']}, dampening={hp['dampening']}")
+
+
+def _adam_state(hp):
+    names = (("exp_avg", 0.0), ("exp_avg_sq", 0.0))
+    return names + ((("max_exp_avg_sq", 0.0),) if hp.get("amsgrad") else ())
+
+
+def _bias_corrections(hp, t):
+    """``1 - beta**t`` in double on the host, once per step (SPEC section 5)."""
+    b1, b2 = hp["betas"]
+    if not hp.get("bias_correction", True):
+        return 1.0, 1.0
+    return 1.0 - b1 ** t, 1.0 - b2 ** t
+
+
+def _adam_scalars(hp, t, gs):
+    b1, b2 = hp["betas"]
+    bc1, bc2 = _bias_corrections(hp, t)
+    s = dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+             amsgrad=bool(hp["amsgrad"]), bc1=bc1, bc2_sqrt=math.sqrt(bc2),
+             # the fused kernels use these two: p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
+             step_size=hp["lr"] / bc1, decay=1.0 - hp["lr"] * hp["weight_decay"])
+    return s, gs
+
+
+def _adam_check(hp):
+    check_betas(hp)
+    check_positive(hp, "eps")
+    check_nonneg(hp, "weight_decay")
+    _require(isinstance(hp["amsgrad"], bool), "amsgrad", "a bool", hp["amsgrad"])
+    _require(isinstance(hp["bias_correction"], bool), "bias_correction", "a bool",
+             hp["bias_correction"])
+
+
+def _adagrad_scalars(hp, t, gs):
+    clr = hp["lr"] / (1.0 + (t - 1) * hp["lr_decay"])
+    return dict(clr=clr, eps=hp["eps"], weight_decay=hp["weight_decay"]), gs
+
+
+def _adagrad_check(hp):
+    check_nonneg(hp, "lr_decay", "weight_decay", "initial_accumulator_value")
+    check_positive(hp, "eps")
+
+
+def _rmsprop_state(hp):
+    names = [("square_avg", 0.0)]
+    if hp["momentum"] > 0:
+        names.append(("momentum_buffer", 0.0))
+    if hp["centered"]:
+        names.append(("grad_avg", 0.0))
+    return tuple(names)
+
+
+def _rmsprop_scalars(hp, t, gs):
+    return dict(lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                momentum=hp["momentum"], centered=bool(hp["centered"])), gs
+
+
+def _rmsprop_check(hp):
+    check_unit(hp, "alpha", closed=True)
+    check_positive(hp, "eps")
+    check_nonneg(hp, "weight_decay", "momentum")
+    _require(isinstance(hp["centered"], bool), "centered", "a bool", hp["centered"])
+
+
+def _adadelta_scalars(hp, t, gs):
+    return dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"]), gs
+
+
+def _adadelta_check(hp):
+    check_unit(hp, "rho", closed=True)
+    check_positive(hp, "eps")
+    check_nonneg(hp, "weight_decay")
+
+
+def _adamax_scalars(hp, t, gs):
+    b1, b2 = hp["betas"]
+    return dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+                clr=hp["lr"] / (1.0 - b1 ** t)), gs
+
+
+def _adam_family_check(hp):
+    check_betas(hp)
+    check_positive(hp, "eps")
+    check_nonneg(hp, "weight_decay")
+
+
+def _nadam_scalars(hp, t, gs):
+    """torch.optim.NAdam's momentum schedule; ``mu_product`` is group state."""
+    b1, b2 = hp["betas"]
+    md = hp["momentum_decay"]
+    mu = b1 * (1.0 - 0.5 * 0.96 ** (t * md))
+    mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * md))
+    mu_product = gs["mu_product"] * mu
+    mu_product_next = mu_product * mu_next
+    s = dict(beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+             bc2_sqrt=math.sqrt(1.0 - b2 ** t),
+             # p -= c_grad * g / denom + c_avg * m / denom
+             c_grad=hp["lr"] * (1.0 - mu) / (1.0 - mu_product),
+             c_avg=hp["lr"] * mu_next / (1.0 - mu_product_next))
+    return s, {"mu_product": mu_product}
+
+
+def _nadam_check(hp):
+    _adam_family_check(hp)
+    check_nonneg(hp, "momentum_decay")
+
+
+def _radam_scalars(hp, t, gs):
+    """torch.optim.RAdam: rectified when rho_t > 5, else the un-adapted step."""
+    b1, b2 = hp["betas"]
+    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    rho_t = rho_inf - 2.0 * t * b2 ** t / bc2
+    rectify = rho_t > 5.0
+    rect = (math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            if rectify else 0.0)
+    s = dict(beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"], rectify=rectify,
+             # rectified:   p -= step_size * m / (sqrt(v) + eps), step_size = lr*rect*sqrt(bc2)/bc1
+             # un-adapted:  p -= step_size * m,                 step_size = lr/bc1
+             step_size=(hp["lr"] * rect * math.sqrt(bc2) / bc1) if rectify else hp["lr"] / bc1)
+    return s, gs
+
+
+def _lion_scalars(hp, t, gs):
+    b1, b2 = hp["betas"]
+    return dict(lr=hp["lr"], beta1=b1, beta2=b2, decay=1.0 - hp["lr"] * hp["weight_decay"]), gs
+
+
+def _lion_check(hp):
+    check_betas(hp)
+    check_nonneg(hp, "weight_decay")
+
+
+def _lamb_scalars(hp, t, gs):
+    b1, b2 = hp["betas"]
+    bc1, bc2 = _bias_corrections(hp, t)
+    return dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+                bc1=bc1, bc2_sqrt=math.sqrt(bc2)), gs
+
+
+def _lamb_check(hp):
+    _adam_family_check(hp)
+    _require(isinstance(hp["bias_correction"], bool), "bias_correction", "a bool",
+             hp["bias_correction"])
+
+
+def _adahessian_scalars(hp, t, gs):
+    b1, b2 = hp["betas"]
+    bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+    return dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+                hessian_power=hp["hessian_power"], bc2_sqrt=math.sqrt(bc2),
+                step_size=hp["lr"] / bc1), gs
+
+
+def _adahessian_check(hp):
+    _adam_family_check(hp)
+    hpow = hp["hessian_power"]
+    _require(_real(hpow) and 0 < hpow <= 1, "hessian_power", "a number in (0, 1]", hpow)
+
+
+def _newton_scalars(hp, t, gs):
+    return dict(lr=hp["lr"], damping=hp["damping"]), gs
+
+
+def _newton_check(hp):
+    check_nonneg(hp, "damping")
+
+
+_ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+RULES: dict[str, Rule] = {}
+
+
+def _add(rule: Rule) -> None:
+    RULES[rule.name] = rule
+
+
+_add(Rule("sgd", "SGD", dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0),
+          _sgd_state, _sgd_scalars, _sgd_check, ("momentum_buffer",)))
+_add(Rule("adam", "Adam", dict(_ADAM_DEFAULTS, amsgrad=False, bias_correction=True),
+          _adam_state, _adam_scalars, _adam_check, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")))
+_add(Rule("adamw", "AdamW", dict(_ADAM_DEFAULTS, weight_decay=1e-2, amsgrad=False, bias_correction=True),
+          _adam_state, _adam_scalars, _adam_check, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")))
+_add(Rule("adagrad", "Adagrad", dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                                     initial_accumulator_value=0.0, eps=1e-10),
+          lambda hp: (("sum", float(hp["initial_accumulator_value"])),),
+          _adagrad_scalars, _adagrad_check, ("sum",)))
+_add(Rule("rmsprop", "RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                                     centered=False),
+          _rmsprop_state, _rmsprop_scalars, _rmsprop_check,
+          ("square_avg", "momentum_buffer", "grad_avg")))
+_add(Rule("adadelta", "Adadelta", dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0),
+          lambda hp: (("square_avg", 0.0), ("acc_delta", 0.0)),
+          _adadelta_scalars, _adadelta_check, ("square_avg", "acc_delta")))
+_add(Rule("adamax", "Adamax", dict(_ADAM_DEFAULTS, lr=2e-3),
+          lambda hp: (("exp_avg", 0.0), ("exp_inf", 0.0)),
+          _adamax_scalars, _adam_family_check, ("exp_avg", "exp_inf")))
+_add(Rule("nadam", "NAdam", dict(_ADAM_DEFAULTS, lr=2e-3, momentum_decay=4e-3),
+          lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
+          _nadam_scalars, _nadam_check, ("exp_avg", "exp_avg_sq"),
+          group_state={"mu_product": 1.0}))
+_add(Rule("radam", "RAdam", dict(_ADAM_DEFAULTS),
+          lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
+          _radam_scalars, _adam_family_check, ("exp_avg", "exp_avg_sq")))
+_add(Rule("lion", "Lion", dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0),
+          lambda hp: (("exp_avg", 0.0),), _lion_scalars, _lion_check, ("exp_avg",)))
+_add(Rule("lamb", "LAMB", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                               bias_correction=True),
+          lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
+          _lamb_scalars, _lamb_check, ("exp_avg", "exp_avg_sq")))
+_add(Rule("adahessian", "AdaHessian", dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
+                                           weight_decay=0.0),
+          lambda hp: (("exp_avg", 0.0), ("exp_hessian_diag_sq", 0.0)),
+          _adahessian_scalars, _adahessian_check, ("exp_avg", "exp_hessian_diag_sq"),
+          extra="hessian_diags"))
+_add(Rule("newton", "Newton", dict(lr=1.0, damping=1e-4),
+          lambda hp: (), _newton_scalars, _newton_check, (), extra="hessians"))
+
+
+def check_hyperparameters(rule: Rule, hp: dict, where: str = "") -> None:
+    """Every range check of a group's hyperparameters; ``lr`` may be a schedule."""
+    try:
+        if not callable(hp["lr"]):
+            check_lr_value(hp["lr"])
+        rule.check(hp)
+        check_pipeline(hp)
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None

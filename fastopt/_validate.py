@@ -1,0 +1,149 @@
+"""Input checks of SPEC section 7, run at the entry points before anything is written.
+
+Messages name the argument and index (``grads[3]``), what was expected and
+what came.  The per-step checks have a fast path: for a list of 1000 tiny
+tensors they compare tuples built by comprehensions and only walk the list
+one element at a time to name the culprit once something is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._backend import array_kind
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _fmt_kind(a) -> str:
+    kind = array_kind(a)
+    return f"a {kind} array" if kind else f"{type(a).__name__}"
+
+
+def as_list(arrays, name: str) -> list:
+    if array_kind(arrays) is not None:
+        raise TypeError(f"{name}: expected a list of arrays, got a single array "
+                        f"(wrap it in a list: [{name[:-1] if name.endswith('s') else name}])")
+    if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__iter__"):
+        raise TypeError(f"{name}: expected a list of arrays, got {type(arrays).__name__}")
+    return list(arrays)
+
+
+def check_array(a, label: str, kind: str | None = None) -> str:
+    """TypeError unless ``a`` is a float32/float64 NumPy or CuPy array (of ``kind``)."""
+    k = array_kind(a)
+    if k is None:
+        raise TypeError(f"{label}: expected a numpy or cupy array, got {_fmt_kind(a)}")
+    if kind is not None and k != kind:
+        raise TypeError(f"{label}: expected a {kind} array like the others, got a {k} array "
+                        f"(NumPy and CuPy arrays cannot be mixed in one call)")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{label}: expected dtype float32 or float64, got {a.dtype}")
+    return k
+
+
+def check_params(params: list, labels: list[str]) -> str:
+    """Params of an optimizer or a functional call; returns their array kind."""
+    if not params:
+        raise ValueError("params: expected a non-empty list of arrays, got an empty list")
+    kind = check_array(params[0], labels[0])
+    seen: dict[int, str] = {}
+    for p, label in zip(params, labels):
+        check_array(p, label, kind)
+        if not p.flags.c_contiguous:
+            raise ValueError(f"{label}: expected a C-contiguous array (fastopt updates it in place), "
+                             f"got strides {p.strides} for shape {p.shape}")
+        if kind == "numpy" and not p.flags.writeable:
+            raise ValueError(f"{label}: expected a writeable array, got a read-only one")
+        if id(p) in seen:
+            raise ValueError(f"{label}: the same array is passed twice (also as {seen[id(p)]})")
+        seen[id(p)] = label
+    _check_no_overlap(params, labels)
+    return kind
+
+
+def _check_no_overlap(arrays, labels) -> None:
+    """ValueError if two params share memory (views of one buffer would be updated twice)."""
+    spans = []
+    for a, label in zip(arrays, labels):
+        if a.size == 0:
+            continue
+        start = _address(a)
+        spans.append((start, start + a.nbytes, label))
+    spans.sort()
+    for (s0, e0, l0), (s1, e1, l1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"{l1}: expected an array of its own, got one that shares memory with {l0}")
+
+
+def _overlaps(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    s0, s1 = _address(a), _address(b)
+    return s0 < s1 + b.nbytes and s1 < s0 + a.nbytes
+
+
+def _address(a) -> int:
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return int(a.data.ptr)
+
+
+def check_companions(params: list, others, name: str, label_of, kind: str, *,
+                     shape_of=None, allow_copy: bool = False) -> list:
+    """Grads (or state, or extra inputs) that must match ``params`` one to one.
+
+    Returns the list, with non-contiguous entries replaced by contiguous copies
+    when ``allow_copy`` (grads are only read, so a copy is harmless).
+    """
+    others = as_list(others, name)
+    if len(others) != len(params):
+        raise ValueError(f"{name}: expected {len(params)} arrays (one per param), got {len(others)}")
+    shape_of = shape_of or (lambda p: p.shape)
+    want = [(shape_of(p), p.dtype) for p in params]
+    try:
+        got = [(o.shape, o.dtype) for o in others]
+        fast_ok = got == want and all(o.flags.c_contiguous for o in others)
+        kinds_ok = fast_ok and (kind != "numpy" or all(type(o) is np.ndarray or isinstance(o, np.ndarray)
+                                                       for o in others))
+    except AttributeError:
+        kinds_ok = False
+    if not kinds_ok:
+        others = list(others)
+        for i, (p, o) in enumerate(zip(params, others)):
+            label = label_of(name, i)
+            check_array(o, label, kind)
+            if o.dtype != p.dtype:
+                raise ValueError(f"{label}: expected dtype {p.dtype} (the dtype of its param), got {o.dtype}")
+            if o.shape != shape_of(p):
+                raise ValueError(f"{label}: expected shape {shape_of(p)}, got {o.shape}")
+            if not o.flags.c_contiguous:
+                if not allow_copy:
+                    raise ValueError(f"{label}: expected a C-contiguous array, got strides {o.strides}")
+                others[i] = o.copy(order="C") if kind == "numpy" else o.copy()
+    for i, (p, o) in enumerate(zip(params, others)):
+        # a fresh grad has no base: only views pay for the memory-overlap test
+        if o is p or (o.base is not None and o.size and _overlaps(o, p)):
+            raise ValueError(f"{label_of(name, i)}: expected an array separate from its param, "
+                             f"got the param itself or a view of it")
+    return others
+
+
+def check_grad_scale(grad_scale) -> float | None:
+    """``1 / grad_scale`` in double, or None."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"grad_scale: expected a float or None, got {type(grad_scale).__name__}")
+    g = float(grad_scale)
+    if not (math.isfinite(g) and g > 0):
+        raise ValueError(f"grad_scale: expected a finite number > 0, got {grad_scale!r}")
+    return 1.0 / g
+
+
+def check_nonfinite(mode) -> str:
+    if mode not in ("raise", "skip", "ignore"):
+        raise ValueError(f"nonfinite: expected 'raise', 'skip' or 'ignore', got {mode!r}")
+    return mode

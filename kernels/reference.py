@@ -1,0 +1,268 @@
+"""The NumPy reference backend: the definition of correct.
+
+Plain, readable NumPy, one tensor at a time, one function per rule written as
+SPEC.md section 5 states it.  It allocates temporaries freely and makes many
+passes over memory; the compiled backends are tested against it.
+
+Scalars arrive as Python floats (see ``fastopt._rules``): under NumPy 2's
+promotion rules (NEP 50) a Python float does not promote a float32 array, so a
+float32 tensor is computed in float32 here too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import Ops, register_kernel
+
+BACKEND = "numpy"
+
+
+# ------------------------------------------------------------------ pipeline steps
+
+
+def processed_grad(g, i, pre):
+    """Steps 1, 3, 4 and the norm-clip factors of 5-6 of SPEC section 4, on a copy of ``g``."""
+    g = np.array(g, copy=True)
+    if pre.inv_scale is not None:
+        g *= pre.inv_scale
+    if pre.maximize:
+        g = -g
+    if pre.clip_value is not None:
+        np.clip(g, -pre.clip_value, pre.clip_value, out=g)
+    if pre.scales is not None:
+        g *= float(pre.scales[i])
+    return g
+
+
+class NumpyOps(Ops):
+    name = BACKEND
+    xp = np
+
+    def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
+        finite = True
+        sumsq = np.zeros(len(grads), dtype=np.float64) if need_sumsq else None
+        for i, g in enumerate(grads):
+            x = g * inv_scale if inv_scale is not None else g
+            if check_finite and not np.isfinite(x).all():
+                finite = False
+            if need_sumsq:
+                if clip_value is not None:
+                    x = np.clip(x, -clip_value, clip_value)
+                x = x.astype(np.float64)
+                sumsq[i] = np.dot(x, x)
+        if check_finite and extras is not None:
+            finite = finite and all(np.isfinite(e).all() for e in extras)
+        return sumsq, finite
+
+    def sumsq(self, arrays):
+        return np.array([np.dot(a.astype(np.float64).ravel(), a.astype(np.float64).ravel())
+                         for a in arrays], dtype=np.float64)
+
+    def scale_(self, arrays, factors):
+        for a, f in zip(arrays, factors):
+            a *= float(f)
+
+    def clip_(self, arrays, c):
+        for a in arrays:
+            np.clip(a, -c, c, out=a)
+
+
+OPS = NumpyOps()
+
+
+def _per_tensor(rule_fn):
+    """Run a one-tensor rule over a list, with the pipeline around it (SPEC section 4)."""
+
+    def kernel(params, grads, states, s, pre, extras=None):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            st = {name: arrs[i] for name, arrs in states.items()}
+            e = None
+            if extras is not None:
+                e = extras[i] * pre.inv_scale if pre.inv_scale is not None else extras[i]
+            rule_fn(p, processed_grad(g, i, pre), st, s, e)
+            if pre.weight_clip is not None:
+                np.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
+
+    kernel.__name__ = rule_fn.__name__
+    kernel.__doc__ = rule_fn.__doc__
+    return kernel
+
+
+def _rule(name):
+    def deco(fn):
+        register_kernel(name, BACKEND, _per_tensor(fn))
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------ the rules
+
+
+@_rule("sgd")
+def sgd(p, g, st, s, _):
+    """g += wd*p; b = g at t=1 else mu*b + (1-dampening)*g; g = g + mu*b (nesterov) or b; p -= lr*g."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    if s["momentum"] != 0:
+        b = st["momentum_buffer"]
+        if s["first_step"]:
+            b[...] = g
+        else:
+            b[...] = s["momentum"] * b + (1 - s["dampening"]) * g
+        g = g + s["momentum"] * b if s["nesterov"] else b
+    p -= s["lr"] * g
+
+
+def _adam_like(p, g, st, s, decoupled):
+    if decoupled:
+        p *= s["decay"]
+    elif s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    if s["amsgrad"]:
+        vmax = st["max_exp_avg_sq"]
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    # sqrt(v / bc2) written as sqrt(v) / sqrt(bc2), as torch.optim.Adam does
+    denom = np.sqrt(v) / s["bc2_sqrt"] + s["eps"]
+    p -= s["lr"] / s["bc1"] * m / denom
+
+
+@_rule("adam")
+def adam(p, g, st, s, _):
+    """g += wd*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; p -= lr/bc1 * m / (sqrt(v/bc2) + eps)."""
+    _adam_like(p, g, st, s, decoupled=False)
+
+
+@_rule("adamw")
+def adamw(p, g, st, s, _):
+    """Adam with decoupled decay: p *= 1 - lr*wd first."""
+    _adam_like(p, g, st, s, decoupled=True)
+
+
+@_rule("adagrad")
+def adagrad(p, g, st, s, _):
+    """g += wd*p; s += g^2; p -= clr * g / (sqrt(s) + eps), clr = lr / (1 + (t-1)*lr_decay)."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    acc = st["sum"]
+    acc += g * g
+    p -= s["clr"] * g / (np.sqrt(acc) + s["eps"])
+
+
+@_rule("rmsprop")
+def rmsprop(p, g, st, s, _):
+    """v = a*v + (1-a)*g^2; centered: v - avg^2; d = sqrt(.) + eps; momentum buffer or p -= lr*g/d."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    v = st["square_avg"]
+    v[...] = s["alpha"] * v + (1 - s["alpha"]) * g * g
+    if s["centered"]:
+        a = st["grad_avg"]
+        a[...] = s["alpha"] * a + (1 - s["alpha"]) * g
+        d = np.sqrt(v - a * a) + s["eps"]
+    else:
+        d = np.sqrt(v) + s["eps"]
+    if s["momentum"] > 0:
+        b = st["momentum_buffer"]
+        b[...] = s["momentum"] * b + g / d
+        p -= s["lr"] * b
+    else:
+        p -= s["lr"] * g / d
+
+
+@_rule("adadelta")
+def adadelta(p, g, st, s, _):
+    """v = rho*v + (1-rho)*g^2; delta = sqrt(u+eps)/sqrt(v+eps)*g; u = rho*u + (1-rho)*delta^2; p -= lr*delta."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    v, u = st["square_avg"], st["acc_delta"]
+    v[...] = s["rho"] * v + (1 - s["rho"]) * g * g
+    delta = np.sqrt(u + s["eps"]) / np.sqrt(v + s["eps"]) * g
+    u[...] = s["rho"] * u + (1 - s["rho"]) * delta * delta
+    p -= s["lr"] * delta
+
+
+@_rule("adamax")
+def adamax(p, g, st, s, _):
+    """m = b1*m + (1-b1)*g; u = max(b2*u, |g| + eps); p -= lr/(1-b1^t) * m/u."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    m, u = st["exp_avg"], st["exp_inf"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    u[...] = np.maximum(s["beta2"] * u, np.abs(g) + s["eps"])
+    p -= s["clr"] * m / u
+
+
+@_rule("nadam")
+def nadam(p, g, st, s, _):
+    """torch.optim.NAdam: p -= c_grad * g/denom + c_avg * m/denom, denom = sqrt(v/bc2) + eps."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    denom = np.sqrt(v) / s["bc2_sqrt"] + s["eps"]
+    p -= s["c_grad"] * g / denom
+    p -= s["c_avg"] * m / denom
+
+
+@_rule("radam")
+def radam(p, g, st, s, _):
+    """torch.optim.RAdam: rectified step when rho_t > 5, else p -= lr/bc1 * m."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    if s["rectify"]:
+        p -= s["step_size"] * m / (np.sqrt(v) + s["eps"])
+    else:
+        p -= s["step_size"] * m
+
+
+@_rule("lion")
+def lion(p, g, st, s, _):
+    """c = b1*m + (1-b1)*g; p *= 1 - lr*wd; p -= lr*sign(c); m = b2*m + (1-b2)*g."""
+    m = st["exp_avg"]
+    c = s["beta1"] * m + (1 - s["beta1"]) * g
+    p *= s["decay"]
+    p -= s["lr"] * np.sign(c)
+    m[...] = s["beta2"] * m + (1 - s["beta2"]) * g
+
+
+@_rule("lamb")
+def lamb(p, g, st, s, _):
+    """Adam moments; r = m_hat/(sqrt(v_hat)+eps) + wd*p; trust = |p|/|r| (1 if either is 0); p -= lr*trust*r."""
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    r = (m / s["bc1"]) / (np.sqrt(v) / s["bc2_sqrt"] + s["eps"]) + s["weight_decay"] * p
+    p_norm = np.sqrt(np.dot(p.astype(np.float64), p.astype(np.float64)))
+    r_norm = np.sqrt(np.dot(r.astype(np.float64), r.astype(np.float64)))
+    trust = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+    p -= (s["lr"] * trust) * r
+
+
+@_rule("adahessian")
+def adahessian(p, g, st, s, d):
+    """Adam with v fed by the Hessian diagonal: v = b2*v + (1-b2)*D^2; denom = (sqrt(v/bc2))^k + eps."""
+    if s["weight_decay"] != 0:
+        g = g + s["weight_decay"] * p
+    m, v = st["exp_avg"], st["exp_hessian_diag_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * d * d
+    denom = (np.sqrt(v) / s["bc2_sqrt"]) ** s["hessian_power"] + s["eps"]
+    p -= s["step_size"] * m / denom
+
+
+@_rule("newton")
+def newton(p, g, st, s, h):
+    """p -= lr * solve(H + damping*I, g), H the n-by-n Hessian of the n-element tensor."""
+    n = p.size
+    a = h.reshape(n, n) + s["damping"] * np.eye(n, dtype=p.dtype)
+    p -= s["lr"] * np.linalg.solve(a, g)
