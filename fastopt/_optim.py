@@ -15,8 +15,8 @@ import numpy as np
 from . import _backend
 from ._pipeline import GroupStep, make_buckets, run_step
 from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
-from ._validate import (as_list, check_companions, check_grad_scale, check_nonfinite,
-                        check_params)
+from ._validate import (as_list, check_companions, check_disjoint, check_grad_scale,
+                        check_nonfinite, check_params)
 
 _OPTIMIZER_WIDE = ("nonfinite", "backend")
 
@@ -165,13 +165,24 @@ class Optimizer:
             shape_of = (lambda p: (p.size, p.size)) if self.rule.extra == "hessians" else None
             extras = check_companions(all_params, extras, self.rule.extra, label, self._kind,
                                       shape_of=shape_of, allow_copy=True)
-        steps, start = [], 0
+        check_disjoint([("params", all_params)],
+                       [("grads", grads)] + ([(self.rule.extra, extras)] if extras is not None else []))
+        # every group is checked before any group's state is created (a bad last group
+        # must not leave new state arrays behind in the first)
+        hps = []
         for gi, g in enumerate(self.param_groups):
             check_hyperparameters(self.rule, g, self._where(gi))
             hp = dict(g)
             if callable(g["lr"]):
-                hp["lr"] = float(g["lr"](t - 1))
-                check_lr_value(hp["lr"], f"{self._where(gi)}lr (the schedule's value at step {t - 1})")
+                where = f"{self._where(gi)}lr (the schedule's value at step {t - 1})"
+                try:
+                    hp["lr"] = float(g["lr"](t - 1))
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{where}: expected a finite number >= 0, got an error: {e}") from e
+                check_lr_value(hp["lr"], where)
+            hps.append(hp)
+        steps, start = [], 0
+        for gi, (g, hp) in enumerate(zip(self.param_groups, hps)):
             self._ensure_state(gi)
             n = len(g["params"])
             gflat = [_flat(x) for x in grads[start:start + n]]
@@ -214,6 +225,12 @@ class Optimizer:
         if isinstance(sc, bool) or not isinstance(sc, numbers.Integral) or sc < 0:
             raise ValueError(f"state_dict['step_count']: expected an integer >= 0, got {sc!r}")
         groups = sd["param_groups"]
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+            raise TypeError("state_dict['param_groups']: expected a list of dicts with a 'params' "
+                            f"list each, got {type(groups).__name__} {groups!r:.200}")
+        if not isinstance(sd["state"], dict):
+            raise TypeError(f"state_dict['state']: expected a dict, got {type(sd['state']).__name__}")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict['param_groups']: expected {len(self.param_groups)} groups, "
                              f"got {len(groups)}")
@@ -236,6 +253,9 @@ class Optimizer:
                 st = sd["state"].get(key, sd["state"].get(str(key)))
                 if st is None:
                     raise ValueError(f"state_dict['state'][{key}]: missing (state of params[{idx + pi}])")
+                if not isinstance(st, dict):
+                    raise TypeError(f"state_dict['state'][{key}]: expected a dict of arrays, "
+                                    f"got {type(st).__name__}")
                 for nm in names:
                     a = st.get(nm)
                     where = f"state_dict['state'][{key}][{nm!r}]"
@@ -253,6 +273,11 @@ class Optimizer:
         if len(gs) != len(groups) or any(set(g) != set(self.rule.group_state) for g in gs):
             raise ValueError(f"state_dict['group_state']: expected {len(groups)} dicts with keys "
                              f"{sorted(self.rule.group_state)}, got {gs!r}")
+        for gi, g in enumerate(gs):  # converted before any write: a bad value must not half-load
+            for k, v in g.items():
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+                    raise ValueError(f"state_dict['group_state'][{gi}][{k!r}]: expected a finite "
+                                     f"number, got {v!r}")
         # everything checked: now write
         for gi, (g, hp) in enumerate(zip(self.param_groups, new_groups)):
             for k, v in hp.items():

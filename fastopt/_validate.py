@@ -124,11 +124,39 @@ def check_companions(params: list, others, name: str, label_of, kind: str, *,
                     raise ValueError(f"{label}: expected a C-contiguous array, got strides {o.strides}")
                 others[i] = o.copy(order="C") if kind == "numpy" else o.copy()
     for i, (p, o) in enumerate(zip(params, others)):
-        # a fresh grad has no base: only views pay for the memory-overlap test
-        if o is p or (o.base is not None and o.size and _overlaps(o, p)):
+        # fresh arrays have no base: only views pay for the memory-overlap test (the grad
+        # may be the view, or the param a view of the grad's buffer)
+        if o is p or ((o.base is not None or p.base is not None) and o.size and _overlaps(o, p)):
             raise ValueError(f"{label_of(name, i)}: expected an array separate from its param, "
                              f"got the param itself or a view of it")
     return others
+
+
+def check_disjoint(written: list, read: list = ()) -> None:
+    """ValueError if an array that is written (a param, a state array) is passed twice.
+
+    ``written`` and ``read`` are ``(name, arrays)`` pairs.  A written array may
+    appear only once among all of them (e.g. ``exp_avgs`` passed again as
+    ``exp_avg_sqs``, or ``grads[1] is params[0]``); read-only inputs may repeat
+    among themselves.  Compares identities only (a set, cheap for long lists);
+    views of the same buffer are caught per param by :func:`check_companions`.
+    """
+    w_ids = [id(a) for _, arrs in written for a in arrs]
+    w_set = set(w_ids)
+    if len(w_set) == len(w_ids) and all(w_set.isdisjoint(map(id, arrs)) for _, arrs in read):
+        return
+    seen: dict[int, str] = {}
+    for name, arrs in written:
+        for i, a in enumerate(arrs):
+            if id(a) in seen:
+                raise ValueError(f"{name}[{i}]: expected an array of its own (it is written in "
+                                 f"place), got the same array as {seen[id(a)]}")
+            seen[id(a)] = f"{name}[{i}]"
+    for name, arrs in read:
+        for i, a in enumerate(arrs):
+            if id(a) in seen:
+                raise ValueError(f"{name}[{i}]: expected an array separate from every param and "
+                                 f"state array, got the same array as {seen[id(a)]}")
 
 
 def check_grad_scale(grad_scale) -> float | None:

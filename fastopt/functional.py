@@ -24,7 +24,8 @@ import inspect
 from . import _backend
 from ._pipeline import GroupStep, make_buckets, run_step
 from ._rules import PIPELINE_DEFAULTS, RULES, CLIP_EPS, check_hyperparameters, check_lr_value
-from ._validate import as_list, check_companions, check_grad_scale, check_nonfinite, check_params
+from ._validate import (as_list, check_companions, check_disjoint, check_grad_scale,
+                        check_nonfinite, check_params)
 
 __all__ = [r.name for r in RULES.values()] + ["global_norm", "clip_grad_norm_", "clip_grad_value_"]
 
@@ -79,14 +80,21 @@ def _make(rule):
             shape_of = (lambda p: (p.size, p.size)) if rule.extra == "hessians" else None
             extra = check_companions(params, extra, rule.extra, _label, kind, shape_of=shape_of,
                                      allow_copy=True)
-        states = {}
+        states, written = {}, [("params", params)]
         for name, _ in rule.state(hp):
             arg = _plural(name)
             if given.get(arg) is None:
                 raise TypeError(f"{rule.name}(): {arg} is required with these options")
-            states[name] = [a.reshape(-1) for a in
-                            check_companions(params, given[arg], arg, _label, kind)]
+            checked = check_companions(params, given[arg], arg, _label, kind)
+            written.append((arg, checked))
+            states[name] = [a.reshape(-1) for a in checked]
             _check_state_writable(states[name], arg, kind)
+        check_disjoint(written, [("grads", grads)] + ([(rule.extra, extra)] if extra is not None else []))
+        if rule.group_state:
+            # a product of momentum coefficients in (0, 1); NaN here would reach every param
+            if isinstance(mu_product, bool) or not isinstance(mu_product, (int, float)) \
+                    or not 0 < mu_product <= 1:
+                raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
         gstate = {"mu_product": float(mu_product)} if rule.group_state else {}
         flat_params = [p.reshape(-1) for p in params]
         gs = GroupStep(hp=hp, buckets=make_buckets(flat_params, states),
