@@ -10,9 +10,10 @@ from ._backend import backends
 from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                      Newton, Optimizer, RAdam, RMSprop)
 from ._pipeline import StepInfo
+from ._checkpoint import load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
-           "functional", "schedules", "__version__"]
+           "functional", "schedules", "save", "load", "__version__"]
