@@ -1,0 +1,78 @@
+"""Cross-check against torch.optim (2.13) where torch has the rule: float64, 7 steps, odd sizes.
+
+Skips as a whole only when torch is not installed (it is an optional test
+dependency: ``pip install -e ".[oracle]"``).  Run on every available CPU
+backend, so the compiled kernels meet torch too.
+"""
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+
+torch = pytest.importorskip("torch")
+
+BACKENDS = [b for b in ("numpy", "numba") if fo.backends()[b]["available"]]
+
+# (fastopt class, torch class, options, torch-only extra options)
+ORACLE = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5, maximize=True)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=1e-2, maximize=True)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+    ("AdamW", dict(lr=1e-2, amsgrad=True)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
+    ("RMSprop", dict(lr=1e-2)),
+    ("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)),
+    ("Adadelta", dict(lr=1.0, weight_decay=0.01)),
+    ("Adamax", dict(lr=1e-2, weight_decay=0.01)),
+    ("NAdam", dict(lr=1e-2, weight_decay=0.01)),
+    ("RAdam", dict(lr=1e-2, weight_decay=0.01)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,opts", ORACLE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ORACLE)])
+def test_matches_torch_optim(name, opts, backend):
+    # torch keeps step counters and NAdam's mu_product in the default dtype (float32 unless
+    # set); fastopt computes host scalars in double, so compare with torch in float64 throughout
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _compare(name, opts, backend)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _compare(name, opts, backend):
+    rng = np.random.default_rng(7)
+    sizes = (1, 7, 1001)
+    params = [rng.standard_normal(s) for s in sizes]
+    tparams = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = getattr(torch.optim, name)(tparams, **opts)
+    opt = getattr(fo, name)(params, backend=backend, **opts)
+    for _ in range(7):
+        grads = [rng.standard_normal(s) for s in sizes]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g)
+        topt.step()
+        opt.step(grads)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_clip_grad_norm_matches_torch():
+    rng = np.random.default_rng(0)
+    gs = [rng.standard_normal(s) for s in (3, 10)]
+    ts = [torch.tensor(g, requires_grad=True) for g in gs]
+    for t, g in zip(ts, gs):
+        t.grad = torch.tensor(g)
+    want = torch.nn.utils.clip_grad_norm_(ts, 0.5)
+    got = fo.functional.clip_grad_norm_(gs, 0.5)
+    assert got == pytest.approx(float(want), rel=1e-12)
+    for t, g in zip(ts, gs):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-12)
