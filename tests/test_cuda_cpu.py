@@ -144,11 +144,10 @@ def test_struct_layouts_match(libs):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("rule,options", [(c[0], c[1]) for c in CASES], ids=CASE_IDS)
-def test_parity(libs, monkeypatch, rule, options, dtype):
-    layout = LAYOUTS[(CASE_IDS.index(next(c[2] for c in CASES if c[0] == rule and c[1] is options))
-                      + (dtype is np.float64)) % len(LAYOUTS)]
-    register(monkeypatch, libs, **layout)
+@pytest.mark.parametrize("k", range(len(CASES)), ids=CASE_IDS)
+def test_parity(libs, monkeypatch, k, dtype):
+    rule, options, _ = CASES[k]
+    register(monkeypatch, libs, **LAYOUTS[(k + (dtype is np.float64)) % len(LAYOUTS)])
     assert_parity(rule, options, SIZES, dtype, "cudacpu")
 
 

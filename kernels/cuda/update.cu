@@ -148,8 +148,8 @@ struct FoAdaHessian {
     }
 };
 
-// The fused pass: bytes per element = sizeof(T) * (2 + 2 * number of states) [+ 1 extra]
-// (read p, g, states; write p, states) -- Adam float32: 24 bytes, AMSGrad 32.
+// The fused pass: bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g,
+// states, extra; write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
 template <class T, class Rule>
 __device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
                                           const FoPipe<typename FoOpMath<T>::type>& pp,
