@@ -1,8 +1,8 @@
 """Check 1 of the CUDA backend without a GPU: every .cu compiles with nvcc for sm_80 and sm_90.
 
-The text compiled is exactly what ``cupy_gpu`` hands to ``cupy.RawModule`` (headers inlined by
-``_host.read_source``, the same ``-std``), with warnings as errors and ptxas told to fail on
-register spills or local-memory use (a 3.5 KB kernel-argument table copied to local memory
+The text compiled is exactly what ``cupy_gpu`` hands to ``cupy.RawModule`` (headers inlined
+by ``_host.read_source``, NVRTC's default C++17 dialect), with warnings as errors and ptxas
+told to fail on register spills or local-memory use (a 3.5 KB kernel-argument table copied to local memory
 would show up here).  Skips only when nvcc is absent.
 """
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
 def nvcc_command(src_path, out_path):
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    return [NVCC, *_host.NVRTC_OPTIONS, *gencode, "-c", src_path, "-o", out_path,
+    return [NVCC, "-std=c++17", *_host.NVRTC_OPTIONS, *gencode, "-c", src_path, "-o", out_path,
             "-Werror", "all-warnings", "-Xptxas", "-warn-spills,-warn-lmem-usage,-Werror"]
 
 

@@ -26,7 +26,7 @@ from ..._rules import RULES
 # --------------------------------------------------------------------------- sources
 
 SOURCES = ("update.cu", "reduce.cu")
-NVRTC_OPTIONS = ("-std=c++17",)
+NVRTC_OPTIONS = ()  # NVRTC's default dialect (C++17 in CUDA 12/13) is enough; C++14 would do
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
 
@@ -340,8 +340,8 @@ class CudaBackend:
         sizes = [p.size for p in params]
         slots = self._slots("lamb", params, grads, states, None)
         p = plan(tuple(sizes), self.dev.chunk_size)
-        part_p = xp.zeros(max(p.total_chunks, 1), dtype=np.float64)
-        part_r = xp.zeros_like(part_p)
+        part_p = xp.empty(max(p.total_chunks, 1), dtype=np.float64)  # every chunk is written
+        part_r = xp.empty_like(part_p)
         scales = self._scales(pre, len(params))
         self._run("fo_lamb_stage1", dtype, slots, sizes,
                   (h, pp, _addr(self.dev, scales), _addr(self.dev, part_p), _addr(self.dev, part_r)), p=p)
@@ -390,7 +390,7 @@ class CudaBackend:
             p = plan(tuple(sizes), self.dev.chunk_size)
             if not p.launches:
                 continue
-            part = xp.zeros(p.total_chunks, dtype=np.float64) if need_sumsq else None
+            part = xp.empty(p.total_chunks, dtype=np.float64) if need_sumsq else None
             pipe = pack_pipe(OPMATH[dtype], inv_scale=inv_scale, clip_value=clip_value)
             self._run("fo_stats", dtype, [sub] + [None] * (DEPTH - 1), sizes,
                       (pipe, _addr(self.dev, part), _addr(self.dev, flag)), p=p)
