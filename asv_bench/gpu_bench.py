@@ -1,0 +1,213 @@
+"""GPU benchmarks of the ``cupy`` backend, timed with CUDA events (for a GPU session).
+
+    python asv_bench/gpu_bench.py OUTDIR [--quick]
+
+Writes ``OUTDIR/gpu_bench.json`` (every figure) and ``OUTDIR/gpu_bench.txt`` (a summary).
+Needs CuPy and a device; torch with CUDA is optional (its rows are left out without it).
+
+1. ``copy``: ``dst[...] = src`` on 2**28 float32 -- the bandwidth roofline (bytes read+written).
+2. ``adam_2^28``: one float32 tensor of 2**28 elements, fastopt Adam (``nonfinite="ignore"``:
+   no host sync; ``"raise"``: one flag read per step) against ``torch.optim.Adam(fused=True)``
+   and ``foreach=True``; effective bandwidth at 28 bytes per element and its fraction of ``copy``.
+3. ``multi_tensor``: 200 float32 tensors of log-uniform sizes (1e3 .. 4e6 elements), Adam,
+   fastopt against torch fused.
+4. ``launches_per_step``: kernel launches fastopt makes per step, for each case.
+5. ``rules_2^24``: every rule on one 2**24 float32 tensor: ms per step and GB/s.
+
+Times are the median of ``reps`` steps after ``warmup`` steps, each bracketed by events on the
+library's current stream and synchronized on the end event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+
+def _median_ms_cupy(fn, warmup, reps):
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return statistics.median(times)
+
+
+def _median_ms_torch(fn, warmup, reps):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _gbs(nbytes, ms):
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def _fastopt_adam(cupy, sizes, nonfinite, seed=0):
+    import fastopt as fo
+
+    rng = cupy.random.default_rng(seed)
+    ps = [rng.standard_normal(n, dtype=cupy.float32) for n in sizes]
+    gs = [rng.standard_normal(n, dtype=cupy.float32) for n in sizes]
+    opt = fo.Adam(ps, lr=1e-3, nonfinite=nonfinite, backend="cupy")
+    return opt, (lambda: opt.step(gs))
+
+
+def _torch_adam(torch, sizes, **kw):
+    ps = [torch.randn(n, device="cuda", requires_grad=True) for n in sizes]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(ps, lr=1e-3, **kw)
+    return opt.step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--quick", action="store_true", help="2**24 instead of 2**28, fewer reps")
+    args = ap.parse_args(argv)
+    os.makedirs(args.outdir, exist_ok=True)
+
+    import cupy
+
+    from fastopt import _backend
+    from fastopt._rules import RULES
+    from fastopt.kernels import cupy_gpu
+
+    torch = _torch_cuda()
+    big = 2**24 if args.quick else 2**28
+    warmup, reps = (2, 5) if args.quick else (5, 20)
+    res = {"device": cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"]
+           .decode(), "cupy": cupy.__version__, "python": platform.python_version(),
+           "torch": None if torch is None else torch.__version__, "n_big": big,
+           "chunk_size": cupy_gpu.DEVICE.chunk_size, "block": cupy_gpu.DEVICE.block,
+           "warmup": warmup, "reps": reps}
+    lines = [f"device {res['device']}, cupy {res['cupy']}, torch {res['torch']}, n = 2**{big.bit_length() - 1}"]
+
+    # 1. copy roofline
+    src = cupy.ones(big, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    ms = _median_ms_cupy(lambda: dst.__setitem__(Ellipsis, src), warmup, reps)
+    res["copy"] = {"ms": ms, "GB/s": _gbs(8 * big, ms)}
+    lines.append(f"copy            {ms:8.3f} ms  {res['copy']['GB/s']:7.1f} GB/s")
+    del src, dst
+
+    # 2. Adam on one big tensor
+    res["adam_big"] = {}
+    launches = {}
+    for nonfinite in ("ignore", "raise"):
+        opt, step = _fastopt_adam(cupy, [big], nonfinite)
+        ms = _median_ms_cupy(step, warmup, reps)
+        before = cupy_gpu.KERNELS.launches
+        step()
+        launches[f"adam_big_{nonfinite}"] = cupy_gpu.KERNELS.launches - before
+        res["adam_big"][f"fastopt_{nonfinite}"] = {"ms": ms, "GB/s": _gbs(28 * big, ms),
+                                                   "of_copy": _gbs(28 * big, ms) / res["copy"]["GB/s"]}
+        del opt, step
+        cupy.get_default_memory_pool().free_all_blocks()
+    if torch is not None:
+        for name, kw in (("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})):
+            step = _torch_adam(torch, [big], **kw)
+            ms = _median_ms_torch(step, warmup, reps)
+            res["adam_big"][name] = {"ms": ms, "GB/s": _gbs(28 * big, ms),
+                                     "of_copy": _gbs(28 * big, ms) / res["copy"]["GB/s"]}
+            del step
+            torch.cuda.empty_cache()
+    for k, v in res["adam_big"].items():
+        lines.append(f"adam {k:15s} {v['ms']:8.3f} ms  {v['GB/s']:7.1f} GB/s  {v['of_copy']:.2f} of copy")
+
+    # 3. many tensors
+    rng = np.random.default_rng(0)
+    sizes = [int(x) for x in np.exp(rng.uniform(np.log(1e3), np.log(4e6), 200))]
+    total = sum(sizes)
+    res["multi_tensor"] = {"n_tensors": len(sizes), "elements": total}
+    opt, step = _fastopt_adam(cupy, sizes, "ignore")
+    ms = _median_ms_cupy(step, warmup, reps)
+    before = cupy_gpu.KERNELS.launches
+    step()
+    launches["multi_tensor_ignore"] = cupy_gpu.KERNELS.launches - before
+    res["multi_tensor"]["fastopt"] = {"ms": ms, "GB/s": _gbs(28 * total, ms)}
+    del opt, step
+    if torch is not None:
+        step = _torch_adam(torch, sizes, fused=True)
+        ms = _median_ms_torch(step, warmup, reps)
+        res["multi_tensor"]["torch_fused"] = {"ms": ms, "GB/s": _gbs(28 * total, ms)}
+        del step
+    for k in ("fastopt", "torch_fused"):
+        if k in res["multi_tensor"]:
+            v = res["multi_tensor"][k]
+            lines.append(f"multi {k:14s} {v['ms']:8.3f} ms  {v['GB/s']:7.1f} GB/s  ({len(sizes)} tensors)")
+
+    # 5. every rule on 2**24 (bytes per element from the kernels' budget comments)
+    n = 2**24
+    state_arrays = {"sgd": 1, "adam": 2, "adamw": 2, "adagrad": 1, "rmsprop": 1, "adadelta": 2,
+                    "adamax": 2, "nadam": 2, "radam": 2, "lion": 1, "lamb": 2, "adahessian": 2}
+    res["rules_2^24"] = {}
+    import fastopt as fo
+
+    for rule, n_state in state_arrays.items():
+        r = cupy.random.default_rng(1)
+        p = r.standard_normal(n, dtype=cupy.float32)
+        g = r.standard_normal(n, dtype=cupy.float32)
+        kw = {"momentum": 0.9} if rule == "sgd" else {}
+        opt = getattr(fo, RULES[rule].class_name)([p], nonfinite="ignore", backend="cupy", **kw)
+        extra = [r.standard_normal(n, dtype=cupy.float32)] if rule == "adahessian" else None
+        step = (lambda o=opt, e=extra: o.step([g], e)) if extra else (lambda o=opt: o.step([g]))
+        ms = _median_ms_cupy(step, warmup, reps)
+        before = cupy_gpu.KERNELS.launches
+        step()
+        launches[f"{rule}_2^24"] = cupy_gpu.KERNELS.launches - before
+        # arrays moved per element: read p, g, states (+ extra), write p, states; LAMB's two
+        # passes: read p, g, m, v, write m, v, then read p, m, v, write p
+        arrays = 10 if rule == "lamb" else 3 + 2 * n_state + (1 if extra else 0)
+        nbytes = 4 * n * arrays
+        res["rules_2^24"][rule] = {"ms": ms, "GB/s": _gbs(nbytes, ms)}
+        lines.append(f"{rule:15s} {ms:8.3f} ms  {_gbs(nbytes, ms):7.1f} GB/s")
+        del opt, step, p, g
+    res["launches_per_step"] = launches
+    lines.append("launches per step: " + ", ".join(f"{k} {v}" for k, v in launches.items()))
+    assert _backend.available("cupy")
+
+    with open(os.path.join(args.outdir, "gpu_bench.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(args.outdir, "gpu_bench.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
