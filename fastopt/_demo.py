@@ -1,0 +1,653 @@
+"""``python -m fastopt demo``: train real networks on raw NumPy arrays with fastopt.
+
+The main job of the package.  A multilayer perceptron learns scikit-learn's
+handwritten digits (1,797 8x8 images that ship inside scikit-learn: nothing is
+downloaded) with several optimizers in turn, and a table compares them: final
+train loss, test accuracy, milliseconds per step and the share of each step
+spent in the optimizer.  ``--xor`` trains the classic tiny XOR network instead.
+
+The network is written by hand in NumPy (forward and backward, no framework):
+ReLU hidden layers, softmax cross-entropy, He-initialised weights.  Every
+optimizer starts from the same weights and sees the same minibatches (both
+come from ``--seed``), so the rows of the table differ only by the optimizer.
+
+Everything here is importable: :func:`load_digits_split`, :class:`MLP`,
+:func:`make_optimizer`, :func:`train` and :func:`train_xor` are what
+``tests/test_demo.py`` runs on every backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _backend, schedules
+from ._optim import OPTIMIZERS
+
+# --------------------------------------------------------------------------- optimizers
+
+#: The demo's optimizer names -> (fastopt rule, constructor options, digits lr, XOR lr).
+#: The learning rates were tuned by hand on this demo (seed 0, batch 32, 20 epochs for
+#: digits; 1000 full-batch steps for XOR); they are the usual orders of magnitude:
+#: adaptive methods near 1e-3, Lion 3-10x below Adam (as its paper advises), plain SGD
+#: near 0.1 and heavy-ball momentum 0.9 about 10x below plain SGD.  LAMB's step is
+#: ``lr * ||p||`` per tensor, so on XOR (where the loss keeps falling as the weights grow)
+#: its weights grow like ``(1 + lr) ** t``: 0.05 overflows float32 within 1000 steps.
+OPTIMIZER_SPECS = {
+    "sgd":      ("sgd",      {},                                 0.1,   0.5),
+    "momentum": ("sgd",      {"momentum": 0.9},                  0.01,  0.1),
+    "nesterov": ("sgd",      {"momentum": 0.9, "nesterov": True}, 0.01, 0.1),
+    "adam":     ("adam",     {},                                 1e-3,  0.05),
+    "adamw":    ("adamw",    {"weight_decay": 1e-2},             1e-3,  0.05),
+    "rmsprop":  ("rmsprop",  {},                                 1e-3,  0.02),
+    "adagrad":  ("adagrad",  {},                                 0.03,  0.2),
+    "lion":     ("lion",     {},                                 2e-4,  0.01),
+    "adadelta": ("adadelta", {},                                 1.0,   1.0),
+    "adamax":   ("adamax",   {},                                 2e-3,  0.05),
+    "nadam":    ("nadam",    {},                                 1e-3,  0.05),
+    "radam":    ("radam",    {},                                 1e-3,  0.05),
+    "lamb":     ("lamb",     {},                                 1e-2,  1e-2),
+}
+
+#: What ``python -m fastopt demo`` trains when ``--optimizer`` is not given.
+DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lion")
+
+SCHEDULES = ("constant", "exponential", "step", "cosine", "warmup")
+
+
+def make_schedule(kind: str, lr: float, total_steps: int):
+    """The learning rate of a run of ``total_steps`` steps: ``lr`` or a schedule peaking at it.
+
+    ``exponential``: ``lr * 0.1 ** (t / T)`` (ends at a tenth of ``lr``);
+    ``step``: ``lr`` times 0.3 at each third of the run;
+    ``cosine``: half a cosine from ``lr`` to 0;
+    ``warmup``: linear warm-up over the first 10% of the steps, then cosine to 0.
+    """
+    total_steps = max(int(total_steps), 1)
+    if kind == "constant":
+        return lr
+    if kind == "exponential":
+        return schedules.exponential_decay(lr, 0.1, steps=total_steps)
+    if kind == "step":
+        return schedules.step_decay(lr, step_size=max(total_steps // 3, 1), gamma=0.3)
+    if kind == "cosine":
+        return schedules.cosine_decay(lr, total_steps)
+    if kind == "warmup":
+        return schedules.warmup_cosine(lr, warmup=max(total_steps // 10, 1), steps=total_steps)
+    raise ValueError(f"schedule: expected one of {SCHEDULES}, got {kind!r}")
+
+
+def make_optimizer(name: str, params, *, lr=None, schedule="constant", total_steps=1,
+                   clip_global_norm=None, backend="auto", xor=False):
+    """A fastopt optimizer for the demo name ``name`` (a key of :data:`OPTIMIZER_SPECS`)."""
+    if name not in OPTIMIZER_SPECS:
+        raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZER_SPECS)}, got {name!r}")
+    rule, opts, lr_digits, lr_xor = OPTIMIZER_SPECS[name]
+    if lr is None:
+        lr = lr_xor if xor else lr_digits
+    opts = dict(opts)
+    if clip_global_norm is not None:
+        opts["clip_global_norm"] = clip_global_norm
+    return OPTIMIZERS[rule](params, lr=make_schedule(schedule, lr, total_steps), backend=backend,
+                            **opts)
+
+
+def numpy_backends() -> dict:
+    """Every backend that takes NumPy arrays: ``{name: None if available else reason}``."""
+    out = {}
+    for name, info in _backend.backends().items():
+        try:
+            _backend.resolve(name, "numpy")
+        except TypeError:  # a backend of other arrays (cupy)
+            continue
+        except RuntimeError:
+            pass
+        out[name] = None if info["available"] else info["reason"]
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Split:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2, dtype=np.float32) -> Split:
+    """scikit-learn's digits, shuffled by ``seed``, split, standardised with the train statistics."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise SystemExit("the demo needs scikit-learn for its data set: "
+                         "pip install 'fastopt[demo]'") from e
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    x, y = x[order].astype(np.float64), y[order].astype(np.int64)
+    n_test = int(round(len(y) * test_fraction))
+    x_train, x_test = x[n_test:], x[:n_test]
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0  # the corner pixels are always 0: leave them at 0, never divide by 0
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    return Split(np.ascontiguousarray(x_train, dtype), y[n_test:],
+                 np.ascontiguousarray(x_test, dtype), y[:n_test])
+
+
+# --------------------------------------------------------------------------- network
+
+class MLP:
+    """A ReLU multilayer perceptron with a softmax cross-entropy loss, by hand in NumPy.
+
+    ``params`` is ``[W1, b1, W2, b2, ...]`` (``W`` of shape ``(fan_in, fan_out)``),
+    the list the optimizer updates in place.
+    """
+
+    def __init__(self, sizes, rng, dtype=np.float32):
+        self.sizes = tuple(sizes)
+        self.params = []
+        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
+            w = rng.standard_normal((fan_in, fan_out)) * math.sqrt(2.0 / fan_in)  # He init for ReLU
+            self.params += [np.ascontiguousarray(w, dtype), np.zeros(fan_out, dtype)]
+
+    def _forward(self, x):
+        acts = [x]
+        n_layers = len(self.params) // 2
+        for i in range(n_layers):
+            w, b = self.params[2 * i], self.params[2 * i + 1]
+            z = acts[-1] @ w
+            z += b
+            if i < n_layers - 1:
+                np.maximum(z, 0, out=z)
+            acts.append(z)
+        return acts
+
+    @staticmethod
+    def _log_softmax(logits):
+        shifted = logits - logits.max(axis=1, keepdims=True)  # exp never overflows
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+    def loss(self, x, y) -> float:
+        """The mean cross-entropy over ``(x, y)``."""
+        logp = self._log_softmax(self._forward(x)[-1])
+        return float(-logp[np.arange(len(y)), y].mean()) + 0.0  # + 0.0: never -0.0
+
+    def predict(self, x):
+        return self._forward(x)[-1].argmax(axis=1)
+
+    def accuracy(self, x, y) -> float:
+        return float((self.predict(x) == y).mean())
+
+    def loss_and_grads(self, x, y):
+        """``(loss, grads)``: the mean cross-entropy and its gradient, one array per param."""
+        acts = self._forward(x)
+        logp = self._log_softmax(acts[-1])
+        n = len(y)
+        loss = float(-logp[np.arange(n), y].mean())
+        # d loss / d logits = (softmax - onehot) / n
+        delta = np.exp(logp)
+        delta[np.arange(n), y] -= 1.0
+        delta /= n
+        grads = [None] * len(self.params)
+        for i in range(len(self.params) // 2 - 1, -1, -1):
+            grads[2 * i] = acts[i].T @ delta
+            grads[2 * i + 1] = delta.sum(axis=0)
+            if i:
+                delta = delta @ self.params[2 * i].T
+                delta *= acts[i] > 0  # ReLU'
+        return loss, grads
+
+
+# --------------------------------------------------------------------------- progress
+
+class _PlainBar:
+    """The stand-in for tqdm when it is not installed: one line on stderr, redrawn every 5%."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.n, self.postfix = max(total, 1), desc, 0, ""
+        self._shown = -1
+        self._tty = sys.stderr.isatty()
+
+    def update(self, k=1):
+        self.n += k
+        pct = 100 * self.n // self.total
+        if self._tty and pct // 5 != self._shown:
+            self._shown = pct // 5
+            self._draw(end="")
+
+    def set_postfix_str(self, s):
+        self.postfix = s
+
+    def _draw(self, end):
+        filled = 20 * self.n // self.total
+        sys.stderr.write(f"\r{self.desc:>10} [{'#' * filled}{'.' * (20 - filled)}] "
+                         f"{100 * self.n // self.total:3d}% {self.postfix}{end}")
+        sys.stderr.flush()
+
+    def close(self):
+        self._draw(end="\n")
+
+
+def _progress_bar(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainBar(total, desc)
+    return tqdm(total=total, desc=f"{desc:>10}", unit="step", leave=True, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- training
+
+def _single_threaded_blas():
+    """Run the network's matrix products on one BLAS thread while training.
+
+    They are tiny (32 x 64 @ 64 x 128): waking OpenBLAS's worker threads costs
+    more than the product.  Measured on the 2-core machine: 0.13 ms per
+    forward + backward with one thread, 2.6-3.5 ms with two.  threadpoolctl comes
+    with scikit-learn (the demo's data); without it the BLAS keeps its threads.
+    Only the BLAS is limited: a backend's own threads (numba's) are untouched.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _blas_single(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _single_threaded_blas():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@dataclass
+class Result:
+    """One optimizer's run.  Times are of the training steps only (see :func:`train`)."""
+
+    name: str
+    lr: float
+    backend: str
+    initial_loss: float
+    train_loss: float
+    test_acc: float
+    steps: int
+    step_s: float          # forward + backward + optimizer, summed over the steps
+    opt_s: float           # the optimizer's part of step_s
+    warmup_s: float = 0.0  # the untimed first step on scratch copies (the JIT compile on numba)
+    epoch_losses: list = field(default_factory=list)  # mean minibatch loss of each epoch
+    epoch_test_acc: list = field(default_factory=list)
+    diverged_at: int | None = None  # the step whose gradient was not finite (training stopped)
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.step_s / max(self.steps, 1)
+
+    @property
+    def opt_share(self) -> float:
+        return self.opt_s / self.step_s if self.step_s > 0 else 0.0
+
+
+def _warm_up(name, params, grads, **opt_kwargs) -> float:
+    """One step on scratch copies, so that a JIT compile (numba) is not timed as a step.
+
+    The copies have the real shapes, dtypes and options, so the compiled
+    specialisation is the one the training run uses.
+    """
+    t0 = time.perf_counter()
+    scratch = [p.copy() for p in params]
+    make_optimizer(name, scratch, **opt_kwargs).step([g.copy() for g in grads])
+    return time.perf_counter() - t0
+
+
+@_blas_single
+def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128), lr=None,
+          schedule="constant", clip_global_norm=None, backend="auto", seed=0, max_steps=None,
+          progress=False) -> Result:
+    """Train a fresh :class:`MLP` on ``data`` with the demo optimizer ``name``.
+
+    The weights and the minibatch order come from ``seed`` alone, so every
+    optimizer of one run starts from the same point.  ``max_steps`` stops early
+    (tests).  ``step_s`` times the forward, backward and optimizer step of every
+    minibatch (not the batch gathering, the evaluation or the progress bar).
+    """
+    dtype = data.x_train.dtype
+    rng = np.random.default_rng(seed)
+    n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+    net = MLP((data.x_train.shape[1], *hidden, n_classes), rng, dtype)
+    n = len(data.y_train)
+    per_epoch = math.ceil(n / batch_size)
+    total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
+    opt_kwargs = dict(lr=lr, schedule=schedule, total_steps=total,
+                      clip_global_norm=clip_global_norm, backend=backend)
+    opt = make_optimizer(name, net.params, **opt_kwargs)
+    first_lr = opt.lr
+    initial_loss = net.loss(data.x_train, data.y_train)
+
+    _, grads0 = net.loss_and_grads(data.x_train[:batch_size], data.y_train[:batch_size])
+    warmup_s = _warm_up(name, net.params, grads0, **opt_kwargs)
+
+    bar = _progress_bar(total, name, progress)
+    step_s = opt_s = 0.0
+    steps = 0
+    diverged_at = None
+    epoch_losses, epoch_acc = [], []
+    clock = time.perf_counter
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        losses = []
+        for start in range(0, n, batch_size):
+            if steps == total:
+                break
+            idx = order[start:start + batch_size]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            t0 = clock()
+            loss, grads = net.loss_and_grads(xb, yb)
+            t1 = clock()
+            try:
+                opt.step(grads)
+            except FloatingPointError:  # nothing was written; the run has diverged
+                diverged_at = steps + 1
+                break
+            t2 = clock()
+            step_s += t2 - t0
+            opt_s += t2 - t1
+            steps += 1
+            losses.append(loss)
+            if bar is not None:
+                bar.update(1)
+        if losses:
+            epoch_losses.append(float(np.mean(losses)))
+            epoch_acc.append(net.accuracy(data.x_test, data.y_test))
+            if bar is not None:
+                bar.set_postfix_str(f"loss {epoch_losses[-1]:.4f} test {100 * epoch_acc[-1]:.1f}%")
+        if steps == total or diverged_at:
+            break
+    if bar is not None:
+        bar.close()
+    return Result(name=name, lr=first_lr, backend=opt.backend, initial_loss=initial_loss,
+                  train_loss=net.loss(data.x_train, data.y_train),
+                  test_acc=net.accuracy(data.x_test, data.y_test), steps=steps, step_s=step_s,
+                  opt_s=opt_s, warmup_s=warmup_s, epoch_losses=epoch_losses,
+                  epoch_test_acc=epoch_acc, diverged_at=diverged_at)
+
+
+# --------------------------------------------------------------------------- XOR
+
+# the two bits coded as -1/+1: with 0/1 the input (0, 0) reaches the ReLUs as their biases
+# alone, and a run whose biases go negative never separates it (LAMB did, 3 seeds in 4)
+XOR_X = np.array([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
+XOR_Y = np.array([0, 1, 1, 0])
+
+
+@dataclass
+class XorResult:
+    name: str
+    lr: float
+    backend: str
+    initial_loss: float
+    loss: float
+    accuracy: float
+    probabilities: list  # P(class 1) for the four inputs, in XOR_X order
+    steps: int
+    losses: list = field(default_factory=list)
+    diverged_at: int | None = None
+
+
+@_blas_single
+def train_xor(name: str, *, steps=1000, hidden=8, lr=None, schedule="constant",
+              clip_global_norm=None, backend="auto", seed=0, dtype=np.float64) -> XorResult:
+    """The tiny network that XOR needs (2 -> ``hidden`` ReLU -> 2), full-batch steps."""
+    x = XOR_X.astype(dtype)
+    net = MLP((2, hidden, 2), np.random.default_rng(seed), dtype)
+    opt = make_optimizer(name, net.params, lr=lr, schedule=schedule, total_steps=steps,
+                         clip_global_norm=clip_global_norm, backend=backend, xor=True)
+    first_lr = opt.lr
+    initial_loss = net.loss(x, XOR_Y)
+    losses = []
+    diverged_at = None
+    for t in range(steps):
+        loss, grads = net.loss_and_grads(x, XOR_Y)
+        try:
+            opt.step(grads)
+        except FloatingPointError:  # nothing was written; the run has diverged
+            diverged_at = t + 1
+            break
+        losses.append(loss)
+    logits = net._forward(x)[-1]
+    prob = np.exp(MLP._log_softmax(logits))[:, 1]
+    return XorResult(name=name, lr=first_lr, backend=opt.backend, initial_loss=initial_loss,
+                     loss=net.loss(x, XOR_Y), accuracy=net.accuracy(x, XOR_Y),
+                     probabilities=[float(p) for p in prob], steps=len(losses), losses=losses,
+                     diverged_at=diverged_at)
+
+
+# --------------------------------------------------------------------------- plotting
+
+def plot_results(results, path, title):
+    """Loss curves of every optimizer on one figure (and the test accuracy beside them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; a PNG file is the whole point
+    import matplotlib.pyplot as plt
+
+    xor = isinstance(results[0], XorResult)
+    fig, axes = plt.subplots(1, 1 if xor else 2, figsize=(6 if xor else 11, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for r in results:
+        if xor:
+            ax.plot(np.arange(1, len(r.losses) + 1), r.losses, label=f"{r.name} (lr {r.lr:g})")
+        else:
+            ax.plot(np.arange(1, len(r.epoch_losses) + 1), r.epoch_losses, marker=".",
+                    label=f"{r.name} (lr {r.lr:g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step" if xor else "epoch")
+    ax.set_ylabel("train loss (cross-entropy)" + ("" if xor else ", epoch mean"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if not xor:
+        ax2 = axes[0][1]
+        for r in results:
+            ax2.plot(np.arange(1, len(r.epoch_test_acc) + 1), 100 * np.asarray(r.epoch_test_acc),
+                     marker=".", label=r.name)
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("test accuracy (%)")
+        lo = min(min(r.epoch_test_acc) for r in results if r.epoch_test_acc)
+        ax2.set_ylim(max(0.0, 100 * lo - 2), 100.5)
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+
+def _parse_optimizers(values) -> list:
+    names = []
+    for v in values or ():
+        for tok in v.split(","):
+            tok = tok.strip().lower()
+            if not tok:
+                continue
+            if tok == "all":
+                names += [n for n in OPTIMIZER_SPECS if n not in names]
+                continue
+            if tok not in OPTIMIZER_SPECS:
+                raise argparse.ArgumentTypeError(
+                    f"--optimizer: expected names from {', '.join(OPTIMIZER_SPECS)} (or 'all'), "
+                    f"got {tok!r}")
+            if tok not in names:
+                names.append(tok)
+    return names or list(DEFAULT_OPTIMIZERS)
+
+
+def _parse_lr(text) -> dict:
+    """``--lr 0.01`` (every optimizer) or ``--lr adam=2e-3,sgd=0.2`` -> ``{name or '*': lr}``."""
+    out = {}
+    for tok in text.split(","):
+        key, sep, val = tok.strip().rpartition("=")
+        key = key.strip().lower() if sep else "*"
+        try:
+            lr = float(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a float or NAME=FLOAT pairs, got {text!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise argparse.ArgumentTypeError(f"a learning rate must be a finite number > 0, got {val!r}")
+        if key != "*" and key not in OPTIMIZER_SPECS:
+            raise argparse.ArgumentTypeError(f"unknown optimizer {key!r} in --lr")
+        out[key] = lr
+    return out
+
+
+def _positive_float(text):
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _positive_int(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def register(sub) -> None:
+    """Add the ``demo`` subcommand to the CLI's subparsers."""
+    p = sub.add_parser(
+        "demo", help="train an MLP on scikit-learn's digits (or XOR) with several optimizers",
+        description="Train a hand-written NumPy MLP on scikit-learn's digits with several "
+                    "fastopt optimizers and compare them (train loss, test accuracy, ms per "
+                    "step, the optimizer's share of the step).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--optimizer", "-o", nargs="+", metavar="NAME",
+                   help=f"one or several of {', '.join(OPTIMIZER_SPECS)} or 'all' (space or comma "
+                        f"separated); default: {' '.join(DEFAULT_OPTIMIZERS)}")
+    p.add_argument("--backend", "-b", default="auto", choices=("auto",) + _backend.BACKEND_NAMES,
+                   help="kernel backend; auto = numba when it imports, else numpy")
+    p.add_argument("--epochs", "-e", type=_positive_int, default=None,
+                   help="passes over the training set (default 20; with --xor: full-batch steps, "
+                        "default 1000)")
+    p.add_argument("--lr", type=_parse_lr, default=None,
+                   help="learning rate for every optimizer, or NAME=LR pairs (adam=2e-3,sgd=0.2); "
+                        "default: a tuned rate per optimizer")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning-rate schedule over the run (fastopt.schedules), peaking at --lr")
+    p.add_argument("--clip-global-norm", type=_positive_float, default=None, metavar="C",
+                   help="clip the global gradient norm to C before each update")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--hidden", type=_positive_int, nargs="+", default=[128, 128],
+                   help="hidden layer widths")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="data split, initial weights, batch order")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="save the loss curves of every optimizer on one figure (matplotlib)")
+    p.add_argument("--xor", action="store_true", help="train the small XOR network instead")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _lr_for(lrs, name):
+    if not lrs:
+        return None
+    return lrs.get(name, lrs.get("*"))
+
+
+def run(args) -> int:
+    """The ``demo`` command."""
+    t_start = time.perf_counter()
+    try:
+        names = _parse_optimizers(args.optimizer)
+    except argparse.ArgumentTypeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        backend = _backend.resolve(args.backend, "numpy")
+    except (TypeError, RuntimeError) as e:
+        print(f"error: --backend {args.backend}: {e} (the demo trains on NumPy arrays)",
+              file=sys.stderr)
+        return 2
+    if args.xor:
+        return _run_xor(args, names, backend, t_start)
+
+    epochs = args.epochs or 20
+    dtype = np.dtype(args.dtype)
+    data = load_digits_split(args.seed, dtype=dtype)
+    sizes = (data.x_train.shape[1], *args.hidden, 10)
+    per_epoch = math.ceil(len(data.y_train) / args.batch_size)
+    print(f"fastopt demo: MLP {'-'.join(map(str, sizes))} on scikit-learn digits "
+          f"({len(data.y_train)} train / {len(data.y_test)} test images), {dtype.name}")
+    print(f"backend {backend}, {epochs} epochs x {per_epoch} steps of batch {args.batch_size}, "
+          f"schedule {args.schedule}"
+          + (f", clip_global_norm {args.clip_global_norm:g}" if args.clip_global_norm else "")
+          + f", seed {args.seed}")
+    results = []
+    for name in names:
+        results.append(train(name, data, epochs=epochs, batch_size=args.batch_size,
+                             hidden=tuple(args.hidden), lr=_lr_for(args.lr, name),
+                             schedule=args.schedule, clip_global_norm=args.clip_global_norm,
+                             backend=backend, seed=args.seed, progress=not args.no_progress))
+    print()
+    print(format_table(results))
+    warm = sum(r.warmup_s for r in results)
+    print()
+    print(f"train loss: cross-entropy over the whole training set after the last step; "
+          f"ms/step: forward + backward + optimizer step; opt share: the optimizer's part.")
+    if args.plot:
+        plot_results(results, args.plot,
+                     f"fastopt demo: MLP {'-'.join(map(str, sizes))} on digits, backend {backend}, "
+                     f"{dtype.name}, schedule {args.schedule}")
+        print(f"plot: {args.plot}")
+    print(f"wall time {time.perf_counter() - t_start:.1f} s (first steps / JIT warm-up "
+          f"{warm:.1f} s)")
+    return 0
+
+
+def format_table(results) -> str:
+    head = f"{'optimizer':10} {'lr':>8} {'train loss':>10} {'test acc':>8} {'ms/step':>8} " \
+           f"{'opt share':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.name:10} {r.lr:8.2g} {r.train_loss:10.4f} {100 * r.test_acc:7.1f}% "
+                     f"{r.ms_per_step:8.3f} {100 * r.opt_share:8.0f}%"
+                     + (f"  diverged at step {r.diverged_at}" if r.diverged_at else ""))
+    return "\n".join(lines)
+
+
+def _run_xor(args, names, backend, t_start) -> int:
+    steps = args.epochs or 1000
+    dtype = np.dtype(args.dtype)
+    print(f"fastopt demo --xor: MLP 2-8-2 on the four XOR points, {steps} full-batch steps, "
+          f"backend {backend}, {dtype.name}, schedule {args.schedule}, seed {args.seed}")
+    results = [train_xor(name, steps=steps, lr=_lr_for(args.lr, name), schedule=args.schedule,
+                         clip_global_norm=args.clip_global_norm, backend=backend, seed=args.seed,
+                         dtype=dtype) for name in names]
+    print()
+    head = f"{'optimizer':10} {'lr':>8} {'loss':>10} {'correct':>7}  P(1) for 00 01 10 11"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        probs = " ".join(f"{p:.2f}" for p in r.probabilities)
+        print(f"{r.name:10} {r.lr:8.2g} {r.loss:10.2e} {round(4 * r.accuracy):5d}/4  {probs}"
+              + (f"  diverged at step {r.diverged_at}" if r.diverged_at else ""))
+    if args.plot:
+        plot_results(results, args.plot, f"fastopt demo: XOR, backend {backend}")
+        print(f"plot: {args.plot}")
+    print(f"wall time {time.perf_counter() - t_start:.1f} s")
+    return 0
