@@ -4,7 +4,9 @@ The same source strings the CuPy loader hands to NVRTC (``_host.read_source``) a
 by g++ with ``tests/cuda_cpu/shim.h`` (``__global__``, ``threadIdx``, ... and a host launcher
 per kernel) into one shared library per source file.  A ``Device`` adapter launches them
 through ctypes with ONE thread per block and a chosen number of blocks, so the grid-stride
-item loops, the scalar tails, the multi-tensor tables and the block reductions all run.  The
+item loops, the scalar tails, the multi-tensor tables and the block reductions all run (a few
+tests also run blocks of 3 and 8 threads, as std::threads meeting at a barrier, to exercise
+the block-stride loops and the reduction tree).  The
 host code is ``fastopt.kernels.cuda._host`` unchanged (the one ``cupy_gpu`` runs on a GPU):
 tables, chunking, scalar packing.  Parity: every ``CASES`` entry, float32 and float64,
 against the NumPy reference through the full optimizer pipeline (registered as a test-only
@@ -32,7 +34,7 @@ from fastopt.kernels.cuda import _host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIM_DIR = os.path.join(HERE, "cuda_cpu")
-CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall", "-Wextra",
+CXXFLAGS = ["-std=c++20", "-pthread", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-Wall", "-Wextra",
             "-Werror", "-Wno-unknown-pragmas"]
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
@@ -75,13 +77,13 @@ def libs():
 
 
 class CpuDevice(_host.Device):
-    """Launches the g++-compiled kernels: one thread per block, blocks in order."""
+    """Launches the g++-compiled kernels: blocks in order, ``block`` threads each (default 1)."""
 
     xp = np
     block = 1
 
-    def __init__(self, libs, chunk_size=1024, grid_cap=None):
-        self.libs, self.chunk_size, self.grid_cap = libs, chunk_size, grid_cap
+    def __init__(self, libs, chunk_size=1024, grid_cap=None, block=1):
+        self.libs, self.chunk_size, self.grid_cap, self.block = libs, chunk_size, grid_cap, block
         self.names = []
 
     def ptr(self, a):
@@ -95,7 +97,7 @@ class CpuDevice(_host.Device):
             assert isinstance(a, (np.ndarray, np.generic)) and a.size == 1, type(a)
             bufs.append(np.array(a, copy=True))
         argv = (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
-        assert 1 <= grid and block == 1
+        assert 1 <= grid and block == self.block
         assert fn(ctypes.c_uint(grid), ctypes.c_uint(block), argv) == 0
         self.names.append(name)
 
@@ -165,6 +167,18 @@ def test_parity_many_tensors(libs, monkeypatch, rule, options):
     k = register(monkeypatch, libs, chunk_size=128, grid_cap=5)
     assert_parity(rule, options, sizes, np.float32, "cudacpu")
     assert k.launches > 3 * 7
+
+
+@pytest.mark.parametrize("block", [3, 8])
+@pytest.mark.parametrize("rule,options", [
+    ("adam", {"lr": 1e-2, "clip_global_norm": 0.5, "max_norm": 2.0}),
+    ("lamb", {"lr": 1e-2, "weight_decay": 0.01}),
+], ids=["adam-globalnorm-maxnorm", "lamb"])
+def test_parity_threaded_blocks(libs, monkeypatch, rule, options, block):
+    """Several threads per block: packs spread over threads, the reduction tree over a
+    non-power-of-two (3) and a power-of-two (8) block."""
+    register(monkeypatch, libs, chunk_size=256, grid_cap=7, block=block)
+    assert_parity(rule, options, (1, 7, 1029, 3001), np.float64, "cudacpu")
 
 
 @pytest.mark.parametrize("mode", ["skip", "raise"])
