@@ -52,7 +52,9 @@ class NumpyOps(Ops):
                 x = x.astype(np.float64)
                 sumsq[i] = np.dot(x, x)
         if check_finite and extras is not None:
-            finite = finite and all(np.isfinite(e).all() for e in extras)
+            # the kernels unscale the extra inputs too: check them as the kernels will see them
+            finite = finite and all(
+                np.isfinite(e * inv_scale if inv_scale is not None else e).all() for e in extras)
         return sumsq, finite
 
     def sumsq(self, arrays):
