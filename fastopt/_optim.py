@@ -15,14 +15,14 @@ import numpy as np
 from . import _backend
 from ._pipeline import GroupStep, make_buckets, run_step
 from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
-from ._validate import (as_list, check_companions, check_disjoint, check_grad_scale,
+from ._validate import (as_list, expected_layout, check_companions, check_disjoint, check_grad_scale,
                         check_nonfinite, check_params)
 
 _OPTIMIZER_WIDE = ("nonfinite", "backend")
 
 
 def _flat(a):
-    return a.reshape(-1)
+    return a if a.ndim == 1 else a.reshape(-1)
 
 
 class Optimizer:
@@ -66,6 +66,8 @@ class Optimizer:
         self.state = [[{} for _ in g["params"]] for g in self.param_groups]
         self.group_state = [dict(rule.group_state) for _ in self.param_groups]
         self._buckets = [None] * len(self.param_groups)
+        self._state_names = [None] * len(self.param_groups)
+        self._layout_cache = {}
         for gi in range(len(self.param_groups)):
             self._ensure_state(gi)
 
@@ -114,6 +116,9 @@ class Optimizer:
         """Create the state arrays the group's current options need (once, or after a change)."""
         g = self.param_groups[gi]
         names = self.rule.state(g)
+        if self._buckets[gi] is not None and self._state_names[gi] == names:
+            return  # the common case: nothing changed since the last step
+        self._state_names[gi] = names
         xp = self._ops.xp
         changed = self._buckets[gi] is None
         for p, st in zip(g["params"], self.state[gi]):
@@ -158,7 +163,12 @@ class Optimizer:
         self._inv_scale = check_grad_scale(grad_scale)
         all_params = [p for g in self.param_groups for p in g["params"]]
         label = lambda name, i: f"{name}[{i}]"  # noqa: E731
-        grads = check_companions(all_params, grads, "grads", label, self._kind, allow_copy=True)
+        layout = self._layout_cache.get("grads")
+        if layout is None or layout[0] != [id(p) for p in all_params]:
+            layout = ([id(p) for p in all_params], expected_layout(all_params))
+            self._layout_cache["grads"] = layout
+        grads = check_companions(all_params, grads, "grads", label, self._kind, allow_copy=True,
+                                 want=layout[1])
         if self.rule.extra is not None:
             if extras is None:
                 raise TypeError(f"{type(self).__name__}.step() needs {self.rule.extra}")

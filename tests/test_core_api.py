@@ -196,7 +196,8 @@ def test_backends_report_reasons():
         assert b["available"] or b["reason"], name
 
 
-def test_auto_prefers_numba_when_it_imports():
+def test_auto_prefers_numba_when_it_imports(monkeypatch):
+    monkeypatch.delenv("FASTOPT_BACKEND", raising=False)
     opt = fo.SGD([np.ones(2)])
     assert opt.backend == ("numba" if fo.backends()["numba"]["available"] else "numpy")
 
