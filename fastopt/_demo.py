@@ -445,6 +445,7 @@ def plot_results(results, path, title):
 
     matplotlib.use("Agg")  # no display needed; a PNG file is the whole point
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     xor = isinstance(results[0], XorResult)
     fig, axes = plt.subplots(1, 1 if xor else 2, figsize=(6 if xor else 11, 4.2), squeeze=False)
@@ -457,6 +458,7 @@ def plot_results(results, path, title):
                     label=f"{r.name} (lr {r.lr:g})")
     ax.set_yscale("log")
     ax.set_xlabel("step" if xor else "epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("train loss (cross-entropy)" + ("" if xor else ", epoch mean"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -466,6 +468,7 @@ def plot_results(results, path, title):
             ax2.plot(np.arange(1, len(r.epoch_test_acc) + 1), 100 * np.asarray(r.epoch_test_acc),
                      marker=".", label=r.name)
         ax2.set_xlabel("epoch")
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.set_ylabel("test accuracy (%)")
         lo = min(min(r.epoch_test_acc) for r in results if r.epoch_test_acc)
         ax2.set_ylim(max(0.0, 100 * lo - 2), 100.5)
@@ -561,6 +564,9 @@ def register(sub) -> None:
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save the loss curves of every optimizer on one figure (matplotlib)")
     p.add_argument("--xor", action="store_true", help="train the small XOR network instead")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="numba backend: threads of its kernels (numba.set_num_threads); "
+                        "default: numba's (NUMBA_NUM_THREADS, all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -585,6 +591,14 @@ def run(args) -> int:
         print(f"error: --backend {args.backend}: {e} (the demo trains on NumPy arrays)",
               file=sys.stderr)
         return 2
+    if args.threads is not None and backend == "numba":
+        import numba
+
+        if args.threads > numba.config.NUMBA_NUM_THREADS:
+            print(f"error: --threads: expected at most NUMBA_NUM_THREADS="
+                  f"{numba.config.NUMBA_NUM_THREADS}, got {args.threads}", file=sys.stderr)
+            return 2
+        numba.set_num_threads(args.threads)
     if args.xor:
         return _run_xor(args, names, backend, t_start)
 
@@ -598,6 +612,7 @@ def run(args) -> int:
     print(f"backend {backend}, {epochs} epochs x {per_epoch} steps of batch {args.batch_size}, "
           f"schedule {args.schedule}"
           + (f", clip_global_norm {args.clip_global_norm:g}" if args.clip_global_norm else "")
+          + (f", {args.threads} thread(s)" if args.threads and backend == "numba" else "")
           + f", seed {args.seed}")
     results = []
     for name in names:

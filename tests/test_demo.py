@@ -167,19 +167,20 @@ def test_cli_parsing_defaults_and_options():
     a = _parser().parse_args(["demo", "--optimizer", "adam", "sgd,lion", "--backend", "numpy",
                               "--epochs", "3", "--lr", "adam=2e-3,0.05", "--schedule", "warmup",
                               "--clip-global-norm", "1.5", "--plot", "x.png", "--seed", "7",
-                              "--xor"])
+                              "--xor", "--threads", "1"])
     assert _demo._parse_optimizers(a.optimizer) == ["adam", "sgd", "lion"]
     assert a.backend == "numpy" and a.epochs == 3 and a.schedule == "warmup"
     assert a.lr == {"adam": 2e-3, "*": 0.05}
     assert _demo._lr_for(a.lr, "adam") == 2e-3 and _demo._lr_for(a.lr, "sgd") == 0.05
     assert a.clip_global_norm == 1.5 and a.plot == "x.png" and a.seed == 7 and a.xor
+    assert a.threads == 1
     assert _demo._parse_optimizers(["all"]) == list(_demo.OPTIMIZER_SPECS)
 
 
 @pytest.mark.parametrize("argv", [["demo", "--schedule", "linearish"], ["demo", "--epochs", "0"],
                                   ["demo", "--lr", "-1"], ["demo", "--lr", "adamx=1"],
                                   ["demo", "--clip-global-norm", "nan"],
-                                  ["demo", "--backend", "tpu"]])
+                                  ["demo", "--backend", "tpu"], ["demo", "--threads", "0"]])
 def test_cli_rejects_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as e:
         _parser().parse_args(argv)
