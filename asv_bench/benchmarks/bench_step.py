@@ -1,0 +1,63 @@
+"""One optimizer step: every rule x backend x dtype x size, and the peers side by side.
+
+``Step`` is fastopt alone (numpy, numba, cupy).  ``Peers`` puts fastopt's
+backends next to a naive NumPy expression version and torch.optim
+(``fused=True``, ``foreach=True``) in one parameter, ``impl``, so that one
+graph of the dashboard shows fastopt and its competitors side by side; it runs
+Adam and SGD, the rules every peer has (``bench_bandwidth`` covers every
+rule torch has).  Every step uses the rule's default options
+(``fastopt._bench.BENCH_OPTIONS`` lowers a few learning rates so that
+millions of steps stay finite) and ``nonfinite="ignore"``: the fused pass
+alone, as torch.optim does no such check (``bench_clip.Pipeline`` prices it).
+"""
+
+from .common import (DTYPES, ELEMENTWISE_RULES, FASTOPT_IMPLS, IMPLS, NAIVE_RULES, SIZES,
+                     get_case)
+
+
+class Step:
+    params = [list(ELEMENTWISE_RULES), list(FASTOPT_IMPLS), list(DTYPES), list(SIZES)]
+    param_names = ["rule", "backend", "dtype", "n"]
+    # one round; at least 3 samples, at most 20, and stop sampling after ~1 s (a
+    # 16M-element NumPy step is 0.1-0.5 s): the whole grid must finish in minutes
+    rounds = 1
+    repeat = (3, 20, 1.0)
+    timeout = 300
+
+    def setup(self, rule, backend, dtype, n):
+        self.case = get_case(backend, rule, [(n,)], dtype)
+
+    def time_step(self, rule, backend, dtype, n):
+        self.case.step()
+        self.case.sync()
+
+
+class Peers:
+    params = [list(NAIVE_RULES), list(IMPLS), list(SIZES)]
+    param_names = ["rule", "impl", "n"]
+    rounds = 1
+    repeat = (3, 20, 1.0)
+    timeout = 300
+
+    def setup(self, rule, impl, n):
+        self.case = get_case(impl, rule, [(n,)], "float32")
+
+    def time_step(self, rule, impl, n):
+        self.case.step()
+        self.case.sync()
+
+
+class Newton:
+    """Damped Newton: a dense solve per tensor, so n is the tensor's size (H is n x n)."""
+
+    params = [list(FASTOPT_IMPLS), list(DTYPES), [16, 128, 512]]
+    param_names = ["backend", "dtype", "n"]
+    rounds = 1
+    repeat = (3, 20, 1.0)
+
+    def setup(self, backend, dtype, n):
+        self.case = get_case(backend, "newton", [(n,)], dtype)
+
+    def time_step(self, backend, dtype, n):
+        self.case.step()
+        self.case.sync()

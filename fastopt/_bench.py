@@ -1,0 +1,611 @@
+"""Benchmark pieces shared by ``python -m fastopt bench`` and the asv suite (``asv_bench/``).
+
+A *case* is one optimizer step of one implementation on fresh arrays:
+
+* ``numpy`` / ``numba`` / ``cupy`` -- a fastopt optimizer class on that backend;
+* ``naive-numpy`` -- Adam or SGD written as the NumPy expressions a person types
+  (new arrays for every intermediate), the baseline fastopt exists to beat;
+* ``torch-fused`` / ``torch-foreach`` -- ``torch.optim`` (CPU) with ``fused=True``
+  or ``foreach=True`` on tensors that share memory with the NumPy arrays.
+
+Bytes moved by a step
+---------------------
+The bandwidth figures count the arrays a *fused* step must touch once each
+(reads + writes, one element each) -- the memory traffic of the best possible
+one-pass kernel, whatever the implementation actually does:
+
+==========  =====  ==================================================
+rule        arrays reads + writes (default options)
+==========  =====  ==================================================
+sgd           3    p, g  ->  p
+adam          7    p, g, exp_avg, exp_avg_sq  ->  p, exp_avg, exp_avg_sq
+adamw         7    as adam (the decay is a multiply in the same pass)
+adagrad       5    p, g, sum  ->  p, sum
+rmsprop       5    p, g, square_avg  ->  p, square_avg
+adadelta      7    p, g, square_avg, acc_delta  ->  p, square_avg, acc_delta
+adamax        7    p, g, exp_avg, exp_inf  ->  p, exp_avg, exp_inf
+nadam         7    as adam
+radam         7    as adam
+lion          5    p, g, exp_avg  ->  p, exp_avg
+lamb         10    pass 1: p, g, m, v -> m, v (and the norms ||p||, ||r||);
+                   pass 2: p, m, v -> p  (the trust ratio needs both norms
+                   of the whole tensor before any element is updated)
+adahessian    8    p, g, hessian_diag, exp_avg, exp_hessian_diag_sq -> p, m, v
+newton        --   a dense solve per tensor; not a bandwidth-bound rule
+==========  =====  ==================================================
+
+In general ``3 + 2 * len(state) + (1 if the rule reads a per-element extra)``,
+plus LAMB's second pass; :func:`arrays_per_element` derives it from the rule
+table (``fastopt._rules.RULES``), so variants (``amsgrad``, momentum) count
+their extra state.  The reference bandwidth is NumPy's in-place ``a += b``
+(3 arrays: read a, read b, write a) on arrays of the same size and dtype,
+measured in the same process: ``fraction`` is achieved bytes/s over that.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import _backend
+from ._rules import RULES
+
+#: Every fastopt backend and every peer a case can run.
+FASTOPT_IMPLS = tuple(_backend.BACKEND_NAMES)            # numpy, numba, cupy
+PEER_IMPLS = ("naive-numpy", "torch-fused", "torch-foreach")
+IMPLS = FASTOPT_IMPLS + PEER_IMPLS
+
+#: The element-wise rules (every rule but Newton, whose cost is a dense solve).
+ELEMENTWISE_RULES = tuple(r for r in RULES if r != "newton")
+
+#: The rules the naive NumPy peer implements.
+NAIVE_RULES = ("sgd", "adam")
+
+#: fastopt rule -> torch.optim class name (rules torch does not have are absent).
+TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
+                 "rmsprop": "RMSprop", "adadelta": "Adadelta", "adamax": "Adamax",
+                 "nadam": "NAdam", "radam": "RAdam"}
+
+#: GPT-2 small (124M): token and position embeddings, 12 blocks of 12 tensors, the final
+#: LayerNorm -- 148 tensors, 124,439,808 elements (shapes from the HuggingFace checkpoint).
+D_MODEL, N_LAYER, N_VOCAB, N_CTX = 768, 12, 50257, 1024
+GPT2_SMALL = ([(N_VOCAB, D_MODEL), (N_CTX, D_MODEL)]
+              + [(D_MODEL,), (D_MODEL,),                       # ln_1 weight, bias
+                 (D_MODEL, 3 * D_MODEL), (3 * D_MODEL,),       # attn.c_attn
+                 (D_MODEL, D_MODEL), (D_MODEL,),               # attn.c_proj
+                 (D_MODEL,), (D_MODEL,),                       # ln_2
+                 (D_MODEL, 4 * D_MODEL), (4 * D_MODEL,),       # mlp.c_fc
+                 (4 * D_MODEL, D_MODEL), (D_MODEL,)] * N_LAYER  # mlp.c_proj
+              + [(D_MODEL,), (D_MODEL,)])                      # ln_f
+#: Many tiny tensors: the per-tensor overhead, not bandwidth, dominates.
+TINY_LIST = [(256,)] * 1000
+LAYOUTS = {"gpt2-small": GPT2_SMALL, "1000x256": TINY_LIST}
+
+#: Learning rates small enough that millions of benchmark steps stay finite.
+BENCH_OPTIONS = {"sgd": {"lr": 1e-4}, "rmsprop": {"lr": 1e-4}, "adagrad": {"lr": 1e-4},
+                 "adadelta": {"lr": 1e-2}, "adahessian": {"lr": 1e-4}, "newton": {"lr": 1e-3}}
+
+
+def arrays_per_element(rule: str, options: dict | None = None) -> int | None:
+    """Arrays a fused step of ``rule`` reads plus writes per element (see the module docstring).
+
+    None for Newton (not bandwidth-bound).
+    """
+    if rule == "newton":
+        return None
+    r = RULES[rule]
+    hp = {**r.defaults, **(options or {})}
+    nstate = len(r.state(hp))
+    n = 3 + 2 * nstate + (1 if r.extra == "hessian_diags" else 0)
+    if rule == "lamb":
+        n += 1 + nstate  # the second pass re-reads p and the moments
+    return n
+
+
+#: The table above, for the default options of each rule.
+BYTES_TABLE = {r: arrays_per_element(r) for r in RULES}
+
+
+# --------------------------------------------------------------------------- availability
+
+_BACKENDS = None
+
+
+def backend_info() -> dict:
+    """``fastopt.backends()``, asked once per process."""
+    global _BACKENDS
+    if _BACKENDS is None:
+        _BACKENDS = _backend.backends()
+    return _BACKENDS
+
+
+def torch_module():
+    """``torch`` or None when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def unavailable(impl: str, rule: str = "adam") -> str | None:
+    """Why ``impl`` cannot run ``rule`` here, or None when it can."""
+    if impl in FASTOPT_IMPLS:
+        # only this backend is loaded: a NumPy case need not import numba (or cupy)
+        if not _backend.available(impl):
+            return f"backend {impl!r} unavailable: {_backend._FAILED.get(impl)}"
+        try:
+            _backend.get_kernel(rule, impl)
+        except NotImplementedError as e:
+            return str(e)
+        return None
+    if impl == "naive-numpy":
+        return None if rule in NAIVE_RULES else f"no naive NumPy {rule}"
+    if impl in ("torch-fused", "torch-foreach"):
+        if torch_module() is None:
+            return "torch is not installed"
+        if rule not in TORCH_CLASSES:
+            return f"torch.optim has no {rule}"
+        if impl == "torch-fused" and "fused" not in inspect.signature(_torch_class(rule)).parameters:
+            return f"torch.optim.{TORCH_CLASSES[rule]} has no fused=True"
+        return None
+    return f"unknown implementation {impl!r}; expected one of {IMPLS}"
+
+
+def _torch_class(rule):
+    return getattr(torch_module().optim, TORCH_CLASSES[rule])
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _xp(impl):
+    if impl == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _random(xp, rng, shape, dtype, lo=-0.5, hi=0.5):
+    # rng.random is several times faster than standard_normal for 1e7+ elements
+    a = rng.random(int(np.prod(shape)), dtype=np.dtype(dtype)).reshape(shape)
+    a *= hi - lo
+    a += lo
+    return a if xp is np else xp.asarray(a)
+
+
+def _noop():
+    pass
+
+
+class Case:
+    """One optimizer step of ``impl`` on ``shapes`` (a list of tensor shapes) of ``dtype``.
+
+    ``step()`` runs one step, ``sync()`` waits for the device (a no-op on the
+    CPU).  Construction raises NotImplementedError when ``impl`` cannot run
+    ``rule`` here (asv's way to skip a parameter combination).  ``options``
+    override the rule's defaults (and may set pipeline options such as
+    ``clip_norm``); ``nonfinite`` is "ignore" by default so that the step is
+    the fused pass alone, as torch's optimizers do no such check.
+    """
+
+    def __init__(self, impl, rule, shapes, dtype="float32", options=None, nonfinite="ignore",
+                 seed=0):
+        why = unavailable(impl, rule)
+        if why:
+            raise NotImplementedError(why)
+        self.impl, self.rule, self.dtype = impl, rule, np.dtype(dtype)
+        self.shapes = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in shapes]
+        self.options = {**BENCH_OPTIONS.get(rule, {}), **(options or {})}
+        self.numel = sum(int(np.prod(s)) for s in self.shapes)
+        per = arrays_per_element(rule, self.options)
+        self.bytes_per_step = None if per is None else per * self.numel * self.dtype.itemsize
+        rng = np.random.default_rng(seed)
+        xp = _xp(impl)
+        self.params = [_random(xp, rng, s, dtype) for s in self.shapes]
+        self.grads = [_random(xp, rng, s, dtype) for s in self.shapes]
+        self.extras = None
+        if rule == "adahessian":
+            self.extras = [_random(xp, rng, s, dtype) for s in self.shapes]
+        elif rule == "newton":
+            self.extras = []
+            for s in self.shapes:
+                n = int(np.prod(s))
+                a = rng.random((n, n)) - 0.5
+                h = (a @ a.T / n + np.eye(n)).astype(dtype)  # symmetric positive definite
+                self.extras.append(h if xp is np else xp.asarray(h))
+        self.sync = _noop
+        if impl == "cupy":
+            self.sync = xp.cuda.Device().synchronize
+        if impl in FASTOPT_IMPLS:
+            self._setup_fastopt(nonfinite)
+        elif impl == "naive-numpy":
+            self._setup_naive()
+        else:
+            self._setup_torch(impl)
+
+    # fastopt ---------------------------------------------------------------
+
+    def _setup_fastopt(self, nonfinite):
+        from ._optim import OPTIMIZERS
+
+        self.opt = OPTIMIZERS[self.rule](self.params, backend=self.impl, nonfinite=nonfinite,
+                                         **self.options)
+        if self.extras is not None:
+            self.step = lambda: self.opt.step(self.grads, self.extras)
+        else:
+            self.step = lambda: self.opt.step(self.grads)
+
+    # naive NumPy -----------------------------------------------------------
+
+    def _setup_naive(self):
+        hp = {**RULES[self.rule].defaults, **self.options}
+        self.t = 0
+        if self.rule == "sgd":
+            lr = hp["lr"]
+
+            def step():
+                for p, g in zip(self.params, self.grads):
+                    p -= lr * g
+        else:
+            lr, (b1, b2), eps = hp["lr"], hp["betas"], hp["eps"]
+            self.m = [np.zeros_like(p) for p in self.params]
+            self.v = [np.zeros_like(p) for p in self.params]
+
+            def step():
+                self.t += 1
+                t = self.t
+                for i, (p, g) in enumerate(zip(self.params, self.grads)):
+                    # as written in the Adam paper: every line allocates new arrays
+                    self.m[i] = b1 * self.m[i] + (1 - b1) * g
+                    self.v[i] = b2 * self.v[i] + (1 - b2) * g ** 2
+                    m_hat = self.m[i] / (1 - b1 ** t)
+                    v_hat = self.v[i] / (1 - b2 ** t)
+                    p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+        self.step = step
+
+    # torch -----------------------------------------------------------------
+
+    def _setup_torch(self, impl):
+        torch = torch_module()
+        cls = _torch_class(self.rule)
+        hp = {**RULES[self.rule].defaults, **self.options}
+        accepted = inspect.signature(cls).parameters
+        kw = {k: v for k, v in hp.items() if k in accepted and k not in ("fused", "foreach")}
+        kw["fused" if impl == "torch-fused" else "foreach"] = True
+        # the tensors share memory with the NumPy arrays: no copies on either side
+        self.tparams = [torch.from_numpy(p) for p in self.params]
+        for tp, g in zip(self.tparams, self.grads):
+            tp.grad = torch.from_numpy(g)
+        try:
+            self.opt = cls(self.tparams, **kw)
+            self.opt.step()  # fused=True on an unsupported device/dtype fails here, not above
+        except (RuntimeError, ValueError) as e:
+            raise NotImplementedError(f"torch.optim.{cls.__name__}({impl}): {e}") from None
+        self.step = self.opt.step
+
+
+def make_case(impl, rule, shapes, dtype="float32", options=None, nonfinite="ignore", warm=True):
+    """A :class:`Case`, warmed by one step (JIT compile, first-touch page faults)."""
+    case = Case(impl, rule, shapes, dtype, options, nonfinite)
+    if warm:
+        case.step()
+        case.sync()
+    return case
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def measure(fn, sync=_noop, min_time=0.1, min_runs=3, max_runs=10_000):
+    """Median wall time of ``fn(); sync()`` over at least ``min_runs`` runs and ``min_time`` s."""
+    times, total = [], 0.0
+    while len(times) < min_runs or (total < min_time and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        total += dt
+    return statistics.median(times)
+
+
+def add_bandwidth(n, dtype="float32", xp=np, min_time=0.1):
+    """Bytes/s of an in-place ``a += b`` on two length-``n`` arrays (3 arrays of traffic)."""
+    dt = np.dtype(dtype)
+    a = xp.ones(int(n), dtype=dt)
+    b = xp.ones(int(n), dtype=dt)
+    sync = xp.cuda.Device().synchronize if xp is not np else _noop
+
+    def add():
+        a.__iadd__(b)
+
+    add()
+    sync()
+    return 3 * int(n) * dt.itemsize / measure(add, sync, min_time=min_time)
+
+
+def cold_compile_seconds(dtype="float32", rules=None, cache_dir=None, timeout=600):
+    """Seconds to load the numba backend and compile one step of every rule, in a fresh process.
+
+    ``cache_dir`` becomes ``NUMBA_CACHE_DIR`` (a new temporary folder when None,
+    so nothing is cached); calling twice with the same folder gives the time to
+    load compiled kernels from the disk cache instead.
+    """
+    import subprocess
+    import tempfile
+
+    rules = list(rules or RULES)
+    code = ("import sys, time\n"
+            "import fastopt._bench as b\n"
+            "t0 = time.perf_counter()\n"
+            f"for r in {rules!r}:\n"
+            f"    b.make_case('numba', r, [(3,) if r == 'newton' else (1000,)], {str(dtype)!r})\n"
+            "print(time.perf_counter() - t0)\n")
+    with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir or tmp)
+        env.pop("NUMBA_DISABLE_JIT", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"compile subprocess failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the CLI
+
+DEFAULT_RULES = ("sgd", "adam", "adamw", "adagrad", "lion")
+DEFAULT_SIZES = (1_000, 1_000_000, 16_000_000)
+
+
+def _parse_list(text, choices, what):
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if items == ["all"]:
+        return list(choices)
+    bad = [x for x in items if x not in choices]
+    if bad or not items:
+        raise SystemExit(f"--{what}: expected a comma-separated list of {', '.join(choices)} "
+                         f"(or 'all'), got {text!r}")
+    return items
+
+
+def _parse_sizes(text):
+    try:
+        sizes = [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--sizes: expected a comma-separated list of sizes such as 1e3,1e6, "
+                         f"got {text!r}")
+    return sizes
+
+
+def _fmt_size(n):
+    e = int(math.floor(math.log10(n))) if n > 0 else 0
+    mant = n / 10 ** e
+    return f"{mant:.3g}e{e}" if n >= 1000 else str(n)
+
+
+def _fmt_time(s):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:7.2f} {unit}"
+    return f"{s / 1e-9:7.1f} ns"
+
+
+class _Progress:
+    """tqdm when installed, else a one-line text bar on stderr."""
+
+    def __init__(self, total, enabled):
+        self.total, self.n, self.enabled, self.bar = total, 0, enabled, None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, unit="case", file=sys.stderr, leave=False)
+
+    def update(self, label):
+        self.n += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+            return
+        width = 30
+        done = int(width * self.n / self.total)
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {label:30}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, progress=False):
+    """Time every (rule, impl, size); returns the dict that ``--json`` prints."""
+    dtype = np.dtype(dtype)
+    peers = []
+    if torch and torch_module() is not None:
+        peers = ["torch-fused", "torch-foreach"]
+    jobs = [(r, i, n) for n in sizes for r in rules for i in list(impls) + peers]
+    gpu = "cupy" in impls
+    bar = _Progress(len(jobs) + len(sizes) * (1 + gpu), progress)
+    add_bw, add_bw_gpu = {}, {}
+    for n in sizes:
+        add_bw[n] = add_bandwidth(n, dtype, min_time=min_time)
+        bar.update(f"a += b, {_fmt_size(n)}")
+        if gpu:  # a GPU row is compared with the GPU's own a += b
+            add_bw_gpu[n] = add_bandwidth(n, dtype, xp=_xp("cupy"), min_time=min_time)
+            bar.update(f"a += b (cupy), {_fmt_size(n)}")
+    times, skipped = {}, []
+    for rule, impl, n in jobs:
+        bar.update(f"{rule} {impl} {_fmt_size(n)}")
+        try:
+            case = make_case(impl, rule, [(n,)], dtype)
+        except NotImplementedError as e:
+            if impl in impls:
+                skipped.append({"rule": rule, "impl": impl, "size": n, "why": str(e)})
+            continue
+        times[(rule, impl, n)] = (measure(case.step, case.sync, min_time=min_time),
+                                  case.bytes_per_step)
+        del case
+    bar.close()
+
+    rows, peer_rows = [], []
+    for (rule, impl, n), (t, nbytes) in times.items():
+        gbps = None if nbytes is None else nbytes / t / 1e9
+        ref = add_bw_gpu[n] if impl == "cupy" else add_bw[n]
+        row = {"rule": rule, "impl": impl, "size": n, "dtype": dtype.name, "time_s": t,
+               "gbps": gbps, "fraction_of_add": None if gbps is None else gbps * 1e9 / ref}
+        if impl in peers:
+            peer_rows.append(row)
+            continue
+        base = times.get((rule, "numpy", n))
+        row["speedup_vs_numpy"] = None if base is None else base[0] / t
+        best = [(times[(rule, p, n)][0], p) for p in peers if (rule, p, n) in times]
+        row["torch_impl"] = min(best)[1] if best else None
+        row["speedup_vs_torch"] = min(best)[0] / t if best else None
+        rows.append(row)
+    torch_mod = torch_module() if torch else None
+    return {
+        "dtype": dtype.name,
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
+                     "numba": _version("numba") if "numba" in impls else None,
+                     "torch": torch_mod.__version__ if torch_mod is not None else None},
+        "threads": {"cpu_count": os.cpu_count(),
+                    "torch": torch_mod.get_num_threads() if torch_mod is not None else None},
+        "add_gbps": {str(n): bw / 1e9 for n, bw in add_bw.items()},
+        "add_gbps_cupy": {str(n): bw / 1e9 for n, bw in add_bw_gpu.items()},
+        "bytes_per_element": {r: (None if BYTES_TABLE[r] is None else BYTES_TABLE[r] * dtype.itemsize)
+                              for r in rules},
+        "rows": rows, "peers": peer_rows, "skipped": skipped,
+    }
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except ImportError:
+        return None
+
+
+def format_table(result) -> str:
+    """The human-readable table of :func:`run_bench`'s result."""
+    lines = [f"one step, {result['dtype']}; GB/s counts the arrays a fused step touches "
+             f"(see fastopt._bench); 'of a+=b' is that over NumPy's in-place a += b "
+             f"at the same size"]
+    lines.append("a += b: " + ", ".join(f"{_fmt_size(int(n))} {bw:.1f} GB/s"
+                                        for n, bw in result["add_gbps"].items()))
+    head = (f"{'rule':10} {'backend':8} {'size':>7} {'time':>10} {'GB/s':>7} {'of a+=b':>8} "
+            f"{'vs numpy':>9} {'vs torch':>9}  torch")
+    lines += [head, "-" * len(head)]
+
+    def x(v):
+        return f"{v:8.2f}x" if v is not None else f"{'-':>9}"
+
+    for r in result["rows"]:
+        gbps = f"{r['gbps']:7.2f}" if r["gbps"] is not None else f"{'-':>7}"
+        frac = f"{r['fraction_of_add']:8.2f}" if r["fraction_of_add"] is not None else f"{'-':>8}"
+        lines.append(f"{r['rule']:10} {r['impl']:8} {_fmt_size(r['size']):>7} "
+                     f"{_fmt_time(r['time_s']):>10} {gbps} {frac} {x(r['speedup_vs_numpy'])} "
+                     f"{x(r['speedup_vs_torch'])}  {(r['torch_impl'] or '').replace('torch-', '')}")
+    for s in result["skipped"]:
+        lines.append(f"skipped {s['rule']} {s['impl']} {_fmt_size(s['size'])}: {s['why']}")
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    """A bar chart: achieved GB/s per rule and implementation, one panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"] + result["peers"]
+    sizes = sorted({r["size"] for r in rows})
+    rules = list(dict.fromkeys(r["rule"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    by = {(r["rule"], r["impl"], r["size"]): r for r in rows}
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(max(6, 1.4 * len(rules) + 2), 3.2 * len(sizes)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, n in zip(axes[:, 0], sizes):
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for j, rule in enumerate(rules):
+                r = by.get((rule, impl, n))
+                if r is not None and r["gbps"] is not None:
+                    xs.append(j + (k - (len(impls) - 1) / 2) * width)
+                    ys.append(r["gbps"])
+            ax.bar(xs, ys, width, label=impl)
+        ax.axhline(result["add_gbps"][str(n)], color="k", ls="--", lw=1, label="numpy a += b")
+        ax.set_xticks(range(len(rules)), rules)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"one step, {_fmt_size(n)} {result['dtype']} elements")
+    axes[0, 0].legend(fontsize="small", ncol=min(6, len(impls) + 1), loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cmd_bench(args) -> int:
+    info = backend_info()
+    cpu = [b for b in FASTOPT_IMPLS if info[b]["available"]]
+    rules = _parse_list(args.rules, ELEMENTWISE_RULES, "rules")
+    impls = _parse_list(args.backends, FASTOPT_IMPLS, "backends") if args.backends else cpu
+    for b in impls:
+        if not info[b]["available"]:
+            print(f"backend {b!r} unavailable: {info[b]['reason']}", file=sys.stderr)
+    impls = [b for b in impls if info[b]["available"]]
+    if not impls:
+        raise SystemExit("no available backend to benchmark")
+    sizes = _parse_sizes(args.sizes)
+    progress = not args.no_progress and sys.stderr.isatty()
+    result = run_bench(rules, impls, sizes, args.dtype, torch=not args.no_torch,
+                       min_time=args.min_time, progress=progress)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_table(result))
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``bench`` to the ``python -m fastopt`` subcommands."""
+    p = sub.add_parser(
+        "bench", help="time one optimizer step per rule, backend and size (a quick table)",
+        description="Time one step of each rule on each backend and size, against NumPy's "
+                    "in-place a += b bandwidth and torch.optim (fused/foreach) when installed. "
+                    "'vs numpy' is the speedup over fastopt's plain NumPy backend. "
+                    "For the full suite use asv (asv_bench/).")
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES),
+                   help=f"comma-separated rules or 'all' (default: {','.join(DEFAULT_RULES)})")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends (default: every available one)")
+    p.add_argument("--sizes", default="1e3,1e6,1.6e7",
+                   help="comma-separated element counts (default: 1e3,1e6,1.6e7)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--min-time", type=float, default=0.1,
+                   help="seconds of timing per case, at least 3 runs (default: 0.1)")
+    p.add_argument("--no-torch", action="store_true", help="do not time torch.optim")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
