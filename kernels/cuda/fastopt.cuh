@@ -20,6 +20,9 @@
 #define FO_SLOT_GRAD 1
 #define FO_SLOT_STATE0 2  // states 0..2 in the rule's torch order (fastopt._rules.Rule.all_state)
 #define FO_SLOT_EXTRA 5   // AdaHessian's Hessian diagonal
+#define FO_USES(d) (1u << (d))
+#define FO_P_G (FO_USES(FO_SLOT_PARAM) | FO_USES(FO_SLOT_GRAD))
+#define FO_STATES(n) (((1u << (n)) - 1u) << FO_SLOT_STATE0)
 #define FO_MAX_TENSORS 32
 #define FO_MAX_ITEMS 256
 #define FO_MAX_THREADS 1024  // largest block any kernel here is launched with
@@ -98,14 +101,18 @@ template <class T> struct alignas(16) FoPack {
 };
 
 // Runs body(x) for every element i of [begin, end) of one tensor, x[d] = ptr[d][i] in opmath
-// (0 where ptr[d] is null), then stores back x[d] for every d set in write_mask. A block
+// (0 where ptr[d] is null or d is not in the compile-time slot mask USED, so a rule's unused
+// slots cost no registers), then stores back x[d] for every d set in write_mask. A block
 // strides through the range; when every used pointer is 16-byte aligned at `begin` the body
 // runs on 16-byte packs, then a scalar tail finishes. The only memory loop of the backend.
-template <class T, class Body>
-__device__ __forceinline__ void fo_range_loop(T* const (&ptr)[FO_DEPTH], fo_i64 begin, fo_i64 end,
+template <class T, unsigned USED, class Body>
+__device__ __forceinline__ void fo_range_loop(T* const (&ptr_in)[FO_DEPTH], fo_i64 begin, fo_i64 end,
                                               unsigned write_mask, Body& body) {
     typedef typename FoOpMath<T>::type O;
     const int V = FoPack<T>::n;
+    T* ptr[FO_DEPTH];
+#pragma unroll
+    for (int d = 0; d < FO_DEPTH; ++d) ptr[d] = ((USED >> d) & 1) ? ptr_in[d] : nullptr;
     bool aligned = true;
 #pragma unroll
     for (int d = 0; d < FO_DEPTH; ++d)

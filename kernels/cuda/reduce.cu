@@ -25,7 +25,7 @@ __device__ __forceinline__ void fo_stats(const FoTable& tab, const FoPipe<typena
             const double d = (double)g;
             acc += d * d;
         };
-        fo_range_loop<T>(ptr, begin, end, 0u, body);
+        fo_range_loop<T, FO_USES(0)>(ptr, begin, end, 0u, body);
         if (bad && nonfinite) *nonfinite = 1;  // every writer stores the same value
         if (partial) {
             acc = fo_block_sum(acc);
@@ -57,7 +57,7 @@ __device__ __forceinline__ void fo_scale(const FoTable& tab, const double* facto
         const int s = fo_item(tab, w, ptr, begin, end);
         const O f = O(factors[tab.index[s]]);
         auto body = [&](O (&x)[FO_DEPTH]) { x[0] = x[0] * f; };
-        fo_range_loop<T>(ptr, begin, end, 1u, body);
+        fo_range_loop<T, FO_USES(0)>(ptr, begin, end, 1u, body);
     }
 }
 
@@ -70,7 +70,7 @@ __device__ __forceinline__ void fo_clip(const FoTable& tab, typename FoOpMath<T>
         fo_i64 begin, end;
         fo_item(tab, w, ptr, begin, end);
         auto body = [&](O (&x)[FO_DEPTH]) { x[0] = fo_clamp(x[0], c); };
-        fo_range_loop<T>(ptr, begin, end, 1u, body);
+        fo_range_loop<T, FO_USES(0)>(ptr, begin, end, 1u, body);
     }
 }
 

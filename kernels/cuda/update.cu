@@ -10,6 +10,7 @@
 
 // v: lr, weight_decay, momentum, 1 - dampening; flags: nesterov, first_step
 struct FoSGD {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& b, O&, O&, O) {
         const O lr = h.v[0], wd = h.v[1], mu = h.v[2], one_minus_damp = h.v[3];
@@ -25,6 +26,7 @@ struct FoSGD {
 // v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, step_size = lr/bc1, sqrt(bc2),
 //    decay = 1 - lr*wd; flags: amsgrad, decoupled (AdamW)
 struct FoAdam {
+    enum : unsigned { slots = FO_P_G | FO_STATES(3) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O& vmax, O) {
         const O b1 = h.v[0], omb1 = h.v[1], b2 = h.v[2], omb2 = h.v[3], eps = h.v[4], wd = h.v[5];
@@ -42,6 +44,7 @@ struct FoAdam {
 
 // v: clr = lr / (1 + (t-1)*lr_decay), eps, weight_decay
 struct FoAdagrad {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sum, O&, O&, O) {
         if (h.v[2] != O(0)) g = g + h.v[2] * p;
@@ -52,6 +55,7 @@ struct FoAdagrad {
 
 // v: lr, alpha, 1-alpha, eps, weight_decay, momentum; flags: centered
 struct FoRMSprop {
+    enum : unsigned { slots = FO_P_G | FO_STATES(3) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sq, O& buf, O& gavg, O) {
         const O lr = h.v[0], a = h.v[1], oma = h.v[2], eps = h.v[3], wd = h.v[4], mu = h.v[5];
@@ -75,6 +79,7 @@ struct FoRMSprop {
 
 // v: lr, rho, 1-rho, eps, weight_decay
 struct FoAdadelta {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sq, O& acc, O&, O) {
         const O lr = h.v[0], rho = h.v[1], omr = h.v[2], eps = h.v[3], wd = h.v[4];
@@ -88,6 +93,7 @@ struct FoAdadelta {
 
 // v: beta1, 1-beta1, beta2, eps, weight_decay, clr = lr/(1 - beta1^t)
 struct FoAdamax {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& u, O&, O) {
         if (h.v[4] != O(0)) g = g + h.v[4] * p;
@@ -100,6 +106,7 @@ struct FoAdamax {
 // v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, sqrt(bc2), c_grad, c_avg
 // (torch.optim.NAdam's momentum schedule, folded into c_grad and c_avg on the host)
 struct FoNAdam {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
         if (h.v[5] != O(0)) g = g + h.v[5] * p;
@@ -113,6 +120,7 @@ struct FoNAdam {
 
 // v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, step_size; flags: rectify
 struct FoRAdam {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
         if (h.v[5] != O(0)) g = g + h.v[5] * p;
@@ -125,6 +133,7 @@ struct FoRAdam {
 
 // v: lr, beta1, 1-beta1, beta2, 1-beta2, decay = 1 - lr*wd
 struct FoLion {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O&, O&, O) {
         const O c = h.v[1] * m + h.v[2] * g;
@@ -137,6 +146,7 @@ struct FoLion {
 // v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, step_size = lr/bc1, sqrt(bc2),
 //    hessian_power; e: the Hessian diagonal (already unscaled)
 struct FoAdaHessian {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) | FO_USES(FO_SLOT_EXTRA) };  // the table slots its step reads
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O e) {
         if (h.v[5] != O(0)) g = g + h.v[5] * p;
@@ -167,7 +177,7 @@ __device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<type
                        x[FO_SLOT_STATE0 + 2], x[FO_SLOT_EXTRA] * pp.inv_scale);
             if (pp.flags & FO_WEIGHT_CLIP) x[FO_SLOT_PARAM] = fo_clamp(x[FO_SLOT_PARAM], pp.weight_clip);
         };
-        fo_range_loop<T>(ptr, begin, end, write, body);
+        fo_range_loop<T, Rule::slots>(ptr, begin, end, write, body);
     }
 }
 
@@ -205,7 +215,7 @@ __device__ __forceinline__ void fo_lamb_stage1(const FoTable& tab, const FoHyper
             pp2 += p * p;
             rr2 += r * r;
         };
-        fo_range_loop<T>(ptr, begin, end, write, body);
+        fo_range_loop<T, FO_P_G | FO_STATES(2)>(ptr, begin, end, write, body);
         pp2 = fo_block_sum(pp2);
         rr2 = fo_block_sum(rr2);
         if (threadIdx.x == 0) {
@@ -235,7 +245,7 @@ __device__ __forceinline__ void fo_lamb_stage2(const FoTable& tab, const FoHyper
             p = p - coef * fo_lamb_r(h, p, x[FO_SLOT_STATE0], x[FO_SLOT_STATE0 + 1]);
             if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
         };
-        fo_range_loop<T>(ptr, begin, end, write, body);
+        fo_range_loop<T, FO_USES(FO_SLOT_PARAM) | FO_STATES(2)>(ptr, begin, end, write, body);
     }
 }
 
