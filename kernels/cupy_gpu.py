@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import threading
 
-
 from .._backend import Ops, register_kernel
 from .._rules import RULES
 from .cuda import _host
