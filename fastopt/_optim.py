@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _backend
 from ._pipeline import GroupStep, make_buckets, run_step
-from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
+from ._rules import PIPELINE_DEFAULTS, RULES, Rule, as_host_scalars, check_hyperparameters, check_lr_value
 from ._validate import (as_list, expected_layout, check_companions, check_disjoint, check_grad_scale,
                         check_nonfinite, check_params)
 
@@ -182,7 +182,7 @@ class Optimizer:
         hps = []
         for gi, g in enumerate(self.param_groups):
             check_hyperparameters(self.rule, g, self._where(gi))
-            hp = dict(g)
+            hp = as_host_scalars(g)
             if callable(g["lr"]):
                 where = f"{self._where(gi)}lr (the schedule's value at step {t - 1})"
                 try:

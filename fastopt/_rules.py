@@ -16,8 +16,11 @@ repeat it once each); what lives here is everything that is *not* per element:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
 
 #: The epsilon of every norm clip (SPEC section 4): ``min(1, c / (norm + CLIP_EPS))``.
 #: torch.nn.utils.clip_grad_norm_ uses the same 1e-6.
@@ -65,7 +68,25 @@ def _require(cond: bool, name: str, expected: str, value) -> None:
 
 
 def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # numbers.Real admits NumPy scalars (np.float32(0.1) as an lr); bools are not numbers here
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
+def as_host_scalars(hp: dict) -> dict:
+    """A copy of ``hp`` with NumPy scalars turned into Python floats.
+
+    Host scalars are computed in double (``1 - beta2**t`` in float32 would lose
+    the bias correction's precision), so an ``np.float32`` hyperparameter is
+    widened here, once per step, before any rule sees it.
+    """
+    out = dict(hp)
+    for k, v in hp.items():
+        if isinstance(v, (np.floating, np.integer)):
+            out[k] = float(v)
+        elif isinstance(v, tuple) and any(isinstance(x, (np.floating, np.integer)) for x in v):
+            out[k] = tuple(float(x) for x in v)
+    return out
 
 
 def check_nonneg(hp: dict, *names: str) -> None:

@@ -182,6 +182,8 @@ def check_grad_scale(grad_scale) -> float | None:
     """``1 / grad_scale`` in double, or None."""
     if grad_scale is None:
         return None
+    if isinstance(grad_scale, np.ndarray) and grad_scale.ndim == 0 and grad_scale.dtype.kind in "fiu":
+        grad_scale = grad_scale[()]  # a loss scaler's 0-d array
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"grad_scale: expected a float or None, got {type(grad_scale).__name__}")
     g = float(grad_scale)

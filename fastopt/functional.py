@@ -23,7 +23,7 @@ import inspect
 
 from . import _backend
 from ._pipeline import GroupStep, make_buckets, run_step
-from ._rules import PIPELINE_DEFAULTS, RULES, CLIP_EPS, check_hyperparameters, check_lr_value
+from ._rules import PIPELINE_DEFAULTS, RULES, CLIP_EPS, as_host_scalars, check_hyperparameters, check_lr_value
 from ._validate import (as_list, check_companions, check_disjoint, check_grad_scale,
                         check_nonfinite, check_params)
 
@@ -63,6 +63,7 @@ def _make(rule):
         hp = {**rule.defaults, **PIPELINE_DEFAULTS, **kw}
         if isinstance(hp.get("betas"), list):
             hp["betas"] = tuple(hp["betas"])
+        hp = as_host_scalars(hp)
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ValueError(f"step: expected the 1-based index of this step (an int >= 1), got {step!r}")
         if callable(hp["lr"]):

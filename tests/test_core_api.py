@@ -332,3 +332,13 @@ def test_negative_schedule_value_is_caught_before_writing():
     with pytest.raises(ValueError, match="lr"):
         opt.step([np.ones(2)])
     assert np.all(p == 1) and opt.step_count == 0
+
+
+def test_numpy_scalars_are_accepted_and_widened_to_double():
+    """np.float32 hyperparameters work; host scalars are still computed in double."""
+    a, b = np.ones(3, np.float32), np.ones(3, np.float32)
+    fo.Adam([a], lr=np.float32(0.01), betas=(np.float32(0.9), np.float64(0.999)),
+            backend="numpy").step([np.ones(3, np.float32)], grad_scale=np.array(2.0))
+    fo.Adam([b], lr=float(np.float32(0.01)), betas=(float(np.float32(0.9)), 0.999),
+            backend="numpy").step([np.ones(3, np.float32)], grad_scale=2.0)
+    np.testing.assert_array_equal(a, b)
