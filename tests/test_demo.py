@@ -230,3 +230,19 @@ def test_plain_progress_bar(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "adam" in err and "100%" in err and "loss 0.1" in err and "#" * 20 in err
     assert math.isclose(bar.n, 40)
+
+
+def test_numba_threads_default_and_limit():
+    _backend_or_skip("numba")
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        assert _demo._numba_threads(None, 26_634) == 1  # the default MLP: one kernel part
+        assert numba.get_num_threads() == 1
+        numba.set_num_threads(before)
+        assert _demo._numba_threads(None, 10**8) == before
+        most = numba.config.NUMBA_NUM_THREADS
+        assert "at most" in _demo._numba_threads(most + 1, 10)
+    finally:
+        numba.set_num_threads(before)
