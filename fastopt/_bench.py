@@ -305,10 +305,14 @@ def make_case(impl, rule, shapes, dtype="float32", options=None, nonfinite="igno
 # --------------------------------------------------------------------------- timing
 
 
-def measure(fn, sync=_noop, min_time=0.1, min_runs=3, max_runs=10_000):
-    """Median wall time of ``fn(); sync()`` over at least ``min_runs`` runs and ``min_time`` s."""
+def measure(fn, sync=_noop, min_time=0.1, min_runs=3, max_runs=10_000, max_time=1.0):
+    """Median wall time of ``fn(); sync()`` over at least ``min_runs`` runs and ``min_time`` s.
+
+    A slow case (a 16M-element NumPy step) stops after ``max_time`` s, however few runs.
+    """
     times, total = [], 0.0
-    while len(times) < min_runs or (total < min_time and len(times) < max_runs):
+    while (len(times) < min_runs or (total < min_time and len(times) < max_runs)) \
+            and not (times and total >= max_time):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -529,7 +533,7 @@ def format_table(result) -> str:
 
 
 def plot(result, path) -> None:
-    """A bar chart: achieved GB/s per rule and implementation, one panel per size."""
+    """A bar chart: achieved GB/s per rule and implementation, one panel per size (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -540,7 +544,7 @@ def plot(result, path) -> None:
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     by = {(r["rule"], r["impl"], r["size"]): r for r in rows}
-    fig, axes = plt.subplots(len(sizes), 1, figsize=(max(6, 1.4 * len(rules) + 2), 3.2 * len(sizes)),
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(max(6, 1.4 * len(rules) + 2), 3 * len(sizes) + 0.6),
                              squeeze=False)
     width = 0.8 / max(1, len(impls))
     for ax, n in zip(axes[:, 0], sizes):
@@ -551,13 +555,15 @@ def plot(result, path) -> None:
                 if r is not None and r["gbps"] is not None:
                     xs.append(j + (k - (len(impls) - 1) / 2) * width)
                     ys.append(r["gbps"])
-            ax.bar(xs, ys, width, label=impl)
-        ax.axhline(result["add_gbps"][str(n)], color="k", ls="--", lw=1, label="numpy a += b")
+            ax.bar(xs, ys, width, label=impl, color=f"C{k}")
+        ax.axhline(result["add_gbps"][str(n)], color="k", ls="--", lw=1, label="NumPy a += b")
+        ax.set_yscale("log")
         ax.set_xticks(range(len(rules)), rules)
-        ax.set_ylabel("GB/s")
-        ax.set_title(f"one step, {_fmt_size(n)} {result['dtype']} elements")
-    axes[0, 0].legend(fontsize="small", ncol=min(6, len(impls) + 1), loc="upper right")
-    fig.tight_layout()
+        ax.set_ylabel("GB/s (log)")
+        ax.set_title(f"one step, {_fmt_size(n)} {result['dtype']} elements", fontsize="medium")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

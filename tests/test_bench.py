@@ -1,0 +1,246 @@
+"""``python -m fastopt bench`` and the asv suite (asv_bench/benchmarks): fast checks only.
+
+The asv modules are imported here and each benchmark class's ``setup`` runs
+for one small parameter set, so a broken benchmark fails in the test run, not
+first on the dashboard.  ``.ci/asv_check.sh`` runs asv itself (``asv check``
+and one quick benchmark).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from fastopt import _bench, _backend
+from fastopt._cli import main
+from fastopt._rules import RULES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_NUMBA = _backend.available("numba")
+HAS_TORCH = _bench.torch_module() is not None
+
+
+def bench_json(capsys, *args):
+    assert main(["bench", "--json", "--no-progress", "--min-time", "0.001", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------- the table of bytes
+
+
+def test_arrays_per_element_follows_the_rule_table():
+    assert set(_bench.BYTES_TABLE) == set(RULES)
+    assert _bench.arrays_per_element("sgd") == 3                       # p, g -> p
+    assert _bench.arrays_per_element("adam") == 7                      # p, g, m, v -> p, m, v
+    assert _bench.arrays_per_element("adam", {"amsgrad": True}) == 9   # + max_exp_avg_sq
+    assert _bench.arrays_per_element("sgd", {"momentum": 0.9}) == 5    # + momentum_buffer
+    assert _bench.arrays_per_element("adahessian") == 8                # + the Hessian diagonal
+    assert _bench.arrays_per_element("lamb") == 10                     # two passes
+    assert _bench.arrays_per_element("newton") is None
+    assert len(_bench.GPT2_SMALL) == 148
+    assert sum(int(np.prod(s)) for s in _bench.GPT2_SMALL) == 124_439_808
+
+
+# --------------------------------------------------------------------------- the peers compute the same step
+
+
+@pytest.mark.parametrize("rule", _bench.NAIVE_RULES)
+def test_naive_numpy_peer_is_the_same_update(rule):
+    ref = _bench.make_case("numpy", rule, [(257,), (3, 5)], "float64", warm=False)
+    naive = _bench.make_case("naive-numpy", rule, [(257,), (3, 5)], "float64", warm=False)
+    for _ in range(3):
+        ref.step()
+        naive.step()
+    for a, b in zip(ref.params, naive.params):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("impl", ["torch-fused", "torch-foreach"])
+def test_torch_peer_is_the_same_update(impl):
+    # a torch case takes its first step while being built (fused=True fails there, if at all)
+    ref = _bench.make_case("numpy", "adam", [(257,)], "float64", warm=False)
+    peer = _bench.make_case(impl, "adam", [(257,)], "float64", warm=False)
+    for _ in range(3):
+        ref.step()
+    peer.step()
+    peer.step()
+    np.testing.assert_allclose(peer.params[0], ref.params[0], rtol=1e-10, atol=1e-12)
+
+
+def test_unavailable_combinations_skip_the_asv_way():
+    with pytest.raises(NotImplementedError, match="no naive NumPy"):
+        _bench.Case("naive-numpy", "lion", [(10,)])
+    if not _backend.available("cupy"):
+        with pytest.raises(NotImplementedError, match="cupy"):
+            _bench.Case("cupy", "adam", [(10,)])
+    if HAS_TORCH:
+        with pytest.raises(NotImplementedError, match="torch.optim has no lion"):
+            _bench.Case("torch-foreach", "lion", [(10,)])
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_bench_json_rows_are_consistent(capsys):
+    out = bench_json(capsys, "--rules", "sgd,adam", "--backends", "numpy", "--sizes", "1000,5e3",
+                     "--no-torch")
+    assert out["dtype"] == "float32" and out["peers"] == [] and out["skipped"] == []
+    assert {(r["rule"], r["size"]) for r in out["rows"]} == {
+        ("sgd", 1000), ("adam", 1000), ("sgd", 5000), ("adam", 5000)}
+    for r in out["rows"]:
+        assert r["impl"] == "numpy" and r["time_s"] > 0
+        nbytes = _bench.BYTES_TABLE[r["rule"]] * r["size"] * 4
+        assert r["gbps"] == pytest.approx(nbytes / r["time_s"] / 1e9)
+        assert r["fraction_of_add"] == pytest.approx(r["gbps"] / out["add_gbps"][str(r["size"])])
+        assert r["speedup_vs_numpy"] == pytest.approx(1.0)
+        assert r["speedup_vs_torch"] is None
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+def test_bench_numba_rows_have_a_speedup_over_numpy(capsys):
+    out = bench_json(capsys, "--rules", "sgd", "--backends", "numpy,numba", "--sizes", "2000",
+                     "--no-torch")
+    rows = {r["impl"]: r for r in out["rows"]}
+    assert set(rows) == {"numpy", "numba"}
+    want = rows["numpy"]["time_s"] / rows["numba"]["time_s"]
+    assert rows["numba"]["speedup_vs_numpy"] == pytest.approx(want)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+def test_bench_table_with_torch(capsys):
+    assert main(["bench", "--rules", "adam,lion", "--backends", "numpy", "--sizes", "1000",
+                 "--min-time", "0.001", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert "a += b: 1e3" in lines[1]
+    assert lines[2].split()[:8] == ["rule", "backend", "size", "time", "GB/s", "of", "a+=b", "vs"]
+    adam = next(ln for ln in lines if ln.startswith("adam"))
+    lion = next(ln for ln in lines if ln.startswith("lion"))
+    # Adam has a torch peer (the faster of fused and foreach); Lion has none
+    assert adam.split()[-1] in ("fused", "foreach") and adam.split()[-2].endswith("x")
+    assert lion.split()[-1] == "-"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="no matplotlib")
+def test_bench_plot_writes_a_png(tmp_path, capsys):
+    path = tmp_path / "bench.png"
+    assert main(["bench", "--rules", "sgd,adam", "--backends", "numpy", "--sizes", "1000,3000",
+                 "--min-time", "0.001", "--no-torch", "--no-progress", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5000
+
+
+def test_bench_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit, match="--rules"):
+        main(["bench", "--rules", "adam,nosuchrule", "--no-progress"])
+    with pytest.raises(SystemExit, match="--sizes"):
+        main(["bench", "--sizes", "big", "--no-progress"])
+
+
+def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    bar = _bench._Progress(2, enabled=True)
+    bar.update("one")
+    bar.update("two")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "[###############...............] 1/2 one" in err and "2/2 two" in err
+
+
+# --------------------------------------------------------------------------- the asv suite
+
+
+@pytest.fixture(scope="module")
+def asv_suite():
+    sys.path.insert(0, os.path.join(ROOT, "asv_bench"))
+    try:
+        mods = {name: importlib.import_module(f"benchmarks.{name}")
+                for name in ("bench_step", "bench_multitensor", "bench_clip", "bench_bandwidth",
+                             "bench_memory", "bench_compile")}
+        yield mods
+    finally:
+        sys.path.remove(os.path.join(ROOT, "asv_bench"))
+
+
+def _params_ok(cls):
+    assert len(cls.params) == len(cls.param_names)
+    return True
+
+
+def test_asv_params_come_from_the_rule_table(asv_suite):
+    step = asv_suite["bench_step"].Step
+    assert _params_ok(step)
+    assert set(step.params[0]) == set(RULES) - {"newton"}
+    assert step.params[1] == list(_backend.BACKEND_NAMES)
+    assert step.params[3] == [1_000, 1_000_000, 16_000_000]
+    for mod in asv_suite.values():
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and hasattr(obj, "params"):
+                _params_ok(obj)
+
+
+def test_asv_time_benchmarks_set_up_and_step(asv_suite):
+    m = asv_suite
+    runs = [
+        (m["bench_step"].Step(), ("adam", "numpy", "float32", 1000)),
+        (m["bench_step"].Peers(), ("adam", "naive-numpy", 1000)),
+        (m["bench_step"].Newton(), ("numpy", "float64", 16)),
+        (m["bench_multitensor"].MultiTensor(), ("sgd", "numpy", "1000x256")),
+        (m["bench_clip"].Pipeline(), ("numpy", "clip_global_norm", 4000)),
+        (m["bench_clip"].ClipGradNorm(), ("numpy", 4000)),
+    ]
+    if HAS_NUMBA:
+        runs.append((m["bench_step"].Step(), ("lion", "numba", "float64", 1000)))
+    if HAS_TORCH:
+        runs.append((m["bench_step"].Peers(), ("sgd", "torch-fused", 1000)))
+    for bench, params in runs:
+        bench.setup(*params)
+        before = [np.copy(p) for p in getattr(getattr(bench, "case", None), "params", [])]
+        for name in dir(bench):
+            if name.startswith("time_"):
+                getattr(bench, name)(*params)
+        for b, p in zip(before, getattr(getattr(bench, "case", None), "params", [])):
+            assert not np.array_equal(b, p), f"{type(bench).__name__}{params} did not step"
+
+
+def test_asv_skips_what_cannot_run(asv_suite):
+    with pytest.raises(NotImplementedError, match="no naive NumPy lion"):
+        asv_suite["bench_bandwidth"].Bandwidth().setup("lion", "naive-numpy")
+    if not _backend.available("cupy"):
+        with pytest.raises(NotImplementedError, match="cupy"):
+            asv_suite["bench_step"].Step().setup("adam", "cupy", "float32", 1000)
+
+
+def test_asv_track_and_memory_benchmarks(asv_suite, monkeypatch):
+    bw, mem = asv_suite["bench_bandwidth"], asv_suite["bench_memory"]
+    monkeypatch.setattr(bw, "BIG", 20_000)
+    monkeypatch.setattr(mem, "BIG", 20_000)
+    b = bw.Bandwidth()
+    b.setup("adam", "numpy")
+    assert b.track_gbps("adam", "numpy") > 0
+    assert 0 < b.track_fraction_of_add("adam", "numpy") < 20
+    m = mem.Memory()
+    m.setup("sgd", "numpy")
+    m.peakmem_step("sgd", "numpy")
+    t = mem.TemporaryMemory()
+    t.setup("adam", "numpy")
+    # the reference allocates temporaries the size of the params (processed grad, m/denom, ...)
+    assert t.track_temporary_bytes("adam", "numpy") >= 1.0
+    if HAS_NUMBA:
+        t.setup("adam", "numba")
+        assert t.track_temporary_bytes("adam", "numba") < 0.1  # fused and in place
+
+
+def test_asv_numba_compile_benchmark_skips_or_sets_up(asv_suite):
+    bench = asv_suite["bench_compile"].NumbaCompile()
+    if HAS_NUMBA:
+        bench.setup("float32")  # the compile itself runs minutes: asv only
+    else:
+        with pytest.raises(NotImplementedError):
+            bench.setup("float32")
