@@ -84,14 +84,18 @@ def make_schedule(kind: str, lr: float, total_steps: int):
     raise ValueError(f"schedule: expected one of {SCHEDULES}, got {kind!r}")
 
 
+def default_lr(name: str, xor: bool = False) -> float:
+    """The demo's tuned learning rate of ``name`` (digits, or XOR)."""
+    return OPTIMIZER_SPECS[name][3 if xor else 2]
+
+
 def make_optimizer(name: str, params, *, lr=None, schedule="constant", total_steps=1,
                    clip_global_norm=None, backend="auto", xor=False):
     """A fastopt optimizer for the demo name ``name`` (a key of :data:`OPTIMIZER_SPECS`)."""
     if name not in OPTIMIZER_SPECS:
         raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZER_SPECS)}, got {name!r}")
-    rule, opts, lr_digits, lr_xor = OPTIMIZER_SPECS[name]
-    if lr is None:
-        lr = lr_xor if xor else lr_digits
+    rule, opts, _, _ = OPTIMIZER_SPECS[name]
+    lr = default_lr(name, xor) if lr is None else lr
     opts = dict(opts)
     if clip_global_norm is not None:
         opts["clip_global_norm"] = clip_global_norm
@@ -336,7 +340,8 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
     opt_kwargs = dict(lr=lr, schedule=schedule, total_steps=total,
                       clip_global_norm=clip_global_norm, backend=backend)
     opt = make_optimizer(name, net.params, **opt_kwargs)
-    first_lr = opt.lr
+    xor = False
+    base_lr = default_lr(name, xor) if lr is None else lr  # the schedule's peak
     initial_loss = net.loss(data.x_train, data.y_train)
 
     _, grads0 = net.loss_and_grads(data.x_train[:batch_size], data.y_train[:batch_size])
@@ -380,7 +385,7 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
             break
     if bar is not None:
         bar.close()
-    return Result(name=name, lr=first_lr, backend=opt.backend, initial_loss=initial_loss,
+    return Result(name=name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,
                   train_loss=net.loss(data.x_train, data.y_train),
                   test_acc=net.accuracy(data.x_test, data.y_test), steps=steps, step_s=step_s,
                   opt_s=opt_s, warmup_s=warmup_s, epoch_losses=epoch_losses,
@@ -415,9 +420,10 @@ def train_xor(name: str, *, steps=1000, hidden=8, lr=None, schedule="constant",
     """The tiny network that XOR needs (2 -> ``hidden`` ReLU -> 2), full-batch steps."""
     x = XOR_X.astype(dtype)
     net = MLP((2, hidden, 2), np.random.default_rng(seed), dtype)
+    xor = True
     opt = make_optimizer(name, net.params, lr=lr, schedule=schedule, total_steps=steps,
-                         clip_global_norm=clip_global_norm, backend=backend, xor=True)
-    first_lr = opt.lr
+                         clip_global_norm=clip_global_norm, backend=backend, xor=xor)
+    base_lr = default_lr(name, xor) if lr is None else lr  # the schedule's peak
     initial_loss = net.loss(x, XOR_Y)
     losses = []
     diverged_at = None
@@ -431,7 +437,7 @@ def train_xor(name: str, *, steps=1000, hidden=8, lr=None, schedule="constant",
         losses.append(loss)
     logits = net._forward(x)[-1]
     prob = np.exp(MLP._log_softmax(logits))[:, 1]
-    return XorResult(name=name, lr=first_lr, backend=opt.backend, initial_loss=initial_loss,
+    return XorResult(name=name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,
                      loss=net.loss(x, XOR_Y), accuracy=net.accuracy(x, XOR_Y),
                      probabilities=[float(p) for p in prob], steps=len(losses), losses=losses,
                      diverged_at=diverged_at)
@@ -648,8 +654,9 @@ def run(args) -> int:
     print(format_table(results))
     warm = sum(r.warmup_s for r in results)
     print()
-    print(f"train loss: cross-entropy over the whole training set after the last step; "
-          f"ms/step: forward + backward + optimizer step; opt share: the optimizer's part.")
+    print("lr: the learning rate (the peak of the schedule); train loss: cross-entropy over the "
+          "whole training set after the last step;\nms/step: forward + backward + optimizer step "
+          "(mean over the run); opt share: the optimizer's part of it.")
     if args.plot:
         plot_results(results, args.plot,
                      f"fastopt demo: MLP {'-'.join(map(str, sizes))} on digits, backend {backend}, "

@@ -130,6 +130,7 @@ def test_schedules(kind, digits):
         assert values[0] == pytest.approx(0.01)
     r = _demo.train("adam", digits, epochs=1, max_steps=30, backend="numpy", schedule=kind)
     assert r.train_loss < 0.7 * r.initial_loss
+    assert r.lr == _demo.default_lr("adam")  # the table shows the peak, not the first step's lr
 
 
 def test_divergence_is_reported_not_raised(digits):
