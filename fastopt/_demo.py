@@ -128,7 +128,7 @@ class Split:
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2, dtype=np.float32) -> Split:
-    """scikit-learn's digits, shuffled by ``seed``, split, standardised with the train statistics."""
+    """scikit-learn's digits: shuffled by ``seed``, split, standardised by the train statistics."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -518,7 +518,8 @@ def _parse_lr(text) -> dict:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a float or NAME=FLOAT pairs, got {text!r}")
         if not (math.isfinite(lr) and lr > 0):
-            raise argparse.ArgumentTypeError(f"a learning rate must be a finite number > 0, got {val!r}")
+            raise argparse.ArgumentTypeError(
+                f"a learning rate must be a finite number > 0, got {val!r}")
         if key != "*" and key not in OPTIMIZER_SPECS:
             raise argparse.ArgumentTypeError(f"unknown optimizer {key!r} in --lr")
         out[key] = lr
