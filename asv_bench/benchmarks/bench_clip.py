@@ -57,7 +57,7 @@ class ClipGradNorm:
             if torch is None:
                 raise NotImplementedError("torch is not installed")
             grads = [torch.from_numpy(h) for h in host]
-            params = [torch.zeros(1) for _ in host]
+            params = [torch.empty_like(g) for g in grads]  # clip_grad_norm_ reads p.grad
             for p, g in zip(params, grads):
                 p.grad = g
             self.clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
