@@ -11,8 +11,12 @@ Layout
   pass: the pipeline of SPEC section 4 around the body, then ``weight_clip``)
   and ``_reduce`` (a read pass that sums two float64 values per tensor: the
   gradient norms and non-finite flag, ``sumsq``, LAMB's ``|p|`` and ``|r|``).
-* One thin ``parallel=True`` entry point per rule (``_k_adam``, ...) that calls
-  a driver with the rule's body.
+* One thin ``parallel=True`` entry point per rule and memory variant
+  (``_k_adam``, ``_k_adam_amsgrad``, ...) that runs a driver with the rule's
+  body.  Variants are flags of the one body: the flags that decide which arrays
+  are touched (amsgrad, momentum, centered) are a constant of the entry point,
+  so they fold away and the loop vectorizes; the others (nesterov, RAdam's
+  rectification, the first SGD step, decoupled decay) are runtime scalars.
 
 Multi-tensor
 ------------
