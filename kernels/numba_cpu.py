@@ -854,7 +854,9 @@ class NumbaOps(Ops):
         if check_finite:
             finite = not np.isnan(res[:, 1].sum())
             if finite and extras is not None:
-                finite = not np.isnan(self._stats(extras, 1.0, None)[:, 1].sum())
+                # the extra inputs (Hessians) are unscaled too: check them as the kernels see them
+                inv = 1.0 if inv_scale is None else inv_scale
+                finite = not np.isnan(self._stats(extras, inv, None)[:, 1].sum())
         return (np.ascontiguousarray(res[:, 0]) if need_sumsq else None), finite
 
     def sumsq(self, arrays):
