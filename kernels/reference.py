@@ -40,6 +40,11 @@ class NumpyOps(Ops):
     xp = np
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
+        # finding an overflow is this check's job: it must not also warn about it
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._grad_stats(grads, extras, inv_scale, clip_value, need_sumsq, check_finite)
+
+    def _grad_stats(self, grads, extras, inv_scale, clip_value, need_sumsq, check_finite):
         finite = True
         sumsq = np.zeros(len(grads), dtype=np.float64) if need_sumsq else None
         for i, g in enumerate(grads):
