@@ -30,6 +30,7 @@ class Pipeline:
     param_names = ["backend", "mode", "n"]
     rounds = 1
     repeat = (3, 20, 1.0)
+    warmup_time = 0  # setup took one step already (JIT, page faults)
 
     def setup(self, backend, mode, n):
         options, nonfinite = MODES[mode]
@@ -47,6 +48,7 @@ class ClipGradNorm:
     param_names = ["impl", "n"]
     rounds = 1
     repeat = (3, 20, 1.0)
+    warmup_time = 0  # setup took one step already (JIT, page faults)
 
     def setup(self, impl, n):
         rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ class MultiTensor:
     # a GPT-2-sized NumPy step takes seconds: one round, three samples
     rounds = 1
     repeat = (3, 10, 2.0)
+    warmup_time = 0  # setup took one step already (JIT, page faults)
     timeout = 600
 
     def setup(self, rule, impl, layout):

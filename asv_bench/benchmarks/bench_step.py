@@ -22,6 +22,7 @@ class Step:
     # 16M-element NumPy step is 0.1-0.5 s): the whole grid must finish in minutes
     rounds = 1
     repeat = (3, 20, 1.0)
+    warmup_time = 0  # setup took one step already (JIT, page faults)
     timeout = 300
 
     def setup(self, rule, backend, dtype, n):
@@ -37,6 +38,7 @@ class Peers:
     param_names = ["rule", "impl", "n"]
     rounds = 1
     repeat = (3, 20, 1.0)
+    warmup_time = 0  # setup took one step already (JIT, page faults)
     timeout = 300
 
     def setup(self, rule, impl, n):
@@ -54,6 +56,7 @@ class Newton:
     param_names = ["backend", "dtype", "n"]
     rounds = 1
     repeat = (3, 20, 1.0)
+    warmup_time = 0  # setup took one step already (JIT, page faults)
 
     def setup(self, backend, dtype, n):
         self.case = get_case(backend, "newton", [(n,)], dtype)
