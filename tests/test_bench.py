@@ -118,8 +118,8 @@ def test_bench_table_with_torch(capsys):
                  "--min-time", "0.001", "--no-progress"]) == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
-    assert "a += b: 1e3" in lines[1]
-    assert lines[2].split()[:8] == ["rule", "backend", "size", "time", "GB/s", "of", "a+=b", "vs"]
+    assert "a += b: 1e3" in lines[2]
+    assert lines[3].split()[:8] == ["rule", "backend", "size", "time", "GB/s", "of", "a+=b", "vs"]
     adam = next(ln for ln in lines if ln.startswith("adam"))
     lion = next(ln for ln in lines if ln.startswith("lion"))
     # Adam has a torch peer (the faster of fused and foreach); Lion has none

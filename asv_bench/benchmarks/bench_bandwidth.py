@@ -4,7 +4,10 @@ Bytes per step count the arrays a fused step must touch once each (the table
 in ``fastopt._bench``: Adam reads p, g, m, v and writes p, m, v = 7 arrays);
 an implementation that makes more passes shows up as fewer GB/s.  The
 reference ``a += b`` (3 arrays) runs in the same process on arrays of the same
-size and dtype, on the same device (NumPy for CPU rows, CuPy for ``cupy``).
+size and dtype, on the same device: for CPU rows the faster of NumPy's
+(one thread) and torch's ``add_`` (all threads; when torch is installed), so a
+multi-threaded step is held to the machine's bandwidth, not one core's; CuPy's
+for ``cupy``.
 At 16M float32 elements (64 MB per array) every array is far outside the caches.
 """
 
