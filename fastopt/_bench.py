@@ -457,16 +457,13 @@ def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, pr
     peers = []
     if torch and torch_module() is not None:
         peers = ["torch-fused", "torch-foreach"]
-    jobs = [(r, i, n) for n in sizes for r in rules for i in list(impls) + peers]
+    # fastopt first, then torch, then the a += b references (torch's add_ among them):
+    # torch's OpenMP workers keep spinning for a while after each call and, on a small
+    # machine, would starve the threads of a Numba step timed right after them
+    jobs = [(r, i, n) for n in sizes for r in rules for i in impls]
+    jobs += [(r, i, n) for n in sizes for r in rules for i in peers]
     gpu = "cupy" in impls
     bar = _Progress(len(jobs) + len(sizes) * (1 + gpu), progress)
-    add_bw, add_bw_gpu = {}, {}
-    for n in sizes:
-        add_bw[n] = add_bandwidth(n, dtype, min_time=min_time)
-        bar.update(f"a += b, {_fmt_size(n)}")
-        if gpu:  # a GPU row is compared with the GPU's own a += b
-            add_bw_gpu[n] = add_bandwidth(n, dtype, xp=_xp("cupy"), min_time=min_time)
-            bar.update(f"a += b (cupy), {_fmt_size(n)}")
     times, skipped = {}, []
     for rule, impl, n in jobs:
         bar.update(f"{rule} {impl} {_fmt_size(n)}")
@@ -479,6 +476,13 @@ def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, pr
         times[(rule, impl, n)] = (measure(case.step, case.sync, min_time=min_time),
                                   case.bytes_per_step)
         del case
+    add_bw, add_bw_gpu = {}, {}
+    for n in sizes:
+        bar.update(f"a += b, {_fmt_size(n)}")
+        add_bw[n] = add_bandwidth(n, dtype, min_time=min_time)
+        if gpu:  # a GPU row is compared with the GPU's own a += b
+            bar.update(f"a += b (cupy), {_fmt_size(n)}")
+            add_bw_gpu[n] = add_bandwidth(n, dtype, xp=_xp("cupy"), min_time=min_time)
     bar.close()
 
     rows, peer_rows = [], []
