@@ -107,11 +107,24 @@ def _rule(name):
 # ------------------------------------------------------------------ the rules
 
 
+def _l2(g, p, s):
+    """L2 weight decay, added to the gradient before the moments (every rule but AdamW, Lion, LAMB)."""
+    return g + s["weight_decay"] * p if s["weight_decay"] != 0 else g
+
+
+def _moments(st, g, s, second="exp_avg_sq", fed=None):
+    """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*x^2 with x = g (or AdaHessian's D); returns (m, v)."""
+    m, v = st["exp_avg"], st[second]
+    x = g if fed is None else fed
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * x * x
+    return m, v
+
+
 @_rule("sgd")
 def sgd(p, g, st, s, _):
     """g += wd*p; b = g at t=1 else mu*b + (1-dampening)*g; g = g + mu*b (nesterov) or b; p -= lr*g."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
+    g = _l2(g, p, s)
     if s["momentum"] != 0:
         b = st["momentum_buffer"]
         if s["first_step"]:
@@ -125,11 +138,9 @@ def sgd(p, g, st, s, _):
 def _adam_like(p, g, st, s, decoupled):
     if decoupled:
         p *= s["decay"]
-    elif s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
-    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    else:
+        g = _l2(g, p, s)
+    m, v = _moments(st, g, s)
     if s["amsgrad"]:
         vmax = st["max_exp_avg_sq"]
         np.maximum(vmax, v, out=vmax)
@@ -154,8 +165,7 @@ def adamw(p, g, st, s, _):
 @_rule("adagrad")
 def adagrad(p, g, st, s, _):
     """g += wd*p; s += g^2; p -= clr * g / (sqrt(s) + eps), clr = lr / (1 + (t-1)*lr_decay)."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
+    g = _l2(g, p, s)
     acc = st["sum"]
     acc += g * g
     p -= s["clr"] * g / (np.sqrt(acc) + s["eps"])
@@ -164,8 +174,7 @@ def adagrad(p, g, st, s, _):
 @_rule("rmsprop")
 def rmsprop(p, g, st, s, _):
     """v = a*v + (1-a)*g^2; centered: v - avg^2; d = sqrt(.) + eps; momentum buffer or p -= lr*g/d."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
+    g = _l2(g, p, s)
     v = st["square_avg"]
     v[...] = s["alpha"] * v + (1 - s["alpha"]) * g * g
     if s["centered"]:
@@ -185,8 +194,7 @@ def rmsprop(p, g, st, s, _):
 @_rule("adadelta")
 def adadelta(p, g, st, s, _):
     """v = rho*v + (1-rho)*g^2; delta = sqrt(u+eps)/sqrt(v+eps)*g; u = rho*u + (1-rho)*delta^2; p -= lr*delta."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
+    g = _l2(g, p, s)
     v, u = st["square_avg"], st["acc_delta"]
     v[...] = s["rho"] * v + (1 - s["rho"]) * g * g
     delta = np.sqrt(u + s["eps"]) / np.sqrt(v + s["eps"]) * g
@@ -197,8 +205,7 @@ def adadelta(p, g, st, s, _):
 @_rule("adamax")
 def adamax(p, g, st, s, _):
     """m = b1*m + (1-b1)*g; u = max(b2*u, |g| + eps); p -= lr/(1-b1^t) * m/u."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
+    g = _l2(g, p, s)
     m, u = st["exp_avg"], st["exp_inf"]
     m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
     u[...] = np.maximum(s["beta2"] * u, np.abs(g) + s["eps"])
@@ -208,11 +215,8 @@ def adamax(p, g, st, s, _):
 @_rule("nadam")
 def nadam(p, g, st, s, _):
     """torch.optim.NAdam: p -= c_grad * g/denom + c_avg * m/denom, denom = sqrt(v/bc2) + eps."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
-    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    g = _l2(g, p, s)
+    m, v = _moments(st, g, s)
     denom = np.sqrt(v) / s["bc2_sqrt"] + s["eps"]
     p -= s["c_grad"] * g / denom
     p -= s["c_avg"] * m / denom
@@ -221,11 +225,8 @@ def nadam(p, g, st, s, _):
 @_rule("radam")
 def radam(p, g, st, s, _):
     """torch.optim.RAdam: rectified step when rho_t > 5, else p -= lr/bc1 * m."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
-    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    g = _l2(g, p, s)
+    m, v = _moments(st, g, s)
     if s["rectify"]:
         p -= s["step_size"] * m / (np.sqrt(v) + s["eps"])
     else:
@@ -245,9 +246,7 @@ def lion(p, g, st, s, _):
 @_rule("lamb")
 def lamb(p, g, st, s, _):
     """Adam moments; r = m_hat/(sqrt(v_hat)+eps) + wd*p; trust = |p|/|r| (1 if either is 0); p -= lr*trust*r."""
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
-    v[...] = s["beta2"] * v + (1 - s["beta2"]) * g * g
+    m, v = _moments(st, g, s)
     r = (m / s["bc1"]) / (np.sqrt(v) / s["bc2_sqrt"] + s["eps"]) + s["weight_decay"] * p
     p_norm = np.sqrt(np.dot(p.astype(np.float64), p.astype(np.float64)))
     r_norm = np.sqrt(np.dot(r.astype(np.float64), r.astype(np.float64)))
@@ -258,11 +257,8 @@ def lamb(p, g, st, s, _):
 @_rule("adahessian")
 def adahessian(p, g, st, s, d):
     """Adam with v fed by the Hessian diagonal: v = b2*v + (1-b2)*D^2; denom = (sqrt(v/bc2))^k + eps."""
-    if s["weight_decay"] != 0:
-        g = g + s["weight_decay"] * p
-    m, v = st["exp_avg"], st["exp_hessian_diag_sq"]
-    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
-    v[...] = s["beta2"] * v + (1 - s["beta2"]) * d * d
+    g = _l2(g, p, s)
+    m, v = _moments(st, g, s, second="exp_hessian_diag_sq", fed=d)
     denom = (np.sqrt(v) / s["bc2_sqrt"]) ** s["hessian_power"] + s["eps"]
     p -= s["step_size"] * m / denom
 
