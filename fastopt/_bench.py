@@ -554,6 +554,7 @@ def plot(result, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["rows"] + result["peers"]
     sizes = sorted({r["size"] for r in rows})
@@ -574,6 +575,9 @@ def plot(result, path) -> None:
             ax.bar(xs, ys, width, label=impl, color=f"C{k}")
         ax.axhline(result["add_gbps"][str(n)], color="k", ls="--", lw=1, label="a += b")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xticks(range(len(rules)), rules)
         ax.set_ylabel("GB/s (log)")
         ax.set_title(f"one step, {_fmt_size(n)} {result['dtype']} elements", fontsize="medium")
