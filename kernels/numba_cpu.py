@@ -469,6 +469,16 @@ def _stats(i, u, p, s0, s1, s2, e, c, f, ts, mode):  # 4 B/elem
 
 
 @njit(inline="always")
+def _sumsq(i, u, p, s0, s1, s2, e, c, f, ts, mode):  # 4 B/elem
+    """The square of the unclipped grad in float64 only: one accumulator, half the work of
+    ``_stats``.  An inf or nan in ``u`` makes the sum inf or nan, so this also serves as the
+    non-finite check when no clip_value hides one (the caller re-checks exactly on a
+    non-finite sum, since a finite float64 beyond 1e154 overflows when squared)."""
+    x = np.float64(u)
+    return x * x, 0.0
+
+
+@njit(inline="always")
 def _scale(i, g, p, s0, s1, s2, e, c, f, ts, mode):  # 8 B/elem (ts: the factor)
     return p * ts
 
@@ -614,6 +624,15 @@ def _k_stats(tab, sizes, scales, cs, fs, deref, threads):
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_stats, 0, k, parts, ptr, off, total, scales, cs, fs, acc)
+    return acc.sum(axis=0)
+
+
+@njit(**_JIT_SUM)
+def _k_sumsq(tab, sizes, scales, cs, fs, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    acc = np.zeros((parts, sizes.shape[0], 2))
+    for k in prange(parts):
+        _reduce(_sumsq, 0, k, parts, ptr, off, total, scales, cs, fs, acc)
     return acc.sum(axis=0)
 
 
@@ -837,9 +856,9 @@ class NumbaOps(Ops):
             out.append((pos, res))
         return out
 
-    def _stats(self, arrays, inv, clip):
+    def _stats(self, arrays, inv, clip, entry=_k_stats):
         """(n, 2) float64: per tensor sum of clip(a*inv)^2, and nan iff some a*inv is non-finite."""
-        parts = self._each_dtype(_k_stats, arrays, None,
+        parts = self._each_dtype(entry, arrays, None,
                                  [inv, math.inf if clip is None else clip, math.inf, 1.0, 0.0])
         if len(parts) == 1:
             return parts[0][1]
@@ -849,7 +868,17 @@ class NumbaOps(Ops):
         return out
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
-        res = self._stats(grads, 1.0 if inv_scale is None else inv_scale, clip_value)
+        inv = 1.0 if inv_scale is None else inv_scale
+        if clip_value is None:
+            # fast path: one float64 accumulator; a non-finite sum is re-checked exactly below
+            res = self._stats(grads, inv, None, _k_sumsq)
+            if np.isfinite(res[:, 0].sum()):
+                res[:, 1] = 0.0
+                check_finite = check_finite and extras is not None
+            else:
+                res = self._stats(grads, inv, None)
+        else:
+            res = self._stats(grads, inv, clip_value)
         finite = True
         if check_finite:
             finite = not np.isnan(res[:, 1].sum())
@@ -905,8 +934,9 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True):
                 s, _ = rule.scalars(hp, 1, dict(rule.group_state))
                 get_kernel(name, BACKEND)([np.zeros(3, dt)], [np.zeros(3, dt)], states, s, Pre(),
                                           extras)
-        OPS.grad_stats([np.zeros(3, dt)], None, inv_scale=None, clip_value=None, need_sumsq=True,
-                       check_finite=True)
+        for clip in (None, 1.0):  # the one-accumulator fast path and the exact pass
+            OPS.grad_stats([np.zeros(3, dt)], None, inv_scale=None, clip_value=clip, need_sumsq=True,
+                           check_finite=True)
         OPS.scale_([np.zeros(3, dt)], np.ones(1))
         OPS.clip_([np.zeros(3, dt)], 1.0)
     return time.perf_counter() - t0

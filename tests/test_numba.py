@@ -272,3 +272,14 @@ def test_kernel_accepts_empty_pre_on_many_tiny_tensors():
     fo._backend.get_kernel("sgd", "numba")(ps, gs, {}, s, Pre())
     for p, w in zip(ps, want):
         np.testing.assert_array_equal(p, w)
+
+
+def test_huge_finite_float64_grads_are_not_taken_for_non_finite():
+    """The one-accumulator check squares the grad: 1e200**2 overflows, the exact re-check must clear it."""
+    p = [np.ones(5)]
+    opt = fo.SGD(p, lr=1e-300, backend="numba")
+    info = opt.step([np.full(5, 1e200)])
+    assert not info.skipped and opt.step_count == 1
+    np.testing.assert_allclose(p[0], 1.0 - 1e-100)
+    with pytest.raises(FloatingPointError):
+        opt.step([np.array([1e200, 1.0, np.inf, 1.0, 1.0])])
