@@ -103,6 +103,11 @@ def assert_parity(rule, options, sizes, dtype, backend, seed=0):
     params, grads, extras = make_problem(rule, sizes, dtype, seed)
     want_p, want_sd = run(rule, options, params, grads, extras, "numpy")
     got_p, got_sd = run(rule, options, params, grads, extras, backend)
+    assert_same_run(want_p, want_sd, got_p, got_sd, dtype)
+
+
+def assert_same_run(want_p, want_sd, got_p, got_sd, dtype):
+    """Params (host arrays) and every state array of two runs agree within ``TOL``."""
     tol = TOL[np.dtype(dtype)]
     for i, (w, g) in enumerate(zip(want_p, got_p)):
         assert g.dtype == w.dtype
@@ -114,4 +119,5 @@ def assert_parity(rule, options, sizes, dtype, backend, seed=0):
 
 
 __all__ = ["CASES", "CASE_IDS", "TOL", "STEPS", "SIZES", "make_problem", "run", "assert_parity",
+           "assert_same_run",
            "fastopt"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _cases import CASE_IDS, CASES, STEPS, TOL, make_problem, run
+from _cases import CASE_IDS, CASES, STEPS, TOL, assert_same_run, make_problem, run
 from fastopt._optim import OPTIMIZERS
 
 
@@ -59,14 +59,7 @@ def compare(rule, options, sizes, dtype, seed=0):
     params, grads, extras = make_problem(rule, sizes, dtype, seed)
     want_p, want_sd = run(rule, options, params, grads, extras, "numpy")
     got_p, got_sd, _ = run_gpu(rule, options, params, grads, extras)
-    tol = TOL[np.dtype(dtype)]
-    for i, (w, g) in enumerate(zip(want_p, got_p)):
-        assert g.dtype == w.dtype
-        np.testing.assert_allclose(g, w, err_msg=f"params[{i}]", **tol)
-    for i, st in want_sd["state"].items():
-        for name, w in st.items():
-            np.testing.assert_allclose(got_sd["state"][i][name], w, err_msg=f"state[{i}][{name}]",
-                                       **tol)
+    assert_same_run(want_p, want_sd, got_p, got_sd, dtype)
 
 
 def test_backend_is_available():
