@@ -884,7 +884,6 @@ class NumbaOps(Ops):
             finite = not np.isnan(res[:, 1].sum())
             if finite and extras is not None:
                 # the extra inputs (Hessians) are unscaled too: check them as the kernels see them
-                inv = 1.0 if inv_scale is None else inv_scale
                 finite = not np.isnan(self._stats(extras, inv, None)[:, 1].sum())
         return (np.ascontiguousarray(res[:, 0]) if need_sumsq else None), finite
 
