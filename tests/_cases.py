@@ -86,6 +86,12 @@ def make_problem(rule: str, sizes, dtype, seed: int = 0, steps: int = STEPS):
     return params, grads, extras
 
 
+def make_feed(rule: str, sizes, dtype, seed: int = 0, steps: int = STEPS):
+    """``make_problem`` as params and one ``(grads, extras or None)`` pair per step."""
+    params, grads, extras = make_problem(rule, sizes, dtype, seed, steps)
+    return params, [(g, None if e[0] is None else e) for g, e in zip(grads, extras)]
+
+
 def run(rule: str, options: dict, params, grads, extras, backend: str):
     """Steps an optimizer of ``rule`` on copies of ``params``; returns (params, state_dict)."""
     ps = [p.copy() for p in params]
@@ -119,5 +125,5 @@ def assert_same_run(want_p, want_sd, got_p, got_sd, dtype):
 
 
 __all__ = ["CASES", "CASE_IDS", "TOL", "STEPS", "SIZES", "make_problem", "run", "assert_parity",
-           "assert_same_run",
+           "assert_same_run", "make_feed",
            "fastopt"]

@@ -20,22 +20,14 @@ import fastopt as fo
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
 
-from _cases import CASE_IDS, CASES, extra_input
+from _cases import CASE_IDS, CASES, make_feed
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 SIZES = (5, 1, 33)
 
 
 def problem(rule, steps, dtype=np.float64, seed=0):
-    rng = np.random.default_rng(seed)
-    sizes = [min(s, 7) for s in SIZES] if rule == "newton" else SIZES
-    params = [rng.standard_normal(s).astype(dtype) for s in sizes]
-    feed = []
-    for _ in range(steps):
-        g = [rng.standard_normal(p.shape).astype(dtype) for p in params]
-        e = [extra_input(rule, p, rng) for p in params]
-        feed.append((g, None if e[0] is None else e))
-    return params, feed
+    return make_feed(rule, SIZES, dtype, seed, steps)
 
 
 def step(opt, g, e):

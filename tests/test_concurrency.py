@@ -17,7 +17,7 @@ from fastopt import functional as F
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
 
-from _cases import CASES, extra_input
+from _cases import CASES, make_feed
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 STEPS = 5
@@ -25,14 +25,7 @@ SIZES = (20001, 3, 1, 4097)  # big enough that steps of different threads overla
 
 
 def job(rule, options, seed, dtype):
-    rng = np.random.default_rng(seed)
-    sizes = [min(s, 7) for s in SIZES] if rule == "newton" else SIZES
-    params = [rng.standard_normal(s).astype(dtype) for s in sizes]
-    feed = []
-    for _ in range(STEPS):
-        g = [rng.standard_normal(p.shape).astype(dtype) for p in params]
-        e = [extra_input(rule, p, rng) for p in params]
-        feed.append((g, None if e[0] is None else e))
+    params, feed = make_feed(rule, SIZES, dtype, seed, STEPS)
     return rule, options, params, feed
 
 
