@@ -134,7 +134,7 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
             if gnorm is not None:
                 total = gnorm * gnorm if total is None else total + gnorm * gnorm
         norms.append(gnorm)
-        scalars, new_gs = rule.scalars(hp, t, gs.gstate)
+        scalars, new_gs = rule.step_scalars(hp, t, gs.gstate)
         new_gstates.append(new_gs)
         for b in gs.buckets:
             single = len(gs.buckets) == 1

@@ -40,15 +40,56 @@ PIPELINE_DEFAULTS = {
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
 
+#: The kernel scalar vocabulary.  Every compiled backend passes one scalar array
+#: per call whose slot ``KERNEL_SCALAR_SLOT[name]`` holds the value ``name`` (rounded
+#: once to the kernel's arithmetic type); kernels read a value by its name's slot and
+#: never by a position of their own, so there is exactly one list of positions.
+#: A rule fills the names of its ``Rule.pack`` and leaves the other slots 0.
+KERNEL_SCALARS = (
+    "lr", "l2", "decay", "eps",
+    "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+    "step_size", "bc1", "bc2_sqrt",
+    "momentum", "momentum_keep", "momentum_gain",
+    "alpha", "one_minus_alpha", "rho", "one_minus_rho",
+    "clr", "c_grad", "c_avg", "hessian_power", "weight_decay",
+)
+KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
+
+#: The kernel flag vocabulary, bit ``k`` of a call's flags is ``KERNEL_FLAGS[k]``.
+#: ``Rule.variants`` are the flags that change which state arrays a step touches
+#: (a backend may compile them as constants); the others are runtime switches.
+KERNEL_FLAGS = ("nesterov", "rectify", "amsgrad", "has_momentum", "centered")
+KERNEL_FLAG_BIT = {name: k for k, name in enumerate(KERNEL_FLAGS)}
+
+#: Rule kinds: how a backend drives the rule.
+ELEMENTWISE = "elementwise"   # one fused pass, each element on its own
+TRUST_RATIO = "trust_ratio"   # a read pass of per-tensor norms, then an elementwise pass (LAMB)
+DENSE_SOLVE = "dense_solve"   # a linear solve per tensor (Newton): no fused kernel
+KINDS = (ELEMENTWISE, TRUST_RATIO, DENSE_SOLVE)
+
+#: How ``weight_decay`` enters: ``"l2"`` adds ``wd*p`` to the grad before the rule
+#: (guarded by ``wd != 0``: ``0*inf`` would turn an inf param into nan);
+#: ``"decoupled"`` multiplies the param by ``1 - lr*wd`` before the rule; ``"rule"``:
+#: the rule's own formula uses it (LAMB's ``r = ... + wd*p``); ``None``: no weight decay.
+DECAY_KINDS = ("l2", "decoupled", "rule", None)
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One update rule.
+    """One update rule: everything about it that is not per-element math.
 
     ``state(hp)`` lists ``(name, initial_value)`` for every state array the
     rule keeps per tensor under the hyperparameters ``hp`` (variants such as
     ``amsgrad`` add arrays).  ``scalars(hp, t, gstate)`` returns the host
-    scalars of step ``t`` (1-based) and the new group state; it is pure, so a
-    skipped step simply drops its result.
+    scalars of step ``t`` (1-based) as a dict and the new group state; it is
+    pure, so a skipped step simply drops its result.  The dict holds every name
+    of ``pack`` and ``flags`` plus the weight-decay stage's ``l2`` and ``decay``.
+
+    ``kind`` says how a backend drives the rule (see ``KINDS``); ``extra`` names
+    an extra per-tensor input of ``step()`` and ``extra_shape`` its shape:
+    ``"param"`` (like the param) or ``"square"`` (``(n, n)`` for an ``n``-element
+    param).  ``weight_decay`` is the decay stage (see ``DECAY_KINDS``).  ``pack``
+    and ``flags`` are the kernel scalars and flags the rule reads, by name.
     """
 
     name: str
@@ -60,6 +101,61 @@ class Rule:
     all_state: tuple  # every state name the rule may use, in functional-argument order
     extra: str | None = None  # name of the extra per-tensor input of step()
     group_state: dict = field(default_factory=dict)
+    kind: str = ELEMENTWISE
+    extra_shape: str = "param"
+    weight_decay: str | None = "l2"
+    pack: tuple = ()
+    flags: tuple = ()
+    variants: tuple = ()  # the flags among ``flags`` that decide which state arrays are touched
+
+    def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
+        """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
+        s, gs = self.scalars(hp, t, gstate)
+        wd = hp.get("weight_decay", 0.0)
+        s["l2"] = wd if self.weight_decay == "l2" else 0.0
+        s["decay"] = 1.0 - hp["lr"] * wd if self.weight_decay == "decoupled" else 1.0
+        return s, gs
+
+    def kernel_scalars(self, s: dict) -> list:
+        """The full ``KERNEL_SCALARS`` vector of a step's scalars ``s`` (unused slots 0)."""
+        out = [0.0] * len(KERNEL_SCALARS)
+        for name in self.pack + ("l2", "decay"):
+            out[KERNEL_SCALAR_SLOT[name]] = float(s[name])
+        return out
+
+    def kernel_flags(self, s: dict) -> int:
+        """The flag bits (``KERNEL_FLAGS``) of a step's scalars ``s``."""
+        return sum(1 << KERNEL_FLAG_BIT[name] for name in self.flags if s[name])
+
+    def variant(self, s: dict) -> int:
+        """The variant bits: bit ``k`` set when ``variants[k]`` is on."""
+        return sum(1 << k for k, name in enumerate(self.variants) if s[name])
+
+    def extra_shape_of(self, shape: tuple, size: int) -> tuple:
+        """The expected shape of the extra input of a param of ``shape``/``size``."""
+        return (size, size) if self.extra_shape == "square" else tuple(shape)
+
+    def accesses(self, hp: dict) -> tuple:
+        """Element accesses per parameter element of one step: ``(param, grad, state, extra)``.
+
+        Reads and writes count once each (an in-place update is 2).  The
+        bytes moved per element are ``param*ps + grad*gs + state*ss + extra*es``
+        for the item sizes of the param, grad, state and extra arrays.
+        """
+        n_state = len(self.state(hp))
+        param, state = 2, 2 * n_state
+        if self.kind == TRUST_RATIO:  # pass 2 reads p and the moments again and writes p
+            param, state = param + 2, state + n_state
+        extra = 1 if (self.extra is not None and self.extra_shape == "param") else 0
+        return param, 1, state, extra
+
+    def bytes_per_element(self, hp: dict, itemsize: int, grad_itemsize: int | None = None,
+                          state_itemsize: int | None = None) -> int:
+        """Bytes one step moves per parameter element (the memory roofline's numerator)."""
+        p, g, s, e = self.accesses(hp)
+        gs = itemsize if grad_itemsize is None else grad_itemsize
+        ss = itemsize if state_itemsize is None else state_itemsize
+        return p * itemsize + g * gs + s * ss + e * itemsize
 
 
 def _require(cond: bool, name: str, expected: str, value) -> None:
@@ -132,8 +228,12 @@ def _sgd_state(hp):
 
 
 def _sgd_scalars(hp, t, gs):
-    s = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"],
-             dampening=hp["dampening"], nesterov=bool(hp["nesterov"]), first_step=(t == 1))
+    mu, first = hp["momentum"], t == 1
+    s = dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=mu,
+             dampening=hp["dampening"], nesterov=bool(hp["nesterov"]), first_step=first,
+             has_momentum=mu != 0,
+             # the buffer update b = keep*b + gain*g: at t=1 keep=0, gain=1 make b = g (torch)
+             momentum_keep=0.0 if first else mu, momentum_gain=1.0 if first else 1.0 - hp["dampening"])
     return s, gs
 
 
@@ -152,8 +252,18 @@ def _adam_state(hp):
     return names + ((("max_exp_avg_sq", 0.0),) if hp.get("amsgrad") else ())
 
 
+def _betas(hp):
+    """The moment coefficients; ``1 - beta`` in double here, once, for every backend."""
+    b1, b2 = hp["betas"]
+    return dict(beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2, one_minus_beta2=1.0 - b2)
+
+
 def _bias_corrections(hp, t):
-    """``1 - beta**t`` in double on the host, once per step (SPEC section 5)."""
+    """``1 - beta**t`` in double on the host, once per step (docs/design.md, "Host scalars").
+
+    Computed before any cast: in float16/bfloat16 ``1 - 0.999**t`` rounds to 0 for
+    small ``t`` (optax's ``bias_correction`` warns of the same trap).
+    """
     b1, b2 = hp["betas"]
     if not hp.get("bias_correction", True):
         return 1.0, 1.0
@@ -161,12 +271,11 @@ def _bias_corrections(hp, t):
 
 
 def _adam_scalars(hp, t, gs):
-    b1, b2 = hp["betas"]
     bc1, bc2 = _bias_corrections(hp, t)
-    s = dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+    s = dict(_betas(hp), lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
              amsgrad=bool(hp["amsgrad"]), bc1=bc1, bc2_sqrt=math.sqrt(bc2),
-             # the fused kernels use these two: p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
-             step_size=hp["lr"] / bc1, decay=1.0 - hp["lr"] * hp["weight_decay"])
+             # the fused kernels use: p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
+             step_size=hp["lr"] / bc1)
     return s, gs
 
 
@@ -199,8 +308,9 @@ def _rmsprop_state(hp):
 
 
 def _rmsprop_scalars(hp, t, gs):
-    return dict(lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                momentum=hp["momentum"], centered=bool(hp["centered"])), gs
+    return dict(lr=hp["lr"], alpha=hp["alpha"], one_minus_alpha=1.0 - hp["alpha"], eps=hp["eps"],
+                weight_decay=hp["weight_decay"], momentum=hp["momentum"],
+                has_momentum=hp["momentum"] > 0, centered=bool(hp["centered"])), gs
 
 
 def _rmsprop_check(hp):
@@ -211,7 +321,8 @@ def _rmsprop_check(hp):
 
 
 def _adadelta_scalars(hp, t, gs):
-    return dict(lr=hp["lr"], rho=hp["rho"], eps=hp["eps"], weight_decay=hp["weight_decay"]), gs
+    return dict(lr=hp["lr"], rho=hp["rho"], one_minus_rho=1.0 - hp["rho"], eps=hp["eps"],
+                weight_decay=hp["weight_decay"]), gs
 
 
 def _adadelta_check(hp):
@@ -221,8 +332,8 @@ def _adadelta_check(hp):
 
 
 def _adamax_scalars(hp, t, gs):
-    b1, b2 = hp["betas"]
-    return dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+    b1 = hp["betas"][0]
+    return dict(_betas(hp), lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
                 clr=hp["lr"] / (1.0 - b1 ** t)), gs
 
 
@@ -240,7 +351,7 @@ def _nadam_scalars(hp, t, gs):
     mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * md))
     mu_product = gs["mu_product"] * mu
     mu_product_next = mu_product * mu_next
-    s = dict(beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+    s = dict(_betas(hp), eps=hp["eps"], weight_decay=hp["weight_decay"],
              bc2_sqrt=math.sqrt(1.0 - b2 ** t),
              # p -= c_grad * g / denom + c_avg * m / denom
              c_grad=hp["lr"] * (1.0 - mu) / (1.0 - mu_product),
@@ -262,7 +373,7 @@ def _radam_scalars(hp, t, gs):
     rectify = rho_t > 5.0
     rect = (math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
             if rectify else 0.0)
-    s = dict(beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"], rectify=rectify,
+    s = dict(_betas(hp), eps=hp["eps"], weight_decay=hp["weight_decay"], rectify=rectify,
              # rectified:   p -= step_size * m / (sqrt(v) + eps), step_size = lr*rect*sqrt(bc2)/bc1
              # un-adapted:  p -= step_size * m,                 step_size = lr/bc1
              step_size=(hp["lr"] * rect * math.sqrt(bc2) / bc1) if rectify else hp["lr"] / bc1)
@@ -270,8 +381,7 @@ def _radam_scalars(hp, t, gs):
 
 
 def _lion_scalars(hp, t, gs):
-    b1, b2 = hp["betas"]
-    return dict(lr=hp["lr"], beta1=b1, beta2=b2, decay=1.0 - hp["lr"] * hp["weight_decay"]), gs
+    return dict(_betas(hp), lr=hp["lr"], weight_decay=hp["weight_decay"]), gs
 
 
 def _lion_check(hp):
@@ -280,9 +390,8 @@ def _lion_check(hp):
 
 
 def _lamb_scalars(hp, t, gs):
-    b1, b2 = hp["betas"]
     bc1, bc2 = _bias_corrections(hp, t)
-    return dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+    return dict(_betas(hp), lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
                 bc1=bc1, bc2_sqrt=math.sqrt(bc2)), gs
 
 
@@ -295,7 +404,7 @@ def _lamb_check(hp):
 def _adahessian_scalars(hp, t, gs):
     b1, b2 = hp["betas"]
     bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-    return dict(lr=hp["lr"], beta1=b1, beta2=b2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+    return dict(_betas(hp), lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
                 hessian_power=hp["hessian_power"], bc2_sqrt=math.sqrt(bc2),
                 step_size=hp["lr"] / bc1), gs
 
@@ -315,54 +424,71 @@ def _newton_check(hp):
 
 
 _ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+_BETAS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2")
+_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 RULES: dict[str, Rule] = {}
 
 
 def _add(rule: Rule) -> None:
+    assert rule.kind in KINDS and rule.weight_decay in DECAY_KINDS, rule.name
+    assert set(rule.pack) <= set(KERNEL_SCALARS) and set(rule.flags) <= set(KERNEL_FLAGS), rule.name
+    assert set(rule.variants) <= set(rule.flags), rule.name
     RULES[rule.name] = rule
 
 
 _add(Rule("sgd", "SGD", dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0),
-          _sgd_state, _sgd_scalars, _sgd_check, ("momentum_buffer",)))
+          _sgd_state, _sgd_scalars, _sgd_check, ("momentum_buffer",),
+          pack=("lr", "momentum", "momentum_keep", "momentum_gain"),
+          flags=("nesterov", "has_momentum"), variants=("has_momentum",)))
 _add(Rule("adam", "Adam", dict(_ADAM_DEFAULTS, amsgrad=False, bias_correction=True),
-          _adam_state, _adam_scalars, _adam_check, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")))
+          _adam_state, _adam_scalars, _adam_check, _ADAM_STATE,
+          pack=_BETAS + ("eps", "step_size", "bc2_sqrt"), flags=("amsgrad",), variants=("amsgrad",)))
 _add(Rule("adamw", "AdamW", dict(_ADAM_DEFAULTS, weight_decay=1e-2, amsgrad=False, bias_correction=True),
-          _adam_state, _adam_scalars, _adam_check, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")))
+          _adam_state, _adam_scalars, _adam_check, _ADAM_STATE, weight_decay="decoupled",
+          pack=_BETAS + ("eps", "step_size", "bc2_sqrt"), flags=("amsgrad",), variants=("amsgrad",)))
 _add(Rule("adagrad", "Adagrad", dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                                      initial_accumulator_value=0.0, eps=1e-10),
           lambda hp: (("sum", float(hp["initial_accumulator_value"])),),
-          _adagrad_scalars, _adagrad_check, ("sum",)))
+          _adagrad_scalars, _adagrad_check, ("sum",), pack=("clr", "eps")))
 _add(Rule("rmsprop", "RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                                      centered=False),
           _rmsprop_state, _rmsprop_scalars, _rmsprop_check,
-          ("square_avg", "momentum_buffer", "grad_avg")))
+          ("square_avg", "momentum_buffer", "grad_avg"),
+          pack=("lr", "alpha", "one_minus_alpha", "eps", "momentum"),
+          flags=("has_momentum", "centered"), variants=("has_momentum", "centered")))
 _add(Rule("adadelta", "Adadelta", dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0),
           lambda hp: (("square_avg", 0.0), ("acc_delta", 0.0)),
-          _adadelta_scalars, _adadelta_check, ("square_avg", "acc_delta")))
+          _adadelta_scalars, _adadelta_check, ("square_avg", "acc_delta"),
+          pack=("lr", "rho", "one_minus_rho", "eps")))
 _add(Rule("adamax", "Adamax", dict(_ADAM_DEFAULTS, lr=2e-3),
           lambda hp: (("exp_avg", 0.0), ("exp_inf", 0.0)),
-          _adamax_scalars, _adam_family_check, ("exp_avg", "exp_inf")))
+          _adamax_scalars, _adam_family_check, ("exp_avg", "exp_inf"),
+          pack=_BETAS + ("eps", "clr")))
 _add(Rule("nadam", "NAdam", dict(_ADAM_DEFAULTS, lr=2e-3, momentum_decay=4e-3),
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
           _nadam_scalars, _nadam_check, ("exp_avg", "exp_avg_sq"),
-          group_state={"mu_product": 1.0}))
+          group_state={"mu_product": 1.0}, pack=_BETAS + ("eps", "bc2_sqrt", "c_grad", "c_avg")))
 _add(Rule("radam", "RAdam", dict(_ADAM_DEFAULTS),
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
-          _radam_scalars, _adam_family_check, ("exp_avg", "exp_avg_sq")))
+          _radam_scalars, _adam_family_check, ("exp_avg", "exp_avg_sq"),
+          pack=_BETAS + ("eps", "step_size"), flags=("rectify",)))
 _add(Rule("lion", "Lion", dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0),
-          lambda hp: (("exp_avg", 0.0),), _lion_scalars, _lion_check, ("exp_avg",)))
+          lambda hp: (("exp_avg", 0.0),), _lion_scalars, _lion_check, ("exp_avg",),
+          weight_decay="decoupled", pack=("lr",) + _BETAS))
 _add(Rule("lamb", "LAMB", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                                bias_correction=True),
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
-          _lamb_scalars, _lamb_check, ("exp_avg", "exp_avg_sq")))
+          _lamb_scalars, _lamb_check, ("exp_avg", "exp_avg_sq"), kind=TRUST_RATIO,
+          weight_decay="rule", pack=("lr",) + _BETAS + ("eps", "weight_decay", "bc1", "bc2_sqrt")))
 _add(Rule("adahessian", "AdaHessian", dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
                                            weight_decay=0.0),
           lambda hp: (("exp_avg", 0.0), ("exp_hessian_diag_sq", 0.0)),
           _adahessian_scalars, _adahessian_check, ("exp_avg", "exp_hessian_diag_sq"),
-          extra="hessian_diags"))
+          extra="hessian_diags", pack=_BETAS + ("eps", "step_size", "bc2_sqrt", "hessian_power")))
 _add(Rule("newton", "Newton", dict(lr=1.0, damping=1e-4),
-          lambda hp: (), _newton_scalars, _newton_check, (), extra="hessians"))
+          lambda hp: (), _newton_scalars, _newton_check, (), extra="hessians",
+          kind=DENSE_SOLVE, extra_shape="square", weight_decay=None))
 
 
 def check_hyperparameters(rule: Rule, hp: dict, where: str = "") -> None:

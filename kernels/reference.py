@@ -79,7 +79,12 @@ OPS = NumpyOps()
 
 
 def _per_tensor(rule_fn):
-    """Run a one-tensor rule over a list, with the pipeline around it (SPEC section 4)."""
+    """Run a one-tensor rule over a list, with the pipeline around it (SPEC section 4).
+
+    The weight-decay stage (``Rule.weight_decay``) runs here, once for every rule:
+    L2 adds ``l2*p`` to the grad (only when ``l2 != 0``: ``0*inf`` is nan), decoupled
+    decay multiplies the param by ``decay = 1 - lr*wd`` before the rule.
+    """
 
     def kernel(params, grads, states, s, pre, extras=None):
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -87,7 +92,12 @@ def _per_tensor(rule_fn):
             e = None
             if extras is not None:
                 e = extras[i] * pre.inv_scale if pre.inv_scale is not None else extras[i]
-            rule_fn(p, processed_grad(g, i, pre), st, s, e)
+            g = processed_grad(g, i, pre)
+            if s["l2"] != 0:
+                g = g + s["l2"] * p
+            if s["decay"] != 1:
+                p *= s["decay"]
+            rule_fn(p, g, st, s, e)
             if pre.weight_clip is not None:
                 np.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
 
@@ -107,11 +117,6 @@ def _rule(name):
 # ------------------------------------------------------------------ the rules
 
 
-def _l2(g, p, s):
-    """L2 weight decay, added to the gradient before the moments (every rule but AdamW, Lion, LAMB)."""
-    return g + s["weight_decay"] * p if s["weight_decay"] != 0 else g
-
-
 def _moments(st, g, s, second="exp_avg_sq", fed=None):
     """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*x^2 with x = g (or AdaHessian's D); returns (m, v)."""
     m, v = st["exp_avg"], st[second]
@@ -124,7 +129,6 @@ def _moments(st, g, s, second="exp_avg_sq", fed=None):
 @_rule("sgd")
 def sgd(p, g, st, s, _):
     """g += wd*p; b = g at t=1 else mu*b + (1-dampening)*g; g = g + mu*b (nesterov) or b; p -= lr*g."""
-    g = _l2(g, p, s)
     if s["momentum"] != 0:
         b = st["momentum_buffer"]
         if s["first_step"]:
@@ -135,11 +139,7 @@ def sgd(p, g, st, s, _):
     p -= s["lr"] * g
 
 
-def _adam_like(p, g, st, s, decoupled):
-    if decoupled:
-        p *= s["decay"]
-    else:
-        g = _l2(g, p, s)
+def _adam_like(p, g, st, s):
     m, v = _moments(st, g, s)
     if s["amsgrad"]:
         vmax = st["max_exp_avg_sq"]
@@ -153,19 +153,18 @@ def _adam_like(p, g, st, s, decoupled):
 @_rule("adam")
 def adam(p, g, st, s, _):
     """g += wd*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; p -= lr/bc1 * m / (sqrt(v/bc2) + eps)."""
-    _adam_like(p, g, st, s, decoupled=False)
+    _adam_like(p, g, st, s)
 
 
 @_rule("adamw")
 def adamw(p, g, st, s, _):
     """Adam with decoupled decay: p *= 1 - lr*wd first."""
-    _adam_like(p, g, st, s, decoupled=True)
+    _adam_like(p, g, st, s)
 
 
 @_rule("adagrad")
 def adagrad(p, g, st, s, _):
     """g += wd*p; s += g^2; p -= clr * g / (sqrt(s) + eps), clr = lr / (1 + (t-1)*lr_decay)."""
-    g = _l2(g, p, s)
     acc = st["sum"]
     acc += g * g
     p -= s["clr"] * g / (np.sqrt(acc) + s["eps"])
@@ -174,7 +173,6 @@ def adagrad(p, g, st, s, _):
 @_rule("rmsprop")
 def rmsprop(p, g, st, s, _):
     """v = a*v + (1-a)*g^2; centered: v - avg^2; d = sqrt(.) + eps; momentum buffer or p -= lr*g/d."""
-    g = _l2(g, p, s)
     v = st["square_avg"]
     v[...] = s["alpha"] * v + (1 - s["alpha"]) * g * g
     if s["centered"]:
@@ -194,7 +192,6 @@ def rmsprop(p, g, st, s, _):
 @_rule("adadelta")
 def adadelta(p, g, st, s, _):
     """v = rho*v + (1-rho)*g^2; delta = sqrt(u+eps)/sqrt(v+eps)*g; u = rho*u + (1-rho)*delta^2; p -= lr*delta."""
-    g = _l2(g, p, s)
     v, u = st["square_avg"], st["acc_delta"]
     v[...] = s["rho"] * v + (1 - s["rho"]) * g * g
     delta = np.sqrt(u + s["eps"]) / np.sqrt(v + s["eps"]) * g
@@ -205,7 +202,6 @@ def adadelta(p, g, st, s, _):
 @_rule("adamax")
 def adamax(p, g, st, s, _):
     """m = b1*m + (1-b1)*g; u = max(b2*u, |g| + eps); p -= lr/(1-b1^t) * m/u."""
-    g = _l2(g, p, s)
     m, u = st["exp_avg"], st["exp_inf"]
     m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
     u[...] = np.maximum(s["beta2"] * u, np.abs(g) + s["eps"])
@@ -215,7 +211,6 @@ def adamax(p, g, st, s, _):
 @_rule("nadam")
 def nadam(p, g, st, s, _):
     """torch.optim.NAdam: p -= c_grad * g/denom + c_avg * m/denom, denom = sqrt(v/bc2) + eps."""
-    g = _l2(g, p, s)
     m, v = _moments(st, g, s)
     denom = np.sqrt(v) / s["bc2_sqrt"] + s["eps"]
     p -= s["c_grad"] * g / denom
@@ -225,7 +220,6 @@ def nadam(p, g, st, s, _):
 @_rule("radam")
 def radam(p, g, st, s, _):
     """torch.optim.RAdam: rectified step when rho_t > 5, else p -= lr/bc1 * m."""
-    g = _l2(g, p, s)
     m, v = _moments(st, g, s)
     if s["rectify"]:
         p -= s["step_size"] * m / (np.sqrt(v) + s["eps"])
@@ -238,7 +232,6 @@ def lion(p, g, st, s, _):
     """c = b1*m + (1-b1)*g; p *= 1 - lr*wd; p -= lr*sign(c); m = b2*m + (1-b2)*g."""
     m = st["exp_avg"]
     c = s["beta1"] * m + (1 - s["beta1"]) * g
-    p *= s["decay"]
     p -= s["lr"] * np.sign(c)
     m[...] = s["beta2"] * m + (1 - s["beta2"]) * g
 
@@ -257,7 +250,6 @@ def lamb(p, g, st, s, _):
 @_rule("adahessian")
 def adahessian(p, g, st, s, d):
     """Adam with v fed by the Hessian diagonal: v = b2*v + (1-b2)*D^2; denom = (sqrt(v/bc2))^k + eps."""
-    g = _l2(g, p, s)
     m, v = _moments(st, g, s, second="exp_hessian_diag_sq", fed=d)
     denom = (np.sqrt(v) / s["bc2_sqrt"]) ** s["hessian_power"] + s["eps"]
     p -= s["step_size"] * m / denom
