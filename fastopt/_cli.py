@@ -31,14 +31,22 @@ def _info(args) -> int:
 COMMANDS = {"info": (_info, "list the backends (and why one is unavailable) and the rules")}
 
 
-def _add_optional_commands(sub):
-    """Commands whose modules may be absent in a partial checkout register themselves here."""
-    for mod_name in ("fastopt._demo", "fastopt._bench"):
-        try:
-            mod = __import__(mod_name, fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
+#: The application modules (``fastopt.apps``) that add a subcommand through ``register(sub)``.
+APP_MODULES = ("fastopt.apps.demo", "fastopt.apps.bench")
+
+
+def _add_app_commands(sub):
+    """Register the apps' subcommands.
+
+    An app module's optional *dependencies* (scikit-learn, matplotlib, torch) are
+    imported inside its commands, never at module level, so importing the module
+    itself must work: an ImportError here is a bug in fastopt and is raised, not
+    hidden by a missing subcommand.
+    """
+    import importlib
+
+    for mod_name in APP_MODULES:
+        importlib.import_module(mod_name).register(sub)
 
 
 def main(argv=None) -> int:
@@ -47,6 +55,6 @@ def main(argv=None) -> int:
     for name, (fn, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.set_defaults(func=fn)
-    _add_optional_commands(sub)
+    _add_app_commands(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

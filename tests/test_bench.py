@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from fastopt import _bench, _backend
+from fastopt import _backend
+from fastopt.apps import bench as _bench
 from fastopt._cli import main
 from fastopt._rules import RULES
 

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the demo's data set ships with scikit-learn")
 
-from fastopt import _cli, _demo  # noqa: E402
+from fastopt import _cli  # noqa: E402
+from fastopt.apps import demo as _demo  # noqa: E402
 
 NUMPY_BACKENDS = _demo.numpy_backends()
 

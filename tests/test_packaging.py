@@ -41,6 +41,7 @@ def test_wheel_contains_fastopt_kernels(tmp_path):
     (wheel,) = tmp_path.glob("fastopt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastopt/kernels/__init__.py" in names
+    assert "fastopt/apps/demo.py" in names and "fastopt/apps/bench.py" in names
     assert "fastopt/kernels/reference.py" in names
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package leaked"
     cu = sorted(p.name for p in (ROOT / "kernels" / "cuda").glob("*.cu*"))

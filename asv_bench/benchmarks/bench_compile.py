@@ -9,7 +9,7 @@ later start.  Both include loading the backend (importing numba).
 import os
 import tempfile
 
-from fastopt import _bench
+from fastopt.apps import bench as _bench
 
 from .common import DTYPES
 

@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark modules (as ``benchmarks/common.py`` in NumPy's suite).
 
 The cases themselves (arrays, optimizers, peers, the bytes-per-element table)
-live in ``fastopt._bench`` so that ``python -m fastopt bench`` measures exactly
+live in ``fastopt.apps.bench`` so that ``python -m fastopt bench`` measures exactly
 what this suite measures.  A parameter combination that cannot run here (a
 backend that is not available, a rule a peer does not have, no torch) raises
 NotImplementedError in ``setup``: asv's way to skip it.
@@ -9,8 +9,8 @@ NotImplementedError in ``setup``: asv's way to skip it.
 
 import numpy as np
 
-from fastopt import _bench
-from fastopt._bench import (ELEMENTWISE_RULES, FASTOPT_IMPLS, GPT2_SMALL, IMPLS, LAYOUTS,  # noqa: F401
+from fastopt.apps import bench as _bench
+from fastopt.apps.bench import (ELEMENTWISE_RULES, FASTOPT_IMPLS, GPT2_SMALL, IMPLS, LAYOUTS,  # noqa: F401
                             NAIVE_RULES, TINY_LIST, add_bandwidth, measure)
 
 DTYPES = ("float32", "float64")
@@ -21,7 +21,7 @@ _LAST = {}
 
 
 def get_case(impl, rule, shapes, dtype, options=None, nonfinite="ignore"):
-    """A warmed :class:`fastopt._bench.Case`, kept for the next call with the same arguments.
+    """A warmed :class:`fastopt.apps.bench.Case`, kept for the next call with the same arguments.
 
     asv re-runs ``setup`` before every timed sample (asv#966); the step's cost
     does not depend on the values it left behind, so a repeated setup with the

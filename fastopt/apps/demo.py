@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _backend, schedules
-from ._optim import OPTIMIZERS
+from .. import _backend, schedules
+from .._optim import OPTIMIZERS
 
 # --------------------------------------------------------------------------- optimizers
 
@@ -591,7 +591,7 @@ def _numba_threads(requested, n_elements):
     """
     import numba
 
-    from .kernels import numba_cpu
+    from ..kernels import numba_cpu
 
     most = numba.config.NUMBA_NUM_THREADS
     if requested is None:

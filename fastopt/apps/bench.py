@@ -56,8 +56,8 @@ import time
 
 import numpy as np
 
-from . import _backend
-from ._rules import RULES
+from .. import _backend
+from .._rules import RULES
 
 #: Every fastopt backend and every peer a case can run.
 FASTOPT_IMPLS = tuple(_backend.BACKEND_NAMES)            # numpy, numba, cupy
@@ -237,7 +237,7 @@ class Case:
     # fastopt ---------------------------------------------------------------
 
     def _setup_fastopt(self, nonfinite):
-        from ._optim import OPTIMIZERS
+        from .._optim import OPTIMIZERS
 
         self.opt = OPTIMIZERS[self.rule](self.params, backend=self.impl, nonfinite=nonfinite,
                                          **self.options)
@@ -361,7 +361,7 @@ def cold_compile_seconds(dtype="float32", rules=None, cache_dir=None, timeout=60
 
     rules = list(rules or RULES)
     code = ("import sys, time\n"
-            "import fastopt._bench as b\n"
+            "import fastopt.apps.bench as b\n"
             "t0 = time.perf_counter()\n"
             f"for r in {rules!r}:\n"
             f"    b.make_case('numba', r, [(3,) if r == 'newton' else (1000,)], {str(dtype)!r})\n"
@@ -525,7 +525,7 @@ def _version(mod):
 
 def format_table(result) -> str:
     """The human-readable table of :func:`run_bench`'s result."""
-    lines = [f"one step, {result['dtype']}. GB/s: the arrays a fused step touches (fastopt._bench)"
+    lines = [f"one step, {result['dtype']}. GB/s: the arrays a fused step touches (fastopt.apps.bench)"
              f" / time;\n'of a+=b': that over the fastest in-place a += b (NumPy's or torch's "
              f"add_) at the same size"]
     lines.append("a += b: " + ", ".join(f"{_fmt_size(int(n))} {bw:.1f} GB/s"
