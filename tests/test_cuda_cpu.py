@@ -257,6 +257,8 @@ def test_update_refuses_what_it_cannot_run(libs):
             k.update(bad, [p], [g], st, s, Pre())
     np.testing.assert_array_equal(p, before)
     assert not st["exp_avg"][0].any() and k.launches == 0
+    with pytest.raises(ValueError, match=f"values: expected the {len(KERNEL_SCALARS)} kernel scalars"):
+        _host.pack_hyper(np.float32, [0.1, 0.9])
 
 
 @pytest.mark.parametrize("mode", ["skip", "raise"])
