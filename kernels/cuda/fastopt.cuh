@@ -39,9 +39,10 @@ typedef long long fo_i64;
 
 // The kernel-argument table of one multi-tensor launch (multi_tensor_apply style): up to
 // FO_MAX_TENSORS tensors ("slots") and FO_MAX_ITEMS work items, one item = one chunk of
-// chunk_size elements of one slot. Blocks walk the items grid-stride. 3,472 bytes, under
-// the 4 KiB kernel-parameter limit with FoHyper<double> and FoPipe (3,720 with LAMB's pass 1). fastopt/kernels/cuda/_host.py
-// mirrors this layout (TABLE_DTYPE); the harness checks the two agree.
+// chunk_size elements of one slot. Blocks walk the items grid-stride. 3,472 bytes: with
+// FoHyper<double>, FoPipe and three pointers (LAMB's pass 1) 3,720, under the 4 KiB
+// kernel-parameter limit. fastopt/kernels/cuda/_host.py mirrors this layout (TABLE_DTYPE);
+// the harness checks the two agree.
 struct FoTable {
     unsigned long long ptr[FO_DEPTH][FO_MAX_TENSORS];  // device addresses, 0 = unused slot
     fo_i64 size[FO_MAX_TENSORS];        // elements of each slot's tensor

@@ -245,7 +245,8 @@ __device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<type
 
 // bytes per element: sizeof(T) * (2 + 2 * states) (LAMB: read p, g, m, v; write m, v)
 template <class T, class Rule>
-__device__ __forceinline__ void fo_trust_stage1(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
+__device__ __forceinline__ void fo_trust_stage1(const FoTable& tab,
+                                                const FoHyper<typename FoOpMath<T>::type>& h,
                                                 const FoPipe<typename FoOpMath<T>::type>& pp,
                                                 const double* scales, double* partial_p, double* partial_r) {
     typedef typename FoOpMath<T>::type O;
@@ -277,7 +278,8 @@ __device__ __forceinline__ void fo_trust_stage1(const FoTable& tab, const FoHype
 
 // bytes per element: sizeof(T) * (2 + states) (LAMB: read p, m, v; write p)
 template <class T, class Rule>
-__device__ __forceinline__ void fo_trust_stage2(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
+__device__ __forceinline__ void fo_trust_stage2(const FoTable& tab,
+                                                const FoHyper<typename FoOpMath<T>::type>& h,
                                                 const FoPipe<typename FoOpMath<T>::type>& pp,
                                                 const double* p_sumsq, const double* r_sumsq) {
     typedef typename FoOpMath<T>::type O;
