@@ -4,10 +4,12 @@ Importing this module imports CuPy and checks for a device; without either it ra
 ``fastopt.backends()`` reports the message.  ``import fastopt`` never imports it.
 
 * Sources are read with ``importlib.resources``; their ``#include "..."`` headers are inlined
-  into the source string, so a header change is a new CuPy cache key.
+  into the source string after the kernel scalar/flag constants generated from
+  ``fastopt._rules`` (``_host.vocabulary_header``), so a header or vocabulary change is a new
+  CuPy cache key.
 * One ``RawModule`` per source file (``update.cu``: the rules, ``reduce.cu``: norms and the
   non-finite flag), compiled on first use; kernels are ``extern "C"`` and cached per name,
-  i.e. per (rule, dtype).
+  i.e. per (rule, dtype); ``_host.CudaBackend.update`` picks them by ``Rule.kind``.
 * The launch logic (multi-tensor tables, chunking, scalars cast to the declared C types) is
   ``fastopt.kernels.cuda._host``, which the CPU harness in ``tests/`` runs unchanged.
 * A step has no host synchronization except the read of the non-finite flag when
@@ -84,7 +86,7 @@ DEVICE = CupyDevice()
 KERNELS = _host.CudaBackend(DEVICE)
 OPS = _host.make_ops(Ops, KERNELS, BACKEND)
 
-for _rule in RULES:
-    register_kernel(_rule, BACKEND, functools.partial(KERNELS.update, _rule))
+for _name, _rule in RULES.items():
+    register_kernel(_name, BACKEND, functools.partial(KERNELS.update, _rule))
 
 __all__ = ["OPS", "KERNELS", "DEVICE", "CupyDevice"]

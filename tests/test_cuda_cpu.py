@@ -19,17 +19,19 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from _cases import CASE_IDS, CASES, SIZES, TOL, assert_parity
-from fastopt import _backend
+from _cases import CASE_IDS, CASES, SIZES, STEPS, TOL, assert_parity, assert_same_run, make_problem, run
+from fastopt import _backend, _rules
 from fastopt._backend import Ops, Pre
-from fastopt._rules import RULES
+from fastopt._rules import ELEMENTWISE, KERNEL_FLAGS, KERNEL_SCALARS, RULES, Rule
 from fastopt.kernels.cuda import _host
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -138,7 +140,7 @@ def test_struct_layouts_match(libs):
         pdt = _host.pipe_dtype(np.dtype(o))
         assert (f(k), f(k + 1)) == (pdt.itemsize, pdt.fields["flags"][1])
     assert [f(k) for k in range(30, 35)] == [_host.DEPTH, _host.MAX_TENSORS, _host.MAX_ITEMS,
-                                             _host.NSCALARS, _host.MAX_THREADS]
+                                             len(KERNEL_SCALARS), _host.MAX_THREADS]
     # the largest argument list stays under CUDA's 4 KiB of kernel parameters
     big = t.itemsize + _host.hyper_dtype(np.dtype(np.float64)).itemsize \
         + _host.pipe_dtype(np.dtype(np.float64)).itemsize + 3 * 8
@@ -181,6 +183,84 @@ def test_parity_threaded_blocks(libs, monkeypatch, rule, options, block):
     assert_parity(rule, options, (1, 7, 1029, 3001), np.float64, "cudacpu")
 
 
+ELEMENTWISE_RULES = [name for name, r in RULES.items() if r.kind == ELEMENTWISE]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("rule", ELEMENTWISE_RULES)
+def test_inf_param_stays_inf_without_weight_decay(libs, monkeypatch, rule, dtype):
+    """With weight_decay=0 an inf param stays inf, as in the reference: the L2 stage is skipped
+    when l2 == 0 (0*inf would be nan) and decoupled decay multiplies by nothing. Infs sit in
+    packed bodies and in scalar tails (chunks of 64, a 130-element tensor)."""
+    register(monkeypatch, libs, chunk_size=64, grid_cap=2)
+    params, grads, extras = make_problem(rule, (5, 130), dtype, seed=5, steps=2)
+    params[0][[1, 4]] = np.inf
+    params[1][[100, 129]] = -np.inf
+    options = {"weight_decay": 0.0} if "weight_decay" in RULES[rule].defaults else {}
+    want_p, want_sd = run(rule, options, params, grads, extras, "numpy")
+    assert np.isposinf(want_p[0][[1, 4]]).all() and np.isneginf(want_p[1][[100, 129]]).all()
+    got_p, got_sd = run(rule, options, params, grads, extras, "cudacpu")
+    assert_same_run(want_p, want_sd, got_p, got_sd, dtype)  # inf and nan where the reference has them
+
+
+@pytest.mark.parametrize("k", range(len(CASES)), ids=CASE_IDS)
+def test_kernels_read_only_their_rules_scalars(libs, monkeypatch, k):
+    """Every scalar slot a rule does not pack holds NaN and every flag bit it does not list is
+    set: a kernel that read a scalar or flag missing from its Rule.pack / Rule.flags (or a
+    stale slot constant) would leave the reference."""
+    real_scalars, real_flags = Rule.kernel_scalars, Rule.kernel_flags
+
+    def scalars(self, s):
+        used = {_rules.KERNEL_SCALAR_SLOT[n] for n in self.pack + ("l2", "decay")}
+        return [v if j in used else float("nan") for j, v in enumerate(real_scalars(self, s))]
+
+    def flags(self, s):
+        foreign = sum(1 << _rules.KERNEL_FLAG_BIT[n] for n in KERNEL_FLAGS if n not in self.flags)
+        return real_flags(self, s) | foreign
+
+    monkeypatch.setattr(Rule, "kernel_scalars", scalars)
+    monkeypatch.setattr(Rule, "kernel_flags", flags)
+    rule, options, _ = CASES[k]
+    register(monkeypatch, libs, chunk_size=64, grid_cap=3)
+    assert_parity(rule, options, (1, 3, 7) if rule == "newton" else (1, 7, 300), np.float64, "cudacpu")
+
+
+def test_kernel_names_follow_the_rule_kind(libs, monkeypatch):
+    """Dispatch reads Rule.kind and Rule.name: per step, one fo_update_<rule> launch for an
+    elementwise rule, fo_trust_stage1/2_<rule> around the norm sums for a trust-ratio rule,
+    none for a dense solve."""
+    k = register(monkeypatch, libs, chunk_size=1024)
+    for name, r in RULES.items():
+        k.dev.names.clear()
+        assert_parity(name, {}, (1, 3, 7) if r.kind == "dense_solve" else (1, 7), np.float64, "cudacpu")
+        rule_launches = [n for n in k.dev.names if n.startswith(("fo_update_", "fo_trust_"))]
+        want = {"elementwise": [f"fo_update_{name}_f64"],
+                "trust_ratio": [f"fo_trust_stage1_{name}_f64", f"fo_trust_stage2_{name}_f64"],
+                "dense_solve": []}[r.kind]
+        assert rule_launches == want * STEPS, name
+
+
+def test_update_refuses_what_it_cannot_run(libs):
+    """An unknown kind, or a trust-ratio rule with an L2 or decoupled stage (pass 1 does not
+    write the param): a clear error, and nothing written."""
+    k = _host.CudaBackend(CpuDevice(libs))
+    rng = np.random.default_rng(6)
+    p, g = rng.standard_normal(9), rng.standard_normal(9)
+    st = {"exp_avg": [np.zeros(9)], "exp_avg_sq": [np.zeros(9)]}
+    before = p.copy()
+    lamb = RULES["lamb"]
+    s, _ = lamb.step_scalars({**lamb.defaults, "weight_decay": 0.1}, 1, {})
+    for bad, err, match in ((replace(lamb, weight_decay="decoupled"), NotImplementedError, "weight_decay"),
+                            (replace(lamb, weight_decay="l2"), NotImplementedError, "weight_decay"),
+                            (replace(RULES["adam"], kind="banded"), ValueError, "rule.kind")):
+        with pytest.raises(err, match=match):
+            k.update(bad, [p], [g], st, s, Pre())
+    np.testing.assert_array_equal(p, before)
+    assert not st["exp_avg"][0].any() and k.launches == 0
+    with pytest.raises(ValueError, match=f"values: expected the {len(KERNEL_SCALARS)} kernel scalars"):
+        _host.pack_hyper(np.float32, [0.1, 0.9])
+
+
 @pytest.mark.parametrize("mode", ["skip", "raise"])
 def test_nonfinite(libs, monkeypatch, mode):
     from fastopt import Adam
@@ -216,7 +296,7 @@ def test_unaligned_views_take_the_scalar_path(libs, monkeypatch, dtype):
     views = {name: b[1:] for name, b in bufs.items()}
     assert views["p"].ctypes.data % 16 != 0
     want = {name: v.copy() for name, v in views.items()}
-    scalars, _ = RULES["adam"].scalars({**RULES["adam"].defaults, "lr": 0.01}, 3, {})
+    scalars, _ = RULES["adam"].step_scalars({**RULES["adam"].defaults, "lr": 0.01}, 3, {})
     pre = Pre(inv_scale=0.5, clip_value=0.7, maximize=True, weight_clip=1.5,
               scales=np.array([0.8]))
     _backend.get_kernel("adam", "numpy")([want["p"]], [want["g"]],
@@ -294,3 +374,28 @@ def test_sources_inline_their_headers():
     for src in _host.SOURCES:
         text = _host.read_source(src)
         assert "#include \"" not in text and "struct FoTable" in text
+
+
+def test_scalar_slots_come_from_the_rule_vocabulary(monkeypatch):
+    """The slot and bit constants are generated from fastopt._rules into the source string,
+    so the vocabulary has one list of positions and CuPy's cache key follows it."""
+    text = _host.read_source("update.cu")
+    assert f"#define FO_NSCALARS {len(KERNEL_SCALARS)}" in text
+    for k, name in enumerate(KERNEL_SCALARS):
+        assert f"FO_S_{name.upper()} = {k}," in text or f"FO_S_{name.upper()} = {k}\n" in text
+    for k, name in enumerate(KERNEL_FLAGS):
+        assert f"FO_F_{name.upper()} = {k}," in text or f"FO_F_{name.upper()} = {k}\n" in text
+    for name, r in RULES.items():  # each rule's decay stage, for fo_update's compile-time choice
+        assert f"#define FO_DECAY_OF_{name} FO_DECAY_{str(r.weight_decay).upper()}\n" in text
+    kernel_dir = os.path.dirname(_host.__file__)
+    for fname in sorted(os.listdir(kernel_dir)):
+        if fname.endswith((".cu", ".cuh")):
+            with open(os.path.join(kernel_dir, fname)) as f:
+                raw = f.read()
+            # no position of its own: no slot constant defined, no scalar read by a number
+            assert not re.search(r"FO_[SF]_[A-Z0-9_]+\s*=", raw), fname
+            assert not re.search(r"\.v\[\s*\d", raw), fname
+    monkeypatch.setattr(_rules, "KERNEL_SCALARS", KERNEL_SCALARS[1:] + KERNEL_SCALARS[:1] + ("new",))
+    moved = _host.read_source("update.cu")
+    assert moved != text and f"#define FO_NSCALARS {len(KERNEL_SCALARS) + 1}" in moved
+    assert _host.hyper_dtype(np.float32)["v"].shape == (len(KERNEL_SCALARS) + 1,)

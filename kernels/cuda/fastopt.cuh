@@ -1,5 +1,6 @@
 // fastopt.cuh -- the pieces every fastopt CUDA kernel shares: the multi-tensor table, the
-// step pipeline of SPEC section 4, the one memory loop, and the block reduction.
+// kernel scalars, the step pipeline (docs/design.md), the one memory loop, and the block
+// reduction.
 //
 // Kernels assume flat, C-contiguous arrays of one dtype per launch (validated in Python).
 // Indices are 64-bit throughout (a tensor may hold >= 2^31 elements); chunk numbers are
@@ -9,6 +10,13 @@
 // defines __global__, threadIdx, ...), so it uses only what that shim provides. The CuPy
 // loader inlines it into each .cu source (CuPy's cache key does not see included files).
 #pragma once
+
+// The kernel scalar slots (FO_NSCALARS, FO_S_<NAME>) and flag bits (FO_F_<NAME>) are not
+// written here: fastopt.kernels.cuda._host.read_source prepends them to every source, generated
+// from fastopt._rules.KERNEL_SCALARS / KERNEL_FLAGS, the one list of positions.
+#ifndef FO_NSCALARS
+#error "compile the text of fastopt.kernels.cuda._host.read_source(): it defines the kernel scalar slots"
+#endif
 
 #ifndef FO_EXPORT
 #define FO_EXPORT(name)  // the CPU harness defines this to emit a host launcher per kernel
@@ -26,15 +34,15 @@
 #define FO_MAX_TENSORS 32
 #define FO_MAX_ITEMS 256
 #define FO_MAX_THREADS 1024  // largest block any kernel here is launched with
-#define FO_NSCALARS 16
 
 typedef long long fo_i64;
 
 // The kernel-argument table of one multi-tensor launch (multi_tensor_apply style): up to
 // FO_MAX_TENSORS tensors ("slots") and FO_MAX_ITEMS work items, one item = one chunk of
-// chunk_size elements of one slot. Blocks walk the items grid-stride. 3,472 bytes, under
-// the 4 KiB kernel-parameter limit with the scalars below. fastopt/kernels/cuda/_host.py
-// mirrors this layout (TABLE_DTYPE); the harness checks the two agree.
+// chunk_size elements of one slot. Blocks walk the items grid-stride. 3,472 bytes: with
+// FoHyper<double>, FoPipe and three pointers (LAMB's pass 1) 3,720, under the 4 KiB
+// kernel-parameter limit. fastopt/kernels/cuda/_host.py mirrors this layout (TABLE_DTYPE);
+// the harness checks the two agree.
 struct FoTable {
     unsigned long long ptr[FO_DEPTH][FO_MAX_TENSORS];  // device addresses, 0 = unused slot
     fo_i64 size[FO_MAX_TENSORS];        // elements of each slot's tensor
@@ -49,12 +57,13 @@ struct FoTable {
 // Arithmetic type of a storage type (half/bfloat16 storage will map to float).
 template <class T> struct FoOpMath { typedef T type; };
 
-// A rule's host scalars, computed once per step in double on the host and cast to the
-// opmath type there; v[] holds them in the order each rule's comment lists.
+// A step's kernel scalars (fastopt._rules.Rule.kernel_scalars), computed once per step in
+// double on the host and rounded once to the opmath type there. Read by name: v[FO_S_BETA1] is
+// beta1; a slot the rule does not use holds 0. flags: bit FO_F_<NAME> of Rule.kernel_flags.
 template <class O> struct FoHyper {
     O v[FO_NSCALARS];
     int flags;
-    __device__ __forceinline__ bool flag(int k) const { return (flags >> k) & 1; }
+    __device__ __forceinline__ bool flag(int bit) const { return (flags >> bit) & 1; }
 };
 
 // The element-wise pipeline options (fastopt._backend.Pre, less the per-tensor scales).
@@ -84,7 +93,8 @@ template <> struct FoLimits<double> { static __device__ __forceinline__ double m
 // no isfinite(): |x| <= max is false for inf and NaN, and needs nothing from a math header
 template <class O> __device__ __forceinline__ bool fo_isfinite(O x) { return fo_abs(x) <= FoLimits<O>::max(); }
 
-// Steps 1, 3, 4 and the norm-clip factor of 5-6 of SPEC section 4, in reference order.
+// The grad's way into a rule, in the reference's order (processed_grad): unscale, negate when
+// maximizing, clip by value, then the per-tensor norm-clip factor.
 template <class O>
 __device__ __forceinline__ O fo_pre_grad(const FoPipe<O>& pp, O g, O scale) {
     g = g * pp.inv_scale;

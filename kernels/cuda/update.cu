@@ -1,203 +1,256 @@
-// update.cu -- the fused update kernels: one __device__ step function per rule (SPEC section 5),
-// and one kernel template that runs the pipeline (SPEC section 4, steps 1 and 3-7 and
-// weight_clip) around it over a multi-tensor table. Variants are runtime flags.
+// update.cu -- the fused update kernels: one __device__ step function per rule (the formulas of
+// fastopt/kernels/reference.py and docs/design.md), and the kernel templates that run the step
+// pipeline around them over a multi-tensor table: fo_update (elementwise rules) and the two
+// passes of fo_trust_stage1/2 (trust-ratio rules, LAMB). Variants are runtime flags.
 //
-// Each step function reads its host scalars from h.v[] in the order its comment lists;
-// fastopt/kernels/cuda/_host.py (HYPER) packs them in that order. States s0..s2 are the
-// rule's state arrays in fastopt._rules.Rule.all_state order; unused ones read as 0 and are
-// not written.
+// A step function reads its scalars by name, h.v[FO_S_<NAME>], and its flags by name,
+// h.flag(FO_F_<NAME>); fastopt._rules.Rule.pack / flags list what each rule's host side fills.
+// It sees the grad after the pipeline and the weight-decay stage, the param after decoupled
+// decay, and states s0..s2: the rule's state arrays in fastopt._rules.Rule.all_state order
+// (unused ones read as 0 and are not written). The rule bodies are templated on the arithmetic
+// type O only; the storage type belongs to the memory loop (fo_range_loop).
 #include "fastopt.cuh"
 
-// v: lr, weight_decay, momentum, 1 - dampening; flags: nesterov, first_step
+// ----------------------------------------------------------------------- shared formulas
+// The running average every moment of this file is: keep*s + gain*x (beta1, 1 - beta1 for
+// Adam's m; alpha, 1 - alpha for RMSprop; momentum_keep, momentum_gain for SGD's buffer).
+template <class O>
+__device__ __forceinline__ O fo_ema(O keep, O gain, O s, O x) {
+    return keep * s + gain * x;
+}
+
+// The same over a square: keep*s + gain*x*x, multiplied left to right as the reference does
+// ((gain*x)*x, not gain*(x*x)), so both round alike.
+template <class O>
+__device__ __forceinline__ O fo_ema_sq(O keep, O gain, O s, O x) {
+    return keep * s + gain * x * x;
+}
+
+// The Adam-family moments (reference: _moments), written once for Adam, AdamW, NAdam, RAdam,
+// AdaHessian and LAMB: m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*x^2, x = g, or AdaHessian's
+// Hessian diagonal.
+template <class O>
+__device__ __forceinline__ void fo_moments(const FoHyper<O>& h, O& m, O& v, O g, O x) {
+    m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+    v = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], v, x);
+}
+
+// sqrt(v / bc2) + eps, written sqrt(v) / sqrt(bc2) + eps as torch.optim.Adam does.
+template <class O>
+__device__ __forceinline__ O fo_adam_denom(const FoHyper<O>& h, O v) {
+    return fo_sqrt(v) / h.v[FO_S_BC2_SQRT] + h.v[FO_S_EPS];
+}
+
+// The weight-decay stage (fastopt._rules.DECAY_KINDS), before the rule as in the reference's
+// _per_tensor: L2 adds l2*p to the grad, decoupled decay multiplies p by decay = 1 - lr*wd.
+// STAGE is the rule's FO_DECAY_OF_<rule> (generated from Rule.weight_decay), so a kernel holds
+// only its own stage; the host sends l2 = 0 and decay = 1 for the others anyway. The l2 != 0
+// guard is not an optimisation: with weight_decay = 0 an inf param must stay inf (0*inf is nan).
+// The decay multiply needs no guard: times exactly 1 it changes nothing, inf and nan included
+// (a branch there cost Lion 9 registers).
+template <int STAGE, class O>
+__device__ __forceinline__ void fo_decay_stage(const FoHyper<O>& h, O& p, O& g) {
+    if (STAGE == FO_DECAY_L2 && h.v[FO_S_L2] != O(0)) g = g + h.v[FO_S_L2] * p;
+    if (STAGE == FO_DECAY_DECOUPLED) p = p * h.v[FO_S_DECAY];
+}
+
+// ----------------------------------------------------------------------------- the rules
+// Each struct: `slots`, the table slots its step reads (a compile-time mask: unused slots cost
+// no loads and no registers), and step(h, p, g, s0, s1, s2, e).
+
+// b = keep*b + gain*g (keep = 0, gain = 1 at t = 1 make b = g, as torch);
+// g = g + momentum*b (nesterov) or b; p -= lr*g
 struct FoSGD {
-    enum : unsigned { slots = FO_P_G | FO_STATES(1) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& b, O&, O&, O) {
-        const O lr = h.v[0], wd = h.v[1], mu = h.v[2], one_minus_damp = h.v[3];
-        if (wd != O(0)) g = g + wd * p;
-        if (mu != O(0)) {
-            b = h.flag(1) ? g : mu * b + one_minus_damp * g;
-            g = h.flag(0) ? g + mu * b : b;
+        if (h.flag(FO_F_HAS_MOMENTUM)) {
+            b = fo_ema(h.v[FO_S_MOMENTUM_KEEP], h.v[FO_S_MOMENTUM_GAIN], b, g);
+            g = h.flag(FO_F_NESTEROV) ? g + h.v[FO_S_MOMENTUM] * b : b;
         }
-        p = p - lr * g;
+        p = p - h.v[FO_S_LR] * g;
     }
 };
 
-// v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, step_size = lr/bc1, sqrt(bc2),
-//    decay = 1 - lr*wd; flags: amsgrad, decoupled (AdamW)
+// Adam and AdamW (their difference is the decay stage): moments; AMSGrad keeps the running
+// max of v; p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps), step_size = lr/bc1
 struct FoAdam {
-    enum : unsigned { slots = FO_P_G | FO_STATES(3) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(3) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O& vmax, O) {
-        const O b1 = h.v[0], omb1 = h.v[1], b2 = h.v[2], omb2 = h.v[3], eps = h.v[4], wd = h.v[5];
-        if (h.flag(1)) p = p * h.v[8];
-        else if (wd != O(0)) g = g + wd * p;
-        m = b1 * m + omb1 * g;
-        v = b2 * v + omb2 * g * g;
+        fo_moments(h, m, v, g, g);
         O vv = v;
-        if (h.flag(0)) { vmax = fo_max(vmax, v); vv = vmax; }
-        // sqrt(v / bc2) as sqrt(v) / sqrt(bc2), as torch.optim.Adam does
-        const O denom = fo_sqrt(vv) / h.v[7] + eps;
-        p = p - h.v[6] * m / denom;
+        if (h.flag(FO_F_AMSGRAD)) {
+            vmax = fo_max(vmax, v);
+            vv = vmax;
+        }
+        p = p - h.v[FO_S_STEP_SIZE] * m / fo_adam_denom(h, vv);
     }
 };
 
-// v: clr = lr / (1 + (t-1)*lr_decay), eps, weight_decay
+// sum += g^2; p -= clr * g / (sqrt(sum) + eps), clr = lr / (1 + (t-1)*lr_decay)
 struct FoAdagrad {
-    enum : unsigned { slots = FO_P_G | FO_STATES(1) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sum, O&, O&, O) {
-        if (h.v[2] != O(0)) g = g + h.v[2] * p;
         sum = sum + g * g;
-        p = p - h.v[0] * g / (fo_sqrt(sum) + h.v[1]);
+        p = p - h.v[FO_S_CLR] * g / (fo_sqrt(sum) + h.v[FO_S_EPS]);
     }
 };
 
-// v: lr, alpha, 1-alpha, eps, weight_decay, momentum; flags: centered
+// sq = alpha*sq + (1-alpha)*g^2; centered: gavg likewise, d = sqrt(sq - gavg^2) + eps, else
+// sqrt(sq) + eps; with momentum buf = momentum*buf + g/d, p -= lr*buf; else p -= lr*g/d
 struct FoRMSprop {
-    enum : unsigned { slots = FO_P_G | FO_STATES(3) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(3) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sq, O& buf, O& gavg, O) {
-        const O lr = h.v[0], a = h.v[1], oma = h.v[2], eps = h.v[3], wd = h.v[4], mu = h.v[5];
-        if (wd != O(0)) g = g + wd * p;
-        sq = a * sq + oma * g * g;
+        const O a = h.v[FO_S_ALPHA], oma = h.v[FO_S_ONE_MINUS_ALPHA];
+        sq = fo_ema_sq(a, oma, sq, g);
         O d;
-        if (h.flag(0)) {
-            gavg = a * gavg + oma * g;
-            d = fo_sqrt(sq - gavg * gavg) + eps;
+        if (h.flag(FO_F_CENTERED)) {
+            gavg = fo_ema(a, oma, gavg, g);
+            d = fo_sqrt(sq - gavg * gavg) + h.v[FO_S_EPS];
         } else {
-            d = fo_sqrt(sq) + eps;
+            d = fo_sqrt(sq) + h.v[FO_S_EPS];
         }
-        if (mu > O(0)) {
-            buf = mu * buf + g / d;
-            p = p - lr * buf;
+        if (h.flag(FO_F_HAS_MOMENTUM)) {
+            buf = h.v[FO_S_MOMENTUM] * buf + g / d;
+            p = p - h.v[FO_S_LR] * buf;
         } else {
-            p = p - lr * g / d;
+            p = p - h.v[FO_S_LR] * g / d;
         }
     }
 };
 
-// v: lr, rho, 1-rho, eps, weight_decay
+// sq = rho*sq + (1-rho)*g^2; delta = sqrt(acc + eps)/sqrt(sq + eps)*g;
+// acc = rho*acc + (1-rho)*delta^2; p -= lr*delta
 struct FoAdadelta {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sq, O& acc, O&, O) {
-        const O lr = h.v[0], rho = h.v[1], omr = h.v[2], eps = h.v[3], wd = h.v[4];
-        if (wd != O(0)) g = g + wd * p;
-        sq = rho * sq + omr * g * g;
+        const O rho = h.v[FO_S_RHO], omr = h.v[FO_S_ONE_MINUS_RHO], eps = h.v[FO_S_EPS];
+        sq = fo_ema_sq(rho, omr, sq, g);
         const O delta = fo_sqrt(acc + eps) / fo_sqrt(sq + eps) * g;
-        acc = rho * acc + omr * delta * delta;
-        p = p - lr * delta;
+        acc = fo_ema_sq(rho, omr, acc, delta);
+        p = p - h.v[FO_S_LR] * delta;
     }
 };
 
-// v: beta1, 1-beta1, beta2, eps, weight_decay, clr = lr/(1 - beta1^t)
+// m = b1*m + (1-b1)*g; u = max(b2*u, |g| + eps); p -= clr * m/u, clr = lr/(1 - b1^t)
 struct FoAdamax {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& u, O&, O) {
-        if (h.v[4] != O(0)) g = g + h.v[4] * p;
-        m = h.v[0] * m + h.v[1] * g;
-        u = fo_max(h.v[2] * u, fo_abs(g) + h.v[3]);
-        p = p - h.v[5] * m / u;
+        m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+        u = fo_max(h.v[FO_S_BETA2] * u, fo_abs(g) + h.v[FO_S_EPS]);
+        p = p - h.v[FO_S_CLR] * m / u;
     }
 };
 
-// v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, sqrt(bc2), c_grad, c_avg
-// (torch.optim.NAdam's momentum schedule, folded into c_grad and c_avg on the host)
+// moments; p -= c_grad*g/denom + c_avg*m/denom (torch.optim.NAdam's momentum schedule, folded
+// into c_grad and c_avg on the host)
 struct FoNAdam {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
-        if (h.v[5] != O(0)) g = g + h.v[5] * p;
-        m = h.v[0] * m + h.v[1] * g;
-        v = h.v[2] * v + h.v[3] * g * g;
-        const O denom = fo_sqrt(v) / h.v[6] + h.v[4];
-        p = p - h.v[7] * g / denom;
-        p = p - h.v[8] * m / denom;
+        fo_moments(h, m, v, g, g);
+        const O denom = fo_adam_denom(h, v);
+        p = p - h.v[FO_S_C_GRAD] * g / denom;
+        p = p - h.v[FO_S_C_AVG] * m / denom;
     }
 };
 
-// v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, step_size; flags: rectify
+// moments; rectified: p -= step_size * m / (sqrt(v) + eps), else p -= step_size * m
+// (step_size carries the rectification and both bias corrections, see _rules._radam_scalars)
 struct FoRAdam {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
-        if (h.v[5] != O(0)) g = g + h.v[5] * p;
-        m = h.v[0] * m + h.v[1] * g;
-        v = h.v[2] * v + h.v[3] * g * g;
-        if (h.flag(0)) p = p - h.v[6] * m / (fo_sqrt(v) + h.v[4]);
-        else p = p - h.v[6] * m;
+        fo_moments(h, m, v, g, g);
+        if (h.flag(FO_F_RECTIFY)) p = p - h.v[FO_S_STEP_SIZE] * m / (fo_sqrt(v) + h.v[FO_S_EPS]);
+        else p = p - h.v[FO_S_STEP_SIZE] * m;
     }
 };
 
-// v: lr, beta1, 1-beta1, beta2, 1-beta2, decay = 1 - lr*wd
+// c = b1*m + (1-b1)*g; p -= lr*sign(c); m = b2*m + (1-b2)*g
 struct FoLion {
-    enum : unsigned { slots = FO_P_G | FO_STATES(1) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O&, O&, O) {
-        const O c = h.v[1] * m + h.v[2] * g;
-        p = p * h.v[5];
-        p = p - h.v[0] * fo_sign(c);
-        m = h.v[3] * m + h.v[4] * g;
+        const O c = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+        p = p - h.v[FO_S_LR] * fo_sign(c);
+        m = fo_ema(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], m, g);
     }
 };
 
-// v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, step_size = lr/bc1, sqrt(bc2),
-//    hessian_power; e: the Hessian diagonal (already unscaled)
+// moments with v fed by the Hessian diagonal e (already unscaled);
+// p -= step_size * m / ((sqrt(v)/sqrt(bc2))^hessian_power + eps)
 struct FoAdaHessian {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) | FO_USES(FO_SLOT_EXTRA) };  // the table slots its step reads
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) | FO_USES(FO_SLOT_EXTRA) };
     template <class O>
     static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O e) {
-        if (h.v[5] != O(0)) g = g + h.v[5] * p;
-        m = h.v[0] * m + h.v[1] * g;
-        v = h.v[2] * v + h.v[3] * e * e;
-        O root = fo_sqrt(v) / h.v[7];
-        if (h.v[8] != O(1)) root = fo_pow(root, h.v[8]);
-        p = p - h.v[6] * m / (root + h.v[4]);
+        fo_moments(h, m, v, g, e);
+        O root = fo_sqrt(v) / h.v[FO_S_BC2_SQRT];
+        if (h.v[FO_S_HESSIAN_POWER] != O(1)) root = fo_pow(root, h.v[FO_S_HESSIAN_POWER]);
+        p = p - h.v[FO_S_STEP_SIZE] * m / (root + h.v[FO_S_EPS]);
     }
 };
 
-// The fused pass: bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g,
-// states, extra; write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
-template <class T, class Rule>
+// LAMB, a trust-ratio rule: update_state(h, p, g, s0, s1, s2) in pass 1, direction(h, p, s0,
+// s1, s2) = r in both passes, then p -= lr * trust * r, trust = |p|/|r| (1 if either is 0).
+// r = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + weight_decay*p (LAMB's own decay: stage "rule").
+struct FoLAMB {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void update_state(const FoHyper<O>& h, O, O g, O& m, O& v, O&) {
+        fo_moments(h, m, v, g, g);
+    }
+    template <class O>
+    static __device__ __forceinline__ O direction(const FoHyper<O>& h, O p, O m, O v, O) {
+        return (m / h.v[FO_S_BC1]) / fo_adam_denom(h, v) + h.v[FO_S_WEIGHT_DECAY] * p;
+    }
+};
+
+// ------------------------------------------------------------------------ elementwise pass
+// Bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g, states, extra;
+// write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
+template <class T, class Rule, int STAGE>
 __device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
                                           const FoPipe<typename FoOpMath<T>::type>& pp,
                                           const double* scales) {
     typedef typename FoOpMath<T>::type O;
-    const unsigned write = (1u << FO_SLOT_PARAM) | (7u << FO_SLOT_STATE0);
+    const unsigned write = FO_USES(FO_SLOT_PARAM) | FO_STATES(3);
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
         T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
         const O scale = scales ? O(scales[tab.index[s]]) : O(1);
         auto body = [&](O (&x)[FO_DEPTH]) {
-            const O g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
-            Rule::step(h, x[FO_SLOT_PARAM], g, x[FO_SLOT_STATE0], x[FO_SLOT_STATE0 + 1],
-                       x[FO_SLOT_STATE0 + 2], x[FO_SLOT_EXTRA] * pp.inv_scale);
-            if (pp.flags & FO_WEIGHT_CLIP) x[FO_SLOT_PARAM] = fo_clamp(x[FO_SLOT_PARAM], pp.weight_clip);
+            O& p = x[FO_SLOT_PARAM];
+            O g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
+            fo_decay_stage<STAGE>(h, p, g);
+            Rule::step(h, p, g, x[FO_SLOT_STATE0], x[FO_SLOT_STATE0 + 1], x[FO_SLOT_STATE0 + 2],
+                       x[FO_SLOT_EXTRA] * pp.inv_scale);
+            if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
         };
         fo_range_loop<T, Rule::slots>(ptr, begin, end, write, body);
     }
 }
 
-// --------------------------------------------------------------------------------- LAMB
-// v: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, bc1, sqrt(bc2), lr.
-// Two passes: stage 1 updates the moments and writes per-chunk float64 partial sums of p^2
-// and r^2 (fo_finalize in reduce.cu sums them per tensor); stage 2 recomputes r from the new
-// moments (bit-identical to stage 1's, so no scratch array) and applies the trust ratio.
-template <class O>
-__device__ __forceinline__ O fo_lamb_r(const FoHyper<O>& h, O p, O m, O v) {
-    return (m / h.v[6]) / (fo_sqrt(v) / h.v[7] + h.v[4]) + h.v[5] * p;
-}
+// ------------------------------------------------------------------------ trust-ratio passes
+// Pass 1 updates the state and writes per-chunk float64 partial sums of p^2 and r^2
+// (fo_finalize in reduce.cu sums them per tensor); pass 2 recomputes r from the new state
+// (bit-identical to pass 1's, so no scratch array) and applies the trust ratio. A trust-ratio
+// rule carries its own decay (the host refuses an "l2" or "decoupled" stage for this kind).
 
-// bytes per element: sizeof(T) * 6 (read p, g, m, v; write m, v)
-template <class T>
-__device__ __forceinline__ void fo_lamb_stage1(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
-                                               const FoPipe<typename FoOpMath<T>::type>& pp,
-                                               const double* scales, double* partial_p, double* partial_r) {
+// bytes per element: sizeof(T) * (2 + 2 * states) (LAMB: read p, g, m, v; write m, v)
+template <class T, class Rule>
+__device__ __forceinline__ void fo_trust_stage1(const FoTable& tab,
+                                                const FoHyper<typename FoOpMath<T>::type>& h,
+                                                const FoPipe<typename FoOpMath<T>::type>& pp,
+                                                const double* scales, double* partial_p, double* partial_r) {
     typedef typename FoOpMath<T>::type O;
-    const unsigned write = 3u << FO_SLOT_STATE0;
+    const unsigned write = FO_STATES(3);
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
         T* ptr[FO_DEPTH];
         fo_i64 begin, end;
@@ -205,17 +258,14 @@ __device__ __forceinline__ void fo_lamb_stage1(const FoTable& tab, const FoHyper
         const O scale = scales ? O(scales[tab.index[s]]) : O(1);
         double pp2 = 0, rr2 = 0;
         auto body = [&](O (&x)[FO_DEPTH]) {
-            const O g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
-            O& m = x[FO_SLOT_STATE0];
-            O& v = x[FO_SLOT_STATE0 + 1];
-            m = h.v[0] * m + h.v[1] * g;
-            v = h.v[2] * v + h.v[3] * g * g;
-            const double r = (double)fo_lamb_r(h, x[FO_SLOT_PARAM], m, v);
-            const double p = (double)x[FO_SLOT_PARAM];
-            pp2 += p * p;
+            const O p = x[FO_SLOT_PARAM];
+            O* st = x + FO_SLOT_STATE0;
+            Rule::update_state(h, p, fo_pre_grad(pp, x[FO_SLOT_GRAD], scale), st[0], st[1], st[2]);
+            const double r = (double)Rule::direction(h, p, st[0], st[1], st[2]);
+            pp2 += (double)p * (double)p;
             rr2 += r * r;
         };
-        fo_range_loop<T, FO_P_G | FO_STATES(2)>(ptr, begin, end, write, body);
+        fo_range_loop<T, Rule::slots>(ptr, begin, end, write, body);
         pp2 = fo_block_sum(pp2);
         rr2 = fo_block_sum(rr2);
         if (threadIdx.x == 0) {
@@ -226,68 +276,73 @@ __device__ __forceinline__ void fo_lamb_stage1(const FoTable& tab, const FoHyper
     }
 }
 
-// bytes per element: sizeof(T) * 4 (read p, m, v; write p)
-template <class T>
-__device__ __forceinline__ void fo_lamb_stage2(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
-                                               const FoPipe<typename FoOpMath<T>::type>& pp,
-                                               const double* p_sumsq, const double* r_sumsq) {
+// bytes per element: sizeof(T) * (2 + states) (LAMB: read p, m, v; write p)
+template <class T, class Rule>
+__device__ __forceinline__ void fo_trust_stage2(const FoTable& tab,
+                                                const FoHyper<typename FoOpMath<T>::type>& h,
+                                                const FoPipe<typename FoOpMath<T>::type>& pp,
+                                                const double* p_sumsq, const double* r_sumsq) {
     typedef typename FoOpMath<T>::type O;
-    const unsigned write = 1u << FO_SLOT_PARAM;
+    const unsigned write = FO_USES(FO_SLOT_PARAM);
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
         T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
         const double pn = sqrt(p_sumsq[tab.index[s]]), rn = sqrt(r_sumsq[tab.index[s]]);
         const double trust = (pn > 0 && rn > 0) ? pn / rn : 1.0;
-        const O coef = O((double)h.v[8] * trust);
+        const O coef = O((double)h.v[FO_S_LR] * trust);
         auto body = [&](O (&x)[FO_DEPTH]) {
             O& p = x[FO_SLOT_PARAM];
-            p = p - coef * fo_lamb_r(h, p, x[FO_SLOT_STATE0], x[FO_SLOT_STATE0 + 1]);
+            const O* st = x + FO_SLOT_STATE0;
+            p = p - coef * Rule::direction(h, p, st[0], st[1], st[2]);
             if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
         };
-        fo_range_loop<T, FO_USES(FO_SLOT_PARAM) | FO_STATES(2)>(ptr, begin, end, write, body);
+        fo_range_loop<T, Rule::slots & ~FO_USES(FO_SLOT_GRAD)>(ptr, begin, end, write, body);
     }
 }
 
 // ------------------------------------------------------------------------ the kernels
 // extern "C" names, so NVRTC, nvcc and the CPU harness all see the same symbols and no
-// template name expressions are needed. Suffix: the storage type.
-#define FO_UPDATE_KERNEL(NAME, RULE, T, SUF)                                                          \
-    extern "C" __global__ void fo_update_##NAME##_##SUF(                                            \
-        const FoTable tab, const FoHyper<FoOpMath<T>::type> h, const FoPipe<FoOpMath<T>::type> pp, \
-        const double* scales) {                                                                    \
-        fo_update<T, RULE>(tab, h, pp, scales);                                                    \
-    }                                                                                              \
+// template name expressions are needed. fastopt/kernels/cuda/_host.py derives a kernel's name
+// from the rule's kind and name: fo_update_<rule>_<suffix> for an elementwise rule,
+// fo_trust_stage{1,2}_<rule>_<suffix> for a trust-ratio rule; suffix: the storage type.
+#define FO_ARGS(T) const FoTable tab, const FoHyper<FoOpMath<T>::type> h, const FoPipe<FoOpMath<T>::type> pp
+
+#define FO_UPDATE_KERNEL(NAME, RULE, T, SUF)                                                \
+    extern "C" __global__ void fo_update_##NAME##_##SUF(FO_ARGS(T), const double* scales) { \
+        fo_update<T, RULE, FO_DECAY_OF_##NAME>(tab, h, pp, scales);                      \
+    }                                                                                     \
     FO_EXPORT(fo_update_##NAME##_##SUF)
 
-#define FO_RULE_KERNELS(NAME, RULE)             \
-    FO_UPDATE_KERNEL(NAME, RULE, float, f32)  \
+#define FO_ELEMENTWISE(NAME, RULE)            \
+    FO_UPDATE_KERNEL(NAME, RULE, float, f32) \
     FO_UPDATE_KERNEL(NAME, RULE, double, f64)
 
-FO_RULE_KERNELS(sgd, FoSGD)
-FO_RULE_KERNELS(adam, FoAdam)  // Adam and AdamW (flag "decoupled")
-FO_RULE_KERNELS(adagrad, FoAdagrad)
-FO_RULE_KERNELS(rmsprop, FoRMSprop)
-FO_RULE_KERNELS(adadelta, FoAdadelta)
-FO_RULE_KERNELS(adamax, FoAdamax)
-FO_RULE_KERNELS(nadam, FoNAdam)
-FO_RULE_KERNELS(radam, FoRAdam)
-FO_RULE_KERNELS(lion, FoLion)
-FO_RULE_KERNELS(adahessian, FoAdaHessian)
+#define FO_TRUST_KERNELS(NAME, RULE, T, SUF)                                                      \
+    extern "C" __global__ void fo_trust_stage1_##NAME##_##SUF(FO_ARGS(T), const double* scales,  \
+                                                              double* partial_p, double* partial_r) { \
+        fo_trust_stage1<T, RULE>(tab, h, pp, scales, partial_p, partial_r);                      \
+    }                                                                                             \
+    FO_EXPORT(fo_trust_stage1_##NAME##_##SUF)                                                     \
+    extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(FO_ARGS(T), const double* p_sumsq, \
+                                                              const double* r_sumsq) {            \
+        fo_trust_stage2<T, RULE>(tab, h, pp, p_sumsq, r_sumsq);                                  \
+    }                                                                                             \
+    FO_EXPORT(fo_trust_stage2_##NAME##_##SUF)
 
-#define FO_LAMB_KERNELS(T, SUF)                                                                    \
-    extern "C" __global__ void fo_lamb_stage1_##SUF(                                               \
-        const FoTable tab, const FoHyper<FoOpMath<T>::type> h, const FoPipe<FoOpMath<T>::type> pp, \
-        const double* scales, double* partial_p, double* partial_r) {                             \
-        fo_lamb_stage1<T>(tab, h, pp, scales, partial_p, partial_r);                              \
-    }                                                                                              \
-    FO_EXPORT(fo_lamb_stage1_##SUF)                                                                \
-    extern "C" __global__ void fo_lamb_stage2_##SUF(                                               \
-        const FoTable tab, const FoHyper<FoOpMath<T>::type> h, const FoPipe<FoOpMath<T>::type> pp, \
-        const double* p_sumsq, const double* r_sumsq) {                                            \
-        fo_lamb_stage2<T>(tab, h, pp, p_sumsq, r_sumsq);                                          \
-    }                                                                                              \
-    FO_EXPORT(fo_lamb_stage2_##SUF)
+#define FO_TRUST_RATIO(NAME, RULE)             \
+    FO_TRUST_KERNELS(NAME, RULE, float, f32) \
+    FO_TRUST_KERNELS(NAME, RULE, double, f64)
 
-FO_LAMB_KERNELS(float, f32)
-FO_LAMB_KERNELS(double, f64)
+FO_ELEMENTWISE(sgd, FoSGD)
+FO_ELEMENTWISE(adam, FoAdam)
+FO_ELEMENTWISE(adamw, FoAdam)
+FO_ELEMENTWISE(adagrad, FoAdagrad)
+FO_ELEMENTWISE(rmsprop, FoRMSprop)
+FO_ELEMENTWISE(adadelta, FoAdadelta)
+FO_ELEMENTWISE(adamax, FoAdamax)
+FO_ELEMENTWISE(nadam, FoNAdam)
+FO_ELEMENTWISE(radam, FoRAdam)
+FO_ELEMENTWISE(lion, FoLion)
+FO_ELEMENTWISE(adahessian, FoAdaHessian)
+FO_TRUST_RATIO(lamb, FoLAMB)
