@@ -362,7 +362,7 @@ class ShardedOptimizer:
         self._xsend = [np.empty(L.total, L.dtype) if extra else None for L in self.layouts]
         self._xrecv = [np.empty(L.counts[self.rank], L.dtype) if extra else None for L in self.layouts]
         self.step_count = 0
-        self.group_state = dict(self.rule.group_state)
+        self._gstate = dict(self.rule.group_state)
         self._init_state()
         if sync_params and self.world > 1:
             for p in self.params:
@@ -428,6 +428,12 @@ class ShardedOptimizer:
         if not callable(value):
             check_lr_value(value)
         self.hp["lr"] = value
+
+    @property
+    def group_state(self) -> list:
+        """The per-group scalar state (NAdam's ``mu_product``), one dict per group, as the
+        optimizer classes hold it."""
+        return [dict(self._gstate)]
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state on this rank (its shard only)."""
@@ -503,13 +509,13 @@ class ShardedOptimizer:
                     "non-finite averaged gradient (inf or nan) after unscaling, on some rank's "
                     "shard; nothing was written on any rank (pass nonfinite='skip' to skip such "
                     "steps)")
-            return StepInfo(skipped=True, group_state=(dict(self.group_state),))
+            return StepInfo(skipped=True, group_state=(dict(self._gstate),))
 
         # phase 2: the shard's update, then every rank's params
         scales = gnorm = None
         if sumsq is not None:
             scales, gnorm = clip_scales(np, sumsq, hp)
-        scalars, new_gs = self.rule.step_scalars(hp, t, self.group_state)
+        scalars, new_gs = self.rule.step_scalars(hp, t, self._gstate)
         write_step(ops, kernel, self._parts, self._n, scales, hp, scalars, inv_scale, self._param_norms)
         for k, L in enumerate(self.layouts):
             buf = self._send[k]
@@ -520,7 +526,7 @@ class ShardedOptimizer:
             for i, off in zip(L.tensors, L.offsets):
                 _flat(self.params[i])[...] = buf[off:off + self.params[i].size]
         self.step_count = t
-        self.group_state = dict(new_gs)
+        self._gstate = dict(new_gs)
         return StepInfo(skipped=False, _grad_norm=gnorm, _group_norms=(gnorm,),
                         group_state=(dict(new_gs),))
 
@@ -544,7 +550,7 @@ class ShardedOptimizer:
         return {
             "format": "fastopt-shard", "rule": self.rule.name, "rank": self.rank,
             "world": self.world, "step_count": self.step_count,
-            "hyperparameters": copy.deepcopy(self.hp), "group_state": dict(self.group_state),
+            "hyperparameters": copy.deepcopy(self.hp), "group_state": dict(self._gstate),
             "layout": [{"dtype": str(L.dtype), "total": L.total, "start": L.starts[self.rank],
                         "count": L.counts[self.rank]} for L in self.layouts],
             "state": [{n: a.copy() for n, a in st.items()} for st in self._state],
@@ -564,7 +570,7 @@ class ShardedOptimizer:
             for n, a in st.items():
                 a[...] = theirs[n]
         self.step_count = int(sd["step_count"])
-        self.group_state = {k: float(v) for k, v in sd["group_state"].items()}
+        self._gstate = {k: float(v) for k, v in sd["group_state"].items()}
 
     def _check_shard_dict(self, sd):
         if not isinstance(sd, dict) or sd.get("format") != "fastopt-shard":
@@ -624,7 +630,7 @@ class ShardedOptimizer:
         group = {k: copy.deepcopy(v) for k, v in self.hp.items()}
         group["params"] = list(range(self._n))
         return {"rule": self.rule.name, "step_count": self.step_count, "param_groups": [group],
-                "state": state, "group_state": [dict(self.group_state)]}
+                "state": state, "group_state": [dict(self._gstate)]}
 
     def _probe(self, params):
         """A single-process optimizer of the same rule and options over ``params``."""
@@ -666,7 +672,7 @@ class ShardedOptimizer:
                         buf[off:off + self.params[i].size] = _flat(full["state"][i][n])
                 self.comm.scatter_shards(buf, shard, L.starts, L.counts, root)
         self.step_count = step_count
-        self.group_state = {k: float(v) for k, v in gstate.items()}
+        self._gstate = {k: float(v) for k, v in gstate.items()}
 
     def save(self, path, *, params: bool = True, root: int = 0) -> None:
         """Write a single-process checkpoint (``fastopt.save`` format) from ``root``; collective.

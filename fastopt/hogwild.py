@@ -88,11 +88,17 @@ class Hogwild:
         self._want = expected_layout(self.params)
         self._lock = threading.Lock()
         self.step_count = 0
-        self.group_state = dict(self.rule.group_state)
+        self._gstate = dict(self.rule.group_state)
         names = self.rule.state(self.hp)
         self._state = [{n: np.full_like(p, init) for n, init in names} for p in self.params]
         dtypes = sorted({p.dtype for p in self.params}, key=str)
         self._groups = [[i for i, p in enumerate(self.params) if p.dtype == dt] for dt in dtypes]
+
+    @property
+    def group_state(self) -> list:
+        """The per-group scalar state (NAdam's ``mu_product``), one dict per group, as the
+        optimizer classes hold it."""
+        return [dict(self._gstate)]
 
     def state_nbytes(self) -> int:
         return sum(a.nbytes for st in self._state for a in st.values())
@@ -105,7 +111,7 @@ class Hogwild:
         with self._lock:
             return {"rule": self.rule.name, "step_count": self.step_count, "param_groups": [group],
                     "state": {i: {n: a.copy() for n, a in st.items()} for i, st in enumerate(self._state)},
-                    "group_state": [dict(self.group_state)]}
+                    "group_state": [dict(self._gstate)]}
 
     def step(self, grads, *args, grad_scale=None):
         """One lock-free step from the calling thread; the wrapped class's signature."""
@@ -143,7 +149,7 @@ class Hogwild:
             if self.nonfinite == "raise":
                 raise FloatingPointError("non-finite gradient (inf or nan) after unscaling; nothing "
                                          "was written (pass nonfinite='skip' to skip such steps)")
-            return StepInfo(skipped=True, group_state=(dict(self.group_state),))
+            return StepInfo(skipped=True, group_state=(dict(self._gstate),))
         scales = gnorm = None
         if sumsq is not None:
             scales, gnorm = clip_scales(np, sumsq, hp)
@@ -153,9 +159,9 @@ class Hogwild:
             if callable(hp["lr"]):
                 hp["lr"] = float(hp["lr"](t - 1))
                 check_lr_value(hp["lr"], f"lr (the schedule's value at step {t - 1})")
-            scalars, new_gs = self.rule.step_scalars(hp, t, self.group_state)
+            scalars, new_gs = self.rule.step_scalars(hp, t, self._gstate)
             self.step_count = t
-            self.group_state = dict(new_gs)
+            self._gstate = dict(new_gs)
         # whole tensors (LAMB's trust ratio sees each tensor entire): the pipeline's phase 2
         write_step(ops, kernel, parts, len(self.params), scales, hp, scalars, inv_scale,
                    lambda partial: partial)
