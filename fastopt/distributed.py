@@ -480,30 +480,37 @@ class ShardedOptimizer:
         try:
             grads, extras, inv_scale, hp = self._validate(grads, extras, grad_scale, t)
         except (TypeError, ValueError) as e:
-            err = e
-        self._agree(err)
+            err, grads, extras = e, None, None  # still take part in the collectives, then raise
 
         ops = _backend.get_ops(self.backend)
         kernel = _backend.get_kernel(self.rule.name, self.backend)
         for k, L in enumerate(self.layouts):
             self._reduce(grads, L, self._send[k], self._recv[k], self._scratch[k])
-            if extras is not None:
+            if self.rule.extra is not None:
                 self._reduce(extras, L, self._xsend[k], self._xrecv[k], self._scratch[k])
 
-        # phase 1: global stats from every rank's partial ones, summed in rank order
-        sumsq, finite = read_stats(ops, self._parts, self._n, hp, inv_scale, self.nonfinite)
-        if sumsq is not None or self.nonfinite != "ignore":
-            row = np.zeros(self._n + 1)
-            row[0] = 0.0 if finite else 1.0
-            if sumsq is not None:
-                row[1:] = sumsq
-            rows = self.comm.allgather_rows(row)
-            finite = not rows[:, 0].any()
-            if sumsq is not None:
-                sumsq = rows[0, 1:].copy()
-                for k in range(1, self.world):  # rank order: the same bits on every rank
-                    sumsq += rows[k, 1:]
-        if not finite:
+        # phase 1: one small allgather carries every rank's input-error flag, non-finite
+        # flag and per-tensor partial sums of squares; nothing user-visible is written yet
+        sumsq, finite = None, True
+        if err is None:
+            sumsq, finite = read_stats(ops, self._parts, self._n, hp, inv_scale, self.nonfinite)
+        row = np.zeros(self._n + 2)
+        row[0] = err is not None
+        row[1] = not finite
+        if sumsq is not None:
+            row[2:] = sumsq
+        rows = self.comm.allgather_rows(row)
+        if rows[:, 0].any():
+            if err is not None:
+                raise err
+            bad = np.flatnonzero(rows[:, 0]).tolist()
+            raise ValueError(f"rank(s) {bad} rejected their step input (see the error on those "
+                             f"ranks); nothing was written on any rank")
+        if sumsq is not None:
+            sumsq = rows[0, 2:].copy()
+            for k in range(1, self.world):  # rank order: the same bits on every rank
+                sumsq += rows[k, 2:]
+        if rows[:, 1].any():
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     "non-finite averaged gradient (inf or nan) after unscaling, on some rank's "
@@ -531,8 +538,9 @@ class ShardedOptimizer:
                         group_state=(dict(new_gs),))
 
     def _reduce(self, arrays, L, send, recv, scratch):
-        for i, off in zip(L.tensors, L.offsets):
-            send[off:off + arrays[i].size] = _flat(arrays[i])
+        if arrays is not None:  # None: this rank's input was bad, its sum is thrown away
+            for i, off in zip(L.tensors, L.offsets):
+                send[off:off + arrays[i].size] = _flat(arrays[i])
         self.comm.sum_shard(send, recv, scratch, L.starts, L.counts, self.sum_order)
         recv /= self.world  # the average in the grads' dtype, as (g_0 + ... + g_{W-1}) / W
 
