@@ -56,6 +56,7 @@ through host memory: the MPI wheels on PyPI are not CUDA-aware).
 from __future__ import annotations
 
 import copy
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -363,6 +364,10 @@ class ShardedOptimizer:
         self._xrecv = [np.empty(L.counts[self.rank], L.dtype) if extra else None for L in self.layouts]
         self.step_count = 0
         self._gstate = dict(self.rule.group_state)
+        #: seconds of the phases of the last step taken: ``reduce`` (pack + reduce-scatter +
+        #: average), ``stats`` (norms, non-finite check, their allgather), ``update`` (the
+        #: kernel on this shard, ``max_norm``), ``allgather`` (params to every rank)
+        self.last_timings = {}
         self._init_state()
         if sync_params and self.world > 1:
             for p in self.params:
@@ -484,6 +489,8 @@ class ShardedOptimizer:
 
         ops = _backend.get_ops(self.backend)
         kernel = _backend.get_kernel(self.rule.name, self.backend)
+        clock = time.perf_counter
+        t0 = clock()
         for k, L in enumerate(self.layouts):
             self._reduce(grads, L, self._send[k], self._recv[k], self._scratch[k])
             if self.rule.extra is not None:
@@ -491,6 +498,7 @@ class ShardedOptimizer:
 
         # phase 1: one small allgather carries every rank's input-error flag, non-finite
         # flag and per-tensor partial sums of squares; nothing user-visible is written yet
+        t1 = clock()
         sumsq, finite = None, True
         if err is None:
             sumsq, finite = read_stats(ops, self._parts, self._n, hp, inv_scale, self.nonfinite)
@@ -500,6 +508,7 @@ class ShardedOptimizer:
         if sumsq is not None:
             row[2:] = sumsq
         rows = self.comm.allgather_rows(row)
+        t2 = clock()
         if rows[:, 0].any():
             if err is not None:
                 raise err
@@ -524,6 +533,7 @@ class ShardedOptimizer:
             scales, gnorm = clip_scales(np, sumsq, hp)
         scalars, new_gs = self.rule.step_scalars(hp, t, self._gstate)
         write_step(ops, kernel, self._parts, self._n, scales, hp, scalars, inv_scale, self._param_norms)
+        t3 = clock()
         for k, L in enumerate(self.layouts):
             buf = self._send[k]
             for q in L.pieces:
@@ -534,6 +544,8 @@ class ShardedOptimizer:
                 _flat(self.params[i])[...] = buf[off:off + self.params[i].size]
         self.step_count = t
         self._gstate = dict(new_gs)
+        self.last_timings = {"reduce": t1 - t0, "stats": t2 - t1, "update": t3 - t2,
+                             "allgather": clock() - t3}
         return StepInfo(skipped=False, _grad_norm=gnorm, _group_norms=(gnorm,),
                         group_state=(dict(new_gs),))
 
