@@ -281,7 +281,11 @@ class MPIComm:
         return out
 
     def sum_shard(self, send: np.ndarray, recv: np.ndarray, scratch, starts, counts, order: str):
-        """``recv`` = this rank's shard of the sum over ranks of ``send``."""
+        """``recv`` = this rank's shard of the sum over ranks of ``send``.
+
+        ``order="rank"``: ``recv`` must be ``scratch[:n]``; the W slices arrive in
+        ``scratch`` and are added left to right in rank order, in place.
+        """
         MPI, W, r = self.MPI, self.size, self.rank
         if order == "mpi":
             self.comm.Reduce_scatter(send, recv, counts, op=MPI.SUM)
@@ -289,7 +293,6 @@ class MPIComm:
         n = counts[r]
         self.comm.Alltoallv([send, (counts, starts)],
                             [scratch, ([n] * W, [k * n for k in range(W)])])
-        np.copyto(recv, scratch[:n])
         for k in range(1, W):  # left to right in rank order: a deterministic sum
             recv += scratch[k * n:(k + 1) * n]
 
@@ -356,12 +359,14 @@ class ShardedOptimizer:
         self._want = expected_layout(self.params)
         # one send buffer per dtype: packed grads, then (after the reduction) the params
         self._send = [np.empty(L.total, L.dtype) for L in self.layouts]
-        self._recv = [np.empty(L.counts[self.rank], L.dtype) for L in self.layouts]
-        self._scratch = [np.empty(L.counts[self.rank] * self.world, L.dtype) if sum_order == "rank"
-                         else None for L in self.layouts]
+        # the reduced shard; in rank order it is the head of the buffer the W slices arrive in
+        self._scratch = [self._landing(L) for L in self.layouts]
+        self._recv = [self._shard_of(L, sc) for L, sc in zip(self.layouts, self._scratch)]
         extra = self.rule.extra is not None
         self._xsend = [np.empty(L.total, L.dtype) if extra else None for L in self.layouts]
-        self._xrecv = [np.empty(L.counts[self.rank], L.dtype) if extra else None for L in self.layouts]
+        self._xscratch = [self._landing(L) if extra else None for L in self.layouts]
+        self._xrecv = [self._shard_of(L, sc) if extra else None
+                       for L, sc in zip(self.layouts, self._xscratch)]
         self.step_count = 0
         self._gstate = dict(self.rule.group_state)
         #: seconds of the phases of the last step taken: ``reduce`` (pack + reduce-scatter +
@@ -374,6 +379,14 @@ class ShardedOptimizer:
                 self.comm.bcast_array(p, 0)
 
     # ------------------------------------------------------------------ construction
+
+    def _landing(self, L):
+        n = L.counts[self.rank]
+        return np.empty(n * self.world, L.dtype) if self.sum_order == "rank" else None
+
+    def _shard_of(self, L, scratch):
+        n = L.counts[self.rank]
+        return scratch[:n] if scratch is not None else np.empty(n, L.dtype)
 
     def _check_same_params(self):
         """Shapes and dtypes must agree on every rank (else every rank raises)."""
@@ -494,7 +507,7 @@ class ShardedOptimizer:
         for k, L in enumerate(self.layouts):
             self._reduce(grads, L, self._send[k], self._recv[k], self._scratch[k])
             if self.rule.extra is not None:
-                self._reduce(extras, L, self._xsend[k], self._xrecv[k], self._scratch[k])
+                self._reduce(extras, L, self._xsend[k], self._xrecv[k], self._xscratch[k])
 
         # phase 1: one small allgather carries every rank's input-error flag, non-finite
         # flag and per-tensor partial sums of squares; nothing user-visible is written yet
@@ -540,8 +553,16 @@ class ShardedOptimizer:
                 s = L.starts[self.rank] + q.at
                 buf[s:s + q.hi - q.lo] = _flat(self.params[q.tensor])[q.lo:q.hi]
             self.comm.allgather_shards(buf, L.starts, L.counts)
+            # copy back what other ranks updated; this rank's shard is in the params already
+            s0, s1 = L.starts[self.rank], L.starts[self.rank] + L.counts[self.rank]
             for i, off in zip(L.tensors, L.offsets):
-                _flat(self.params[i])[...] = buf[off:off + self.params[i].size]
+                n = self.params[i].size
+                flat = _flat(self.params[i])
+                if off < s0:
+                    flat[:min(n, s0 - off)] = buf[off:min(off + n, s0)]
+                if off + n > s1:
+                    lo = max(s1, off)
+                    flat[lo - off:] = buf[lo:off + n]
         self.step_count = t
         self._gstate = dict(new_gs)
         self.last_timings = {"reduce": t1 - t0, "stats": t2 - t1, "update": t3 - t2,
@@ -554,7 +575,8 @@ class ShardedOptimizer:
             for i, off in zip(L.tensors, L.offsets):
                 send[off:off + arrays[i].size] = _flat(arrays[i])
         self.comm.sum_shard(send, recv, scratch, L.starts, L.counts, self.sum_order)
-        recv /= self.world  # the average in the grads' dtype, as (g_0 + ... + g_{W-1}) / W
+        if self.world > 1:  # x / 1 == x: W = 1 skips a pass
+            recv /= self.world  # the average in the grads' dtype, as (g_0 + ... + g_{W-1}) / W
 
     def _param_norms(self, partial):
         rows = self.comm.allgather_rows(partial)
@@ -584,7 +606,7 @@ class ShardedOptimizer:
         except (TypeError, ValueError, KeyError) as e:
             err = e if not isinstance(e, KeyError) else ValueError(f"state_dict: missing key {e}")
         self._agree(err)
-        self.hp = copy.deepcopy(sd["hyperparameters"])
+        self.hp = {**self.hp, **copy.deepcopy(sd["hyperparameters"])}
         self._init_state()
         for st, theirs in zip(self._state, sd["state"]):
             for n, a in st.items():
