@@ -134,3 +134,23 @@ def test_bad_params_refused():
         ShardedOptimizer("adam", [{"params": [np.zeros(3)]}])
     with pytest.raises(TypeError, match=r"params\[1\]: expected dtype float32 or float64"):
         ShardedOptimizer(fo.Adam, [np.zeros(3), np.zeros(3, np.int32)])
+
+
+@needs_mpiexec
+def test_demo_distributed_is_bit_exact():
+    """``mpiexec -n 2 python -m mpi4py -m fastopt demo --distributed``, one short epoch: the
+    sharded run equals its one-process replay (max |diff| 0) and each rank holds half."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "fastopt", "demo",
+           "--distributed", "--epochs", "1", "--hidden", "16", "-o", "adam", "momentum",
+           "--backend", "numpy"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("adam ", "momentum "))]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        assert row[5] == "0", proc.stdout  # max |diff|
+        assert row[4] == row[3], proc.stdout  # test accuracy of both runs
+        held = [int(x) for x in row[8:11:2]]
+        # half each, give or take one 256-element block per state array (at most 2 here)
+        assert sum(held) == int(row[12]) and max(held) <= sum(held) / 2 + 2 * 256 * 4, proc.stdout
