@@ -19,6 +19,7 @@ without locks.  The table compares it with the ordinary one-thread run.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import sys
 import time
@@ -136,8 +137,9 @@ def run_hogwild(args, backend) -> int:
     names = _parse_optimizers(args.optimizer) if args.optimizer else list(DEFAULT)
     data = load_digits_split(args.seed, dtype=np.dtype(args.dtype))
     epochs = args.epochs or 20
-    print(f"fastopt demo --hogwild {n_threads}: {n_threads} threads share one MLP and one optimizer, "
-          f"lock-free; {epochs} epochs of batch {args.batch_size}, thread i takes batches i, i+{n_threads}, ...")
+    print(f"fastopt demo --hogwild {n_threads}: {n_threads} threads share one MLP and one "
+          f"optimizer, lock-free; {epochs} epochs of batch {args.batch_size}, thread i takes "
+          f"batches i, i+{n_threads}, ...")
     head = (f"{'optimizer':10} {'lr':>8} {'threads':>7} {'train loss':>10} {'test acc':>8} "
             f"{'steps':>6} {'wall s':>7}")
     lines = [head, "-" * len(head)]
@@ -197,9 +199,7 @@ def run(args, backend) -> int:
               file=sys.stderr)
         return 2
     if args.distributed:
-        try:
-            import mpi4py  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("mpi4py") is None:
             print("error: --distributed needs mpi4py: pip install 'fastopt[mpi]', then "
                   "mpiexec -n 2 python -m mpi4py -m fastopt demo --distributed", file=sys.stderr)
             return 2
