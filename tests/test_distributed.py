@@ -57,6 +57,14 @@ def test_sharded_step_equals_single_process_step(n):
 
 
 @needs_mpiexec
+def test_empty_shards():
+    """8 elements over 3 ranks: ranks 1 and 2 hold no state yet take part in every
+    collective (norm clips, max_norm and the flags included)."""
+    assert_ok(launch(3, "parity", "--tiny", "--only", "adam-globalnorm-maxnorm", "sgd-all-pipeline",
+                     "adahessian", "nadam"), 3, "parity")
+
+
+@needs_mpiexec
 def test_mpi_reduce_scatter_order_within_tolerance():
     """sum_order='mpi' (MPI_Reduce_scatter): MPICH's summation order at W = 3 is its own."""
     assert_ok(launch(3, "parity", "--sum-order", "mpi", "--only", "adam", "sgd-momentum-wd",

@@ -30,6 +30,8 @@ NORM_OPTIONS = ("clip_norm", "clip_global_norm", "max_norm")
 # tensors are cut by a shard boundary somewhere
 SHAPES = [((1,), np.float32), ((7,), np.float64), ((30, 11), np.float32), ((1000,), np.float64),
           ((3,), np.float32), ((517,), np.float32)]
+# fewer elements than ranks x blocks: some ranks hold an empty shard of a dtype
+TINY = [((3,), np.float32), ((1,), np.float64), ((2, 2), np.float32)]
 
 
 def make_params(seed=0, shapes=SHAPES):
@@ -71,12 +73,12 @@ def step(opt, rule, grads, extras, **kw):
     return opt.step(grads, extras, **kw) if extras is not None else opt.step(grads, **kw)
 
 
-def run_parity(backend, sum_order, steps, only=None):
+def run_parity(backend, sum_order, steps, only=None, shapes=SHAPES):
     checked = 0
     for rule, options, cid in CASES:
         if OPTIMIZERS[rule].rule.kind != "elementwise" or (only and cid not in only):
             continue
-        params = make_params()
+        params = make_params(shapes=shapes)
         ref_params = [p.copy() for p in params]
         opt = ShardedOptimizer(rule, params, backend=backend, sum_order=sum_order, **options)
         ref = OPTIMIZERS[rule](ref_params, backend=backend, **options)
@@ -251,9 +253,10 @@ def main():
     ap.add_argument("--sum-order", default="rank")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--tiny", action="store_true", help="params smaller than one block per rank")
     a = ap.parse_args()
     if a.mode == "parity":
-        out = run_parity(a.backend, a.sum_order, a.steps, a.only)
+        out = run_parity(a.backend, a.sum_order, a.steps, a.only, TINY if a.tiny else SHAPES)
     elif a.mode == "checkpoint":
         out = run_checkpoint(a.backend)
     elif a.mode == "nonfinite":
