@@ -74,13 +74,14 @@ def test_threads_get_distinct_steps_and_exact_host_scalars(backend):
 
 
 def test_threads_converge_on_least_squares():
-    """Four threads, Adam, each on its own rows of a consistent linear system."""
+    """Four threads, plain SGD (the paper's case), each on its own rows of a consistent
+    linear system; the step is small enough that stale reads cannot make it diverge."""
     rng = np.random.default_rng(2)
     a = rng.standard_normal((400, 20))
     x_true = rng.standard_normal(20)
     b = a @ x_true
     x = np.zeros(20)
-    hw = Hogwild("adam", [x], lr=0.05, backend="numba")
+    hw = Hogwild("sgd", [x], lr=0.1, backend="numba")
 
     def worker(i):
         rows = slice(100 * i, 100 * (i + 1))
@@ -90,7 +91,7 @@ def test_threads_converge_on_least_squares():
 
     hw.run(worker, 4)
     assert hw.step_count == 600
-    assert np.linalg.norm(x - x_true) < 0.05 * np.linalg.norm(x_true)  # from 100% at x = 0
+    assert np.linalg.norm(x - x_true) < 1e-3 * np.linalg.norm(x_true)  # from 100% at x = 0
 
 
 def test_bad_input_in_one_thread_writes_nothing():
