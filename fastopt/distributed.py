@@ -49,8 +49,13 @@ rank.  Arrays travel only through mpi4py's buffer (upper-case) collectives;
 small metadata (an error flag, a checkpoint's hyperparameters) through
 ``bcast``.
 
+Communicators: :class:`MPIComm` (mpi4py, the default) or :class:`TorchComm`
+(an initialised ``torch.distributed`` process group, gloo on CPU, for jobs that
+already run one); both offer the same few collectives.
+
 Limits: one param group; NumPy arrays (CuPy arrays would have to stage
-through host memory: the MPI wheels on PyPI are not CUDA-aware).
+through host memory: the MPI wheels on PyPI are not CUDA-aware; NCCL would need
+the params on the GPU).
 """
 
 from __future__ import annotations
@@ -266,6 +271,8 @@ def write_step(ops, kernel, parts: list, n_tensors: int, scales, hp: dict, scala
 class MPIComm:
     """The few collectives a sharded step needs, on an mpi4py communicator (buffers only)."""
 
+    sum_orders = SUM_ORDERS
+
     def __init__(self, comm=None):
         MPI = _mpi()
         self.MPI = MPI
@@ -313,6 +320,83 @@ class MPIComm:
         return self.comm.bcast(obj, root=root)
 
 
+class TorchComm:
+    """The same collectives on ``torch.distributed`` (an initialised process group; gloo on CPU).
+
+    For fastopt.torch users whose job already runs a process group.  NumPy
+    buffers are shared with torch tensors (``torch.from_numpy``, no copy).
+    The rank-ordered sum uses ``all_to_all_single``; uneven shards are
+    gathered through chunks padded to the largest shard (one extra copy).
+    Only ``sum_order="rank"``.  NCCL needs CUDA tensors: not done here, as
+    ShardedOptimizer takes NumPy arrays.
+    """
+
+    sum_orders = ("rank",)
+
+    def __init__(self, group=None):
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("comm: TorchComm needs torch.distributed.init_process_group() first")
+        self.torch, self.dist, self.group = torch, dist, group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def _t(self, a):
+        return self.torch.from_numpy(a)
+
+    def allgather_rows(self, row: np.ndarray) -> np.ndarray:
+        row = np.ascontiguousarray(row)
+        out = np.empty((self.size,) + row.shape, row.dtype)
+        self.dist.all_gather([self._t(out[k]) for k in range(self.size)], self._t(row), group=self.group)
+        return out
+
+    def sum_shard(self, send, recv, scratch, starts, counts, order):
+        n, W = counts[self.rank], self.size
+        self.dist.all_to_all_single(self._t(scratch), self._t(send), [n] * W, list(counts),
+                                    group=self.group)
+        for k in range(1, W):  # left to right in rank order, as MPIComm
+            recv += scratch[k * n:(k + 1) * n]
+
+    def _padded_gather(self, chunk, counts):
+        m = max(counts)
+        pad = np.zeros(m, chunk.dtype)
+        pad[:len(chunk)] = chunk
+        out = np.empty((self.size, m), chunk.dtype)
+        self.dist.all_gather([self._t(out[k]) for k in range(self.size)], self._t(pad), group=self.group)
+        return out
+
+    def allgather_shards(self, buf, starts, counts):
+        s, n = starts[self.rank], counts[self.rank]
+        rows = self._padded_gather(buf[s:s + n], counts)
+        for k in range(self.size):
+            buf[starts[k]:starts[k] + counts[k]] = rows[k, :counts[k]]
+
+    def gather_shards(self, shard, full, starts, counts, root):
+        rows = self._padded_gather(shard, counts)  # every rank receives; only root keeps them
+        if self.rank == root:
+            for k in range(self.size):
+                full[starts[k]:starts[k] + counts[k]] = rows[k, :counts[k]]
+
+    def scatter_shards(self, full, shard, starts, counts, root):
+        m = max(counts)
+        buf = np.zeros((self.size, m), shard.dtype)
+        if self.rank == root:
+            for k in range(self.size):
+                buf[k, :counts[k]] = full[starts[k]:starts[k] + counts[k]]
+        self.dist.broadcast(self._t(buf), src=root, group=self.group)
+        shard[...] = buf[self.rank, :len(shard)]
+
+    def bcast_array(self, a, root):
+        self.dist.broadcast(self._t(a), src=root, group=self.group)
+
+    def bcast_object(self, obj, root):
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=root, group=self.group)
+        return box[0]
+
+
 # --------------------------------------------------------------------------- the optimizer
 
 class ShardedOptimizer:
@@ -320,7 +404,8 @@ class ShardedOptimizer:
 
     ``rule``: a fastopt optimizer class (``fastopt.AdamW``) or its name;
     ``params``: the full list of params, the same shapes and dtypes on every
-    rank; ``comm``: an mpi4py communicator (default ``MPI.COMM_WORLD``);
+    rank; ``comm``: an mpi4py communicator (default ``MPI.COMM_WORLD``), an
+    :class:`MPIComm`, or a :class:`TorchComm` (torch.distributed, gloo);
     ``options``: the rule's constructor options (``lr``, ``betas``, pipeline
     options, ``nonfinite``, ``backend``).  ``sum_order``: ``"rank"`` (default,
     deterministic, bit-exact) or ``"mpi"`` (``MPI_Reduce_scatter``), see the
@@ -349,7 +434,10 @@ class ShardedOptimizer:
         self.hp, self.nonfinite, backend = split_options(self._cls, options)
         self.params = check_param_list(params)
         self.backend = _backend.resolve(backend, "numpy")
-        self.comm = comm if isinstance(comm, MPIComm) else MPIComm(comm)
+        self.comm = comm if isinstance(comm, (MPIComm, TorchComm)) else MPIComm(comm)
+        if sum_order not in self.comm.sum_orders:
+            raise ValueError(f"sum_order: {type(self.comm).__name__} offers {self.comm.sum_orders}, "
+                             f"got {sum_order!r}")
         self.rank, self.world = self.comm.rank, self.comm.size
         self.sum_order = sum_order
         self._check_same_params()
@@ -426,7 +514,7 @@ class ShardedOptimizer:
 
     def _agree(self, err):
         """Raise on every rank when any rank hit an error (``err`` is this rank's or None)."""
-        flags = self.comm.allgather_rows(np.array([err is not None], np.int8))[:, 0]
+        flags = self.comm.allgather_rows(np.array([err is not None], np.int64))[:, 0]
         if flags.any():
             if err is not None:
                 raise err
@@ -763,4 +851,4 @@ class ShardedOptimizer:
                 f"{self.world}, state {self.state_nbytes()} bytes on this rank)")
 
 
-__all__ = ["ShardedOptimizer", "MPIComm", "shard_ranges"]
+__all__ = ["ShardedOptimizer", "MPIComm", "TorchComm", "shard_ranges"]

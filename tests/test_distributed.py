@@ -162,3 +162,4 @@ def test_demo_distributed_is_bit_exact():
         held = [int(x) for x in row[8:11:2]]
         # half each, give or take one 256-element block per state array (at most 2 here)
         assert sum(held) == int(row[12]) and max(held) <= sum(held) / 2 + 2 * 256 * 4, proc.stdout
+
