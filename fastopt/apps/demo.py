@@ -576,6 +576,11 @@ def register(sub) -> None:
                         "default: 1 when the model is smaller than two kernel parts (the default "
                         "MLP is), else numba's (NUMBA_NUM_THREADS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel on MPI with the ZeRO-1 ShardedOptimizer (run under "
+                        "mpiexec -n W python -m mpi4py -m fastopt demo --distributed)")
+    p.add_argument("--hogwild", type=_positive_int, default=None, metavar="N",
+                   help="N threads train one MLP with one optimizer, lock-free (fastopt.hogwild)")
     p.set_defaults(func=run)
 
 
@@ -631,6 +636,9 @@ def run(args) -> int:
         if isinstance(threads, str):
             print(f"error: {threads}", file=sys.stderr)
             return 2
+    if args.distributed or args.hogwild:
+        from .distributed_demo import run as run_parallel
+        return run_parallel(args, backend)
     if xor:
         return _run_xor(args, names, backend, t_start)
 
