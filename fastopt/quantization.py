@@ -10,9 +10,10 @@ element decodes to ``map[code] * absmax[block]``.
 
 Everything here is plain NumPy written down so that a Numba or CUDA kernel can
 reproduce it bit for bit: the maps are float32 constants, the nearest code is
-an exact function of float32 inputs (:func:`quantize_blockwise` gives the
-per-element recipe; :func:`code_thresholds` is the only table it needs), and
-no step depends on the order of a reduction.  ``docs/design.md`` describes how
+an exact function of float32 inputs (:func:`quantize_blockwise` and
+:func:`nearest_code` give the per-element recipe; :func:`code_thresholds` and
+:func:`code_table` are its tables), and no step depends on the order of a
+reduction.  ``docs/design.md`` describes how
 the optimizers use it.
 
     >>> import numpy as np
@@ -30,9 +31,9 @@ import numbers
 
 import numpy as np
 
-__all__ = ["BLOCKSIZE", "MIN_8BIT_SIZE", "dynamic_map", "code_thresholds", "zero_code",
-           "nearest_code", "quantize_blockwise", "dequantize_blockwise", "q8_nbytes",
-           "state_nbytes", "bytes_per_param", "bytes_per_param_table"]
+__all__ = ["BLOCKSIZE", "MIN_8BIT_SIZE", "dynamic_map", "code_thresholds", "code_table",
+           "zero_code", "nearest_code", "quantize_blockwise", "dequantize_blockwise",
+           "q8_nbytes", "state_nbytes", "bytes_per_param", "bytes_per_param_table"]
 
 #: Elements per absmax block (bitsandbytes' and torchao's blockwise default).
 BLOCKSIZE = 256
@@ -144,7 +145,7 @@ def _thresholds(signed: bool) -> np.ndarray:
 
 
 def code_thresholds(signed: bool = True) -> np.ndarray:
-    """The 255 float32 decision thresholds of the nearest-code lookup, sorted ascending.
+    """The 255 float32 decision thresholds that define the nearest code, sorted ascending.
 
     ``code(y) = #{k : y > T[k]}`` for a float32 ``y`` equals the exact nearest
     entry of ``dynamic_map(signed)`` (distances in real arithmetic, not in
@@ -152,7 +153,9 @@ def code_thresholds(signed: bool = True) -> np.ndarray:
     the entry nearer zero.  ``T[k]`` is the midpoint ``m = (map[k] + map[k+1])/2``
     moved down onto the float32 grid: the largest float32 ``<= m`` when
     ``m > 0``, the largest float32 ``< m`` when ``m < 0`` (no midpoint is 0).
-    Ports copy these constants (or rebuild them this way in double precision).
+    NaN is greater than nothing and gets code 0.  Ports copy these constants
+    (or rebuild them this way in double precision); :func:`nearest_code` gives
+    two ways to evaluate the count.
     """
     return _thresholds(_check_signed(signed)).copy()
 
@@ -162,40 +165,114 @@ def zero_code(signed: bool = True) -> int:
     return int(np.flatnonzero(_map(_check_signed(signed)) == 0)[0])
 
 
-def _count_below(y: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """``#{k : y > t[k]}`` per element; 0 for NaN (every comparison with NaN is false)."""
-    codes = np.searchsorted(t, y, side="left").astype(np.uint8)  # counts t[k] < y
-    codes[np.isnan(y)] = 0  # searchsorted sorts NaN last; the comparison recipe gives 0
-    return codes
+# The bucket table of nearest_code: |y| in [2**-23, 1) is cut into 128 buckets per
+# binary exponent (the top 7 mantissa bits), 23 binades, per sign.
+_BUCKET_SHIFT = 16                  # 23 mantissa bits - 7 kept
+_U_LO = 0x34000000                  # bits of 2**-23, below every |threshold|
+_U_HI = 0x3F7FFFFF                  # bits of the largest float32 below 1
+_N_BUCKETS = (0x3F800000 - _U_LO) >> _BUCKET_SHIFT  # 2944
 
 
-def nearest_code(y, signed: bool = True) -> np.ndarray:
+@functools.lru_cache(maxsize=2)
+def _buckets(signed: bool) -> np.ndarray:
+    t = _thresholds(signed)
+    i = np.arange(_N_BUCKETS, dtype=np.uint32)
+    lo = (np.uint32(_U_LO) + (i << np.uint32(_BUCKET_SHIFT))).view(_F32)
+    hi = (np.uint32(_U_LO) + ((i + 1) << np.uint32(_BUCKET_SHIFT))).view(_F32)
+    # y = +a, a in [lo, hi): #{t < y} = #{t < lo} + [t_j < y] with j = #{t < lo},
+    # provided at most one threshold lies in [lo, hi).  y = -a, a in [lo, hi):
+    # y in (-hi, -lo], so j = #{t <= -hi} and at most one threshold in (-hi, -lo].
+    pos = np.searchsorted(t, lo, side="left")
+    neg = np.searchsorted(t, -hi, side="right")
+    assert np.all(np.searchsorted(t, hi, side="left") - pos <= 1)
+    assert np.all(np.searchsorted(t, -lo, side="right") - neg <= 1)
+    # below 2**-23 every y falls between the two thresholds around 0 (bucket 0 serves
+    # it), at and above 1 beyond the last (the top bucket holds t[254])
+    assert np.all(np.abs(t) >= np.float32(2.0 ** -23)) and t[-1] >= lo[-1] and t[0] > -1
+    table = np.stack([pos, neg]).astype(np.uint8)
+    assert table.max() <= 254  # t[base] is always one of the 255 thresholds
+    table.flags.writeable = False
+    return table
+
+
+def code_table(signed: bool = True) -> np.ndarray:
+    """The bucket table of :func:`nearest_code`: uint8 of shape ``(2, 2944)`` (sign, bucket).
+
+    Entry ``[s, b]`` is where the count of thresholds starts for the float32
+    values of sign ``s`` whose magnitude has the bit pattern ``0x34000000 +
+    (b << 16)`` up to the next bucket: ``#{T < lo}`` for ``s = 0`` and
+    ``#{T <= -hi}`` for ``s = 1``.  No bucket holds more than one threshold, so
+    one comparison finishes the count.  5888 bytes; ports copy them.
+    """
+    return _buckets(_check_signed(signed)).copy()
+
+
+def _bucket_codes(y: np.ndarray, signed: bool) -> np.ndarray:
+    """nearest_code's bucket recipe on a flat float32 array (no checks)."""
+    bits = y.view(np.uint32)
+    b = bits & np.uint32(0x7FFFFFFF)
+    np.clip(b, np.uint32(_U_LO), np.uint32(_U_HI), out=b)
+    b -= np.uint32(_U_LO)
+    b >>= np.uint32(_BUCKET_SHIFT)
+    b += (bits >> np.uint32(31)) * np.uint32(_N_BUCKETS)
+    base = _buckets(signed).reshape(-1)[b]
+    code = base + (y > _thresholds(signed)[base])
+    code[np.isnan(y)] = 0
+    return code.astype(np.uint8, copy=False)
+
+
+def _bsearch_codes(y: np.ndarray, signed: bool) -> np.ndarray:
+    """nearest_code's binary-search recipe (no checks)."""
+    t = _thresholds(signed)
+    code = np.zeros(y.shape, np.intp)
+    for s in (128, 64, 32, 16, 8, 4, 2, 1):
+        code += s * (y > t[code + (s - 1)])
+    return code.astype(np.uint8)
+
+
+def nearest_code(y, signed: bool = True, method: str = "table") -> np.ndarray:
     """Code of the exact nearest ``dynamic_map(signed)`` entry to each float32 ``y``, as uint8.
 
-    The recipe a kernel ports: a branch-free binary search over
-    ``T = code_thresholds(signed)`` (255 entries), eight compare-and-add steps::
+    The code is ``#{k : y > T[k]}`` over ``T = code_thresholds(signed)`` (ties to
+    the entry nearer zero, NaN to code 0).  Two recipes give it exactly, for
+    kernels to port; both return the same code on every float32 (tested
+    exhaustively over bit-pattern ranges and on every midpoint's neighbours).
+
+    ``method="table"`` (one table load and one comparison; what
+    :func:`quantize_blockwise` uses), with ``B = code_table(signed)``::
+
+        bits = float32 bits of y (uint32)
+        b    = bits & 0x7FFFFFFF                     # |y|, monotone as an integer
+        b    = min(max(b, 0x34000000), 0x3F7FFFFF)   # clamp |y| into [2**-23, 1)
+        b    = (b - 0x34000000) >> 16                # binade and top 7 mantissa bits
+        base = B[bits >> 31][b]                      # 0..2943 per sign
+        code = base + (y > T[base] ? 1 : 0)
+        if y != y: code = 0                          # NaN
+
+    The clamp is exact, not an approximation: every threshold has magnitude
+    at least 2**-23, so all smaller ``|y|`` share bucket 0's answer, and the
+    top bucket holds ``T[254]``, so ``|y| >= 1`` (inf included) gets 255 or 0.
+
+    ``method="bsearch"``: a branch-free binary search, eight compare-and-add
+    steps (``T[code + s - 1]``, largest index read 254), NaN giving 0 by
+    itself::
 
         code = 0
         for s in 128, 64, 32, 16, 8, 4, 2, 1:
             code += s if y > T[code + s - 1] else 0
 
-    Each step keeps ``T[0..code-1] < y``; the largest index read is 254.
-    Nothing else is needed: ``y`` beyond ``[-1, 1]`` lands on the end codes,
-    ``-0.0`` and subnormals compare as the numbers they are, and NaN fails
-    every comparison and gets code 0.  Ties go to the entry nearer zero (see
-    :func:`code_thresholds`).  ``y`` must be float32 (a float64 would round
-    differently from a kernel's float32).  This function runs those eight steps
-    vectorised; :func:`quantize_blockwise` gets the same codes from
-    ``numpy.searchsorted`` (faster in NumPy, equal on every input: tested).
+    ``-0.0`` and subnormals compare as the numbers they are.  ``y`` must be
+    float32: a float64 would round differently from a kernel's float32.
     """
     y = np.asarray(y)
     if y.dtype != _F32:
         raise TypeError(f"y: expected float32 values, got dtype {y.dtype}")
-    t = _thresholds(_check_signed(signed))
-    code = np.zeros(y.shape, np.intp)
-    for s in (128, 64, 32, 16, 8, 4, 2, 1):
-        code += s * (y > t[code + (s - 1)])
-    return code.astype(np.uint8)
+    signed = _check_signed(signed)
+    if method == "table":
+        return _bucket_codes(y.reshape(-1), signed).reshape(y.shape)
+    if method == "bsearch":
+        return _bsearch_codes(y, signed)
+    raise ValueError(f"method: expected 'table' or 'bsearch', got {method!r}")
 
 
 def _is_float_dtype(dtype) -> bool:
@@ -231,18 +308,27 @@ def quantize_blockwise(x, signed: bool | None = None, blocksize: int = BLOCKSIZE
         per element:
           y    = x / absmax   (float32 IEEE division; y = 0 when absmax == 0)
           code = nearest_code(y)                    (exact nearest map entry,
-                                                     ties to the entry nearer 0)
+                                                     ties to the entry nearer 0,
+                                                     NaN to 0)
           if signed and x < 0 and code == 127:      (the sign guard)
               code = 126
 
-    The sign guard is bitsandbytes' (``kOptimizerStatic8bit2StateBlockwise`` in
-    ``csrc/kernels.cu``: when the code's sign bit differs from the value's, it
-    steps one code towards the value's sign): a negative value too small for
+    The sign guard is bitsandbytes' (its blockwise 8-bit optimizer kernels,
+    ``kOptimizerStatic8bit{1,2}StateBlockwise`` in ``csrc/kernels.cu``: when
+    the code's sign bit differs from the value's, step one code towards the
+    value's sign): a negative value too small for
     any negative code would round to 0 and lose its sign; it gets the smallest
     negative code instead.  With an exact nearest code that is the guard's only
     effect.  One deliberate difference: bitsandbytes tests the sign *bit*, so
     it sends ``-0.0`` to code 126 (a small negative number); here the test is
     ``x < 0`` and ``-0.0`` keeps the zero code, so zeros decode to zeros.
+
+    How this differs from bitsandbytes' own quantizers: its CUDA search
+    (``dQuantize``) resolves an exact tie by the path its binary search took,
+    and its CPU quantizer (0.50) looks codes up in a table over 65536 uniform
+    bins of ``[-1, 1]``, which cannot resolve the map's entries near zero (they
+    are ~1e-6 apart), so small values get codes that are not the nearest.  Here
+    the code is always the nearest; ties have the one rule above.
 
     Division (not a multiply by ``1/absmax``) keeps ``|y| <= 1`` and gives
     exactly 1.0 for the element that is the absmax; every backend computes it
@@ -282,7 +368,7 @@ def quantize_blockwise(x, signed: bool | None = None, blocksize: int = BLOCKSIZE
     with np.errstate(divide="ignore", invalid="ignore"):
         y = flat / scale
     y[scale == 0] = 0  # all-zero block: 0/0 would be NaN
-    codes = _count_below(y, _thresholds(signed))
+    codes = _bucket_codes(y, signed)
     if signed:
         zero = zero_code(True)
         codes[(flat < 0) & (codes == zero)] = zero - 1

@@ -59,6 +59,21 @@ def bracket_code(y, signed):
     return out.astype(np.uint8)
 
 
+def count_below(y, signed):
+    """The definition of the code: how many thresholds lie below y (NaN: 0)."""
+    y = np.asarray(y, F32)
+    out = np.searchsorted(q.code_thresholds(signed), y, side="left")
+    out[np.isnan(y)] = 0
+    return out.astype(np.uint8)
+
+
+def all_recipes_equal(y, signed, want):
+    """Both recipes of nearest_code and the threshold count give the oracle's codes."""
+    assert np.array_equal(count_below(y, signed), want)
+    assert np.array_equal(q.nearest_code(y, signed), want)
+    assert np.array_equal(q.nearest_code(y, signed, method="bsearch"), want)
+
+
 def brute_quantize(x, signed, blocksize=256):
     """quantize_blockwise by its definition: block max, divide, brute-force code, sign guard."""
     flat = np.asarray(x, F32).reshape(-1)
@@ -181,9 +196,7 @@ def test_thresholds_sit_on_the_exact_midpoints(signed):
 @pytest.mark.parametrize("signed", SIGNS)
 def test_lookup_equals_brute_force_on_adversarial_values(signed):
     y = adversarial(signed)
-    want = brute_code(y, signed)
-    assert np.array_equal(q.nearest_code(y, signed), want)
-    assert np.array_equal(q._count_below(y, q._thresholds(signed)), want)
+    all_recipes_equal(y, signed, brute_code(y, signed))
     # the set really holds ties, and both sides of each
     c = q.dynamic_map(signed).astype(np.float64)
     mid = (c[:-1] + c[1:]) / 2
@@ -198,9 +211,9 @@ def test_lookup_equals_brute_force_on_adversarial_values(signed):
 
 def test_lookup_special_values():
     y = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 2.0, -2.0], F32)
-    assert q.nearest_code(y, True).tolist() == [0, 0, 255, 0, 127, 127, 255, 0]
-    assert q.nearest_code(y, False).tolist() == [0, 0, 255, 0, 0, 0, 255, 0]
-    assert q._count_below(y, q._thresholds(True)).tolist() == [0, 0, 255, 0, 127, 127, 255, 0]
+    for method in ("table", "bsearch"):
+        assert q.nearest_code(y, True, method).tolist() == [0, 0, 255, 0, 127, 127, 255, 0]
+        assert q.nearest_code(y, False, method).tolist() == [0, 0, 255, 0, 0, 0, 255, 0]
 
 
 @pytest.mark.parametrize("signed", SIGNS)
@@ -212,8 +225,7 @@ def test_lookup_equals_brute_force_over_sampled_bit_patterns(signed):
     assert y.size > 400_000
     want = brute_code(y, signed)
     assert np.array_equal(bracket_code(y, signed), want)  # the fast oracle is the oracle
-    assert np.array_equal(q.nearest_code(y, signed), want)
-    assert np.array_equal(q._count_below(y, q._thresholds(signed)), want)
+    all_recipes_equal(y, signed, want)
 
 
 @pytest.mark.slow
@@ -225,26 +237,43 @@ def test_lookup_dense_windows_around_every_threshold(signed):
     raw = bits[:, None] + np.arange(-2000, 2001)[None, :]  # steps the magnitude, either sign
     y = np.unique(raw.astype(np.int32)).view(F32)
     y = y[np.isfinite(y)]
-    want = bracket_code(y, signed)
-    assert np.array_equal(q.nearest_code(y, signed), want)
-    assert np.array_equal(q._count_below(y, q._thresholds(signed)), want)
+    all_recipes_equal(y, signed, bracket_code(y, signed))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signed", SIGNS)
-@pytest.mark.parametrize("lo,hi", [(0.5, 1.0), (2.0 ** -22, 2.0 ** -21),
+@pytest.mark.parametrize("lo,hi", [(0.5, 1.0), (2.0 ** -23, 2.0 ** -21),
                                    (0.0, float(np.finfo(F32).smallest_normal))])
 def test_lookup_exhaustive_over_bit_pattern_ranges(signed, lo, hi):
-    # every float32 of [0.5, 1] (the widest-spaced codes, 1.0 and its neighbours), of
-    # [2**-22, 2**-21] (around the smallest nonzero codes 3.25e-7 and 5.5e-7), and every
-    # subnormal, both signs: 8.4M + 8.4M + 8.4M values per map
+    # every float32 of [0.5, 1] (the widest-spaced codes, the top bucket, 1.0), of
+    # [2**-23, 2**-21] (bucket 0 and the thresholds next to zero, 1.6e-7 and 2.75e-7),
+    # and every subnormal (clamped into bucket 0), both signs: 8.4M, 16.8M and 8.4M
+    # values per map through the table recipe; beyond 1 and between 2**-126 and
+    # 2**-23 the sampled and adversarial tests cover the clamps
     pos = f32_bits(lo, hi, 1)
     for y in (pos, -pos):
-        got = q._count_below(y, q._thresholds(signed))
-        assert np.array_equal(got, bracket_code(y, signed))
-    # the eight-step recipe on every 61st of them (its eight gathers cost more in NumPy)
+        assert np.array_equal(q.nearest_code(y, signed), bracket_code(y, signed))
+    # the binary search and the plain count on every 61st of them
     y = np.concatenate([pos[::61], -pos[::61]])
-    assert np.array_equal(q.nearest_code(y, signed), bracket_code(y, signed))
+    want = bracket_code(y, signed)
+    assert np.array_equal(q.nearest_code(y, signed, method="bsearch"), want)
+    assert np.array_equal(count_below(y, signed), want)
+
+
+@pytest.mark.parametrize("signed", SIGNS)
+def test_code_table_invariants(signed):
+    b = q.code_table(signed)
+    t = q.code_thresholds(signed).astype(np.float64)
+    assert b.shape == (2, 2944) and b.dtype == np.uint8 and b.max() <= 254
+    assert np.all(np.diff(b[0].astype(int)) >= 0) and np.all(np.diff(b[1].astype(int)) <= 0)
+    # bucket k covers |y| in [lo_k, lo_{k+1}); its start counts the thresholds below it
+    edges = (np.uint32(0x34000000) + (np.arange(2945, dtype=np.uint32) << np.uint32(16)))
+    edges = edges.view(F32).astype(np.float64)
+    assert edges[-1] == 1.0
+    for k in (0, 1, 500, 1000, 2000, 2943):
+        assert b[0, k] == np.sum(t < edges[k])
+        assert b[1, k] == np.sum(t <= -edges[k + 1])
+        assert np.sum((t >= edges[k]) & (t < edges[k + 1])) <= 1
 
 
 def test_nearest_code_wants_float32():
@@ -252,6 +281,10 @@ def test_nearest_code_wants_float32():
         q.nearest_code(np.zeros(3), True)
     with pytest.raises(TypeError, match="signed"):
         q.nearest_code(np.zeros(3, F32), "yes")
+    with pytest.raises(ValueError, match="method: expected 'table' or 'bsearch'"):
+        q.nearest_code(np.zeros(3, F32), True, method="linear")
+    y = np.linspace(-1, 1, 60, dtype=F32).reshape(3, 4, 5)[:, ::2]  # any shape, strided
+    assert np.array_equal(q.nearest_code(y), q.nearest_code(np.ascontiguousarray(y)).reshape(3, 2, 5))
 
 
 # ---------------------------------------------------------------- blockwise
