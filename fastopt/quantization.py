@@ -207,18 +207,30 @@ def code_table(signed: bool = True) -> np.ndarray:
     return _buckets(_check_signed(signed)).copy()
 
 
+@functools.lru_cache(maxsize=2)
+def _bucket_thresholds(signed: bool) -> np.ndarray:
+    # T[B] per bucket: the one comparison's threshold, so the two loads of a
+    # lookup do not depend on each other
+    return _thresholds(signed)[_buckets(signed).reshape(-1).astype(np.intp)]
+
+
 def _bucket_codes(y: np.ndarray, signed: bool) -> np.ndarray:
-    """nearest_code's bucket recipe on a flat float32 array (no checks)."""
-    bits = y.view(np.uint32)
-    b = bits & np.uint32(0x7FFFFFFF)
-    np.clip(b, np.uint32(_U_LO), np.uint32(_U_HI), out=b)
-    b -= np.uint32(_U_LO)
-    b >>= np.uint32(_BUCKET_SHIFT)
-    b += (bits >> np.uint32(31)) * np.uint32(_N_BUCKETS)
-    base = _buckets(signed).reshape(-1)[b]
-    code = base + (y > _thresholds(signed)[base])
+    """nearest_code's table recipe on a flat float32 array (no checks)."""
+    u32 = np.uint32
+    bits = y.view(u32)
+    b = bits & u32(0x7FFFFFFF)
+    np.maximum(b, u32(_U_LO), out=b)
+    np.minimum(b, u32(_U_HI), out=b)
+    b -= u32(_U_LO)
+    b >>= u32(_BUCKET_SHIFT)
+    sign = bits >> u32(31)
+    sign *= u32(_N_BUCKETS)
+    b += sign
+    idx = b.astype(np.intp)  # take() wants intp; converting once serves both loads
+    code = _buckets(signed).reshape(-1).take(idx)
+    code += y > _bucket_thresholds(signed).take(idx)
     code[np.isnan(y)] = 0
-    return code.astype(np.uint8, copy=False)
+    return code
 
 
 def _bsearch_codes(y: np.ndarray, signed: bool) -> np.ndarray:
@@ -246,7 +258,7 @@ def nearest_code(y, signed: bool = True, method: str = "table") -> np.ndarray:
         b    = min(max(b, 0x34000000), 0x3F7FFFFF)   # clamp |y| into [2**-23, 1)
         b    = (b - 0x34000000) >> 16                # binade and top 7 mantissa bits
         base = B[bits >> 31][b]                      # 0..2943 per sign
-        code = base + (y > T[base] ? 1 : 0)
+        code = base + (y > T[base] ? 1 : 0)          # T[B] may be tabled too
         if y != y: code = 0                          # NaN
 
     The clamp is exact, not an approximation: every threshold has magnitude
@@ -361,13 +373,21 @@ def quantize_blockwise(x, signed: bool | None = None, blocksize: int = BLOCKSIZE
     if n == 0:
         return np.zeros(x.shape, np.uint8), np.zeros(0, _F32)
 
-    padded = np.zeros(nb * blocksize, _F32)  # zeros do not change a block's max |x|
-    padded[:n] = flat
-    absmax = np.abs(padded).reshape(nb, blocksize).max(axis=1)  # NaN propagates
-    scale = np.repeat(absmax, blocksize)[:n]
+    full = n // blocksize * blocksize
+    absmax = np.empty(nb, _F32)
+    y = np.empty(n, _F32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        y = flat / scale
-    y[scale == 0] = 0  # all-zero block: 0/0 would be NaN
+        if full:
+            blocks = flat[:full].reshape(-1, blocksize)
+            absmax[:full // blocksize] = np.abs(blocks).max(axis=1)  # NaN propagates
+            np.divide(blocks, absmax[:full // blocksize, None],
+                      out=y[:full].reshape(-1, blocksize))
+        if full < n:
+            absmax[-1] = np.abs(flat[full:]).max()
+            np.divide(flat[full:], absmax[-1], out=y[full:])
+    empty = absmax == 0
+    if empty.any():  # all-zero blocks: 0/0 would be NaN
+        y[np.repeat(empty, blocksize)[:n]] = 0
     codes = _bucket_codes(y, signed)
     if signed:
         zero = zero_code(True)
@@ -397,9 +417,13 @@ def dequantize_blockwise(codes, absmax, signed: bool, blocksize: int = BLOCKSIZE
     if absmax.shape != (nb,):
         raise ValueError(f"absmax: expected shape ({nb},) (one entry per block of {blocksize} "
                          f"of the {codes.size} codes), got shape {absmax.shape}")
-    values = _map(signed)[codes.reshape(-1)]
+    out = _map(signed).take(codes.reshape(-1).astype(np.intp))
+    full = codes.size // blocksize * blocksize
     with np.errstate(invalid="ignore"):  # 0 * inf under a non-finite absmax is NaN, as documented
-        out = values * np.repeat(absmax, blocksize)[:codes.size]
+        blocks = out[:full].reshape(-1, blocksize)
+        blocks *= absmax[:full // blocksize, None]
+        if full < codes.size:
+            out[full:] *= absmax[-1]
     return out.reshape(codes.shape)
 
 

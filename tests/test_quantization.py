@@ -360,7 +360,9 @@ def test_all_zero_block_gives_no_nan(signed):
         out = q.dequantize_blockwise(codes, absmax, signed=signed)
     assert absmax[0] == 0 and np.all(codes[:256] == q.zero_code(signed))
     assert np.all(out[:256] == 0) and np.all(np.isfinite(out))
-    assert q.quantize_blockwise(np.zeros(0, F32))[1].shape == (0,)
+    codes, absmax = q.quantize_blockwise(np.zeros((0, 3), F32))
+    assert codes.shape == (0, 3) and absmax.shape == (0,)
+    assert q.dequantize_blockwise(codes, absmax, signed).shape == (0, 3)
 
 
 def test_non_finite_input_as_documented():
