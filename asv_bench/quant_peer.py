@@ -12,7 +12,8 @@ thread); bitsandbytes runs its C++ kernel on ``--threads`` OpenMP threads.
 It also reports what the two produce: absmax must agree bit for bit; the codes
 differ where bitsandbytes' uniform 65536-bin lookup table does not pick the
 nearest map entry, and the table shows how often, and the mean round-trip
-error of each (in units of the block absmax).  Needs ``bitsandbytes`` and ``torch`` (optional peers).
+error of each (in units of the block absmax).  Needs ``bitsandbytes`` and ``torch``
+(optional peers).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ reproduce it bit for bit: the maps are float32 constants, the nearest code is
 an exact function of float32 inputs (:func:`quantize_blockwise` and
 :func:`nearest_code` give the per-element recipe; :func:`code_thresholds` and
 :func:`code_table` are its tables), and no step depends on the order of a
-reduction.  ``docs/design.md`` describes how
-the optimizers use it.
+reduction (a block's absmax is a max, exact in any order).  The optimizers'
+``state_dtype="q8"`` stores each moment this way (docs/design.md, State and
+checkpoints).
 
     >>> import numpy as np
     >>> from fastopt import quantization as q
@@ -26,7 +27,6 @@ the optimizers use it.
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 
 import numpy as np
@@ -47,7 +47,7 @@ _F64 = np.float64
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)`` as the x86-64 CPU build computes it.
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` as x86-64 torch computes it.
 
     torch's CPU kernel (``aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp``)
     rounds ``start``, ``end`` and ``step = (end - start) / (steps - 1)`` to
