@@ -306,16 +306,26 @@ SQUARE_EXTRA_MAX = 7
 NEWTON_SIZES = (1, 3, 7)
 
 
+#: The rules whose ``step()`` takes an extra per-tensor input (``Rule.extra``).
+EXTRA_RULES = [r for r, rule in RULES.items() if rule.extra is not None]
+
+
 def takes_extra(rule: str) -> bool:
     """Whether ``step()`` of ``rule`` takes a second per-tensor input."""
     return RULES[rule].extra is not None
 
 
+def cap_shape(rule: str, shape: tuple) -> tuple:
+    """``shape``, or ``(SQUARE_EXTRA_MAX,)`` when the rule's extra input is ``(n, n)`` and the
+    tensor has more elements than that (a dense Hessian grows as n squared)."""
+    if takes_extra(rule) and RULES[rule].extra_shape == "square":
+        return shape if int(np.prod(shape)) <= SQUARE_EXTRA_MAX else (SQUARE_EXTRA_MAX,)
+    return shape
+
+
 def cap_sizes(rule: str, sizes):
-    """``sizes`` with every tensor capped at ``SQUARE_EXTRA_MAX`` when the extra input is n x n."""
-    if RULES[rule].extra_shape == "square" and takes_extra(rule):
-        return [min(s, SQUARE_EXTRA_MAX) for s in sizes]
-    return list(sizes)
+    """``sizes`` (element counts of flat tensors) through :func:`cap_shape`."""
+    return [cap_shape(rule, (s,))[0] for s in sizes]
 
 
 def extra_input(rule: str, p: np.ndarray, rng) -> np.ndarray | None:
@@ -410,5 +420,5 @@ def assert_same_run(want_p, want_sd, got_p, got_sd, dtype):
 
 __all__ = ["Case", "OptimInfo", "INFOS", "CASES", "CASE_IDS", "ORACLE", "CONVERGE", "ROSEN", "BENCH",
            "rule_options", "TOL", "STEPS", "SIZES", "SQUARE_EXTRA_MAX", "NEWTON_SIZES",
-           "takes_extra", "cap_sizes", "extra_input", "extra_from_hessian", "make_problem",
+           "EXTRA_RULES", "takes_extra", "cap_shape", "cap_sizes", "extra_input", "extra_from_hessian", "make_problem",
            "make_feed", "step", "run", "assert_parity", "assert_same_run", "fastopt"]
