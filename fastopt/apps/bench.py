@@ -32,9 +32,7 @@ import numpy as np
 
 from .. import _backend
 from .._rules import RULES
-# re-exported: the asv suite and the tests reach the shared pieces through this module too
-from .benchkit import (BENCH_OPTIONS, BYTES_TABLE, ELEMENTWISE_RULES, GPT2_SMALL,  # noqa: F401
-                       LAYOUTS, TINY_LIST, TORCH_CLASSES, Progress, _noop, arrays_per_element,
+from .benchkit import (BENCH_OPTIONS, ELEMENTWISE_RULES, TORCH_CLASSES, Progress, _noop,
                        bytes_per_element, measure)
 
 #: Every fastopt backend and every peer a case can run.
