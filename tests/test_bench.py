@@ -77,6 +77,34 @@ def test_one_timing_loop_counts_runs():
     assert (a, b, r) == (2.0, 2.0, 1.0)
 
 
+def test_cuda_event_timer_reads_milliseconds_between_its_events():
+    """gpu_bench's timer, on stand-ins for CuPy's and torch's event APIs (no GPU here)."""
+    import types
+
+    log = []
+
+    class Event:
+        def __init__(self, **kw):
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):  # torch: start.elapsed_time(end), in ms
+            return 1000.0 * (end.t - self.t)
+
+    cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: a.elapsed_time(b))
+    for name in ("cupy", "torch"):
+        log.clear()
+        once = kit.cuda_events(types.SimpleNamespace(__name__=name, cuda=cuda))
+        assert once(lambda: log.append("fn")) == 2.0  # record, fn, record: 2 "ms" * 1000 = 2 s
+        assert log == ["record", "fn", "record", "sync"]
+
+
 # --------------------------------------------------------------------------- the peers compute the same step
 
 
