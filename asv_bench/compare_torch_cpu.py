@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 
 def _parse():
@@ -38,37 +36,10 @@ if ARGS is not None:  # before numba and torch start their thread pools
 
 import numpy as np  # noqa: E402
 
+from fastopt.apps.benchkit import (GPT2_SMALL_SIZES, Progress, bytes_per_element,  # noqa: E402
+                                   measure, pairwise)
+
 N16 = 16_777_216
-
-
-def gpt2_small_sizes():
-    """The 148 parameter tensors of GPT-2 small (124M elements)."""
-    d, v, ctx, layers = 768, 50257, 1024, 12
-    layer = [d, d, d * 3 * d, 3 * d, d * d, d, d, d, d * 4 * d, 4 * d, 4 * d * d, d]
-    return [v * d, ctx * d] + layer * layers + [d, d]
-
-
-def _time(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def pairwise(fa, fb, reps):
-    """Median seconds of ``fa`` and ``fb`` and the median of their per-pair ratios."""
-    fa(), fb()  # warm: compile, first-touch the state
-    ta, tb, ratios = [], [], []
-    for r in range(reps):
-        if r % 2:
-            b = _time(fb)
-            a = _time(fa)
-        else:
-            a = _time(fa)
-            b = _time(fb)
-        ta.append(a)
-        tb.append(b)
-        ratios.append(a / b)
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
 def make(sizes, seed=0):
@@ -106,8 +77,10 @@ def main(args):
     numba.set_num_threads(args.threads)
     reps = args.reps
     rows = []
+    bar = Progress(8 - args.quick, unit="case")  # the rows below, then a += b
 
     def vs_torch(name, cls, sizes, goal, fo_kw=None, torch_kw=None):
+        bar.update(name)
         fa = fastopt_step(cls, sizes, **(fo_kw or {}))
         fb = torch_step(cls, sizes, **(torch_kw or fo_kw or {}))
         a, b, r = pairwise(fa, fb, reps)
@@ -120,17 +93,20 @@ def main(args):
     vs_torch("SGD momentum 16.7M", "SGD", [N16], 0.9, {"lr": 1e-3, "momentum": 0.9})
     vs_torch("Adagrad 16.7M", "Adagrad", [N16], 0.9, {"lr": 1e-2})
     if not args.quick:
-        vs_torch("Adam GPT-2 small (148 tensors, 124M)", "Adam", gpt2_small_sizes(), 1.05,
+        vs_torch("Adam GPT-2 small (148 tensors, 124M)", "Adam", GPT2_SMALL_SIZES, 1.05,
                  {"lr": 1e-3})
     vs_torch("Adam 1000 x 256", "Adam", [256] * 1000, 0.5, {"lr": 1e-3})
 
     # Adam + clip_global_norm against plain Adam, both fastopt
+    bar.update("Adam + clip_global_norm")
     fa = fastopt_step("Adam", [N16], lr=1e-3, clip_global_norm=1.0)
     fb = fastopt_step("Adam", [N16], lr=1e-3)
     a, b, r = pairwise(fa, fb, reps)
     rows.append(("Adam + clip_global_norm 16.7M", "fastopt Adam", a, b, r, 1.25))
 
-    # the bandwidth of an in-place a += b (12 bytes/element) against Adam's 28 bytes/element
+    # the bandwidth of an in-place a += b (3 float32 arrays, 12 bytes/element) against Adam's
+    # bytes per element (the rule table's count: 28 in float32)
+    bar.update("a += b")
     x, y = make([N16])
     x, y = x[0], y[0]
 
@@ -140,8 +116,10 @@ def main(args):
             a[i] += b[i]
 
     add_(x, y)
-    t_add = statistics.median(_time(lambda: add_(x, y)) for _ in range(reps))
-    frac = (28 / adam16) / (12 / t_add)
+    t_add = measure(lambda: add_(x, y), min_time=0.0, min_runs=reps, max_runs=reps,
+                    max_time=float("inf"))
+    frac = (bytes_per_element("adam", itemsize=4) / adam16) / (3 * 4 / t_add)
+    bar.close()
 
     print(f"threads={args.threads} reps={reps} numba={numba.__version__} torch={torch.__version__} "
           f"layer={numba.threading_layer()}")

@@ -8,14 +8,17 @@ Needs CuPy and a device; torch with CUDA is optional (its rows are left out with
 1. ``copy``: ``dst[...] = src`` on 2**28 float32 -- the bandwidth roofline (bytes read+written).
 2. ``adam_2^28``: one float32 tensor of 2**28 elements, fastopt Adam (``nonfinite="ignore"``:
    no host sync; ``"raise"``: one flag read per step) against ``torch.optim.Adam(fused=True)``
-   and ``foreach=True``; effective bandwidth at 28 bytes per element and its fraction of ``copy``.
+   and ``foreach=True``; effective bandwidth at Adam's bytes per element (28 in float32, from
+   ``fastopt.apps.benchkit``) and its fraction of ``copy``.
 3. ``multi_tensor``: 200 float32 tensors of log-uniform sizes (1e3 .. 4e6 elements), Adam,
    fastopt against torch fused.
 4. ``launches_per_step``: kernel launches fastopt makes per step, for each case.
-5. ``rules_2^24``: every rule on one 2**24 float32 tensor: ms per step and GB/s.
+5. ``rules_2^24``: every element-wise rule on one 2**24 float32 tensor: ms per step and GB/s
+   (bytes per element from the rule table, ``fastopt.apps.benchkit.bytes_per_element``).
 
-Times are the median of ``reps`` steps after ``warmup`` steps, each bracketed by events on the
-library's current stream and synchronized on the end event.
+Times are the median of ``reps`` steps after ``warmup`` steps, each bracketed by CUDA events
+on the library's current stream and synchronized on the end event (``benchkit.measure`` with
+``benchkit.cuda_events``, the timing loop every fastopt benchmark shares).
 """
 
 from __future__ import annotations
@@ -24,44 +27,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 
 import numpy as np
 
-
-def _median_ms_cupy(fn, warmup, reps):
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    cupy.cuda.Device().synchronize()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
-    return statistics.median(times)
+from fastopt.apps.benchkit import (ELEMENTWISE_RULES, Progress, bytes_per_element, cuda_events,
+                                   measure)
 
 
-def _median_ms_torch(fn, warmup, reps):
-    import torch
+#: Options of section 5 beyond a rule's defaults: SGD with a momentum buffer, as it is trained.
+RULE_OPTIONS = {"sgd": {"momentum": 0.9}}
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+def _median_ms(fn, lib, warmup, reps):
+    """Median milliseconds of ``fn`` over exactly ``reps`` runs after ``warmup``, by CUDA events."""
+    sync = lib.cuda.Device().synchronize if lib.__name__ == "cupy" else lib.cuda.synchronize
+    return 1e3 * measure(fn, sync, min_time=0.0, min_runs=reps, max_runs=reps, max_time=float("inf"),
+                         warmup=warmup, timer=cuda_events(lib))
 
 
 def _torch_cuda():
@@ -108,6 +90,7 @@ def main(argv=None):
     from fastopt.kernels import cupy_gpu
 
     torch = _torch_cuda()
+    adam_b = bytes_per_element("adam", itemsize=4)
     big = 2**24 if args.quick else 2**28
     warmup, reps = (2, 5) if args.quick else (5, 20)
     res = {"device": cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"]
@@ -120,7 +103,7 @@ def main(argv=None):
     # 1. copy roofline
     src = cupy.ones(big, dtype=cupy.float32)
     dst = cupy.empty_like(src)
-    ms = _median_ms_cupy(lambda: dst.__setitem__(Ellipsis, src), warmup, reps)
+    ms = _median_ms(lambda: dst.__setitem__(Ellipsis, src), cupy, warmup, reps)
     res["copy"] = {"ms": ms, "GB/s": _gbs(8 * big, ms)}
     lines.append(f"copy            {ms:8.3f} ms  {res['copy']['GB/s']:7.1f} GB/s")
     del src, dst
@@ -130,20 +113,20 @@ def main(argv=None):
     launches = {}
     for nonfinite in ("ignore", "raise"):
         opt, step = _fastopt_adam(cupy, [big], nonfinite)
-        ms = _median_ms_cupy(step, warmup, reps)
+        ms = _median_ms(step, cupy, warmup, reps)
         before = cupy_gpu.KERNELS.launches
         step()
         launches[f"adam_big_{nonfinite}"] = cupy_gpu.KERNELS.launches - before
-        res["adam_big"][f"fastopt_{nonfinite}"] = {"ms": ms, "GB/s": _gbs(28 * big, ms),
-                                                   "of_copy": _gbs(28 * big, ms) / res["copy"]["GB/s"]}
+        res["adam_big"][f"fastopt_{nonfinite}"] = {"ms": ms, "GB/s": _gbs(adam_b * big, ms),
+                                                   "of_copy": _gbs(adam_b * big, ms) / res["copy"]["GB/s"]}
         del opt, step
         cupy.get_default_memory_pool().free_all_blocks()
     if torch is not None:
         for name, kw in (("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})):
             step = _torch_adam(torch, [big], **kw)
-            ms = _median_ms_torch(step, warmup, reps)
-            res["adam_big"][name] = {"ms": ms, "GB/s": _gbs(28 * big, ms),
-                                     "of_copy": _gbs(28 * big, ms) / res["copy"]["GB/s"]}
+            ms = _median_ms(step, torch, warmup, reps)
+            res["adam_big"][name] = {"ms": ms, "GB/s": _gbs(adam_b * big, ms),
+                                     "of_copy": _gbs(adam_b * big, ms) / res["copy"]["GB/s"]}
             del step
             torch.cuda.empty_cache()
     for k, v in res["adam_big"].items():
@@ -155,48 +138,47 @@ def main(argv=None):
     total = sum(sizes)
     res["multi_tensor"] = {"n_tensors": len(sizes), "elements": total}
     opt, step = _fastopt_adam(cupy, sizes, "ignore")
-    ms = _median_ms_cupy(step, warmup, reps)
+    ms = _median_ms(step, cupy, warmup, reps)
     before = cupy_gpu.KERNELS.launches
     step()
     launches["multi_tensor_ignore"] = cupy_gpu.KERNELS.launches - before
-    res["multi_tensor"]["fastopt"] = {"ms": ms, "GB/s": _gbs(28 * total, ms)}
+    res["multi_tensor"]["fastopt"] = {"ms": ms, "GB/s": _gbs(adam_b * total, ms)}
     del opt, step
     if torch is not None:
         step = _torch_adam(torch, sizes, fused=True)
-        ms = _median_ms_torch(step, warmup, reps)
-        res["multi_tensor"]["torch_fused"] = {"ms": ms, "GB/s": _gbs(28 * total, ms)}
+        ms = _median_ms(step, torch, warmup, reps)
+        res["multi_tensor"]["torch_fused"] = {"ms": ms, "GB/s": _gbs(adam_b * total, ms)}
         del step
     for k in ("fastopt", "torch_fused"):
         if k in res["multi_tensor"]:
             v = res["multi_tensor"][k]
             lines.append(f"multi {k:14s} {v['ms']:8.3f} ms  {v['GB/s']:7.1f} GB/s  ({len(sizes)} tensors)")
 
-    # 5. every rule on 2**24 (bytes per element from the kernels' budget comments)
+    # 5. every element-wise rule on 2**24 (bytes per element from the rule table)
     n = 2**24
-    state_arrays = {"sgd": 1, "adam": 2, "adamw": 2, "adagrad": 1, "rmsprop": 1, "adadelta": 2,
-                    "adamax": 2, "nadam": 2, "radam": 2, "lion": 1, "lamb": 2, "adahessian": 2}
     res["rules_2^24"] = {}
     import fastopt as fo
 
-    for rule, n_state in state_arrays.items():
+    bar = Progress(len(ELEMENTWISE_RULES), unit="rule")
+    for rule in ELEMENTWISE_RULES:
+        bar.update(rule)
         r = cupy.random.default_rng(1)
         p = r.standard_normal(n, dtype=cupy.float32)
         g = r.standard_normal(n, dtype=cupy.float32)
-        kw = {"momentum": 0.9} if rule == "sgd" else {}
+        kw = RULE_OPTIONS.get(rule, {})
         opt = getattr(fo, RULES[rule].class_name)([p], nonfinite="ignore", backend="cupy", **kw)
-        extra = [r.standard_normal(n, dtype=cupy.float32)] if rule == "adahessian" else None
+        # a per-element extra input (AdaHessian's Hessian diagonal), shaped like the param
+        extra = [r.standard_normal(n, dtype=cupy.float32)] if RULES[rule].extra else None
         step = (lambda o=opt, e=extra: o.step([g], e)) if extra else (lambda o=opt: o.step([g]))
-        ms = _median_ms_cupy(step, warmup, reps)
+        ms = _median_ms(step, cupy, warmup, reps)
         before = cupy_gpu.KERNELS.launches
         step()
         launches[f"{rule}_2^24"] = cupy_gpu.KERNELS.launches - before
-        # arrays moved per element: read p, g, states (+ extra), write p, states; LAMB's two
-        # passes: read p, g, m, v, write m, v, then read p, m, v, write p
-        arrays = 10 if rule == "lamb" else 3 + 2 * n_state + (1 if extra else 0)
-        nbytes = 4 * n * arrays
+        nbytes = n * bytes_per_element(rule, kw, 4)
         res["rules_2^24"][rule] = {"ms": ms, "GB/s": _gbs(nbytes, ms)}
         lines.append(f"{rule:15s} {ms:8.3f} ms  {_gbs(nbytes, ms):7.1f} GB/s")
         del opt, step, p, g
+    bar.close()
     res["launches_per_step"] = launches
     lines.append("launches per step: " + ", ".join(f"{k} {v}" for k, v in launches.items()))
     assert _backend.available("cupy")

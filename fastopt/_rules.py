@@ -144,8 +144,8 @@ class Rule:
         """
         n_state = len(self.state(hp))
         param, state = 2, 2 * n_state
-        if self.kind == TRUST_RATIO:  # pass 2 reads p and the moments again and writes p
-            param, state = param + 2, state + n_state
+        if self.kind == TRUST_RATIO:  # pass 1 only reads p; pass 2 reads p and the moments, writes p
+            param, state = param + 1, state + n_state
         extra = 1 if (self.extra is not None and self.extra_shape == "param") else 0
         return param, 1, state, extra
 

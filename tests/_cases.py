@@ -1,50 +1,292 @@
-"""The one table of rules and option sets that drives parity, dtype, dispatch and bench tests.
+"""The one table of optimizers that drives the tests: one ``OptimInfo`` record per rule.
 
-``CASES`` lists every rule with the option sets worth testing (each variant
-flag and each pipeline step at least once).  ``TOL`` is the one tolerance
-table of every comparison between a compiled backend and the NumPy reference.
+As torch's ``optim_db`` (``torch/testing/_internal/common_optimizers.py``), each
+record holds everything the tests need to know about one rule beyond the rule
+record itself (``fastopt._rules.RULES``):
+
+* ``cases`` -- the option sets worth testing against the NumPy reference (each
+  variant flag and each pipeline step at least once);
+* ``oracle`` -- option sets compared with ``torch.optim.<torch>`` (``torch`` is
+  None where torch has no such optimizer);
+* ``converge`` / ``converge_atol`` -- options that reach a quadratic's minimum;
+  ``rosen`` -- ``(options, steps)`` that reach Rosenbrock's;
+* ``strategy`` -- the hypothesis draws of the rule's own hyperparameters;
+* ``bench`` -- the benchmark's options (``fastopt.apps.benchkit.BENCH_OPTIONS``).
+
+The extra input of a step (AdaHessian's Hessian diagonal, Newton's Hessian) is
+generated from ``Rule.extra``/``Rule.extra_shape``, never from a rule's name.
+Every list the test modules parametrize over (``CASES``, ``ORACLE``,
+``CONVERGE``, ``ROSEN``) and the hypothesis strategy ``rule_options`` are
+derived from ``INFOS``.  ``TOL`` is the one tolerance table of every comparison
+between a compiled backend and the NumPy reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
+from hypothesis import strategies as st
 
 import fastopt
 from fastopt._optim import OPTIMIZERS
+from fastopt._rules import RULES, Rule
+from fastopt.apps.benchkit import BENCH_OPTIONS, TORCH_CLASSES
 
-# (rule, options, id)
-CASES = [
-    ("sgd", {"lr": 0.1}, "sgd"),
-    ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}, "sgd-momentum-wd"),
-    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, "sgd-nesterov"),
-    ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.9}, "sgd-ema"),
-    ("adam", {"lr": 1e-2}, "adam"),
-    ("adam", {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}, "adam-amsgrad-wd"),
-    ("adam", {"lr": 1e-2, "bias_correction": False, "maximize": True}, "adam-nobc-maximize"),
-    ("adamw", {"lr": 1e-2, "weight_decay": 0.1}, "adamw"),
-    ("adamw", {"lr": 1e-2, "amsgrad": True}, "adamw-amsgrad"),
-    ("adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01,
-                 "initial_accumulator_value": 0.1}, "adagrad"),
-    ("rmsprop", {"lr": 1e-2}, "rmsprop"),
-    ("rmsprop", {"lr": 1e-2, "momentum": 0.9, "centered": True, "weight_decay": 0.01},
-     "rmsprop-centered-momentum"),
-    ("adadelta", {"lr": 1.0, "weight_decay": 0.01}, "adadelta"),
-    ("adamax", {"lr": 1e-2, "weight_decay": 0.01}, "adamax"),
-    ("nadam", {"lr": 1e-2, "weight_decay": 0.01}, "nadam"),
-    ("radam", {"lr": 1e-2, "weight_decay": 0.01}, "radam"),  # 7 steps cross rho_t > 5 at t=6
-    ("lion", {"lr": 1e-3, "weight_decay": 0.1}, "lion"),
-    ("lamb", {"lr": 1e-2, "weight_decay": 0.01}, "lamb"),
-    ("adahessian", {"lr": 0.1, "weight_decay": 0.01, "hessian_power": 0.5}, "adahessian"),
-    ("newton", {"lr": 0.5, "damping": 1e-2}, "newton"),
-    # the pipeline, on Adam
-    ("adam", {"lr": 1e-2, "clip_value": 0.5, "weight_clip": 0.9}, "adam-clipvalue-weightclip"),
-    ("adam", {"lr": 1e-2, "clip_norm": 0.3}, "adam-clipnorm"),
-    ("adam", {"lr": 1e-2, "clip_global_norm": 0.5, "max_norm": 2.0}, "adam-globalnorm-maxnorm"),
-    ("sgd", {"lr": 0.1, "momentum": 0.5, "clip_value": 0.2, "clip_norm": 1.0,
-             "clip_global_norm": 0.5, "maximize": True, "weight_clip": 1.0}, "sgd-all-pipeline"),
+
+@dataclass(frozen=True)
+class Case:
+    """One option set of a rule; ``pipeline`` marks the sets that exercise the step pipeline."""
+
+    id: str
+    options: dict
+    pipeline: bool = False
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """Everything the tests know about one rule (see the module docstring)."""
+
+    rule: str
+    cases: tuple
+    converge: tuple
+    rosen: tuple
+    oracle: tuple = ()
+    converge_atol: float = 1e-2
+    strategy: Callable | None = None  # (draw) -> the rule's own hyperparameters
+    bench: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> Rule:
+        return RULES[self.rule]
+
+    @property
+    def cls(self):
+        return OPTIMIZERS[self.rule]
+
+    @property
+    def torch(self) -> str | None:
+        return TORCH_CLASSES.get(self.rule)
+
+
+# --------------------------------------------------------------------------- hypothesis draws
+
+
+def _sgd_draws(draw):
+    o = {"momentum": draw(st.sampled_from([0.0, 0.5, 0.9]))}
+    o["nesterov"] = o["momentum"] > 0 and draw(st.booleans())
+    o["dampening"] = 0.0 if o["nesterov"] else draw(st.sampled_from([0.0, 0.5]))
+    return o
+
+
+def _adam_draws(draw):
+    return {"amsgrad": draw(st.booleans()), "bias_correction": draw(st.booleans())}
+
+
+def _lamb_draws(draw):
+    return {"bias_correction": draw(st.booleans())}
+
+
+def _adagrad_draws(draw):
+    return {"lr_decay": draw(st.floats(0.0, 0.1)),
+            "initial_accumulator_value": draw(st.floats(0.0, 1.0))}
+
+
+def _rmsprop_draws(draw):
+    return {"alpha": draw(st.floats(0.0, 0.999)), "momentum": draw(st.sampled_from([0.0, 0.9])),
+            "centered": draw(st.booleans())}
+
+
+def _adadelta_draws(draw):
+    return {"rho": draw(st.floats(0.0, 0.99))}
+
+
+def _nadam_draws(draw):
+    return {"momentum_decay": draw(st.floats(0.0, 0.01))}
+
+
+def _adahessian_draws(draw):
+    return {"hessian_power": draw(st.floats(0.1, 1.0))}
+
+
+def _newton_draws(draw):
+    return {"damping": draw(st.floats(1e-4, 1.0))}
+
+
+# --------------------------------------------------------------------------- the table
+
+_cosine = fastopt.schedules.cosine_decay
+
+_RECORDS = [
+    OptimInfo(
+        "sgd",
+        cases=(Case("sgd", {"lr": 0.1}),
+               Case("sgd-momentum-wd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+               Case("sgd-nesterov", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+               Case("sgd-ema", {"lr": 0.1, "momentum": 0.9, "dampening": 0.9}),
+               Case("sgd-all-pipeline", {"lr": 0.1, "momentum": 0.5, "clip_value": 0.2,
+                                         "clip_norm": 1.0, "clip_global_norm": 0.5,
+                                         "maximize": True, "weight_clip": 1.0}, pipeline=True)),
+        oracle=(dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+                dict(lr=0.1, momentum=0.9, nesterov=True),
+                dict(lr=0.1, momentum=0.9, dampening=0.5, maximize=True)),
+        converge=(dict(lr=0.1), dict(lr=0.05, momentum=0.9, nesterov=True)),
+        rosen=(dict(lr=1e-3, momentum=0.9), 20000),
+        strategy=_sgd_draws),
+    OptimInfo(
+        "adam",
+        cases=(Case("adam", {"lr": 1e-2}),
+               Case("adam-amsgrad-wd", {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
+               Case("adam-nobc-maximize", {"lr": 1e-2, "bias_correction": False, "maximize": True}),
+               Case("adam-clipvalue-weightclip", {"lr": 1e-2, "clip_value": 0.5, "weight_clip": 0.9},
+                    pipeline=True),
+               Case("adam-clipnorm", {"lr": 1e-2, "clip_norm": 0.3}, pipeline=True),
+               Case("adam-globalnorm-maxnorm", {"lr": 1e-2, "clip_global_norm": 0.5, "max_norm": 2.0},
+                    pipeline=True)),
+        oracle=(dict(lr=1e-2), dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
+                dict(lr=1e-2, maximize=True)),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 6000),
+        strategy=_adam_draws),
+    OptimInfo(
+        "adamw",
+        cases=(Case("adamw", {"lr": 1e-2, "weight_decay": 0.1}),
+               Case("adamw-amsgrad", {"lr": 1e-2, "amsgrad": True})),
+        oracle=(dict(lr=1e-2, weight_decay=0.1), dict(lr=1e-2, amsgrad=True)),
+        converge=(dict(lr=0.05, weight_decay=1e-4),),
+        rosen=(dict(lr=0.02, weight_decay=0.0), 6000),
+        strategy=_adam_draws),
+    OptimInfo(
+        "adagrad",
+        cases=(Case("adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01,
+                                "initial_accumulator_value": 0.1}),),
+        oracle=(dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),),
+        converge=(dict(lr=0.5),),
+        rosen=(dict(lr=0.5), 20000),
+        strategy=_adagrad_draws),
+    OptimInfo(
+        "rmsprop",
+        cases=(Case("rmsprop", {"lr": 1e-2}),
+               Case("rmsprop-centered-momentum", {"lr": 1e-2, "momentum": 0.9, "centered": True,
+                                                  "weight_decay": 0.01})),
+        oracle=(dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)),
+        converge=(dict(lr=0.01),),
+        rosen=(dict(lr=1e-3), 20000),
+        strategy=_rmsprop_draws),
+    OptimInfo(
+        "adadelta",
+        cases=(Case("adadelta", {"lr": 1.0, "weight_decay": 0.01}),),
+        oracle=(dict(lr=1.0, weight_decay=0.01),),
+        converge=(dict(lr=10.0),),
+        # Adadelta stalls in Rosenbrock's valley at a fixed lr; annealed, it gets there
+        rosen=(dict(lr=_cosine(1.0, 20000), rho=0.95, eps=1e-4), 20000),
+        strategy=_adadelta_draws),
+    OptimInfo(
+        "adamax",
+        cases=(Case("adamax", {"lr": 1e-2, "weight_decay": 0.01}),),
+        oracle=(dict(lr=1e-2, weight_decay=0.01),),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 20000)),
+    OptimInfo(
+        "nadam",
+        cases=(Case("nadam", {"lr": 1e-2, "weight_decay": 0.01}),),
+        oracle=(dict(lr=1e-2, weight_decay=0.01),),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 6000),
+        strategy=_nadam_draws),
+    OptimInfo(
+        "radam",
+        cases=(Case("radam", {"lr": 1e-2, "weight_decay": 0.01}),),  # 7 steps cross rho_t > 5 at t=6
+        oracle=(dict(lr=1e-2, weight_decay=0.01),),
+        converge=(dict(lr=0.05),),
+        # RAdam's first un-adapted steps are lr * m: a steep start needs a small lr
+        rosen=(dict(lr=3e-3), 20000)),
+    OptimInfo(
+        "lion",
+        cases=(Case("lion", {"lr": 1e-3, "weight_decay": 0.1}),),
+        converge=(dict(lr=0.01),),
+        converge_atol=0.05,  # Lion moves by lr*sign: it hovers within ~lr of the minimum
+        rosen=(dict(lr=1e-3), 6000)),
+    OptimInfo(
+        "lamb",
+        cases=(Case("lamb", {"lr": 1e-2, "weight_decay": 0.01}),),
+        # LAMB's step is ~lr*|p| whatever the gradient: it needs a decaying lr to settle
+        converge=(dict(lr=_cosine(0.05, 3000)),),
+        rosen=(dict(lr=_cosine(0.01, 8000)), 8000),
+        strategy=_lamb_draws),
+    OptimInfo(
+        "adahessian",
+        cases=(Case("adahessian", {"lr": 0.1, "weight_decay": 0.01, "hessian_power": 0.5}),),
+        converge=(dict(lr=0.3),),
+        rosen=(dict(lr=0.1, hessian_power=0.5), 8000),
+        strategy=_adahessian_draws),
+    OptimInfo(
+        "newton",
+        cases=(Case("newton", {"lr": 0.5, "damping": 1e-2}),),
+        converge=(dict(lr=1.0),),
+        rosen=(dict(lr=1.0, damping=1e-3), 200),
+        strategy=_newton_draws),
 ]
 
+#: rule -> its record, in the rule table's order.
+INFOS: dict[str, OptimInfo] = {}
+for _info in _RECORDS:
+    INFOS[_info.rule] = OptimInfo(**{**_info.__dict__, "bench": dict(BENCH_OPTIONS.get(_info.rule, {}))})
+del _info
+
+# --------------------------------------------------------------------------- derived lists
+
+#: (rule, options, id): every record's own option sets, then the pipeline ones.
+CASES = ([(i.rule, c.options, c.id) for i in INFOS.values() for c in i.cases if not c.pipeline]
+         + [(i.rule, c.options, c.id) for i in INFOS.values() for c in i.cases if c.pipeline])
 CASE_IDS = [c[2] for c in CASES]
+
+#: (torch.optim class name, options): compared with torch.optim in float64.
+ORACLE = [(i.torch, o) for i in INFOS.values() if i.torch for o in i.oracle]
+
+#: (optimizer class, options, atol): minimises a quadratic.
+CONVERGE = [(i.cls, o, i.converge_atol) for i in INFOS.values() for o in i.converge]
+
+#: class name -> (options, steps): minimises Rosenbrock's function.
+ROSEN = {i.spec.class_name: i.rosen for i in INFOS.values()}
+
+#: rule -> the benchmark's options (lower learning rates, so millions of steps stay finite).
+BENCH = {r: i.bench for r, i in INFOS.items()}
+
+
+_opt_float = lambda lo, hi: st.one_of(st.none(), st.floats(lo, hi))  # noqa: E731
+
+
+@st.composite
+def rule_options(draw, rule, lr=None, pipeline=True):
+    """In-range hyperparameters of ``rule`` (away from the edges where float32 is meaningless).
+
+    The hyperparameters many rules share are drawn here, by their presence in the
+    rule's defaults; the rule's own ones by its record's ``strategy``.
+    """
+    info = INFOS[rule]
+    d = info.spec.defaults
+    o = {"lr": draw(st.floats(1e-4, 0.1)) if lr is None else lr}
+    if "betas" in d:
+        o["betas"] = (draw(st.floats(0.0, 0.99)), draw(st.floats(0.9, 0.9999)))
+    if "eps" in d:
+        o["eps"] = draw(st.floats(1e-8, 1e-3))
+    if "weight_decay" in d:
+        o["weight_decay"] = draw(st.sampled_from([0.0, 0.01, 0.1]))
+    if info.strategy is not None:
+        o.update(info.strategy(draw))
+    if pipeline:
+        o["maximize"] = draw(st.booleans())
+        o["clip_value"] = draw(_opt_float(0.1, 3.0))
+        o["clip_norm"] = draw(_opt_float(0.1, 10.0))
+        o["clip_global_norm"] = draw(_opt_float(0.1, 10.0))
+        o["weight_clip"] = draw(_opt_float(0.5, 3.0))
+        o["max_norm"] = draw(_opt_float(0.5, 20.0))
+    return o
+
+
+# --------------------------------------------------------------------------- problems
 
 #: Tolerances of every compiled-vs-reference comparison: (rtol, atol) per dtype, after
 #: STEPS steps.  A fused kernel reorders a few roundings per element per step (a
@@ -59,25 +301,67 @@ TOL = {
 }
 STEPS = 7
 SIZES = (1, 7, 278011)
-NEWTON_SIZES = (1, 3, 7)  # Newton's Hessian is n*n
+#: The largest tensor of a rule whose extra input is an ``(n, n)`` matrix (Newton's Hessian).
+SQUARE_EXTRA_MAX = 7
+NEWTON_SIZES = (1, 3, 7)
+
+
+#: The rules whose ``step()`` takes an extra per-tensor input (``Rule.extra``).
+EXTRA_RULES = [r for r, rule in RULES.items() if rule.extra is not None]
+
+
+def takes_extra(rule: str) -> bool:
+    """Whether ``step()`` of ``rule`` takes a second per-tensor input."""
+    return RULES[rule].extra is not None
+
+
+def cap_shape(rule: str, shape: tuple) -> tuple:
+    """``shape``, or ``(SQUARE_EXTRA_MAX,)`` when the rule's extra input is ``(n, n)`` and the
+    tensor has more elements than that (a dense Hessian grows as n squared)."""
+    if takes_extra(rule) and RULES[rule].extra_shape == "square":
+        return shape if int(np.prod(shape)) <= SQUARE_EXTRA_MAX else (SQUARE_EXTRA_MAX,)
+    return shape
+
+
+def cap_sizes(rule: str, sizes):
+    """``sizes`` (element counts of flat tensors) through :func:`cap_shape`."""
+    return [cap_shape(rule, (s,))[0] for s in sizes]
 
 
 def extra_input(rule: str, p: np.ndarray, rng) -> np.ndarray | None:
-    """AdaHessian's Hessian diagonal or Newton's (symmetric positive definite) Hessian."""
-    if rule == "adahessian":
-        return rng.standard_normal(p.shape).astype(p.dtype)
-    if rule == "newton":
+    """The extra input of ``rule`` for param ``p``, shaped by ``Rule.extra_shape``; None without one.
+
+    ``"param"``: a standard normal array like ``p`` (a Hessian diagonal estimate);
+    ``"square"``: a symmetric positive definite ``(n, n)`` matrix for an ``n``-element ``p``.
+    """
+    r = RULES[rule]
+    if r.extra is None:
+        return None
+    if r.extra_shape == "square":
         n = p.size
         a = rng.standard_normal((n, n))
         return (a @ a.T / n + np.eye(n)).astype(p.dtype)
-    return None
+    return rng.standard_normal(p.shape).astype(p.dtype)
+
+
+def extra_from_hessian(rule: str, h: np.ndarray) -> np.ndarray | None:
+    """What ``rule`` takes as its extra input given a problem's full Hessian ``h``.
+
+    ``"square"``: ``h`` itself; ``"param"``: ``|diag(h)|`` (a diagonal curvature
+    estimate is taken positive, as AdaHessian's Hutchinson estimate squared is).
+    """
+    r = RULES[rule]
+    if r.extra is None:
+        return None
+    if r.extra_shape == "square":
+        return h
+    return np.abs(np.diag(h)).copy()
 
 
 def make_problem(rule: str, sizes, dtype, seed: int = 0, steps: int = STEPS):
     """Params and, per step, grads (and extras) for a parity run."""
     rng = np.random.default_rng(seed)
-    if rule == "newton":
-        sizes = [min(s, 7) for s in sizes]
+    sizes = cap_sizes(rule, sizes)
     params = [rng.standard_normal(s).astype(dtype) for s in sizes]
     grads, extras = [], []
     for _ in range(steps):
@@ -92,15 +376,19 @@ def make_feed(rule: str, sizes, dtype, seed: int = 0, steps: int = STEPS):
     return params, [(g, None if e[0] is None else e) for g, e in zip(grads, extras)]
 
 
+def step(opt, grads, extras=None, **kw):
+    """``opt.step`` with the extra input when the rule takes one."""
+    if opt.rule.extra is not None:
+        return opt.step(grads, extras, **kw)
+    return opt.step(grads, **kw)
+
+
 def run(rule: str, options: dict, params, grads, extras, backend: str):
     """Steps an optimizer of ``rule`` on copies of ``params``; returns (params, state_dict)."""
     ps = [p.copy() for p in params]
     opt = OPTIMIZERS[rule](ps, backend=backend, **options)
     for g, e in zip(grads, extras):
-        if rule in ("adahessian", "newton"):
-            opt.step(g, e)
-        else:
-            opt.step(g)
+        step(opt, g, e)
     return ps, opt.state_dict()
 
 
@@ -113,17 +401,24 @@ def assert_parity(rule, options, sizes, dtype, backend, seed=0):
 
 
 def assert_same_run(want_p, want_sd, got_p, got_sd, dtype):
-    """Params (host arrays) and every state array of two runs agree within ``TOL``."""
+    """Two runs agree: params (host arrays) and every state array within ``TOL``, and the
+    step count and group state exactly (both are host arithmetic, the same on every backend)."""
     tol = TOL[np.dtype(dtype)]
+    assert len(got_p) == len(want_p)
     for i, (w, g) in enumerate(zip(want_p, got_p)):
         assert g.dtype == w.dtype
         np.testing.assert_allclose(g, w, err_msg=f"params[{i}]", **tol)
-    for i, st in want_sd["state"].items():
-        for name, w in st.items():
+    assert got_sd["step_count"] == want_sd["step_count"], "step_count"
+    assert got_sd["group_state"] == want_sd["group_state"], "group_state"
+    assert set(got_sd["state"]) == set(want_sd["state"]), "state: tensors with state"
+    for i, st_ in want_sd["state"].items():
+        assert set(got_sd["state"][i]) == set(st_), f"state[{i}]: names"
+        for name, w in st_.items():
             g = got_sd["state"][i][name]
             np.testing.assert_allclose(g, w, err_msg=f"state[{i}][{name}]", **tol)
 
 
-__all__ = ["CASES", "CASE_IDS", "TOL", "STEPS", "SIZES", "make_problem", "run", "assert_parity",
-           "assert_same_run", "make_feed",
-           "fastopt"]
+__all__ = ["Case", "OptimInfo", "INFOS", "CASES", "CASE_IDS", "ORACLE", "CONVERGE", "ROSEN", "BENCH",
+           "rule_options", "TOL", "STEPS", "SIZES", "SQUARE_EXTRA_MAX", "NEWTON_SIZES",
+           "EXTRA_RULES", "takes_extra", "cap_shape", "cap_sizes", "extra_input", "extra_from_hessian", "make_problem",
+           "make_feed", "step", "run", "assert_parity", "assert_same_run", "fastopt"]

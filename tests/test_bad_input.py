@@ -51,11 +51,12 @@ def make_grads(params, seed=1):
 
 def extras_for(rule, params, seed=2):
     rng = np.random.default_rng(seed)
-    if rule == "adahessian":
-        return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
-    if rule == "newton":
+    r = RULES[rule]
+    if r.extra is None:
+        return None
+    if r.extra_shape == "square":  # a dense Hessian: 2 I is positive definite
         return [np.eye(p.size, dtype=p.dtype) * 2 for p in params]
-    return None
+    return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
 
 
 def do_step(opt, grads, extras=None, **kw):
@@ -188,14 +189,14 @@ def test_grads_not_a_list(grads, pattern, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("rule", ["adahessian", "newton"])
+@pytest.mark.parametrize("rule", [r for r, rule in RULES.items() if rule.extra is not None])
 @pytest.mark.parametrize("where", [0, LAST])
 def test_bad_extra_input(rule, where, backend):
     opt, params = stepped(rule, backend)
     name = RULES[rule].extra
     grads, extras = make_grads(params), extras_for(rule, params)
     p = params[where]
-    want = (p.size, p.size) if rule == "newton" else p.shape
+    want = RULES[rule].extra_shape_of(p.shape, p.size)
     extras[where] = np.ones(p.size + 1, dtype=p.dtype)
     raises_unchanged(opt, params, ValueError,
                      rf"{name}\[{where}\]: expected shape {re.escape(str(want))}, got \({p.size + 1},\)",
@@ -206,7 +207,7 @@ def test_bad_extra_input(rule, where, backend):
                      lambda: opt.step(grads, extras))
     extras = extras_for(rule, params)
     extras[where] = p  # an input that is the param it updates
-    if rule == "adahessian":
+    if RULES[rule].extra_shape == "param":  # only a param-shaped input can alias its param
         raises_unchanged(opt, params, ValueError, rf"{name}\[{where}\]: expected an array separate",
                          lambda: opt.step(grads, extras))
     raises_unchanged(opt, params, TypeError, rf"step\(\) needs {name}", lambda: opt.step(grads, None))

@@ -18,8 +18,11 @@ import pytest
 
 from fastopt import _backend
 from fastopt.apps import bench as _bench
+from fastopt.apps import benchkit as kit
 from fastopt._cli import main
-from fastopt._rules import RULES
+from fastopt._rules import DENSE_SOLVE, RULES
+
+from _cases import CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_NUMBA = _backend.available("numba")
@@ -35,16 +38,71 @@ def bench_json(capsys, *args):
 
 
 def test_arrays_per_element_follows_the_rule_table():
-    assert set(_bench.BYTES_TABLE) == set(RULES)
-    assert _bench.arrays_per_element("sgd") == 3                       # p, g -> p
-    assert _bench.arrays_per_element("adam") == 7                      # p, g, m, v -> p, m, v
-    assert _bench.arrays_per_element("adam", {"amsgrad": True}) == 9   # + max_exp_avg_sq
-    assert _bench.arrays_per_element("sgd", {"momentum": 0.9}) == 5    # + momentum_buffer
-    assert _bench.arrays_per_element("adahessian") == 8                # + the Hessian diagonal
-    assert _bench.arrays_per_element("lamb") == 10                     # two passes
-    assert _bench.arrays_per_element("newton") is None
-    assert len(_bench.GPT2_SMALL) == 148
-    assert sum(int(np.prod(s)) for s in _bench.GPT2_SMALL) == 124_439_808
+    assert set(kit.BYTES_TABLE) == set(RULES)
+    assert kit.arrays_per_element("sgd") == 3                       # p, g -> p
+    assert kit.arrays_per_element("adam") == 7                      # p, g, m, v -> p, m, v
+    assert kit.arrays_per_element("adam", {"amsgrad": True}) == 9   # + max_exp_avg_sq
+    assert kit.arrays_per_element("sgd", {"momentum": 0.9}) == 5    # + momentum_buffer
+    assert kit.arrays_per_element("adahessian") == 8                # + the Hessian diagonal
+    assert kit.arrays_per_element("lamb") == 10                     # two passes
+    assert kit.arrays_per_element("newton") is None
+    assert len(kit.GPT2_SMALL) == 148
+    assert sum(int(np.prod(s)) for s in kit.GPT2_SMALL) == 124_439_808
+    assert kit.GPT2_SMALL_SIZES == [int(np.prod(s)) for s in kit.GPT2_SMALL]
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_bytes_per_element_is_the_rule_records(itemsize):
+    """One bytes table: the benchmarks' figure is the rule record's, for every option set."""
+    for rule, opts, _ in CASES:
+        r = RULES[rule]
+        want = None if r.kind == DENSE_SOLVE else r.bytes_per_element({**r.defaults, **opts}, itemsize)
+        assert kit.bytes_per_element(rule, opts, itemsize) == want, rule
+        per = kit.arrays_per_element(rule, opts)
+        assert want == (None if per is None else per * itemsize), rule
+    assert kit.bytes_per_element("adam", itemsize=4) == 28  # the figure gpu_bench used to hard-code
+    case = _bench.Case("numpy", "rmsprop", [(10,), (3, 4)], "float64", {"centered": True})
+    assert case.bytes_per_step == 22 * 7 * 8  # p read+write, g, (square_avg, grad_avg) read+write
+
+
+def test_one_timing_loop_counts_runs():
+    calls = []
+    t = kit.measure(lambda: calls.append(1), min_time=0.0, min_runs=4, max_runs=4,
+                    max_time=float("inf"), warmup=2)
+    assert len(calls) == 6 and t >= 0
+    ticks = iter(range(100))
+    fake = lambda fn: (fn(), next(ticks))[1]  # noqa: E731  a timer whose runs take 0, 1, 2, ...
+    assert kit.measure(lambda: None, min_runs=5, max_runs=5, max_time=float("inf"), timer=fake) == 2
+    a, b, r = kit.pairwise(lambda: None, lambda: None, 4, timer=lambda fn: (fn(), 2.0)[1])
+    assert (a, b, r) == (2.0, 2.0, 1.0)
+
+
+def test_cuda_event_timer_reads_milliseconds_between_its_events():
+    """gpu_bench's timer, on stand-ins for CuPy's and torch's event APIs (no GPU here)."""
+    import types
+
+    log = []
+
+    class Event:
+        def __init__(self, **kw):
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):  # torch: start.elapsed_time(end), in ms
+            return 1000.0 * (end.t - self.t)
+
+    cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: a.elapsed_time(b))
+    for name in ("cupy", "torch"):
+        log.clear()
+        once = kit.cuda_events(types.SimpleNamespace(__name__=name, cuda=cuda))
+        assert once(lambda: log.append("fn")) == 2.0  # record, fn, record: 2 "ms" * 1000 = 2 s
+        assert log == ["record", "fn", "record", "sync"]
 
 
 # --------------------------------------------------------------------------- the peers compute the same step
@@ -96,7 +154,7 @@ def test_bench_json_rows_are_consistent(capsys):
         ("sgd", 1000), ("adam", 1000), ("sgd", 5000), ("adam", 5000)}
     for r in out["rows"]:
         assert r["impl"] == "numpy" and r["time_s"] > 0
-        nbytes = _bench.BYTES_TABLE[r["rule"]] * r["size"] * 4
+        nbytes = kit.BYTES_TABLE[r["rule"]] * r["size"] * 4
         assert r["gbps"] == pytest.approx(nbytes / r["time_s"] / 1e9)
         assert r["fraction_of_add"] == pytest.approx(r["gbps"] / out["add_gbps"][str(r["size"])])
         assert r["speedup_vs_numpy"] == pytest.approx(1.0)
@@ -146,7 +204,7 @@ def test_bench_rejects_bad_options(capsys):
 
 def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
-    bar = _bench._Progress(2, enabled=True)
+    bar = kit.Progress(2, enabled=True)
     bar.update("one")
     bar.update("two")
     bar.close()

@@ -1,5 +1,6 @@
 """Core API: pipeline order, param groups, state round trip, dispatch, functional API, schedules."""
 
+import inspect
 import math
 import os
 import pickle
@@ -11,7 +12,9 @@ import pytest
 
 import fastopt as fo
 from fastopt import schedules as S
-from _cases import CASES, CASE_IDS, make_problem
+from fastopt._rules import PIPELINE_DEFAULTS, RULES
+
+from _cases import CASES, CASE_IDS, INFOS, make_problem
 
 # --------------------------------------------------------------------------- the pipeline
 
@@ -264,6 +267,48 @@ def test_functional_signatures_name_state_lists():
     assert list(sig.parameters)[:5] == ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
     assert sig.parameters["lr"].default == 1e-3
     assert "hessian_diags" in inspect.signature(fo.functional.adahessian).parameters
+
+
+# the keywords of a class or functional signature that are not hyperparameters
+_NOT_HP = {"params", "grads", "step", "grad_scale", "nonfinite", "backend"}
+
+
+def _signature_defaults(fn, skip=()):
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if name not in _NOT_HP and name not in skip}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_signature_defaults_are_the_rule_tables(rule):
+    """A class's and a functional's keyword defaults are the rule table's (plus the pipeline's)."""
+    r = RULES[rule]
+    want = {**r.defaults, **PIPELINE_DEFAULTS}
+    cls = fo._optim.OPTIMIZERS[rule]
+    assert cls.__name__ == r.class_name and getattr(fo, r.class_name) is cls
+    assert _signature_defaults(cls) == want
+    # the functional form also takes the state lists (exp_avgs, ...), the extra input and the
+    # group state (NAdam's mu_product, starting at the table's initial value)
+    fn = getattr(fo.functional, rule)
+    per_tensor = {n + "s" for n in r.all_state} | ({r.extra} if r.extra else set())
+    assert per_tensor <= set(inspect.signature(fn).parameters)
+    assert _signature_defaults(fn, skip=per_tensor | set(r.group_state)) == want
+    assert {k: v for k, v in _signature_defaults(fn).items() if k in r.group_state} == r.group_state
+
+
+def test_the_test_table_covers_every_rule():
+    """tests/_cases.py has one record per rule, and its option sets name real options."""
+    assert list(INFOS) == list(RULES)
+    for rule, info in INFOS.items():
+        known = set(RULES[rule].defaults) | set(PIPELINE_DEFAULTS)
+        assert info.cases and info.converge and info.rosen, rule
+        for opts in [c.options for c in info.cases] + list(info.oracle) + list(info.converge) + \
+                [info.rosen[0], info.bench]:
+            assert set(opts) <= known, (rule, set(opts) - known)
+        if info.oracle:
+            assert info.torch == RULES[rule].class_name, rule
+    assert len(set(CASE_IDS)) == len(CASE_IDS)
 
 
 def test_global_norm_and_clip_helpers():

@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _cases import CASE_IDS, CASES, STEPS, TOL, assert_same_run, make_problem, run
 from fastopt._optim import OPTIMIZERS
+from fastopt._rules import RULES
+
+from _cases import CASE_IDS, CASES, STEPS, TOL, assert_same_run, make_problem, run, step
 
 
 def _gpu_reason():
@@ -30,15 +32,15 @@ def _gpu_reason():
 
 
 _REASON = _gpu_reason()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
+if _REASON is not None:  # one skip for the module, not one per test
+    pytest.skip(_REASON, allow_module_level=True)
+pytestmark = pytest.mark.gpu
 
-if _REASON is None:
-    import cupy
+import cupy  # noqa: E402
 
-    from fastopt import _backend
+from fastopt import _backend  # noqa: E402
 
 SIZES_GPU = (1, 7, 278011, 2**24 + 3)
-TAKES_EXTRA = ("adahessian", "newton")
 
 
 def run_gpu(rule, options, params, grads, extras, **kw):
@@ -48,10 +50,8 @@ def run_gpu(rule, options, params, grads, extras, **kw):
     infos = []
     for g, e in zip(grads, extras):
         gg = [cupy.asarray(x) for x in g]
-        if rule in TAKES_EXTRA:
-            infos.append(opt.step(gg, [cupy.asarray(x) for x in e]))
-        else:
-            infos.append(opt.step(gg))
+        ee = None if e[0] is None else [cupy.asarray(x) for x in e]
+        infos.append(step(opt, gg, ee))
     return [cupy.asnumpy(p) for p in ps], opt.state_dict(), infos
 
 
@@ -65,7 +65,7 @@ def compare(rule, options, sizes, dtype, seed=0):
 def test_backend_is_available():
     info = _backend.backends()["cupy"]
     assert info["available"], info["reason"]
-    assert len(info["rules"]) == 13
+    assert len(info["rules"]) == len(RULES)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -86,8 +86,9 @@ def small_chunks():
     cupy_gpu.DEVICE.chunk_size = old
 
 
-# Newton is left out here: its tensors are capped at 7 elements and solved one by one.
-MULTI = [k for k, c in enumerate(CASES) if c[0] != "newton"]
+# A rule with an (n, n) extra input is left out here: its tensors are capped at 7 elements
+# and solved one by one (no multi-tensor launch to split).
+MULTI = [k for k, c in enumerate(CASES) if RULES[c[0]].extra_shape != "square"]
 
 
 @pytest.mark.parametrize("k", MULTI, ids=[CASE_IDS[k] for k in MULTI])

@@ -21,7 +21,7 @@ from fastopt import functional as F
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
 
-from _cases import CASE_IDS, CASES, extra_input
+from _cases import CASE_IDS, CASES, EXTRA_RULES, cap_sizes, extra_input
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 SIZES = (5, 1, 3001)  # the last tensor is long enough to be split into parts by a parallel kernel
@@ -29,8 +29,7 @@ SIZES = (5, 1, 3001)  # the last tensor is long enough to be split into parts by
 
 def problem(rule, dtype=np.float64, sizes=SIZES, seed=0):
     rng = np.random.default_rng(seed)
-    if rule == "newton":
-        sizes = [min(s, 7) for s in sizes]
+    sizes = cap_sizes(rule, sizes)
     params = [rng.standard_normal(s).astype(dtype) for s in sizes]
     return params, rng
 
@@ -162,7 +161,7 @@ def test_clipping_does_not_hide_nonfinite(options, value, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-@pytest.mark.parametrize("rule", ["adahessian", "newton"])
+@pytest.mark.parametrize("rule", EXTRA_RULES)
 @pytest.mark.parametrize("value", [np.inf, np.nan])
 def test_nonfinite_extra_input(rule, value, mode, backend):
     """AdaHessian's hessian_diags and Newton's hessians are checked like grads (finite grads)."""

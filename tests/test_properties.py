@@ -20,7 +20,7 @@ from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
 from fastopt._rules import RULES
 
-from _cases import TOL, extra_input
+from _cases import TOL, cap_shape, extra_input, rule_options, step
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 COMPILED = [b for b in CPU_BACKENDS if b != "numpy"]
@@ -33,54 +33,9 @@ dtypes = st.sampled_from([np.float32, np.float64])
 opt_float = lambda lo, hi: st.one_of(st.none(), st.floats(lo, hi))  # noqa: E731
 
 
-@st.composite
-def rule_options(draw, rule, lr=None, pipeline=True):
-    """In-range hyperparameters of ``rule`` (away from the edges where float32 is meaningless)."""
-    d = RULES[rule].defaults
-    o = {"lr": draw(st.floats(1e-4, 0.1)) if lr is None else lr}
-    if "betas" in d:
-        o["betas"] = (draw(st.floats(0.0, 0.99)), draw(st.floats(0.9, 0.9999)))
-    if "eps" in d:
-        o["eps"] = draw(st.floats(1e-8, 1e-3))
-    if "weight_decay" in d:
-        o["weight_decay"] = draw(st.sampled_from([0.0, 0.01, 0.1]))
-    if rule == "sgd":
-        o["momentum"] = draw(st.sampled_from([0.0, 0.5, 0.9]))
-        o["nesterov"] = o["momentum"] > 0 and draw(st.booleans())
-        o["dampening"] = 0.0 if o["nesterov"] else draw(st.sampled_from([0.0, 0.5]))
-    if rule in ("adam", "adamw"):
-        o["amsgrad"] = draw(st.booleans())
-    if rule in ("adam", "adamw", "lamb"):
-        o["bias_correction"] = draw(st.booleans())
-    if rule == "adagrad":
-        o["lr_decay"] = draw(st.floats(0.0, 0.1))
-        o["initial_accumulator_value"] = draw(st.floats(0.0, 1.0))
-    if rule == "rmsprop":
-        o["alpha"] = draw(st.floats(0.0, 0.999))
-        o["momentum"] = draw(st.sampled_from([0.0, 0.9]))
-        o["centered"] = draw(st.booleans())
-    if rule == "adadelta":
-        o["rho"] = draw(st.floats(0.0, 0.99))
-    if rule == "nadam":
-        o["momentum_decay"] = draw(st.floats(0.0, 0.01))
-    if rule == "adahessian":
-        o["hessian_power"] = draw(st.floats(0.1, 1.0))
-    if rule == "newton":
-        o["damping"] = draw(st.floats(1e-4, 1.0))
-    if pipeline:
-        o["maximize"] = draw(st.booleans())
-        o["clip_value"] = draw(opt_float(0.1, 3.0))
-        o["clip_norm"] = draw(opt_float(0.1, 10.0))
-        o["clip_global_norm"] = draw(opt_float(0.1, 10.0))
-        o["weight_clip"] = draw(opt_float(0.5, 3.0))
-        o["max_norm"] = draw(opt_float(0.5, 20.0))
-    return o
-
-
 def make(rule, shape_list, dtype, seed, steps, grad_scale=None):
     rng = np.random.default_rng(seed)
-    if rule == "newton":
-        shape_list = [s if int(np.prod(s)) <= 7 else (7,) for s in shape_list]
+    shape_list = [cap_shape(rule, s) for s in shape_list]  # an n x n extra input caps n
     params = [rng.standard_normal(s).astype(dtype) for s in shape_list]
     feed = []
     for _ in range(steps):
@@ -99,10 +54,7 @@ def run(rule, options, params, feed, backend, grad_scale=None, after_step=None):
     ps = [p.copy() for p in params]
     opt = OPTIMIZERS[rule](ps, backend=backend, **options)
     for g, e in feed:
-        if opt.rule.extra:
-            opt.step(g, e, grad_scale=grad_scale)
-        else:
-            opt.step(g, grad_scale=grad_scale)
+        step(opt, g, e, grad_scale=grad_scale)
         if after_step is not None:
             after_step(ps)
     return ps, opt.state_dict()["state"]

@@ -10,29 +10,11 @@ import pytest
 
 import fastopt as fo
 
+from _cases import ORACLE  # (torch.optim class name, options): every record's oracle sets
+
 torch = pytest.importorskip("torch")
 
 BACKENDS = [b for b in ("numpy", "numba") if fo.backends()[b]["available"]]
-
-# (fastopt class, torch class, options, torch-only extra options)
-ORACLE = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
-    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5, maximize=True)),
-    ("Adam", dict(lr=1e-2)),
-    ("Adam", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-    ("Adam", dict(lr=1e-2, maximize=True)),
-    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
-    ("AdamW", dict(lr=1e-2, amsgrad=True)),
-    ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
-    ("RMSprop", dict(lr=1e-2)),
-    ("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.01)),
-    ("Adadelta", dict(lr=1.0, weight_decay=0.01)),
-    ("Adamax", dict(lr=1e-2, weight_decay=0.01)),
-    ("NAdam", dict(lr=1e-2, weight_decay=0.01)),
-    ("RAdam", dict(lr=1e-2, weight_decay=0.01)),
-]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

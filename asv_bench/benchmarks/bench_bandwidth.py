@@ -1,7 +1,7 @@
 """Achieved memory bandwidth of one step, and its fraction of an in-place ``a += b``.
 
 Bytes per step count the arrays a fused step must touch once each (the table
-in ``fastopt.apps.bench``: Adam reads p, g, m, v and writes p, m, v = 7 arrays);
+in ``fastopt.apps.benchkit``: Adam reads p, g, m, v and writes p, m, v = 7 arrays);
 an implementation that makes more passes shows up as fewer GB/s.  The
 reference ``a += b`` (3 arrays) runs in the same process on arrays of the same
 size and dtype, on the same device: for CPU rows the faster of NumPy's

@@ -1,4 +1,4 @@
-"""Gradient clipping and the rest of the step pipeline (SPEC section 4), on Adam.
+"""Gradient clipping and the rest of the step pipeline (see docs/design.md), on Adam.
 
 ``Pipeline`` prices each pipeline option against the bare fused step
 (``mode="none"``): a norm clip costs one extra read of the grads, the

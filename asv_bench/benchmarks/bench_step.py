@@ -6,7 +6,7 @@ backends next to a naive NumPy expression version and torch.optim
 graph of the dashboard shows fastopt and its competitors side by side; it runs
 Adam and SGD, the rules every peer has (``bench_bandwidth`` covers every
 rule torch has).  Every step uses the rule's default options
-(``fastopt.apps.bench.BENCH_OPTIONS`` lowers a few learning rates so that
+(``fastopt.apps.benchkit.BENCH_OPTIONS`` lowers a few learning rates so that
 millions of steps stay finite) and ``nonfinite="ignore"``: the fused pass
 alone, as torch.optim does no such check (``bench_clip.Pipeline`` prices it).
 """

@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark modules (as ``benchmarks/common.py`` in NumPy's suite).
 
-The cases themselves (arrays, optimizers, peers, the bytes-per-element table)
-live in ``fastopt.apps.bench`` so that ``python -m fastopt bench`` measures exactly
+The cases themselves (arrays, optimizers, peers) live in ``fastopt.apps.bench``
+and the timing loop, the shapes and the bytes-per-element table in
+``fastopt.apps.benchkit``, so that ``python -m fastopt bench`` measures exactly
 what this suite measures.  A parameter combination that cannot run here (a
 backend that is not available, a rule a peer does not have, no torch) raises
 NotImplementedError in ``setup``: asv's way to skip it.
@@ -10,8 +11,8 @@ NotImplementedError in ``setup``: asv's way to skip it.
 import numpy as np
 
 from fastopt.apps import bench as _bench
-from fastopt.apps.bench import (ELEMENTWISE_RULES, FASTOPT_IMPLS, GPT2_SMALL, IMPLS, LAYOUTS,  # noqa: F401
-                            NAIVE_RULES, TINY_LIST, add_bandwidth, measure)
+from fastopt.apps.bench import FASTOPT_IMPLS, IMPLS, NAIVE_RULES, add_bandwidth  # noqa: F401
+from fastopt.apps.benchkit import ELEMENTWISE_RULES, GPT2_SMALL, LAYOUTS, TINY_LIST, measure  # noqa: F401
 
 DTYPES = ("float32", "float64")
 SIZES = (1_000, 1_000_000, 16_000_000)

@@ -11,37 +11,13 @@ A *case* is one optimizer step of one implementation on fresh arrays:
 Bytes moved by a step
 ---------------------
 The bandwidth figures count the arrays a *fused* step must touch once each
-(reads + writes, one element each) -- the memory traffic of the best possible
-one-pass kernel, whatever the implementation actually does:
-
-==========  =====  ==================================================
-rule        arrays reads + writes (default options)
-==========  =====  ==================================================
-sgd           3    p, g  ->  p
-adam          7    p, g, exp_avg, exp_avg_sq  ->  p, exp_avg, exp_avg_sq
-adamw         7    as adam (the decay is a multiply in the same pass)
-adagrad       5    p, g, sum  ->  p, sum
-rmsprop       5    p, g, square_avg  ->  p, square_avg
-adadelta      7    p, g, square_avg, acc_delta  ->  p, square_avg, acc_delta
-adamax        7    p, g, exp_avg, exp_inf  ->  p, exp_avg, exp_inf
-nadam         7    as adam
-radam         7    as adam
-lion          5    p, g, exp_avg  ->  p, exp_avg
-lamb         10    pass 1: p, g, m, v -> m, v (and the norms ||p||, ||r||);
-                   pass 2: p, m, v -> p  (the trust ratio needs both norms
-                   of the whole tensor before any element is updated)
-adahessian    8    p, g, hessian_diag, exp_avg, exp_hessian_diag_sq -> p, m, v
-newton        --   a dense solve per tensor; not a bandwidth-bound rule
-==========  =====  ==================================================
-
-In general ``3 + 2 * len(state) + (1 if the rule reads a per-element extra)``,
-plus LAMB's second pass; :func:`arrays_per_element` derives it from the rule
-table (``fastopt._rules.RULES``), so variants (``amsgrad``, momentum) count
-their extra state.  The reference bandwidth is an in-place ``a += b`` (3
-arrays: read a, read b, write a) on arrays of the same size and dtype,
-measured in the same process -- the faster of NumPy's (one thread) and
-torch's ``add_`` (multi-threaded) when torch is installed: ``fraction`` is
-achieved bytes/s over that.
+(reads + writes), from the rule record: see :mod:`fastopt.apps.benchkit`,
+which also holds the timing loop, the progress bar and the GPT-2-small shapes
+this module shares with ``asv_bench/``.  The reference bandwidth is an
+in-place ``a += b`` (3 arrays: read a, read b, write a) on arrays of the same
+size and dtype, measured in the same process -- the faster of NumPy's (one
+thread) and torch's ``add_`` (multi-threaded) when torch is installed:
+``fraction`` is achieved bytes/s over that.
 """
 
 from __future__ import annotations
@@ -50,69 +26,22 @@ import inspect
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from .. import _backend
 from .._rules import RULES
+from .benchkit import (BENCH_OPTIONS, ELEMENTWISE_RULES, TORCH_CLASSES, Progress, _noop,
+                       bytes_per_element, measure)
 
 #: Every fastopt backend and every peer a case can run.
 FASTOPT_IMPLS = tuple(_backend.BACKEND_NAMES)            # numpy, numba, cupy
 PEER_IMPLS = ("naive-numpy", "torch-fused", "torch-foreach")
 IMPLS = FASTOPT_IMPLS + PEER_IMPLS
 
-#: The element-wise rules (every rule but Newton, whose cost is a dense solve).
-ELEMENTWISE_RULES = tuple(r for r in RULES if r != "newton")
-
 #: The rules the naive NumPy peer implements.
 NAIVE_RULES = ("sgd", "adam")
-
-#: fastopt rule -> torch.optim class name (rules torch does not have are absent).
-TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
-                 "rmsprop": "RMSprop", "adadelta": "Adadelta", "adamax": "Adamax",
-                 "nadam": "NAdam", "radam": "RAdam"}
-
-#: GPT-2 small (124M): token and position embeddings, 12 blocks of 12 tensors, the final
-#: LayerNorm -- 148 tensors, 124,439,808 elements (shapes from the HuggingFace checkpoint).
-D_MODEL, N_LAYER, N_VOCAB, N_CTX = 768, 12, 50257, 1024
-GPT2_SMALL = ([(N_VOCAB, D_MODEL), (N_CTX, D_MODEL)]
-              + [(D_MODEL,), (D_MODEL,),                       # ln_1 weight, bias
-                 (D_MODEL, 3 * D_MODEL), (3 * D_MODEL,),       # attn.c_attn
-                 (D_MODEL, D_MODEL), (D_MODEL,),               # attn.c_proj
-                 (D_MODEL,), (D_MODEL,),                       # ln_2
-                 (D_MODEL, 4 * D_MODEL), (4 * D_MODEL,),       # mlp.c_fc
-                 (4 * D_MODEL, D_MODEL), (D_MODEL,)] * N_LAYER  # mlp.c_proj
-              + [(D_MODEL,), (D_MODEL,)])                      # ln_f
-#: Many tiny tensors: the per-tensor overhead, not bandwidth, dominates.
-TINY_LIST = [(256,)] * 1000
-LAYOUTS = {"gpt2-small": GPT2_SMALL, "1000x256": TINY_LIST}
-
-#: Learning rates small enough that millions of benchmark steps stay finite.
-BENCH_OPTIONS = {"sgd": {"lr": 1e-4}, "rmsprop": {"lr": 1e-4}, "adagrad": {"lr": 1e-4},
-                 "adadelta": {"lr": 1e-2}, "adahessian": {"lr": 1e-4}, "newton": {"lr": 1e-3}}
-
-
-def arrays_per_element(rule: str, options: dict | None = None) -> int | None:
-    """Arrays a fused step of ``rule`` reads plus writes per element (see the module docstring).
-
-    None for Newton (not bandwidth-bound).
-    """
-    if rule == "newton":
-        return None
-    r = RULES[rule]
-    hp = {**r.defaults, **(options or {})}
-    nstate = len(r.state(hp))
-    n = 3 + 2 * nstate + (1 if r.extra == "hessian_diags" else 0)
-    if rule == "lamb":
-        n += 1 + nstate  # the second pass re-reads p and the moments
-    return n
-
-
-#: The table above, for the default options of each rule.
-BYTES_TABLE = {r: arrays_per_element(r) for r in RULES}
 
 
 # --------------------------------------------------------------------------- availability
@@ -184,10 +113,6 @@ def _random(xp, rng, shape, dtype, lo=-0.5, hi=0.5):
     return a if xp is np else xp.asarray(a)
 
 
-def _noop():
-    pass
-
-
 class Case:
     """One optimizer step of ``impl`` on ``shapes`` (a list of tensor shapes) of ``dtype``.
 
@@ -208,22 +133,23 @@ class Case:
         self.shapes = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in shapes]
         self.options = {**BENCH_OPTIONS.get(rule, {}), **(options or {})}
         self.numel = sum(int(np.prod(s)) for s in self.shapes)
-        per = arrays_per_element(rule, self.options)
-        self.bytes_per_step = None if per is None else per * self.numel * self.dtype.itemsize
+        per = bytes_per_element(rule, self.options, self.dtype.itemsize)
+        self.bytes_per_step = None if per is None else per * self.numel
         rng = np.random.default_rng(seed)
         xp = _xp(impl)
         self.params = [_random(xp, rng, s, dtype) for s in self.shapes]
         self.grads = [_random(xp, rng, s, dtype) for s in self.shapes]
         self.extras = None
-        if rule == "adahessian":
-            self.extras = [_random(xp, rng, s, dtype) for s in self.shapes]
-        elif rule == "newton":
+        r = RULES[rule]
+        if r.extra is not None and r.extra_shape == "square":
             self.extras = []
             for s in self.shapes:
                 n = int(np.prod(s))
                 a = rng.random((n, n)) - 0.5
                 h = (a @ a.T / n + np.eye(n)).astype(dtype)  # symmetric positive definite
                 self.extras.append(h if xp is np else xp.asarray(h))
+        elif r.extra is not None:  # one value per param element
+            self.extras = [_random(xp, rng, s, dtype) for s in self.shapes]
         self.sync = _noop
         if impl == "cupy":
             self.sync = xp.cuda.Device().synchronize
@@ -307,23 +233,6 @@ def make_case(impl, rule, shapes, dtype="float32", options=None, nonfinite="igno
 # --------------------------------------------------------------------------- timing
 
 
-def measure(fn, sync=_noop, min_time=0.1, min_runs=3, max_runs=10_000, max_time=1.0):
-    """Median wall time of ``fn(); sync()`` over at least ``min_runs`` runs and ``min_time`` s.
-
-    A slow case (a 16M-element NumPy step) stops after ``max_time`` s, however few runs.
-    """
-    times, total = [], 0.0
-    while (len(times) < min_runs or (total < min_time and len(times) < max_runs)) \
-            and not (times and total >= max_time):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        total += dt
-    return statistics.median(times)
-
-
 def add_bandwidth(n, dtype="float32", xp=np, min_time=0.1):
     """Bytes/s of the best in-place ``a += b`` on two length-``n`` arrays (3 arrays of traffic).
 
@@ -364,7 +273,9 @@ def cold_compile_seconds(dtype="float32", rules=None, cache_dir=None, timeout=60
             "import fastopt.apps.bench as b\n"
             "t0 = time.perf_counter()\n"
             f"for r in {rules!r}:\n"
-            f"    b.make_case('numba', r, [(3,) if r == 'newton' else (1000,)], {str(dtype)!r})\n"
+            # a rule whose extra input is n x n (Newton's Hessian) gets a small tensor
+            f"    square = b.RULES[r].extra is not None and b.RULES[r].extra_shape == 'square'\n"
+            f"    b.make_case('numba', r, [(3,) if square else (1000,)], {str(dtype)!r})\n"
             "print(time.perf_counter() - t0)\n")
     with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as tmp:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir or tmp)
@@ -417,40 +328,6 @@ def _fmt_time(s):
     return f"{s / 1e-9:7.1f} ns"
 
 
-class _Progress:
-    """tqdm when installed, else a one-line text bar on stderr."""
-
-    def __init__(self, total, enabled):
-        self.total, self.n, self.enabled, self.bar = total, 0, enabled, None
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
-        self.bar = tqdm(total=total, unit="case", file=sys.stderr, leave=False)
-
-    def update(self, label):
-        self.n += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(label, refresh=False)
-            self.bar.update(1)
-            return
-        width = 30
-        done = int(width * self.n / self.total)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} {label:30}")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            sys.stderr.write("\r" + " " * 80 + "\r")
-            sys.stderr.flush()
-
-
 def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, progress=False):
     """Time every (rule, impl, size); returns the dict that ``--json`` prints."""
     dtype = np.dtype(dtype)
@@ -463,7 +340,7 @@ def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, pr
     jobs = [(r, i, n) for n in sizes for r in rules for i in impls]
     jobs += [(r, i, n) for n in sizes for r in rules for i in peers]
     gpu = "cupy" in impls
-    bar = _Progress(len(jobs) + len(sizes) * (1 + gpu), progress)
+    bar = Progress(len(jobs) + len(sizes) * (1 + gpu), progress)
     times, skipped = {}, []
     for rule, impl, n in jobs:
         bar.update(f"{rule} {impl} {_fmt_size(n)}")
@@ -510,8 +387,7 @@ def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, pr
                     "torch": torch_mod.get_num_threads() if torch_mod is not None else None},
         "add_gbps": {str(n): bw / 1e9 for n, bw in add_bw.items()},
         "add_gbps_cupy": {str(n): bw / 1e9 for n, bw in add_bw_gpu.items()},
-        "bytes_per_element": {r: (None if BYTES_TABLE[r] is None else BYTES_TABLE[r] * dtype.itemsize)
-                              for r in rules},
+        "bytes_per_element": {r: bytes_per_element(r, itemsize=dtype.itemsize) for r in rules},
         "rows": rows, "peers": peer_rows, "skipped": skipped,
     }
 
