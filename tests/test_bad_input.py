@@ -606,7 +606,7 @@ def test_functional_missing_state_and_bad_step(backend):
             F.adam(params, grads, m, v, step=step, backend=backend)
     with pytest.raises(TypeError, match=r"lr: expected a float \(evaluate a schedule"):
         F.adam(params, grads, m, v, step=1, lr=fo.schedules.constant(0.1), backend=backend)
-    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['momentum'\]"):
+    with pytest.raises(TypeError, match=r"adam\(\) got an unexpected keyword argument 'momentum'"):
         F.adam(params, grads, m, v, step=1, momentum=0.9, backend=backend)
     for mu in (NAN, 0.0, 1.5, "x"):
         with pytest.raises(ValueError, match=rf"mu_product: expected a number in \(0, 1\], got {re.escape(repr(mu))}"):

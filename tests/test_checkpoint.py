@@ -236,11 +236,11 @@ def _corruptions(good, tmp_path):
         ("extra-array", lambda a: a.update(evil=np.zeros(1)), r"unexpected arrays \['evil'\]"),
         ("param-shape", lambda a: a.update({"param/2": np.zeros(4)}), r"param/2: expected float64 \(33,\) .*got float64 \(4,\)"),
         ("state-dtype", lambda a: a.update({"state/2/exp_avg": a["state/2/exp_avg"].astype(np.float32)}),
-         r"does not fit this optimizer: state_dict\['state'\]\[2\]\['exp_avg'\]: expected float64 \(33,\)"),
+         r"cannot be loaded into this optimizer: state_dict\['state'\]\[2\]\['exp_avg'\]: expected float64 \(33,\)"),
         ("state-shape-last", lambda a: a.update({"state/2/exp_avg_sq": np.zeros(32)}),
          r"state_dict\['state'\]\[2\]\['exp_avg_sq'\]: expected float64 \(33,\)"),
         ("bad-hp", _meta_change(lambda m: m["param_groups"][1].update(eps=-1.0)),
-         r"does not fit this optimizer: state_dict\['param_groups'\]\[1\]: eps: expected a finite number > 0"),
+         r"cannot be loaded into this optimizer: state_dict\['param_groups'\]\[1\]: eps: expected a finite number > 0"),
         ("unknown-schedule", _meta_change(lambda m: m["param_groups"][1].update(
             lr={"schedule_config": {"schedule": "os.system", "cmd": "touch pwned"}})), r"bad schedule config"),
         ("schedule-bad-args", _meta_change(lambda m: m["param_groups"][1].update(
