@@ -69,7 +69,7 @@ def check_values(a: np.ndarray, where: str, nonnegative: bool) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{where}: expected finite values, got {float(a.flat[i])} at flat index {i} "
-                         f"({int(bad.sum())} non-finite entries)")
+                         f"({int(bad.sum())} of {a.size} entries not finite)")
     if nonnegative:
         neg = a < 0
         if neg.any():
