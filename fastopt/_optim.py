@@ -11,7 +11,7 @@ import copy
 
 from . import _backend
 from ._pipeline import make_buckets, run_step
-from ._rules import PIPELINE_DEFAULTS, Rule, check_hyperparameters, check_lr_value, RULES
+from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
 from ._state import LoadPlan, plan_load
 from ._validate import (as_list, check_grad_scale, check_nonfinite, check_params, expected_layout,
                         flat, normalize_options, prepare_groups, step_options)
@@ -132,7 +132,7 @@ class Optimizer:
             g["lr"] = value
 
     def step(self, grads, grad_scale=None):
-        """One step of the pipeline (docs/design.md); updates the params in place, returns a ``StepInfo``."""
+        """One step of the pipeline (docs/design.md): params updated in place; returns a ``StepInfo``."""
         return self._step(grads, None, grad_scale)
 
     def _step(self, grads, extras, grad_scale):
@@ -151,7 +151,8 @@ class Optimizer:
         ids = [id(p) for p in all_params]
         if self._layout is None or self._layout[0] != ids:
             self._layout = (ids, expected_layout(all_params))
-        hps = [step_options(self.rule, g, t, self._where(gi)) for gi, g in enumerate(self.param_groups)]
+        hps = [step_options(self.rule, g, t, self._where(gi))
+               for gi, g in enumerate(self.param_groups)]
         prepared = prepare_groups(self.rule, hps, [len(g["params"]) for g in self.param_groups],
                                   all_params, grads, extras, kind=self._kind,
                                   caller=f"{type(self).__name__}.step()", want=self._layout[1])

@@ -64,7 +64,7 @@ def check_like(a, p, where: str, label: str) -> None:
 
 
 def check_values(a: np.ndarray, where: str, nonnegative: bool) -> None:
-    """ValueError naming ``where`` and the first bad entry: non-finite, or negative if ``nonnegative``."""
+    """ValueError naming ``where`` and its first bad entry: not finite, or < 0 if ``nonnegative``."""
     bad = ~np.isfinite(a)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])

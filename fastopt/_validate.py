@@ -277,9 +277,14 @@ def prepare_groups(rule, hps: list, sizes: list, params: list, grads, extras, *,
                                   shape_of=lambda p: rule.extra_shape_of(p.shape, p.size))
         read.append((rule.extra, extras))
     check_disjoint([("params", params), *written], read)
+    # flattened inline, not through flat(): a call per tensor is ~5% of this for 1000 small ones
+    flat_grads = [g if g.ndim == 1 else g.reshape(-1) for g in grads]
+    flat_extras = None if extras is None else [e if e.ndim == 1 else e.reshape(-1) for e in extras]
+    if len(sizes) == 1:
+        return [Prepared(hp=hps[0], grads=flat_grads, extras=flat_extras)]
     out, start = [], 0
     for hp, n in zip(hps, sizes):
-        out.append(Prepared(hp=hp, grads=[flat(g) for g in grads[start:start + n]],
-                            extras=None if extras is None else [flat(e) for e in extras[start:start + n]]))
+        out.append(Prepared(hp=hp, grads=flat_grads[start:start + n],
+                            extras=None if extras is None else flat_extras[start:start + n]))
         start += n
     return out

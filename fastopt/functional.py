@@ -136,7 +136,8 @@ def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=No
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
     """One :class:`fastopt.RMSprop` step over lists of arrays, in place (the math is on the class).
 
-    State lists: ``square_avgs``; ``momentum_buffers`` with ``momentum > 0``; ``grad_avgs`` with ``centered=True``.
+    State lists: ``square_avgs``; ``momentum_buffers`` with ``momentum > 0``; ``grad_avgs`` with
+    ``centered=True``.
     """
     return _run(RULES["rmsprop"], locals())
 

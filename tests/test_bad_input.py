@@ -1,4 +1,4 @@
-"""SPEC section 7: every class of bad input, on every CPU backend.
+"""Every class of bad input (docs/design.md, "Bad input"), on every CPU backend.
 
 Each case checks three things: the exception type, a message that names the
 argument and index, what was expected and what came, and that params, state,

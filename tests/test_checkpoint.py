@@ -1,4 +1,4 @@
-"""fastopt.save / fastopt.load: safe, atomic, cross-backend checkpoints (SPEC section 8).
+"""fastopt.save / fastopt.load: safe, atomic, cross-backend checkpoints (see docs/design.md).
 
 * stop, save, load into a fresh optimizer, go on == never stopping, bit for bit, for
   every case of the rule table and with schedules, on each CPU backend;

@@ -17,7 +17,7 @@ from _cases import CASES, CASE_IDS, make_problem
 
 
 def test_pipeline_order_by_hand():
-    """SPEC section 4 steps 1-8, worked out by hand on two tensors with SGD(lr=1) (p -= g)."""
+    """Pipeline steps 1-8 (docs/design.md) by hand on two tensors with SGD(lr=1) (p -= g)."""
     a, b = np.array([1.0, 2.0, -3.0]), np.array([0.25, -0.25])
     ga, gb = np.array([4.0, -8.0, 2.0]), np.array([1.0, 1.0])
     opt = fo.SGD([a, b], lr=1.0, maximize=True, clip_value=3.0, clip_norm=2.0,
