@@ -91,7 +91,7 @@ class Ops:
         """``a = clip(a, -c, c)`` in place for each array."""
         raise NotImplementedError
 
-    def asarray(self, host_array, like=None):
+    def asarray(self, host_array):
         """A backend array holding a copy of a NumPy array (state_dict loading)."""
         return self.xp.array(host_array, copy=True)
 

@@ -40,6 +40,7 @@ import tempfile
 import numpy as np
 
 from . import schedules as _schedules
+from ._state import check_like, plan_load, to_host
 
 FORMAT = "fastopt-checkpoint"
 VERSION = 1
@@ -91,7 +92,7 @@ def save(optimizer, path, *, params: bool = True) -> None:
             arrays[f"state/{i}/{name}"] = a
     if params:
         for i, p in enumerate(all_params):
-            arrays[f"param/{i}"] = optimizer._ops.to_host(p)
+            arrays[f"param/{i}"] = to_host(p)
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -178,7 +179,9 @@ def load(optimizer, path, *, params: bool = True) -> None:
     optimizer's params in place (when the file has them).  Everything is read
     and checked before anything is written: a truncated or corrupted file, or
     one that does not fit the optimizer, raises ``ValueError`` and leaves the
-    optimizer (and its params) as they were.
+    optimizer (and its params) as they were.  The state's values are checked
+    too: a non-finite entry, or a negative one in a sum or average of squares
+    (Adam's ``exp_avg_sq``, Adagrad's ``sum``, ...), is refused the same way.
     """
     path = os.fspath(path)
     arrays = _read(path)
@@ -208,18 +211,19 @@ def load(optimizer, path, *, params: bool = True) -> None:
             expected.add(k)
         state[int(key)] = st
 
-    new_params = None
+    file_params = None
     if meta["has_params"]:
-        new_params = []
+        file_params = []
         for i, p in enumerate(all_params):
             k = f"param/{i}"
             a = arrays.get(k)
             if a is None:
                 raise _bad(path, f"missing array {k!r} (truncated or edited?)")
-            if a.shape != p.shape or a.dtype != p.dtype:
-                raise _bad(path, f"{k}: expected {p.dtype} {p.shape} (like params[{i}]), "
-                                 f"got {a.dtype} {a.shape}")
-            new_params.append(a)
+            try:
+                check_like(a, p, k, f"params[{i}]")
+            except ValueError as e:
+                raise _bad(path, str(e)) from None
+            file_params.append(a)
             expected.add(k)
     extra = sorted(set(arrays) - expected)
     if extra:
@@ -231,13 +235,12 @@ def load(optimizer, path, *, params: bool = True) -> None:
     sd = {"rule": meta["rule"], "step_count": meta["step_count"], "param_groups": groups,
           "state": state, "group_state": meta["group_state"]}
     try:
-        optimizer.load_state_dict(sd)  # checks everything before it writes anything
+        # the same checks as load_state_dict, values included (finite; >= 0 where the rule
+        # keeps squares): a NaN saved by a diverged run is refused here, not at the next step
+        plan = plan_load(optimizer, sd, file_params if params else None)
     except (TypeError, ValueError) as e:
-        raise _bad(path, f"does not fit this optimizer: {e}") from e
-    if params and new_params is not None:
-        ops = optimizer._ops
-        for p, a in zip(all_params, new_params):
-            p[...] = a if optimizer._kind == "numpy" else ops.asarray(a)
+        raise _bad(path, f"cannot be loaded into this optimizer: {e}") from e
+    optimizer._write(plan)
 
 
 __all__ = ["save", "load"]

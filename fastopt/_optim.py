@@ -8,25 +8,19 @@ only fix the constructor signature and the docstring of each rule.
 from __future__ import annotations
 
 import copy
-import numbers
-
-import numpy as np
 
 from . import _backend
-from ._pipeline import GroupStep, make_buckets, run_step
-from ._rules import PIPELINE_DEFAULTS, RULES, Rule, as_host_scalars, check_hyperparameters, check_lr_value
-from ._validate import (as_list, expected_layout, check_companions, check_disjoint, check_grad_scale,
-                        check_nonfinite, check_params)
+from ._pipeline import make_buckets, run_step
+from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
+from ._state import LoadPlan, plan_load
+from ._validate import (as_list, check_grad_scale, check_nonfinite, check_params, expected_layout,
+                        flat, normalize_options, prepare_groups, step_options)
 
 _OPTIMIZER_WIDE = ("nonfinite", "backend")
 
 
-def _flat(a):
-    return a if a.ndim == 1 else a.reshape(-1)
-
-
 class Optimizer:
-    """Base class: param groups, state, ``step``, ``state_dict`` (SPEC sections 3, 4, 8).
+    """Base class: param groups, state, ``step``, ``state_dict`` (see docs/design.md).
 
     ``params`` is a list of arrays or a list of dicts ``{"params": [...], **overrides}``
     where any hyperparameter (and any pipeline option) may be overridden per
@@ -43,14 +37,13 @@ class Optimizer:
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) "
                             f"{sorted(unknown)}")
-        self.defaults.update(hyperparameters)
+        self.defaults = normalize_options({**self.defaults, **hyperparameters})
         self.nonfinite = check_nonfinite(nonfinite)
         if backend != "auto" and backend not in _backend.BACKEND_NAMES:
             raise ValueError(f"backend: expected one of {('auto',) + _backend.BACKEND_NAMES}, "
                              f"got {backend!r}")
 
         self.param_groups = self._parse_groups(params)
-        self._multi = len(self.param_groups) > 1
         flat_params, labels = [], []
         for gi, g in enumerate(self.param_groups):
             for pi, p in enumerate(g["params"]):
@@ -59,7 +52,6 @@ class Optimizer:
         self._kind = check_params(flat_params, labels)
         for gi, g in enumerate(self.param_groups):
             check_hyperparameters(rule, g, self._where(gi))
-        self._requested_backend = backend
         self.backend = _backend.resolve(backend, self._kind)
         self._ops = _backend.get_ops(self.backend)
         self.step_count = 0
@@ -67,7 +59,7 @@ class Optimizer:
         self.group_state = [dict(rule.group_state) for _ in self.param_groups]
         self._buckets = [None] * len(self.param_groups)
         self._state_names = [None] * len(self.param_groups)
-        self._layout_cache = {}
+        self._layout = None  # (ids of the params, expected_layout of a grad of each)
         for gi in range(len(self.param_groups)):
             self._ensure_state(gi)
 
@@ -88,7 +80,7 @@ class Optimizer:
                 if bad:
                     raise ValueError(f"param_groups[{gi}]: unknown or optimizer-wide option(s) "
                                      f"{sorted(bad)}; per-group options are {sorted(self.defaults)}")
-                grp = {**self.defaults, **g}
+                grp = normalize_options({**self.defaults, **g})
                 grp["params"] = as_list(g["params"], f"param_groups[{gi}]['params']")
                 if not grp["params"]:
                     raise ValueError(f"param_groups[{gi}]['params']: expected a non-empty list, got []")
@@ -99,18 +91,12 @@ class Optimizer:
         return [{**self.defaults, "params": params}]
 
     def _label(self, name, gi, pi):
-        if name == "params" and self._multi_groups():
+        if name == "params" and len(self.param_groups) > 1:
             return f"param_groups[{gi}]['params'][{pi}]"
-        return f"{name}[{self._flat_index(gi, pi)}]"
-
-    def _multi_groups(self):
-        return len(self.param_groups) > 1
-
-    def _flat_index(self, gi, pi):
-        return sum(len(g["params"]) for g in self.param_groups[:gi]) + pi
+        return f"{name}[{sum(len(g['params']) for g in self.param_groups[:gi]) + pi}]"
 
     def _where(self, gi):
-        return f"param_groups[{gi}]: " if self._multi_groups() else ""
+        return f"param_groups[{gi}]: " if len(self.param_groups) > 1 else ""
 
     def _ensure_state(self, gi):
         """Create the state arrays the group's current options need (once, or after a change)."""
@@ -127,8 +113,8 @@ class Optimizer:
                     st[name] = xp.full_like(p, init)
                     changed = True
         if changed or set(self._buckets[gi][0].states) != {n for n, _ in names}:
-            flat_states = {n: [_flat(st[n]) for st in self.state[gi]] for n, _ in names}
-            self._buckets[gi] = make_buckets([_flat(p) for p in g["params"]], flat_states)
+            flat_states = {n: [flat(st[n]) for st in self.state[gi]] for n, _ in names}
+            self._buckets[gi] = make_buckets([flat(p) for p in g["params"]], flat_states)
 
     # ------------------------------------------------------------------ public
 
@@ -146,60 +132,35 @@ class Optimizer:
             g["lr"] = value
 
     def step(self, grads, grad_scale=None):
-        """One step (SPEC section 4); updates the params in place and returns a ``StepInfo``."""
+        """One step of the pipeline (docs/design.md): params updated in place; returns a ``StepInfo``."""
         return self._step(grads, None, grad_scale)
 
     def _step(self, grads, extras, grad_scale):
         t = self.step_count + 1
-        steps = self._prepare(grads, extras, grad_scale, t)
-        info = run_step(self.backend, self.rule, steps, t, self.nonfinite, self._inv_scale)
+        inv_scale = check_grad_scale(grad_scale)
+        steps = self._prepare(grads, extras, t)
+        info = run_step(self.backend, self.rule, steps, t, self.nonfinite, inv_scale)
         if not info.skipped:
             self.step_count = t
             self.group_state = [dict(s) for s in info.group_state]
         return info
 
-    def _prepare(self, grads, extras, grad_scale, t):
+    def _prepare(self, grads, extras, t):
         """Every check of the step, before anything is written; returns the GroupSteps."""
-        self._inv_scale = check_grad_scale(grad_scale)
         all_params = [p for g in self.param_groups for p in g["params"]]
-        label = lambda name, i: f"{name}[{i}]"  # noqa: E731
-        layout = self._layout_cache.get("grads")
-        if layout is None or layout[0] != [id(p) for p in all_params]:
-            layout = ([id(p) for p in all_params], expected_layout(all_params))
-            self._layout_cache["grads"] = layout
-        grads = check_companions(all_params, grads, "grads", label, self._kind, allow_copy=True,
-                                 want=layout[1])
-        if self.rule.extra is not None:
-            if extras is None:
-                raise TypeError(f"{type(self).__name__}.step() needs {self.rule.extra}")
-            shape_of = (lambda p: (p.size, p.size)) if self.rule.extra == "hessians" else None
-            extras = check_companions(all_params, extras, self.rule.extra, label, self._kind,
-                                      shape_of=shape_of, allow_copy=True)
-        check_disjoint([("params", all_params)],
-                       [("grads", grads)] + ([(self.rule.extra, extras)] if extras is not None else []))
-        # every group is checked before any group's state is created (a bad last group
-        # must not leave new state arrays behind in the first)
-        hps = []
-        for gi, g in enumerate(self.param_groups):
-            check_hyperparameters(self.rule, g, self._where(gi))
-            hp = as_host_scalars(g)
-            if callable(g["lr"]):
-                where = f"{self._where(gi)}lr (the schedule's value at step {t - 1})"
-                try:
-                    hp["lr"] = float(g["lr"](t - 1))
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"{where}: expected a finite number >= 0, got an error: {e}") from e
-                check_lr_value(hp["lr"], where)
-            hps.append(hp)
-        steps, start = [], 0
-        for gi, (g, hp) in enumerate(zip(self.param_groups, hps)):
+        ids = [id(p) for p in all_params]
+        if self._layout is None or self._layout[0] != ids:
+            self._layout = (ids, expected_layout(all_params))
+        hps = [step_options(self.rule, g, t, self._where(gi))
+               for gi, g in enumerate(self.param_groups)]
+        prepared = prepare_groups(self.rule, hps, [len(g["params"]) for g in self.param_groups],
+                                  all_params, grads, extras, kind=self._kind,
+                                  caller=f"{type(self).__name__}.step()", want=self._layout[1])
+        # everything is checked: only now may a group's state arrays be created
+        steps = []
+        for gi, pr in enumerate(prepared):
             self._ensure_state(gi)
-            n = len(g["params"])
-            gflat = [_flat(x) for x in grads[start:start + n]]
-            eflat = None if extras is None else [_flat(x) for x in extras[start:start + n]]
-            steps.append(GroupStep(hp=hp, buckets=self._buckets[gi], grads=gflat, extras=eflat,
-                                   gstate=self.group_state[gi]))
-            start += n
+            steps.append(pr.group_step(self._buckets[gi], self.group_state[gi]))
         return steps
 
     # ------------------------------------------------------------------ state
@@ -222,87 +183,33 @@ class Optimizer:
                 "state": state, "group_state": copy.deepcopy(self.group_state)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict`` from any backend; checked whole before anything changes."""
-        sd = state_dict
-        if not isinstance(sd, dict):
-            raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
-        for key in ("rule", "step_count", "param_groups", "state"):
-            if key not in sd:
-                raise ValueError(f"state_dict: missing key {key!r}")
-        if sd["rule"] != self.rule.name:
-            raise ValueError(f"state_dict: expected a {self.rule.name!r} state, got {sd['rule']!r}")
-        sc = sd["step_count"]
-        if isinstance(sc, bool) or not isinstance(sc, numbers.Integral) or sc < 0:
-            raise ValueError(f"state_dict['step_count']: expected an integer >= 0, got {sc!r}")
-        groups = sd["param_groups"]
-        if not isinstance(groups, (list, tuple)) or not all(
-                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
-            raise TypeError("state_dict['param_groups']: expected a list of dicts with a 'params' "
-                            f"list each, got {type(groups).__name__} {groups!r:.200}")
-        if not isinstance(sd["state"], dict):
-            raise TypeError(f"state_dict['state']: expected a dict, got {type(sd['state']).__name__}")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict['param_groups']: expected {len(self.param_groups)} groups, "
-                             f"got {len(groups)}")
-        new_groups, new_state = [], []
-        idx = 0
-        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
-            n = len(mine["params"])
-            if len(theirs.get("params", ())) != n:
-                raise ValueError(f"state_dict['param_groups'][{gi}]: expected {n} params, "
-                                 f"got {len(theirs.get('params', ()))}")
-            hp = {**self.defaults, **{k: v for k, v in theirs.items() if k != "params"}}
-            unknown = set(hp) - set(self.defaults)
-            if unknown:
-                raise ValueError(f"state_dict['param_groups'][{gi}]: unknown option(s) {sorted(unknown)}")
-            check_hyperparameters(self.rule, hp, f"state_dict['param_groups'][{gi}]: ")
-            names = [nm for nm, _ in self.rule.state(hp)]
-            gstate = []
-            for pi, p in enumerate(mine["params"]):
-                key = theirs["params"][pi]
-                st = sd["state"].get(key, sd["state"].get(str(key)))
-                if st is None:
-                    raise ValueError(f"state_dict['state'][{key}]: missing (state of params[{idx + pi}])")
-                if not isinstance(st, dict):
-                    raise TypeError(f"state_dict['state'][{key}]: expected a dict of arrays, "
-                                    f"got {type(st).__name__}")
-                for nm in names:
-                    a = st.get(nm)
-                    where = f"state_dict['state'][{key}][{nm!r}]"
-                    if a is None:
-                        raise ValueError(f"{where}: missing")
-                    a = self._ops.to_host(a) if _backend.array_kind(a) == "cupy" else np.asarray(a)
-                    if a.shape != p.shape or a.dtype != p.dtype:
-                        raise ValueError(f"{where}: expected {p.dtype} {p.shape} (like params[{idx + pi}]), "
-                                         f"got {a.dtype} {a.shape}")
-                gstate.append({nm: st[nm] for nm in names})
-            new_groups.append(hp)
-            new_state.append(gstate)
-            idx += n
-        gs = sd.get("group_state") or [dict(self.rule.group_state) for _ in groups]
-        if len(gs) != len(groups) or any(set(g) != set(self.rule.group_state) for g in gs):
-            raise ValueError(f"state_dict['group_state']: expected {len(groups)} dicts with keys "
-                             f"{sorted(self.rule.group_state)}, got {gs!r}")
-        for gi, g in enumerate(gs):  # converted before any write: a bad value must not half-load
-            for k, v in g.items():
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
-                    raise ValueError(f"state_dict['group_state'][{gi}][{k!r}]: expected a finite "
-                                     f"number, got {v!r}")
-        # everything checked: now write
-        for gi, (g, hp) in enumerate(zip(self.param_groups, new_groups)):
-            for k, v in hp.items():
-                g[k] = copy.deepcopy(v)
-            for st, loaded in zip(self.state[gi], new_state[gi]):
-                for nm, a in loaded.items():
-                    host = self._ops.to_host(a) if _backend.array_kind(a) == "cupy" else np.asarray(a)
-                    if nm in st:
-                        st[nm][...] = self._ops.asarray(host) if self._kind == "cupy" else host
+        """Load a ``state_dict`` from any backend; checked whole before anything changes.
+
+        Besides its structure, shapes and dtypes, the state's values are checked:
+        finite everywhere, and no negative entry where the rule keeps a sum or
+        average of squares (``exp_avg_sq``, Adagrad's ``sum``, ...).
+        """
+        self._write(plan_load(self, state_dict))
+
+    def _write(self, plan: LoadPlan) -> None:
+        """Write a checked plan (from :func:`fastopt._state.plan_load`); raises on nothing."""
+        device = self._kind != "numpy"
+        for gi, (g, options) in enumerate(zip(self.param_groups, plan.options)):
+            g.update(options)
+            for st, loaded in zip(self.state[gi], plan.state[gi]):
+                for name, host in loaded.items():
+                    if name in st:
+                        st[name][...] = self._ops.asarray(host) if device else host
                     else:
-                        st[nm] = self._ops.asarray(host)
+                        st[name] = self._ops.asarray(host)
             self._buckets[gi] = None
             self._ensure_state(gi)
-        self.step_count = int(sc)
-        self.group_state = [{k: float(v) for k, v in g.items()} for g in gs]
+        self.step_count = plan.step_count
+        self.group_state = [dict(g) for g in plan.group_state]
+        if plan.params is not None:
+            all_params = [p for g in self.param_groups for p in g["params"]]
+            for p, host in zip(all_params, plan.params):
+                p[...] = self._ops.asarray(host) if device else host
 
     def __repr__(self):
         opts = {k: v for k, v in self.param_groups[0].items() if k != "params"}
@@ -312,14 +219,11 @@ class Optimizer:
 
 def _opts(local: dict) -> dict:
     """Constructor locals -> keyword arguments of Optimizer.__init__."""
-    out = {k: v for k, v in local.items() if k not in ("self", "params", "__class__")}
-    if isinstance(out.get("betas"), list):
-        out["betas"] = tuple(out["betas"])
-    return out
+    return {k: v for k, v in local.items() if k not in ("self", "params", "__class__")}
 
 
 _PIPELINE_DOC = """
-    Pipeline options (SPEC section 4, any of them per group): ``maximize``,
+    Pipeline options (any of them per group; their order is in docs/design.md): ``maximize``,
     ``clip_value``, ``clip_norm`` (per tensor), ``clip_global_norm`` (all
     tensors of the group), ``weight_clip``, ``max_norm``; optimizer-wide
     ``nonfinite`` ('raise' | 'skip' | 'ignore') and ``backend``
@@ -507,7 +411,7 @@ class AdaHessian(Optimizer):
 
     ``step(grads, hessian_diags)``: ``v = beta2*v + (1-beta2)*D^2``,
     ``p -= lr/(1-beta1^t) * m / ((sqrt(v/(1-beta2^t)))^k + eps)``.
-    ``weight_decay`` is L2, as for every rule but AdamW, Lion and LAMB (SPEC section 5).
+    ``weight_decay`` is L2, as for every rule but AdamW, Lion and LAMB.
     ``grad_scale`` unscales the Hessian diagonals too, and the non-finite check covers them.
     """ + _PIPELINE_DOC
     rule = RULES["adahessian"]

@@ -107,6 +107,9 @@ class Rule:
     pack: tuple = ()
     flags: tuple = ()
     variants: tuple = ()  # the flags among ``flags`` that decide which state arrays are touched
+    #: state arrays that hold a sum, average or maximum of squares or magnitudes: never negative
+    #: in a state the rule produced, so loading one with a negative entry is refused
+    nonnegative_state: tuple = ()
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -426,6 +429,7 @@ def _newton_check(hp):
 _ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 _BETAS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2")
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_ADAM_SQUARES = ("exp_avg_sq", "max_exp_avg_sq")
 
 RULES: dict[str, Rule] = {}
 
@@ -434,6 +438,7 @@ def _add(rule: Rule) -> None:
     assert rule.kind in KINDS and rule.weight_decay in DECAY_KINDS, rule.name
     assert set(rule.pack) <= set(KERNEL_SCALARS) and set(rule.flags) <= set(KERNEL_FLAGS), rule.name
     assert set(rule.variants) <= set(rule.flags), rule.name
+    assert set(rule.nonnegative_state) <= set(rule.all_state), rule.name
     RULES[rule.name] = rule
 
 
@@ -443,36 +448,40 @@ _add(Rule("sgd", "SGD", dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=Fals
           flags=("nesterov", "has_momentum"), variants=("has_momentum",)))
 _add(Rule("adam", "Adam", dict(_ADAM_DEFAULTS, amsgrad=False, bias_correction=True),
           _adam_state, _adam_scalars, _adam_check, _ADAM_STATE,
-          pack=_BETAS + ("eps", "step_size", "bc2_sqrt"), flags=("amsgrad",), variants=("amsgrad",)))
+          pack=_BETAS + ("eps", "step_size", "bc2_sqrt"), flags=("amsgrad",), variants=("amsgrad",),
+          nonnegative_state=_ADAM_SQUARES))
 _add(Rule("adamw", "AdamW", dict(_ADAM_DEFAULTS, weight_decay=1e-2, amsgrad=False, bias_correction=True),
           _adam_state, _adam_scalars, _adam_check, _ADAM_STATE, weight_decay="decoupled",
-          pack=_BETAS + ("eps", "step_size", "bc2_sqrt"), flags=("amsgrad",), variants=("amsgrad",)))
+          pack=_BETAS + ("eps", "step_size", "bc2_sqrt"), flags=("amsgrad",), variants=("amsgrad",),
+          nonnegative_state=_ADAM_SQUARES))
 _add(Rule("adagrad", "Adagrad", dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                                      initial_accumulator_value=0.0, eps=1e-10),
           lambda hp: (("sum", float(hp["initial_accumulator_value"])),),
-          _adagrad_scalars, _adagrad_check, ("sum",), pack=("clr", "eps")))
+          _adagrad_scalars, _adagrad_check, ("sum",), pack=("clr", "eps"), nonnegative_state=("sum",)))
 _add(Rule("rmsprop", "RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                                      centered=False),
           _rmsprop_state, _rmsprop_scalars, _rmsprop_check,
           ("square_avg", "momentum_buffer", "grad_avg"),
           pack=("lr", "alpha", "one_minus_alpha", "eps", "momentum"),
-          flags=("has_momentum", "centered"), variants=("has_momentum", "centered")))
+          flags=("has_momentum", "centered"), variants=("has_momentum", "centered"),
+          nonnegative_state=("square_avg",)))
 _add(Rule("adadelta", "Adadelta", dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0),
           lambda hp: (("square_avg", 0.0), ("acc_delta", 0.0)),
           _adadelta_scalars, _adadelta_check, ("square_avg", "acc_delta"),
-          pack=("lr", "rho", "one_minus_rho", "eps")))
+          pack=("lr", "rho", "one_minus_rho", "eps"), nonnegative_state=("square_avg", "acc_delta")))
 _add(Rule("adamax", "Adamax", dict(_ADAM_DEFAULTS, lr=2e-3),
           lambda hp: (("exp_avg", 0.0), ("exp_inf", 0.0)),
           _adamax_scalars, _adam_family_check, ("exp_avg", "exp_inf"),
-          pack=_BETAS + ("eps", "clr")))
+          pack=_BETAS + ("eps", "clr"), nonnegative_state=("exp_inf",)))
 _add(Rule("nadam", "NAdam", dict(_ADAM_DEFAULTS, lr=2e-3, momentum_decay=4e-3),
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
           _nadam_scalars, _nadam_check, ("exp_avg", "exp_avg_sq"),
-          group_state={"mu_product": 1.0}, pack=_BETAS + ("eps", "bc2_sqrt", "c_grad", "c_avg")))
+          group_state={"mu_product": 1.0}, pack=_BETAS + ("eps", "bc2_sqrt", "c_grad", "c_avg"),
+          nonnegative_state=("exp_avg_sq",)))
 _add(Rule("radam", "RAdam", dict(_ADAM_DEFAULTS),
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
           _radam_scalars, _adam_family_check, ("exp_avg", "exp_avg_sq"),
-          pack=_BETAS + ("eps", "step_size"), flags=("rectify",)))
+          pack=_BETAS + ("eps", "step_size"), flags=("rectify",), nonnegative_state=("exp_avg_sq",)))
 _add(Rule("lion", "Lion", dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0),
           lambda hp: (("exp_avg", 0.0),), _lion_scalars, _lion_check, ("exp_avg",),
           weight_decay="decoupled", pack=("lr",) + _BETAS))
@@ -480,12 +489,14 @@ _add(Rule("lamb", "LAMB", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_dec
                                bias_correction=True),
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
           _lamb_scalars, _lamb_check, ("exp_avg", "exp_avg_sq"), kind=TRUST_RATIO,
-          weight_decay="rule", pack=("lr",) + _BETAS + ("eps", "weight_decay", "bc1", "bc2_sqrt")))
+          weight_decay="rule", pack=("lr",) + _BETAS + ("eps", "weight_decay", "bc1", "bc2_sqrt"),
+          nonnegative_state=("exp_avg_sq",)))
 _add(Rule("adahessian", "AdaHessian", dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
                                            weight_decay=0.0),
           lambda hp: (("exp_avg", 0.0), ("exp_hessian_diag_sq", 0.0)),
           _adahessian_scalars, _adahessian_check, ("exp_avg", "exp_hessian_diag_sq"),
-          extra="hessian_diags", pack=_BETAS + ("eps", "step_size", "bc2_sqrt", "hessian_power")))
+          extra="hessian_diags", pack=_BETAS + ("eps", "step_size", "bc2_sqrt", "hessian_power"),
+          nonnegative_state=("exp_hessian_diag_sq",)))
 _add(Rule("newton", "Newton", dict(lr=1.0, damping=1e-4),
           lambda hp: (), _newton_scalars, _newton_check, (), extra="hessians",
           kind=DENSE_SOLVE, extra_shape="square", weight_decay=None))

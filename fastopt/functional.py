@@ -2,7 +2,7 @@
 
 Each rule function takes the params, the grads and one list per state array
 (in torch.optim's names, plural: ``exp_avgs``, ``exp_avg_sqs``, ...), updates
-them all in place with one step of the pipeline (SPEC section 4) and returns
+them all in place with one step of the pipeline (docs/design.md) and returns
 a :class:`~fastopt.StepInfo`::
 
     info = fastopt.functional.adam(params, grads, exp_avgs, exp_avg_sqs,
@@ -19,124 +19,214 @@ business: evaluate it yourself).
 
 from __future__ import annotations
 
-import inspect
-
 from . import _backend
-from ._pipeline import GroupStep, make_buckets, run_step
-from ._rules import PIPELINE_DEFAULTS, RULES, CLIP_EPS, as_host_scalars, check_hyperparameters, check_lr_value
-from ._validate import (as_list, check_companions, check_disjoint, check_grad_scale,
-                        check_nonfinite, check_params)
+from ._pipeline import StepInfo, make_buckets, run_step
+from ._rules import CLIP_EPS, RULES, Rule
+from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
+                        check_params, flat, label, prepare_groups, step_options)
 
-__all__ = [r.name for r in RULES.values()] + ["global_norm", "clip_grad_norm_", "clip_grad_value_"]
+__all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
+           "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
+           "clip_grad_value_"]
 
-
-def _plural(name: str) -> str:
-    return name + "s"
-
-
-def _label(name, i):
-    return f"{name}[{i}]"
+_CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product")
 
 
-def _make(rule):
-    state_args = [_plural(n) for n in rule.all_state]
+def _run(rule: Rule, args: dict) -> StepInfo:
+    """The body of every rule function: ``args`` are its arguments by name (its ``locals()``).
 
-    def fn(params, grads, *args, step, backend="auto", nonfinite="raise", grad_scale=None, **kw):
-        extra = None
-        if rule.extra is not None:
-            if not args:
-                raise TypeError(f"{rule.name}() needs {rule.extra} after grads")
-            extra, args = args[0], args[1:]
-        if len(args) > len(state_args):
-            raise TypeError(f"{rule.name}() takes {len(state_args)} state lists "
-                            f"({', '.join(state_args)}), got {len(args)}")
-        given = dict(zip(state_args, args))
-        for k in list(kw):
-            if k in state_args:
-                if k in given:
-                    raise TypeError(f"{rule.name}() got multiple values for {k!r}")
-                given[k] = kw.pop(k)
-        mu_product = kw.pop("mu_product", 1.0) if rule.group_state else None
-        unknown = set(kw) - set(rule.defaults) - set(PIPELINE_DEFAULTS)
-        if unknown:
-            raise TypeError(f"{rule.name}() got unexpected keyword argument(s) {sorted(unknown)}")
-        hp = {**rule.defaults, **PIPELINE_DEFAULTS, **kw}
-        if isinstance(hp.get("betas"), list):
-            hp["betas"] = tuple(hp["betas"])
-        hp = as_host_scalars(hp)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise ValueError(f"step: expected the 1-based index of this step (an int >= 1), got {step!r}")
-        if callable(hp["lr"]):
-            raise TypeError("lr: expected a float (evaluate a schedule before calling the functional API)")
-        check_lr_value(hp["lr"])
-        check_hyperparameters(rule, hp)
-        nonfinite = check_nonfinite(nonfinite)
-        inv_scale = check_grad_scale(grad_scale)
+    The state lists are the rule's state names in the plural (``exp_avgs``);
+    every other argument but the call options of ``_CALL_OPTIONS`` is a
+    hyperparameter or a pipeline option.
+    """
+    args = dict(args)
+    params, grads = args.pop("params"), args.pop("grads")
+    extra = args.pop(rule.extra) if rule.extra is not None else None
+    given = {name: args.pop(name + "s") for name in rule.all_state}
+    step, grad_scale, nonfinite, backend = (args.pop(k) for k in _CALL_OPTIONS[:4])
+    mu_product = args.pop("mu_product", None)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step: expected the 1-based index of this step (an int >= 1), got {step!r}")
+    hp = step_options(rule, args, step, schedules=False)
+    nonfinite = check_nonfinite(nonfinite)
+    inv_scale = check_grad_scale(grad_scale)
 
-        params = as_list(params, "params")
-        kind = check_params(params, [f"params[{i}]" for i in range(len(params))])
-        be = _backend.resolve(backend, kind)
-        grads = check_companions(params, grads, "grads", _label, kind, allow_copy=True)
-        if extra is not None:
-            shape_of = (lambda p: (p.size, p.size)) if rule.extra == "hessians" else None
-            extra = check_companions(params, extra, rule.extra, _label, kind, shape_of=shape_of,
-                                     allow_copy=True)
-        states, written = {}, [("params", params)]
-        for name, _ in rule.state(hp):
-            arg = _plural(name)
-            if given.get(arg) is None:
-                raise TypeError(f"{rule.name}(): {arg} is required with these options")
-            checked = check_companions(params, given[arg], arg, _label, kind)
-            written.append((arg, checked))
-            states[name] = [a.reshape(-1) for a in checked]
-            _check_state_writable(states[name], arg, kind)
-        check_disjoint(written, [("grads", grads)] + ([(rule.extra, extra)] if extra is not None else []))
-        if rule.group_state:
-            # a product of momentum coefficients in (0, 1); NaN here would reach every param
-            if isinstance(mu_product, bool) or not isinstance(mu_product, (int, float)) \
-                    or not 0 < mu_product <= 1:
-                raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
-        gstate = {"mu_product": float(mu_product)} if rule.group_state else {}
-        flat_params = [p.reshape(-1) for p in params]
-        gs = GroupStep(hp=hp, buckets=make_buckets(flat_params, states),
-                       grads=[g.reshape(-1) for g in grads],
-                       extras=None if extra is None else [e.reshape(-1) for e in extra],
-                       gstate=gstate)
-        return run_step(be, rule, [gs], step, nonfinite, inv_scale)
-
-    params_ = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-               inspect.Parameter("grads", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if rule.extra:
-        params_.append(inspect.Parameter(rule.extra, inspect.Parameter.POSITIONAL_OR_KEYWORD))
-    params_ += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
-                for a in state_args]
-    params_.append(inspect.Parameter("step", inspect.Parameter.KEYWORD_ONLY))
-    for k, v in {**rule.defaults, **PIPELINE_DEFAULTS}.items():
-        params_.append(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v))
+    params = as_list(params, "params")
+    kind = check_params(params, [label("params", i) for i in range(len(params))])
+    be = _backend.resolve(backend, kind)
+    states, written = {}, []
+    for name, _ in rule.state(hp):
+        arg = name + "s"
+        if given[name] is None:
+            raise TypeError(f"{rule.name}(): {arg} is required with these options")
+        checked = check_companions(params, given[name], arg, label, kind)
+        _check_writable(checked, arg, kind)
+        written.append((arg, checked))
+        states[name] = [flat(a) for a in checked]
+    (prepared,) = prepare_groups(rule, [hp], [len(params)], params, grads, extra, kind=kind,
+                                 caller=f"{rule.name}()", written=written)
+    gstate = {}
     if rule.group_state:
-        params_.append(inspect.Parameter("mu_product", inspect.Parameter.KEYWORD_ONLY, default=1.0))
-    for k, v in (("grad_scale", None), ("nonfinite", "raise"), ("backend", "auto")):
-        params_.append(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v))
-    fn.__signature__ = inspect.Signature(params_)
-    fn.__name__ = fn.__qualname__ = rule.name
-    from . import _optim
-
-    fn.__doc__ = (f"One {rule.class_name} step on lists of arrays, in place; see "
-                  f"fastopt.{rule.class_name} for the math.\n\nState lists: "
-                  f"{', '.join(state_args) or 'none'}.\n" + (_optim.OPTIMIZERS[rule.name].__doc__ or ""))
-    return fn
+        # a product of momentum coefficients in (0, 1]; NaN here would reach every param
+        if isinstance(mu_product, bool) or not isinstance(mu_product, (int, float)) \
+                or not 0 < mu_product <= 1:
+            raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
+        gstate = {"mu_product": float(mu_product)}
+    group = prepared.group_step(make_buckets([flat(p) for p in params], states), gstate)
+    return run_step(be, rule, [group], step, nonfinite, inv_scale)
 
 
-def _check_state_writable(arrays, name, kind):
+def _check_writable(arrays, name, kind):
     if kind == "numpy":
         for i, a in enumerate(arrays):
             if not a.flags.writeable:
                 raise ValueError(f"{name}[{i}]: expected a writeable array, got a read-only one")
 
 
-for _r in RULES.values():
-    globals()[_r.name] = _make(_r)
-del _r
+# One function per rule, written out so that IDEs and type checkers see them; the arguments
+# mirror the rule table (fastopt/_rules.py), which tests/test_core_api.py checks.
+
+def sgd(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
+        nesterov=False, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
+        clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
+        backend="auto") -> StepInfo:
+    """One :class:`fastopt.SGD` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``momentum_buffers`` (needed when ``momentum != 0``).
+    """
+    return _run(RULES["sgd"], locals())
+
+
+def adam(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *, step, lr=1e-3,
+        betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, bias_correction=True,
+        maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.Adam` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
+    """
+    return _run(RULES["adam"], locals())
+
+
+def adamw(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *, step, lr=1e-3,
+        betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, bias_correction=True,
+        maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.AdamW` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
+    """
+    return _run(RULES["adamw"], locals())
+
+
+def adagrad(params, grads, sums=None, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+        initial_accumulator_value=0.0, eps=1e-10, maximize=False, clip_value=None, clip_norm=None,
+        clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
+        backend="auto") -> StepInfo:
+    """One :class:`fastopt.Adagrad` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``sums`` (start them at ``initial_accumulator_value``).
+    """
+    return _run(RULES["adagrad"], locals())
+
+
+def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=None, *, step,
+        lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+        maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.RMSprop` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``square_avgs``; ``momentum_buffers`` with ``momentum > 0``; ``grad_avgs`` with
+    ``centered=True``.
+    """
+    return _run(RULES["rmsprop"], locals())
+
+
+def adadelta(params, grads, square_avgs=None, acc_deltas=None, *, step, lr=1.0, rho=0.9, eps=1e-6,
+        weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+        weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
+        backend="auto") -> StepInfo:
+    """One :class:`fastopt.Adadelta` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``square_avgs``, ``acc_deltas``.
+    """
+    return _run(RULES["adadelta"], locals())
+
+
+def adamax(params, grads, exp_avgs=None, exp_infs=None, *, step, lr=2e-3, betas=(0.9, 0.999),
+        eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
+        clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
+        backend="auto") -> StepInfo:
+    """One :class:`fastopt.Adamax` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_infs``.
+    """
+    return _run(RULES["adamax"], locals())
+
+
+def nadam(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=2e-3, betas=(0.9, 0.999),
+        eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, maximize=False, clip_value=None,
+        clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, mu_product=1.0,
+        grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.NAdam` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs``; ``mu_product`` is the product of the momentum
+    coefficients so far (1.0 at the start), the new one is ``info.group_state[0]["mu_product"]``.
+    """
+    return _run(RULES["nadam"], locals())
+
+
+def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+        eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
+        clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
+        backend="auto") -> StepInfo:
+    """One :class:`fastopt.RAdam` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs``.
+    """
+    return _run(RULES["radam"], locals())
+
+
+def lion(params, grads, exp_avgs=None, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+        maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.Lion` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``.
+    """
+    return _run(RULES["lion"], locals())
+
+
+def lamb(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+        eps=1e-6, weight_decay=0.0, bias_correction=True, maximize=False, clip_value=None,
+        clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
+        nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.LAMB` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs``.
+    """
+    return _run(RULES["lamb"], locals())
+
+
+def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs=None, *, step,
+        lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0, weight_decay=0.0,
+        maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.AdaHessian` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_hessian_diag_sqs``; ``hessian_diags`` is read like ``grads``.
+    """
+    return _run(RULES["adahessian"], locals())
+
+
+def newton(params, grads, hessians, *, step, lr=1.0, damping=1e-4, maximize=False,
+        clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+        grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+    """One :class:`fastopt.Newton` step over lists of arrays, in place (the math is on the class).
+
+    State lists: none; ``hessians[i]`` is ``(n, n)`` for an ``n``-element ``params[i]``.
+    """
+    return _run(RULES["newton"], locals())
 
 
 def _ops_for(arrays, name, backend="auto"):
@@ -145,8 +235,6 @@ def _ops_for(arrays, name, backend="auto"):
         return arrays, None
     kind = None
     for i, a in enumerate(arrays):
-        from ._validate import check_array
-
         kind = check_array(a, f"{name}[{i}]", kind)
     return arrays, _backend.get_ops(_backend.resolve(backend, kind))
 

@@ -1,4 +1,4 @@
-"""fastopt.save / fastopt.load: safe, atomic, cross-backend checkpoints (SPEC section 8).
+"""fastopt.save / fastopt.load: safe, atomic, cross-backend checkpoints (see docs/design.md).
 
 * stop, save, load into a fresh optimizer, go on == never stopping, bit for bit, for
   every case of the rule table and with schedules, on each CPU backend;
@@ -19,6 +19,7 @@ import pytest
 import fastopt as fo
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
+from fastopt._rules import RULES
 
 from _cases import CASE_IDS, CASES, make_feed
 
@@ -196,6 +197,14 @@ def _meta_change(fn):
     return change
 
 
+def _set_entry(key, index, value):
+    def change(arrays):
+        a = arrays[key].copy()
+        a[index] = value
+        arrays[key] = a
+    return change
+
+
 def _corruptions(good, tmp_path):
     data = good.read_bytes()
     n = len(data)
@@ -236,11 +245,11 @@ def _corruptions(good, tmp_path):
         ("extra-array", lambda a: a.update(evil=np.zeros(1)), r"unexpected arrays \['evil'\]"),
         ("param-shape", lambda a: a.update({"param/2": np.zeros(4)}), r"param/2: expected float64 \(33,\) .*got float64 \(4,\)"),
         ("state-dtype", lambda a: a.update({"state/2/exp_avg": a["state/2/exp_avg"].astype(np.float32)}),
-         r"does not fit this optimizer: state_dict\['state'\]\[2\]\['exp_avg'\]: expected float64 \(33,\)"),
+         r"cannot be loaded into this optimizer: state_dict\['state'\]\[2\]\['exp_avg'\]: expected float64 \(33,\)"),
         ("state-shape-last", lambda a: a.update({"state/2/exp_avg_sq": np.zeros(32)}),
          r"state_dict\['state'\]\[2\]\['exp_avg_sq'\]: expected float64 \(33,\)"),
         ("bad-hp", _meta_change(lambda m: m["param_groups"][1].update(eps=-1.0)),
-         r"does not fit this optimizer: state_dict\['param_groups'\]\[1\]: eps: expected a finite number > 0"),
+         r"cannot be loaded into this optimizer: state_dict\['param_groups'\]\[1\]: eps: expected a finite number > 0"),
         ("unknown-schedule", _meta_change(lambda m: m["param_groups"][1].update(
             lr={"schedule_config": {"schedule": "os.system", "cmd": "touch pwned"}})), r"bad schedule config"),
         ("schedule-bad-args", _meta_change(lambda m: m["param_groups"][1].update(
@@ -251,6 +260,14 @@ def _corruptions(good, tmp_path):
          r"group_state\[0\]: expected a dict of numbers"),
         ("group-count", _meta_change(lambda m: m["param_groups"].pop()),
          r"state_dict\['param_groups'\]: expected 2 groups, got 1"),
+        # values: a diverged run's NaN, or an edited second moment, must not load silently
+        ("state-nan", _set_entry("state/2/exp_avg", 5, np.nan),
+         r"cannot be loaded into this optimizer: state_dict\['state'\]\[2\]\['exp_avg'\]: "
+         r"expected finite values, got nan at flat index 5"),
+        ("state-inf-square", _set_entry("state/2/exp_avg_sq", 32, np.inf),
+         r"state_dict\['state'\]\[2\]\['exp_avg_sq'\]: expected finite values, got inf at flat index 32"),
+        ("state-negative-square", _set_entry("state/2/max_exp_avg_sq", 0, -1.0),
+         r"state_dict\['state'\]\[2\]\['max_exp_avg_sq'\]: expected values >= 0 .*got -1.0 at flat index 0"),
     ]
     for name, change, pattern in edits:
         out.append((name, _rewrite(good, tmp_path / f"{name}.npz", change), pattern))
@@ -263,7 +280,8 @@ CORRUPTION_IDS = ["truncated-0", "truncated-10", "truncated-a-third", "truncated
                   "future-version", "wrong-rule", "step-count-str", "param-count",
                   "missing-state-array", "missing-param-array", "extra-array", "param-shape",
                   "state-dtype", "state-shape-last", "bad-hp", "unknown-schedule",
-                  "schedule-bad-args", "lr-dict", "group-state", "group-count"]
+                  "schedule-bad-args", "lr-dict", "group-state", "group-count", "state-nan",
+                  "state-inf-square", "state-negative-square"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -279,6 +297,33 @@ def test_bad_checkpoint_leaves_optimizer_unchanged(index, backend, saved, tmp_pa
     assert snapshot(opt, params) == before
     fo.load(opt, good)  # and the optimizer still works with a good file
     assert opt.step_count == 3
+
+
+SQUARE_ENTRIES = sorted((r, n) for r, rule in RULES.items() for n in rule.nonnegative_state)
+ALL_STATE_OPTIONS = {"adam": dict(amsgrad=True), "adamw": dict(amsgrad=True)}
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf], ids=["negative", "nan", "inf"])
+@pytest.mark.parametrize("rule,name", SQUARE_ENTRIES, ids=[f"{r}-{n}" for r, n in SQUARE_ENTRIES])
+def test_bad_state_values_in_file_are_refused(rule, name, bad, tmp_path):
+    """Every rule's square state, through fo.load: refused, named, params and state untouched."""
+    params, feed = problem(rule, 2)
+    opts = ALL_STATE_OPTIONS.get(rule, {})
+    src = OPTIMIZERS[rule]([p.copy() for p in params], backend="numpy", **opts)
+    for g, e in feed:
+        step(src, g, e)
+    good = tmp_path / "good.npz"
+    fo.save(src, good)
+    path = _rewrite(good, tmp_path / "bad.npz", _set_entry(f"state/2/{name}", 3, bad))
+    target_p = [np.full_like(p, 7.0) for p in params]
+    target = OPTIMIZERS[rule](target_p, backend="numpy", **opts)
+    before = snapshot(target, target_p)
+    what = r"expected values >= 0" if bad == -1.0 else r"expected finite values"
+    with pytest.raises(ValueError, match=rf"state_dict\['state'\]\[2\]\['{name}'\]: {what}.*at flat index 3"):
+        fo.load(target, path)
+    assert snapshot(target, target_p) == before  # neither the state nor the params were written
+    fo.load(target, good)
+    assert snapshot(target, target_p) == snapshot(src, [p for g in src.param_groups for p in g["params"]])
 
 
 class _Pwn:

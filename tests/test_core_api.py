@@ -20,7 +20,7 @@ from _cases import CASES, CASE_IDS, INFOS, make_problem
 
 
 def test_pipeline_order_by_hand():
-    """SPEC section 4 steps 1-8, worked out by hand on two tensors with SGD(lr=1) (p -= g)."""
+    """Pipeline steps 1-8 (docs/design.md) by hand on two tensors with SGD(lr=1) (p -= g)."""
     a, b = np.array([1.0, 2.0, -3.0]), np.array([0.25, -0.25])
     ga, gb = np.array([4.0, -8.0, 2.0]), np.array([1.0, 1.0])
     opt = fo.SGD([a, b], lr=1.0, maximize=True, clip_value=3.0, clip_norm=2.0,
@@ -309,6 +309,95 @@ def test_the_test_table_covers_every_rule():
         if info.oracle:
             assert info.torch == RULES[rule].class_name, rule
     assert len(set(CASE_IDS)) == len(CASE_IDS)
+
+
+def _signature_from_rule_table(rule):
+    """What a rule function's signature must be, built from the rule table alone."""
+    import inspect
+
+    from fastopt._rules import PIPELINE_DEFAULTS
+
+    P = inspect.Parameter
+    out = [P("params", P.POSITIONAL_OR_KEYWORD), P("grads", P.POSITIONAL_OR_KEYWORD)]
+    if rule.extra:
+        out.append(P(rule.extra, P.POSITIONAL_OR_KEYWORD))
+    out += [P(n + "s", P.POSITIONAL_OR_KEYWORD, default=None) for n in rule.all_state]
+    out.append(P("step", P.KEYWORD_ONLY))
+    out += [P(k, P.KEYWORD_ONLY, default=v) for k, v in {**rule.defaults, **PIPELINE_DEFAULTS}.items()]
+    if rule.group_state:
+        out.append(P("mu_product", P.KEYWORD_ONLY, default=1.0))
+    out += [P(k, P.KEYWORD_ONLY, default=v)
+            for k, v in (("grad_scale", None), ("nonfinite", "raise"), ("backend", "auto"))]
+    return inspect.Signature(out)
+
+
+def test_functional_signatures_follow_the_rule_table():
+    """The written-out functions stay in step with fastopt/_rules.py (names, order, defaults)."""
+    import inspect
+
+    from fastopt._rules import RULES
+
+    for name, rule in RULES.items():
+        got = inspect.signature(getattr(fo.functional, name)).replace(return_annotation=inspect.Signature.empty)
+        assert got == _signature_from_rule_table(rule), name
+    assert set(fo.functional.__all__) == set(RULES) | {"global_norm", "clip_grad_norm_", "clip_grad_value_"}
+
+
+def test_functional_rules_are_written_out():
+    """Every rule function is a ``def`` in functional.py's source, so IDEs and type checkers see it."""
+    import ast
+    import inspect
+
+    from fastopt._rules import RULES
+
+    tree = ast.parse(inspect.getsource(fo.functional))
+    defs = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert set(RULES) <= defs
+    assert isinstance(next(n for n in tree.body if isinstance(n, ast.Assign)
+                           and n.targets[0].id == "__all__").value, ast.List)
+    for name in RULES:
+        fn = getattr(fo.functional, name)
+        assert fn.__name__ == name and fn.__module__ == "fastopt.functional"
+        assert RULES[name].class_name in fn.__doc__
+
+
+@pytest.mark.parametrize("rule", ["newton", "adahessian"])
+def test_class_and_functional_check_inputs_alike(rule):
+    """One prepare path: the same bad extra input gets the same message from both APIs."""
+    import re
+
+    from fastopt._rules import RULES
+
+    r = RULES[rule]
+    params = [np.ones(3), np.ones(4)]
+    grads = [np.ones(3), np.ones(4)]
+    good = [np.eye(3), np.eye(4)] if r.extra_shape == "square" else [np.ones(3), np.ones(4)]
+    bad = [good[0], np.ones(5)]
+    state = [[np.zeros_like(p) for p in params] for _ in r.all_state]
+    msgs = []
+    for call in (lambda: fo._optim.OPTIMIZERS[rule]([p.copy() for p in params], backend="numpy").step(grads, bad),
+                 lambda: getattr(fo.functional, rule)([p.copy() for p in params], grads, bad, *state,
+                                                       step=1, backend="numpy")):
+        with pytest.raises(ValueError) as info:
+            call()
+        msgs.append(str(info.value))
+    want = f"{r.extra}[1]: expected shape {r.extra_shape_of((4,), 4)}, got (5,)"
+    assert msgs == [want, want], msgs
+    with pytest.raises(TypeError, match=re.escape(f"needs {r.extra}")):
+        getattr(fo.functional, rule)([np.ones(3)], [np.ones(3)], None,
+                                     *[[np.zeros(3)] for _ in r.all_state], step=1, backend="numpy")
+
+
+def test_betas_list_is_stored_and_used_as_a_tuple():
+    p = [np.ones(3)]
+    opt = fo.Adam([{"params": p, "betas": [0.8, 0.9]}], backend="numpy")
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert fo.Adam([np.ones(3)], betas=[0.8, 0.9], backend="numpy").defaults["betas"] == (0.8, 0.9)
+    q = np.ones(3)
+    opt.step([np.full(3, 0.5)])
+    fo.functional.adam([q], [np.full(3, 0.5)], [np.zeros(3)], [np.zeros(3)], step=1, betas=[0.8, 0.9],
+                       backend="numpy")
+    np.testing.assert_array_equal(p[0], q)
 
 
 def test_global_norm_and_clip_helpers():

@@ -1,0 +1,176 @@
+"""Checking a state dict before it is loaded: one pass that either raises or returns a plan.
+
+:func:`plan_load` reads a ``state_dict()``-shaped dict (from
+``Optimizer.state_dict()``, a pickle of one, or a checkpoint file read by
+:func:`fastopt.load`) against an optimizer and returns a :class:`LoadPlan`:
+the group options, host (NumPy) copies of every state array, the step count
+and the group state, all checked and converted.  Nothing is written here;
+``Optimizer.load_state_dict`` and ``fastopt.load`` write a plan, so a bad
+entry anywhere (the last tensor of the last group included) leaves the
+optimizer as it was.
+
+Besides structure, shapes and dtypes, the values of the state arrays are
+checked: every entry must be finite, and the arrays a rule lists in
+``Rule.nonnegative_state`` (running sums, averages or maxima of squares or
+magnitudes, such as Adam's ``exp_avg_sq``) must hold no negative entry.  A
+NaN there would not raise at the next step: it would silently turn every
+later update of that tensor into NaN, and a negative second moment makes
+``sqrt(v)`` NaN the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import array_kind
+from ._rules import check_hyperparameters
+from ._validate import normalize_options
+
+
+@dataclass
+class LoadPlan:
+    """What loading writes, every piece checked.
+
+    ``options[g]``: the full options of group ``g`` (the optimizer's defaults
+    overridden by the loaded ones).  ``state[g][i]``: ``{name: host array}``
+    for the ``i``-th param of group ``g``, one entry per state array the loaded
+    options need.  ``params``: host arrays for every param in flat order, or
+    None (only a checkpoint carries params).
+    """
+
+    step_count: int
+    options: list
+    state: list
+    group_state: list
+    params: list | None = None
+
+
+def to_host(a):
+    """A NumPy view or copy of ``a`` (a CuPy array is copied to the host)."""
+    if array_kind(a) == "cupy":
+        return a.get()
+    return np.asarray(a)
+
+
+def check_like(a, p, where: str, label: str) -> None:
+    """ValueError unless the host array ``a`` has the dtype and shape of the param ``p``."""
+    if a.shape != p.shape or a.dtype != p.dtype:
+        raise ValueError(f"{where}: expected {p.dtype} {p.shape} (like {label}), "
+                         f"got {a.dtype} {a.shape}")
+
+
+def check_values(a: np.ndarray, where: str, nonnegative: bool) -> None:
+    """ValueError naming ``where`` and its first bad entry: not finite, or < 0 if ``nonnegative``."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: expected finite values, got {float(a.flat[i])} at flat index {i} "
+                         f"({int(bad.sum())} of {a.size} entries not finite)")
+    if nonnegative:
+        neg = a < 0
+        if neg.any():
+            i = int(np.flatnonzero(neg)[0])
+            raise ValueError(f"{where}: expected values >= 0 (a sum, average or maximum of squares or "
+                             f"magnitudes), got {float(a.flat[i])} at flat index {i}")
+
+
+def _check_top(sd, rule) -> int:
+    if not isinstance(sd, dict):
+        raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
+    for key in ("rule", "step_count", "param_groups", "state"):
+        if key not in sd:
+            raise ValueError(f"state_dict: missing key {key!r}")
+    if sd["rule"] != rule.name:
+        raise ValueError(f"state_dict: expected a {rule.name!r} state, got {sd['rule']!r}")
+    sc = sd["step_count"]
+    if isinstance(sc, bool) or not isinstance(sc, numbers.Integral) or sc < 0:
+        raise ValueError(f"state_dict['step_count']: expected an integer >= 0, got {sc!r}")
+    groups = sd["param_groups"]
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+        raise TypeError("state_dict['param_groups']: expected a list of dicts with a 'params' "
+                        f"list each, got {type(groups).__name__} {groups!r:.200}")
+    if not isinstance(sd["state"], dict):
+        raise TypeError(f"state_dict['state']: expected a dict, got {type(sd['state']).__name__}")
+    return int(sc)
+
+
+def _check_group_state(sd, rule, n_groups) -> list:
+    gs = sd.get("group_state") or [dict(rule.group_state) for _ in range(n_groups)]
+    if (not isinstance(gs, (list, tuple)) or len(gs) != n_groups
+            or any(not isinstance(g, dict) or set(g) != set(rule.group_state) for g in gs)):
+        raise ValueError(f"state_dict['group_state']: expected {n_groups} dicts with keys "
+                         f"{sorted(rule.group_state)}, got {gs!r:.200}")
+    out = []
+    for gi, g in enumerate(gs):
+        for k, v in g.items():
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+                raise ValueError(f"state_dict['group_state'][{gi}][{k!r}]: expected a finite "
+                                 f"number, got {v!r}")
+        out.append({k: float(v) for k, v in g.items()})
+    return out
+
+
+def plan_load(optimizer, state_dict, params: list | None = None) -> LoadPlan:
+    """Check ``state_dict`` against ``optimizer`` whole; returns the :class:`LoadPlan` to write.
+
+    ``params`` (host arrays in flat order, a checkpoint's) are checked for the
+    dtype and shape of the optimizer's params and carried in the plan.
+    Raises TypeError or ValueError naming the first bad entry.
+    """
+    rule, defaults = optimizer.rule, optimizer.defaults
+    mine = optimizer.param_groups
+    sd = state_dict
+    step_count = _check_top(sd, rule)
+    groups = sd["param_groups"]
+    if len(groups) != len(mine):
+        raise ValueError(f"state_dict['param_groups']: expected {len(mine)} groups, got {len(groups)}")
+    options, state, idx = [], [], 0
+    nonneg = set(rule.nonnegative_state)
+    for gi, (g, theirs) in enumerate(zip(mine, groups)):
+        n = len(g["params"])
+        if len(theirs["params"]) != n:
+            raise ValueError(f"state_dict['param_groups'][{gi}]: expected {n} params, "
+                             f"got {len(theirs['params'])}")
+        hp = normalize_options({**defaults, **{k: v for k, v in theirs.items() if k != "params"}})
+        unknown = set(hp) - set(defaults)
+        if unknown:
+            raise ValueError(f"state_dict['param_groups'][{gi}]: unknown option(s) {sorted(unknown)}")
+        check_hyperparameters(rule, hp, f"state_dict['param_groups'][{gi}]: ")
+        names = [nm for nm, _ in rule.state(hp)]
+        gstate = []
+        for pi, p in enumerate(g["params"]):
+            key = theirs["params"][pi]
+            st = sd["state"].get(key, sd["state"].get(str(key)))
+            if st is None:
+                raise ValueError(f"state_dict['state'][{key}]: missing (state of params[{idx + pi}])")
+            if not isinstance(st, dict):
+                raise TypeError(f"state_dict['state'][{key}]: expected a dict of arrays, "
+                                f"got {type(st).__name__}")
+            arrays = {}
+            for nm in names:
+                where = f"state_dict['state'][{key}][{nm!r}]"
+                if st.get(nm) is None:
+                    raise ValueError(f"{where}: missing")
+                a = to_host(st[nm])
+                check_like(a, p, where, f"params[{idx + pi}]")
+                check_values(a, where, nm in nonneg)
+                arrays[nm] = a
+            gstate.append(arrays)
+        options.append({k: copy.deepcopy(v) for k, v in hp.items()})
+        state.append(gstate)
+        idx += n
+    group_state = _check_group_state(sd, rule, len(groups))
+    if params is not None:
+        flat = [p for g in mine for p in g["params"]]
+        if len(params) != len(flat):
+            raise ValueError(f"params: expected {len(flat)} arrays (one per param), got {len(params)}")
+        params = [to_host(a) for a in params]
+        for i, (a, p) in enumerate(zip(params, flat)):
+            check_like(a, p, f"params[{i}]", f"params[{i}]")
+    return LoadPlan(step_count=step_count, options=options, state=state, group_state=group_state,
+                    params=params)
