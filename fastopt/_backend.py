@@ -1,4 +1,4 @@
-"""The backend-dispatch layer (SPEC section 2).
+"""The backend-dispatch layer (docs/design.md, "Backend contract").
 
 A backend is a module under ``fastopt.kernels`` that, when imported, calls
 :func:`register_kernel` once per rule and :func:`register_ops` once.  Nothing
@@ -9,7 +9,7 @@ unavailable.
 The contract a backend implements
 ---------------------------------
 ``kernel(params, grads, states, scalars, pre, extras=None) -> None``
-    One step of one rule over a list of tensors, the whole of SPEC section 4
+    One step of one rule over a list of tensors, the whole of the pipeline (docs/design.md, "Pipeline")
     steps 1 and 3-7 plus ``weight_clip``, writing ``params`` and the state
     arrays in place.  ``params``/``grads``/``extras`` are lists of flat (1-D),
     C-contiguous arrays of one dtype (Newton's ``extras`` are its n*n Hessians,
@@ -48,7 +48,7 @@ _LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Pre:
-    """The element-wise pipeline options of one step of one group (SPEC section 4).
+    """The element-wise pipeline options of one step of one group (docs/design.md, "Pipeline").
 
     ``inv_scale``: ``1 / grad_scale`` computed in double on the host (as
     torch's GradScaler multiplies by the reciprocal), or None.
@@ -178,7 +178,7 @@ def array_kind(a) -> str | None:
 
 
 def resolve(backend: str, kind: str) -> str:
-    """The concrete backend for ``backend`` and arrays of ``kind`` (SPEC section 2)."""
+    """The concrete backend for ``backend`` and arrays of ``kind``: CuPy arrays to ``cupy``, NumPy arrays to ``numba`` when it imports, else ``numpy``; ``FASTOPT_BACKEND`` overrides ``auto``."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":

@@ -1,4 +1,4 @@
-"""The step pipeline of SPEC section 4, the same on every backend.
+"""The step pipeline (docs/design.md, "Pipeline"), the same on every backend.
 
 A step runs in two phases so that it is atomic across every tensor of every
 group:

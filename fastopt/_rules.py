@@ -7,7 +7,7 @@ repeat it once each); what lives here is everything that is *not* per element:
 * the hyperparameters and their torch.optim defaults,
 * which state arrays a tensor carries (``exp_avg``, ... named as torch names
   them) and their initial value,
-* the range checks of SPEC section 7,
+* the range checks of every hyperparameter,
 * the host scalars of a step (``1 - beta1**t`` and friends), computed once in
   double precision and handed to every kernel as plain Python floats, so no
   backend recomputes them and no float32 kernel sees a float64 promotion.
@@ -22,11 +22,11 @@ from typing import Callable
 
 import numpy as np
 
-#: The epsilon of every norm clip (SPEC section 4): ``min(1, c / (norm + CLIP_EPS))``.
+#: The epsilon of every norm clip: ``min(1, c / (norm + CLIP_EPS))``.
 #: torch.nn.utils.clip_grad_norm_ uses the same 1e-6.
 CLIP_EPS = 1e-6
 
-#: Options of the step pipeline (SPEC section 4), shared by every rule and
+#: Options of the step pipeline (docs/design.md, "Pipeline"), shared by every rule and
 #: overridable per param group.
 PIPELINE_DEFAULTS = {
     "maximize": False,
@@ -212,7 +212,7 @@ def check_betas(hp: dict) -> None:
 
 
 def check_pipeline(hp: dict) -> None:
-    """Range checks of the pipeline options (SPEC section 4)."""
+    """Range checks of the pipeline options."""
     _require(isinstance(hp["maximize"], bool), "maximize", "a bool", hp["maximize"])
     for n in ("clip_value", "clip_norm", "clip_global_norm", "weight_clip", "max_norm"):
         v = hp[n]

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC section 6): pure, picklable ``callable(step) -> float``.
+"""Learning-rate schedules: pure, picklable ``callable(step) -> float``.
 
 ``step`` counts from 0: the optimizer calls ``schedule(t - 1)`` at its t-th
 step, so ``schedule(0)`` is the first learning rate (as optax counts).  Each

@@ -1,7 +1,7 @@
 """The NumPy reference backend: the definition of correct.
 
 Plain, readable NumPy, one tensor at a time, one function per rule written as
-SPEC.md section 5 states it.  It allocates temporaries freely and makes many
+the rule's docstring in fastopt/_optim.py states it.  It allocates temporaries freely and makes many
 passes over memory; the compiled backends are tested against it.
 
 Scalars arrive as Python floats (see ``fastopt._rules``): under NumPy 2's
@@ -22,7 +22,7 @@ BACKEND = "numpy"
 
 
 def processed_grad(g, i, pre):
-    """Steps 1, 3, 4 and the norm-clip factors of 5-6 of SPEC section 4, on a copy of ``g``."""
+    """Steps 1, 3, 4 and the norm-clip factors of 5-6 of the pipeline (docs/design.md, "Pipeline"), on a copy of ``g``."""
     g = np.array(g, copy=True)
     if pre.inv_scale is not None:
         g *= pre.inv_scale
@@ -79,7 +79,7 @@ OPS = NumpyOps()
 
 
 def _per_tensor(rule_fn):
-    """Run a one-tensor rule over a list, with the pipeline around it (SPEC section 4).
+    """Run a one-tensor rule over a list, with the pipeline around it (docs/design.md, "Pipeline").
 
     The weight-decay stage (``Rule.weight_decay``) runs here, once for every rule:
     L2 adds ``l2*p`` to the grad (only when ``l2 != 0``: ``0*inf`` is nan), decoupled

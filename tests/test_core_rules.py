@@ -1,7 +1,7 @@
 """The first two steps of every rule against values worked out by hand, and convergence.
 
 The expectations are written with Python's ``math`` on scalars, independently
-of the reference kernels, straight from SPEC.md section 5 (a one-element
+of the reference kernels, straight from the math in each class's docstring (a one-element
 tensor is enough to pin every formula; the reference applies them element-wise).
 """
 

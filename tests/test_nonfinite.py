@@ -1,4 +1,4 @@
-"""SPEC section 4 step 2: a non-finite gradient never reaches a parameter silently.
+"""Pipeline step 2 (docs/design.md): a non-finite gradient never reaches a parameter silently.
 
 ``nonfinite="raise"`` raises FloatingPointError and writes nothing;
 ``"skip"`` drops the whole step atomically (params, state, step count, group
@@ -150,7 +150,7 @@ def test_unscaling_that_overflows_is_caught(mode, dtype, backend):
     {"clip_value": 0.5, "clip_global_norm": 0.5, "maximize": True, "weight_clip": 1.0},
 ], ids=["clip_value", "clip_norm", "clip_global_norm", "all"])
 def test_clipping_does_not_hide_nonfinite(options, value, backend):
-    """clip(inf) would be finite: the check must run on the unclipped gradient (SPEC 4: 2 before 4)."""
+    """clip(inf) would be finite: the check must run on the unclipped gradient (pipeline step 2 before step 4)."""
     params, rng = problem("sgd")
     opt = fo.SGD(params, lr=0.1, backend=backend, nonfinite="skip", **options)
     before = snapshot(opt, params)
