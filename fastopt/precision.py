@@ -119,6 +119,17 @@ on a large sample including every tie, subnormal and overflow boundary);
 NumPy's NaN bits depend on how it was built (software keeps the payload,
 F16C sets the quiet bit), so the canonical quiet NaN above is the contract.
 
+Porting notes.  Numba: make every operand ``np.uint64``/``np.uint32``
+(``z >> np.uint64(30)``, ``np.uint64(i) * G``) -- mixing an unsigned and a
+signed integer, a loop index or a literal, promotes to float64 and the bits
+are lost.  CUDA: ``unsigned long long`` constants with the ``ull`` suffix,
+``__float_as_uint``/``__uint_as_float`` for the views, and no ``-ftz`` or
+``--use_fast_math``: NumPy keeps float32 subnormals, so a kernel that flushes
+them stops agreeing on tiny values.  ``tests/test_precision.py`` holds a Numba
+and a C transcription of the recipes above, checked against this module, and
+pinned outputs of ``random_bits`` for the kernels' own tests.  A master-weight
+param is written as the round-to-nearest-even of its float32 master (1, 4).
+
 5. The precision options
 ------------------------
 Params and grads are float16, bfloat16, float32 or float64; arithmetic runs
