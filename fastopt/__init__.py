@@ -5,7 +5,7 @@ memory per step where the math allows.  ``import fastopt`` imports neither
 numba nor cupy: a backend loads on first use (see :func:`backends`).
 """
 
-from . import functional, quantization, schedules
+from . import functional, precision, quantization, schedules
 from ._backend import backends
 from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                      Newton, Optimizer, RAdam, RMSprop)
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
-           "functional", "quantization", "schedules", "save", "load", "__version__"]
+           "functional", "precision", "quantization", "schedules", "save", "load", "__version__"]
