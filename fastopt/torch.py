@@ -426,6 +426,8 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 st = self.state[p]  # a defaultdict: creates the entry
                 t = self._init_state(p, st, names, hp, sdt)
+                if not st:
+                    del self.state[p]  # torch keeps no entry for a stateless rule (plain SGD)
                 by_t.setdefault(t, []).append((p, st))
             if len(by_t) > 1 and hp["clip_global_norm"] is not None:
                 raise ValueError(f"{self._where(gi)}clip_global_norm: expected every param of the "
