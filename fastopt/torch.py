@@ -57,7 +57,7 @@ except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
                       "the rest of fastopt works without it") from _e
 
 import dataclasses
-import numbers
+import operator
 
 import numpy as np
 
@@ -153,22 +153,54 @@ class _Part:
     """Params of one group at one step count: the views the kernels get, built once."""
 
     t: int                       # the step count *before* this step
-    params: list                 # torch params (to find their grads)
-    states: list                 # their state dicts
-    buckets: list                # make_buckets(...) of the flat views
+    params: list                 # torch params (AdaHessian finds their extra input by id)
+    buckets: list                # make_buckets(...) of the flat views of params and state
     steps: list                  # 0-d NumPy views of the ``step`` tensors (empty for SGD)
     mu: list                     # 0-d NumPy views of NAdam's ``mu_product`` tensors
     gstate: dict                 # the rule's group state (NAdam: mu_product)
+    pos: list | None             # positions among the group's params with a grad (None: all)
+    layout: list                 # (dtype, size) of each param's flat view: its grad's too
 
 
 @dataclasses.dataclass
 class _Plan:
-    key: tuple                   # (group index, ids of params with a grad) per group
+    key: tuple                   # ids of the params with a grad, per group
     parts: list                  # per group: list of _Part
-    watch: list                  # (tensor, data_ptr): storage that must not have moved
-    owned: list                  # (state dict, name, tensor): state that must not be replaced
-    hp_raw: list                 # per group: the options last checked
-    hp: list                     # per group: their host scalars
+    params: list                 # every param of the parts, and their data pointers:
+    ptrs: list                   #   storage that must not have moved (module.to())
+    st_dicts: list               # (state dict, name, tensor) in three lists: state that
+    st_names: list               #   must not have been replaced by hand
+    st_tensors: list
+    vals: list                   # per group: the option values last checked (None: a tensor
+    hp: list                     #   among them, check every step); their host scalars
+
+
+def _cacheable(vals):
+    """``vals`` to compare with next step's, or None when a tensor among them may change in place."""
+    for v in vals:
+        if isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(
+                isinstance(x, torch.Tensor) for x in v)):
+            return None
+    return vals
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _grad_view(g):
+    """A flat NumPy view of a grad (a contiguous copy if it is not contiguous: it is only read)."""
+    try:
+        a = g.numpy()
+    except (RuntimeError, TypeError):
+        if g.layout != torch.strided:
+            raise RuntimeError(f"sparse gradients are not supported (got layout {g.layout}); "
+                               "use torch.optim.SparseAdam or a dense embedding") from None
+        a = g.detach().numpy()  # a grad that requires grad (create_graph=True)
+    if a.ndim != 1:
+        return a.reshape(-1)  # a copy when the grad is not C-contiguous
+    if a.strides[0] != a.itemsize and a.size > 1:
+        return np.ascontiguousarray(a)
+    return a
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -282,7 +314,6 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    @torch.no_grad()
     def step(self, closure=None, *, grad_scale=None):
         """One step over every param with a grad; returns the closure's loss (or None).
 
@@ -314,26 +345,21 @@ class Optimizer(torch.optim.Optimizer):
             grad_scale = _number(grad_scale)
         inv_scale = check_grad_scale(grad_scale)
 
-        plan = self._current_plan()
+        # one pass over p.grad: the grads of this step and the key of the cached plan
+        grads_of = [[p.grad for p in g["params"]] for g in self.param_groups]
+        plan = self._current_plan(grads_of)
         if plan is None:
             return loss  # no param has a grad
         steps = []
         for gi, parts in enumerate(plan.parts):
+            present = [x for x in grads_of[gi] if x is not None]
             hp = plan.hp[gi]
             for part in parts:
-                grads = []
-                for p in part.params:
-                    g = p.grad
-                    if g.layout != torch.strided:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse "
-                                           f"gradients (got layout {g.layout}); use "
-                                           "torch.optim.SparseAdam or a dense embedding")
-                    if not g.is_contiguous():
-                        g = g.contiguous()  # only read: a copy is harmless
-                    grads.append(_flat_view(g))
-                ex = None
-                if extras is not None:
-                    ex = [extras[id(p)] for p in part.params]
+                grads = [_grad_view(x) for x in (present if part.pos is None
+                                                 else [present[i] for i in part.pos])]
+                if [(a.dtype, a.size) for a in grads] != part.layout:
+                    self._bad_grad(part, grads)
+                ex = None if extras is None else [extras[id(p)] for p in part.params]
                 hp_t = dict(hp)
                 hp_t[_STEP_KEY] = part.t + 1
                 steps.append(GroupStep(hp=hp_t, buckets=part.buckets, grads=grads, extras=ex,
@@ -346,40 +372,51 @@ class Optimizer(torch.optim.Optimizer):
             for part in parts:
                 part.t += 1
                 t = float(part.t)
-                for s in part.steps:
-                    s[()] = t
+                for v in part.steps:
+                    v[()] = t
                 part.gstate = dict(info.group_state[k])
                 if part.mu:
                     mu = part.gstate["mu_product"]
-                    for m in part.mu:
-                        m[()] = mu
+                    for v in part.mu:
+                        v[()] = mu
                 k += 1
         return loss
 
-    def _current_plan(self):
-        """The cached views, rebuilt when a param, its storage, its state or an option changed."""
-        key = []
-        for gi, g in enumerate(self.param_groups):
-            ids = tuple(id(p) for p in g["params"] if p.grad is not None)
-            if ids:
-                key.append((gi, ids))
-        key = tuple(key)
+    def _bad_grad(self, part, grads):
+        for p, a in zip(part.params, grads):
+            if a.dtype != _NUMPY_DTYPES.get(p.dtype) or a.size != p.numel():
+                raise ValueError(f"the grad of a {p.dtype} param of shape {tuple(p.shape)}: "
+                                 f"expected one like it, got {a.dtype} of {a.size} elements "
+                                 "(was the param converted after its grad was computed?)")
+
+    def _current_plan(self, grads_of):
+        """The cached views, rebuilt when a param, its storage, its state or an option changed.
+
+        Checked every step, at C speed: which params have a grad (their ids), the
+        params' data pointers (``module.to()`` swaps storage), the identity of every
+        state tensor (a tensor replaced by hand), and the groups' option values.
+        """
+        groups = self.param_groups
+        key = tuple(tuple(id(p) for p, x in zip(g["params"], gl) if x is not None)
+                    for g, gl in zip(groups, grads_of))
         plan = self._plan
         if plan is not None and plan.key == key:
-            ok = all(t.data_ptr() == ptr for t, ptr in plan.watch) and all(
-                st.get(n) is t for st, n, t in plan.owned)
+            ok = (list(map(_data_ptr, plan.params)) == plan.ptrs
+                  and all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
+                              plan.st_tensors)))
             if ok:
-                for gi, g in enumerate(self.param_groups):
-                    raw = {k: v for k, v in g.items() if k != "params"}
-                    if raw != plan.hp_raw[gi]:
-                        if self._names(self._check_group(g, self._where(gi))) != \
-                                self._names(plan.hp[gi]):
-                            ok = False  # a variant switched (amsgrad, momentum, centered)
-                            break
-                        plan.hp[gi], plan.hp_raw[gi] = _host_hp(g), raw
+                for gi, g in enumerate(groups):
+                    vals = list(g.values())
+                    if plan.vals[gi] is not None and vals == plan.vals[gi]:
+                        continue
+                    hp = self._check_group(g, self._where(gi))
+                    if self._names(hp) != self._names(plan.hp[gi]):
+                        ok = False  # a variant switched (amsgrad, momentum, centered)
+                        break
+                    plan.hp[gi], plan.vals[gi] = hp, _cacheable(vals)
                 if ok:
                     return plan
-        if not key:
+        if not any(key):
             self._plan = None
             return None
         self._plan = plan = self._build_plan(key)
@@ -394,50 +431,46 @@ class Optimizer(torch.optim.Optimizer):
     def _build_plan(self, key) -> _Plan:
         rule = self.rule
         # every check first: a bad param or option must not leave new state behind
-        hps, raws = [], []
+        hps, vals = [], []
         for gi, g in enumerate(self.param_groups):
             hps.append(self._check_group(g, self._where(gi)))
-            raws.append({k: v for k, v in g.items() if k != "params"})
-        with_grad = {gi: set(ids) for gi, ids in key}
+            vals.append(_cacheable(list(g.values())))
+        with_grad = [set(ids) for ids in key]
         for gi, g in enumerate(self.param_groups):
-            ids = with_grad.get(gi, ())
             for pi, p in enumerate(g["params"]):
-                if id(p) not in ids:
+                if id(p) not in with_grad[gi]:
                     continue
                 label = f"param_groups[{gi}]['params'][{pi}]" if len(self.param_groups) > 1 \
                     else f"params[{pi}]"
                 _check_tensor(p, label)
-                names = self._names(hps[gi])
                 st = self.state.get(p, {})
-                for n in names:
+                for n in self._names(hps[gi]):
                     a = st.get(n)
                     if a is not None and (not isinstance(a, torch.Tensor) or a.shape != p.shape):
                         raise ValueError(f"state[{label}][{n!r}]: expected a tensor of shape "
                                          f"{tuple(p.shape)}, got {getattr(a, 'shape', a)!r}")
-        parts_all, watch, owned = [], [], []
+        parts_all, params_all, st_dicts, st_names, st_tensors = [], [], [], [], []
         sdt = _scalar_dtype()
         for gi, g in enumerate(self.param_groups):
-            ids = with_grad.get(gi, ())
             hp = hps[gi]
             names = rule.state(hp)
             by_t = {}
-            for p in g["params"]:
-                if id(p) not in ids:
-                    continue
+            members = [p for p in g["params"] if id(p) in with_grad[gi]]
+            for pos, p in enumerate(members):
                 st = self.state[p]  # a defaultdict: creates the entry
                 t = self._init_state(p, st, names, hp, sdt)
                 if not st:
                     del self.state[p]  # torch keeps no entry for a stateless rule (plain SGD)
-                by_t.setdefault(t, []).append((p, st))
+                by_t.setdefault(t, []).append((pos, p, st))
             if len(by_t) > 1 and hp["clip_global_norm"] is not None:
                 raise ValueError(f"{self._where(gi)}clip_global_norm: expected every param of the "
                                  f"group at one step count, got counts {sorted(by_t)} (a param "
                                  "that had no grad for a while); put such params in a group of "
                                  "their own")
             parts = []
-            for t, members in sorted(by_t.items()):
-                params = [p for p, _ in members]
-                states = [st for _, st in members]
+            for t, entries in sorted(by_t.items()):
+                params = [p for _, p, _ in entries]
+                states = [st for _, _, st in entries]
                 flat_p = [_flat_view(p) for p in params]
                 flat_s = {n: [_flat_view(st[n]) for st in states] for n, _ in names}
                 steps = [st["step"].numpy() for st in states] if "step" in states[0] else []
@@ -445,17 +478,22 @@ class Optimizer(torch.optim.Optimizer):
                 gstate = dict(rule.group_state)
                 if mu:
                     gstate["mu_product"] = float(mu[0])
-                parts.append(_Part(t=t, params=params, states=states,
-                                   buckets=make_buckets(flat_p, flat_s), steps=steps, mu=mu,
-                                   gstate=gstate))
-                for p, st in members:
-                    watch.append((p, p.data_ptr()))
-                    for n in list(st):
-                        if isinstance(st[n], torch.Tensor):
-                            owned.append((st, n, st[n]))
-                            watch.append((st[n], st[n].data_ptr()))
+                parts.append(_Part(
+                    t=t, params=params, buckets=make_buckets(flat_p, flat_s), steps=steps,
+                    mu=mu, gstate=gstate,
+                    pos=None if len(by_t) == 1 else [pos for pos, _, _ in entries],
+                    layout=[(a.dtype, a.size) for a in flat_p]))
+                for st in states:
+                    for n, v in st.items():
+                        if isinstance(v, torch.Tensor):
+                            st_dicts.append(st)
+                            st_names.append(n)
+                            st_tensors.append(v)
+                params_all += params
             parts_all.append(parts)
-        return _Plan(key=key, parts=parts_all, watch=watch, owned=owned, hp_raw=raws, hp=hps)
+        return _Plan(key=key, parts=parts_all, params=params_all,
+                     ptrs=list(map(_data_ptr, params_all)), st_dicts=st_dicts,
+                     st_names=st_names, st_tensors=st_tensors, vals=vals, hp=hps)
 
     def _init_state(self, p, st, names, hp, sdt) -> int:
         """Create the state arrays ``p`` lacks (torch creates them lazily too); its step count."""
@@ -672,7 +710,6 @@ class AdaHessian(Optimizer):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
-    @torch.no_grad()
     def step(self, closure=None, *, hessian_diags=None, grad_scale=None):
         loss = None
         if closure is not None:

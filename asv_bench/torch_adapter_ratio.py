@@ -1,0 +1,138 @@
+"""fastopt.torch.Adam against torch.optim.Adam(fused=True), and against fastopt's raw API.
+
+    python asv_bench/torch_adapter_ratio.py [--threads 2] [--reps 15] [--quick]
+
+Three cases, all CPU, float32, in this one process on the same thread count:
+
+* ``gpt2-small``: the 148 parameter tensors of GPT-2 small (124M elements).
+* ``demo-mlp``: the network of ``python -m fastopt demo --torch`` (64-128-128-10).
+* ``overhead-10``: 10 tensors of 256 elements, fastopt.torch.Adam against the
+  raw ``fastopt.Adam`` on NumPy arrays over the same memory: the adapter's own
+  cost per step (reading ``p.grad``, wrapping the grads, checking the cached
+  views, writing ``step``) in microseconds.
+
+Each repetition times a batch of steps of one side and then of the other,
+alternating which goes first; the table quotes the median of the
+per-repetition ratios (and differences), so a noisy machine slows both sides
+of a pair alike.  Goals (issue 14): ratio <= 1.0 for the first two, <= 20 us
+overhead for the third.
+
+Like for like, fastopt runs with ``nonfinite="ignore"`` (torch's fused Adam
+checks nothing unless a GradScaler hands it ``found_inf``); the "default" rows
+add fastopt's default non-finite check, one more read of the grads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="skip the 124M-element GPT-2 case")
+    return ap.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:  # before numba and torch start their thread pools
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(ARGS.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+
+import numpy as np  # noqa: E402
+
+
+def gpt2_small_shapes():
+    """The 148 parameter shapes of GPT-2 small (124M elements)."""
+    d, v, ctx = 768, 50257, 1024
+    layer = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+             (4 * d, d), (d,)]
+    return [(v, d), (ctx, d)] + layer * 12 + [(d,), (d,)]
+
+
+def demo_shapes(hidden=(128, 128)):
+    sizes = (64,) + tuple(hidden) + (10,)
+    out = []
+    for a, b in zip(sizes, sizes[1:]):
+        out += [(b, a), (b,)]
+    return out
+
+
+def _params(torch, shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    return ps
+
+
+def timed_pairs(fa, fb, reps, inner):
+    """Per-repetition seconds per step of ``fa`` and ``fb`` (``inner`` steps each, alternating)."""
+    fa(), fb()  # warm: compile, create and first-touch the state
+    ta, tb = [], []
+    for r in range(reps):
+        order = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, out in order:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            out.append((time.perf_counter() - t0) / inner)
+    return ta, tb
+
+
+def run(threads=2, reps=15, quick=False, out=sys.stdout):
+    import numba
+    import torch
+
+    import fastopt
+    import fastopt.torch as ft
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    rows = []
+    cases = [("demo-mlp", demo_shapes(), 200)]
+    if not quick:
+        cases.insert(0, ("gpt2-small", gpt2_small_shapes(), 1))
+    for name, shapes, inner in cases:
+        n = sum(int(np.prod(s)) for s in shapes)
+        for label, nonfinite in (("like for like", "ignore"), ("default", "raise")):
+            pf, pt = _params(torch, shapes), _params(torch, shapes)
+            for a, b in zip(pf, pt):  # same grads, so both read the same memory pattern
+                b.grad = a.grad
+            of = ft.Adam(pf, lr=1e-3, nonfinite=nonfinite)
+            ot = torch.optim.Adam(pt, lr=1e-3, fused=True)
+            ta, tb = timed_pairs(of.step, ot.step, reps, inner)
+            ratio = statistics.median(a / b for a, b in zip(ta, tb))
+            rows.append((name, len(shapes), n, label, statistics.median(ta) * 1e3,
+                         statistics.median(tb) * 1e3, ratio))
+            del of, ot, pf, pt
+    print(f"{'case':12} {'tensors':>7} {'elements':>11} {'fastopt':14} {'fastopt.torch ms':>16} "
+          f"{'torch fused ms':>14} {'ratio':>6}  goal", file=out)
+    for name, k, n, label, a, b, ratio in rows:
+        ok = "ok" if ratio <= 1.0 else "MISSED"
+        print(f"{name:12} {k:7d} {n:11,d} {label:14} {a:16.3f} {b:14.3f} {ratio:6.2f}  <= 1.0 "
+              f"{ok}", file=out)
+
+    # the adapter's own overhead over the raw API, same memory, same kernels
+    shapes = [(256,)] * 10
+    pf = _params(torch, shapes)
+    of = ft.Adam(pf, lr=1e-3)
+    raw_p = [p.detach().numpy() for p in pf]     # the same memory, no copy
+    raw_g = [p.grad.numpy() for p in pf]
+    oraw = fastopt.Adam(raw_p, lr=1e-3)
+    ta, tb = timed_pairs(of.step, lambda: oraw.step(raw_g), reps, 2000)
+    diff = statistics.median((a - b) * 1e6 for a, b in zip(ta, tb))
+    ok = "ok" if diff <= 20 else "MISSED"
+    print(f"\noverhead-10: fastopt.torch.Adam {statistics.median(ta) * 1e6:.1f} us/step, raw "
+          f"fastopt.Adam {statistics.median(tb) * 1e6:.1f} us/step, adapter overhead "
+          f"{diff:.1f} us (goal <= 20 us: {ok}); threads={threads}", file=out)
+    return rows, diff
+
+
+if __name__ == "__main__":
+    run(ARGS.threads, ARGS.reps, ARGS.quick)
