@@ -625,3 +625,28 @@ def test_interop_read_only_buffers():
         as_native(_Producer(ro), "params[0]", writeable=True)
     with pytest.raises(TypeError, match=r"params\[1\].*detach"):
         as_native(torch.zeros(2, requires_grad=True), "params[1]")
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_torch_rows_agree():
+    pytest.importorskip("sklearn")
+    from fastopt.apps import torch_demo
+
+    pairs = torch_demo.compare(("momentum", "adam"), epochs=1, hidden=(32,))
+    for ref, ours in pairs:
+        assert (ref.impl, ours.impl) == ("torch.optim", "fastopt.torch")
+        assert math.isclose(ours.train_loss, ref.train_loss, rel_tol=torch_demo.LOSS_RTOL)
+        assert ours.test_acc == ref.test_acc and ref.test_acc > 0.5
+    text = torch_demo.format_rows(pairs)
+    assert text.count("equal within tolerance") == 2
+
+
+def test_demo_torch_cli(capsys):
+    from fastopt import _cli
+
+    rc = _cli.main(["demo", "--torch", "--epochs", "1", "--hidden", "16", "-o", "adam"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fastopt.torch" in out and "torch.optim" in out
+    assert _cli.main(["demo", "--torch", "-o", "lion"]) == 2
