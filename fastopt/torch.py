@@ -176,7 +176,7 @@ class _Plan:
 
 
 def _cacheable(vals):
-    """``vals`` to compare with next step's, or None when a tensor among them may change in place."""
+    """``vals`` to compare with next step's; None when a tensor among them can change in place."""
     for v in vals:
         if isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(
                 isinstance(x, torch.Tensor) for x in v)):
@@ -215,7 +215,8 @@ class Optimizer(torch.optim.Optimizer):
     # GradScaler hands over its scale and inf flag instead of unscaling the grads itself
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, options: dict, *, nonfinite="raise", backend="auto", torch_only=None):
+    def __init__(self, params, options: dict, *, nonfinite="raise", backend="auto",
+                 torch_only=None):
         rule = self.rule
         for name, value in (torch_only or {}).items():
             if name in _IGNORED_TORCH_OPTIONS:
@@ -226,8 +227,8 @@ class Optimizer(torch.optim.Optimizer):
                                      "weight decay; for decoupled decay use fastopt.torch.AdamW "
                                      f"(Adam), or set weight_decay=0, got {value!r}")
             elif value:  # capturable, differentiable
-                raise ValueError(f"{name}: expected False (fastopt's kernels are neither CUDA-graph "
-                                 f"capturable nor differentiable), got {value!r}")
+                raise ValueError(f"{name}: expected False (fastopt's kernels are neither "
+                                 f"CUDA-graph capturable nor differentiable), got {value!r}")
         defaults = {**rule.defaults, **PIPELINE_DEFAULTS, **options}
         check_hyperparameters(rule, _host_hp(defaults))
         self.nonfinite = check_nonfinite(nonfinite)
@@ -738,7 +739,8 @@ class AdaHessian(Optimizer):
                                 f"{type(h).__name__}")
             if h.shape != p.shape or h.dtype != p.dtype or h.device != p.device:
                 raise ValueError(f"{label}: expected {p.dtype} {tuple(p.shape)} on {p.device} "
-                                 f"(like params[{i}]), got {h.dtype} {tuple(h.shape)} on {h.device}")
+                                 f"(like params[{i}]), got {h.dtype} {tuple(h.shape)} on "
+                                 f"{h.device}")
             if h.layout != torch.strided:
                 raise TypeError(f"{label}: expected a dense tensor, got layout {h.layout}")
             extras[id(p)] = _flat_view(h.contiguous())

@@ -1,4 +1,4 @@
-"""``python -m fastopt demo --torch``: the same PyTorch training loop with torch.optim and fastopt.torch.
+"""``python -m fastopt demo --torch``: one PyTorch loop, with torch.optim and with fastopt.torch.
 
 A PyTorch MLP (``nn.Linear`` + ReLU, cross-entropy) learns scikit-learn's
 digits with SGD + momentum and with Adam, once with ``torch.optim`` and once
