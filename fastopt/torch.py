@@ -57,9 +57,12 @@ except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
                       "the rest of fastopt works without it") from _e
 
 import dataclasses
+import functools
+import itertools
 import operator
 
 import numpy as np
+from torch.optim import optimizer as _torch_optimizer
 
 from . import _backend
 from ._pipeline import GroupStep, make_buckets, run_step
@@ -146,6 +149,45 @@ def _host_hp(group: dict) -> dict:
             v = tuple(_number(x) for x in v)
         hp[k] = v
     return as_host_scalars(hp)
+
+
+
+def _step_hooks(func):
+    """torch.optim.Optimizer's step wrapper, with its profiler range only while a profiler runs.
+
+    torch wraps every optimizer's ``step`` in ``profile_hook_step``: the global and
+    per-optimizer pre/post step hooks, and a ``record_function`` range opened on every
+    call.  The range alone cost more than the adapter's whole step on the development
+    machine (about as much as the raw API's step for 10 small tensors), so this wrapper
+    runs the same hooks in the same order and opens the range -- through torch's own
+    wrapper -- only when ``torch.autograd._profiler_enabled()``.  ``hooked`` tells
+    ``Optimizer._patch_step_function`` that the step is wrapped already.
+    """
+    profiled = torch.optim.Optimizer.profile_hook_step(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if torch.autograd._profiler_enabled():
+            return profiled(*args, **kwargs)
+        self = args[0]
+        for pre_hook in itertools.chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
+                                        self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                         _torch_optimizer._global_optimizer_post_hooks.values()):
+            post_hook(self, args, kwargs)
+        return out
+
+    wrapper.hooked = True
+    return wrapper
 
 
 @dataclasses.dataclass
@@ -315,6 +357,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
+    @_step_hooks
     def step(self, closure=None, *, grad_scale=None):
         """One step over every param with a grad; returns the closure's loss (or None).
 
@@ -711,6 +754,7 @@ class AdaHessian(Optimizer):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
+    @_step_hooks
     def step(self, closure=None, *, hessian_diags=None, grad_scale=None):
         loss = None
         if closure is not None:

@@ -650,3 +650,27 @@ def test_demo_torch_cli(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "fastopt.torch" in out and "torch.optim" in out
     assert _cli.main(["demo", "--torch", "-o", "lion"]) == 2
+
+
+def test_step_hooks_global_and_under_the_profiler():
+    """The step wrapper runs torch's global hooks too, and opens torch's profiler range."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    opt = ft.SGD([p], lr=0.1)
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append("global post"))]
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    try:
+        opt.step()
+        assert seen == ["global pre", "pre", "global post"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        assert any(e.name == "Optimizer.step#SGD.step" for e in prof.events())
+        assert seen[3:] == ["global pre", "pre", "global post"]
+    finally:
+        for h in handles:
+            h.remove()

@@ -125,7 +125,7 @@ def format_rows(pairs) -> str:
                 note = (f"loss {d:.1e} rel., acc {100 * (ours.test_acc - ref.test_acc):+.1f} pt: "
                         + ("equal within tolerance" if same else "DIFFERENT"))
             lines.append(f"{r.name:10} {r.impl:15} {r.train_loss:10.4f} {100 * r.test_acc:7.1f}% "
-                         f"{r.opt_ms:11.3f} {r.step_ms:8.3f}  {note}")
+                         f"{r.opt_ms:11.3f} {r.step_ms:8.3f}  {note}".rstrip())
     return "\n".join(lines)
 
 
