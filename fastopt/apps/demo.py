@@ -571,6 +571,9 @@ def register(sub) -> None:
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save the loss curves of every optimizer on one figure (matplotlib)")
     p.add_argument("--xor", action="store_true", help="train the small XOR network instead")
+    p.add_argument("--torch", action="store_true",
+                   help="train a PyTorch MLP with torch.optim and with fastopt.torch side by side "
+                        "(SGD+momentum and Adam; needs torch)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="numba backend: threads of its kernels (numba.set_num_threads); "
                         "default: 1 when the model is smaller than two kernel parts (the default "
@@ -617,6 +620,10 @@ def _lr_for(lrs, name):
 def run(args) -> int:
     """The ``demo`` command."""
     t_start = time.perf_counter()
+    if getattr(args, "torch", False):
+        from .torch_demo import run_torch
+
+        return run_torch(args)
     try:
         names = _parse_optimizers(args.optimizer)
     except argparse.ArgumentTypeError as e:

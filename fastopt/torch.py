@@ -1,0 +1,796 @@
+"""``fastopt.torch``: drop-in ``torch.optim`` optimizers that run fastopt's kernels, zero-copy.
+
+Change one line of a PyTorch training loop::
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)          # before
+    opt = fastopt.torch.Adam(model.parameters(), lr=1e-3)        # after
+
+Each class is a :class:`torch.optim.Optimizer` subclass built as torch's is
+(``model.parameters()`` or param-group dicts), with torch's option names and
+defaults plus fastopt's pipeline options (``clip_value``, ``clip_norm``,
+``clip_global_norm``, ``weight_clip``, ``max_norm``, ``nonfinite``).
+``step(closure=None)`` reads ``p.grad``; params whose grad is None are skipped,
+as torch skips them; sparse grads are an error.  ``zero_grad``,
+``add_param_group``, step hooks, ``torch.optim.lr_scheduler`` (``group["lr"]``
+is read every step) and ``torch.amp.GradScaler`` work as with torch's own
+optimizers.
+
+How the data reaches the kernels
+--------------------------------
+CPU tensors are handed to the NumPy/Numba backends as NumPy views of the
+tensors' own memory (``Tensor.numpy()``): nothing is copied, params and state
+are written in place.  State lives in torch tensors in ``optimizer.state[p]``
+under torch's names (``exp_avg``, ``exp_avg_sq``, ``step``, ...), so
+``state_dict()`` of a ``torch.optim.Adam`` loads into ``fastopt.torch.Adam`` and
+back.  The views of params and state are built once and reused while the params
+with a grad, their storage and their state tensors stay the same objects; only
+the grads (new tensors after ``zero_grad()``) are wrapped every step.
+
+Step counts are per param, as in torch: a param that had no grad for a while,
+or a param group added mid-run, keeps its own ``step`` and bias correction.
+Params at different step counts are stepped in one pipeline call (one
+non-finite decision for the whole step), one fused kernel call per step count.
+
+Loss scaling: ``torch.amp.GradScaler`` sees ``_step_supports_amp_scaling`` and
+hands the optimizer its scale and its inf flag, as it does for torch's fused
+optimizers: a step with an inf is skipped (params, state and step counts
+untouched) and otherwise the grads are unscaled inside the fused kernel (no
+separate pass writes them).  Without a scaler, ``step(grad_scale=S)`` divides
+the grads by ``S`` in the kernel, and ``nonfinite`` decides what an inf does.
+
+Not yet here (see ``docs/design.md``): 16-bit params (float16/bfloat16) and
+8-bit state raise a ``TypeError`` saying so; CUDA tensors raise a
+``TypeError`` (the DLPack-to-CuPy path has not been written); use torch.optim
+for those.  The dtype table ``_NUMPY_DTYPES`` is where 16-bit views slot in.
+
+``import fastopt`` never imports this module (nor torch); importing it without
+PyTorch installed raises an ``ImportError`` that says how to install it.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch
+except ImportError as _e:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError("fastopt.torch needs PyTorch, which is not installed: "
+                      "pip install 'fastopt[torch]' (or install torch as pytorch.org says); "
+                      "the rest of fastopt works without it") from _e
+
+import dataclasses
+import functools
+import itertools
+import operator
+
+import numpy as np
+from torch.optim import optimizer as _torch_optimizer
+
+from . import _backend
+from ._pipeline import GroupStep, make_buckets, run_step
+from ._rules import (PIPELINE_DEFAULTS, RULES, Rule, as_host_scalars, check_hyperparameters)
+from ._validate import check_grad_scale, check_nonfinite
+
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
+           "Lion", "LAMB", "AdaHessian", "Optimizer"]
+
+#: torch dtypes the adapter steps, and the NumPy dtype of their zero-copy views.  16-bit
+#: params (bfloat16 through an int16 view re-typed as ml_dtypes.bfloat16, float16 as is)
+#: join this table when fastopt's mixed-precision rules land.
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+#: Private key of a group's host scalars: the step count of the params in a GroupStep.
+_STEP_KEY = "_fastopt_step"
+
+#: torch.optim constructor options that have no effect here: fastopt's step is always one
+#: fused, multi-tensor kernel pass, so ``foreach``/``fused`` are accepted and ignored.
+_IGNORED_TORCH_OPTIONS = ("foreach", "fused")
+
+
+def _per_group_step(rule: Rule) -> Rule:
+    """``rule`` whose scalars read each GroupStep's own step count from its host scalars.
+
+    The pipeline takes one ``t`` per call; torch keeps a step count per param, so
+    params at different counts (a group added mid-run, a param that had no grad for
+    some steps) go in different GroupSteps of one call, each carrying its count.
+    """
+    return dataclasses.replace(rule, scalars=lambda hp, t, gs: rule.scalars(hp, hp[_STEP_KEY], gs))
+
+
+def _scalar_dtype():
+    # torch.optim keeps ``step`` as a float tensor of this dtype (torch.optim.optimizer)
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _check_tensor(p, label: str) -> None:
+    """TypeError/ValueError unless ``p`` is a dense, contiguous float32/float64 CPU tensor."""
+    if p.dtype in _SIXTEEN_BIT:
+        raise TypeError(f"{label}: {p.dtype} params are not supported yet: fastopt.torch steps "
+                        "float32 and float64 params (16-bit params with float32 master weights "
+                        "or stochastic rounding, and 8-bit state, are separate fastopt features "
+                        "still to come); keep the params in float32 and use torch.autocast, or "
+                        "use torch.optim for this model")
+    if p.dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"{label}: expected a float32 or float64 tensor, got {p.dtype}")
+    if p.layout != torch.strided:
+        raise TypeError(f"{label}: expected a dense (strided) tensor, got layout {p.layout}")
+    if p.device.type != "cpu":
+        raise TypeError(f"{label}: expected a CPU tensor, got one on {p.device}: fastopt.torch "
+                        "runs CPU tensors only so far (the CUDA path through DLPack is not "
+                        "written yet); use torch.optim for GPU training")
+    if not p.is_contiguous():
+        raise ValueError(f"{label}: expected a contiguous tensor (fastopt updates it in place "
+                         f"through a flat view), got strides {p.stride()} for shape "
+                         f"{tuple(p.shape)}")
+
+
+def _flat_view(t):
+    """A flat NumPy view of a contiguous CPU tensor's memory (no copy)."""
+    a = t.detach().numpy() if t.requires_grad else t.numpy()
+    return a if a.ndim == 1 else a.reshape(-1)
+
+
+def _number(v):
+    """A Python float for a torch/NumPy scalar hyperparameter (torch allows a tensor lr)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"expected a scalar, got a tensor of shape {tuple(v.shape)}")
+        return float(v.item())
+    return v
+
+
+def _host_hp(group: dict) -> dict:
+    hp = {}
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if isinstance(v, torch.Tensor):
+            v = _number(v)
+        elif isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v):
+            v = tuple(_number(x) for x in v)
+        hp[k] = v
+    return as_host_scalars(hp)
+
+
+
+def _step_hooks(func):
+    """torch.optim.Optimizer's step wrapper, with its profiler range only while a profiler runs.
+
+    torch wraps every optimizer's ``step`` in ``profile_hook_step``: the global and
+    per-optimizer pre/post step hooks, and a ``record_function`` range opened on every
+    call.  The range alone cost more than the adapter's whole step on the development
+    machine (about as much as the raw API's step for 10 small tensors), so this wrapper
+    runs the same hooks in the same order and opens the range -- through torch's own
+    wrapper -- only when ``torch.autograd._profiler_enabled()``.  ``hooked`` tells
+    ``Optimizer._patch_step_function`` that the step is wrapped already.
+    """
+    profiled = torch.optim.Optimizer.profile_hook_step(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if torch.autograd._profiler_enabled():
+            return profiled(*args, **kwargs)
+        self = args[0]
+        for pre_hook in itertools.chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
+                                        self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                         _torch_optimizer._global_optimizer_post_hooks.values()):
+            post_hook(self, args, kwargs)
+        return out
+
+    wrapper.hooked = True
+    return wrapper
+
+
+@dataclasses.dataclass
+class _Part:
+    """Params of one group at one step count: the views the kernels get, built once."""
+
+    t: int                       # the step count *before* this step
+    params: list                 # torch params (AdaHessian finds their extra input by id)
+    buckets: list                # make_buckets(...) of the flat views of params and state
+    steps: list                  # 0-d NumPy views of the ``step`` tensors (empty for SGD)
+    mu: list                     # 0-d NumPy views of NAdam's ``mu_product`` tensors
+    gstate: dict                 # the rule's group state (NAdam: mu_product)
+    pos: list | None             # positions among the group's params with a grad (None: all)
+    layout: list                 # (dtype, size) of each param's flat view: its grad's too
+
+
+@dataclasses.dataclass
+class _Plan:
+    key: tuple                   # ids of the params with a grad, per group
+    parts: list                  # per group: list of _Part
+    params: list                 # every param of the parts, and their data pointers:
+    ptrs: list                   #   storage that must not have moved (module.to())
+    st_dicts: list               # (state dict, name, tensor) in three lists: state that
+    st_names: list               #   must not have been replaced by hand
+    st_tensors: list
+    vals: list                   # per group: the option values last checked (None: a tensor
+    hp: list                     #   among them, check every step); their host scalars
+
+
+def _cacheable(vals):
+    """``vals`` to compare with next step's; None when a tensor among them can change in place."""
+    for v in vals:
+        if isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(
+                isinstance(x, torch.Tensor) for x in v)):
+            return None
+    return vals
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _grad_view(g):
+    """A flat NumPy view of a grad (a contiguous copy if it is not contiguous: it is only read)."""
+    try:
+        a = g.numpy()
+    except (RuntimeError, TypeError):
+        if g.layout != torch.strided:
+            raise RuntimeError(f"sparse gradients are not supported (got layout {g.layout}); "
+                               "use torch.optim.SparseAdam or a dense embedding") from None
+        a = g.detach().numpy()  # a grad that requires grad (create_graph=True)
+    if a.ndim != 1:
+        return a.reshape(-1)  # a copy when the grad is not C-contiguous
+    if a.strides[0] != a.itemsize and a.size > 1:
+        return np.ascontiguousarray(a)
+    return a
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of the fastopt.torch optimizers (see the module docstring).
+
+    ``nonfinite`` ('raise' | 'skip' | 'ignore') is optimizer-wide: a step is
+    atomic across every group (under a GradScaler its inf flag decides).
+    ``backend`` is 'auto' (Numba when it imports, else NumPy), 'numba' or 'numpy'.
+    """
+
+    rule: Rule = None  # set by each subclass
+    # GradScaler hands over its scale and inf flag instead of unscaling the grads itself
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, options: dict, *, nonfinite="raise", backend="auto",
+                 torch_only=None):
+        rule = self.rule
+        for name, value in (torch_only or {}).items():
+            if name in _IGNORED_TORCH_OPTIONS:
+                continue
+            if name == "decoupled_weight_decay":
+                if value:
+                    raise ValueError(f"decoupled_weight_decay: {type(self).__name__} has L2 "
+                                     "weight decay; for decoupled decay use fastopt.torch.AdamW "
+                                     f"(Adam), or set weight_decay=0, got {value!r}")
+            elif value:  # capturable, differentiable
+                raise ValueError(f"{name}: expected False (fastopt's kernels are neither "
+                                 f"CUDA-graph capturable nor differentiable), got {value!r}")
+        defaults = {**rule.defaults, **PIPELINE_DEFAULTS, **options}
+        check_hyperparameters(rule, _host_hp(defaults))
+        self.nonfinite = check_nonfinite(nonfinite)
+        if backend not in ("auto", "numba", "numpy"):
+            raise ValueError(f"backend: expected 'auto', 'numba' or 'numpy' (CPU tensors), "
+                             f"got {backend!r}")
+        self.backend = _backend.resolve(backend, "numpy")
+        self._rule_at = _per_group_step(rule)
+        self._plan = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, checked: a bad group leaves the optimizer unchanged."""
+        n_before = len(self.param_groups)
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        try:
+            group = self.param_groups[gi]
+            where = f"param_groups[{gi}]: " if gi else ""
+            for pi, p in enumerate(group["params"]):
+                _check_tensor(p, f"param_groups[{gi}]['params'][{pi}]" if gi else f"params[{pi}]")
+            self._check_group(group, where)
+        except Exception:
+            del self.param_groups[n_before:]
+            raise
+        self._plan = None
+
+    def _check_group(self, group: dict, where: str) -> dict:
+        if self.rule.name in ("adam", "nadam", "radam") and group.get("decoupled_weight_decay"):
+            raise ValueError(f"{where}decoupled_weight_decay: fastopt.torch.{type(self).__name__} "
+                             "has L2 weight decay; use AdamW for decoupled decay")
+        try:
+            hp = _host_hp(group)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+        check_hyperparameters(self.rule, hp, where)
+        return hp
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict`` (a torch.optim state loads too), checked before it writes.
+
+        Options a torch.optim state does not carry (fastopt's pipeline options,
+        ``bias_correction``) take this optimizer's defaults.
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for k, v in self.defaults.items():
+                g.setdefault(k, v)
+        self._plan = None
+
+    def _check_loadable(self, sd) -> None:
+        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups', got "
+                             f"{type(sd).__name__} {sorted(sd) if isinstance(sd, dict) else ''}")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict['param_groups']: expected {len(self.param_groups)} "
+                             f"groups, got {len(groups)}")
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            if len(theirs["params"]) != len(mine["params"]):
+                raise ValueError(f"state_dict['param_groups'][{gi}]: expected "
+                                 f"{len(mine['params'])} params, got {len(theirs['params'])}")
+            merged = {**self.defaults, **{k: v for k, v in theirs.items() if k != "params"}}
+            self._check_group(merged, f"state_dict['param_groups'][{gi}]: ")
+            names = [n for n, _ in self.rule.state(_host_hp(merged))]
+            for key, p in zip(theirs["params"], mine["params"]):
+                st = sd["state"].get(key)
+                if st is None:
+                    continue
+                for n in names:
+                    a = st.get(n)
+                    if a is None:
+                        # torch's SGD keeps no momentum buffer before the first step
+                        if self.rule.name == "sgd":
+                            continue
+                        raise ValueError(f"state_dict['state'][{key}][{n!r}]: missing")
+                    shape = tuple(a.shape) if hasattr(a, "shape") else None
+                    if shape != tuple(p.shape):
+                        raise ValueError(f"state_dict['state'][{key}][{n!r}]: expected shape "
+                                         f"{tuple(p.shape)} (like its param), got {shape}")
+
+    # ------------------------------------------------------------------ the step
+
+    @_step_hooks
+    def step(self, closure=None, *, grad_scale=None):
+        """One step over every param with a grad; returns the closure's loss (or None).
+
+        ``grad_scale``: divide the grads by it inside the kernel (loss scaling
+        without a GradScaler); a step with a non-finite grad then raises, is
+        skipped or goes through as ``nonfinite`` says.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        return self._step(loss, grad_scale, None)
+
+    def _step(self, loss, grad_scale, extras):
+        nonfinite = self.nonfinite
+        # a GradScaler (``_step_supports_amp_scaling``) sets these two attributes
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            if float(found_inf) != 0.0:
+                return loss  # the scaler saw an inf: params, state and steps untouched
+            nonfinite = "ignore"  # the scaler has just read every grad
+            scaler_scale = getattr(self, "grad_scale", None)
+            if scaler_scale is not None:
+                if grad_scale is not None:
+                    raise ValueError("grad_scale: expected None when a GradScaler steps this "
+                                     f"optimizer (it passes its own scale), got {grad_scale!r}")
+                grad_scale = scaler_scale
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = _number(grad_scale)
+        inv_scale = check_grad_scale(grad_scale)
+
+        # one pass over p.grad: the grads of this step and the key of the cached plan
+        grads_of = [[p.grad for p in g["params"]] for g in self.param_groups]
+        plan = self._current_plan(grads_of)
+        if plan is None:
+            return loss  # no param has a grad
+        steps = []
+        for gi, parts in enumerate(plan.parts):
+            present = [x for x in grads_of[gi] if x is not None]
+            hp = plan.hp[gi]
+            for part in parts:
+                grads = [_grad_view(x) for x in (present if part.pos is None
+                                                 else [present[i] for i in part.pos])]
+                if [(a.dtype, a.size) for a in grads] != part.layout:
+                    self._bad_grad(part, grads)
+                ex = None if extras is None else [extras[id(p)] for p in part.params]
+                hp_t = dict(hp)
+                hp_t[_STEP_KEY] = part.t + 1
+                steps.append(GroupStep(hp=hp_t, buckets=part.buckets, grads=grads, extras=ex,
+                                       gstate=part.gstate))
+        info = run_step(self.backend, self._rule_at, steps, 0, nonfinite, inv_scale)
+        if info.skipped:
+            return loss
+        k = 0
+        for parts in plan.parts:
+            for part in parts:
+                part.t += 1
+                t = float(part.t)
+                for v in part.steps:
+                    v[()] = t
+                part.gstate = dict(info.group_state[k])
+                if part.mu:
+                    mu = part.gstate["mu_product"]
+                    for v in part.mu:
+                        v[()] = mu
+                k += 1
+        return loss
+
+    def _bad_grad(self, part, grads):
+        for p, a in zip(part.params, grads):
+            if a.dtype != _NUMPY_DTYPES.get(p.dtype) or a.size != p.numel():
+                raise ValueError(f"the grad of a {p.dtype} param of shape {tuple(p.shape)}: "
+                                 f"expected one like it, got {a.dtype} of {a.size} elements "
+                                 "(was the param converted after its grad was computed?)")
+
+    def _current_plan(self, grads_of):
+        """The cached views, rebuilt when a param, its storage, its state or an option changed.
+
+        Checked every step, at C speed: which params have a grad (their ids), the
+        params' data pointers (``module.to()`` swaps storage), the identity of every
+        state tensor (a tensor replaced by hand), and the groups' option values.
+        """
+        groups = self.param_groups
+        key = tuple(tuple(id(p) for p, x in zip(g["params"], gl) if x is not None)
+                    for g, gl in zip(groups, grads_of))
+        plan = self._plan
+        if plan is not None and plan.key == key:
+            ok = (list(map(_data_ptr, plan.params)) == plan.ptrs
+                  and all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
+                              plan.st_tensors)))
+            if ok:
+                for gi, g in enumerate(groups):
+                    vals = list(g.values())
+                    if plan.vals[gi] is not None and vals == plan.vals[gi]:
+                        continue
+                    hp = self._check_group(g, self._where(gi))
+                    if self._names(hp) != self._names(plan.hp[gi]):
+                        ok = False  # a variant switched (amsgrad, momentum, centered)
+                        break
+                    plan.hp[gi], plan.vals[gi] = hp, _cacheable(vals)
+                if ok:
+                    return plan
+        if not any(key):
+            self._plan = None
+            return None
+        self._plan = plan = self._build_plan(key)
+        return plan
+
+    def _where(self, gi):
+        return f"param_groups[{gi}]: " if len(self.param_groups) > 1 else ""
+
+    def _names(self, hp):
+        return tuple(n for n, _ in self.rule.state(hp))
+
+    def _build_plan(self, key) -> _Plan:
+        rule = self.rule
+        # every check first: a bad param or option must not leave new state behind
+        hps, vals = [], []
+        for gi, g in enumerate(self.param_groups):
+            hps.append(self._check_group(g, self._where(gi)))
+            vals.append(_cacheable(list(g.values())))
+        with_grad = [set(ids) for ids in key]
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if id(p) not in with_grad[gi]:
+                    continue
+                label = f"param_groups[{gi}]['params'][{pi}]" if len(self.param_groups) > 1 \
+                    else f"params[{pi}]"
+                _check_tensor(p, label)
+                st = self.state.get(p, {})
+                for n in self._names(hps[gi]):
+                    a = st.get(n)
+                    if a is not None and (not isinstance(a, torch.Tensor) or a.shape != p.shape):
+                        raise ValueError(f"state[{label}][{n!r}]: expected a tensor of shape "
+                                         f"{tuple(p.shape)}, got {getattr(a, 'shape', a)!r}")
+        parts_all, params_all, st_dicts, st_names, st_tensors = [], [], [], [], []
+        sdt = _scalar_dtype()
+        for gi, g in enumerate(self.param_groups):
+            hp = hps[gi]
+            names = rule.state(hp)
+            by_t = {}
+            members = [p for p in g["params"] if id(p) in with_grad[gi]]
+            for pos, p in enumerate(members):
+                st = self.state[p]  # a defaultdict: creates the entry
+                t = self._init_state(p, st, names, hp, sdt)
+                if not st:
+                    del self.state[p]  # torch keeps no entry for a stateless rule (plain SGD)
+                by_t.setdefault(t, []).append((pos, p, st))
+            if len(by_t) > 1 and hp["clip_global_norm"] is not None:
+                raise ValueError(f"{self._where(gi)}clip_global_norm: expected every param of the "
+                                 f"group at one step count, got counts {sorted(by_t)} (a param "
+                                 "that had no grad for a while); put such params in a group of "
+                                 "their own")
+            parts = []
+            for t, entries in sorted(by_t.items()):
+                params = [p for _, p, _ in entries]
+                states = [st for _, _, st in entries]
+                flat_p = [_flat_view(p) for p in params]
+                flat_s = {n: [_flat_view(st[n]) for st in states] for n, _ in names}
+                steps = [st["step"].numpy() for st in states] if "step" in states[0] else []
+                mu = [st["mu_product"].numpy() for st in states] if rule.group_state else []
+                gstate = dict(rule.group_state)
+                if mu:
+                    gstate["mu_product"] = float(mu[0])
+                parts.append(_Part(
+                    t=t, params=params, buckets=make_buckets(flat_p, flat_s), steps=steps,
+                    mu=mu, gstate=gstate,
+                    pos=None if len(by_t) == 1 else [pos for pos, _, _ in entries],
+                    layout=[(a.dtype, a.size) for a in flat_p]))
+                for st in states:
+                    for n, v in st.items():
+                        if isinstance(v, torch.Tensor):
+                            st_dicts.append(st)
+                            st_names.append(n)
+                            st_tensors.append(v)
+                params_all += params
+            parts_all.append(parts)
+        return _Plan(key=key, parts=parts_all, params=params_all,
+                     ptrs=list(map(_data_ptr, params_all)), st_dicts=st_dicts,
+                     st_names=st_names, st_tensors=st_tensors, vals=vals, hp=hps)
+
+    def _init_state(self, p, st, names, hp, sdt) -> int:
+        """Create the state arrays ``p`` lacks (torch creates them lazily too); its step count."""
+        had_buffer = "momentum_buffer" in st
+        for n, init in names:
+            a = st.get(n)
+            if a is None:
+                st[n] = torch.full_like(p, init, memory_format=torch.contiguous_format)
+            elif a.dtype != p.dtype or not a.is_contiguous() or a.device != p.device:
+                st[n] = a.to(dtype=p.dtype, device=p.device).contiguous()
+        if self.rule.name == "sgd":
+            # torch's SGD counts no steps: its first step is the one without a momentum buffer
+            return 1 if had_buffer else 0
+        step = st.get("step")
+        if step is None:
+            st["step"] = torch.zeros((), dtype=sdt)
+        elif not isinstance(step, torch.Tensor) or step.dtype not in _NUMPY_DTYPES or step.ndim:
+            st["step"] = torch.tensor(float(step), dtype=sdt)
+        if self.rule.group_state and "mu_product" not in st:
+            st["mu_product"] = torch.ones((), dtype=sdt)
+        elif self.rule.group_state and not isinstance(st["mu_product"], torch.Tensor):
+            st["mu_product"] = torch.tensor(float(st["mu_product"]), dtype=sdt)
+        t = float(st["step"])
+        if not (t >= 0 and t == int(t)):
+            raise ValueError(f"state 'step': expected a whole number >= 0, got {t}")
+        return int(t)
+
+
+# --------------------------------------------------------------------------- the rules
+
+_TORCH_KW = dict(foreach=None, capturable=False, differentiable=False)
+
+
+def _split(local: dict, torch_only: tuple):
+    """Constructor locals -> (options, fastopt-wide options, torch-only options)."""
+    out = {k: v for k, v in local.items() if k not in ("self", "params", "__class__")}
+    if isinstance(out.get("betas"), list):
+        out["betas"] = tuple(out["betas"])
+    wide = {k: out.pop(k) for k in ("nonfinite", "backend")}
+    tonly = {k: out.pop(k) for k in torch_only}
+    return out, wide, tonly
+
+
+_DOC = """
+
+    As ``torch.optim.{torch}`` (same option names and defaults{extra}), running
+    fastopt's fused kernel on the params' own memory; see :mod:`fastopt.torch`.
+    fastopt's options: ``clip_value``, ``clip_norm`` (per tensor),
+    ``clip_global_norm`` (all tensors of a group), ``weight_clip``, ``max_norm``
+    (any of them per group), ``nonfinite`` and ``backend``.
+"""
+
+
+class SGD(Optimizer):
+    rule = RULES["sgd"]
+    __doc__ = "SGD with optional (Nesterov) momentum." + _DOC.format(torch="SGD", extra="")
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class Adam(Optimizer):
+    rule = RULES["adam"]
+    __doc__ = "Adam with L2 weight decay." + _DOC.format(
+        torch="Adam", extra="; ``bias_correction=False`` drops both bias corrections")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 bias_correction=True, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused",
+                                    "decoupled_weight_decay"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class AdamW(Optimizer):
+    rule = RULES["adamw"]
+    __doc__ = "Adam with decoupled weight decay." + _DOC.format(torch="AdamW", extra="")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, bias_correction=True, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class Adagrad(Optimizer):
+    rule = RULES["adagrad"]
+    __doc__ = "Adagrad." + _DOC.format(torch="Adagrad", extra="")
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, foreach=None, *, maximize=False,
+                 differentiable=False, fused=None, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class RMSprop(Optimizer):
+    rule = RULES["rmsprop"]
+    __doc__ = "RMSprop (eps outside the square root)." + _DOC.format(torch="RMSprop", extra="")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class Adadelta(Optimizer):
+    rule = RULES["adadelta"]
+    __doc__ = "Adadelta." + _DOC.format(torch="Adadelta", extra="")
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class Adamax(Optimizer):
+    rule = RULES["adamax"]
+    __doc__ = "Adamax." + _DOC.format(torch="Adamax", extra="")
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class NAdam(Optimizer):
+    rule = RULES["nadam"]
+    __doc__ = "NAdam with torch's momentum_decay schedule." + _DOC.format(
+        torch="NAdam", extra="; ``mu_product`` is kept per param, as torch keeps it")
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
+                                    "decoupled_weight_decay"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class RAdam(Optimizer):
+    rule = RULES["radam"]
+    __doc__ = "Rectified Adam." + _DOC.format(torch="RAdam", extra="")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
+                                    "decoupled_weight_decay"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al., 2023): sign momentum, decoupled decay.  torch has no Lion; the
+    options are fastopt's (``lr=1e-4, betas=(0.9, 0.99), weight_decay=0``), state
+    ``exp_avg`` and ``step``.  See :mod:`fastopt.torch` for the pipeline options."""
+
+    rule = RULES["lion"]
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto"):
+        o, w, t = _split(locals(), ())
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class LAMB(Optimizer):
+    """LAMB (You et al.): Adam moments with a per-tensor trust ratio.  torch has no LAMB;
+    the options are fastopt's, state ``exp_avg``, ``exp_avg_sq`` and ``step``."""
+
+    rule = RULES["lamb"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 bias_correction=True, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        o, w, t = _split(locals(), ())
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class AdaHessian(Optimizer):
+    """AdaHessian (Yao et al.): Adam whose second moment is fed by a Hessian-diagonal estimate.
+
+    ``step(closure=None, *, hessian_diags)``: ``hessian_diags`` maps each param
+    with a grad to a tensor like it (a dict keyed by the param, or a list in
+    ``param_groups`` order with an entry per param; entries of params without a
+    grad are ignored).  State ``exp_avg``, ``exp_hessian_diag_sq``, ``step``.
+    """
+
+    rule = RULES["adahessian"]
+
+    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
+                 weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto"):
+        o, w, t = _split(locals(), ())
+        super().__init__(params, o, torch_only=t, **w)
+
+    @_step_hooks
+    def step(self, closure=None, *, hessian_diags=None, grad_scale=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if hessian_diags is None:
+            raise TypeError("AdaHessian.step(): hessian_diags is required (one tensor per param, "
+                            "a dict keyed by param or a list in param_groups order)")
+        if isinstance(hessian_diags, dict):
+            by_id = {id(p): h for p, h in hessian_diags.items()}
+        else:
+            hessian_diags = list(hessian_diags)
+            if len(hessian_diags) != len(all_params):
+                raise ValueError(f"hessian_diags: expected {len(all_params)} tensors (one per "
+                                 f"param), got {len(hessian_diags)}")
+            by_id = {id(p): h for p, h in zip(all_params, hessian_diags)}
+        extras = {}
+        for i, p in enumerate(all_params):
+            if p.grad is None:
+                continue
+            h = by_id.get(id(p))
+            label = f"hessian_diags[{i}]"
+            if not isinstance(h, torch.Tensor):
+                raise TypeError(f"{label}: expected a tensor like params[{i}], got "
+                                f"{type(h).__name__}")
+            if h.shape != p.shape or h.dtype != p.dtype or h.device != p.device:
+                raise ValueError(f"{label}: expected {p.dtype} {tuple(p.shape)} on {p.device} "
+                                 f"(like params[{i}]), got {h.dtype} {tuple(h.shape)} on "
+                                 f"{h.device}")
+            if h.layout != torch.strided:
+                raise TypeError(f"{label}: expected a dense tensor, got layout {h.layout}")
+            extras[id(p)] = _flat_view(h.contiguous())
+        return self._step(loss, grad_scale, extras)
+
+
+OPTIMIZERS = {cls.rule.name: cls for cls in
+              (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
+               AdaHessian)}

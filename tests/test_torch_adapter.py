@@ -1,0 +1,676 @@
+"""fastopt.torch: parity with torch.optim over real nn.Modules, zero-copy, interop of state.
+
+One table (``CASES``) of (fastopt.torch class, torch.optim class, options) drives the
+parity tests; every run trains a model on scikit-learn's digits (no download) with
+the same initial weights and the same minibatches, once per optimizer, and compares
+every parameter after each of 20 steps.
+"""
+
+import copy
+import math
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+from fastopt._interop import as_native  # noqa: E402
+
+STEPS = 20
+
+#: Max |fastopt - torch| allowed after each step, relative to max(1, |p|).  float32: torch
+#: and fastopt round the same formulas in a different order (torch's fused/foreach paths
+#: fold lr/bc1 differently; fastopt computes host scalars in double) -- a few ulps per
+#: step, growing at most linearly: ~1e-6 per step.  float64: the same argument at 1e-15.
+TOL = {torch.float32: 1e-6 * STEPS, torch.float64: 1e-14 * STEPS}
+
+#: (id, fastopt.torch class, torch.optim class, options common to both)
+CASES = [
+    ("sgd", ft.SGD, torch.optim.SGD, dict(lr=0.05)),
+    ("sgd-wd", ft.SGD, torch.optim.SGD, dict(lr=0.05, weight_decay=1e-2)),
+    ("momentum", ft.SGD, torch.optim.SGD, dict(lr=0.02, momentum=0.9)),
+    ("momentum-damp", ft.SGD, torch.optim.SGD, dict(lr=0.02, momentum=0.9, dampening=0.1)),
+    ("nesterov", ft.SGD, torch.optim.SGD, dict(lr=0.02, momentum=0.9, nesterov=True,
+                                               weight_decay=1e-3)),
+    ("adam", ft.Adam, torch.optim.Adam, dict(lr=1e-3)),
+    ("adam-wd-amsgrad", ft.Adam, torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-2,
+                                                        amsgrad=True)),
+    ("adam-maximize", ft.Adam, torch.optim.Adam, dict(lr=1e-3, maximize=True)),
+    ("adamw", ft.AdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1)),
+    ("adamw-amsgrad", ft.AdamW, torch.optim.AdamW, dict(lr=1e-3, amsgrad=True)),
+    ("adagrad", ft.Adagrad, torch.optim.Adagrad, dict(lr=1e-2)),
+    ("adagrad-opts", ft.Adagrad, torch.optim.Adagrad, dict(lr=1e-2, lr_decay=1e-2,
+                                                           weight_decay=1e-2,
+                                                           initial_accumulator_value=0.1)),
+    ("rmsprop", ft.RMSprop, torch.optim.RMSprop, dict(lr=1e-3)),
+    ("rmsprop-centered-momentum", ft.RMSprop, torch.optim.RMSprop,
+     dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=1e-2)),
+    ("adadelta", ft.Adadelta, torch.optim.Adadelta, dict(lr=1.0, weight_decay=1e-2)),
+    ("adamax", ft.Adamax, torch.optim.Adamax, dict(lr=2e-3, weight_decay=1e-2)),
+    ("nadam", ft.NAdam, torch.optim.NAdam, dict(lr=2e-3, weight_decay=1e-2)),
+    ("radam", ft.RAdam, torch.optim.RAdam, dict(lr=1e-3, weight_decay=1e-2)),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    return x, y
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                                 nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x.view(-1, 1, 8, 8)))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN}
+
+
+def make_model(kind, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return MODELS[kind]().to(dtype)
+
+
+def batches(digits, dtype=torch.float32, n=STEPS, size=64, seed=1):
+    x, y = digits
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.randint(0, len(x), (size,), generator=g)
+        yield x[idx].to(dtype), y[idx]
+
+
+def loss_step(model, opt, xb, yb):
+    opt.zero_grad()
+    loss = F.cross_entropy(model(xb), yb)
+    loss.backward()
+    return loss
+
+
+def shared_grads(mf, of, mt, ot, xb, yb):
+    """Grads of ``mf`` on the batch, given to both models: the runs then differ only by the
+    optimizers' rounding (two runs that each backpropagate their own params turn an ulp of
+    difference into a larger one through the network, which would test the network)."""
+    loss = loss_step(mf, of, xb, yb)
+    ot.zero_grad()
+    for a, b in zip(mf.parameters(), mt.parameters()):
+        b.grad = None if a.grad is None else a.grad.clone()
+    return loss
+
+
+def assert_close(ma, mb, dtype, where, tol=None):
+    tol = TOL[dtype] if tol is None else tol
+    for (name, a), b in zip(ma.named_parameters(), mb.parameters()):
+        err = ((a - b).abs() / b.abs().clamp(min=1.0)).max().item()
+        assert err <= tol, f"{where}: {name} differs by {err:.3g} (tolerance {tol:.1g})"
+
+
+def pair(kind, dtype=torch.float32):
+    a = make_model(kind, dtype)
+    b = copy.deepcopy(a)
+    return a, b
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_parity_float32(digits, case, kind):
+    _, fcls, tcls, opts = case
+    mf, mt = pair(kind)
+    of, ot = fcls(mf.parameters(), **opts), tcls(mt.parameters(), **opts)
+    for t, (xb, yb) in enumerate(batches(digits)):
+        shared_grads(mf, of, mt, ot, xb, yb)
+        of.step()
+        ot.step()
+        assert_close(mf, mt, torch.float32, f"step {t + 1}")
+    # state under torch's names, same values
+    sf, st = of.state_dict()["state"], ot.state_dict()["state"]
+    assert sf.keys() == st.keys()
+    for k in st:
+        assert set(st[k]) <= set(sf[k]) | {"step"}, (st[k].keys(), sf[k].keys())
+        for name, v in st[k].items():
+            if name in sf[k]:
+                # relative to the state's own scale: RMSprop's momentum buffer sums g/sqrt(v),
+                # which magnifies the params' ulp differences where v is tiny
+                a, b = sf[k][name].double(), v.double()
+                err = ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+                assert err <= 1e-4, (name, err)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in
+                                  ("momentum", "nesterov", "adam-wd-amsgrad", "adamw", "nadam",
+                                   "radam", "rmsprop-centered-momentum", "adagrad-opts")],
+                         ids=lambda c: c[0])
+def test_parity_float64(digits, case):
+    _, fcls, tcls, opts = case
+    mf, mt = pair("mlp", torch.float64)
+    of, ot = fcls(mf.parameters(), **opts), tcls(mt.parameters(), **opts)
+    for xb, yb in batches(digits, torch.float64):
+        shared_grads(mf, of, mt, ot, xb, yb)
+        of.step()
+        ot.step()
+    # NAdam's mu_product is a float32 tensor in torch (its scalar dtype) and a double here
+    tol = 1e-6 if case[0] == "nadam" else TOL[torch.float64]
+    for a, b in zip(mf.parameters(), mt.parameters()):
+        assert ((a - b).abs() / b.abs().clamp(min=1.0)).max().item() <= tol
+
+
+@pytest.mark.parametrize("fcls,ocls,opts", [
+    (ft.Lion, fastopt.Lion, dict(lr=1e-4, weight_decay=0.1)),
+    (ft.LAMB, fastopt.LAMB, dict(lr=1e-2, weight_decay=1e-2)),
+    (ft.Adam, fastopt.Adam, dict(lr=1e-3, clip_global_norm=0.5, weight_clip=0.3)),
+    (ft.SGD, fastopt.SGD, dict(lr=0.05, momentum=0.9, clip_value=0.01, max_norm=2.0)),
+], ids=["lion", "lamb", "adam-clip-global-weight-clip", "sgd-clip-value-max-norm"])
+def test_rules_without_a_torch_twin_match_the_raw_api(digits, fcls, ocls, opts):
+    """Lion, LAMB and fastopt's pipeline options: the adapter gives the raw API's numbers."""
+    model = make_model("mlp")
+    params = [p.detach().numpy().copy() for p in model.parameters()]
+    of = fcls(model.parameters(), **opts)
+    oraw = ocls(params, **opts)
+    for xb, yb in batches(digits, n=10):
+        loss_step(model, of, xb, yb)
+        oraw.step([p.grad.numpy().copy() for p in model.parameters()])
+        of.step()
+        for a, b in zip(model.parameters(), params):
+            np.testing.assert_array_equal(a.detach().numpy(), b)
+
+
+def test_adahessian_matches_the_raw_api():
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(7, 5))
+    b = nn.Parameter(torch.randn(5))
+    raw = [w.detach().numpy().copy(), b.detach().numpy().copy()]
+    of = ft.AdaHessian([w, b], lr=0.1)
+    oraw = fastopt.AdaHessian(raw, lr=0.1)
+    for _ in range(5):
+        for p in (w, b):
+            p.grad = torch.randn_like(p)
+        hd = [torch.rand_like(w), torch.rand_like(b)]
+        oraw.step([w.grad.numpy().copy(), b.grad.numpy().copy()], [h.numpy().copy() for h in hd])
+        of.step(hessian_diags={w: hd[0], b: hd[1]})
+        np.testing.assert_array_equal(w.detach().numpy(), raw[0])
+        np.testing.assert_array_equal(b.detach().numpy(), raw[1])
+    assert set(of.state[w]) == {"exp_avg", "exp_hessian_diag_sq", "step"}
+    with pytest.raises(TypeError, match="hessian_diags"):
+        of.step()
+    with pytest.raises(ValueError, match=r"hessian_diags\[1\]"):
+        of.step(hessian_diags=[torch.rand_like(w), torch.rand(3)])
+
+
+# --------------------------------------------------------------------------- zero-copy
+
+
+def test_zero_copy_pointers_and_no_allocation(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 10))  # 0.6 MB
+    opt = ft.Adam(model.parameters(), lr=1e-3)
+    data = list(batches(digits, n=6))
+    loss_step(model, opt, *data[0])
+    opt.step()  # the first step creates the state
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    sptrs = [(id(t), t.data_ptr()) for p in model.parameters() for t in opt.state[p].values()]
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for xb, yb in data[1:3]:
+        loss_step(model, opt, xb, yb)
+        opt.step()
+    loss_step(model, opt, *data[3])
+    # torch's own allocator: the step runs no torch operator, so it allocates nothing
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        opt.step()
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    assert allocated == 0, f"the step allocated {allocated} bytes through torch"
+    # NumPy / Python allocations: a few small tables, nothing proportional to the params
+    loss_step(model, opt, *data[4])
+    tracemalloc.start()
+    opt.step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert nbytes > 500_000 and peak < 64 * 1024, (peak, nbytes)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert [(id(t), t.data_ptr()) for p in model.parameters()
+            for t in opt.state[p].values()] == sptrs
+    assert opt.state[next(model.parameters())]["step"].item() == 5
+
+
+def test_state_is_torch_tensors_under_torch_names():
+    p = nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    opt = ft.Adam([p], amsgrad=True)
+    opt.step()
+    st = opt.state[p]
+    assert set(st) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"}
+    assert all(isinstance(v, torch.Tensor) for v in st.values())
+    assert st["exp_avg"].shape == p.shape and st["step"].ndim == 0
+
+
+def test_views_follow_a_replaced_storage():
+    """module.to()/p.data = ... swaps the storage: the cached views are rebuilt."""
+    p = nn.Parameter(torch.ones(5))
+    opt = ft.SGD([p], lr=0.5)
+    p.grad = torch.ones(5)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((5,), 0.5))
+    p.data = torch.full((5,), 10.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((5,), 9.5))
+    # a state tensor replaced by hand is used from then on
+    opt2 = ft.SGD([p], lr=1.0, momentum=0.5)
+    opt2.step()
+    opt2.state[p]["momentum_buffer"] = torch.full((5,), 2.0)
+    opt2.step()
+    assert torch.allclose(p.detach(), torch.full((5,), 9.5 - 1.0 - 2.0))
+
+
+# --------------------------------------------------------------------------- state interop
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in
+                                  ("momentum", "adam-wd-amsgrad", "adamw", "adagrad-opts",
+                                   "rmsprop-centered-momentum", "nadam", "radam", "adadelta",
+                                   "adamax")],
+                         ids=lambda c: c[0])
+@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
+def test_state_dict_cross_loading(digits, case, direction):
+    _, fcls, tcls, opts = case
+    first, second = (tcls, fcls) if direction == "torch->fastopt" else (fcls, tcls)
+    ref_model = make_model("mlp")
+    model = copy.deepcopy(ref_model)
+    ref = tcls(ref_model.parameters(), **opts)   # never stops
+    opt = first(model.parameters(), **opts)      # 8 steps, then a checkpoint, then `second`
+    for t, (xb, yb) in enumerate(batches(digits)):
+        if t == 8:
+            # a checkpoint round trip (torch.save/torch.load): no tensor shared with `opt`
+            saved = copy.deepcopy(opt.state_dict())
+            model = copy.deepcopy(model)
+            opt = second(model.parameters(), **opts)
+            opt.load_state_dict(saved)
+        shared_grads(ref_model, ref, model, opt, xb, yb)
+        ref.step()
+        opt.step()
+        assert_close(model, ref_model, torch.float32, f"{direction}, step {t + 1}")
+    assert type(opt) is second
+
+
+def test_load_state_dict_checks_before_writing():
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    opt = ft.Adam([p])
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["state"][0]["exp_avg"] = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"\['exp_avg'\].*shape"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        opt.load_state_dict(bad)
+    assert torch.equal(opt.state[p]["exp_avg"], before["state"][0]["exp_avg"])
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+# --------------------------------------------------------------------------- training-loop features
+
+
+def test_lr_scheduler(digits):
+    mf, mt = pair("mlp")
+    of = ft.AdamW(mf.parameters(), lr=3e-3)
+    ot = torch.optim.AdamW(mt.parameters(), lr=3e-3)
+    sf = torch.optim.lr_scheduler.OneCycleLR(of, max_lr=1e-2, total_steps=STEPS)
+    st = torch.optim.lr_scheduler.OneCycleLR(ot, max_lr=1e-2, total_steps=STEPS)
+    for xb, yb in batches(digits):
+        shared_grads(mf, of, mt, ot, xb, yb)
+        for o, s in ((of, sf), (ot, st)):
+            o.step()
+            s.step()
+        assert of.param_groups[0]["lr"] == ot.param_groups[0]["lr"]
+    assert_close(mf, mt, torch.float32, "OneCycleLR")
+
+
+def test_clip_grad_norm_and_no_grad(digits):
+    mf, mt = pair("cnn")
+    of, ot = ft.SGD(mf.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD(mt.parameters(), lr=0.1,
+                                                                            momentum=0.9)
+    for xb, yb in batches(digits, n=8):
+        shared_grads(mf, of, mt, ot, xb, yb)
+        for m, o in ((mf, of), (mt, ot)):
+            nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            with torch.no_grad():
+                o.step()
+    assert_close(mf, mt, torch.float32, "clip_grad_norm_")
+
+
+def _scaler_run(digits, opt_cls, inject_at):
+    model = make_model("mlp")
+    opt = opt_cls(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    scales, steps = [], []
+    for t, (xb, yb) in enumerate(batches(digits, n=10)):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(xb), yb)).backward()
+        if t == inject_at:
+            next(model.parameters()).grad[0, 0] = math.inf
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        if t == inject_at:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), \
+                "the step with an inf changed a param"
+        steps.append(opt.state[next(model.parameters())]["step"].item())
+    return model, scales, steps
+
+
+def test_grad_scaler_skips_inf_steps_as_torch(digits):
+    mf, scales_f, steps_f = _scaler_run(digits, ft.Adam, inject_at=4)
+    mt, scales_t, steps_t = _scaler_run(digits, lambda p, lr: torch.optim.Adam(p, lr=lr,
+                                                                               fused=True), 4)
+    assert scales_f == scales_t and scales_f[4] == scales_f[3] / 2  # backed off once
+    assert steps_f == steps_t and steps_f[4] == steps_f[3]          # no step counted
+    # each run backpropagates its own params here: an ulp of difference in the params makes
+    # one in the grads, so the runs drift apart a little faster than the optimizers alone
+    assert_close(mf, mt, torch.float32, "GradScaler", tol=1e-4)
+
+
+def test_native_grad_scale(digits):
+    mf, mt = pair("mlp")
+    of = ft.Adam(mf.parameters(), lr=1e-3, nonfinite="skip")
+    ot = torch.optim.Adam(mt.parameters(), lr=1e-3)
+    for xb, yb in batches(digits, n=6):
+        of.zero_grad()
+        (F.cross_entropy(mf(xb), yb) * 256.0).backward()
+        ot.zero_grad()
+        for a, b in zip(mf.parameters(), mt.parameters()):
+            b.grad = a.grad / 256.0  # exact: a power of two
+        of.step(grad_scale=torch.tensor(256.0))
+        ot.step()
+    assert_close(mf, mt, torch.float32, "grad_scale")
+    p = next(mf.parameters())
+    p.grad[0, 0] = math.inf
+    before = [q.detach().clone() for q in mf.parameters()]
+    of.step(grad_scale=256.0)  # skipped: nonfinite="skip"
+    assert all(torch.equal(a, b) for a, b in zip(before, mf.parameters()))
+    assert of.state[p]["step"].item() == 6
+
+
+def test_nonfinite_raise_writes_nothing():
+    p = nn.Parameter(torch.randn(4))
+    opt = ft.Adam([p])
+    p.grad = torch.randn(4)
+    opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    p.grad[1] = math.nan
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state[p].items())
+
+
+def test_closure():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3))
+    target = torch.tensor([1.0, -2.0, 0.5])
+    opt = ft.SGD([w], lr=0.1)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = ((w - target) ** 2).sum()
+        loss.backward()
+        calls.append(loss.item())
+        return loss
+
+    losses = [opt.step(closure).item() for _ in range(50)]
+    assert len(calls) == 50 and losses[-1] < 1e-6 < losses[0]
+
+
+def test_params_without_grads_are_skipped_with_their_own_step_count(digits):
+    """A frozen layer has no grad: no update, no state; unfrozen later it starts at step 1."""
+    mf, mt = pair("mlp")
+    of, ot = ft.Adam(mf.parameters(), lr=1e-3), torch.optim.Adam(mt.parameters(), lr=1e-3)
+    for t, (xb, yb) in enumerate(batches(digits)):
+        mf.net[0].requires_grad_(t >= 10)
+        shared_grads(mf, of, mt, ot, xb, yb)
+        if t == 0:
+            frozen = mf.net[0].weight.detach().clone()
+        for m, o in ((mf, of), (mt, ot)):
+            o.step()
+            if t < 10:
+                assert m.net[0].weight.grad is None
+                assert torch.equal(m.net[0].weight.detach(), frozen)
+                assert m.net[0].weight not in o.state or not o.state[m.net[0].weight]
+        assert_close(mf, mt, torch.float32, f"step {t + 1}")
+    assert of.state[mf.net[0].weight]["step"].item() == 10
+    assert of.state[mf.net[2].weight]["step"].item() == 20
+
+
+def test_add_param_group_mid_run(digits):
+    mf, mt = pair("mlp")
+    opts = []
+    for m, cls in ((mf, ft.Adam), (mt, torch.optim.Adam)):
+        body = [p for n, p in m.named_parameters() if not n.startswith("net.4")]
+        opts.append(cls(body, lr=1e-3))
+    for t, (xb, yb) in enumerate(batches(digits)):
+        if t == 7:
+            for m, o in zip((mf, mt), opts):
+                o.add_param_group({"params": list(m.net[4].parameters()), "lr": 3e-3})
+        shared_grads(mf, opts[0], mt, opts[1], xb, yb)
+        for o in opts:
+            o.step()
+        assert_close(mf, mt, torch.float32, f"step {t + 1}")
+
+
+def test_hooks_and_zero_grad():
+    p = nn.Parameter(torch.randn(3))
+    opt = ft.Adam([p])
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    p.grad = torch.randn(3)
+    opt.step()
+    assert seen == ["pre", "post"]
+    opt.zero_grad()
+    assert p.grad is None
+    opt.step()  # no grad anywhere: nothing to do
+    assert opt.state[p]["step"].item() == 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_sparse_grad_is_a_clear_error():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = ft.Adam(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_params_say_not_yet(dtype):
+    with pytest.raises(TypeError, match=f"{str(dtype)[6:]} params are not supported yet"):
+        ft.AdamW(nn.Linear(3, 2).to(dtype).parameters())
+    # converted after construction: found at the next step
+    m = nn.Linear(3, 2)
+    opt = ft.AdamW(m.parameters())
+    m.to(dtype)
+    m(torch.randn(2, 3, dtype=dtype)).sum().backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(TypeError, match="not supported yet"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_bad_options_and_params():
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        ft.Adam([nn.Parameter(torch.zeros(2))], betas=(1.2, 0.9))
+    with pytest.raises(ValueError, match="lr"):
+        ft.SGD([nn.Parameter(torch.zeros(2))], lr=-1.0)
+    with pytest.raises(ValueError, match="capturable"):
+        ft.Adam([nn.Parameter(torch.zeros(2))], capturable=True)
+    with pytest.raises(ValueError, match="AdamW"):
+        ft.Adam([nn.Parameter(torch.zeros(2))], decoupled_weight_decay=True)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ft.Adam([torch.zeros(2, dtype=torch.int32)])
+    with pytest.raises(ValueError, match="contiguous"):
+        ft.Adam([nn.Parameter(torch.zeros(4, 3).t())])
+    with pytest.raises(ValueError, match="backend"):
+        ft.Adam([nn.Parameter(torch.zeros(2))], backend="cupy")
+    opt = ft.Adam([nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: eps"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "eps": 0.0})
+    assert len(opt.param_groups) == 1
+    # a bad option set between steps is caught before anything is written
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.ones(2)
+    opt.step()
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert opt.state[p]["step"].item() == 1
+
+
+def test_fused_and_foreach_are_accepted():
+    opt = ft.Adam([nn.Parameter(torch.zeros(2))], fused=True, foreach=False)
+    assert isinstance(opt, torch.optim.Optimizer)
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_import_fastopt_does_not_import_torch():
+    code = ("import sys, fastopt, fastopt.functional; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_clear_error_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import fastopt.torch\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "fastopt[torch]" in r.stdout and "needs PyTorch" in r.stdout
+
+
+# --------------------------------------------------------------------------- raw-API interop helper
+
+
+class _Producer:
+    """A bare DLPack producer (as a JAX CPU array looks to NumPy)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_interop_wraps_dlpack_without_a_copy():
+    t = torch.zeros(5)
+    a = as_native(t, "params[0]", writeable=True)
+    a += 2.0
+    assert torch.equal(t, torch.full((5,), 2.0))
+    base = np.arange(4.0)
+    w = as_native(_Producer(base), "grads[0]")
+    assert np.shares_memory(w, base)
+    already = np.zeros(3)
+    assert as_native(already, "params[0]") is already
+
+
+def test_interop_read_only_buffers():
+    ro = np.arange(3.0)
+    ro.flags.writeable = False
+    got = as_native(_Producer(ro), "grads[0]")  # read: fine
+    assert not got.flags.writeable and np.shares_memory(got, ro)
+    with pytest.raises(ValueError, match=r"params\[0\]: expected a writeable array.*read-only"):
+        as_native(_Producer(ro), "params[0]", writeable=True)
+    with pytest.raises(TypeError, match=r"params\[1\].*detach"):
+        as_native(torch.zeros(2, requires_grad=True), "params[1]")
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_torch_rows_agree():
+    pytest.importorskip("sklearn")
+    from fastopt.apps import torch_demo
+
+    pairs = torch_demo.compare(("momentum", "adam"), epochs=1, hidden=(32,))
+    for ref, ours in pairs:
+        assert (ref.impl, ours.impl) == ("torch.optim", "fastopt.torch")
+        assert math.isclose(ours.train_loss, ref.train_loss, rel_tol=torch_demo.LOSS_RTOL)
+        assert ours.test_acc == ref.test_acc and ref.test_acc > 0.5
+    text = torch_demo.format_rows(pairs)
+    assert text.count("equal within tolerance") == 2
+
+
+def test_demo_torch_cli(capsys):
+    from fastopt import _cli
+
+    rc = _cli.main(["demo", "--torch", "--epochs", "1", "--hidden", "16", "-o", "adam"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "fastopt.torch" in out and "torch.optim" in out
+    assert _cli.main(["demo", "--torch", "-o", "lion"]) == 2
+
+
+def test_step_hooks_global_and_under_the_profiler():
+    """The step wrapper runs torch's global hooks too, and opens torch's profiler range."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    opt = ft.SGD([p], lr=0.1)
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append("global post"))]
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    try:
+        opt.step()
+        assert seen == ["global pre", "pre", "global post"]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        assert any(e.name == "Optimizer.step#SGD.step" for e in prof.events())
+        assert seen[3:] == ["global pre", "pre", "global post"]
+    finally:
+        for h in handles:
+            h.remove()
