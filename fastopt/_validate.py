@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_kind
+from ._interop import as_native, is_foreign
 from ._pipeline import GroupStep
 from ._rules import as_host_scalars, check_hyperparameters, check_lr_value
 
@@ -25,13 +26,22 @@ def _fmt_kind(a) -> str:
     return f"a {kind} array" if kind else f"{type(a).__name__}"
 
 
-def as_list(arrays, name: str) -> list:
-    if array_kind(arrays) is not None:
+def as_list(arrays, name: str, writeable: bool = True) -> list:
+    """``arrays`` as a list of NumPy/CuPy arrays.
+
+    Objects exporting ``__dlpack__`` or ``__cuda_array_interface__`` (torch tensors, JAX
+    arrays, numba device arrays) are wrapped over the same memory (``fastopt._interop``);
+    ``writeable=False`` for inputs that are only read (grads), so read-only buffers pass.
+    """
+    if array_kind(arrays) is not None or is_foreign(arrays):
         raise TypeError(f"{name}: expected a list of arrays, got a single array "
                         f"(wrap it in a list: [{name[:-1] if name.endswith('s') else name}])")
     if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__iter__"):
         raise TypeError(f"{name}: expected a list of arrays, got {type(arrays).__name__}")
-    return list(arrays)
+    out = list(arrays)
+    if all(type(a) is np.ndarray for a in out):  # the common case, checked in one pass
+        return out
+    return [as_native(a, f"{name}[{i}]", writeable=writeable) for i, a in enumerate(out)]
 
 
 def check_array(a, label: str, kind: str | None = None) -> str:
@@ -120,7 +130,7 @@ def check_companions(params: list, others, name: str, label_of, kind: str, *,
     when ``allow_copy`` (grads are only read, so a copy is harmless).  ``want``
     is ``expected_layout(params, shape_of)``, which a caller may cache.
     """
-    others = as_list(others, name)
+    others = as_list(others, name, writeable=not allow_copy)
     if len(others) != len(params):
         raise ValueError(f"{name}: expected {len(params)} arrays (one per param), got {len(others)}")
     shape_of = shape_of or (lambda p: p.shape)
