@@ -69,8 +69,9 @@ def check_state_like(a, p, dtype, where: str, label: str) -> None:
     (the state dtype the optimizer resolved for it: a float32 state never loads into a
     bfloat16 optimizer silently, nor the other way round)."""
     if a.shape != p.shape or a.dtype != dtype:
-        raise ValueError(f"{where}: expected {dtype} {p.shape} (the state dtype of {label}, "
-                         f"a {p.dtype} param), got {a.dtype} {a.shape}")
+        why = (f"like {label}" if dtype == p.dtype
+               else f"the state dtype of {label}, a {p.dtype} param")
+        raise ValueError(f"{where}: expected {dtype} {p.shape} ({why}), got {a.dtype} {a.shape}")
 
 
 def check_values(a: np.ndarray, where: str, nonnegative: bool) -> None:

@@ -303,6 +303,13 @@ def flat(a):
     return a if a.ndim == 1 else a.reshape(-1)
 
 
+def _widen_to_float64(params, arrays):
+    if all(a.dtype == p.dtype for p, a in zip(params, arrays)):
+        return arrays
+    return [a.astype(p.dtype) if a.dtype != p.dtype and p.dtype.itemsize == 8 else a
+            for p, a in zip(params, arrays)]
+
+
 def prepare_groups(rule, hps: list, sizes: list, params: list, grads, extras, *, kind: str,
                    caller: str, written: list = (), want=None) -> list:
     """The input checks of one step of ``rule``, for the classes and the functional API alike.
@@ -327,6 +334,11 @@ def prepare_groups(rule, hps: list, sizes: list, params: list, grads, extras, *,
                                   dtype_check=grad_dtype_check)
         read.append((rule.extra, extras))
     check_disjoint([("params", params), *written], read)
+    # a float32 grad of a float64 param is widened here (exactly), so that the float32/float64
+    # kernels see one dtype per bucket; a 16-bit param's float32 grad goes to its kernel as is
+    grads = _widen_to_float64(params, grads)
+    if extras is not None:
+        extras = _widen_to_float64(params, extras)
     # flattened inline, not through flat(): a call per tensor is ~5% of this for 1000 small ones
     flat_grads = [g if g.ndim == 1 else g.reshape(-1) for g in grads]
     flat_extras = None if extras is None else [e if e.ndim == 1 else e.reshape(-1) for e in extras]
