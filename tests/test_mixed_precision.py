@@ -444,3 +444,27 @@ def test_loading_a_state_of_another_dtype_is_refused():
     master, mparams = _adam_stepped(BF16, master_weights=True)
     with pytest.raises(ValueError, match=r"\['master'\]: missing"):
         master.load_state_dict(sd)  # saved without master weights
+
+
+def test_a_group_of_mixed_dtypes_runs_each_bucket_its_way():
+    """float32, float16 and bfloat16 params in one optimizer: each is the run of its own."""
+    rng = np.random.default_rng(12)
+    start = [rng.standard_normal(6).astype(np.float32).astype(d) for d in (F32, F16, BF16)]
+    grads = [rng.standard_normal(6).astype(np.float32) for _ in start]
+    together = [p.copy() for p in start]
+    fo.Adam(together, lr=1e-2, max_norm=0.5, weight_clip=0.3, backend="numpy").step(grads)
+    for p, alone, g in zip(together, start, grads):
+        q = [alone.copy()]
+        fo.Adam(q, lr=1e-2, max_norm=0.5, weight_clip=0.3, backend="numpy").step([g])
+        np.testing.assert_array_equal(bits(p), bits(q[0]))
+    assert float(np.abs(together[2].astype(np.float32)).max()) <= 0.3
+
+
+def test_demo_trains_bfloat16_three_ways(capsys):
+    pytest.importorskip("sklearn")
+    from fastopt._cli import main
+    assert main(["demo", "--dtype", "bfloat16", "-o", "adam", "--epochs", "1", "--no-progress",
+                 "--hidden", "16"]) == 0
+    out = capsys.readouterr().out
+    for row in ("adam ", "adam bf16 ", "adam bf16+SR ", "adam bf16+master "):
+        assert re.search(rf"^{re.escape(row)}\s+0\.001\s+\d\.\d{{4}}\s+\d+\.\d%", out, re.M), row
