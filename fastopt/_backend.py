@@ -61,6 +61,14 @@ class Pre:
     clip_value: float | None = None
     scales: Any = None
     weight_clip: float | None = None
+    #: the bucket's resolved ``fastopt.precision.Precision`` when it is not plain (16-bit
+    #: params, a state dtype other than the param's, master weights or stochastic rounding;
+    #: only a backend whose ``Ops.precision_options`` is True receives one), else None
+    precision: Any = None
+    #: the step ``t`` (stochastic rounding hashes it) and, with a ``precision``, the
+    #: ``max_norm`` the kernel applies in the compute dtype before its one rounding
+    step: int = 0
+    max_norm: float | None = None
 
 
 class Ops:
@@ -68,6 +76,11 @@ class Ops:
 
     name = "?"
     xp: Any = None  # the array module (numpy or cupy)
+    #: the param dtypes the kernels take (names, so asking never imports ml_dtypes)
+    dtypes: tuple = ("float32", "float64")
+    #: whether the kernels take a ``Pre.precision`` (a state dtype other than the param's,
+    #: master weights, stochastic rounding)
+    precision_options: bool = False
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.
@@ -150,9 +163,11 @@ def available(backend: str) -> bool:
 
 
 def backends() -> dict:
-    """Every backend: ``{name: {"available": bool, "reason": str | None, "rules": [...]}}``.
+    """Every backend: ``{name: {"available", "reason", "rules", "dtypes"}}``.
 
-    Asking loads each backend (imports numba or cupy where installed).
+    ``dtypes`` lists the param dtypes the backend's kernels take (empty when it
+    is unavailable).  Asking loads each backend (imports numba or cupy where
+    installed).
     """
     out = {}
     for name in BACKEND_NAMES:
@@ -161,8 +176,41 @@ def backends() -> dict:
             "available": ok,
             "reason": None if ok else _FAILED.get(name),
             "rules": sorted(r for (r, b) in _KERNELS if b == name),
+            "dtypes": list(_OPS[name].dtypes) if ok else [],
         }
     return out
+
+
+def is_plain(precision) -> bool:
+    """True when a resolved precision needs nothing but the float32/float64 kernels."""
+    return precision is None or (
+        precision.param in _plain_dtypes() and precision.state == precision.param
+        and not precision.master_weights and not precision.stochastic_rounding)
+
+
+def _plain_dtypes():
+    import numpy as np
+
+    return (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def supports(ops: "Ops", precision) -> bool:
+    """Whether a backend's kernels take params of this resolved precision."""
+    if is_plain(precision):
+        return True
+    return precision.param.name in ops.dtypes and ops.precision_options
+
+
+def _unsupported(backend: str, precision) -> TypeError:
+    if precision.param.name in ("float16", "bfloat16"):
+        what = f"the {precision.param.name} kernels of the {backend!r} backend have not landed yet"
+    else:
+        what = (f"the {backend!r} backend's kernels do not take state_dtype other than the param's, "
+                "master_weights or stochastic_rounding yet")
+    hint = ("use backend='numpy' (or 'auto', which sends such NumPy params there)"
+            if backend != "cupy" else "use NumPy arrays with backend='numpy'")
+    return TypeError(f"backend {backend!r}: {what} ({precision.param} params, state "
+                     f"{getattr(precision.state, 'name', precision.state)}); {hint}")
 
 
 def array_kind(a) -> str | None:
@@ -177,18 +225,33 @@ def array_kind(a) -> str | None:
     return None
 
 
-def resolve(backend: str, kind: str) -> str:
-    """The concrete backend for ``backend`` and arrays of ``kind``: CuPy arrays to ``cupy``, NumPy arrays to ``numba`` when it imports, else ``numpy``; ``FASTOPT_BACKEND`` overrides ``auto``."""
+def resolve(backend: str, kind: str, precisions=()) -> str:
+    """The concrete backend for ``backend``, arrays of ``kind`` and resolved ``precisions``.
+
+    CuPy arrays go to ``cupy``; NumPy arrays to ``numba`` when it imports and
+    its kernels take every precision, else to ``numpy`` (today: float16 and
+    bfloat16 params, and any state dtype other than the param's, master weights
+    or stochastic rounding, run on ``numpy``).  ``FASTOPT_BACKEND`` overrides
+    ``auto``.  An explicit backend whose kernels do not take a precision is a
+    TypeError saying so.
+    """
+    special = [p for p in precisions if not is_plain(p)]
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     if backend == "auto":
         if kind == "cupy":
-            return "cupy"
-        return "numba" if available("numba") else "numpy"
+            backend = "cupy"
+        elif available("numba") and all(supports(_OPS["numba"], p) for p in special):
+            return "numba"
+        else:
+            return "numpy"
     if backend not in BACKEND_MODULES:
         raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
     wants = "cupy" if backend == "cupy" else "numpy"
     if wants != kind:
         raise TypeError(f"backend {backend!r} takes {wants} arrays, got {kind} arrays")
     _load(backend)
+    for p in special:
+        if not supports(_OPS[backend], p):
+            raise _unsupported(backend, p)
     return backend

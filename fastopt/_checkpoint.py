@@ -24,6 +24,12 @@ File format (version 1), a plain NumPy ``.npz`` (an uncompressed zip):
 ``param/<i>``
     the i-th param, when saved with ``params=True`` (the default).
 
+Every array keeps its dtype exactly.  NumPy's ``.npz`` has no bfloat16 (a
+bfloat16 array would need pickle), so a bfloat16 array is stored as its
+``uint16`` bits and the metadata's ``"bit_views": {"<array key>": "bfloat16"}``
+tags it; loading views the bits as ``ml_dtypes.bfloat16`` again (no rounding
+anywhere).  float16 is a NumPy dtype and is stored as is.
+
 The file is written to a temporary file in the same directory, flushed to
 disk and moved over ``path`` with ``os.replace``: a crash mid-save leaves the
 old checkpoint whole.  ``path`` is used exactly as given (no ``.npz`` is
@@ -39,6 +45,7 @@ import tempfile
 
 import numpy as np
 
+from . import precision as _prec
 from . import schedules as _schedules
 from ._state import check_like, plan_load, to_host
 
@@ -85,14 +92,20 @@ def save(optimizer, path, *, params: bool = True) -> None:
         "params": [{"shape": list(p.shape), "dtype": str(p.dtype)} for p in all_params],
         "has_params": bool(params),
     }
-    text = json.dumps(meta, allow_nan=False, sort_keys=True)
-    arrays = {META_KEY: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)}
+    arrays, bit_views = {}, {}
     for i, st in sd["state"].items():
         for name, a in st.items():
             arrays[f"state/{i}/{name}"] = a
     if params:
         for i, p in enumerate(all_params):
             arrays[f"param/{i}"] = to_host(p)
+    for k, a in arrays.items():
+        if _prec.is_bfloat16(a.dtype):
+            arrays[k] = a.view(np.uint16)  # the bits, exactly; .npz has no bfloat16 without pickle
+            bit_views[k] = "bfloat16"
+    meta["bit_views"] = bit_views
+    text = json.dumps(meta, allow_nan=False, sort_keys=True)
+    arrays[META_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -168,6 +181,18 @@ def _metadata(path, arrays) -> dict:
     for k, t in need.items():
         if not isinstance(meta.get(k), t) or (t is int and isinstance(meta[k], bool)):
             raise _bad(path, f"metadata[{k!r}]: expected {t.__name__}, got {meta.get(k)!r:.200}")
+    views = meta.setdefault("bit_views", {})
+    if not isinstance(views, dict) or any(
+            not isinstance(k, str) or v != "bfloat16" for k, v in views.items()):
+        raise _bad(path, f"metadata['bit_views']: expected {{array key: 'bfloat16'}}, "
+                         f"got {views!r:.200}")
+    for k in views:
+        a = arrays.get(k)
+        if a is None:
+            raise _bad(path, f"metadata['bit_views'] names {k!r}, which the file does not hold")
+        if a.dtype != np.uint16:
+            raise _bad(path, f"{k}: expected the uint16 bits of a bfloat16 array, got {a.dtype}")
+        arrays[k] = a.view(_prec.bfloat16_dtype())
     return meta
 
 

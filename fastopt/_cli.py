@@ -17,7 +17,8 @@ def _info(args) -> int:
     print(f"{'backend':8}  {'available':9}  detail")
     info = fastopt.backends()
     for name, b in info.items():
-        detail = f"{len(b['rules'])} rules" if b["available"] else b["reason"]
+        detail = (f"{len(b['rules'])} rules; param dtypes {', '.join(b['dtypes'])}"
+                  if b["available"] else b["reason"])
         print(f"{name:8}  {'yes' if b['available'] else 'no':9}  {detail}")
     print()
     names = list(info)

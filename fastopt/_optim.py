@@ -10,13 +10,16 @@ from __future__ import annotations
 import copy
 
 from . import _backend
+from . import precision as _prec
 from ._pipeline import make_buckets, run_step
-from ._rules import PIPELINE_DEFAULTS, RULES, Rule, check_hyperparameters, check_lr_value
+from ._rules import (PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule, check_hyperparameters,
+                     check_lr_value)
 from ._state import LoadPlan, plan_load
 from ._validate import (as_list, check_grad_scale, check_nonfinite, check_params, expected_layout,
-                        flat, normalize_options, prepare_groups, step_options)
+                        flat, normalize_options, prepare_groups, resolve_precisions,
+                        step_options)
 
-_OPTIMIZER_WIDE = ("nonfinite", "backend")
+_OPTIMIZER_WIDE = ("nonfinite", "backend") + tuple(PRECISION_DEFAULTS)
 
 
 class Optimizer:
@@ -24,13 +27,14 @@ class Optimizer:
 
     ``params`` is a list of arrays or a list of dicts ``{"params": [...], **overrides}``
     where any hyperparameter (and any pipeline option) may be overridden per
-    group, as in torch.optim.  ``nonfinite`` and ``backend`` are optimizer-wide:
-    a step is atomic across all groups.
+    group, as in torch.optim.  ``nonfinite``, ``backend`` and the precision
+    options are optimizer-wide: a step is atomic across all groups.
     """
 
     rule: Rule = None  # set by each subclass
 
-    def __init__(self, params, *, nonfinite="raise", backend="auto", **hyperparameters):
+    def __init__(self, params, *, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0, **hyperparameters):
         rule = self.rule
         self.defaults = {**rule.defaults, **PIPELINE_DEFAULTS}
         unknown = set(hyperparameters) - set(self.defaults)
@@ -52,7 +56,10 @@ class Optimizer:
         self._kind = check_params(flat_params, labels)
         for gi, g in enumerate(self.param_groups):
             check_hyperparameters(rule, g, self._where(gi))
-        self.backend = _backend.resolve(backend, self._kind)
+        self.precision_options = {"state_dtype": state_dtype, "master_weights": master_weights,
+                                  "stochastic_rounding": stochastic_rounding, "seed": seed}
+        self._precisions = resolve_precisions(rule, flat_params, labels, self.precision_options)
+        self.backend = _backend.resolve(backend, self._kind, tuple(self._precisions.values()))
         self._ops = _backend.get_ops(self.backend)
         self.step_count = 0
         self.state = [[{} for _ in g["params"]] for g in self.param_groups]
@@ -98,10 +105,25 @@ class Optimizer:
     def _where(self, gi):
         return f"param_groups[{gi}]: " if len(self.param_groups) > 1 else ""
 
+    def _state_names_of(self, options: dict) -> list:
+        """``(name, initial value)`` of every state array a param of a group with ``options``
+        carries: the rule's, then ``master`` (None: a float32 copy of the param) with
+        ``master_weights=True``."""
+        names = list(self.rule.state(options))
+        if self.precision_options["master_weights"]:
+            names.append(("master", None))
+        return names
+
+    def state_dtype(self, param, name: str):
+        """The dtype the state array ``name`` of ``param`` is stored in (``master``: float32)."""
+        if name == "master":
+            return _prec.as_dtype("float32")
+        return self._precisions[param.dtype].state
+
     def _ensure_state(self, gi):
         """Create the state arrays the group's current options need (once, or after a change)."""
         g = self.param_groups[gi]
-        names = self.rule.state(g)
+        names = self._state_names_of(g)
         if self._buckets[gi] is not None and self._state_names[gi] == names:
             return  # the common case: nothing changed since the last step
         self._state_names[gi] = names
@@ -110,11 +132,15 @@ class Optimizer:
         for p, st in zip(g["params"], self.state[gi]):
             for name, init in names:
                 if name not in st:
-                    st[name] = xp.full_like(p, init)
+                    if name == "master":
+                        st[name] = _prec.to_float32(p)  # exact: the param is RNE of it
+                    else:
+                        st[name] = xp.full_like(p, init, dtype=self.state_dtype(p, name))
                     changed = True
         if changed or set(self._buckets[gi][0].states) != {n for n, _ in names}:
             flat_states = {n: [flat(st[n]) for st in self.state[gi]] for n, _ in names}
-            self._buckets[gi] = make_buckets([flat(p) for p in g["params"]], flat_states)
+            self._buckets[gi] = make_buckets([flat(p) for p in g["params"]], flat_states,
+                                             self._precisions)
 
     # ------------------------------------------------------------------ public
 
@@ -164,6 +190,10 @@ class Optimizer:
         return steps
 
     # ------------------------------------------------------------------ state
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state: every state array (``master`` included), in its dtype."""
+        return sum(int(a.nbytes) for per_group in self.state for st in per_group for a in st.values())
 
     def state_dict(self) -> dict:
         """Host (NumPy) copies of every state array, the step count and every group's options.
@@ -228,6 +258,18 @@ _PIPELINE_DOC = """
     tensors of the group), ``weight_clip``, ``max_norm``; optimizer-wide
     ``nonfinite`` ('raise' | 'skip' | 'ignore') and ``backend``
     ('auto' | 'numpy' | 'numba' | 'cupy').
+
+    Precision (optimizer-wide; ``fastopt.precision`` has the exact rounding recipes): params
+    may be float16 or bfloat16 (``ml_dtypes.bfloat16``, ``pip install 'fastopt[bf16]'``) besides
+    float32/float64, their grads the param dtype or float32; 16-bit params are computed in
+    float32 with one rounding per write.  ``state_dtype``: None (float32 for 16-bit params,
+    else the param dtype), ``"param"`` (torch's behaviour), ``"float32"`` or ``"bfloat16"``;
+    ``"q8"`` is reserved (NotImplementedError).  ``master_weights=True`` (16-bit params) keeps
+    a float32 ``master`` in state and writes the param as its round-to-nearest-even.
+    ``stochastic_rounding=True`` (bfloat16 params, no master) rounds the param write up or
+    down with probability by distance, its bits a hash of (``seed``, step, element index).
+    Only the ``numpy`` backend has these kernels yet: ``backend="auto"`` sends such NumPy
+    params there, and an explicit ``"numba"``/``"cupy"`` is a TypeError.
 """
 
 
@@ -243,7 +285,8 @@ class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -262,7 +305,8 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, bias_correction=True, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -277,7 +321,8 @@ class AdamW(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, bias_correction=True, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -293,7 +338,8 @@ class Adagrad(Optimizer):
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -309,7 +355,8 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -324,7 +371,8 @@ class Adadelta(Optimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-                 max_norm=None, nonfinite="raise", backend="auto"):
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -339,7 +387,8 @@ class Adamax(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -356,7 +405,8 @@ class NAdam(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum_decay=4e-3, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -370,7 +420,8 @@ class RAdam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -385,7 +436,8 @@ class Lion(Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-                 max_norm=None, nonfinite="raise", backend="auto"):
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -402,7 +454,8 @@ class LAMB(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
                  bias_correction=True, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
 
@@ -419,7 +472,8 @@ class AdaHessian(Optimizer):
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
                  weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
     def step(self, grads, hessian_diags, grad_scale=None):
@@ -437,7 +491,8 @@ class Newton(Optimizer):
 
     def __init__(self, params, lr=1.0, damping=1e-4, *, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, **_opts(locals()))
 
     def step(self, grads, hessians, grad_scale=None):

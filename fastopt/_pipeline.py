@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._backend import Pre, get_kernel, get_ops
+from ._backend import Pre, get_kernel, get_ops, is_plain
 from ._rules import CLIP_EPS, Rule
 
 
@@ -62,6 +62,8 @@ class Bucket:
     index: list
     params: list
     states: dict
+    #: the resolved ``fastopt.precision.Precision`` of the bucket's dtype (None: plain)
+    precision: object = None
 
 
 @dataclass
@@ -73,16 +75,25 @@ class GroupStep:
     gstate: dict = field(default_factory=dict)
 
 
-def make_buckets(flat_params: list, flat_states: dict) -> list:
-    """Split a group into dtype buckets; a single-dtype group is one bucket of the same lists."""
+def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None) -> list:
+    """Split a group into dtype buckets; a single-dtype group is one bucket of the same lists.
+
+    ``precisions`` maps a param dtype to its resolved precision; a bucket keeps
+    it only when it is not plain (see ``fastopt._backend.is_plain``).
+    """
+    def prec(dt):
+        p = (precisions or {}).get(dt)
+        return None if is_plain(p) else p
+
     dtypes = {p.dtype for p in flat_params}
     if len(dtypes) == 1:
-        return [Bucket(list(range(len(flat_params))), flat_params, flat_states)]
+        return [Bucket(list(range(len(flat_params))), flat_params, flat_states,
+                       prec(flat_params[0].dtype))]
     out = []
     for dt in sorted(dtypes, key=str):
         idx = [i for i, p in enumerate(flat_params) if p.dtype == dt]
         out.append(Bucket(idx, [flat_params[i] for i in idx],
-                          {k: [v[i] for i in idx] for k, v in flat_states.items()}))
+                          {k: [v[i] for i in idx] for k, v in flat_states.items()}, prec(dt)))
     return out
 
 
@@ -141,10 +152,13 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
             grads = gs.grads if single else [gs.grads[i] for i in b.index]
             extras = gs.extras if (single or gs.extras is None) else [gs.extras[i] for i in b.index]
             bscales = scales if (single or scales is None) else scales[xp.asarray(b.index)]
+            # a reduced-precision bucket applies max_norm in its kernel, before the one
+            # rounding of the param; a plain one costs the extra pass below
             pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
-                      scales=bscales, weight_clip=hp["weight_clip"])
+                      scales=bscales, weight_clip=hp["weight_clip"], precision=b.precision,
+                      step=t, max_norm=hp["max_norm"] if b.precision is not None else None)
             kernel(b.params, grads, b.states, scalars, pre, extras)
-            if hp["max_norm"] is not None:
+            if hp["max_norm"] is not None and b.precision is None:
                 pn = xp.sqrt(ops.sumsq(b.params))
                 ops.scale_(b.params, xp.minimum(1.0, hp["max_norm"] / (pn + CLIP_EPS)))
     return StepInfo(skipped=False, _grad_norm=None if total is None else xp.sqrt(total),

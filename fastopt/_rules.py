@@ -39,6 +39,16 @@ PIPELINE_DEFAULTS = {
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
 
+#: The precision options (``fastopt.precision``), optimizer-wide on every class and
+#: taken by every functional rule: the state dtype, float32 master weights of 16-bit
+#: params, stochastic rounding of bfloat16 params and the seed of its hash.
+PRECISION_DEFAULTS = {
+    "state_dtype": None,
+    "master_weights": False,
+    "stochastic_rounding": False,
+    "seed": 0,
+}
+
 
 #: The kernel scalar vocabulary.  Every compiled backend passes one scalar array
 #: per call whose slot ``KERNEL_SCALAR_SLOT[name]`` holds the value ``name`` (rounded

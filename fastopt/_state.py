@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_kind
+from .precision import to_float32
 from ._rules import check_hyperparameters
 from ._validate import normalize_options
 
@@ -63,8 +64,20 @@ def check_like(a, p, where: str, label: str) -> None:
                          f"got {a.dtype} {a.shape}")
 
 
+def check_state_like(a, p, dtype, where: str, label: str) -> None:
+    """ValueError unless the host array ``a`` has the shape of the param ``p`` and ``dtype``
+    (the state dtype the optimizer resolved for it: a float32 state never loads into a
+    bfloat16 optimizer silently, nor the other way round)."""
+    if a.shape != p.shape or a.dtype != dtype:
+        why = (f"like {label}" if dtype == p.dtype
+               else f"the state dtype of {label}, a {p.dtype} param")
+        raise ValueError(f"{where}: expected {dtype} {p.shape} ({why}), got {a.dtype} {a.shape}")
+
+
 def check_values(a: np.ndarray, where: str, nonnegative: bool) -> None:
     """ValueError naming ``where`` and its first bad entry: not finite, or < 0 if ``nonnegative``."""
+    if a.dtype.itemsize == 2:  # float16 / bfloat16: checked on their exact float32 values
+        a = to_float32(a)
     bad = ~np.isfinite(a)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -141,7 +154,8 @@ def plan_load(optimizer, state_dict, params: list | None = None) -> LoadPlan:
         if unknown:
             raise ValueError(f"state_dict['param_groups'][{gi}]: unknown option(s) {sorted(unknown)}")
         check_hyperparameters(rule, hp, f"state_dict['param_groups'][{gi}]: ")
-        names = [nm for nm, _ in rule.state(hp)]
+        # the rule's state plus ``master`` with master_weights (the optimizer decides)
+        names = [nm for nm, _ in optimizer._state_names_of(hp)]
         gstate = []
         for pi, p in enumerate(g["params"]):
             key = theirs["params"][pi]
@@ -157,7 +171,7 @@ def plan_load(optimizer, state_dict, params: list | None = None) -> LoadPlan:
                 if st.get(nm) is None:
                     raise ValueError(f"{where}: missing")
                 a = to_host(st[nm])
-                check_like(a, p, where, f"params[{idx + pi}]")
+                check_state_like(a, p, optimizer.state_dtype(p, nm), where, f"params[{idx + pi}]")
                 check_values(a, where, nm in nonneg)
                 arrays[nm] = a
             gstate.append(arrays)

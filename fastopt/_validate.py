@@ -13,12 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import precision as _prec
 from ._backend import array_kind
 from ._interop import as_native, is_foreign
 from ._pipeline import GroupStep
 from ._rules import as_host_scalars, check_hyperparameters, check_lr_value
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: float16 and bfloat16 too (bfloat16 is ml_dtypes', recognised without importing it)
+PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _float_dtype(dt) -> bool:
+    return dt in FLOAT_DTYPES or dt == np.float16 or _prec.is_bfloat16(dt)
 
 
 def _fmt_kind(a) -> str:
@@ -45,15 +52,16 @@ def as_list(arrays, name: str, writeable: bool = True) -> list:
 
 
 def check_array(a, label: str, kind: str | None = None) -> str:
-    """TypeError unless ``a`` is a float32/float64 NumPy or CuPy array (of ``kind``)."""
+    """TypeError unless ``a`` is a float16/bfloat16/float32/float64 NumPy or CuPy array (of ``kind``)."""
     k = array_kind(a)
     if k is None:
         raise TypeError(f"{label}: expected a numpy or cupy array, got {_fmt_kind(a)}")
     if kind is not None and k != kind:
         raise TypeError(f"{label}: expected a {kind} array like the others, got a {k} array "
                         f"(NumPy and CuPy arrays cannot be mixed in one call)")
-    if a.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{label}: expected dtype float32 or float64, got {a.dtype}")
+    if not _float_dtype(a.dtype):
+        raise TypeError(f"{label}: expected dtype float16, bfloat16, float32 or float64, "
+                        f"got {a.dtype}")
     return k
 
 
@@ -112,30 +120,43 @@ def _c_strides(shape, itemsize) -> tuple:
     return tuple(reversed(out))
 
 
-def expected_layout(params: list, shape_of=None) -> list:
-    """``(type, shape, dtype, strides)`` a companion of each param must have (the fast path)."""
+def expected_layout(params: list, shape_of=None, dtype_of=None) -> list:
+    """``(type, shape, dtype, strides)`` a companion of each param must have (the fast path).
+
+    ``dtype_of(p)``: the companion's dtype (default: the param's).
+    """
     shape_of = shape_of or (lambda p: p.shape)
     out = []
     for p in params:
         shp = shape_of(p)
-        out.append((type(p), shp, p.dtype, _c_strides(shp, p.dtype.itemsize)))
+        dt = p.dtype if dtype_of is None else dtype_of(p)
+        out.append((type(p), shp, dt, _c_strides(shp, dt.itemsize)))
     return out
 
 
+def grad_dtype_check(p, o, label) -> None:
+    """A grad (or extra input) is the param's dtype or, for a 16-bit param, float32."""
+    if o.dtype != p.dtype:
+        _prec.check_grad_dtype(p.dtype, o.dtype, label)
+
+
 def check_companions(params: list, others, name: str, label_of, kind: str, *,
-                     shape_of=None, allow_copy: bool = False, want=None) -> list:
+                     shape_of=None, allow_copy: bool = False, want=None, dtype_check=None,
+                     dtype_of=None) -> list:
     """Grads (or state, or extra inputs) that must match ``params`` one to one.
 
     Returns the list, with non-contiguous entries replaced by contiguous copies
     when ``allow_copy`` (grads are only read, so a copy is harmless).  ``want``
-    is ``expected_layout(params, shape_of)``, which a caller may cache.
+    is ``expected_layout(params, shape_of, dtype_of)``, which a caller may cache.
+    The dtype must be ``dtype_of(p)`` (default: the param's), or pass
+    ``dtype_check(p, o, label)`` (which raises) when more than one is allowed.
     """
     others = as_list(others, name, writeable=not allow_copy)
     if len(others) != len(params):
         raise ValueError(f"{name}: expected {len(params)} arrays (one per param), got {len(others)}")
     shape_of = shape_of or (lambda p: p.shape)
     if want is None:
-        want = expected_layout(params, shape_of)
+        want = expected_layout(params, shape_of, dtype_of)
     try:
         # one comprehension checks type, shape, dtype and C-contiguity (strides of a C-ordered
         # array of that shape) for the common case: a list of 1000 tiny grads costs ~0.3 ms
@@ -147,7 +168,13 @@ def check_companions(params: list, others, name: str, label_of, kind: str, *,
         for i, (p, o) in enumerate(zip(params, others)):
             label = label_of(name, i)
             check_array(o, label, kind)
-            if o.dtype != p.dtype:
+            if dtype_check is not None:
+                dtype_check(p, o, label)
+            elif dtype_of is not None:
+                if o.dtype != dtype_of(p):
+                    raise ValueError(f"{label}: expected dtype {dtype_of(p)} (the state dtype of "
+                                     f"its param, {p.dtype}), got {o.dtype}")
+            elif o.dtype != p.dtype:
                 raise ValueError(f"{label}: expected dtype {p.dtype} (the dtype of its param), got {o.dtype}")
             if o.shape != shape_of(p):
                 raise ValueError(f"{label}: expected shape {shape_of(p)}, got {o.shape}")
@@ -203,6 +230,27 @@ def check_grad_scale(grad_scale) -> float | None:
     if not (math.isfinite(g) and g > 0):
         raise ValueError(f"grad_scale: expected a finite number > 0, got {grad_scale!r}")
     return 1.0 / g
+
+
+def resolve_precisions(rule, params: list, labels: list, options: dict) -> dict:
+    """``{param dtype: fastopt.precision.Precision}`` for the precision options of a call.
+
+    Every check of ``fastopt.precision.resolve_precision`` (per param dtype, the
+    first param of that dtype named in messages); ``state_dtype="q8"`` is
+    reserved: NotImplementedError.
+    """
+    sd = options["state_dtype"]
+    if isinstance(sd, str) and sd == "q8":
+        raise NotImplementedError("state_dtype: 'q8' (8-bit block-quantized state) is reserved and "
+                                  "not implemented yet; use None, 'param', 'float32' or 'bfloat16'")
+    out = {}
+    for p, lab in zip(params, labels):
+        if p.dtype not in out:
+            out[p.dtype] = _prec.resolve_precision(
+                p.dtype, state_dtype=sd, master_weights=options["master_weights"],
+                stochastic_rounding=options["stochastic_rounding"], seed=options["seed"],
+                kind=rule.kind, label=lab)
+    return out
 
 
 def check_nonfinite(mode) -> str:
@@ -265,6 +313,13 @@ def flat(a):
     return a if a.ndim == 1 else a.reshape(-1)
 
 
+def _widen_to_float64(params, arrays):
+    if all(a.dtype == p.dtype for p, a in zip(params, arrays)):
+        return arrays
+    return [a.astype(p.dtype) if a.dtype != p.dtype and p.dtype.itemsize == 8 else a
+            for p, a in zip(params, arrays)]
+
+
 def prepare_groups(rule, hps: list, sizes: list, params: list, grads, extras, *, kind: str,
                    caller: str, written: list = (), want=None) -> list:
     """The input checks of one step of ``rule``, for the classes and the functional API alike.
@@ -278,15 +333,22 @@ def prepare_groups(rule, hps: list, sizes: list, params: list, grads, extras, *,
     :class:`Prepared` per group, grads and extras flat.  ``want`` is
     ``expected_layout(params)``, which a caller may cache.
     """
-    grads = check_companions(params, grads, "grads", label, kind, allow_copy=True, want=want)
+    grads = check_companions(params, grads, "grads", label, kind, allow_copy=True, want=want,
+                             dtype_check=grad_dtype_check)
     read = [("grads", grads)]
     if rule.extra is not None:
         if extras is None:
             raise TypeError(f"{caller} needs {rule.extra}")
         extras = check_companions(params, extras, rule.extra, label, kind, allow_copy=True,
-                                  shape_of=lambda p: rule.extra_shape_of(p.shape, p.size))
+                                  shape_of=lambda p: rule.extra_shape_of(p.shape, p.size),
+                                  dtype_check=grad_dtype_check)
         read.append((rule.extra, extras))
     check_disjoint([("params", params), *written], read)
+    # a float32 grad of a float64 param is widened here (exactly), so that the float32/float64
+    # kernels see one dtype per bucket; a 16-bit param's float32 grad goes to its kernel as is
+    grads = _widen_to_float64(params, grads)
+    if extras is not None:
+        extras = _widen_to_float64(params, extras)
     # flattened inline, not through flat(): a call per tensor is ~5% of this for 1000 small ones
     flat_grads = [g if g.ndim == 1 else g.reshape(-1) for g in grads]
     flat_extras = None if extras is None else [e if e.ndim == 1 else e.reshape(-1) for e in extras]

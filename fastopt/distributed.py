@@ -133,6 +133,11 @@ def check_param_list(params) -> list:
         raise TypeError("params: expected a list of arrays; param-group dicts are not supported "
                         "here (one group)")
     kind = check_params(params, [f"params[{i}]" for i in range(len(params))])
+    for i, p in enumerate(params):
+        # the precision options (16-bit params, state dtype, master, SR) are not sharded yet
+        if p.dtype.itemsize == 2:
+            raise TypeError(f"params[{i}]: expected dtype float32 or float64 (the sharded "
+                            f"optimizer has no float16/bfloat16 support yet), got {p.dtype}")
     if kind != "numpy":
         raise TypeError("params: expected NumPy arrays, got CuPy arrays (the MPI wheels are not "
                         "CUDA-aware; copy to host memory first)")

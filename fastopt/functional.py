@@ -15,15 +15,26 @@ may be omitted when their option is off.  NAdam also takes ``mu_product``
 the new one in ``info.group_state[0]["mu_product"]``.  The optimizer classes
 call these same pieces.  ``lr`` here is a float (a schedule is the classes'
 business: evaluate it yourself).
+
+The precision options are the classes' (``state_dtype``, ``master_weights``,
+``stochastic_rounding``, ``seed``; see :class:`fastopt.Adam`): the state lists
+must then have the resolved state dtype (float32 for 16-bit params by
+default), and ``master_weights=True`` takes ``masters``, a float32 copy of
+each param (start it as the exact float32 value of the param).  ``step`` is
+the step number stochastic rounding hashes.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _backend
+from . import precision as _prec
 from ._pipeline import StepInfo, make_buckets, run_step
-from ._rules import CLIP_EPS, RULES, Rule
+from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule
 from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
-                        check_params, flat, label, prepare_groups, step_options)
+                        check_params, flat, label, prepare_groups, resolve_precisions,
+                        step_options)
 
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
            "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
@@ -45,6 +56,8 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     given = {name: args.pop(name + "s") for name in rule.all_state}
     step, grad_scale, nonfinite, backend = (args.pop(k) for k in _CALL_OPTIONS[:4])
     mu_product = args.pop("mu_product", None)
+    masters = args.pop("masters")
+    popts = {k: args.pop(k) for k in PRECISION_DEFAULTS}
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step: expected the 1-based index of this step (an int >= 1), got {step!r}")
     hp = step_options(rule, args, step, schedules=False)
@@ -52,14 +65,21 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     inv_scale = check_grad_scale(grad_scale)
 
     params = as_list(params, "params")
-    kind = check_params(params, [label("params", i) for i in range(len(params))])
-    be = _backend.resolve(backend, kind)
+    labels = [label("params", i) for i in range(len(params))]
+    kind = check_params(params, labels)
+    precisions = resolve_precisions(rule, params, labels, popts)
+    be = _backend.resolve(backend, kind, tuple(precisions.values()))
     states, written = {}, []
-    for name, _ in rule.state(hp):
-        arg = name + "s"
-        if given[name] is None:
+    names = [(name + "s", name, lambda p: precisions[p.dtype].state) for name, _ in rule.state(hp)]
+    if popts["master_weights"]:
+        names.append(("masters", "master", lambda p: np.dtype(np.float32)))
+    elif masters is not None:
+        raise ValueError("masters: expected None without master_weights=True, got a list")
+    for arg, name, dtype_of in names:
+        arrays = masters if name == "master" else given[name]
+        if arrays is None:
             raise TypeError(f"{rule.name}(): {arg} is required with these options")
-        checked = check_companions(params, given[name], arg, label, kind)
+        checked = check_companions(params, arrays, arg, label, kind, dtype_of=dtype_of)
         _check_writable(checked, arg, kind)
         written.append((arg, checked))
         states[name] = [flat(a) for a in checked]
@@ -72,7 +92,7 @@ def _run(rule: Rule, args: dict) -> StepInfo:
                 or not 0 < mu_product <= 1:
             raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
         gstate = {"mu_product": float(mu_product)}
-    group = prepared.group_step(make_buckets([flat(p) for p in params], states), gstate)
+    group = prepared.group_step(make_buckets([flat(p) for p in params], states, precisions), gstate)
     return run_step(be, rule, [group], step, nonfinite, inv_scale)
 
 
@@ -86,10 +106,11 @@ def _check_writable(arrays, name, kind):
 # One function per rule, written out so that IDEs and type checkers see them; the arguments
 # mirror the rule table (fastopt/_rules.py), which tests/test_core_api.py checks.
 
-def sgd(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
+def sgd(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
         nesterov=False, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
-        backend="auto") -> StepInfo:
+        backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.SGD` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``momentum_buffers`` (needed when ``momentum != 0``).
@@ -97,10 +118,11 @@ def sgd(params, grads, momentum_buffers=None, *, step, lr=1e-3, momentum=0.0, da
     return _run(RULES["sgd"], locals())
 
 
-def adam(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *, step, lr=1e-3,
+def adam(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, masters=None, *, step, lr=1e-3,
         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, bias_correction=True,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.Adam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
@@ -108,10 +130,11 @@ def adam(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *
     return _run(RULES["adam"], locals())
 
 
-def adamw(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, *, step, lr=1e-3,
+def adamw(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, masters=None, *, step, lr=1e-3,
         betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, bias_correction=True,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.AdamW` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
@@ -119,10 +142,11 @@ def adamw(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, 
     return _run(RULES["adamw"], locals())
 
 
-def adagrad(params, grads, sums=None, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+def adagrad(params, grads, sums=None, masters=None, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
         initial_accumulator_value=0.0, eps=1e-10, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
-        backend="auto") -> StepInfo:
+        backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.Adagrad` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``sums`` (start them at ``initial_accumulator_value``).
@@ -130,10 +154,11 @@ def adagrad(params, grads, sums=None, *, step, lr=1e-2, lr_decay=0.0, weight_dec
     return _run(RULES["adagrad"], locals())
 
 
-def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=None, *, step,
+def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=None, masters=None, *, step,
         lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.RMSprop` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``square_avgs``; ``momentum_buffers`` with ``momentum > 0``; ``grad_avgs`` with
@@ -142,10 +167,11 @@ def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=No
     return _run(RULES["rmsprop"], locals())
 
 
-def adadelta(params, grads, square_avgs=None, acc_deltas=None, *, step, lr=1.0, rho=0.9, eps=1e-6,
+def adadelta(params, grads, square_avgs=None, acc_deltas=None, masters=None, *, step, lr=1.0, rho=0.9, eps=1e-6,
         weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
         weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
-        backend="auto") -> StepInfo:
+        backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.Adadelta` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``square_avgs``, ``acc_deltas``.
@@ -153,10 +179,11 @@ def adadelta(params, grads, square_avgs=None, acc_deltas=None, *, step, lr=1.0, 
     return _run(RULES["adadelta"], locals())
 
 
-def adamax(params, grads, exp_avgs=None, exp_infs=None, *, step, lr=2e-3, betas=(0.9, 0.999),
+def adamax(params, grads, exp_avgs=None, exp_infs=None, masters=None, *, step, lr=2e-3, betas=(0.9, 0.999),
         eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
-        backend="auto") -> StepInfo:
+        backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.Adamax` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_infs``.
@@ -164,10 +191,11 @@ def adamax(params, grads, exp_avgs=None, exp_infs=None, *, step, lr=2e-3, betas=
     return _run(RULES["adamax"], locals())
 
 
-def nadam(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=2e-3, betas=(0.9, 0.999),
+def nadam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, lr=2e-3, betas=(0.9, 0.999),
         eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, maximize=False, clip_value=None,
         clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, mu_product=1.0,
-        grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.NAdam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``mu_product`` is the product of the momentum
@@ -176,10 +204,11 @@ def nadam(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=2e-3, beta
     return _run(RULES["nadam"], locals())
 
 
-def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, lr=1e-3, betas=(0.9, 0.999),
         eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
-        backend="auto") -> StepInfo:
+        backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.RAdam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``.
@@ -187,9 +216,10 @@ def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=1e-3, beta
     return _run(RULES["radam"], locals())
 
 
-def lion(params, grads, exp_avgs=None, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+def lion(params, grads, exp_avgs=None, masters=None, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.Lion` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``.
@@ -197,10 +227,11 @@ def lion(params, grads, exp_avgs=None, *, step, lr=1e-4, betas=(0.9, 0.99), weig
     return _run(RULES["lion"], locals())
 
 
-def lamb(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+def lamb(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, lr=1e-3, betas=(0.9, 0.999),
         eps=1e-6, weight_decay=0.0, bias_correction=True, maximize=False, clip_value=None,
         clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
-        nonfinite="raise", backend="auto") -> StepInfo:
+        nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.LAMB` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``.
@@ -208,10 +239,11 @@ def lamb(params, grads, exp_avgs=None, exp_avg_sqs=None, *, step, lr=1e-3, betas
     return _run(RULES["lamb"], locals())
 
 
-def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs=None, *, step,
+def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs=None, masters=None, *, step,
         lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0, weight_decay=0.0,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.AdaHessian` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_hessian_diag_sqs``; ``hessian_diags`` is read like ``grads``.
@@ -219,9 +251,10 @@ def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs
     return _run(RULES["adahessian"], locals())
 
 
-def newton(params, grads, hessians, *, step, lr=1.0, damping=1e-4, maximize=False,
+def newton(params, grads, hessians, masters=None, *, step, lr=1.0, damping=1e-4, maximize=False,
         clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-        grad_scale=None, nonfinite="raise", backend="auto") -> StepInfo:
+        grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
     """One :class:`fastopt.Newton` step over lists of arrays, in place (the math is on the class).
 
     State lists: none; ``hessians[i]`` is ``(n, n)`` for an ``n``-element ``params[i]``.
@@ -236,7 +269,9 @@ def _ops_for(arrays, name, backend="auto"):
     kind = None
     for i, a in enumerate(arrays):
         kind = check_array(a, f"{name}[{i}]", kind)
-    return arrays, _backend.get_ops(_backend.resolve(backend, kind))
+    # 16-bit arrays need a backend that takes them ('auto' picks one, an explicit one may refuse)
+    precs = {a.dtype: _prec.resolve_precision(a.dtype) for a in arrays if a.dtype.itemsize == 2}
+    return arrays, _backend.get_ops(_backend.resolve(backend, kind, tuple(precs.values())))
 
 
 def global_norm(arrays, *, backend="auto") -> float:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import precision as _prec
 from .._backend import Ops, register_kernel
+from .._rules import CLIP_EPS
 
 BACKEND = "numpy"
 
@@ -35,9 +37,16 @@ def processed_grad(g, i, pre):
     return g
 
 
+def _widen(a):
+    """float32 values of a 16-bit array (exact), the array itself otherwise."""
+    return _prec.to_float32(a) if a.dtype.itemsize == 2 else a
+
+
 class NumpyOps(Ops):
     name = BACKEND
     xp = np
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    precision_options = True
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         # finding an overflow is this check's job: it must not also warn about it
@@ -48,6 +57,9 @@ class NumpyOps(Ops):
         finite = True
         sumsq = np.zeros(len(grads), dtype=np.float64) if need_sumsq else None
         for i, g in enumerate(grads):
+            # a 16-bit grad is unscaled in float32, as the update reads it: an inf that
+            # float16 overflow produced is seen, and g * inv_scale does not round to 16 bits
+            g = _widen(g)
             x = g * inv_scale if inv_scale is not None else g
             if check_finite and not np.isfinite(x).all():
                 finite = False
@@ -59,7 +71,8 @@ class NumpyOps(Ops):
         if check_finite and extras is not None:
             # the kernels unscale the extra inputs too: check them as the kernels will see them
             finite = finite and all(
-                np.isfinite(e * inv_scale if inv_scale is not None else e).all() for e in extras)
+                np.isfinite(_widen(e) * inv_scale if inv_scale is not None else e).all()
+                for e in extras)
         return sumsq, finite
 
     def sumsq(self, arrays):
@@ -87,6 +100,11 @@ def _per_tensor(rule_fn):
     """
 
     def kernel(params, grads, states, s, pre, extras=None):
+        if pre.precision is not None:
+            for i, (p, g) in enumerate(zip(params, grads)):
+                _reduced_tensor(rule_fn, p, g, {name: arrs[i] for name, arrs in states.items()},
+                                s, pre, i, None if extras is None else extras[i])
+            return
         for i, (p, g) in enumerate(zip(params, grads)):
             st = {name: arrs[i] for name, arrs in states.items()}
             e = None
@@ -104,6 +122,50 @@ def _per_tensor(rule_fn):
     kernel.__name__ = rule_fn.__name__
     kernel.__doc__ = rule_fn.__doc__
     return kernel
+
+
+def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
+    """One tensor whose param or state is not in the compute dtype (``pre.precision``).
+
+    Everything is computed in float32 on exact float32 copies of the param (or
+    of its float32 ``master``), the grad and the state, in the pipeline's order;
+    then every array is written once, with one rounding: the state to its
+    dtype by round-to-nearest-even, the master as is, the param by
+    round-to-nearest-even (of the master, when there is one) or stochastically
+    (``fastopt.precision``: the hash of (seed, step ``t``, flat index within
+    the param)).  Weight decay, ``weight_clip`` and ``max_norm`` act on the
+    float32 value before that rounding, so a change below the 16-bit
+    resolution is not lost before the rounding decides.
+    """
+    prec = pre.precision
+    master = stored.get("master")
+    work = master.copy() if master is not None else _prec.to_float32(p)
+    st = {name: _prec.to_float32(a) for name, a in stored.items() if name != "master"}
+    g = processed_grad(_prec.to_float32(g), i, pre)
+    e = None
+    if extra is not None:
+        e = _prec.to_float32(extra)
+        if pre.inv_scale is not None:
+            e *= pre.inv_scale
+    if s["l2"] != 0:
+        g = g + s["l2"] * work
+    if s["decay"] != 1:
+        work *= s["decay"]
+    rule_fn(work, g, st, s, e)
+    if pre.weight_clip is not None:
+        np.clip(work, -pre.weight_clip, pre.weight_clip, out=work)
+    if pre.max_norm is not None:
+        norm = np.sqrt(np.dot(work.astype(np.float64), work.astype(np.float64)))
+        work *= min(1.0, pre.max_norm / (norm + CLIP_EPS))
+    for name, a in st.items():
+        stored[name][...] = _prec.round_to(a, stored[name].dtype)
+    if master is not None:
+        master[...] = work
+    if prec.stochastic_rounding:
+        p[...] = _prec.round_to(work, p.dtype, stochastic_rounding=True, seed=prec.seed,
+                                step=pre.step, index=_prec.element_index(p.size))
+    else:
+        p[...] = _prec.round_to(work, p.dtype)
 
 
 def _rule(name):

@@ -112,17 +112,22 @@ def _bad_grad(kind, i, params):
         return g, TypeError, rf"grads\[{i}\]: expected a numpy or cupy array, got NoneType"
     if kind == "int":
         g[i] = np.ones(p.shape, dtype=np.int64)
-        return g, TypeError, rf"grads\[{i}\]: expected dtype float32 or float64, got int64"
+        return g, TypeError, rf"grads\[{i}\]: expected dtype float16, bfloat16, float32 or float64, got int64"
     if kind == "float16":
+        # a float16 grad is a float16 param's (or float32 for any param): not a wider param's
         g[i] = np.ones(p.shape, dtype=np.float16)
-        return g, TypeError, rf"grads\[{i}\]: expected dtype float32 or float64, got float16"
+        return g, ValueError, (rf"grads\[{i}\]: expected dtype {p.dtype}( or float32)? "
+                               rf"\(its param is {p.dtype}\), got float16")
     if kind == "complex":
         g[i] = np.ones(p.shape, dtype=np.complex128)
-        return g, TypeError, rf"grads\[{i}\]: expected dtype float32 or float64, got complex128"
+        return g, TypeError, rf"grads\[{i}\]: expected dtype float16, bfloat16, float32 or float64, got complex128"
     if kind == "cupy-mix":
         g[i] = CupyLike(g[i])
         return g, TypeError, rf"grads\[{i}\]: expected a numpy array like the others, got a cupy array"
     if kind == "dtype":
+        # float32 grads are allowed for any param (accumulated grads): a float64 param's
+        # odd one out is a bfloat16-free narrower float, float16
+        other = "float64" if p.dtype == np.float32 else "float16"
         g[i] = g[i].astype(other)
         return g, ValueError, rf"grads\[{i}\]: expected dtype {p.dtype} .*got {other}"
     if kind == "shape":
@@ -162,7 +167,7 @@ def test_bad_grad(kind, where, backend):
 def test_bad_grad_in_last_group(backend):
     opt, params = stepped("sgd", backend, groups=True, momentum=0.9)
     grads = make_grads(params)
-    grads[LAST] = grads[LAST].astype(np.float32)
+    grads[LAST] = grads[LAST].astype(np.float16)  # float32 grads are allowed (accumulated)
     raises_unchanged(opt, params, ValueError, rf"grads\[{LAST}\]: expected dtype float64", lambda: opt.step(grads))
 
 
@@ -202,7 +207,7 @@ def test_bad_extra_input(rule, where, backend):
                      rf"{name}\[{where}\]: expected shape {re.escape(str(want))}, got \({p.size + 1},\)",
                      lambda: opt.step(grads, extras))
     extras = extras_for(rule, params)
-    extras[where] = extras[where].astype(np.float32 if p.dtype == np.float64 else np.float64)
+    extras[where] = extras[where].astype(np.float16 if p.dtype == np.float64 else np.float64)
     raises_unchanged(opt, params, ValueError, rf"{name}\[{where}\]: expected dtype {p.dtype}",
                      lambda: opt.step(grads, extras))
     extras = extras_for(rule, params)
@@ -223,13 +228,14 @@ def _bad_params(kind, i):
         return params, TypeError, rf"params\[{i}\]: expected a numpy or cupy array, got list"
     if kind == "int":
         params[i] = np.ones(p.shape, dtype=np.int32)
-        return params, TypeError, rf"params\[{i}\]: expected dtype float32 or float64, got int32"
-    if kind == "float16":
-        params[i] = p.astype(np.float16)
-        return params, TypeError, rf"params\[{i}\]: expected dtype float32 or float64, got float16"
+        return params, TypeError, rf"params\[{i}\]: expected dtype float16, bfloat16, float32 or float64, got int32"
+    if kind == "complex":  # float16 and bfloat16 params are taken (tests/test_mixed_precision.py)
+        params[i] = p.astype(np.complex64)
+        return params, TypeError, (rf"params\[{i}\]: expected dtype float16, bfloat16, float32 or "
+                                   rf"float64, got complex64")
     if kind == "bool":
         params[i] = p > 0
-        return params, TypeError, rf"params\[{i}\]: expected dtype float32 or float64, got bool"
+        return params, TypeError, rf"params\[{i}\]: expected dtype float16, bfloat16, float32 or float64, got bool"
     if kind == "cupy-mix":
         params[i] = CupyLike(p)
         if i == 0:  # the first array fixes the kind: then the numpy ones are the odd ones out
@@ -254,7 +260,7 @@ def _bad_params(kind, i):
     raise AssertionError(kind)
 
 
-PARAM_KINDS = ["list", "int", "float16", "bool", "cupy-mix", "twice", "overlap", "non-contiguous",
+PARAM_KINDS = ["list", "int", "complex", "bool", "cupy-mix", "twice", "overlap", "non-contiguous",
                "read-only"]
 
 
@@ -282,7 +288,7 @@ def test_bad_params_constructor_and_functional(kind, where, backend):
 def test_bad_param_in_second_group_is_named_by_group(backend):
     params = make_params()
     params[LAST] = params[LAST].astype(np.int64)
-    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\]: expected dtype float32 or float64, got int64"):
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\]: expected dtype float16, bfloat16, float32 or float64, got int64"):
         fo.Adam([{"params": params[:2]}, {"params": params[2:]}], backend=backend)
 
 

@@ -270,7 +270,8 @@ def test_functional_signatures_name_state_lists():
 
 
 # the keywords of a class or functional signature that are not hyperparameters
-_NOT_HP = {"params", "grads", "step", "grad_scale", "nonfinite", "backend"}
+_NOT_HP = {"params", "grads", "step", "grad_scale", "nonfinite", "backend", "masters",
+           "state_dtype", "master_weights", "stochastic_rounding", "seed"}
 
 
 def _signature_defaults(fn, skip=()):
@@ -315,19 +316,21 @@ def _signature_from_rule_table(rule):
     """What a rule function's signature must be, built from the rule table alone."""
     import inspect
 
-    from fastopt._rules import PIPELINE_DEFAULTS
+    from fastopt._rules import PIPELINE_DEFAULTS, PRECISION_DEFAULTS
 
     P = inspect.Parameter
     out = [P("params", P.POSITIONAL_OR_KEYWORD), P("grads", P.POSITIONAL_OR_KEYWORD)]
     if rule.extra:
         out.append(P(rule.extra, P.POSITIONAL_OR_KEYWORD))
     out += [P(n + "s", P.POSITIONAL_OR_KEYWORD, default=None) for n in rule.all_state]
+    out.append(P("masters", P.POSITIONAL_OR_KEYWORD, default=None))  # master_weights=True
     out.append(P("step", P.KEYWORD_ONLY))
     out += [P(k, P.KEYWORD_ONLY, default=v) for k, v in {**rule.defaults, **PIPELINE_DEFAULTS}.items()]
     if rule.group_state:
         out.append(P("mu_product", P.KEYWORD_ONLY, default=1.0))
     out += [P(k, P.KEYWORD_ONLY, default=v)
             for k, v in (("grad_scale", None), ("nonfinite", "raise"), ("backend", "auto"))]
+    out += [P(k, P.KEYWORD_ONLY, default=v) for k, v in PRECISION_DEFAULTS.items()]
     return inspect.Signature(out)
 
 

@@ -142,8 +142,10 @@ def test_bad_options_refused_before_any_communication(rule, opts, match):
 def test_bad_params_refused():
     with pytest.raises(TypeError, match="param-group dicts are not supported"):
         ShardedOptimizer("adam", [{"params": [np.zeros(3)]}])
-    with pytest.raises(TypeError, match=r"params\[1\]: expected dtype float32 or float64"):
+    with pytest.raises(TypeError, match=r"params\[1\]: expected dtype float16, bfloat16, float32 or float64"):
         ShardedOptimizer(fo.Adam, [np.zeros(3), np.zeros(3, np.int32)])
+    with pytest.raises(TypeError, match=r"params\[0\]: expected dtype float32 or float64 \(the sharded"):
+        ShardedOptimizer(fo.Adam, [np.zeros(3, np.float16)])
 
 
 @needs_mpiexec

@@ -90,8 +90,11 @@ def default_lr(name: str, xor: bool = False) -> float:
 
 
 def make_optimizer(name: str, params, *, lr=None, schedule="constant", total_steps=1,
-                   clip_global_norm=None, backend="auto", xor=False):
-    """A fastopt optimizer for the demo name ``name`` (a key of :data:`OPTIMIZER_SPECS`)."""
+                   clip_global_norm=None, backend="auto", xor=False, precision=None):
+    """A fastopt optimizer for the demo name ``name`` (a key of :data:`OPTIMIZER_SPECS`).
+
+    ``precision``: the precision options (``stochastic_rounding=True``, ...) of 16-bit params.
+    """
     if name not in OPTIMIZER_SPECS:
         raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZER_SPECS)}, got {name!r}")
     rule, opts, _, _ = OPTIMIZER_SPECS[name]
@@ -100,7 +103,7 @@ def make_optimizer(name: str, params, *, lr=None, schedule="constant", total_ste
     if clip_global_norm is not None:
         opts["clip_global_norm"] = clip_global_norm
     return OPTIMIZERS[rule](params, lr=make_schedule(schedule, lr, total_steps), backend=backend,
-                            **opts)
+                            **opts, **(precision or {}))
 
 
 def numpy_backends() -> dict:
@@ -167,13 +170,19 @@ class MLP:
         acts = [x]
         n_layers = len(self.params) // 2
         for i in range(n_layers):
-            w, b = self.params[2 * i], self.params[2 * i + 1]
+            w, b = self._compute(self.params[2 * i]), self._compute(self.params[2 * i + 1])
             z = acts[-1] @ w
             z += b
             if i < n_layers - 1:
                 np.maximum(z, 0, out=z)
             acts.append(z)
         return acts
+
+    @staticmethod
+    def _compute(a):
+        """16-bit weights are stored in 16 bits and computed with in float32 (mixed precision:
+        the grads come out float32, which fastopt takes for 16-bit params)."""
+        return a.astype(np.float32) if a.dtype.itemsize == 2 else a
 
     @staticmethod
     def _log_softmax(logits):
@@ -206,7 +215,7 @@ class MLP:
             grads[2 * i] = acts[i].T @ delta
             grads[2 * i + 1] = delta.sum(axis=0)
             if i:
-                delta = delta @ self.params[2 * i].T
+                delta = delta @ self._compute(self.params[2 * i]).T
                 delta *= acts[i] > 0  # ReLU'
         return loss, grads
 
@@ -322,15 +331,18 @@ def _warm_up(name, params, grads, **opt_kwargs) -> float:
 @_training
 def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128), lr=None,
           schedule="constant", clip_global_norm=None, backend="auto", seed=0, max_steps=None,
-          progress=False) -> Result:
+          progress=False, param_dtype=None, precision=None, label=None) -> Result:
     """Train a fresh :class:`MLP` on ``data`` with the demo optimizer ``name``.
 
     The weights and the minibatch order come from ``seed`` alone, so every
     optimizer of one run starts from the same point.  ``max_steps`` stops early
     (tests).  ``step_s`` times the forward, backward and optimizer step of every
     minibatch (not the batch gathering, the evaluation or the progress bar).
+    ``param_dtype`` (float16/bfloat16) stores the weights in 16 bits (computed with in
+    the data's float32) and ``precision`` holds the optimizer's precision options;
+    ``label`` names the row (default ``name``).
     """
-    dtype = data.x_train.dtype
+    dtype = data.x_train.dtype if param_dtype is None else param_dtype
     rng = np.random.default_rng(seed)
     n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
     net = MLP((data.x_train.shape[1], *hidden, n_classes), rng, dtype)
@@ -338,7 +350,7 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
     per_epoch = math.ceil(n / batch_size)
     total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
     opt_kwargs = dict(lr=lr, schedule=schedule, total_steps=total,
-                      clip_global_norm=clip_global_norm, backend=backend)
+                      clip_global_norm=clip_global_norm, backend=backend, precision=precision)
     opt = make_optimizer(name, net.params, **opt_kwargs)
     xor = False
     base_lr = default_lr(name, xor) if lr is None else lr  # the schedule's peak
@@ -385,7 +397,7 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
             break
     if bar is not None:
         bar.close()
-    return Result(name=name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,
+    return Result(name=label or name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,
                   train_loss=net.loss(data.x_train, data.y_train),
                   test_acc=net.accuracy(data.x_test, data.y_test), steps=steps, step_s=step_s,
                   opt_s=opt_s, warmup_s=warmup_s, epoch_losses=epoch_losses,
@@ -566,7 +578,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--hidden", type=_positive_int, nargs="+", default=[128, 128],
                    help="hidden layer widths")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
+                   help="bfloat16: each optimizer trains bfloat16 weights (computed with in "
+                        "float32) three ways -- plain round-to-nearest, stochastic rounding, "
+                        "float32 master weights -- beside a float32 run (needs ml_dtypes)")
     p.add_argument("--seed", type=int, default=0, help="data split, initial weights, batch order")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save the loss curves of every optimizer on one figure (matplotlib)")
@@ -643,6 +658,10 @@ def run(args) -> int:
         if isinstance(threads, str):
             print(f"error: {threads}", file=sys.stderr)
             return 2
+    if args.dtype == "bfloat16" and (xor or args.distributed or args.hogwild):
+        print("error: --dtype bfloat16 trains the digits MLP only (not --xor, --distributed or "
+              "--hogwild)", file=sys.stderr)
+        return 2
     if args.distributed or args.hogwild:
         from .distributed_demo import run as run_parallel
         return run_parallel(args, backend)
@@ -650,7 +669,18 @@ def run(args) -> int:
         return _run_xor(args, names, backend, t_start)
 
     epochs = args.epochs or 20
-    dtype = np.dtype(args.dtype)
+    variants = [(None, None, "")]  # (param dtype, precision options, row suffix)
+    if args.dtype == "bfloat16":
+        from ..precision import bfloat16_dtype
+        try:
+            bf16 = bfloat16_dtype()
+        except ImportError as e:
+            print(f"error: --dtype bfloat16: {e}", file=sys.stderr)
+            return 2
+        # 16-bit params run where their kernels are: backend 'auto' picks numpy for them
+        variants += [(bf16, {}, " bf16"), (bf16, {"stochastic_rounding": True}, " bf16+SR"),
+                     (bf16, {"master_weights": True}, " bf16+master")]
+    dtype = np.dtype("float32" if args.dtype == "bfloat16" else args.dtype)
     data = load_digits_split(args.seed, dtype=dtype)
     per_epoch = math.ceil(len(data.y_train) / args.batch_size)
     print(f"fastopt demo: MLP {'-'.join(map(str, sizes))} on scikit-learn digits "
@@ -662,12 +692,19 @@ def run(args) -> int:
           + f", seed {args.seed}")
     results = []
     for name in names:
-        results.append(train(name, data, epochs=epochs, batch_size=args.batch_size,
-                             hidden=tuple(args.hidden), lr=_lr_for(args.lr, name),
-                             schedule=args.schedule, clip_global_norm=args.clip_global_norm,
-                             backend=backend, seed=args.seed, progress=not args.no_progress))
+        for pdtype, precision, suffix in variants:
+            results.append(train(name, data, epochs=epochs, batch_size=args.batch_size,
+                                 hidden=tuple(args.hidden), lr=_lr_for(args.lr, name),
+                                 schedule=args.schedule, clip_global_norm=args.clip_global_norm,
+                                 backend=backend if pdtype is None else args.backend,
+                                 seed=args.seed, progress=not args.no_progress,
+                                 param_dtype=pdtype, precision=precision, label=name + suffix))
     print()
     print(format_table(results))
+    if len(variants) > 1:
+        print(f"bf16 rows: bfloat16 weights (forward/backward in float32), state float32, backend "
+              f"{results[-1].backend}; bf16 = round to nearest, +SR = stochastic rounding, "
+              f"+master = float32 master weights")
     warm = sum(r.warmup_s for r in results)
     print()
     print("lr: the learning rate (the peak of the schedule); train loss: cross-entropy over the "
@@ -684,11 +721,12 @@ def run(args) -> int:
 
 
 def format_table(results) -> str:
-    head = f"{'optimizer':10} {'lr':>8} {'train loss':>10} {'test acc':>8} {'ms/step':>8} " \
+    w = max([10] + [len(r.name) for r in results])
+    head = f"{'optimizer':{w}} {'lr':>8} {'train loss':>10} {'test acc':>8} {'ms/step':>8} " \
            f"{'opt share':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.name:10} {r.lr:8.2g} {r.train_loss:10.4f} {100 * r.test_acc:7.1f}% "
+        lines.append(f"{r.name:{w}} {r.lr:8.2g} {r.train_loss:10.4f} {100 * r.test_acc:7.1f}% "
                      f"{r.ms_per_step:8.3f} {100 * r.opt_share:8.0f}%"
                      + (f"  diverged at step {r.diverged_at}" if r.diverged_at else ""))
     return "\n".join(lines)
