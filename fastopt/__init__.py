@@ -11,9 +11,10 @@ from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, Ada
                      Newton, Optimizer, RAdam, RMSprop)
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
+from ._warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
-           "functional", "schedules", "save", "load", "__version__"]
+           "functional", "schedules", "save", "load", "warmup", "__version__"]

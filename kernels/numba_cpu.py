@@ -115,6 +115,7 @@ import ctypes
 import hashlib
 import math
 import os
+import sys
 import threading
 
 import numba
@@ -146,9 +147,9 @@ _P, _G, _S0, _S1, _S2, _E = range(6)
 _ROWS = 6
 # the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
 # grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
-# unscale, and a zero of the dtype (the bodies use no literals)
-_HEAD_NAMES = ("ginv", "gclip", "wclip", "einv", "zero")
-_GINV, _GCLIP, _WCLIP, _EINV, _ZERO = range(len(_HEAD_NAMES))
+# unscale, and a zero and a one of the dtype (the bodies use no literals)
+_HEAD_NAMES = ("ginv", "gclip", "wclip", "einv", "zero", "one")
+_GINV, _GCLIP, _WCLIP, _EINV, _ZERO, _ONE = range(len(_HEAD_NAMES))
 _HEAD = len(_HEAD_NAMES)
 _NSCALARS = _HEAD + len(KERNEL_SCALARS)
 
@@ -556,8 +557,13 @@ def _lion(i, g, p, m, s1, s2, e, c, f, ts, mode):  # 20 B/elem
 @njit(inline="always")
 def _adahessian(i, g, p, m, v, s2, e, c, f, ts, mode):  # 32 B/elem: + the Hessian diagonal
     mi, vi = _moments(i, m, v, g, e[i] * c[_EINV], c)
-    return p - c[_S_STEP_SIZE] * mi / ((np.sqrt(vi) / c[_S_BC2_SQRT]) ** c[_S_HESSIAN_POWER]
-                                       + c[_S_EPS])
+    d = np.sqrt(vi) / c[_S_BC2_SQRT]
+    # pow is a libm call per element that keeps the loop scalar (6x slower than Adam);
+    # pow(d, 1) == d exactly, so the default power 1 skips it (the test on a loop
+    # invariant is hoisted out of the loop: two loops, the power-1 one vectorized)
+    if c[_S_HESSIAN_POWER] != c[_ONE]:
+        d = d ** c[_S_HESSIAN_POWER]
+    return p - c[_S_STEP_SIZE] * mi / (d + c[_S_EPS])
 
 
 @njit(inline="always")
@@ -581,21 +587,52 @@ def _lamb_step(i, g, p, m, v, s2, e, c, f, ts, mode):  # pass 2, 16 B/elem; ts =
     return p - ts * _lamb_r(p, m[i], v[i], c)
 
 
-@njit(inline="always")
-def _stats(i, u, p, s0, s1, s2, e, c, f, ts, mode):  # 4 B/elem
-    """The square of the clipped grad in float64, and u * 0: 0 if u is finite, else nan."""
-    x = np.float64(_clip(u, c[_GCLIP]))
-    return x * x, np.float64(u) * 0.0
+# The read pass (the non-finite check, the norms) sums fixed blocks of _BLOCK
+# elements of each tensor: every block is summed by the same code wherever a part
+# boundary falls, and the block sums of a tensor are added in block order, so the
+# result does not depend on the thread count (nor on timing).  Inside a block the
+# loop vectorizes (fastmath "reassoc": several independent accumulators; inf and
+# nan semantics kept).
+_BLOCK = 8192
 
 
 @njit(inline="always")
-def _sumsq(i, u, p, s0, s1, s2, e, c, f, ts, mode):  # 4 B/elem
-    """The square of the unclipped grad in float64 only: one accumulator, half the work of
-    ``_stats``.  An inf or nan in ``u`` makes the sum inf or nan, so this also serves as the
-    non-finite check when no clip_value hides one (the caller re-checks exactly on a
-    non-finite sum, since a finite float64 beyond 1e154 overflows when squared)."""
-    x = np.float64(u)
-    return x * x, 0.0
+def _read_blocks(k, parts, ptr, off, boff, cs, exact, out):
+    """Part ``k``: ``out[j]`` = (sum of clip(g*ginv)^2, sum of g*ginv*0) over block ``j``.
+
+    Without ``exact`` only the first sum, of the *unclipped* squares: an inf or nan
+    makes it inf or nan, which is the non-finite check when no clip_value hides
+    one (the caller re-checks exactly when it is not finite: a finite float64
+    beyond 1e154 overflows when squared).  The second sum is 0 when every
+    ``g*ginv`` is finite and nan otherwise.
+    """
+    nb = boff[boff.shape[0] - 1]
+    j, hi = nb * k // parts, nb * (k + 1) // parts
+    t = np.searchsorted(boff, j, side="right") - 1
+    c = to_fixed_tuple(cs, _NSCALARS)
+    ginv, gclip = c[_GINV], c[_GCLIP]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        n = off[t + 1] - off[t]
+        g = numba.carray(_as_ptr(ptr[_G, t], cs[0]), n)
+        a = (j - boff[t]) * _BLOCK
+        b = min(a + _BLOCK, n)
+        u = 0.0
+        w = 0.0
+        if exact:
+            for i in range(np.uint64(a), np.uint64(b)):
+                x = g[i] * ginv
+                y = np.float64(_clip(x, gclip))
+                u += y * y
+                w += np.float64(x) * 0.0
+        else:
+            for i in range(np.uint64(a), np.uint64(b)):
+                y = np.float64(g[i] * ginv)
+                u += y * y
+        out[j, 0] = u
+        out[j, 1] = w
+        j += 1
 
 
 @njit(inline="always")
@@ -742,21 +779,26 @@ def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
 
 
 @_entry(sums=True)
-def _k_stats(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    acc = np.zeros((parts, sizes.shape[0], 2))
-    for k in prange(parts):
-        _reduce(_stats, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
-    return acc.sum(axis=0)
+def _k_read(tab, sizes, scales, cs, flags, deref, threads):
+    """The read pass: per tensor (sum of squares, non-finite flag), see ``_read_blocks``.
 
-
-@_entry(sums=True)
-def _k_sumsq(tab, sizes, scales, cs, flags, deref, threads):
+    ``flags`` is 1 for the exact pass (clipped squares and the flag), 0 for the
+    one-accumulator pass.  4 B/elem.
+    """
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    acc = np.zeros((parts, sizes.shape[0], 2))
+    n = sizes.shape[0]
+    boff = np.zeros(n + 1, np.int64)
+    for t in range(n):
+        boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
+    out = np.empty((boff[n], 2))
     for k in prange(parts):
-        _reduce(_sumsq, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
-    return acc.sum(axis=0)
+        _read_blocks(k, parts, ptr, off, boff, cs, flags != 0, out)
+    res = np.zeros((n, 2))
+    for t in range(n):
+        for j in range(boff[t], boff[t + 1]):
+            res[t, 0] += out[j, 0]
+            res[t, 1] += out[j, 1]
+    return res
 
 
 @_entry()
@@ -794,7 +836,37 @@ _LOCK = threading.Lock()
 _serialize = True  # until the first launch tells which threading layer Numba chose
 
 
+_seen = set()  # (entry point, dtype) pairs launched in this process
+_noted = False
+
+COMPILE_NOTE = ("fastopt: compiling the numba kernels of this step (first use only: they are "
+                "cached on disk; `python -m fastopt warmup` compiles them ahead of time)\n")
+
+
+def _note_compiling():
+    global _noted
+    if not _noted:
+        _noted = True
+        sys.stderr.write(COMPILE_NOTE)
+        sys.stderr.flush()
+
+
 def _launch(fn, *args):
+    """Call a kernel; on a first call that runs for over a second, say once that it compiles."""
+    key = (fn, args[3].dtype)
+    if key in _seen:
+        return _call(fn, *args)
+    timer = threading.Timer(1.0, _note_compiling)
+    timer.daemon = True
+    timer.start()
+    try:
+        return _call(fn, *args)
+    finally:
+        timer.cancel()
+        _seen.add(key)
+
+
+def _call(fn, *args):
     """Call a parallel kernel; serialized only under the thread-unsafe workqueue layer."""
     global _serialize
     if not _serialize:
@@ -814,7 +886,12 @@ def _head(pre):
     ginv = -inv if pre.maximize else inv  # -(g*s) == g*(-s) exactly
     gclip = math.inf if pre.clip_value is None else pre.clip_value
     wclip = math.inf if pre.weight_clip is None else pre.weight_clip
-    return [ginv, gclip, wclip, inv, 0.0]
+    return [ginv, gclip, wclip, inv, 0.0, 1.0]
+
+
+def _plain_head(inv=1.0, clip=math.inf, wclip=math.inf):
+    """The head of a call that is not a rule step (read pass, scale_, clip_)."""
+    return [inv, clip, wclip, 1.0, 0.0, 1.0]
 
 
 #: The kernel scalars of a call that runs no rule (scale_, clip_): no decay stage.
@@ -852,7 +929,7 @@ def _solve_kernel(rule):
     """
 
     def kernel(params, grads, states, s, pre, extras=None):
-        ginv, gclip, wclip, einv, _ = _head(pre)
+        ginv, gclip, wclip, einv = _head(pre)[:4]
         for t, (p, g, h) in enumerate(zip(params, grads, extras)):
             dt, n = p.dtype.type, p.size
             x = g * dt(ginv)
@@ -923,7 +1000,7 @@ class NumbaOps(Ops):
     name = BACKEND
     xp = np
 
-    def _each_dtype(self, entry, arrays, factors, head):
+    def _each_dtype(self, entry, arrays, factors, head, flags=0):
         arrays = list(arrays)
         out = []
         for dt, pos in _by_dtype(arrays):
@@ -935,14 +1012,17 @@ class NumbaOps(Ops):
                 f = np.asarray(factors, np.float64)
                 scales = (f if pos is None else f[pos]).astype(dt)
             res = _launch(entry, _table([(_P, sub), (_G, sub)], n), _sizes(sub, n), scales,
-                          _scalars(dt, head), 0, DATA_OFFSET)
+                          _scalars(dt, head), flags, DATA_OFFSET)
             out.append((pos, res))
         return out
 
-    def _stats(self, arrays, inv, clip, entry=_k_stats):
-        """(n, 2) float64: per tensor sum of clip(a*inv)^2, and nan iff some a*inv is non-finite."""
-        parts = self._each_dtype(entry, arrays, None,
-                                 [inv, math.inf if clip is None else clip, math.inf, 1.0, 0.0])
+    def _stats(self, arrays, inv, clip, exact=True):
+        """(n, 2) float64: per tensor sum of clip(a*inv)^2, and nan iff some a*inv is non-finite.
+
+        ``exact=False``: the unclipped sum only (the flag column is 0), see ``_read_blocks``.
+        """
+        parts = self._each_dtype(_k_read, arrays, None,
+                                 _plain_head(inv, math.inf if clip is None else clip), int(exact))
         if len(parts) == 1:
             return parts[0][1]
         out = np.empty((len(arrays), 2))
@@ -954,7 +1034,7 @@ class NumbaOps(Ops):
         inv = 1.0 if inv_scale is None else inv_scale
         if clip_value is None:
             # fast path: one float64 accumulator; a non-finite sum is re-checked exactly below
-            res = self._stats(grads, inv, None, _k_sumsq)
+            res = self._stats(grads, inv, None, exact=False)
             if np.isfinite(res[:, 0].sum()):
                 res[:, 1] = 0.0
                 check_finite = check_finite and extras is not None
@@ -971,13 +1051,13 @@ class NumbaOps(Ops):
         return (np.ascontiguousarray(res[:, 0]) if need_sumsq else None), finite
 
     def sumsq(self, arrays):
-        return np.ascontiguousarray(self._stats(arrays, 1.0, None)[:, 0])
+        return np.ascontiguousarray(self._stats(arrays, 1.0, None, exact=False)[:, 0])
 
     def scale_(self, arrays, factors):
-        self._each_dtype(_k_scale, arrays, factors, [1.0, math.inf, math.inf, 1.0, 0.0])
+        self._each_dtype(_k_scale, arrays, factors, _plain_head())
 
     def clip_(self, arrays, c):
-        self._each_dtype(_k_clip, arrays, None, [1.0, math.inf, float(c), 1.0, 0.0])
+        self._each_dtype(_k_clip, arrays, None, _plain_head(wclip=float(c)))
 
 
 OPS = NumbaOps()

@@ -190,3 +190,79 @@ def test_newton_runs_without_scipy():
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------ read pass
+
+
+def test_read_pass_does_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(7)
+    sizes = [3, 100_000, 8191, 8193, 0, 70_000]
+    arrays = [(rng.standard_normal(n) * 10 ** rng.uniform(-3, 3, n)).astype(np.float32)
+              for n in sizes]
+    arrays[3][5] = np.inf
+    n = len(arrays)
+    tab = nc._table([(nc._P, arrays), (nc._G, arrays)], n)
+    args = (tab, nc._sizes(arrays, n), np.ones(n, np.float32),
+            nc._scalars(np.dtype(np.float32), nc._plain_head(1.0, 0.5)))
+    want = np.array([[np.dot(np.clip(a, -0.5, 0.5).astype(np.float64),
+                             np.clip(a, -0.5, 0.5).astype(np.float64)),
+                      0.0 if np.isfinite(a).all() else np.nan] for a in arrays]).reshape(n, 2)
+    for exact in (1, 0):
+        runs = [nc._k_read(*args, exact, nc.DATA_OFFSET, threads) for threads in (1, 2, 3, 8)]
+        for r in runs[1:]:
+            np.testing.assert_array_equal(r, runs[0])  # bit for bit
+    exact_run = nc._k_read(*args, 1, nc.DATA_OFFSET, 2)
+    np.testing.assert_allclose(exact_run, want, rtol=1e-12)
+
+
+def test_adahessian_power_one_and_other_powers_match_the_reference():
+    from _cases import assert_parity
+
+    for power in (1.0, 0.5):
+        assert_parity("adahessian", {"lr": 0.1, "hessian_power": power}, (7, 300), np.float32,
+                      "numba")
+
+
+# ------------------------------------------------------------------ warm-up and first use
+
+
+def test_warmup_compiles_and_reports_progress(capsys):
+    seen = []
+    secs = nc.warmup(("float64",), ["sgd", "rmsprop"], True,
+                     lambda d, t, lab: seen.append((d, t, lab)))
+    assert secs >= 0
+    assert [d for d, _, _ in seen] == list(range(len(seen)))
+    assert seen[-1][2] == "done" and seen[-1][0] == seen[-1][1] == 2 + 4 + 2  # sgd, rmsprop variants, read pass, scale+clip
+    labels = [lab for _, _, lab in seen]
+    assert "rmsprop float64 has_momentum centered" in labels
+
+
+def test_public_warmup_checks_its_arguments():
+    with pytest.raises(ValueError, match="rules"):
+        fo.warmup(["adamm"])
+    with pytest.raises(ValueError, match="dtypes"):
+        fo.warmup(["sgd"], ["int8"])
+    assert fo.warmup("sgd", "float64", variants=False) >= 0
+
+
+def test_cli_warmup_and_first_use_note(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), FASTOPT_NUMBA_CACHE="1")
+    code = textwrap.dedent("""
+        import numpy as np, fastopt as fo
+        for cls in (fo.SGD, fo.Lion):
+            p = [np.ones(10, np.float32)]
+            cls(p, lr=0.1).step([np.ones(10, np.float32)])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("fastopt: compiling") == 1  # cold cache: said once, not per kernel
+    r = subprocess.run([sys.executable, "-m", "fastopt", "warmup", "--rules", "sgd",
+                        "--dtypes", "float32", "--no-variants"], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "numba kernels ready" in r.stdout and "compiling [" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "fastopt", "warmup", "--rules", "nope"], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 2 and "rules" in r.stderr
