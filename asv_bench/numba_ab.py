@@ -26,6 +26,7 @@ def _parse():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--n", type=int, default=16_777_216)
+    ap.add_argument("--rules", default="adam,sgd,sgd-momentum,adamw,adagrad,adahessian")
     return ap.parse_args()
 
 
@@ -68,6 +69,10 @@ CASES = [("adam", {}), ("sgd", {}), ("sgd", {"momentum": 0.9}), ("adamw", {}),
          ("adagrad", {}), ("adahessian", {})]
 
 
+def _label(case):
+    return case[0] + ("-momentum" if case[1].get("momentum") else "")
+
+
 def main():
     from fastopt._backend import Pre
     from fastopt._rules import RULES
@@ -79,7 +84,8 @@ def main():
           f"{ARGS.threads} threads, median of {ARGS.reps} interleaved pairs")
     rng = np.random.default_rng(0)
     n = ARGS.n
-    for name, opt in CASES:
+    wanted = ARGS.rules.split(",")
+    for name, opt in [c for c in CASES if _label(c) in wanted]:
         rule = RULES[name]
         hp = {**rule.defaults, **opt}
         s, _ = rule.step_scalars(hp, 2, dict(rule.group_state))
