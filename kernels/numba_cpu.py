@@ -147,9 +147,9 @@ _P, _G, _S0, _S1, _S2, _E = range(6)
 _ROWS = 6
 # the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
 # grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
-# unscale, and a zero and a one of the dtype (the bodies use no literals)
-_HEAD_NAMES = ("ginv", "gclip", "wclip", "einv", "zero", "one")
-_GINV, _GCLIP, _WCLIP, _EINV, _ZERO, _ONE = range(len(_HEAD_NAMES))
+# unscale, and a zero of the dtype (the bodies use no literals)
+_HEAD_NAMES = ("ginv", "gclip", "wclip", "einv", "zero")
+_GINV, _GCLIP, _WCLIP, _EINV, _ZERO = range(len(_HEAD_NAMES))
 _HEAD = len(_HEAD_NAMES)
 _NSCALARS = _HEAD + len(KERNEL_SCALARS)
 
@@ -186,6 +186,19 @@ _V_ADAM_AMSGRAD = _variant_bit("adam", "amsgrad")
 _V_RMSPROP_MOMENTUM = _variant_bit("rmsprop", "has_momentum")
 _V_RMSPROP_CENTERED = _variant_bit("rmsprop", "centered")
 assert RULES["adamw"].variants == RULES["adam"].variants  # one body, one variant encoding
+#: A backend-local variant bit, above the rule's own: a ``hessian_power`` that is not 1.
+#: pow is a libm call per element that keeps the loop scalar (AdaHessian ran 6x slower
+#: than Adam); a test of it inside the loop is not hoisted by LLVM, so power 1 (the
+#: default; pow(d, 1) == d exactly) gets its own entry point without the call.
+_V_POW = 1 << 16
+
+
+def _mode(rule, s):
+    """The entry point's variant bits for the step scalars ``s`` (``_ENTRIES`` key)."""
+    v = rule.variant(s)
+    if "hessian_power" in rule.pack and s["hessian_power"] != 1:
+        v |= _V_POW
+    return v
 
 
 def _fingerprint():
@@ -558,10 +571,7 @@ def _lion(i, g, p, m, s1, s2, e, c, f, ts, mode):  # 20 B/elem
 def _adahessian(i, g, p, m, v, s2, e, c, f, ts, mode):  # 32 B/elem: + the Hessian diagonal
     mi, vi = _moments(i, m, v, g, e[i] * c[_EINV], c)
     d = np.sqrt(vi) / c[_S_BC2_SQRT]
-    # pow is a libm call per element that keeps the loop scalar (6x slower than Adam);
-    # pow(d, 1) == d exactly, so the default power 1 skips it (the test on a loop
-    # invariant is hoisted out of the loop: two loops, the power-1 one vectorized)
-    if c[_S_HESSIAN_POWER] != c[_ONE]:
+    if mode & _V_POW:  # power 1 skips the pow call (see _V_POW)
         d = d ** c[_S_HESSIAN_POWER]
     return p - c[_S_STEP_SIZE] * mi / (d + c[_S_EPS])
 
@@ -758,6 +768,13 @@ def _k_adahessian(tab, sizes, scales, cs, flags, deref, threads):
         _apply(_adahessian, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
+@_entry()
+def _k_adahessian_pow(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_adahessian, _V_POW, k, parts, ptr, off, total, scales, cs, flags)
+
+
 @_entry(sums=True)
 def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps.
@@ -826,6 +843,7 @@ _ENTRIES = {
     ("rmsprop", _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM): _k_rmsprop_centered_momentum,
     ("adadelta", 0): _k_adadelta, ("adamax", 0): _k_adamax, ("nadam", 0): _k_nadam,
     ("radam", 0): _k_radam, ("lion", 0): _k_lion, ("adahessian", 0): _k_adahessian,
+    ("adahessian", _V_POW): _k_adahessian_pow,
     ("lamb", 0): _k_lamb,
 }
 
@@ -886,12 +904,12 @@ def _head(pre):
     ginv = -inv if pre.maximize else inv  # -(g*s) == g*(-s) exactly
     gclip = math.inf if pre.clip_value is None else pre.clip_value
     wclip = math.inf if pre.weight_clip is None else pre.weight_clip
-    return [ginv, gclip, wclip, inv, 0.0, 1.0]
+    return [ginv, gclip, wclip, inv, 0.0]
 
 
 def _plain_head(inv=1.0, clip=math.inf, wclip=math.inf):
     """The head of a call that is not a rule step (read pass, scale_, clip_)."""
-    return [inv, clip, wclip, 1.0, 0.0, 1.0]
+    return [inv, clip, wclip, 1.0, 0.0]
 
 
 #: The kernel scalars of a call that runs no rule (scale_, clip_): no decay stage.
@@ -963,7 +981,7 @@ def _fused_kernel(rule):
                 DATA_OFFSET)
         if trust:
             args += (float(s["lr"]),)
-        _launch(_ENTRIES[name, rule.variant(s)], *args)
+        _launch(_ENTRIES[name, _mode(rule, s)], *args)
 
     return kernel
 
@@ -979,6 +997,7 @@ def _check_table():
             continue
         for v in range(1 << len(rule.variants)):
             assert (rule.name, v) in _ENTRIES, (rule.name, v)
+            assert "hessian_power" not in rule.pack or (rule.name, v | _V_POW) in _ENTRIES
         # pass 1 of the trust-ratio driver runs no decay stage: such a rule decays in its body
         assert rule.kind != TRUST_RATIO or rule.weight_decay in ("rule", None), rule.name
 

@@ -215,7 +215,8 @@ _APPLIED = [(nc._sgd, 0), (nc._sgd, nc._V_SGD_MOMENTUM), (nc._adam, 0),
             (nc._adam, nc._V_ADAM_AMSGRAD), (nc._adagrad, 0), (nc._rmsprop, 0),
             (nc._rmsprop, nc._V_RMSPROP_CENTERED | nc._V_RMSPROP_MOMENTUM), (nc._adadelta, 0),
             (nc._adamax, 0), (nc._nadam, 0), (nc._radam, 0), (nc._lion, 0),
-            (nc._adahessian, 0), (nc._lamb_step, 0), (nc._scale, 0), (nc._identity, 0)]
+            (nc._adahessian, 0), (nc._adahessian, nc._V_POW), (nc._lamb_step, 0),
+            (nc._scale, 0), (nc._identity, 0)]
 
 
 def _probe_source():

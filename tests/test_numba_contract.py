@@ -54,7 +54,7 @@ def test_scalar_array_holds_each_value_at_its_name(rule, options):
     for name in r.pack + ("l2", "decay"):
         assert cs[nc._slot(name)] == float(s[name]), name
     if r.kind != _rules.DENSE_SOLVE:
-        assert (rule, r.variant(s)) in nc._ENTRIES
+        assert (rule, nc._mode(r, s)) in nc._ENTRIES
 
 
 def test_every_variant_of_every_fused_rule_has_an_entry_point():
@@ -63,6 +63,8 @@ def test_every_variant_of_every_fused_rule_has_an_entry_point():
             continue
         for v in range(1 << len(r.variants)):
             assert (r.name, v) in nc._ENTRIES, (r.name, v)
+            if "hessian_power" in r.pack:
+                assert (r.name, v | nc._V_POW) in nc._ENTRIES, (r.name, v)
 
 
 def test_no_branch_on_a_rule_name():
