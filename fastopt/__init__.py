@@ -11,9 +11,11 @@ from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, Ada
                      Newton, Optimizer, RAdam, RMSprop)
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
+from ._warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
-           "functional", "precision", "quantization", "schedules", "save", "load", "__version__"]
+           "functional", "precision", "quantization", "schedules", "save", "load", "warmup",
+           "__version__"]

@@ -57,5 +57,8 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=help_)
         p.set_defaults(func=fn)
     _add_app_commands(sub)
+    from ._warmup import register as register_warmup
+
+    register_warmup(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

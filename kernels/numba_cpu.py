@@ -6,17 +6,40 @@ Layout
   ``@njit(inline="always")`` function of one element that returns the new
   parameter value and writes the rule's state.  Its math repeats
   ``kernels/reference.py`` operation for operation, in the same order, so a
-  float64 step agrees with the reference to the last bits.
+  float64 step agrees with the reference to the last bits.  The Adam-family
+  moment update is written once (``_moments``) and shared by every body that
+  keeps the two moments.
 * Two drivers, written once and shared by every rule: ``_apply`` (the update
-  pass: the pipeline of SPEC section 4 around the body, then ``weight_clip``)
-  and ``_reduce`` (a read pass that sums two float64 values per tensor: the
-  gradient norms and non-finite flag, ``sumsq``, LAMB's ``|p|`` and ``|r|``).
-* One thin ``parallel=True`` entry point per rule and memory variant
-  (``_k_adam``, ``_k_adam_amsgrad``, ...) that runs a driver with the rule's
-  body.  Variants are flags of the one body: the flags that decide which arrays
-  are touched (amsgrad, momentum, centered) are a constant of the entry point,
-  so they fold away and the loop vectorizes; the others (nesterov, RAdam's
-  rectification, the first SGD step, decoupled decay) are runtime scalars.
+  pass: the step pipeline of ``docs/design.md`` around the body -- unscale,
+  maximize, clip, the norm-clip factor, the weight-decay stage -- then
+  ``weight_clip``) and ``_reduce`` (LAMB's first pass: the moments, and the
+  float64 sums of ``p^2`` and ``r^2`` per tensor).
+* The read pass of the pipeline (the non-finite check, the gradient norms,
+  ``sumsq``) is ``_k_read`` over fixed blocks of ``_BLOCK`` elements: its sums
+  are the same bits for any thread count, and its loop vectorizes (at or
+  above the speed of a BLAS ``dot`` over the same bytes).
+* The weight-decay stage (``Rule.weight_decay``) lives in ``_apply``, not in
+  the bodies: L2 adds ``l2 * p`` to the grad only where ``l2 != 0`` (``0 * inf``
+  is nan: an inf param must stay inf, as on the reference), decoupled decay
+  multiplies the param by ``decay`` (1 when off, and ``p * 1 == p`` exactly).
+* One thin ``parallel=True`` entry point per rule and variant (``_k_adam``,
+  ``_k_adam_amsgrad``, ...) that runs a driver with the rule's body.  The
+  variants (``Rule.variants``: the flags that decide which arrays are touched)
+  are a constant of the entry point, so they fold away and the loop
+  vectorizes; the other flags (nesterov, RAdam's rectification) are one
+  runtime bitmask.  ``_ENTRIES`` maps ``(rule, variant)`` to the entry point
+  and the rule's kind (``Rule.kind``) picks the host driver; no code here
+  branches on a rule's name.
+
+Scalars and flags
+-----------------
+Every call passes one scalar array: the pipeline head (``_GINV`` ...
+``_ZERO``) followed by the full ``fastopt._rules.KERNEL_SCALARS`` vector of
+the step (``Rule.kernel_scalars``).  A body reads a value by its name's slot,
+``c[_S_BETA1]``; the slot constants are computed from
+``KERNEL_SCALAR_SLOT`` at import, so no position is written twice.  The flags
+are ``Rule.kernel_flags`` (bit ``KERNEL_FLAG_BIT[name]``), tested with the
+``_F_*`` masks; the variant bits (``Rule.variant``) with the ``_V_*`` masks.
 
 Multi-tensor
 ------------
@@ -33,6 +56,10 @@ per list).  The kernel reads each array's data pointer out of the
 import by probing a known array); where the probe fails the table holds
 ``a.ctypes.data`` instead.  Nothing is cached between steps, so there is
 nothing to invalidate: the optimizer's lists are re-read every call.
+
+Newton (``Rule.kind == "dense_solve"``) has no fused kernel: its small dense
+solves run on the host with NumPy (``np.linalg.solve`` inside ``njit`` would
+need scipy, which the ``numba`` extra does not install).
 
 Types
 -----
@@ -57,9 +84,14 @@ fork-safe: a process forked after a step must not step with this backend.
 
 Compilation and caching
 -----------------------
-Kernels compile lazily, per (rule, dtype), on first use.  They are cached on
-disk (``cache=True``, Numba's ``__pycache__`` next to this file or its
-user-wide cache directory) unless ``FASTOPT_NUMBA_CACHE=0``.  The known
+Kernels compile lazily, per (rule, variant, dtype), on first use: a first
+Adam step compiles ``_k_read`` and ``_k_adam`` (about 5 and 7 s on a 2-core
+machine; loading both from the cache about 1 s, nearly all of it Numba's own
+start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
+ahead of time, and a first call that runs for over a second says once on
+stderr that it is compiling (``COMPILE_NOTE``).  They are
+cached on disk (Numba's ``__pycache__`` next to this file, ``NUMBA_CACHE_DIR``
+or its user-wide cache directory) unless ``FASTOPT_NUMBA_CACHE=0``.  The known
 ``parallel=True`` + ``cache=True`` problems were checked against this layout:
 a cached *non*-parallel function calling a parallel one segfaults when loaded
 (numba#8578): every cached entry point here is itself the parallel function and
@@ -67,18 +99,31 @@ calls no other parallel function; a cache written with another
 ``NUMBA_NUM_THREADS`` crashed (numba#7518, fixed in 0.55 by numba#7625; the
 thread count is read at run time here); factory-made closures over jitted
 functions get a new cache key every process (numba#6264) so the entry points
-are plain module-level functions that name their body as a global; the cache
-is invalidated by this file's timestamp only, so every body lives in this
-file.  Left open: several processes compiling the same kernel into an empty
-cache at the same moment (numba#4807) -- warm the cache once (``warmup()``)
-before starting many workers, or set ``FASTOPT_NUMBA_CACHE=0``.
+are plain module-level functions that name their body as a global.
+
+Numba keys a cached kernel on the *source of this file* (a hash of it) and
+the entry point's bytecode, not on the values of the globals it folded in.
+The slot and flag constants come from ``fastopt._rules``: had the vocabulary
+changed there with this file untouched, Numba would load kernels that read
+the wrong slots.  So every entry point's cache stamp also carries
+``FINGERPRINT``, a hash of everything this module derives from
+``_rules`` (the scalar and flag vocabularies, the head layout, each rule's
+variants, states and kind): a changed fingerprint makes the cached index stale
+and the kernel recompiles (``_FingerprintCache``).  Where Numba's cache
+internals are not as expected, caching is switched off (``CACHE_ERROR`` says
+why) rather than risk stale code.  Left open: several processes compiling the
+same kernel into an empty cache at the same moment (numba#4807) -- warm the
+cache once (``warmup()``) before starting many workers, or set
+``FASTOPT_NUMBA_CACHE=0``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import os
+import sys
 import threading
 
 import numba
@@ -86,9 +131,11 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._backend import Ops, register_kernel
-from .._rules import RULES
+from .._rules import (DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNEL_FLAGS, KERNEL_SCALAR_SLOT,
+                      KERNEL_SCALARS, RULES, TRUST_RATIO)
 
 BACKEND = "numba"
 
@@ -102,17 +149,133 @@ MIN_PER_THREAD = 32768
 # which also keeps the compile time down (each parfor is a gufunc compiled apart)
 _PARALLEL = dict(prange=True, comprehension=False, setitem=False, reduction=False, numpy=False,
                  stencil=False, fusion=False, inplace_binop=False)
-_JIT = dict(parallel=_PARALLEL, nogil=True, cache=CACHE)
-_JIT_SUM = dict(_JIT, fastmath={"reassoc"})
 
 # rows of the operand table
 _P, _G, _S0, _S1, _S2, _E = range(6)
 _ROWS = 6
-# the pipeline scalars at the head of every scalar array (SPEC section 4)
-_GINV, _GCLIP, _WCLIP, _EINV, _ZERO = range(5)
-_HEAD = 5
-_NSCALARS = 16  # head + the rule's scalars, zero padded
-_NFLAGS = 2
+# the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
+# grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
+# unscale, and a zero of the dtype (the bodies use no literals)
+_HEAD_NAMES = ("ginv", "gclip", "wclip", "einv", "zero")
+_GINV, _GCLIP, _WCLIP, _EINV, _ZERO = range(len(_HEAD_NAMES))
+_HEAD = len(_HEAD_NAMES)
+_NSCALARS = _HEAD + len(KERNEL_SCALARS)
+
+
+def _slot(name):
+    """The position of the kernel scalar ``name`` in a call's scalar array."""
+    return _HEAD + KERNEL_SCALAR_SLOT[name]
+
+
+_S_LR, _S_L2, _S_DECAY, _S_EPS = _slot("lr"), _slot("l2"), _slot("decay"), _slot("eps")
+_S_BETA1, _S_ONE_MINUS_BETA1 = _slot("beta1"), _slot("one_minus_beta1")
+_S_BETA2, _S_ONE_MINUS_BETA2 = _slot("beta2"), _slot("one_minus_beta2")
+_S_STEP_SIZE, _S_BC1, _S_BC2_SQRT = _slot("step_size"), _slot("bc1"), _slot("bc2_sqrt")
+_S_MOMENTUM, _S_MOMENTUM_KEEP = _slot("momentum"), _slot("momentum_keep")
+_S_MOMENTUM_GAIN = _slot("momentum_gain")
+_S_ALPHA, _S_ONE_MINUS_ALPHA = _slot("alpha"), _slot("one_minus_alpha")
+_S_RHO, _S_ONE_MINUS_RHO = _slot("rho"), _slot("one_minus_rho")
+_S_CLR, _S_C_GRAD, _S_C_AVG = _slot("clr"), _slot("c_grad"), _slot("c_avg")
+_S_HESSIAN_POWER, _S_WEIGHT_DECAY = _slot("hessian_power"), _slot("weight_decay")
+
+# runtime flags (Rule.kernel_flags bits)
+_F_NESTEROV = 1 << KERNEL_FLAG_BIT["nesterov"]
+_F_RECTIFY = 1 << KERNEL_FLAG_BIT["rectify"]
+
+
+def _variant_bit(rule, flag):
+    """The bit of ``Rule.variant`` that says ``flag`` is on for ``rule``."""
+    return 1 << RULES[rule].variants.index(flag)
+
+
+# variant bits (Rule.variant): constants of an entry point
+_V_SGD_MOMENTUM = _variant_bit("sgd", "has_momentum")
+_V_ADAM_AMSGRAD = _variant_bit("adam", "amsgrad")
+_V_RMSPROP_MOMENTUM = _variant_bit("rmsprop", "has_momentum")
+_V_RMSPROP_CENTERED = _variant_bit("rmsprop", "centered")
+assert RULES["adamw"].variants == RULES["adam"].variants  # one body, one variant encoding
+#: A backend-local variant bit, above the rule's own: a ``hessian_power`` that is not 1.
+#: pow is a libm call per element that keeps the loop scalar (AdaHessian ran 6x slower
+#: than Adam); a test of it inside the loop is not hoisted by LLVM, so power 1 (the
+#: default; pow(d, 1) == d exactly) gets its own entry point without the call.
+_V_POW = 1 << 16
+
+
+def _mode(rule, s):
+    """The entry point's variant bits for the step scalars ``s`` (``_ENTRIES`` key)."""
+    v = rule.variant(s)
+    if "hessian_power" in rule.pack and s["hessian_power"] != 1:
+        v |= _V_POW
+    return v
+
+
+def _fingerprint():
+    """A hash of everything the compiled kernels take from ``fastopt._rules`` (see above)."""
+    rules = sorted((r.name, r.kind, r.variants, r.flags, r.all_state, r.extra, r.extra_shape,
+                    r.weight_decay) for r in RULES.values())
+    text = repr((KERNEL_SCALARS, KERNEL_FLAGS, _HEAD_NAMES, _ROWS, rules))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+FINGERPRINT = _fingerprint()
+CACHE_ERROR = None  # why the on-disk cache is off, when it is off for a reason other than the env
+
+
+def _fingerprint_cache_class():
+    """Numba's ``FunctionCache`` with ``FINGERPRINT`` added to every index stamp."""
+    from numba.core.caching import FunctionCache
+
+    class _Stamped:
+        """A cache locator whose source stamp also carries the fingerprint."""
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def get_source_stamp(self):
+            return (self._inner.get_source_stamp(), "fastopt", FINGERPRINT)
+
+    class _FingerprintImpl(FunctionCache._impl_class):
+        def __init__(self, py_func):
+            super().__init__(py_func)
+            self._locator = _Stamped(self._locator)
+
+    class _FingerprintCache(FunctionCache):
+        _impl_class = _FingerprintImpl
+
+    return _FingerprintCache
+
+
+try:
+    _FingerprintCache = _fingerprint_cache_class()
+except Exception as e:  # noqa: BLE001 -- numba's internals moved: no cache rather than a stale one
+    _FingerprintCache = None
+    CACHE_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _cached(dispatcher):
+    """Turn on the fingerprinted on-disk cache for a jitted entry point (when allowed)."""
+    global CACHE_ERROR
+    if not CACHE or _FingerprintCache is None:
+        return dispatcher
+    try:
+        cache = _FingerprintCache(dispatcher.py_func)
+        if cache._impl.locator.get_source_stamp()[-1] != FINGERPRINT:
+            raise RuntimeError("the cache stamp does not carry the fingerprint")
+        dispatcher._cache = cache
+    except Exception as e:  # noqa: BLE001 -- no writable cache dir, or numba internals moved
+        CACHE_ERROR = f"{type(e).__name__}: {e}"
+    return dispatcher
+
+
+def _entry(sums=False):
+    """The decorator of an entry point: parallel, nogil, fingerprint-cached."""
+    opts = dict(parallel=_PARALLEL, nogil=True)
+    if sums:
+        opts["fastmath"] = {"reassoc"}
+    return lambda fn: _cached(njit(**opts)(fn))
 
 
 # ------------------------------------------------------------------ raw memory
@@ -203,6 +366,14 @@ def _clip(x, c):
 
 
 @njit(inline="always")
+def _maximum(a, b):
+    # as np.maximum: a nan in either argument is the result (Python's max drops a nan b)
+    if a != a:
+        return a
+    return a if a > b else b
+
+
+@njit(inline="always")
 def _range(k, parts, off, total, t):
     """The elements ``[a, b)`` of tensor ``t`` that part ``k`` covers.
 
@@ -222,19 +393,6 @@ def _views(ptr, t, n, z):
             numba.carray(_as_ptr(ptr[_S2, t], z), n), numba.carray(_as_ptr(ptr[_E, t], z), n))
 
 
-# Tuples cannot enter a parallel region (they would be gufunc arguments), so each
-# part builds its scalar and flag tuples from the arrays.
-@njit(inline="always")
-def _scalar_tuple(cs):
-    return (cs[0], cs[1], cs[2], cs[3], cs[4], cs[5], cs[6], cs[7],
-            cs[8], cs[9], cs[10], cs[11], cs[12], cs[13], cs[14], cs[15])
-
-
-@njit(inline="always")
-def _flag_tuple(fs):
-    return (fs[0] != 0, fs[1] != 0)
-
-
 @njit(inline="always")
 def _tensors(k, parts, off, total):
     """The first tensor of part ``k`` and the end of the part."""
@@ -242,31 +400,42 @@ def _tensors(k, parts, off, total):
     return np.searchsorted(off, lo, side="right") - 1, total * (k + 1) // parts
 
 
+# Tuples cannot enter a parallel region (they would be gufunc arguments), so each
+# part turns the scalar array into a tuple itself: its values are then plain SSA
+# values that LLVM keeps in registers, where loads from ``cs`` inside the loop
+# might alias the params being written and would be repeated every element.
 @njit(inline="always")
-def _apply(body, mode, k, parts, ptr, off, total, scales, cs, fs):
-    """Part ``k`` of the update pass: SPEC section 4 steps 1, 3-8 around ``body``.
+def _apply(body, mode, k, parts, ptr, off, total, scales, cs, f):
+    """Part ``k`` of the update pass: the step pipeline around ``body``.
 
+    Unscale, maximize and clip_value (``_GINV``, ``_GCLIP``), the norm-clip
+    factor ``scales[t]``, the weight-decay stage, the body, ``weight_clip``.
     ``mode`` is a constant of the calling entry point (the variants that change
     which arrays are touched); it folds away, so each loop is branch-free.
     """
     n = off.shape[0] - 1
     t, hi = _tensors(k, parts, off, total)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    l2, decay = c[_S_L2], c[_S_DECAY]
+    use_l2 = l2 != c[_ZERO]
     while t < n and off[t] < hi:
         a, b = _range(k, parts, off, total, t)
         p, g, s0, s1, s2, e = _views(ptr, t, off[t + 1] - off[t], cs[0])
-        c = _scalar_tuple(cs)
-        f = _flag_tuple(fs)
         ts = scales[t]
         # unsigned indices: a signed one costs a negative-index wraparound per
         # access, which keeps LLVM from vectorizing the loop
         for i in range(np.uint64(a), np.uint64(b)):
             x = _clip(g[i] * c[_GINV], c[_GCLIP]) * ts
-            p[i] = _clip(body(i, x, p[i], s0, s1, s2, e, c, f, ts, mode), c[_WCLIP])
+            pi = p[i]
+            if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
+                x = x + l2 * pi
+            pi = pi * decay  # decoupled decay; decay = 1 leaves every p (inf, nan) as it is
+            p[i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, ts, mode), c[_WCLIP])
         t += 1
 
 
 @njit(inline="always")
-def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, fs, acc):
+def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     """Part ``k`` of a read pass: ``acc[k, t]`` = the float64 sums of the pair ``body`` returns.
 
     ``body`` gets the *unclipped* scaled grad ``g * c[_GINV]`` and finishes the
@@ -274,11 +443,10 @@ def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, fs, acc):
     """
     n = off.shape[0] - 1
     t, hi = _tensors(k, parts, off, total)
+    c = to_fixed_tuple(cs, _NSCALARS)
     while t < n and off[t] < hi:
         a, b = _range(k, parts, off, total, t)
         p, g, s0, s1, s2, e = _views(ptr, t, off[t + 1] - off[t], cs[0])
-        c = _scalar_tuple(cs)
-        f = _flag_tuple(fs)
         ts = scales[t]
         u = 0.0
         w = 0.0
@@ -293,164 +461,140 @@ def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, fs, acc):
 
 @njit(inline="always")
 def _grad(x, c, ts):
-    """Steps 4-6 on an unscaled grad, as ``_apply`` does them."""
+    """The clip_value and norm-clip steps on an unscaled grad, as ``_apply`` does them."""
     return _clip(x, c[_GCLIP]) * ts
 
 
 # ------------------------------------------------------------------ rule bodies
 # body(i, g, p, s0, s1, s2, e, c, f, ts, mode) -> new p.  g is the grad after the
-# pipeline, p the param; s0..s2 are the rule's states in the order of
-# Rule.all_state; c[_HEAD:] are the rule's scalars and f its runtime flags in the
-# order _PACK lists them; mode is the entry point's constant.  Each expression
-# keeps the reference's order of operations.  Weight decay is always applied
-# (wd = 0 adds +-0): a flag would only be one more branch.
+# pipeline and the L2 stage, p the param after the decoupled-decay stage; s0..s2 are
+# the rule's states in the order of Rule.all_state; c is the scalar tuple (read by
+# name: c[_S_...]), f the runtime flag bits (_F_...), mode the entry point's variant
+# bits (_V_...).  Each expression keeps the reference's order of operations.
 
 
 @njit(inline="always")
-def _sgd(i, g, p, buf, s1, s2, e, c, f, ts, mode):  # 8 B/elem (+8 with momentum)
-    lr, wd, mu, keep, gain = c[5], c[6], c[7], c[8], c[9]
-    g = g + wd * p
-    if mode:  # momentum; at t=1 keep=0, gain=1 make b = g
-        b = keep * buf[i] + gain * g
+def _moments(i, m, v, g, x, c):
+    """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*x*x (x = g, or AdaHessian's D); returns (m, v)."""
+    mi = c[_S_BETA1] * m[i] + c[_S_ONE_MINUS_BETA1] * g
+    vi = c[_S_BETA2] * v[i] + c[_S_ONE_MINUS_BETA2] * x * x
+    m[i] = mi
+    v[i] = vi
+    return mi, vi
+
+
+@njit(inline="always")
+def _sgd(i, g, p, buf, s1, s2, e, c, f, ts, mode):  # 12 B/elem (+8 with momentum)
+    if mode & _V_SGD_MOMENTUM:  # at t=1 keep=0, gain=1 make b = g
+        b = c[_S_MOMENTUM_KEEP] * buf[i] + c[_S_MOMENTUM_GAIN] * g
         buf[i] = b
-        g = g + mu * b if f[0] else b  # f[0]: nesterov
-    return p - lr * g
+        g = g + c[_S_MOMENTUM] * b if f & _F_NESTEROV else b
+    return p - c[_S_LR] * g
 
 
 @njit(inline="always")
 def _adam(i, g, p, m, v, vmax, e, c, f, ts, mode):  # 28 B/elem (+8 with amsgrad)
-    b1, b1c, b2, b2c, eps, wd, step_size, bc2_sqrt, decay = (c[5], c[6], c[7], c[8], c[9],
-                                                             c[10], c[11], c[12], c[13])
-    p = p * decay      # AdamW's decoupled decay (decay = 1 for Adam)
-    g = g + wd * p     # Adam's L2 decay (wd = 0 for AdamW)
-    mi = b1 * m[i] + b1c * g
-    vi = b2 * v[i] + b2c * g * g
-    m[i] = mi
-    v[i] = vi
-    if mode:  # amsgrad
-        vi = max(vmax[i], vi)
+    mi, vi = _moments(i, m, v, g, g, c)
+    if mode & _V_ADAM_AMSGRAD:
+        vi = _maximum(vmax[i], vi)
         vmax[i] = vi
     # sqrt(v / bc2) as sqrt(v) / sqrt(bc2), as torch.optim.Adam and the reference
-    return p - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+    return p - c[_S_STEP_SIZE] * mi / (np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS])
 
 
 @njit(inline="always")
 def _adagrad(i, g, p, acc, s1, s2, e, c, f, ts, mode):  # 20 B/elem
-    clr, eps, wd = c[5], c[6], c[7]
-    g = g + wd * p
     a = acc[i] + g * g
     acc[i] = a
-    return p - clr * g / (np.sqrt(a) + eps)
+    return p - c[_S_CLR] * g / (np.sqrt(a) + c[_S_EPS])
 
 
 @njit(inline="always")
 def _rmsprop(i, g, p, sq, buf, gavg, e, c, f, ts, mode):  # 20 B/elem (+8 momentum, +8 centered)
-    lr, alpha, alpha1, eps, wd, mu = c[5], c[6], c[7], c[8], c[9], c[10]
-    g = g + wd * p
+    alpha, alpha1, eps = c[_S_ALPHA], c[_S_ONE_MINUS_ALPHA], c[_S_EPS]
     v = alpha * sq[i] + alpha1 * g * g
     sq[i] = v
-    if mode & 2:  # centered
+    if mode & _V_RMSPROP_CENTERED:
         a = alpha * gavg[i] + alpha1 * g
         gavg[i] = a
         d = np.sqrt(v - a * a) + eps
     else:
         d = np.sqrt(v) + eps
-    if mode & 1:  # momentum
-        b = mu * buf[i] + g / d
+    if mode & _V_RMSPROP_MOMENTUM:
+        b = c[_S_MOMENTUM] * buf[i] + g / d
         buf[i] = b
-        return p - lr * b
-    return p - lr * g / d
+        return p - c[_S_LR] * b
+    return p - c[_S_LR] * g / d
 
 
 @njit(inline="always")
 def _adadelta(i, g, p, sq, acc, s2, e, c, f, ts, mode):  # 28 B/elem
-    lr, rho, rho1, eps, wd = c[5], c[6], c[7], c[8], c[9]
-    g = g + wd * p
+    rho, rho1, eps = c[_S_RHO], c[_S_ONE_MINUS_RHO], c[_S_EPS]
     v = rho * sq[i] + rho1 * g * g
     sq[i] = v
     u = acc[i]
     delta = np.sqrt(u + eps) / np.sqrt(v + eps) * g
     acc[i] = rho * u + rho1 * delta * delta
-    return p - lr * delta
+    return p - c[_S_LR] * delta
 
 
 @njit(inline="always")
 def _adamax(i, g, p, m, u, s2, e, c, f, ts, mode):  # 28 B/elem
-    b1, b1c, b2, eps, wd, clr = c[5], c[6], c[7], c[8], c[9], c[10]
-    g = g + wd * p
-    mi = b1 * m[i] + b1c * g
+    # m alone: the infinity norm takes the place of v (u = max(b2*u, |g| + eps))
+    mi = c[_S_BETA1] * m[i] + c[_S_ONE_MINUS_BETA1] * g
     m[i] = mi
-    ui = max(b2 * u[i], abs(g) + eps)
+    ui = _maximum(c[_S_BETA2] * u[i], abs(g) + c[_S_EPS])
     u[i] = ui
-    return p - clr * mi / ui
+    return p - c[_S_CLR] * mi / ui
 
 
 @njit(inline="always")
 def _nadam(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
-    b1, b1c, b2, b2c, eps, wd, bc2_sqrt, c_grad, c_avg = (c[5], c[6], c[7], c[8], c[9],
-                                                          c[10], c[11], c[12], c[13])
-    g = g + wd * p
-    mi = b1 * m[i] + b1c * g
-    vi = b2 * v[i] + b2c * g * g
-    m[i] = mi
-    v[i] = vi
-    denom = np.sqrt(vi) / bc2_sqrt + eps
-    p = p - c_grad * g / denom
-    return p - c_avg * mi / denom
+    mi, vi = _moments(i, m, v, g, g, c)
+    denom = np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS]
+    p = p - c[_S_C_GRAD] * g / denom
+    return p - c[_S_C_AVG] * mi / denom
 
 
 @njit(inline="always")
 def _radam(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
-    b1, b1c, b2, b2c, eps, wd, step_size = c[5], c[6], c[7], c[8], c[9], c[10], c[11]
-    g = g + wd * p
-    mi = b1 * m[i] + b1c * g
-    vi = b2 * v[i] + b2c * g * g
-    m[i] = mi
-    v[i] = vi
-    if f[0]:  # rectified (rho_t > 5)
-        return p - step_size * mi / (np.sqrt(vi) + eps)
-    return p - step_size * mi
+    mi, vi = _moments(i, m, v, g, g, c)
+    if f & _F_RECTIFY:  # rho_t > 5
+        return p - c[_S_STEP_SIZE] * mi / (np.sqrt(vi) + c[_S_EPS])
+    return p - c[_S_STEP_SIZE] * mi
 
 
 @njit(inline="always")
 def _lion(i, g, p, m, s1, s2, e, c, f, ts, mode):  # 20 B/elem
-    lr, b1, b1c, b2, b2c, decay = c[5], c[6], c[7], c[8], c[9], c[10]
-    mi = m[i]
-    u = b1 * mi + b1c * g
+    # not _moments: Lion interpolates with beta1 for the step and beta2 for the state
+    lr, mi = c[_S_LR], m[i]
+    u = c[_S_BETA1] * mi + c[_S_ONE_MINUS_BETA1] * g
     # lr * sign(u): sign(0) = 0 and sign(nan) = nan, as np.sign
     step = lr if u > c[_ZERO] else (-lr if u < c[_ZERO] else lr * u)
-    m[i] = b2 * mi + b2c * g
-    return p * decay - step
+    m[i] = c[_S_BETA2] * mi + c[_S_ONE_MINUS_BETA2] * g
+    return p - step
 
 
 @njit(inline="always")
 def _adahessian(i, g, p, m, v, s2, e, c, f, ts, mode):  # 32 B/elem: + the Hessian diagonal
-    b1, b1c, b2, b2c, eps, wd, step_size, bc2_sqrt, k = (c[5], c[6], c[7], c[8], c[9],
-                                                         c[10], c[11], c[12], c[13])
-    g = g + wd * p
-    d = e[i] * c[_EINV]
-    mi = b1 * m[i] + b1c * g
-    vi = b2 * v[i] + b2c * d * d
-    m[i] = mi
-    v[i] = vi
-    return p - step_size * mi / ((np.sqrt(vi) / bc2_sqrt) ** k + eps)
+    mi, vi = _moments(i, m, v, g, e[i] * c[_EINV], c)
+    d = np.sqrt(vi) / c[_S_BC2_SQRT]
+    if mode & _V_POW:  # power 1 skips the pow call (see _V_POW)
+        d = d ** c[_S_HESSIAN_POWER]
+    return p - c[_S_STEP_SIZE] * mi / (d + c[_S_EPS])
 
 
 @njit(inline="always")
 def _lamb_r(p, mi, vi, c):
-    """LAMB's direction r = m_hat / (sqrt(v_hat) + eps) + wd * p."""
-    eps, wd, bc1, bc2_sqrt = c[9], c[10], c[11], c[12]
-    return (mi / bc1) / (np.sqrt(vi) / bc2_sqrt + eps) + wd * p
+    """LAMB's direction r = m_hat / (sqrt(v_hat) + eps) + wd * p (its own decay, in r)."""
+    return ((mi / c[_S_BC1]) / (np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS])
+            + c[_S_WEIGHT_DECAY] * p)
 
 
 @njit(inline="always")
 def _lamb_moments(i, u, p, m, v, s2, e, c, f, ts, mode):  # pass 1, 28 B/elem: (p^2, r^2)
-    b1, b1c, b2, b2c = c[5], c[6], c[7], c[8]
     g = _grad(u, c, ts)
-    mi = b1 * m[i] + b1c * g
-    vi = b2 * v[i] + b2c * g * g
-    m[i] = mi
-    v[i] = vi
+    mi, vi = _moments(i, m, v, g, g, c)
     r = np.float64(_lamb_r(p, mi, vi, c))
     pd = np.float64(p)
     return pd * pd, r * r
@@ -461,21 +605,52 @@ def _lamb_step(i, g, p, m, v, s2, e, c, f, ts, mode):  # pass 2, 16 B/elem; ts =
     return p - ts * _lamb_r(p, m[i], v[i], c)
 
 
-@njit(inline="always")
-def _stats(i, u, p, s0, s1, s2, e, c, f, ts, mode):  # 4 B/elem
-    """The square of the clipped grad in float64, and u * 0: 0 if u is finite, else nan."""
-    x = np.float64(_clip(u, c[_GCLIP]))
-    return x * x, np.float64(u) * 0.0
+# The read pass (the non-finite check, the norms) sums fixed blocks of _BLOCK
+# elements of each tensor: every block is summed by the same code wherever a part
+# boundary falls, and the block sums of a tensor are added in block order, so the
+# result does not depend on the thread count (nor on timing).  Inside a block the
+# loop vectorizes (fastmath "reassoc": several independent accumulators; inf and
+# nan semantics kept).
+_BLOCK = 8192
 
 
 @njit(inline="always")
-def _sumsq(i, u, p, s0, s1, s2, e, c, f, ts, mode):  # 4 B/elem
-    """The square of the unclipped grad in float64 only: one accumulator, half the work of
-    ``_stats``.  An inf or nan in ``u`` makes the sum inf or nan, so this also serves as the
-    non-finite check when no clip_value hides one (the caller re-checks exactly on a
-    non-finite sum, since a finite float64 beyond 1e154 overflows when squared)."""
-    x = np.float64(u)
-    return x * x, 0.0
+def _read_blocks(k, parts, ptr, off, boff, cs, exact, out):
+    """Part ``k``: ``out[j]`` = (sum of clip(g*ginv)^2, sum of g*ginv*0) over block ``j``.
+
+    Without ``exact`` only the first sum, of the *unclipped* squares: an inf or nan
+    makes it inf or nan, which is the non-finite check when no clip_value hides
+    one (the caller re-checks exactly when it is not finite: a finite float64
+    beyond 1e154 overflows when squared).  The second sum is 0 when every
+    ``g*ginv`` is finite and nan otherwise.
+    """
+    nb = boff[boff.shape[0] - 1]
+    j, hi = nb * k // parts, nb * (k + 1) // parts
+    t = np.searchsorted(boff, j, side="right") - 1
+    c = to_fixed_tuple(cs, _NSCALARS)
+    ginv, gclip = c[_GINV], c[_GCLIP]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        n = off[t + 1] - off[t]
+        g = numba.carray(_as_ptr(ptr[_G, t], cs[0]), n)
+        a = (j - boff[t]) * _BLOCK
+        b = min(a + _BLOCK, n)
+        u = 0.0
+        w = 0.0
+        if exact:
+            for i in range(np.uint64(a), np.uint64(b)):
+                x = g[i] * ginv
+                y = np.float64(_clip(x, gclip))
+                u += y * y
+                w += np.float64(x) * 0.0
+        else:
+            for i in range(np.uint64(a), np.uint64(b)):
+                y = np.float64(g[i] * ginv)
+                u += y * y
+        out[j, 0] = u
+        out[j, 1] = w
+        j += 1
 
 
 @njit(inline="always")
@@ -489,125 +664,135 @@ def _identity(i, g, p, s0, s1, s2, e, c, f, ts, mode):  # 8 B/elem (clip_: _appl
 
 
 # ------------------------------------------------------------------ entry points
-# One parallel entry point per (body, mode): a template instantiation, five
+# One parallel entry point per (body, variant): a template instantiation, five
 # lines each.  They cannot be made by a factory: a closure over a jitted body
 # gets a new cache key in every process (numba#6264), and a cached function must
-# itself be the parallel one (numba#8578).  The mode must be a constant inside
-# the prange loop to fold away, hence one entry per mode.
+# itself be the parallel one (numba#8578).  The variant must be a constant inside
+# the prange loop to fold away, hence one entry per variant.
 
 
-@njit(**_JIT)
-def _k_sgd(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_sgd(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_sgd, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_sgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_sgd_momentum(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_sgd_momentum(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_sgd, 1, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_sgd, _V_SGD_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_adam(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_adam(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_adam, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_adam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_adam_amsgrad(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_adam_amsgrad(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_adam, 1, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_adam, _V_ADAM_AMSGRAD, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_adagrad(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_adagrad(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_adagrad, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_adagrad, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_rmsprop(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_rmsprop(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_rmsprop, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_rmsprop, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_rmsprop_momentum(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_rmsprop_momentum(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_rmsprop, 1, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_rmsprop, _V_RMSPROP_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_rmsprop_centered(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_rmsprop_centered(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_rmsprop, 2, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_rmsprop, _V_RMSPROP_CENTERED, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_rmsprop_centered_momentum(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_rmsprop_centered_momentum(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_rmsprop, 3, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_rmsprop, _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_adadelta(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_adadelta(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_adadelta, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_adadelta, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_adamax(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_adamax(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_adamax, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_adamax, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_nadam(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_nadam(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_nadam, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_nadam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_radam(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_radam(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_radam, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_radam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_lion(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_lion(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_lion, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_lion, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT)
-def _k_adahessian(tab, sizes, scales, cs, fs, deref, threads):
+@_entry()
+def _k_adahessian(tab, sizes, scales, cs, flags, deref, threads):
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     for k in prange(parts):
-        _apply(_adahessian, 0, k, parts, ptr, off, total, scales, cs, fs)
+        _apply(_adahessian, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
-@njit(**_JIT_SUM)
-def _k_lamb(tab, sizes, scales, cs, fs, deref, threads, lr):
-    """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps."""
+@_entry()
+def _k_adahessian_pow(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_adahessian, _V_POW, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry(sums=True)
+def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
+    """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps.
+
+    ``lr`` is a float64: ``lr * trust`` is rounded to the dtype once per tensor.
+    """
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
-        _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, fs, acc)
+        _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
     coef = np.empty_like(scales)
     for t in range(sizes.shape[0]):
         pn = math.sqrt(acc[:, t, 0].sum())
@@ -615,66 +800,60 @@ def _k_lamb(tab, sizes, scales, cs, fs, deref, threads, lr):
         trust = pn / rn if pn > 0.0 and rn > 0.0 else 1.0
         coef[t] = lr * trust  # one rounding to the dtype per tensor
     for k in prange(parts):
-        _apply(_lamb_step, 0, k, parts, ptr, off, total, coef, cs, fs)
+        _apply(_lamb_step, 0, k, parts, ptr, off, total, coef, cs, flags)
 
 
-@njit(**_JIT_SUM)
-def _k_stats(tab, sizes, scales, cs, fs, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    acc = np.zeros((parts, sizes.shape[0], 2))
-    for k in prange(parts):
-        _reduce(_stats, 0, k, parts, ptr, off, total, scales, cs, fs, acc)
-    return acc.sum(axis=0)
+@_entry(sums=True)
+def _k_read(tab, sizes, scales, cs, flags, deref, threads):
+    """The read pass: per tensor (sum of squares, non-finite flag), see ``_read_blocks``.
 
-
-@njit(**_JIT_SUM)
-def _k_sumsq(tab, sizes, scales, cs, fs, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    acc = np.zeros((parts, sizes.shape[0], 2))
-    for k in prange(parts):
-        _reduce(_sumsq, 0, k, parts, ptr, off, total, scales, cs, fs, acc)
-    return acc.sum(axis=0)
-
-
-@njit(**_JIT)
-def _k_scale(tab, sizes, scales, cs, fs, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    for k in prange(parts):
-        _apply(_scale, 0, k, parts, ptr, off, total, scales, cs, fs)
-
-
-@njit(**_JIT)
-def _k_clip(tab, sizes, scales, cs, fs, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    for k in prange(parts):
-        _apply(_identity, 0, k, parts, ptr, off, total, scales, cs, fs)
-
-
-@njit(nogil=True, cache=CACHE)
-def _k_newton(tab, sizes, cs, deref, lr, damping):
-    """Newton: per tensor, ``p -= lr * solve(H + damping*I, g)`` through LAPACK ``?gesv``.
-
-    Serial: SPEC section 5 calls these small problems (n*n Hessians); one
-    tensor is one LAPACK call (np.linalg.solve inside njit, as the reference
-    does it, so both factorize the same way).  ``cs[_HEAD]`` is this tensor's
-    norm-clip scale.
+    ``flags`` is 1 for the exact pass (clipped squares and the flag), 0 for the
+    one-accumulator pass.  4 B/elem.
     """
-    ptr = _pointers(tab, deref)
-    z = cs[0]
-    for t in range(sizes.shape[0]):
-        n = sizes[t]
-        p = numba.carray(_as_ptr(ptr[_P, t], z), n)
-        g = numba.carray(_as_ptr(ptr[_G, t], z), n)
-        h = numba.carray(_as_ptr(ptr[_E, t], z), (n, n))
-        x = np.empty_like(p)
-        for i in range(n):
-            x[i] = _clip(g[i] * cs[_GINV], cs[_GCLIP]) * cs[_HEAD]
-        a = h * cs[_EINV]
-        for i in range(n):
-            a[i, i] += damping
-        d = np.linalg.solve(a, x)
-        for i in range(n):
-            p[i] = _clip(p[i] - lr * d[i], cs[_WCLIP])
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    n = sizes.shape[0]
+    boff = np.zeros(n + 1, np.int64)
+    for t in range(n):
+        boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
+    out = np.empty((boff[n], 2))
+    for k in prange(parts):
+        _read_blocks(k, parts, ptr, off, boff, cs, flags != 0, out)
+    res = np.zeros((n, 2))
+    for t in range(n):
+        for j in range(boff[t], boff[t + 1]):
+            res[t, 0] += out[j, 0]
+            res[t, 1] += out[j, 1]
+    return res
+
+
+@_entry()
+def _k_scale(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_scale, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_clip(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_identity, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+#: (rule, Rule.variant bits) -> the entry point of an elementwise or trust-ratio rule.
+_ENTRIES = {
+    ("sgd", 0): _k_sgd, ("sgd", _V_SGD_MOMENTUM): _k_sgd_momentum,
+    ("adam", 0): _k_adam, ("adam", _V_ADAM_AMSGRAD): _k_adam_amsgrad,
+    ("adamw", 0): _k_adam, ("adamw", _V_ADAM_AMSGRAD): _k_adam_amsgrad,
+    ("adagrad", 0): _k_adagrad,
+    ("rmsprop", 0): _k_rmsprop, ("rmsprop", _V_RMSPROP_MOMENTUM): _k_rmsprop_momentum,
+    ("rmsprop", _V_RMSPROP_CENTERED): _k_rmsprop_centered,
+    ("rmsprop", _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM): _k_rmsprop_centered_momentum,
+    ("adadelta", 0): _k_adadelta, ("adamax", 0): _k_adamax, ("nadam", 0): _k_nadam,
+    ("radam", 0): _k_radam, ("lion", 0): _k_lion, ("adahessian", 0): _k_adahessian,
+    ("adahessian", _V_POW): _k_adahessian_pow,
+    ("lamb", 0): _k_lamb,
+}
 
 
 # ------------------------------------------------------------------ host side
@@ -683,7 +862,37 @@ _LOCK = threading.Lock()
 _serialize = True  # until the first launch tells which threading layer Numba chose
 
 
+_seen = set()  # (entry point, dtype) pairs launched in this process
+_noted = False
+
+COMPILE_NOTE = ("fastopt: compiling the numba kernels of this step (first use only: they are "
+                "cached on disk; `python -m fastopt warmup` compiles them ahead of time)\n")
+
+
+def _note_compiling():
+    global _noted
+    if not _noted:
+        _noted = True
+        sys.stderr.write(COMPILE_NOTE)
+        sys.stderr.flush()
+
+
 def _launch(fn, *args):
+    """Call a kernel; on a first call that runs for over a second, say once that it compiles."""
+    key = (fn, args[3].dtype)
+    if key in _seen:
+        return _call(fn, *args)
+    timer = threading.Timer(1.0, _note_compiling)
+    timer.daemon = True
+    timer.start()
+    try:
+        return _call(fn, *args)
+    finally:
+        timer.cancel()
+        _seen.add(key)
+
+
+def _call(fn, *args):
     """Call a parallel kernel; serialized only under the thread-unsafe workqueue layer."""
     global _serialize
     if not _serialize:
@@ -698,7 +907,7 @@ def _launch(fn, *args):
 
 
 def _head(pre):
-    """The pipeline scalars of SPEC section 4 (cast to the dtype by ``_scalars``)."""
+    """The pipeline scalars (``_HEAD_NAMES``), cast to the dtype by ``_scalars``."""
     inv = 1.0 if pre.inv_scale is None else pre.inv_scale
     ginv = -inv if pre.maximize else inv  # -(g*s) == g*(-s) exactly
     gclip = math.inf if pre.clip_value is None else pre.clip_value
@@ -706,76 +915,22 @@ def _head(pre):
     return [ginv, gclip, wclip, inv, 0.0]
 
 
-def _adam_pack(s, decoupled):
-    return [s["beta1"], 1 - s["beta1"], s["beta2"], 1 - s["beta2"], s["eps"],
-            0.0 if decoupled else s["weight_decay"], s["step_size"], s["bc2_sqrt"],
-            s["decay"] if decoupled else 1.0]
+def _plain_head(inv=1.0, clip=math.inf, wclip=math.inf):
+    """The head of a call that is not a rule step (read pass, scale_, clip_)."""
+    return [inv, clip, wclip, 1.0, 0.0]
 
 
-def _sgd_pack(s):
-    first = s["first_step"]
-    return [s["lr"], s["weight_decay"], s["momentum"], 0.0 if first else s["momentum"],
-            1.0 if first else 1 - s["dampening"]]
+#: The kernel scalars of a call that runs no rule (scale_, clip_): no decay stage.
+_NO_RULE = [0.0] * len(KERNEL_SCALARS)
+_NO_RULE[KERNEL_SCALAR_SLOT["decay"]] = 1.0
 
 
-# rule -> (entry point for the scalars s, the rule's scalars, runtime flags).  The
-# scalars are Python floats computed in double (1 - beta too, as in the reference).
-_PACK = {
-    "sgd": (lambda s: _k_sgd_momentum if s["momentum"] != 0 else _k_sgd,
-            _sgd_pack, lambda s: [s["nesterov"]]),
-    "adam": (lambda s: _k_adam_amsgrad if s["amsgrad"] else _k_adam,
-             lambda s: _adam_pack(s, False), lambda s: []),
-    "adamw": (lambda s: _k_adam_amsgrad if s["amsgrad"] else _k_adam,
-              lambda s: _adam_pack(s, True), lambda s: []),
-    "adagrad": (lambda s: _k_adagrad, lambda s: [s["clr"], s["eps"], s["weight_decay"]],
-                lambda s: []),
-    "rmsprop": (lambda s: (_k_rmsprop, _k_rmsprop_momentum, _k_rmsprop_centered,
-                           _k_rmsprop_centered_momentum)[(s["momentum"] > 0) + 2 * s["centered"]],
-                lambda s: [s["lr"], s["alpha"], 1 - s["alpha"], s["eps"], s["weight_decay"],
-                           s["momentum"]],
-                lambda s: []),
-    "adadelta": (lambda s: _k_adadelta,
-                 lambda s: [s["lr"], s["rho"], 1 - s["rho"], s["eps"], s["weight_decay"]],
-                 lambda s: []),
-    "adamax": (lambda s: _k_adamax,
-               lambda s: [s["beta1"], 1 - s["beta1"], s["beta2"], s["eps"], s["weight_decay"],
-                          s["clr"]],
-               lambda s: []),
-    "nadam": (lambda s: _k_nadam,
-              lambda s: [s["beta1"], 1 - s["beta1"], s["beta2"], 1 - s["beta2"], s["eps"],
-                         s["weight_decay"], s["bc2_sqrt"], s["c_grad"], s["c_avg"]],
-              lambda s: []),
-    "radam": (lambda s: _k_radam,
-              lambda s: [s["beta1"], 1 - s["beta1"], s["beta2"], 1 - s["beta2"], s["eps"],
-                         s["weight_decay"], s["step_size"]],
-              lambda s: [s["rectify"]]),
-    "lion": (lambda s: _k_lion,
-             lambda s: [s["lr"], s["beta1"], 1 - s["beta1"], s["beta2"], 1 - s["beta2"],
-                        s["decay"]],
-             lambda s: []),
-    "lamb": (lambda s: _k_lamb,
-             lambda s: [s["beta1"], 1 - s["beta1"], s["beta2"], 1 - s["beta2"], s["eps"],
-                        s["weight_decay"], s["bc1"], s["bc2_sqrt"]],
-             lambda s: []),
-    "adahessian": (lambda s: _k_adahessian,
-                   lambda s: [s["beta1"], 1 - s["beta1"], s["beta2"], 1 - s["beta2"], s["eps"],
-                              s["weight_decay"], s["step_size"], s["bc2_sqrt"],
-                              s["hessian_power"]],
-                   lambda s: []),
-}
-
-
-def _scalars(dt, values):
-    """The scalar array of a call, in the kernel's dtype (dtype-pure kernels)."""
-    cs = np.zeros(_NSCALARS, dt)
-    cs[:len(values)] = values
+def _scalars(dt, head, values=_NO_RULE):
+    """The scalar array of a call (head + kernel scalars), in the kernel's dtype."""
+    cs = np.empty(_NSCALARS, dt)
+    cs[:_HEAD] = head
+    cs[_HEAD:] = values
     return cs
-
-
-def _flags(values):
-    fs = np.zeros(_NFLAGS, np.int64)
-    fs[:len(values)] = values
-    return fs
 
 
 def _table(rows, n):
@@ -790,40 +945,72 @@ def _sizes(arrays, n):
     return np.fromiter(map(len, arrays), np.int64, n)
 
 
-def _newton_kernel(params, grads, states, s, pre, extras=None):
-    n = len(params)
-    dt = params[0].dtype
-    tab = _table([(_P, params), (_G, grads), (_E, extras)], n)
-    sizes = _sizes(params, n)
-    for t in range(n):  # the norm-clip scale is per tensor: one call each
-        head = _head(pre) + [1.0 if pre.scales is None else float(pre.scales[t])]
-        _k_newton(np.ascontiguousarray(tab[:, t:t + 1]), sizes[t:t + 1], _scalars(dt, head),
-                  DATA_OFFSET, dt.type(s["lr"]), dt.type(s["damping"]))
+def _solve_kernel(rule):
+    """A dense-solve rule (Newton) on the host, in the reference's pipeline order.
+
+    Per tensor: the grad through unscale, maximize, clip_value and its norm-clip
+    factor; ``p -= lr * solve(H * inv_scale + damping * I, g)``; ``weight_clip``.
+    NumPy's LAPACK does the solve: ``np.linalg.solve`` inside ``njit`` would need
+    scipy, which the ``numba`` extra does not install.
+    """
+
+    def kernel(params, grads, states, s, pre, extras=None):
+        ginv, gclip, wclip, einv = _head(pre)[:4]
+        for t, (p, g, h) in enumerate(zip(params, grads, extras)):
+            dt, n = p.dtype.type, p.size
+            x = g * dt(ginv)
+            np.clip(x, -dt(gclip), dt(gclip), out=x)
+            if pre.scales is not None:
+                x *= dt(pre.scales[t])
+            a = h.reshape(n, n) * dt(einv) + dt(s["damping"]) * np.eye(n, dtype=p.dtype)
+            p -= dt(s["lr"]) * np.linalg.solve(a, x)
+            np.clip(p, -dt(wclip), dt(wclip), out=p)
+
+    return kernel
 
 
-def _make_kernel(rule_name):
-    slots = RULES[rule_name].all_state
-    entry_of, pack, flags = _PACK[rule_name]
-    lamb = rule_name == "lamb"
+def _fused_kernel(rule):
+    """An elementwise or trust-ratio rule: one entry point call per step (``_ENTRIES``)."""
+    slots = rule.all_state
+    extra_row = rule.extra is not None and rule.extra_shape == "param"
+    trust = rule.kind == TRUST_RATIO
+    name = rule.name
 
     def kernel(params, grads, states, s, pre, extras=None):
         n = len(params)
         dt = params[0].dtype
         rows = [(_P, params), (_G, grads)]
-        rows += [(_S0 + k, states[name]) for k, name in enumerate(slots) if name in states]
-        if extras is not None:
+        rows += [(_S0 + k, states[st]) for k, st in enumerate(slots) if st in states]
+        if extra_row:
             rows.append((_E, extras))
         args = (_table(rows, n), _sizes(params, n),
                 np.ones(n, dt) if pre.scales is None else np.asarray(pre.scales, dt),
-                _scalars(dt, _head(pre) + pack(s)), _flags(flags(s)), DATA_OFFSET)
-        if lamb:
-            _launch(lambda *a: _k_lamb(*a, float(s["lr"])), *args)
-        else:
-            _launch(entry_of(s), *args)
+                _scalars(dt, _head(pre), rule.kernel_scalars(s)), rule.kernel_flags(s),
+                DATA_OFFSET)
+        if trust:
+            args += (float(s["lr"]),)
+        _launch(_ENTRIES[name, _mode(rule, s)], *args)
 
-    kernel.__name__ = f"{rule_name}_numba"
-    kernel.__doc__ = f"The fused {rule_name} step (see fastopt.kernels.numba_cpu)."
     return kernel
+
+
+#: Rule.kind -> the host driver that makes the rule's kernel.
+_DRIVERS = {ELEMENTWISE: _fused_kernel, TRUST_RATIO: _fused_kernel, DENSE_SOLVE: _solve_kernel}
+
+
+def _check_table():
+    """Every fused rule has an entry for each variant; the stages are the driver's."""
+    for rule in RULES.values():
+        if rule.kind == DENSE_SOLVE:
+            continue
+        for v in range(1 << len(rule.variants)):
+            assert (rule.name, v) in _ENTRIES, (rule.name, v)
+            assert "hessian_power" not in rule.pack or (rule.name, v | _V_POW) in _ENTRIES
+        # pass 1 of the trust-ratio driver runs no decay stage: such a rule decays in its body
+        assert rule.kind != TRUST_RATIO or rule.weight_decay in ("rule", None), rule.name
+
+
+_check_table()
 
 
 def _by_dtype(arrays):
@@ -840,7 +1027,7 @@ class NumbaOps(Ops):
     name = BACKEND
     xp = np
 
-    def _each_dtype(self, entry, arrays, factors, head):
+    def _each_dtype(self, entry, arrays, factors, head, flags=0):
         arrays = list(arrays)
         out = []
         for dt, pos in _by_dtype(arrays):
@@ -852,14 +1039,17 @@ class NumbaOps(Ops):
                 f = np.asarray(factors, np.float64)
                 scales = (f if pos is None else f[pos]).astype(dt)
             res = _launch(entry, _table([(_P, sub), (_G, sub)], n), _sizes(sub, n), scales,
-                          _scalars(dt, head), _flags([]), DATA_OFFSET)
+                          _scalars(dt, head), flags, DATA_OFFSET)
             out.append((pos, res))
         return out
 
-    def _stats(self, arrays, inv, clip, entry=_k_stats):
-        """(n, 2) float64: per tensor sum of clip(a*inv)^2, and nan iff some a*inv is non-finite."""
-        parts = self._each_dtype(entry, arrays, None,
-                                 [inv, math.inf if clip is None else clip, math.inf, 1.0, 0.0])
+    def _stats(self, arrays, inv, clip, exact=True):
+        """(n, 2) float64: per tensor sum of clip(a*inv)^2, and nan iff some a*inv is non-finite.
+
+        ``exact=False``: the unclipped sum only (the flag column is 0), see ``_read_blocks``.
+        """
+        parts = self._each_dtype(_k_read, arrays, None,
+                                 _plain_head(inv, math.inf if clip is None else clip), int(exact))
         if len(parts) == 1:
             return parts[0][1]
         out = np.empty((len(arrays), 2))
@@ -871,7 +1061,7 @@ class NumbaOps(Ops):
         inv = 1.0 if inv_scale is None else inv_scale
         if clip_value is None:
             # fast path: one float64 accumulator; a non-finite sum is re-checked exactly below
-            res = self._stats(grads, inv, None, _k_sumsq)
+            res = self._stats(grads, inv, None, exact=False)
             if np.isfinite(res[:, 0].sum()):
                 res[:, 1] = 0.0
                 check_finite = check_finite and extras is not None
@@ -888,54 +1078,80 @@ class NumbaOps(Ops):
         return (np.ascontiguousarray(res[:, 0]) if need_sumsq else None), finite
 
     def sumsq(self, arrays):
-        return np.ascontiguousarray(self._stats(arrays, 1.0, None)[:, 0])
+        return np.ascontiguousarray(self._stats(arrays, 1.0, None, exact=False)[:, 0])
 
     def scale_(self, arrays, factors):
-        self._each_dtype(_k_scale, arrays, factors, [1.0, math.inf, math.inf, 1.0, 0.0])
+        self._each_dtype(_k_scale, arrays, factors, _plain_head())
 
     def clip_(self, arrays, c):
-        self._each_dtype(_k_clip, arrays, None, [1.0, math.inf, float(c), 1.0, 0.0])
+        self._each_dtype(_k_clip, arrays, None, _plain_head(wclip=float(c)))
 
 
 OPS = NumbaOps()
 
-for _name in RULES:
-    register_kernel(_name, BACKEND, _newton_kernel if _name == "newton" else _make_kernel(_name))
-del _name
+
+def _register():
+    for rule in RULES.values():
+        kernel = _DRIVERS[rule.kind](rule)
+        kernel.__name__ = f"{rule.name}_numba"
+        kernel.__doc__ = f"The fused {rule.name} step (see fastopt.kernels.numba_cpu)."
+        register_kernel(rule.name, BACKEND, kernel)
 
 
-def warmup(dtypes=("float32", "float64"), rules=None, variants=True):
+_register()
+
+
+def warmup_jobs(dtypes=("float32", "float64"), rules=None, variants=True):
+    """The ``(label, run)`` pairs that ``warmup`` runs: one per kernel it compiles."""
+    from .._backend import Pre, get_kernel
+
+    jobs = []
+    for dt in map(np.dtype, dtypes):
+        z = lambda dt=dt: np.zeros(3, dt)  # noqa: E731
+        for name in rules or RULES:
+            rule = RULES[name]
+            flags = rule.variants if variants else ()
+            for v in range(1 << len(flags)):
+                hp = {**rule.defaults, **{f: bool(v >> k & 1) for k, f in enumerate(flags)}}
+                if hp.get("has_momentum") and not hp.get("momentum"):
+                    hp["momentum"] = 0.9  # the variant flag of SGD and RMSprop is momentum > 0
+                hp.pop("has_momentum", None)
+                states = {k: [z()] for k, _ in rule.state(hp)}
+                extras = None
+                if rule.extra is not None:
+                    shape = rule.extra_shape_of((3,), 3)
+                    extras = [np.eye(3, dtype=dt).reshape(-1) if len(shape) == 2 else z()]
+                s, _ = rule.step_scalars(hp, 1, dict(rule.group_state))
+                on = [f for k, f in enumerate(flags) if v >> k & 1]
+                label = " ".join([name, dt.name] + on)
+                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z:
+                             get_kernel(name, BACKEND)([z()], [z()], states, s, Pre(), extras)))
+        jobs.append((f"grad checks {dt.name}", lambda z=z: (
+            OPS.grad_stats([z()], None, inv_scale=None, clip_value=None, need_sumsq=True,
+                           check_finite=True),
+            OPS.grad_stats([z()], None, inv_scale=None, clip_value=1.0, need_sumsq=True,
+                           check_finite=True))))
+        jobs.append((f"max_norm and clip {dt.name}",
+                     lambda z=z: (OPS.scale_([z()], np.ones(1)), OPS.clip_([z()], 1.0))))
+    return jobs
+
+
+def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=None):
     """Compile (or load from the cache) the kernels for ``dtypes``; returns the seconds taken.
 
-    ``rules``: the rule names (default all); ``variants``: also the amsgrad,
-    momentum and centered variants.  Run it once before starting many
+    ``rules``: the rule names (default all); ``variants``: also the variants
+    (amsgrad, momentum, centered); ``progress(done, total, label)`` is called
+    before each kernel and once at the end.  Run it once before starting many
     processes that share a cold cache (numba#4807).
     """
     import time
 
-    from .._backend import Pre, get_kernel
-
-    options = {"sgd": [{}, {"momentum": 0.9}], "adam": [{}, {"amsgrad": True}],
-               "rmsprop": [{}, {"momentum": 0.9}, {"centered": True},
-                           {"momentum": 0.9, "centered": True}]}
+    jobs = warmup_jobs(dtypes, rules, variants)
     t0 = time.perf_counter()
-    for dt in map(np.dtype, dtypes):
-        for name in rules or RULES:
-            rule = RULES[name]
-            for opt in (options.get(name, [{}]) if variants else [{}]):
-                hp = {**rule.defaults, **opt}
-                states = {k: [np.zeros(3, dt)] for k, _ in rule.state(hp)}
-                extras = None
-                if name == "newton":
-                    extras = [np.eye(3, dtype=dt).reshape(-1)]
-                elif rule.extra is not None:
-                    extras = [np.zeros(3, dt)]
-                s, _ = rule.scalars(hp, 1, dict(rule.group_state))
-                get_kernel(name, BACKEND)([np.zeros(3, dt)], [np.zeros(3, dt)], states, s, Pre(),
-                                          extras)
-        for clip in (None, 1.0):  # the one-accumulator fast path and the exact pass
-            OPS.grad_stats([np.zeros(3, dt)], None, inv_scale=None, clip_value=clip, need_sumsq=True,
-                           check_finite=True)
-        OPS.scale_([np.zeros(3, dt)], np.ones(1))
-        OPS.clip_([np.zeros(3, dt)], 1.0)
+    for k, (label, run) in enumerate(jobs):
+        if progress is not None:
+            progress(k, len(jobs), label)
+        run()
+    if progress is not None:
+        progress(len(jobs), len(jobs), "done")
     return time.perf_counter() - t0

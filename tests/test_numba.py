@@ -211,18 +211,20 @@ def _double_ops(llvm_ir):
     return [ln.strip() for ln in llvm_ir.splitlines() if _DOUBLE_OP.search(ln)]
 
 
-_APPLIED = [(nc._sgd, 0), (nc._sgd, 1), (nc._adam, 0), (nc._adam, 1), (nc._adagrad, 0),
-            (nc._rmsprop, 0), (nc._rmsprop, 3), (nc._adadelta, 0), (nc._adamax, 0),
-            (nc._nadam, 0), (nc._radam, 0), (nc._lion, 0), (nc._adahessian, 0),
-            (nc._lamb_step, 0), (nc._scale, 0), (nc._identity, 0)]
+_APPLIED = [(nc._sgd, 0), (nc._sgd, nc._V_SGD_MOMENTUM), (nc._adam, 0),
+            (nc._adam, nc._V_ADAM_AMSGRAD), (nc._adagrad, 0), (nc._rmsprop, 0),
+            (nc._rmsprop, nc._V_RMSPROP_CENTERED | nc._V_RMSPROP_MOMENTUM), (nc._adadelta, 0),
+            (nc._adamax, 0), (nc._nadam, 0), (nc._radam, 0), (nc._lion, 0),
+            (nc._adahessian, 0), (nc._adahessian, nc._V_POW), (nc._lamb_step, 0),
+            (nc._scale, 0), (nc._identity, 0)]
 
 
 def _probe_source():
     """One serial function running the shared update loop (``_apply``) with every body."""
-    lines = ["def probe(ptr, off, total, scales, cs, fs):"]
+    lines = ["def probe(ptr, off, total, scales, cs, flags):"]
     for body, mode in _APPLIED:
         lines.append(f"    _apply({body.py_func.__name__}, {mode}, 0, 1, ptr, off, total, "
-                     f"scales, cs, fs)")
+                     f"scales, cs, flags)")
     return "\n".join(lines)
 
 
@@ -231,7 +233,7 @@ def test_float32_update_loops_have_no_double_arithmetic():
     exec(_probe_source(), ns)
     probe = numba.njit(ns["probe"])
     sig = (numba.int64[:, ::1], numba.int64[::1], numba.int64, numba.float32[::1],
-           numba.float32[::1], numba.int64[::1])
+           numba.float32[::1], numba.int64)
     probe.compile(sig)
     llvm_ir = probe.inspect_llvm(sig)
     assert "@sqrtf(" in llvm_ir and "@llvm.pow.f32" in llvm_ir  # the loops are in there
@@ -268,7 +270,8 @@ def test_kernel_accepts_empty_pre_on_many_tiny_tensors():
     ps = [rng.standard_normal(256).astype(np.float32) for _ in range(1000)]
     gs = [rng.standard_normal(256).astype(np.float32) for _ in range(1000)]
     want = [p - np.float32(0.1) * g for p, g in zip(ps, gs)]
-    s, _ = fo._rules.RULES["sgd"].scalars({**fo._rules.RULES["sgd"].defaults, "lr": 0.1}, 1, {})
+    s, _ = fo._rules.RULES["sgd"].step_scalars({**fo._rules.RULES["sgd"].defaults, "lr": 0.1}, 1,
+                                               {})
     fo._backend.get_kernel("sgd", "numba")(ps, gs, {}, s, Pre())
     for p, w in zip(ps, want):
         np.testing.assert_array_equal(p, w)

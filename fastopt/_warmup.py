@@ -1,0 +1,77 @@
+"""``fastopt.warmup``: compile the numba backend's kernels ahead of the first step."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def warmup(rules=None, dtypes=("float32", "float64"), *, variants=True, progress=False) -> float:
+    """Compile (or load from the on-disk cache) the numba kernels; returns the seconds taken.
+
+    ``rules``: rule names (``"adam"``, ...; default every rule); ``dtypes``: the
+    param dtypes to compile for; ``variants``: also amsgrad, momentum and
+    centered; ``progress``: draw a progress line on stderr.  The first step of
+    a rule otherwise compiles its kernels on the spot (seconds, once per
+    install: they are cached on disk).  Run it once before starting many
+    worker processes that share one cold cache.
+    """
+    import numpy as np
+
+    from ._backend import get_ops
+    from ._rules import RULES
+
+    rules = list(RULES) if rules is None else [rules] if isinstance(rules, str) else list(rules)
+    for r in rules:
+        if r not in RULES:
+            raise ValueError(f"rules: expected names among {sorted(RULES)}, got {r!r}")
+    dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+    for d in dtypes:
+        try:
+            ok = np.dtype(d) in (np.dtype(np.float32), np.dtype(np.float64))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"dtypes: expected 'float32' and/or 'float64', got {d!r}")
+    get_ops("numba")  # a clear RuntimeError when numba is unavailable
+    from .kernels import numba_cpu
+
+    return numba_cpu.warmup([np.dtype(d).name for d in dtypes], rules, variants,
+                            _bar if progress else None)
+
+
+_T0 = [0.0]
+
+
+def _bar(done, total, label):
+    if done == 0:
+        _T0[0] = time.perf_counter()
+    width = 24
+    fill = width * done // max(total, 1)
+    line = (f"\rcompiling [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+            f"{time.perf_counter() - _T0[0]:5.1f}s  {label:32.32}")
+    sys.stderr.write(line + ("\n" if done == total else ""))
+    sys.stderr.flush()
+
+
+def _cmd(args) -> int:
+    dt = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    rules = None if args.rules in (None, "all") else [r.strip() for r in args.rules.split(",")]
+    try:
+        secs = warmup(rules, dt, variants=not args.no_variants,
+                      progress=not args.no_progress)
+    except (ValueError, RuntimeError) as e:
+        print(f"python -m fastopt warmup: {e}", file=sys.stderr)
+        return 2
+    print(f"numba kernels ready in {secs:.1f} s")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("warmup", help="compile the numba kernels now (cached on disk)")
+    p.add_argument("--rules", default="all", help="comma-separated rule names (default: all)")
+    p.add_argument("--dtypes", default="float32,float64", help="comma-separated dtypes")
+    p.add_argument("--no-variants", action="store_true",
+                   help="only the plain kernel of each rule (no amsgrad/momentum/centered)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.set_defaults(func=_cmd)
