@@ -15,9 +15,11 @@ BatchNorm (``x`` as ``(N, C, S)``)
     function of N only, never of the thread count), one float64 partial per
     (block, channel), then add the blocks in block order: the result is
     deterministic and the same for every ``NUMBA_NUM_THREADS``.  Loops run n,
-    c, s, so memory is read in order for both (N, C) and (N, C, H, W).
-    Forward: 3 reads + 1 write of the batch (mean, variance, apply); backward:
-    4 reads + 1 write (the two sums, then dx).
+    c, s, so memory is read in order for both (N, C) and (N, C, H, W); (N, C)
+    inputs (S = 1) have their own 2-D kernels whose innermost loop runs over the
+    channels and vectorizes.  Forward: 2 reads + 1 write of an (N, C) batch
+    (cache-blocked two-pass statistics, apply), 3 reads + 1 write otherwise;
+    backward: 4 reads + 1 write (the two sums, then dx).
 Dropout
     ``random_bits(seed, step, i)`` of ``fastopt.precision`` transcribed with
     u64 arithmetic: the step key is computed on the host once per call, each
@@ -40,6 +42,8 @@ _JIT = dict(parallel=True, nogil=True, cache=CACHE)
 
 #: at most this many row blocks per reduction (partials: blocks * C float64)
 MAX_BLOCKS = 64
+#: elements of one row block of an (N, C) reduction: kept in cache between its two passes
+BLOCK_ELEMENTS = 1 << 15
 #: elements per parallel chunk of the element-wise passes
 CHUNK = 1 << 16
 
@@ -87,9 +91,55 @@ def _k_sum(x3, centre, nblocks):
     return out
 
 
+@njit(**_JIT)
+def _k_moments2(x, rows):
+    """(N, C) input: two-pass mean and M2 per block of ``rows`` rows (the second pass
+    re-reads the block from cache), then Chan's merge of the blocks in block order."""
+    n, c = x.shape
+    nblocks = (n + rows - 1) // rows
+    mu = np.zeros((nblocks, c), dtype=np.float64)
+    m2 = np.zeros((nblocks, c), dtype=np.float64)
+    for b in prange(nblocks):
+        lo = b * rows
+        hi = min(n, lo + rows)
+        mb = mu[b]
+        qb = m2[b]
+        for i in range(lo, hi):
+            for j in range(c):
+                mb[j] += np.float64(x[i, j])
+        inv = 1.0 / (hi - lo)
+        for j in range(c):
+            mb[j] *= inv
+        for i in range(lo, hi):
+            for j in range(c):
+                d = np.float64(x[i, j]) - mb[j]
+                qb[j] += d * d
+    mean = mu[0].copy()
+    q = m2[0].copy()
+    na = min(n, rows)
+    for b in range(1, nblocks):  # fixed order: deterministic
+        nbk = min(n, (b + 1) * rows) - b * rows
+        tot = na + nbk
+        w = nbk / tot
+        ww = na * w
+        for j in range(c):
+            d = mu[b, j] - mean[j]
+            mean[j] += d * w
+            q[j] += m2[b, j] + d * d * ww
+        na = tot
+    return mean, q / n
+
+
 def bn_moments(x3):
-    """Per-channel ``(mean, biased variance)``, float64, two-pass (see the reference)."""
+    """Per-channel ``(mean, biased variance)``, float64, two-pass (see the reference).
+
+    ``(N, C)`` inputs: two-pass within blocks of rows small enough to stay in cache,
+    merged with Chan et al.'s pairwise update -- one read of x from memory.
+    Otherwise two passes over x.
+    """
     n, c, s = x3.shape
+    if s == 1:
+        return _k_moments2(x3.reshape(n, c), max(1, BLOCK_ELEMENTS // c))
     m = n * s
     nb = _blocks(n)
     mean = _k_sum(x3, None, nb) / m
@@ -109,9 +159,21 @@ def _k_apply(x3, mean, scale, beta, out):
                 out[i, j, k] = (np.float64(x3[i, j, k]) - m) * sc + be
 
 
+@njit(**_JIT)
+def _k_apply2(x, mean, scale, beta, out):
+    n, c = x.shape
+    for i in prange(n):
+        for j in range(c):
+            out[i, j] = (np.float64(x[i, j]) - mean[j]) * scale[j] + beta[j]
+
+
 def bn_apply(x3, mean, scale, beta, out):
     """``out = (x - mean) * scale + beta`` per channel (float64 math, one rounding)."""
-    _k_apply(x3, mean, scale, beta, out)
+    n, c, s = x3.shape
+    if s == 1:  # channels innermost: the loop over them vectorizes
+        _k_apply2(x3.reshape(n, c), mean, scale, beta, out.reshape(n, c))
+    else:
+        _k_apply(x3, mean, scale, beta, out)
 
 
 @njit(**_JIT)
@@ -142,9 +204,35 @@ def _k_backward_sums(x3, dy3, mean, invstd, nblocks):
     return sdy, sdyx
 
 
+@njit(**_JIT)
+def _k_backward_sums2(x, dy, mean, invstd, nblocks):
+    n, c = x.shape
+    part = np.zeros((2, nblocks, c), dtype=np.float64)
+    for b in prange(nblocks):
+        lo = b * n // nblocks
+        hi = (b + 1) * n // nblocks
+        p0 = part[0, b]
+        p1 = part[1, b]
+        for i in range(lo, hi):
+            for j in range(c):
+                g = np.float64(dy[i, j])
+                p0[j] += g
+                p1[j] += g * ((np.float64(x[i, j]) - mean[j]) * invstd[j])
+    sdy = np.zeros(c, dtype=np.float64)
+    sdyx = np.zeros(c, dtype=np.float64)
+    for b in range(nblocks):
+        for j in range(c):
+            sdy[j] += part[0, b, j]
+            sdyx[j] += part[1, b, j]
+    return sdy, sdyx
+
+
 def bn_backward_sums(x3, dy3, mean, invstd):
     """Per-channel ``(sum dy, sum dy * xhat)``, float64."""
-    return _k_backward_sums(x3, dy3, mean, invstd, _blocks(x3.shape[0]))
+    n, c, s = x3.shape
+    if s == 1:
+        return _k_backward_sums2(x3.reshape(n, c), dy3.reshape(n, c), mean, invstd, _blocks(n))
+    return _k_backward_sums(x3, dy3, mean, invstd, _blocks(n))
 
 
 @njit(**_JIT)
@@ -162,9 +250,23 @@ def _k_backward_dx(x3, dy3, mean, invstd, kk, a, b, out):
                 out[i, j, k] = kj * (np.float64(dy3[i, j, k]) - aj - xhat * bj)
 
 
+@njit(**_JIT)
+def _k_backward_dx2(x, dy, mean, invstd, kk, a, b, out):
+    n, c = x.shape
+    for i in prange(n):
+        for j in range(c):
+            xhat = (np.float64(x[i, j]) - mean[j]) * invstd[j]
+            out[i, j] = kk[j] * (np.float64(dy[i, j]) - a[j] - xhat * b[j])
+
+
 def bn_backward_dx(x3, dy3, mean, invstd, k, a, b, out):
     """``out = k * (dy - a - xhat * b)`` per channel (float64 math, one rounding)."""
-    _k_backward_dx(x3, dy3, mean, invstd, k, a, b, out)
+    n, c, s = x3.shape
+    if s == 1:
+        _k_backward_dx2(x3.reshape(n, c), dy3.reshape(n, c), mean, invstd, k, a, b,
+                        out.reshape(n, c))
+    else:
+        _k_backward_dx(x3, dy3, mean, invstd, k, a, b, out)
 
 
 # ------------------------------------------------------------------ Dropout
