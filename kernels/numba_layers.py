@@ -288,14 +288,14 @@ def _bits(key, i):
 def _k_dropout(x, key, threshold, scale, out, chunk):
     n = x.size
     nchunks = (n + chunk - 1) // chunk
+    zero = scale - scale  # +0 of the dtype (scale is finite)
     for b in prange(nchunks):
         lo = b * chunk
         hi = min(n, lo + chunk)
         for i in range(lo, hi):
-            if _bits(key, i) >= threshold:
-                out[i] = x[i] * scale
-            else:
-                out[i] = 0
+            # a select, not a branch: the keep test is a coin flip the predictor cannot learn
+            v = x[i] * scale
+            out[i] = v if _bits(key, i) >= threshold else zero
 
 
 def dropout_apply(x, seed, step, threshold, scale, out):
