@@ -627,6 +627,11 @@ def register(sub) -> None:
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save the loss curves of every optimizer on one figure (matplotlib)")
     p.add_argument("--xor", action="store_true", help="train the small XOR network instead")
+    from .lessons import LESSONS
+
+    p.add_argument("--lesson", choices=tuple(LESSONS), default=None,
+                   help="instead of the optimizer table: one technique's variants side by side "
+                        "(fastopt.apps.lessons); --plot draws its loss curves")
     p.add_argument("--batchnorm", action="store_true",
                    help="BatchNorm on every hidden layer (fastopt.layers)")
     p.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
@@ -688,6 +693,9 @@ def run(args) -> int:
         print(f"error: --backend {args.backend}: {e} (the demo trains on NumPy arrays)",
               file=sys.stderr)
         return 2
+    if args.lesson:
+        from .lessons import run as run_lesson
+        return run_lesson(args.lesson, backend, args.plot)
     xor = args.xor
     sizes = (2, 8, 2) if xor else (64, *args.hidden, 10)
     threads = None
