@@ -5,6 +5,7 @@ the Numba kernels against torch and, for Dropout, bit for bit against the
 reference.  Design notes: ``docs/design.md`` and the ``fastopt.layers`` docstring.
 """
 
+import importlib.util
 import math
 
 import numpy as np
@@ -16,7 +17,9 @@ from fastopt.precision import random_bits
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-BACKENDS = ["numpy", "numba"]
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+BACKENDS = ["numpy", "numba"] if HAVE_NUMBA else ["numpy"]
+needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
 SHAPES = [(16, 5), (4, 3, 5, 6), (3, 4, 7)]
 
 #: (rtol, atol) against torch.  float64: both sides are exact to a few ulps of the
@@ -112,6 +115,7 @@ def test_batch_norm_finite_differences(backend, training):
         np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-7)
 
 
+@needs_numba
 @pytest.mark.parametrize("shape", [(300, 17), (5, 3, 9, 11)])
 def test_batch_norm_numba_matches_reference_and_is_deterministic(shape):
     import numba
@@ -299,6 +303,7 @@ def test_dropout_backward_bad_input():
 # ------------------------------------------------------------------ dispatch
 
 
+@needs_numba
 def test_backends_and_auto(monkeypatch):
     info = layers.backends()
     assert info["numpy"] == {"available": True, "reason": None}
@@ -310,6 +315,7 @@ def test_backends_and_auto(monkeypatch):
     assert layers.batch_norm_forward(x, None, None, None, None)[1].backend.BACKEND == "numba"
 
 
+@needs_numba
 def test_numba_layers_defines_every_jitted_function_it_uses():
     # Numba's cache tracks only the defining file: a helper imported from another
     # module would run stale after that module changed.
@@ -321,6 +327,7 @@ def test_numba_layers_defines_every_jitted_function_it_uses():
     assert jitted and all(f.py_func.__module__ == mod.__name__ for f in jitted)
 
 
+@needs_numba
 @pytest.mark.parametrize("block_rows", [1, 7, 300])
 def test_numba_blocked_moments_merge(monkeypatch, block_rows):
     # (N, C) statistics are two-pass per block of rows, merged pairwise (Chan et al.);
@@ -333,3 +340,12 @@ def test_numba_blocked_moments_merge(monkeypatch, block_rows):
     rmean, rvar = reference_layers.bn_moments(x3)
     np.testing.assert_allclose(mean, rmean, rtol=1e-14)
     np.testing.assert_allclose(var, rvar, rtol=1e-9)
+
+
+def test_an_unavailable_backend_is_reported_with_its_reason(monkeypatch):
+    monkeypatch.setattr(layers, "_FAILED", {})
+    monkeypatch.setitem(layers._BACKEND_MODULES, "broken", "no_such_kernels")
+    info = layers.backends()["broken"]
+    assert not info["available"] and "ModuleNotFoundError" in info["reason"]
+    with pytest.raises(RuntimeError, match="layers backend 'broken' is unavailable"):
+        layers.dropout_forward(np.ones(3), 0.5, 0, 1, backend="broken")
