@@ -17,8 +17,8 @@ BatchNorm (``x`` as ``(N, C, S)``)
     deterministic and the same for every ``NUMBA_NUM_THREADS``.  Loops run n,
     c, s, so memory is read in order for both (N, C) and (N, C, H, W); (N, C)
     inputs (S = 1) have their own 2-D kernels whose innermost loop runs over the
-    channels and vectorizes.  Forward: 2 reads + 1 write of an (N, C) batch
-    (cache-blocked two-pass statistics, apply), 3 reads + 1 write otherwise;
+    channels and vectorizes.  Forward: 2 reads + 1 write of the batch
+    (cache-blocked two-pass statistics, apply);
     backward: 4 reads + 1 write (the two sums, then dx).
 Dropout
     ``random_bits(seed, step, i)`` of ``fastopt.precision`` transcribed with
@@ -39,6 +39,10 @@ BACKEND = "numba"
 
 CACHE = os.environ.get("FASTOPT_NUMBA_CACHE", "1") != "0"
 _JIT = dict(parallel=True, nogil=True, cache=CACHE)
+# the inner sums over s are one dependency chain unless LLVM may reassociate them; the
+# order it picks is fixed at compile time, so results stay the same run to run and for
+# every thread count (not across CPUs with other vector widths)
+_JIT_SUM = dict(_JIT, fastmath={"reassoc"})
 
 #: at most this many row blocks per reduction (partials: blocks * C float64)
 MAX_BLOCKS = 64
@@ -61,34 +65,6 @@ def _blocks(n: int) -> int:
 
 
 # ------------------------------------------------------------------ BatchNorm
-
-
-@njit(**_JIT)
-def _k_sum(x3, centre, nblocks):
-    """Per-channel float64 sums of ``x`` (``centre`` None) or of ``(x - centre)**2``."""
-    n, c, s = x3.shape
-    part = np.zeros((nblocks, c), dtype=np.float64)
-    for b in prange(nblocks):
-        lo = b * n // nblocks
-        hi = (b + 1) * n // nblocks
-        acc = part[b]
-        for i in range(lo, hi):
-            for j in range(c):
-                t = 0.0
-                if centre is None:
-                    for k in range(s):
-                        t += np.float64(x3[i, j, k])
-                else:
-                    m = centre[j]
-                    for k in range(s):
-                        d = np.float64(x3[i, j, k]) - m
-                        t += d * d
-                acc[j] += t
-    out = np.zeros(c, dtype=np.float64)
-    for b in range(nblocks):  # fixed order: deterministic
-        for j in range(c):
-            out[j] += part[b, j]
-    return out
 
 
 @njit(**_JIT)
@@ -130,21 +106,65 @@ def _k_moments2(x, rows):
     return mean, q / n
 
 
+@njit(**_JIT_SUM)
+def _k_moments3(x3, rows):
+    """(N, C, S) input: as ``_k_moments2``, the two passes run over each block's rows
+    while they are in cache; the sums over s of one (row, channel) come first."""
+    n, c, s = x3.shape
+    nblocks = (n + rows - 1) // rows
+    mu = np.zeros((nblocks, c), dtype=np.float64)
+    m2 = np.zeros((nblocks, c), dtype=np.float64)
+    for b in prange(nblocks):
+        lo = b * rows
+        hi = min(n, lo + rows)
+        mb = mu[b]
+        qb = m2[b]
+        for i in range(lo, hi):
+            for j in range(c):
+                t = 0.0
+                for k in range(s):
+                    t += np.float64(x3[i, j, k])
+                mb[j] += t
+        inv = 1.0 / ((hi - lo) * s)
+        for j in range(c):
+            mb[j] *= inv
+        for i in range(lo, hi):
+            for j in range(c):
+                m = mb[j]
+                t = 0.0
+                for k in range(s):
+                    d = np.float64(x3[i, j, k]) - m
+                    t += d * d
+                qb[j] += t
+    mean = mu[0].copy()
+    q = m2[0].copy()
+    na = min(n, rows) * s
+    for b in range(1, nblocks):  # fixed order: deterministic
+        nbk = (min(n, (b + 1) * rows) - b * rows) * s
+        tot = na + nbk
+        w = nbk / tot
+        ww = na * w
+        for j in range(c):
+            d = mu[b, j] - mean[j]
+            mean[j] += d * w
+            q[j] += m2[b, j] + d * d * ww
+        na = tot
+    return mean, q / (n * s)
+
+
 def bn_moments(x3):
     """Per-channel ``(mean, biased variance)``, float64, two-pass (see the reference).
 
-    ``(N, C)`` inputs: two-pass within blocks of rows small enough to stay in cache,
-    merged with Chan et al.'s pairwise update -- one read of x from memory.
-    Otherwise two passes over x.
+    Two-pass within blocks of rows small enough to stay in cache, merged with Chan
+    et al.'s pairwise update -- one read of x from memory.  The blocks depend on the
+    shape only, so the result does not depend on the thread count.
     """
     n, c, s = x3.shape
     if s == 1:
         return _k_moments2(x3.reshape(n, c), max(1, BLOCK_ELEMENTS // c))
-    m = n * s
-    nb = _blocks(n)
-    mean = _k_sum(x3, None, nb) / m
-    var = _k_sum(x3, mean, nb) / m
-    return mean, var
+    # rows per block: the cache budget, but at least enough blocks for the threads to share
+    rows = max(1, min(BLOCK_ELEMENTS // (c * s), n // MAX_BLOCKS))
+    return _k_moments3(x3, rows)
 
 
 @njit(**_JIT)
@@ -176,7 +196,7 @@ def bn_apply(x3, mean, scale, beta, out):
         _k_apply(x3, mean, scale, beta, out)
 
 
-@njit(**_JIT)
+@njit(**_JIT_SUM)
 def _k_backward_sums(x3, dy3, mean, invstd, nblocks):
     n, c, s = x3.shape
     part = np.zeros((2, nblocks, c), dtype=np.float64)

@@ -329,13 +329,14 @@ def test_numba_layers_defines_every_jitted_function_it_uses():
 
 @needs_numba
 @pytest.mark.parametrize("block_rows", [1, 7, 300])
-def test_numba_blocked_moments_merge(monkeypatch, block_rows):
-    # (N, C) statistics are two-pass per block of rows, merged pairwise (Chan et al.);
+@pytest.mark.parametrize("c, s", [(17, 1), (3, 11)])
+def test_numba_blocked_moments_merge(monkeypatch, block_rows, c, s):
+    # statistics are two-pass per block of rows, merged pairwise (Chan et al.);
     # 300 = 42 * 7 + 6 leaves an uneven last block
     from fastopt.kernels import numba_layers, reference_layers
 
-    x3 = (np.random.default_rng(8).standard_normal((300, 17, 1)) * 0.01 + 1e4)
-    monkeypatch.setattr(numba_layers, "BLOCK_ELEMENTS", 17 * block_rows)
+    x3 = (np.random.default_rng(8).standard_normal((300, c, s)) * 0.01 + 1e4)
+    monkeypatch.setattr(numba_layers, "BLOCK_ELEMENTS", c * s * block_rows)
     mean, var = numba_layers.bn_moments(x3)
     rmean, rvar = reference_layers.bn_moments(x3)
     np.testing.assert_allclose(mean, rmean, rtol=1e-14)
