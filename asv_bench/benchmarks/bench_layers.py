@@ -20,6 +20,7 @@ from .common import measure
 
 BN_SHAPES = {"4096x1024": (4096, 1024), "32x64x32x32": (32, 64, 32, 32)}
 IMPLS = ("numpy", "numba", "torch")
+DROPOUT_SIZES = {"1M": 1 << 20, "16M": 1 << 24}
 
 
 def _torch():
@@ -97,12 +98,12 @@ class BatchNorm:
 
 
 class Dropout:
-    params = [["1M", "16M"], list(IMPLS)]
+    params = [list(DROPOUT_SIZES), list(IMPLS)]
     param_names = ["size", "impl"]
     timeout = 300
 
     def setup(self, size, impl):
-        n = {"1M": 1 << 20, "16M": 1 << 24}[size]
+        n = DROPOUT_SIZES[size]
         self.x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
         if impl == "torch":
             torch = _torch()
