@@ -5,7 +5,7 @@ memory per step where the math allows.  ``import fastopt`` imports neither
 numba nor cupy: a backend loads on first use (see :func:`backends`).
 """
 
-from . import functional, precision, quantization, schedules
+from . import functional, layers, precision, quantization, schedules
 from ._backend import backends
 from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                      Newton, Optimizer, RAdam, RMSprop)
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
-           "functional", "precision", "quantization", "schedules", "save", "load", "warmup",
+           "functional", "layers", "precision", "quantization", "schedules", "save", "load", "warmup",
            "__version__"]

@@ -156,26 +156,59 @@ class MLP:
     """A ReLU multilayer perceptron with a softmax cross-entropy loss, by hand in NumPy.
 
     ``params`` is ``[W1, b1, W2, b2, ...]`` (``W`` of shape ``(fan_in, fan_out)``),
-    the list the optimizer updates in place.
+    the list the optimizer updates in place; with ``batchnorm`` every hidden layer
+    normalises its pre-activation (``fastopt.layers.batch_norm_forward``) and its
+    ``gamma, beta`` follow at the end of ``params``.  ``dropout=p`` drops hidden
+    activations after the ReLU in training (``fastopt.layers.dropout_forward``, a
+    seed per layer, the step counter as the hash's step).  :meth:`loss_and_grads`
+    runs in training mode; :meth:`loss`, :meth:`predict` and :meth:`accuracy` in
+    evaluation mode (running statistics, no dropout).
     """
 
-    def __init__(self, sizes, rng, dtype=np.float32):
+    def __init__(self, sizes, rng, dtype=np.float32, *, batchnorm=False, dropout=0.0, seed=0,
+                 layer_backend="auto"):
         self.sizes = tuple(sizes)
         self.params = []
         for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
             w = rng.standard_normal((fan_in, fan_out)) * math.sqrt(2.0 / fan_in)  # He init for ReLU
             self.params += [np.ascontiguousarray(w, dtype), np.zeros(fan_out, dtype)]
+        self.batchnorm, self.dropout = bool(batchnorm), float(dropout)
+        self.seed, self.step, self.layer_backend = int(seed), 0, layer_backend
+        self.running = []  # per hidden layer: (running_mean, running_var)
+        if self.batchnorm:
+            for width in self.sizes[1:-1]:
+                self.params += [np.ones(width, dtype), np.zeros(width, dtype)]
+                self.running.append((np.zeros(width, dtype), np.ones(width, dtype)))
+        self._caches = []
 
-    def _forward(self, x):
+    def _bn_index(self, i):
+        return 2 * (len(self.sizes) - 1) + 2 * i  # gamma of hidden layer i; beta follows
+
+    def _forward(self, x, train=False):
+        from .. import layers
+
         acts = [x]
-        n_layers = len(self.params) // 2
+        caches = []  # per hidden layer: (relu mask, batchnorm cache, dropout mask)
+        n_layers = len(self.sizes) - 1
         for i in range(n_layers):
             w, b = self._compute(self.params[2 * i]), self._compute(self.params[2 * i + 1])
             z = acts[-1] @ w
             z += b
             if i < n_layers - 1:
+                bn = drop = None
+                if self.batchnorm:
+                    g, beta = self.params[self._bn_index(i)], self.params[self._bn_index(i) + 1]
+                    z, bn = layers.batch_norm_forward(z, g, beta, *self.running[i], 0.1, 1e-5,
+                                                      train, backend=self.layer_backend)
                 np.maximum(z, 0, out=z)
+                relu = z > 0
+                if train and self.dropout > 0:
+                    z, drop = layers.dropout_forward(z, self.dropout, self.seed * 1024 + i,
+                                                     self.step, backend=self.layer_backend)
+                caches.append((relu, bn, drop))
             acts.append(z)
+        if train:
+            self._caches = caches
         return acts
 
     @staticmethod
@@ -202,7 +235,10 @@ class MLP:
 
     def loss_and_grads(self, x, y):
         """``(loss, grads)``: the mean cross-entropy and its gradient, one array per param."""
-        acts = self._forward(x)
+        from .. import layers
+
+        self.step += 1  # dropout's hash step: a new mask every call
+        acts = self._forward(x, train=True)
         logp = self._log_softmax(acts[-1])
         n = len(y)
         loss = float(-logp[np.arange(n), y].mean())
@@ -211,12 +247,18 @@ class MLP:
         delta[np.arange(n), y] -= 1.0
         delta /= n
         grads = [None] * len(self.params)
-        for i in range(len(self.params) // 2 - 1, -1, -1):
+        for i in range(len(self.sizes) - 2, -1, -1):
             grads[2 * i] = acts[i].T @ delta
             grads[2 * i + 1] = delta.sum(axis=0)
             if i:
                 delta = delta @ self._compute(self.params[2 * i]).T
-                delta *= acts[i] > 0  # ReLU'
+                relu, bn, drop = self._caches[i - 1]
+                if drop is not None:
+                    delta = layers.dropout_backward(delta, drop, backend=self.layer_backend)
+                delta *= relu  # ReLU'
+                if bn is not None:
+                    delta, dg, db = layers.batch_norm_backward(delta, bn)
+                    grads[self._bn_index(i - 1)], grads[self._bn_index(i - 1) + 1] = dg, db
         return loss, grads
 
 
@@ -331,7 +373,8 @@ def _warm_up(name, params, grads, **opt_kwargs) -> float:
 @_training
 def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128), lr=None,
           schedule="constant", clip_global_norm=None, backend="auto", seed=0, max_steps=None,
-          progress=False, param_dtype=None, precision=None, label=None) -> Result:
+          progress=False, param_dtype=None, precision=None, label=None, batchnorm=False,
+          dropout=0.0) -> Result:
     """Train a fresh :class:`MLP` on ``data`` with the demo optimizer ``name``.
 
     The weights and the minibatch order come from ``seed`` alone, so every
@@ -341,11 +384,15 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
     ``param_dtype`` (float16/bfloat16) stores the weights in 16 bits (computed with in
     the data's float32) and ``precision`` holds the optimizer's precision options;
     ``label`` names the row (default ``name``).
+    ``batchnorm``/``dropout``: the hidden layers' BatchNorm and dropout probability
+    (:class:`MLP`), run on the optimizer's backend where it takes NumPy arrays.
     """
     dtype = data.x_train.dtype if param_dtype is None else param_dtype
     rng = np.random.default_rng(seed)
     n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-    net = MLP((data.x_train.shape[1], *hidden, n_classes), rng, dtype)
+    net = MLP((data.x_train.shape[1], *hidden, n_classes), rng, dtype, batchnorm=batchnorm,
+              dropout=dropout, seed=seed,
+              layer_backend=backend if backend in ("numpy", "numba") else "auto")
     n = len(data.y_train)
     per_epoch = math.ceil(n / batch_size)
     total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
@@ -356,7 +403,10 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
     base_lr = default_lr(name, xor) if lr is None else lr  # the schedule's peak
     initial_loss = net.loss(data.x_train, data.y_train)
 
-    _, grads0 = net.loss_and_grads(data.x_train[:batch_size], data.y_train[:batch_size])
+    if batchnorm or dropout:  # a training pass would move the running stats and the step
+        grads0 = [np.zeros_like(p) for p in net.params]
+    else:
+        _, grads0 = net.loss_and_grads(data.x_train[:batch_size], data.y_train[:batch_size])
     warmup_s = _warm_up(name, net.params, grads0, **opt_kwargs)
 
     bar = _progress_bar(total, name, progress)
@@ -545,6 +595,13 @@ def _positive_float(text):
     return v
 
 
+def _probability(text):
+    v = float(text)
+    if not (0.0 <= v < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return v
+
+
 def _positive_int(text):
     v = int(text)
     if v < 1:
@@ -589,6 +646,15 @@ def register(sub) -> None:
     p.add_argument("--torch", action="store_true",
                    help="train a PyTorch MLP with torch.optim and with fastopt.torch side by side "
                         "(SGD+momentum and Adam; needs torch)")
+    from .lessons import LESSONS
+
+    p.add_argument("--lesson", choices=tuple(LESSONS), default=None,
+                   help="instead of the optimizer table: one technique's variants side by side "
+                        "(fastopt.apps.lessons); --plot draws its loss curves")
+    p.add_argument("--batchnorm", action="store_true",
+                   help="BatchNorm on every hidden layer (fastopt.layers)")
+    p.add_argument("--dropout", type=_probability, default=0.0, metavar="P",
+                   help="drop hidden activations with probability P in training (fastopt.layers)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="numba backend: threads of its kernels (numba.set_num_threads); "
                         "default: 1 when the model is smaller than two kernel parts (the default "
@@ -650,6 +716,9 @@ def run(args) -> int:
         print(f"error: --backend {args.backend}: {e} (the demo trains on NumPy arrays)",
               file=sys.stderr)
         return 2
+    if args.lesson:
+        from .lessons import run as run_lesson
+        return run_lesson(args.lesson, backend, args.plot)
     xor = args.xor
     sizes = (2, 8, 2) if xor else (64, *args.hidden, 10)
     threads = None
@@ -658,14 +727,23 @@ def run(args) -> int:
         if isinstance(threads, str):
             print(f"error: {threads}", file=sys.stderr)
             return 2
-    if args.dtype == "bfloat16" and (xor or args.distributed or args.hogwild):
-        print("error: --dtype bfloat16 trains the digits MLP only (not --xor, --distributed or "
-              "--hogwild)", file=sys.stderr)
+    if args.dtype == "bfloat16" and (xor or args.distributed or args.hogwild or args.batchnorm
+                                     or args.dropout):
+        print("error: --dtype bfloat16 trains the digits MLP only (not --xor, --distributed, "
+              "--hogwild, --batchnorm or --dropout)", file=sys.stderr)
+        return 2
+    if (args.distributed or args.hogwild) and (args.batchnorm or args.dropout):
+        print("error: --batchnorm and --dropout are not available with --distributed/--hogwild",
+              file=sys.stderr)
         return 2
     if args.distributed or args.hogwild:
         from .distributed_demo import run as run_parallel
         return run_parallel(args, backend)
     if xor:
+        if args.batchnorm or args.dropout:
+            print("error: --batchnorm and --dropout apply to the digits network, not --xor",
+                  file=sys.stderr)
+            return 2
         return _run_xor(args, names, backend, t_start)
 
     epochs = args.epochs or 20
@@ -689,6 +767,8 @@ def run(args) -> int:
           f"schedule {args.schedule}"
           + (f", clip_global_norm {args.clip_global_norm:g}" if args.clip_global_norm else "")
           + (f", numba threads {threads}" if threads else "")
+          + (", batchnorm" if args.batchnorm else "")
+          + (f", dropout {args.dropout:g}" if args.dropout else "")
           + f", seed {args.seed}")
     results = []
     for name in names:
@@ -698,7 +778,8 @@ def run(args) -> int:
                                  schedule=args.schedule, clip_global_norm=args.clip_global_norm,
                                  backend=backend if pdtype is None else args.backend,
                                  seed=args.seed, progress=not args.no_progress,
-                                 param_dtype=pdtype, precision=precision, label=name + suffix))
+                                 param_dtype=pdtype, precision=precision, label=name + suffix,
+                                 batchnorm=args.batchnorm, dropout=args.dropout))
     print()
     print(format_table(results))
     if len(variants) > 1:

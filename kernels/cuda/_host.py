@@ -26,13 +26,15 @@ from ..._rules import DENSE_SOLVE, ELEMENTWISE, KINDS, RULES, TRUST_RATIO, Rule
 
 # --------------------------------------------------------------------------- sources
 
-SOURCES = ("update.cu", "reduce.cu")
+SOURCES = ("update.cu", "reduce.cu", "layers.cu")
 NVRTC_OPTIONS = ()  # NVRTC's default dialect (C++17 in CUDA 12/13) is enough; C++14 would do
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
 
 def source_of(kernel: str) -> str:
     """The source file (one RawModule) that defines an ``extern "C"`` kernel name."""
+    if kernel.startswith(("fo_bn_", "fo_dropout_")):
+        return "layers.cu"  # fastopt.layers, host side in _layers_host.py
     return "update.cu" if kernel.startswith(("fo_update_", "fo_trust_")) else "reduce.cu"
 
 
