@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from fastopt._interop import as_native
 
 torch = pytest.importorskip("torch")
 
@@ -56,3 +57,26 @@ def test_dlpack_only_object_and_read_only_buffers():
 def test_a_single_tensor_is_not_split_into_rows():
     with pytest.raises(TypeError, match="single array"):
         fo.SGD(torch.zeros(3, 4), lr=0.1, backend="numpy")
+
+
+def test_interop_wraps_dlpack_without_a_copy():
+    t = torch.zeros(5)
+    a = as_native(t, "params[0]", writeable=True)
+    a += 2.0
+    assert torch.equal(t, torch.full((5,), 2.0))
+    base = np.arange(4.0)
+    w = as_native(_DLPackOnly(base), "grads[0]")
+    assert np.shares_memory(w, base)
+    already = np.zeros(3)
+    assert as_native(already, "params[0]") is already
+
+
+def test_interop_read_only_buffers():
+    ro = np.arange(3.0)
+    ro.flags.writeable = False
+    got = as_native(_DLPackOnly(ro), "grads[0]")  # read: fine
+    assert not got.flags.writeable and np.shares_memory(got, ro)
+    with pytest.raises(ValueError, match=r"params\[0\]: expected a writeable array.*read-only"):
+        as_native(_DLPackOnly(ro), "params[0]", writeable=True)
+    with pytest.raises(TypeError, match=r"params\[1\].*detach"):
+        as_native(torch.zeros(2, requires_grad=True), "params[1]")

@@ -21,7 +21,6 @@ F = torch.nn.functional
 
 import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
-from fastopt._interop import as_native  # noqa: E402
 
 STEPS = 20
 
@@ -586,45 +585,6 @@ def test_clear_error_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "fastopt[torch]" in r.stdout and "needs PyTorch" in r.stdout
-
-
-# --------------------------------------------------------------------------- raw-API interop helper
-
-
-class _Producer:
-    """A bare DLPack producer (as a JAX CPU array looks to NumPy)."""
-
-    def __init__(self, a):
-        self._a = a
-
-    def __dlpack__(self, **kw):
-        return self._a.__dlpack__(**kw)
-
-    def __dlpack_device__(self):
-        return self._a.__dlpack_device__()
-
-
-def test_interop_wraps_dlpack_without_a_copy():
-    t = torch.zeros(5)
-    a = as_native(t, "params[0]", writeable=True)
-    a += 2.0
-    assert torch.equal(t, torch.full((5,), 2.0))
-    base = np.arange(4.0)
-    w = as_native(_Producer(base), "grads[0]")
-    assert np.shares_memory(w, base)
-    already = np.zeros(3)
-    assert as_native(already, "params[0]") is already
-
-
-def test_interop_read_only_buffers():
-    ro = np.arange(3.0)
-    ro.flags.writeable = False
-    got = as_native(_Producer(ro), "grads[0]")  # read: fine
-    assert not got.flags.writeable and np.shares_memory(got, ro)
-    with pytest.raises(ValueError, match=r"params\[0\]: expected a writeable array.*read-only"):
-        as_native(_Producer(ro), "params[0]", writeable=True)
-    with pytest.raises(TypeError, match=r"params\[1\].*detach"):
-        as_native(torch.zeros(2, requires_grad=True), "params[1]")
 
 
 # --------------------------------------------------------------------------- the demo
