@@ -179,12 +179,15 @@ class MLP:
             for width in self.sizes[1:-1]:
                 self.params += [np.ones(width, dtype), np.zeros(width, dtype)]
                 self.running.append((np.zeros(width, dtype), np.ones(width, dtype)))
-        self._caches = []
 
     def _bn_index(self, i):
         return 2 * (len(self.sizes) - 1) + 2 * i  # gamma of hidden layer i; beta follows
 
     def _forward(self, x, train=False):
+        """The activations of every layer, and per hidden layer what backward needs.
+
+        The caches are returned, never kept on ``self``: Hogwild threads share one network.
+        """
         from .. import layers
 
         acts = [x]
@@ -207,9 +210,7 @@ class MLP:
                                                      self.step, backend=self.layer_backend)
                 caches.append((relu, bn, drop))
             acts.append(z)
-        if train:
-            self._caches = caches
-        return acts
+        return acts, caches
 
     @staticmethod
     def _compute(a):
@@ -224,11 +225,11 @@ class MLP:
 
     def loss(self, x, y) -> float:
         """The mean cross-entropy over ``(x, y)``."""
-        logp = self._log_softmax(self._forward(x)[-1])
+        logp = self._log_softmax(self._forward(x)[0][-1])
         return float(-logp[np.arange(len(y)), y].mean()) + 0.0  # + 0.0: never -0.0
 
     def predict(self, x):
-        return self._forward(x)[-1].argmax(axis=1)
+        return self._forward(x)[0][-1].argmax(axis=1)
 
     def accuracy(self, x, y) -> float:
         return float((self.predict(x) == y).mean())
@@ -238,7 +239,7 @@ class MLP:
         from .. import layers
 
         self.step += 1  # dropout's hash step: a new mask every call
-        acts = self._forward(x, train=True)
+        acts, caches = self._forward(x, train=True)
         logp = self._log_softmax(acts[-1])
         n = len(y)
         loss = float(-logp[np.arange(n), y].mean())
@@ -252,7 +253,7 @@ class MLP:
             grads[2 * i + 1] = delta.sum(axis=0)
             if i:
                 delta = delta @ self._compute(self.params[2 * i]).T
-                relu, bn, drop = self._caches[i - 1]
+                relu, bn, drop = caches[i - 1]
                 if drop is not None:
                     delta = layers.dropout_backward(delta, drop, backend=self.layer_backend)
                 delta *= relu  # ReLU'
@@ -497,7 +498,7 @@ def train_xor(name: str, *, steps=1000, hidden=8, lr=None, schedule="constant",
             diverged_at = t + 1
             break
         losses.append(loss)
-    logits = net._forward(x)[-1]
+    logits = net._forward(x)[0][-1]
     prob = np.exp(MLP._log_softmax(logits))[:, 1]
     return XorResult(name=name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,
                      loss=net.loss(x, XOR_Y), accuracy=net.accuracy(x, XOR_Y),
