@@ -110,11 +110,7 @@ def _per_tensor(rule_fn):
             e = None
             if extras is not None:
                 e = extras[i] * pre.inv_scale if pre.inv_scale is not None else extras[i]
-            g = processed_grad(g, i, pre)
-            if s["l2"] != 0:
-                g = g + s["l2"] * p
-            if s["decay"] != 1:
-                p *= s["decay"]
+            g = _decay_stage(p, processed_grad(g, i, pre), s)
             rule_fn(p, g, st, s, e)
             if pre.weight_clip is not None:
                 np.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
@@ -122,6 +118,19 @@ def _per_tensor(rule_fn):
     kernel.__name__ = rule_fn.__name__
     kernel.__doc__ = rule_fn.__doc__
     return kernel
+
+
+def _decay_stage(p, g, s):
+    """The weight-decay stage (``Rule.weight_decay``), once for every rule; returns the grad.
+
+    L2 adds ``l2*p`` to the grad, only when ``l2 != 0`` (``0*inf`` is nan: an inf
+    param must stay inf); decoupled decay multiplies ``p`` in place by ``decay``.
+    """
+    if s["l2"] != 0:
+        g = g + s["l2"] * p
+    if s["decay"] != 1:
+        p *= s["decay"]
+    return g
 
 
 def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
@@ -147,10 +156,7 @@ def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
         e = _prec.to_float32(extra)
         if pre.inv_scale is not None:
             e *= pre.inv_scale
-    if s["l2"] != 0:
-        g = g + s["l2"] * work
-    if s["decay"] != 1:
-        work *= s["decay"]
+    g = _decay_stage(work, g, s)
     rule_fn(work, g, st, s, e)
     if pre.weight_clip is not None:
         np.clip(work, -pre.weight_clip, pre.weight_clip, out=work)
