@@ -49,19 +49,25 @@ def _batches(rng, n, batch_size):
     return [order[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
+def _setup(name, data, args, epochs=None):
+    """What every run of this module shares: the same options, batch order and initial
+    weights.  Returns ``(epochs, n, rule, options, lr, rng, net)``."""
+    epochs = epochs or args.epochs or 20
+    n = len(data.y_train)
+    rule, opts, lr = _options(name, args, epochs * math.ceil(n / args.batch_size))
+    rng = np.random.default_rng(args.seed)
+    n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
+    net = MLP((data.x_train.shape[1], *args.hidden, n_classes), rng, data.x_train.dtype)
+    return epochs, n, rule, opts, lr, rng, net
+
+
 @_training
 def train_distributed(name, data, args, comm, backend):
     """One data-parallel run; returns (net, optimizer, per-step local grads of every rank or None)."""
     from ..distributed import ShardedOptimizer
 
     W, r = comm.Get_size(), comm.Get_rank()
-    epochs = args.epochs or 20
-    n = len(data.y_train)
-    total = epochs * math.ceil(n / args.batch_size)
-    rule, opts, lr = _options(name, args, total)
-    rng = np.random.default_rng(args.seed)
-    n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-    net = MLP((data.x_train.shape[1], *args.hidden, n_classes), rng, data.x_train.dtype)
+    epochs, n, rule, opts, lr, rng, net = _setup(name, data, args)
     opt = ShardedOptimizer(rule, net.params, comm, backend=backend, **opts)
     opt_s, steps = 0.0, 0
     t0 = time.perf_counter()
@@ -79,13 +85,7 @@ def train_distributed(name, data, args, comm, backend):
 @_training
 def replay_single(name, data, args, W, backend):
     """The same run in one process: the W per-rank grads of each step averaged in rank order."""
-    epochs = args.epochs or 20
-    n = len(data.y_train)
-    total = epochs * math.ceil(n / args.batch_size)
-    rule, opts, _ = _options(name, args, total)
-    rng = np.random.default_rng(args.seed)
-    n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-    net = MLP((data.x_train.shape[1], *args.hidden, n_classes), rng, data.x_train.dtype)
+    epochs, n, rule, opts, _, rng, net = _setup(name, data, args)
     opt = OPTIMIZERS[rule](net.params, backend=backend, **opts)
     for _ in range(epochs):
         for idx in _batches(rng, n, args.batch_size):
@@ -165,12 +165,7 @@ def run_hogwild(args, backend) -> int:
 def train_hogwild(name, data, args, n_threads, epochs, backend):
     from ..hogwild import Hogwild
 
-    n = len(data.y_train)
-    total = epochs * math.ceil(n / args.batch_size)
-    rule, opts, lr = _options(name, args, total)
-    rng = np.random.default_rng(args.seed)
-    n_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
-    net = MLP((data.x_train.shape[1], *args.hidden, n_classes), rng, data.x_train.dtype)
+    epochs, n, rule, opts, lr, rng, net = _setup(name, data, args, epochs)
     hw = Hogwild(rule, net.params, backend=backend, **opts)
     plan = [_batches(rng, n, args.batch_size) for _ in range(epochs)]
 
