@@ -110,7 +110,7 @@ def sgd(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, mo
         nesterov=False, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.SGD` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``momentum_buffers`` (needed when ``momentum != 0``).
@@ -122,7 +122,7 @@ def adam(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, m
         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, bias_correction=True,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
@@ -134,7 +134,7 @@ def adamw(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, 
         betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, bias_correction=True,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.AdamW` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
@@ -146,7 +146,7 @@ def adagrad(params, grads, sums=None, masters=None, *, step, lr=1e-2, lr_decay=0
         initial_accumulator_value=0.0, eps=1e-10, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adagrad` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``sums`` (start them at ``initial_accumulator_value``).
@@ -158,7 +158,7 @@ def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=No
         lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.RMSprop` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``square_avgs``; ``momentum_buffers`` with ``momentum > 0``; ``grad_avgs`` with
@@ -171,7 +171,7 @@ def adadelta(params, grads, square_avgs=None, acc_deltas=None, masters=None, *, 
         weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
         weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adadelta` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``square_avgs``, ``acc_deltas``.
@@ -183,7 +183,7 @@ def adamax(params, grads, exp_avgs=None, exp_infs=None, masters=None, *, step, l
         eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adamax` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_infs``.
@@ -195,7 +195,7 @@ def nadam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step,
         eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, maximize=False, clip_value=None,
         clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, mu_product=1.0,
         grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.NAdam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``mu_product`` is the product of the momentum
@@ -208,7 +208,7 @@ def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step,
         eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.RAdam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``.
@@ -219,7 +219,7 @@ def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step,
 def lion(params, grads, exp_avgs=None, masters=None, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Lion` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``.
@@ -231,7 +231,7 @@ def lamb(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, 
         eps=1e-6, weight_decay=0.0, bias_correction=True, maximize=False, clip_value=None,
         clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
         nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.LAMB` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``.
@@ -243,7 +243,7 @@ def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs
         lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0, weight_decay=0.0,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.AdaHessian` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_hessian_diag_sqs``; ``hessian_diags`` is read like ``grads``.
@@ -254,7 +254,7 @@ def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs
 def newton(params, grads, hessians, masters=None, *, step, lr=1.0, damping=1e-4, maximize=False,
         clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
         grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Newton` step over lists of arrays, in place (the math is on the class).
 
     State lists: none; ``hessians[i]`` is ``(n, n)`` for an ``n``-element ``params[i]``.
