@@ -22,6 +22,13 @@ must then have the resolved state dtype (float32 for 16-bit params by
 default), and ``master_weights=True`` takes ``masters``, a float32 copy of
 each param (start it as the exact float32 value of the param).  ``step`` is
 the step number stochastic rounding hashes.
+
+With ``state_dtype="q8"`` each state entry of a param with at least
+``min_8bit_size`` elements (4096) is a ``(codes, absmax)`` pair, updated in
+place: uint8 codes shaped like the param and a float32 absmax per block of 256
+elements (``fastopt.quantization.quantize_blockwise`` of the initial value
+makes one; docs/design.md, "8-bit state format"); a smaller param's entry is a
+float32 array.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import numpy as np
 
 from . import _backend
 from . import precision as _prec
+from . import quantization as _q
+from ._backend import array_kind
 from ._pipeline import StepInfo, make_buckets, run_step
 from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule
 from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
-                        check_params, flat, label, prepare_groups, resolve_precisions,
-                        step_options)
+                        check_min_8bit_size, check_params, flat, is_q8, label, param_precision,
+                        prepare_groups, resolve_precisions, step_options)
 
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
            "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
@@ -68,9 +77,13 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     labels = [label("params", i) for i in range(len(params))]
     kind = check_params(params, labels)
     precisions = resolve_precisions(rule, params, labels, popts)
-    be = _backend.resolve(backend, kind, tuple(precisions.values()))
+    min8 = check_min_8bit_size(popts["min_8bit_size"])
+    pprec = [param_precision(precisions, p, min8) for p in params]
+    be = _backend.resolve(backend, kind, tuple(set(pprec)))
+    any_q8 = any(is_q8(pr) for pr in pprec)
     states, written = {}, []
-    names = [(name + "s", name, lambda p: precisions[p.dtype].state) for name, _ in rule.state(hp)]
+    names = [(name + "s", name, lambda p: param_precision(precisions, p, min8).state)
+             for name, _ in rule.state(hp)]
     if popts["master_weights"]:
         names.append(("masters", "master", lambda p: np.dtype(np.float32)))
     elif masters is not None:
@@ -79,6 +92,12 @@ def _run(rule: Rule, args: dict) -> StepInfo:
         arrays = masters if name == "master" else given[name]
         if arrays is None:
             raise TypeError(f"{rule.name}(): {arg} is required with these options")
+        if any_q8 and name != "master":
+            codes, absmax = _q8_state_list(params, arrays, arg, kind, pprec, dtype_of)
+            written += [(arg, codes), (arg + " absmax", [a for a in absmax if a is not None])]
+            states[name] = [flat(a) for a in codes]
+            states[name + "_absmax"] = absmax
+            continue
         checked = check_companions(params, arrays, arg, label, kind, dtype_of=dtype_of)
         _check_writable(checked, arg, kind)
         written.append((arg, checked))
@@ -92,8 +111,59 @@ def _run(rule: Rule, args: dict) -> StepInfo:
                 or not 0 < mu_product <= 1:
             raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
         gstate = {"mu_product": float(mu_product)}
-    group = prepared.group_step(make_buckets([flat(p) for p in params], states, precisions), gstate)
+    group = prepared.group_step(make_buckets([flat(p) for p in params], states,
+                                             param_precisions=pprec), gstate)
     return run_step(be, rule, [group], step, nonfinite, inv_scale)
+
+
+def _q8_state_list(params, arrays, arg, kind, pprec, dtype_of):
+    """Check a state list under ``state_dtype="q8"``; returns ``(codes, absmax)`` lists.
+
+    The entry of a param whose state is 8-bit is a ``(codes, absmax)`` pair: uint8
+    codes shaped like the param and a float32 absmax of ``ceil(n / 256)`` entries
+    (``fastopt.quantization.quantize_blockwise`` makes one); a param below
+    ``min_8bit_size`` elements has a float32 array instead (its absmax entry is None).
+    """
+    if array_kind(arrays) is not None or isinstance(arrays, (str, bytes)) \
+            or not hasattr(arrays, "__iter__"):
+        raise TypeError(f"{arg}: expected a list with one state per param, got "
+                        f"{type(arrays).__name__}")
+    arrays = list(arrays)
+    if len(arrays) != len(params):
+        raise ValueError(f"{arg}: expected {len(params)} entries (one per param), got {len(arrays)}")
+    codes, absmax, plain = list(arrays), [None] * len(arrays), []
+    for i, (p, a, pr) in enumerate(zip(params, arrays, pprec)):
+        lab = f"{arg}[{i}]"
+        if not is_q8(pr):
+            plain.append(i)
+            continue
+        if not (isinstance(a, tuple) and len(a) == 2):
+            raise TypeError(f"{lab}: expected a (codes, absmax) pair (the 8-bit state of "
+                            f"params[{i}], {p.size} elements >= min_8bit_size), got "
+                            f"{type(a).__name__}")
+        c, m = a
+        nb = -(-p.size // _q.BLOCKSIZE)
+        for what, x, dt, shape in (("codes", c, np.uint8, p.shape), ("absmax", m, np.float32, (nb,))):
+            if array_kind(x) != kind:
+                raise TypeError(f"{lab} {what}: expected a {kind} array, got {type(x).__name__}")
+            if x.dtype != dt or x.shape != shape:
+                raise ValueError(f"{lab} {what}: expected {np.dtype(dt)} {shape}, got "
+                                 f"{x.dtype} {x.shape}")
+            if not x.flags.c_contiguous:
+                raise ValueError(f"{lab} {what}: expected a C-contiguous array, got strides "
+                                 f"{x.strides}")
+            if kind == "numpy" and not x.flags.writeable:
+                raise ValueError(f"{lab} {what}: expected a writeable array, got a read-only one")
+        if kind == "numpy" and np.may_share_memory(c, p):
+            raise ValueError(f"{lab} codes: expected an array separate from its param")
+        codes[i], absmax[i] = c, m
+    if plain:
+        checked = check_companions([params[i] for i in plain], [arrays[i] for i in plain], arg,
+                                   lambda n, j: label(n, plain[j]), kind, dtype_of=dtype_of)
+        _check_writable(checked, arg, kind)
+        for i, a in zip(plain, checked):
+            codes[i] = a
+    return codes, absmax
 
 
 def _check_writable(arrays, name, kind):
