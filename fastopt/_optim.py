@@ -313,13 +313,17 @@ _PIPELINE_DOC = """
     may be float16 or bfloat16 (``ml_dtypes.bfloat16``, ``pip install 'fastopt[bf16]'``) besides
     float32/float64, their grads the param dtype or float32; 16-bit params are computed in
     float32 with one rounding per write.  ``state_dtype``: None (float32 for 16-bit params,
-    else the param dtype), ``"param"`` (torch's behaviour), ``"float32"`` or ``"bfloat16"``;
-    ``"q8"`` is reserved (NotImplementedError).  ``master_weights=True`` (16-bit params) keeps
+    else the param dtype), ``"param"`` (torch's behaviour), ``"float32"``, ``"bfloat16"`` or
+    ``"q8"``: 8-bit block-quantized state in the bitsandbytes format (uint8 codes plus a
+    float32 absmax per 256 elements, about 1.02 bytes per state element; not for float64
+    params or Newton), kept float32 for tensors below ``min_8bit_size`` elements (4096);
+    ``load_state_dict(sd, convert=True)`` moves a state between formats.
+    ``master_weights=True`` (16-bit params) keeps
     a float32 ``master`` in state and writes the param as its round-to-nearest-even.
     ``stochastic_rounding=True`` (bfloat16 params, no master) rounds the param write up or
     down with probability by distance, its bits a hash of (``seed``, step, element index).
-    Only the ``numpy`` backend has these kernels yet: ``backend="auto"`` sends such NumPy
-    params there, and an explicit ``"numba"``/``"cupy"`` is a TypeError.
+    A backend without kernels for a precision is a TypeError when named explicitly;
+    ``backend="auto"`` sends such NumPy params to ``numpy``, which has them all.
 """
 
 
