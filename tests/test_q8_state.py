@@ -490,3 +490,33 @@ def test_functional_refuses_one_q8_pair_twice():
         fo.functional.adam([p], [np.ones(N_BIG, np.float32)], [pair], [pair], step=1,
                            state_dtype="q8")
     assert (p == 1).all()
+
+
+# ---------------------------------------------------------------------------------- the demo
+
+
+def test_demo_adam_q8_is_within_one_point_of_float32():
+    pytest.importorskip("sklearn")
+    from fastopt.apps import demo
+
+    data = demo.load_digits_split(0)
+    f32 = demo.train("adam", data, backend="numpy")
+    q8 = demo.train("adam", data, backend="numpy", precision={"state_dtype": "q8"},
+                    label="adam q8")
+    assert f32.test_acc > 0.95
+    assert abs(q8.test_acc - f32.test_acc) <= 0.01, (q8.test_acc, f32.test_acc)
+    assert f32.state_bytes / f32.n_params == 8.0
+    assert q8.state_bytes < 0.35 * f32.state_bytes  # the two large weights are 8-bit
+    assert "state B/param" in demo.format_table([f32, q8], state=True)
+
+
+def test_demo_state_q8_cli(capsys):
+    pytest.importorskip("sklearn")
+    from fastopt import _cli
+
+    assert _cli.main(["demo", "--state", "q8", "--xor", "--no-progress"]) == 2
+    assert "--state q8 trains the float32 digits MLP only" in capsys.readouterr().err
+    assert _cli.main(["demo", "--state", "q8", "-e", "1", "--backend", "numpy",
+                      "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "adam q8" in out and "state B/param" in out
