@@ -137,8 +137,8 @@ def precision_record(options: dict) -> dict:
     out = {}
     for k in PRECISION_DEFAULTS:
         v = options.get(k, PRECISION_DEFAULTS[k])
-        if k == "state_dtype" and v is not None and not isinstance(v, str):
-            v = as_dtype(v, "state_dtype").name
+        if k == "state_dtype" and v is not None and v not in ("q8", "param"):
+            v = as_dtype(v, "state_dtype").name  # "half", np.float32, ... by their dtype's name
         elif isinstance(v, (np.integer, np.bool_)):
             v = v.item()
         out[k] = v
