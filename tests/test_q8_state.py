@@ -90,6 +90,23 @@ def test_bfloat16_params_with_q8_state_and_stochastic_rounding_follow_the_defini
     np.testing.assert_array_equal(opt.state[0][0]["exp_avg_sq"], v_q[0])
 
 
+def test_float16_params_with_q8_state_follow_the_definition():
+    rng = np.random.default_rng(12)
+    p0 = rng.standard_normal(N_BIG).astype(np.float16)
+    p = p0.copy()
+    opt = fo.Adam([p], lr=1e-2, state_dtype="q8", backend="numpy")
+    hand = p0.copy()
+    m_q = q.quantize_blockwise(np.zeros(p.shape, F32), signed=True)
+    v_q = q.quantize_blockwise(np.zeros(p.shape, F32), signed=False)
+    for t in range(1, 4):
+        g = rng.standard_normal(p.shape).astype(np.float16)
+        opt.step([g])
+        work, m_q, v_q = _hand_adam(hand.astype(np.float32), m_q, v_q, g.astype(np.float32), t)
+        hand = work.astype(np.float16)  # NumPy's cast is round to nearest even
+    np.testing.assert_array_equal(p.view(np.uint16), hand.view(np.uint16))
+    np.testing.assert_array_equal(opt.state[0][0]["exp_avg"], m_q[0])
+
+
 def test_master_weights_stay_float32_beside_q8_moments():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     p = np.ones(N_BIG, np.float32).astype(ml_dtypes.bfloat16)
