@@ -81,6 +81,9 @@ class Ops:
     #: whether the kernels take a ``Pre.precision`` (a state dtype other than the param's,
     #: master weights, stochastic rounding)
     precision_options: bool = False
+    #: whether the kernels take a bucket of 8-bit block-quantized state (``state_dtype="q8"``:
+    #: uint8 codes plus ``<name>_absmax`` per state, docs/design.md "8-bit state format")
+    q8_state: bool = False
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.
@@ -198,19 +201,31 @@ def supports(ops: "Ops", precision) -> bool:
     """Whether a backend's kernels take params of this resolved precision."""
     if is_plain(precision):
         return True
+    if _is_q8(precision):
+        return precision.param.name in ops.dtypes and ops.q8_state
     return precision.param.name in ops.dtypes and ops.precision_options
 
 
+def _is_q8(precision) -> bool:
+    from .precision import Q8  # NumPy only; imported when a precision is asked about
+
+    return precision.state is Q8
+
+
 def _unsupported(backend: str, precision) -> TypeError:
-    if precision.param.name in ("float16", "bfloat16"):
+    if _is_q8(precision):
+        what = (f"the {backend!r} backend's kernels for 8-bit state (state_dtype='q8') "
+                "have not landed yet")
+    elif precision.param.name in ("float16", "bfloat16"):
         what = f"the {precision.param.name} kernels of the {backend!r} backend have not landed yet"
     else:
         what = (f"the {backend!r} backend's kernels do not take state_dtype other than the param's, "
                 "master_weights or stochastic_rounding yet")
     hint = ("use backend='numpy' (or 'auto', which sends such NumPy params there)"
             if backend != "cupy" else "use NumPy arrays with backend='numpy'")
+    state = "q8" if _is_q8(precision) else getattr(precision.state, "name", precision.state)
     return TypeError(f"backend {backend!r}: {what} ({precision.param} params, state "
-                     f"{getattr(precision.state, 'name', precision.state)}); {hint}")
+                     f"{state}); {hint}")
 
 
 def array_kind(a) -> str | None:

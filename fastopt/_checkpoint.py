@@ -14,13 +14,18 @@ File format (version 1), a plain NumPy ``.npz`` (an uncompressed zip):
     on>, "step_count": t, "param_groups": [{<hyperparameters>, "params":
     [flat indices]}], "group_state": [{...}], "state_names": {"<i>":
     [names]}, "params": [{"shape": [...], "dtype": "float32"}, ...],
-    "has_params": bool}``.  A schedule ``lr`` is stored as its
+    "has_params": bool, "precision": {state_dtype, master_weights,
+    stochastic_rounding, seed, min_8bit_size}, "q8": {"blocksize": 256,
+    "maps": {state name: "dynamic_signed" | "dynamic_unsigned"}} (only with
+    8-bit state)}``.  A schedule ``lr`` is stored as its
     ``config()`` dict (``{"schedule": "CosineDecay", ...}``); a learning rate
     that is any other callable cannot be saved (``TypeError``, nothing is
     written).
 ``state/<i>/<name>``
     the state array ``name`` (``exp_avg``, ...) of the i-th param (flat
     index over all groups, as ``state_dict()`` numbers them).
+    An 8-bit state ``name`` is two arrays: ``state/<i>/<name>`` (uint8 codes)
+    and ``state/<i>/<name>_absmax`` (float32, one per block).
 ``param/<i>``
     the i-th param, when saved with ``params=True`` (the default).
 
@@ -91,7 +96,10 @@ def save(optimizer, path, *, params: bool = True) -> None:
         "state_names": {str(i): sorted(st) for i, st in sd["state"].items()},
         "params": [{"shape": list(p.shape), "dtype": str(p.dtype)} for p in all_params],
         "has_params": bool(params),
+        "precision": sd["precision"],
     }
+    if "q8" in sd:
+        meta["q8"] = sd["q8"]
     arrays, bit_views = {}, {}
     for i, st in sd["state"].items():
         for name, a in st.items():
@@ -196,7 +204,7 @@ def _metadata(path, arrays) -> dict:
     return meta
 
 
-def load(optimizer, path, *, params: bool = True) -> None:
+def load(optimizer, path, *, params: bool = True, convert: bool = False) -> None:
     """Load a checkpoint written by :func:`save` into ``optimizer`` (any backend).
 
     Restores the state, step count, hyperparameters (schedules included) and
@@ -207,6 +215,9 @@ def load(optimizer, path, *, params: bool = True) -> None:
     optimizer (and its params) as they were.  The state's values are checked
     too: a non-finite entry, or a negative one in a sum or average of squares
     (Adam's ``exp_avg_sq``, Adagrad's ``sum``, ...), is refused the same way.
+    The precision options saved with it must be the optimizer's, and a state in
+    another format (8-bit or not) needs ``convert=True``, as for
+    ``Optimizer.load_state_dict``.
     """
     path = os.fspath(path)
     arrays = _read(path)
@@ -259,10 +270,13 @@ def load(optimizer, path, *, params: bool = True) -> None:
 
     sd = {"rule": meta["rule"], "step_count": meta["step_count"], "param_groups": groups,
           "state": state, "group_state": meta["group_state"]}
+    for key in ("precision", "q8"):  # checked by plan_load (absent from older files)
+        if key in meta:
+            sd[key] = meta[key]
     try:
         # the same checks as load_state_dict, values included (finite; >= 0 where the rule
         # keeps squares): a NaN saved by a diverged run is refused here, not at the next step
-        plan = plan_load(optimizer, sd, file_params if params else None)
+        plan = plan_load(optimizer, sd, file_params if params else None, convert=convert)
     except (TypeError, ValueError) as e:
         raise _bad(path, f"cannot be loaded into this optimizer: {e}") from e
     optimizer._write(plan)

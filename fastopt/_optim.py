@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 from . import _backend
 from . import precision as _prec
+from . import quantization as _q
 from ._pipeline import make_buckets, run_step
 from ._rules import (PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule, check_hyperparameters,
                      check_lr_value)
-from ._state import LoadPlan, plan_load
+from ._state import LoadPlan, plan_load, precision_record, q8_record
 from ._validate import (as_list, check_grad_scale, check_nonfinite, check_params, expected_layout,
-                        flat, normalize_options, prepare_groups, resolve_precisions,
-                        step_options)
+                        flat, normalize_options, param_precision, prepare_groups,
+                        resolve_precisions, step_options)
 
 _OPTIMIZER_WIDE = ("nonfinite", "backend") + tuple(PRECISION_DEFAULTS)
 
@@ -34,7 +37,8 @@ class Optimizer:
     rule: Rule = None  # set by each subclass
 
     def __init__(self, params, *, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0, **hyperparameters):
+                 master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096,
+                 **hyperparameters):
         rule = self.rule
         self.defaults = {**rule.defaults, **PIPELINE_DEFAULTS}
         unknown = set(hyperparameters) - set(self.defaults)
@@ -57,15 +61,19 @@ class Optimizer:
         for gi, g in enumerate(self.param_groups):
             check_hyperparameters(rule, g, self._where(gi))
         self.precision_options = {"state_dtype": state_dtype, "master_weights": master_weights,
-                                  "stochastic_rounding": stochastic_rounding, "seed": seed}
+                                  "stochastic_rounding": stochastic_rounding, "seed": seed,
+                                  "min_8bit_size": min_8bit_size}
         self._precisions = resolve_precisions(rule, flat_params, labels, self.precision_options)
-        self.backend = _backend.resolve(backend, self._kind, tuple(self._precisions.values()))
+        self.min_8bit_size = int(min_8bit_size)
+        used = {param_precision(self._precisions, p, self.min_8bit_size) for p in flat_params}
+        self.backend = _backend.resolve(backend, self._kind, tuple(used))
         self._ops = _backend.get_ops(self.backend)
         self.step_count = 0
         self.state = [[{} for _ in g["params"]] for g in self.param_groups]
         self.group_state = [dict(rule.group_state) for _ in self.param_groups]
         self._buckets = [None] * len(self.param_groups)
         self._state_names = [None] * len(self.param_groups)
+        self._bucket_names = [None] * len(self.param_groups)
         self._layout = None  # (ids of the params, expected_layout of a grad of each)
         for gi in range(len(self.param_groups)):
             self._ensure_state(gi)
@@ -115,10 +123,19 @@ class Optimizer:
         return names
 
     def state_dtype(self, param, name: str):
-        """The dtype the state array ``name`` of ``param`` is stored in (``master``: float32)."""
+        """The dtype the state array ``name`` of ``param`` is stored in (``master``: float32;
+        ``fastopt.precision.Q8`` for an 8-bit state: uint8 codes plus ``<name>_absmax``)."""
         if name == "master":
             return _prec.as_dtype("float32")
-        return self._precisions[param.dtype].state
+        return self.precision_of(param).state
+
+    def precision_of(self, param):
+        """The resolved ``fastopt.precision.Precision`` of ``param`` (``min_8bit_size`` applied)."""
+        return param_precision(self._precisions, param, self.min_8bit_size)
+
+    def is_q8(self, param, name: str) -> bool:
+        """Whether the state ``name`` of ``param`` is stored 8-bit (``state_dtype="q8"``)."""
+        return name != "master" and self.precision_of(param).state is _prec.Q8
 
     def _ensure_state(self, gi):
         """Create the state arrays the group's current options need (once, or after a change)."""
@@ -134,13 +151,25 @@ class Optimizer:
                 if name not in st:
                     if name == "master":
                         st[name] = _prec.to_float32(p)  # exact: the param is RNE of it
+                    elif self.is_q8(p, name):
+                        # the rule's initial value, quantized (0: the zero code, absmax 0)
+                        codes, absmax = _q.quantize_blockwise(
+                            np.full(p.shape, init, np.float32),
+                            signed=name not in self.rule.nonnegative_state)
+                        st[name] = self._ops.asarray(codes)
+                        st[name + "_absmax"] = self._ops.asarray(absmax)
                     else:
                         st[name] = xp.full_like(p, init, dtype=self.state_dtype(p, name))
                     changed = True
-        if changed or set(self._buckets[gi][0].states) != {n for n, _ in names}:
-            flat_states = {n: [flat(st[n]) for st in self.state[gi]] for n, _ in names}
-            self._buckets[gi] = make_buckets([flat(p) for p in g["params"]], flat_states,
-                                             self._precisions)
+        if changed or self._bucket_names[gi] != names:
+            self._bucket_names[gi] = names
+            q8_names = [n + "_absmax" for n, _ in names if n != "master"]
+            flat_states = {n: [flat(st[n]) if n in st else None for st in self.state[gi]]
+                           for n in [n for n, _ in names] + q8_names}
+            flat_states = {n: v for n, v in flat_states.items() if any(a is not None for a in v)}
+            self._buckets[gi] = make_buckets(
+                [flat(p) for p in g["params"]], flat_states,
+                param_precisions=[self.precision_of(p) for p in g["params"]])
 
     # ------------------------------------------------------------------ public
 
@@ -192,7 +221,12 @@ class Optimizer:
     # ------------------------------------------------------------------ state
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state: every state array (``master`` included), in its dtype."""
+        """Bytes of optimizer state: every state array (``master`` included), in its dtype.
+
+        An 8-bit state counts its codes (1 byte per element) and its absmax (4 bytes per
+        256-element block): Adam's two moments cost 8 bytes per param in float32, 4 in
+        bfloat16 and about 2.03 in q8 (``fastopt.quantization.bytes_per_param_table``).
+        """
         return sum(int(a.nbytes) for per_group in self.state for st in per_group for a in st.values())
 
     def state_dict(self) -> dict:
@@ -209,17 +243,33 @@ class Optimizer:
             for st in self.state[gi]:
                 state[idx] = {k: self._ops.to_host(v) for k, v in st.items()}
                 idx += 1
-        return {"rule": self.rule.name, "step_count": self.step_count, "param_groups": groups,
-                "state": state, "group_state": copy.deepcopy(self.group_state)}
+        out = {"rule": self.rule.name, "step_count": self.step_count, "param_groups": groups,
+               "state": state, "group_state": copy.deepcopy(self.group_state),
+               "precision": precision_record(self.precision_options)}
+        q8 = q8_record(self)
+        if q8 is not None:
+            out["q8"] = q8
+        return out
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, *, convert: bool = False) -> None:
         """Load a ``state_dict`` from any backend; checked whole before anything changes.
 
         Besides its structure, shapes and dtypes, the state's values are checked:
         finite everywhere, and no negative entry where the rule keeps a sum or
         average of squares (``exp_avg_sq``, Adagrad's ``sum``, ...).
+
+        The precision options saved with the state (``state_dtype``,
+        ``master_weights``, ``stochastic_rounding``, ``seed``, ``min_8bit_size``)
+        must be this optimizer's: a different seed would silently change a resumed
+        run.  A state in another format (8-bit where this optimizer keeps float32
+        state, or the reverse, or another float dtype) is refused unless
+        ``convert=True``, which decodes 8-bit states (``map[code] * absmax``) and
+        quantizes or rounds each array into this optimizer's format explicitly;
+        ``master_weights``, ``stochastic_rounding`` and ``seed`` must match even then.
         """
-        self._write(plan_load(self, state_dict))
+        if not isinstance(convert, bool):
+            raise TypeError(f"convert: expected True or False, got {type(convert).__name__}")
+        self._write(plan_load(self, state_dict, convert=convert))
 
     def _write(self, plan: LoadPlan) -> None:
         """Write a checked plan (from :func:`fastopt._state.plan_load`); raises on nothing."""
@@ -263,13 +313,17 @@ _PIPELINE_DOC = """
     may be float16 or bfloat16 (``ml_dtypes.bfloat16``, ``pip install 'fastopt[bf16]'``) besides
     float32/float64, their grads the param dtype or float32; 16-bit params are computed in
     float32 with one rounding per write.  ``state_dtype``: None (float32 for 16-bit params,
-    else the param dtype), ``"param"`` (torch's behaviour), ``"float32"`` or ``"bfloat16"``;
-    ``"q8"`` is reserved (NotImplementedError).  ``master_weights=True`` (16-bit params) keeps
+    else the param dtype), ``"param"`` (torch's behaviour), ``"float32"``, ``"bfloat16"`` or
+    ``"q8"``: 8-bit block-quantized state in the bitsandbytes format (uint8 codes plus a
+    float32 absmax per 256 elements, about 1.02 bytes per state element; not for float64
+    params or Newton), kept float32 for tensors below ``min_8bit_size`` elements (4096);
+    ``load_state_dict(sd, convert=True)`` moves a state between formats.
+    ``master_weights=True`` (16-bit params) keeps
     a float32 ``master`` in state and writes the param as its round-to-nearest-even.
     ``stochastic_rounding=True`` (bfloat16 params, no master) rounds the param write up or
     down with probability by distance, its bits a hash of (``seed``, step, element index).
-    Only the ``numpy`` backend has these kernels yet: ``backend="auto"`` sends such NumPy
-    params there, and an explicit ``"numba"``/``"cupy"`` is a TypeError.
+    A backend without kernels for a precision is a TypeError when named explicitly;
+    ``backend="auto"`` sends such NumPy params to ``numpy``, which has them all.
 """
 
 
@@ -286,7 +340,7 @@ class SGD(Optimizer):
                  weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -306,7 +360,7 @@ class Adam(Optimizer):
                  amsgrad=False, *, bias_correction=True, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -322,7 +376,7 @@ class AdamW(Optimizer):
                  amsgrad=False, *, bias_correction=True, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -339,7 +393,7 @@ class Adagrad(Optimizer):
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -356,7 +410,7 @@ class RMSprop(Optimizer):
                  centered=False, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -372,7 +426,7 @@ class Adadelta(Optimizer):
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
                  max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -388,7 +442,7 @@ class Adamax(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -406,7 +460,7 @@ class NAdam(Optimizer):
                  momentum_decay=4e-3, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -421,7 +475,7 @@ class RAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -437,7 +491,7 @@ class Lion(Optimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
                  max_norm=None, nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -455,7 +509,7 @@ class LAMB(Optimizer):
                  bias_correction=True, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 
@@ -473,7 +527,7 @@ class AdaHessian(Optimizer):
                  weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
     def step(self, grads, hessian_diags, grad_scale=None):
@@ -492,7 +546,7 @@ class Newton(Optimizer):
     def __init__(self, params, lr=1.0, damping=1e-4, *, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
     def step(self, grads, hessians, grad_scale=None):

@@ -75,25 +75,31 @@ class GroupStep:
     gstate: dict = field(default_factory=dict)
 
 
-def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None) -> list:
-    """Split a group into dtype buckets; a single-dtype group is one bucket of the same lists.
+def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None,
+                 param_precisions: list | None = None) -> list:
+    """Split a group into buckets of one dtype and one precision; a group of one is the same lists.
 
     ``precisions`` maps a param dtype to its resolved precision; a bucket keeps
     it only when it is not plain (see ``fastopt._backend.is_plain``).
+    ``param_precisions`` (one per param) overrides it per param: with
+    ``state_dtype="q8"`` a tensor below ``min_8bit_size`` keeps float32 state and
+    lands in a bucket of its own precision.  A state entry may be None for a param
+    that has no such array (a float32-state param has no ``<name>_absmax``); a
+    bucket carries only the state names its params all have.
     """
-    def prec(dt):
-        p = (precisions or {}).get(dt)
-        return None if is_plain(p) else p
-
-    dtypes = {p.dtype for p in flat_params}
-    if len(dtypes) == 1:
-        return [Bucket(list(range(len(flat_params))), flat_params, flat_states,
-                       prec(flat_params[0].dtype))]
+    if param_precisions is None:
+        param_precisions = [(precisions or {}).get(p.dtype) for p in flat_params]
+    norm = [None if is_plain(pr) else pr for pr in param_precisions]
+    keys = [(p.dtype, pr) for p, pr in zip(flat_params, norm)]
+    if len(set(keys)) == 1:
+        states = {k: v for k, v in flat_states.items() if v and v[0] is not None}
+        return [Bucket(list(range(len(flat_params))), flat_params, states, norm[0])]
     out = []
-    for dt in sorted(dtypes, key=str):
-        idx = [i for i, p in enumerate(flat_params) if p.dtype == dt]
-        out.append(Bucket(idx, [flat_params[i] for i in idx],
-                          {k: [v[i] for i in idx] for k, v in flat_states.items()}, prec(dt)))
+    for key in sorted(set(keys), key=lambda k: (str(k[0]), repr(k[1]))):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        states = {k: [v[i] for i in idx] for k, v in flat_states.items()}
+        states = {k: v for k, v in states.items() if v[0] is not None}
+        out.append(Bucket(idx, [flat_params[i] for i in idx], states, key[1]))
     return out
 
 

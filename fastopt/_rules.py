@@ -41,12 +41,14 @@ NONFINITE_MODES = ("raise", "skip", "ignore")
 
 #: The precision options (``fastopt.precision``), optimizer-wide on every class and
 #: taken by every functional rule: the state dtype, float32 master weights of 16-bit
-#: params, stochastic rounding of bfloat16 params and the seed of its hash.
+#: params, stochastic rounding of bfloat16 params and the seed of its hash;
+#: ``min_8bit_size``: with ``state_dtype="q8"``, tensors of fewer elements keep float32 state.
 PRECISION_DEFAULTS = {
     "state_dtype": None,
     "master_weights": False,
     "stochastic_rounding": False,
     "seed": 0,
+    "min_8bit_size": 4096,
 }
 
 

@@ -26,10 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import quantization as _q
 from ._backend import array_kind
-from .precision import to_float32
-from ._rules import check_hyperparameters
+from .precision import Q8, as_dtype, round_to, to_float32
+from ._rules import PRECISION_DEFAULTS, check_hyperparameters
 from ._validate import normalize_options
+
+#: The map names a state dict and a checkpoint record for each 8-bit state.
+MAP_NAMES = {True: "dynamic_signed", False: "dynamic_unsigned"}
 
 
 @dataclass
@@ -128,17 +132,143 @@ def _check_group_state(sd, rule, n_groups) -> list:
     return out
 
 
-def plan_load(optimizer, state_dict, params: list | None = None) -> LoadPlan:
+def precision_record(options: dict) -> dict:
+    """The precision options as plain JSON values (a dtype as its name), for a state dict."""
+    out = {}
+    for k in PRECISION_DEFAULTS:
+        v = options.get(k, PRECISION_DEFAULTS[k])
+        if k == "state_dtype" and v is not None and v not in ("q8", "param"):
+            v = as_dtype(v, "state_dtype").name  # "half", np.float32, ... by their dtype's name
+        elif isinstance(v, (np.integer, np.bool_)):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def q8_record(optimizer) -> dict | None:
+    """``{"blocksize": 256, "maps": {state name: map name}}`` when any state is 8-bit, else None."""
+    maps = {}
+    for g, per_group in zip(optimizer.param_groups, optimizer.state):
+        for p, st in zip(g["params"], per_group):
+            for name in st:
+                if optimizer.is_q8(p, name) and not name.endswith("_absmax"):
+                    maps[name] = MAP_NAMES[name not in optimizer.rule.nonnegative_state]
+    if not maps:
+        return None
+    return {"blocksize": _q.BLOCKSIZE, "maps": dict(sorted(maps.items()))}
+
+
+def _check_precision(optimizer, sd, convert: bool) -> None:
+    """ValueError unless the state dict's precision options are the optimizer's.
+
+    ``state_dtype`` and ``min_8bit_size`` decide only the format of the state
+    arrays, so ``convert=True`` accepts a difference (each array is converted);
+    ``master_weights``, ``stochastic_rounding`` and ``seed`` decide the run itself.
+    A state dict without the entry (an older one) is checked by its arrays only.
+    """
+    theirs = sd.get("precision")
+    if theirs is None:
+        return
+    if not isinstance(theirs, dict):
+        raise TypeError(f"state_dict['precision']: expected a dict, got {type(theirs).__name__}")
+    mine = precision_record(optimizer.precision_options)
+    for k, v in mine.items():
+        got = theirs.get(k, PRECISION_DEFAULTS[k])
+        if k == "state_dtype" and got is not None and not isinstance(got, str):
+            try:
+                got = as_dtype(got, "state_dtype").name
+            except (TypeError, ValueError):
+                pass
+        if got == v or (convert and k in ("state_dtype", "min_8bit_size")):
+            continue
+        hint = ("; pass convert=True to convert the state to this optimizer's format"
+                if k in ("state_dtype", "min_8bit_size") else
+                " (a resumed run must use the options it was saved with)")
+        raise ValueError(f"state_dict['precision'][{k!r}]: expected {v!r} (this optimizer's "
+                         f"{k}), got {got!r}{hint}")
+
+
+def _check_q8_meta(sd) -> dict:
+    meta = sd.get("q8")
+    if meta is None:
+        raise ValueError("state_dict['q8']: missing (the block size and map names of its 8-bit "
+                         "states)")
+    if (not isinstance(meta, dict) or meta.get("blocksize") != _q.BLOCKSIZE
+            or not isinstance(meta.get("maps"), dict)):
+        raise ValueError(f"state_dict['q8']: expected {{'blocksize': {_q.BLOCKSIZE}, 'maps': "
+                         f"{{state name: map name}}}}, got {meta!r:.200}")
+    return meta
+
+
+def _load_array(optimizer, sd, st, nm, p, where, label, nonneg, convert):
+    """The state array(s) of ``nm`` of param ``p`` in the optimizer's format: ``{name: host array}``.
+
+    Detects the format of the state dict's entry (8-bit: uint8 codes plus
+    ``<nm>_absmax``), checks it whole, and converts it when ``convert`` allows.
+    """
+    theirs_q8 = st.get(nm + "_absmax") is not None
+    mine_q8 = optimizer.is_q8(p, nm)
+    signed = nm not in nonneg
+    if theirs_q8:
+        meta = _check_q8_meta(sd)
+        want_map = MAP_NAMES[signed]
+        if meta["maps"].get(nm) != want_map:
+            raise ValueError(f"state_dict['q8']['maps'][{nm!r}]: expected {want_map!r}, got "
+                             f"{meta['maps'].get(nm)!r}")
+        codes, absmax = to_host(st[nm]), to_host(st[nm + "_absmax"])
+        if codes.dtype != np.uint8 or codes.shape != p.shape:
+            raise ValueError(f"{where}: expected uint8 codes of shape {p.shape} (8-bit state of "
+                             f"{label}), got {codes.dtype} {codes.shape}")
+        nb = -(-p.size // _q.BLOCKSIZE)
+        wa = where[:-2] + "_absmax']"
+        if absmax.dtype != np.float32 or absmax.shape != (nb,):
+            raise ValueError(f"{wa}: expected float32 ({nb},) (one per {_q.BLOCKSIZE}-element "
+                             f"block of {label}), got {absmax.dtype} {absmax.shape}")
+        check_values(absmax, wa, True)
+        if mine_q8:
+            return {nm: codes.copy(), nm + "_absmax": absmax.copy()}
+        if not convert:
+            raise ValueError(f"{where}: expected a {optimizer.state_dtype(p, nm)} array (this "
+                             f"optimizer keeps {label}'s state unquantized), got an 8-bit state "
+                             f"(codes + absmax); pass convert=True to decode it")
+        values = _q.dequantize_blockwise(codes, absmax, signed=signed)
+        return {nm: round_to(values, optimizer.state_dtype(p, nm))}
+    a = to_host(st[nm])
+    if not mine_q8:
+        want = optimizer.state_dtype(p, nm)
+        if convert and nm != "master" and a.shape == p.shape and a.dtype != want \
+                and a.dtype.kind in "fV" and a.dtype.itemsize in (2, 4) and want.itemsize in (2, 4):
+            check_values(a, where, nm in nonneg)
+            return {nm: round_to(to_float32(a) if a.dtype.itemsize == 2 else a, want)}
+        check_state_like(a, p, want, where, label)
+        check_values(a, where, nm in nonneg)
+        return {nm: a}
+    if not convert:
+        raise ValueError(f"{where}: expected an 8-bit state (uint8 codes and {nm + '_absmax'!r}; "
+                         f"{label} has state_dtype='q8'), got a {a.dtype} array; pass "
+                         f"convert=True to quantize it")
+    if a.shape != p.shape or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+        raise ValueError(f"{where}: expected a float array of shape {p.shape} to quantize, got "
+                         f"{a.dtype} {a.shape}")
+    check_values(a, where, nm in nonneg)
+    codes, absmax = _q.quantize_blockwise(a, signed=signed)
+    return {nm: codes, nm + "_absmax": absmax}
+
+
+def plan_load(optimizer, state_dict, params: list | None = None, *,
+              convert: bool = False) -> LoadPlan:
     """Check ``state_dict`` against ``optimizer`` whole; returns the :class:`LoadPlan` to write.
 
     ``params`` (host arrays in flat order, a checkpoint's) are checked for the
     dtype and shape of the optimizer's params and carried in the plan.
-    Raises TypeError or ValueError naming the first bad entry.
+    Raises TypeError or ValueError naming the first bad entry.  ``convert``:
+    see ``Optimizer.load_state_dict``.
     """
     rule, defaults = optimizer.rule, optimizer.defaults
     mine = optimizer.param_groups
     sd = state_dict
     step_count = _check_top(sd, rule)
+    _check_precision(optimizer, sd, convert)
     groups = sd["param_groups"]
     if len(groups) != len(mine):
         raise ValueError(f"state_dict['param_groups']: expected {len(mine)} groups, got {len(groups)}")
@@ -170,10 +300,8 @@ def plan_load(optimizer, state_dict, params: list | None = None) -> LoadPlan:
                 where = f"state_dict['state'][{key}][{nm!r}]"
                 if st.get(nm) is None:
                     raise ValueError(f"{where}: missing")
-                a = to_host(st[nm])
-                check_state_like(a, p, optimizer.state_dtype(p, nm), where, f"params[{idx + pi}]")
-                check_values(a, where, nm in nonneg)
-                arrays[nm] = a
+                arrays.update(_load_array(optimizer, sd, st, nm, p, where, f"params[{idx + pi}]",
+                                          nonneg, convert))
             gstate.append(arrays)
         options.append({k: copy.deepcopy(v) for k, v in hp.items()})
         state.append(gstate)

@@ -8,6 +8,8 @@ one element at a time to name the culprit once something is wrong.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -239,13 +241,16 @@ def resolve_precisions(rule, params: list, labels: list, options: dict) -> dict:
     """``{param dtype: fastopt.precision.Precision}`` for the precision options of a call.
 
     Every check of ``fastopt.precision.resolve_precision`` (per param dtype, the
-    first param of that dtype named in messages); ``state_dtype="q8"`` is
-    reserved: NotImplementedError.
+    first param of that dtype named in messages), plus: ``min_8bit_size`` is an
+    integer >= 0, and ``state_dtype="q8"`` is refused for a rule without an
+    elementwise state (Newton).  Tensors below ``min_8bit_size`` elements are
+    resolved per param by :func:`param_precision`.
     """
     sd = options["state_dtype"]
-    if isinstance(sd, str) and sd == "q8":
-        raise NotImplementedError("state_dtype: 'q8' (8-bit block-quantized state) is reserved and "
-                                  "not implemented yet; use None, 'param', 'float32' or 'bfloat16'")
+    check_min_8bit_size(options.get("min_8bit_size", 4096))
+    if isinstance(sd, str) and sd == "q8" and rule.kind == "dense_solve":
+        raise ValueError(f"state_dtype: expected None for {rule.class_name}, got 'q8' (the dense "
+                         "Newton solve keeps no state to quantize)")
     out = {}
     for p, lab in zip(params, labels):
         if p.dtype not in out:
@@ -254,6 +259,34 @@ def resolve_precisions(rule, params: list, labels: list, options: dict) -> dict:
                 stochastic_rounding=options["stochastic_rounding"], seed=options["seed"],
                 kind=rule.kind, label=lab)
     return out
+
+
+def check_min_8bit_size(value) -> int:
+    """``min_8bit_size`` as an int >= 0 (TypeError/ValueError naming it otherwise)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"min_8bit_size: expected an integer >= 0, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"min_8bit_size: expected an integer >= 0, got {value!r}")
+    return int(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_state(prec):
+    return dataclasses.replace(prec, state=np.dtype(np.float32))
+
+
+def param_precision(precisions: dict, p, min_8bit_size: int):
+    """The precision of one param: its dtype's, except that a q8 state of a tensor with
+    fewer than ``min_8bit_size`` elements is float32 (bitsandbytes' rule: biases and norm
+    weights are the tensors most sensitive to rounding, and they are small)."""
+    prec = precisions[p.dtype]
+    if prec.state is _prec.Q8 and p.size < min_8bit_size:
+        return _float32_state(prec)
+    return prec
+
+
+def is_q8(prec) -> bool:
+    return prec is not None and prec.state is _prec.Q8
 
 
 def check_nonfinite(mode) -> str:

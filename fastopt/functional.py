@@ -22,6 +22,13 @@ must then have the resolved state dtype (float32 for 16-bit params by
 default), and ``master_weights=True`` takes ``masters``, a float32 copy of
 each param (start it as the exact float32 value of the param).  ``step`` is
 the step number stochastic rounding hashes.
+
+With ``state_dtype="q8"`` each state entry of a param with at least
+``min_8bit_size`` elements (4096) is a ``(codes, absmax)`` pair, updated in
+place: uint8 codes shaped like the param and a float32 absmax per block of 256
+elements (``fastopt.quantization.quantize_blockwise`` of the initial value
+makes one; docs/design.md, "8-bit state format"); a smaller param's entry is a
+float32 array.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import numpy as np
 
 from . import _backend
 from . import precision as _prec
+from . import quantization as _q
+from ._backend import array_kind
 from ._pipeline import StepInfo, make_buckets, run_step
 from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule
 from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
-                        check_params, flat, label, prepare_groups, resolve_precisions,
-                        step_options)
+                        check_min_8bit_size, check_params, flat, is_q8, label, param_precision,
+                        prepare_groups, resolve_precisions, step_options)
 
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
            "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
@@ -68,9 +77,13 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     labels = [label("params", i) for i in range(len(params))]
     kind = check_params(params, labels)
     precisions = resolve_precisions(rule, params, labels, popts)
-    be = _backend.resolve(backend, kind, tuple(precisions.values()))
+    min8 = check_min_8bit_size(popts["min_8bit_size"])
+    pprec = [param_precision(precisions, p, min8) for p in params]
+    be = _backend.resolve(backend, kind, tuple(set(pprec)))
+    any_q8 = any(is_q8(pr) for pr in pprec)
     states, written = {}, []
-    names = [(name + "s", name, lambda p: precisions[p.dtype].state) for name, _ in rule.state(hp)]
+    names = [(name + "s", name, lambda p: param_precision(precisions, p, min8).state)
+             for name, _ in rule.state(hp)]
     if popts["master_weights"]:
         names.append(("masters", "master", lambda p: np.dtype(np.float32)))
     elif masters is not None:
@@ -79,6 +92,12 @@ def _run(rule: Rule, args: dict) -> StepInfo:
         arrays = masters if name == "master" else given[name]
         if arrays is None:
             raise TypeError(f"{rule.name}(): {arg} is required with these options")
+        if any_q8 and name != "master":
+            codes, absmax = _q8_state_list(params, arrays, arg, kind, pprec, dtype_of)
+            written += [(arg, codes), (arg + " absmax", [a for a in absmax if a is not None])]
+            states[name] = [flat(a) for a in codes]
+            states[name + "_absmax"] = absmax
+            continue
         checked = check_companions(params, arrays, arg, label, kind, dtype_of=dtype_of)
         _check_writable(checked, arg, kind)
         written.append((arg, checked))
@@ -92,8 +111,59 @@ def _run(rule: Rule, args: dict) -> StepInfo:
                 or not 0 < mu_product <= 1:
             raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
         gstate = {"mu_product": float(mu_product)}
-    group = prepared.group_step(make_buckets([flat(p) for p in params], states, precisions), gstate)
+    group = prepared.group_step(make_buckets([flat(p) for p in params], states,
+                                             param_precisions=pprec), gstate)
     return run_step(be, rule, [group], step, nonfinite, inv_scale)
+
+
+def _q8_state_list(params, arrays, arg, kind, pprec, dtype_of):
+    """Check a state list under ``state_dtype="q8"``; returns ``(codes, absmax)`` lists.
+
+    The entry of a param whose state is 8-bit is a ``(codes, absmax)`` pair: uint8
+    codes shaped like the param and a float32 absmax of ``ceil(n / 256)`` entries
+    (``fastopt.quantization.quantize_blockwise`` makes one); a param below
+    ``min_8bit_size`` elements has a float32 array instead (its absmax entry is None).
+    """
+    if array_kind(arrays) is not None or isinstance(arrays, (str, bytes)) \
+            or not hasattr(arrays, "__iter__"):
+        raise TypeError(f"{arg}: expected a list with one state per param, got "
+                        f"{type(arrays).__name__}")
+    arrays = list(arrays)
+    if len(arrays) != len(params):
+        raise ValueError(f"{arg}: expected {len(params)} entries (one per param), got {len(arrays)}")
+    codes, absmax, plain = list(arrays), [None] * len(arrays), []
+    for i, (p, a, pr) in enumerate(zip(params, arrays, pprec)):
+        lab = f"{arg}[{i}]"
+        if not is_q8(pr):
+            plain.append(i)
+            continue
+        if not (isinstance(a, tuple) and len(a) == 2):
+            raise TypeError(f"{lab}: expected a (codes, absmax) pair (the 8-bit state of "
+                            f"params[{i}], {p.size} elements >= min_8bit_size), got "
+                            f"{type(a).__name__}")
+        c, m = a
+        nb = -(-p.size // _q.BLOCKSIZE)
+        for what, x, dt, shape in (("codes", c, np.uint8, p.shape), ("absmax", m, np.float32, (nb,))):
+            if array_kind(x) != kind:
+                raise TypeError(f"{lab} {what}: expected a {kind} array, got {type(x).__name__}")
+            if x.dtype != dt or x.shape != shape:
+                raise ValueError(f"{lab} {what}: expected {np.dtype(dt)} {shape}, got "
+                                 f"{x.dtype} {x.shape}")
+            if not x.flags.c_contiguous:
+                raise ValueError(f"{lab} {what}: expected a C-contiguous array, got strides "
+                                 f"{x.strides}")
+            if kind == "numpy" and not x.flags.writeable:
+                raise ValueError(f"{lab} {what}: expected a writeable array, got a read-only one")
+        if kind == "numpy" and np.may_share_memory(c, p):
+            raise ValueError(f"{lab} codes: expected an array separate from its param")
+        codes[i], absmax[i] = c, m
+    if plain:
+        checked = check_companions([params[i] for i in plain], [arrays[i] for i in plain], arg,
+                                   lambda n, j: label(n, plain[j]), kind, dtype_of=dtype_of)
+        _check_writable(checked, arg, kind)
+        for i, a in zip(plain, checked):
+            codes[i] = a
+    return codes, absmax
 
 
 def _check_writable(arrays, name, kind):
@@ -110,7 +180,7 @@ def sgd(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, mo
         nesterov=False, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.SGD` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``momentum_buffers`` (needed when ``momentum != 0``).
@@ -122,7 +192,7 @@ def adam(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, m
         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, bias_correction=True,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
@@ -134,7 +204,7 @@ def adamw(params, grads, exp_avgs=None, exp_avg_sqs=None, max_exp_avg_sqs=None, 
         betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, bias_correction=True,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.AdamW` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``max_exp_avg_sqs`` with ``amsgrad=True``.
@@ -146,7 +216,7 @@ def adagrad(params, grads, sums=None, masters=None, *, step, lr=1e-2, lr_decay=0
         initial_accumulator_value=0.0, eps=1e-10, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adagrad` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``sums`` (start them at ``initial_accumulator_value``).
@@ -158,7 +228,7 @@ def rmsprop(params, grads, square_avgs=None, momentum_buffers=None, grad_avgs=No
         lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.RMSprop` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``square_avgs``; ``momentum_buffers`` with ``momentum > 0``; ``grad_avgs`` with
@@ -171,7 +241,7 @@ def adadelta(params, grads, square_avgs=None, acc_deltas=None, masters=None, *, 
         weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
         weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adadelta` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``square_avgs``, ``acc_deltas``.
@@ -183,7 +253,7 @@ def adamax(params, grads, exp_avgs=None, exp_infs=None, masters=None, *, step, l
         eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Adamax` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_infs``.
@@ -195,7 +265,7 @@ def nadam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step,
         eps=1e-8, weight_decay=0.0, momentum_decay=4e-3, maximize=False, clip_value=None,
         clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, mu_product=1.0,
         grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.NAdam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``; ``mu_product`` is the product of the momentum
@@ -208,7 +278,7 @@ def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step,
         eps=1e-8, weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None,
         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
         backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.RAdam` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``.
@@ -219,7 +289,7 @@ def radam(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step,
 def lion(params, grads, exp_avgs=None, masters=None, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Lion` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``.
@@ -231,7 +301,7 @@ def lamb(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, 
         eps=1e-6, weight_decay=0.0, bias_correction=True, maximize=False, clip_value=None,
         clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
         nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.LAMB` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_avg_sqs``.
@@ -243,7 +313,7 @@ def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs
         lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0, weight_decay=0.0,
         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.AdaHessian` step over lists of arrays, in place (the math is on the class).
 
     State lists: ``exp_avgs``, ``exp_hessian_diag_sqs``; ``hessian_diags`` is read like ``grads``.
@@ -254,7 +324,7 @@ def adahessian(params, grads, hessian_diags, exp_avgs=None, exp_hessian_diag_sqs
 def newton(params, grads, hessians, masters=None, *, step, lr=1.0, damping=1e-4, maximize=False,
         clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
         grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
-        master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+        master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Newton` step over lists of arrays, in place (the math is on the class).
 
     State lists: none; ``hessians[i]`` is ``(n, n)`` for an ``n``-element ``params[i]``.

@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import precision as _prec
+from .. import quantization as _q
 from .._backend import Ops, register_kernel
-from .._rules import CLIP_EPS
+from .._rules import CLIP_EPS, RULES
 
 BACKEND = "numpy"
 
@@ -47,6 +48,7 @@ class NumpyOps(Ops):
     xp = np
     dtypes = ("float16", "bfloat16", "float32", "float64")
     precision_options = True
+    q8_state = True
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         # finding an overflow is this check's job: it must not also warn about it
@@ -91,8 +93,11 @@ class NumpyOps(Ops):
 OPS = NumpyOps()
 
 
-def _per_tensor(rule_fn):
+def _per_tensor(rule_fn, nonnegative=()):
     """Run a one-tensor rule over a list, with the pipeline around it (docs/design.md, "Pipeline").
+
+    ``nonnegative``: the rule's ``nonnegative_state``, whose 8-bit form uses the
+    unsigned dynamic map (every other state uses the signed one).
 
     The weight-decay stage (``Rule.weight_decay``) runs here, once for every rule:
     L2 adds ``l2*p`` to the grad (only when ``l2 != 0``: ``0*inf`` is nan), decoupled
@@ -103,7 +108,7 @@ def _per_tensor(rule_fn):
         if pre.precision is not None:
             for i, (p, g) in enumerate(zip(params, grads)):
                 _reduced_tensor(rule_fn, p, g, {name: arrs[i] for name, arrs in states.items()},
-                                s, pre, i, None if extras is None else extras[i])
+                                s, pre, i, None if extras is None else extras[i], nonnegative)
             return
         for i, (p, g) in enumerate(zip(params, grads)):
             st = {name: arrs[i] for name, arrs in states.items()}
@@ -133,7 +138,7 @@ def _decay_stage(p, g, s):
     return g
 
 
-def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
+def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra, nonnegative=()):
     """One tensor whose param or state is not in the compute dtype (``pre.precision``).
 
     Everything is computed in float32 on exact float32 copies of the param (or
@@ -145,11 +150,25 @@ def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
     the param)).  Weight decay, ``weight_clip`` and ``max_norm`` act on the
     float32 value before that rounding, so a change below the 16-bit
     resolution is not lost before the rounding decides.
+
+    8-bit state (``prec.state is Q8``; docs/design.md, "8-bit state format"):
+    ``stored[name]`` holds the uint8 codes and ``stored[name + "_absmax"]`` the
+    per-block absmax; the float32 state is their decoding
+    (``dequantize_blockwise``), the step runs on it exactly as above, and the
+    new float32 state is written back as ``quantize_blockwise`` of it (new
+    absmax per block, the exact nearest code).  The param step uses the new
+    state before quantization.
     """
     prec = pre.precision
+    q8 = prec.state is _prec.Q8
     master = stored.get("master")
     work = master.copy() if master is not None else _prec.to_float32(p)
-    st = {name: _prec.to_float32(a) for name, a in stored.items() if name != "master"}
+    if q8:
+        st = {name: _q.dequantize_blockwise(a, stored[name + "_absmax"],
+                                            signed=name not in nonnegative)
+              for name, a in stored.items() if name != "master" and not name.endswith("_absmax")}
+    else:
+        st = {name: _prec.to_float32(a) for name, a in stored.items() if name != "master"}
     g = processed_grad(_prec.to_float32(g), i, pre)
     e = None
     if extra is not None:
@@ -164,7 +183,12 @@ def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
         norm = np.sqrt(np.dot(work.astype(np.float64), work.astype(np.float64)))
         work *= min(1.0, pre.max_norm / (norm + CLIP_EPS))
     for name, a in st.items():
-        stored[name][...] = _prec.round_to(a, stored[name].dtype)
+        if q8:
+            codes, absmax = _q.quantize_blockwise(a, signed=name not in nonnegative)
+            stored[name][...] = codes
+            stored[name + "_absmax"][...] = absmax
+        else:
+            stored[name][...] = _prec.round_to(a, stored[name].dtype)
     if master is not None:
         master[...] = work
     if prec.stochastic_rounding:
@@ -176,7 +200,7 @@ def _reduced_tensor(rule_fn, p, g, stored, s, pre, i, extra):
 
 def _rule(name):
     def deco(fn):
-        register_kernel(name, BACKEND, _per_tensor(fn))
+        register_kernel(name, BACKEND, _per_tensor(fn, RULES[name].nonnegative_state))
         return fn
 
     return deco

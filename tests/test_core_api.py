@@ -270,7 +270,7 @@ def test_functional_signatures_name_state_lists():
 
 
 # the keywords of a class or functional signature that are not hyperparameters
-_NOT_HP = {"params", "grads", "step", "grad_scale", "nonfinite", "backend", "masters",
+_NOT_HP = {"params", "grads", "step", "grad_scale", "nonfinite", "backend", "masters", "min_8bit_size",
            "state_dtype", "master_weights", "stochastic_rounding", "seed"}
 
 

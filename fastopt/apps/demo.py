@@ -349,6 +349,8 @@ class Result:
     epoch_losses: list = field(default_factory=list)  # mean minibatch loss of each epoch
     epoch_test_acc: list = field(default_factory=list)
     diverged_at: int | None = None  # the step whose gradient was not finite (training stopped)
+    state_bytes: int = 0   # the optimizer's state_nbytes() at the end of the run
+    n_params: int = 0      # parameter elements of the network
 
     @property
     def ms_per_step(self) -> float:
@@ -452,7 +454,8 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
                   train_loss=net.loss(data.x_train, data.y_train),
                   test_acc=net.accuracy(data.x_test, data.y_test), steps=steps, step_s=step_s,
                   opt_s=opt_s, warmup_s=warmup_s, epoch_losses=epoch_losses,
-                  epoch_test_acc=epoch_acc, diverged_at=diverged_at)
+                  epoch_test_acc=epoch_acc, diverged_at=diverged_at,
+                  state_bytes=opt.state_nbytes(), n_params=sum(p.size for p in net.params))
 
 
 # --------------------------------------------------------------------------- XOR
@@ -640,6 +643,10 @@ def register(sub) -> None:
                    help="bfloat16: each optimizer trains bfloat16 weights (computed with in "
                         "float32) three ways -- plain round-to-nearest, stochastic rounding, "
                         "float32 master weights -- beside a float32 run (needs ml_dtypes)")
+    p.add_argument("--state", choices=("float32", "q8"), default="float32",
+                   help="q8: Adam (or --optimizer) with 8-bit block-quantized moments beside "
+                        "float32 ones, and bfloat16 weights + q8 moments + stochastic rounding; "
+                        "the table adds the state's bytes per parameter")
     p.add_argument("--seed", type=int, default=0, help="data split, initial weights, batch order")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save the loss curves of every optimizer on one figure (matplotlib)")
@@ -728,6 +735,15 @@ def run(args) -> int:
         if isinstance(threads, str):
             print(f"error: {threads}", file=sys.stderr)
             return 2
+    q8 = getattr(args, "state", "float32") == "q8"
+    if q8 and (xor or args.distributed or args.hogwild or args.batchnorm or args.dropout
+               or args.dtype != "float32"):
+        print("error: --state q8 trains the float32 digits MLP only (not --xor, --distributed, "
+              "--hogwild, --batchnorm, --dropout or --dtype other than float32; it adds a "
+              "bfloat16 + q8 + stochastic rounding row itself)", file=sys.stderr)
+        return 2
+    if q8 and args.optimizer is None:
+        names = ["adam"]
     if args.dtype == "bfloat16" and (xor or args.distributed or args.hogwild or args.batchnorm
                                      or args.dropout):
         print("error: --dtype bfloat16 trains the digits MLP only (not --xor, --distributed, "
@@ -759,6 +775,17 @@ def run(args) -> int:
         # 16-bit params run where their kernels are: backend 'auto' picks numpy for them
         variants += [(bf16, {}, " bf16"), (bf16, {"stochastic_rounding": True}, " bf16+SR"),
                      (bf16, {"master_weights": True}, " bf16+master")]
+    q8_note = None
+    if q8:
+        # beside the float32-state run: 8-bit moments, and bfloat16 weights with 8-bit
+        # moments and stochastic rounding (about 10 bytes per element moved per step)
+        variants += [(None, {"state_dtype": "q8"}, " q8")]
+        from ..precision import bfloat16_dtype
+        try:
+            variants += [(bfloat16_dtype(), {"state_dtype": "q8", "stochastic_rounding": True},
+                          " bf16+q8+SR")]
+        except ImportError as e:
+            q8_note = f"(no bf16+q8+SR row: {e})"
     dtype = np.dtype("float32" if args.dtype == "bfloat16" else args.dtype)
     data = load_digits_split(args.seed, dtype=dtype)
     per_epoch = math.ceil(len(data.y_train) / args.batch_size)
@@ -777,13 +804,19 @@ def run(args) -> int:
             results.append(train(name, data, epochs=epochs, batch_size=args.batch_size,
                                  hidden=tuple(args.hidden), lr=_lr_for(args.lr, name),
                                  schedule=args.schedule, clip_global_norm=args.clip_global_norm,
-                                 backend=backend if pdtype is None else args.backend,
+                                 backend=backend if pdtype is None and not precision
+                                 else args.backend,
                                  seed=args.seed, progress=not args.no_progress,
                                  param_dtype=pdtype, precision=precision, label=name + suffix,
                                  batchnorm=args.batchnorm, dropout=args.dropout))
     print()
-    print(format_table(results))
-    if len(variants) > 1:
+    print(format_table(results, state=q8))
+    if q8:
+        print(f"q8 rows: 8-bit block-quantized moments (state_dtype='q8': uint8 codes + a float32 "
+              f"absmax per 256 elements; tensors under 4096 elements keep float32 state), backend "
+              f"{results[-1].backend}; bf16+q8+SR: bfloat16 weights, q8 moments, stochastic "
+              f"rounding" + (f" {q8_note}" if q8_note else ""))
+    elif len(variants) > 1:
         print(f"bf16 rows: bfloat16 weights (forward/backward in float32), state float32, backend "
               f"{results[-1].backend}; bf16 = round to nearest, +SR = stochastic rounding, "
               f"+master = float32 master weights")
@@ -802,14 +835,16 @@ def run(args) -> int:
     return 0
 
 
-def format_table(results) -> str:
+def format_table(results, state: bool = False) -> str:
+    """The results table; ``state=True`` adds the optimizer state's bytes per parameter."""
     w = max([10] + [len(r.name) for r in results])
     head = f"{'optimizer':{w}} {'lr':>8} {'train loss':>10} {'test acc':>8} {'ms/step':>8} " \
-           f"{'opt share':>9}"
+           f"{'opt share':>9}" + (f" {'state B/param':>13}" if state else "")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r.name:{w}} {r.lr:8.2g} {r.train_loss:10.4f} {100 * r.test_acc:7.1f}% "
                      f"{r.ms_per_step:8.3f} {100 * r.opt_share:8.0f}%"
+                     + (f" {r.state_bytes / max(r.n_params, 1):13.2f}" if state else "")
                      + (f"  diverged at step {r.diverged_at}" if r.diverged_at else ""))
     return "\n".join(lines)
 
