@@ -19,8 +19,9 @@ from ._rules import (PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule, check_h
                      check_lr_value)
 from ._state import LoadPlan, plan_load, precision_record, q8_record
 from ._validate import (as_list, check_grad_scale, check_nonfinite, check_params, expected_layout,
-                        flat, normalize_options, param_precision, prepare_groups,
-                        resolve_precisions, step_options)
+                        check_q8_options, flat, normalize_options, param_precision,
+                        prepare_groups, resolve_precisions, step_options)
+from ._validate import is_q8 as _is_q8
 
 _OPTIMIZER_WIDE = ("nonfinite", "backend") + tuple(PRECISION_DEFAULTS)
 
@@ -66,6 +67,12 @@ class Optimizer:
         self._precisions = resolve_precisions(rule, flat_params, labels, self.precision_options)
         self.min_8bit_size = int(min_8bit_size)
         used = {param_precision(self._precisions, p, self.min_8bit_size) for p in flat_params}
+        # a group option 8-bit state cannot take is refused at construction and at every step
+        # (a group's options may change between steps)
+        self._q8_checked = rule.q8_refuses if any(map(_is_q8, used)) else ()
+        for gi, g in enumerate(self.param_groups):
+            if self._q8_checked:
+                check_q8_options(rule, g, self._where(gi))
         self.backend = _backend.resolve(backend, self._kind, tuple(used))
         self._ops = _backend.get_ops(self.backend)
         self.step_count = 0
@@ -208,6 +215,9 @@ class Optimizer:
             self._layout = (ids, expected_layout(all_params))
         hps = [step_options(self.rule, g, t, self._where(gi))
                for gi, g in enumerate(self.param_groups)]
+        if self._q8_checked:
+            for gi, hp in enumerate(hps):
+                check_q8_options(self.rule, hp, self._where(gi))
         prepared = prepare_groups(self.rule, hps, [len(g["params"]) for g in self.param_groups],
                                   all_params, grads, extras, kind=self._kind,
                                   caller=f"{type(self).__name__}.step()", want=self._layout[1])

@@ -122,6 +122,10 @@ class Rule:
     #: state arrays that hold a sum, average or maximum of squares or magnitudes: never negative
     #: in a state the rule produced, so loading one with a negative entry is refused
     nonnegative_state: tuple = ()
+    #: boolean options that 8-bit state cannot take, with the reason: RMSprop's ``centered``
+    #: takes ``sqrt(square_avg - grad_avg**2)`` of two states rounded separately, a difference
+    #: that rounds below zero near a minimum (nan); bitsandbytes refuses it for the same reason
+    q8_refuses: tuple = ()
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -476,7 +480,9 @@ _add(Rule("rmsprop", "RMSprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay
           ("square_avg", "momentum_buffer", "grad_avg"),
           pack=("lr", "alpha", "one_minus_alpha", "eps", "momentum"),
           flags=("has_momentum", "centered"), variants=("has_momentum", "centered"),
-          nonnegative_state=("square_avg",)))
+          nonnegative_state=("square_avg",),
+          q8_refuses=(("centered", "sqrt(square_avg - grad_avg**2) of two separately quantized "
+                                   "states rounds below zero near a minimum"),)))
 _add(Rule("adadelta", "Adadelta", dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0),
           lambda hp: (("square_avg", 0.0), ("acc_delta", 0.0)),
           _adadelta_scalars, _adadelta_check, ("square_avg", "acc_delta"),

@@ -261,6 +261,14 @@ def resolve_precisions(rule, params: list, labels: list, options: dict) -> dict:
     return out
 
 
+def check_q8_options(rule, hp: dict, where: str = "") -> None:
+    """ValueError for an option of ``rule`` that 8-bit state cannot take (``Rule.q8_refuses``)."""
+    for name, why in rule.q8_refuses:
+        if hp.get(name):
+            raise ValueError(f"{where}{name}: expected False with state_dtype='q8' ({why}; use "
+                             "state_dtype='bfloat16' or float32 state for this variant)")
+
+
 def check_min_8bit_size(value) -> int:
     """``min_8bit_size`` as an int >= 0 (TypeError/ValueError naming it otherwise)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

@@ -42,7 +42,7 @@ from ._backend import array_kind
 from ._pipeline import StepInfo, make_buckets, run_step
 from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule
 from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
-                        check_min_8bit_size, check_params, flat, is_q8, label, param_precision,
+                        check_min_8bit_size, check_params, check_q8_options, flat, is_q8, label, param_precision,
                         prepare_groups, resolve_precisions, step_options)
 
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
@@ -81,6 +81,8 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     pprec = [param_precision(precisions, p, min8) for p in params]
     be = _backend.resolve(backend, kind, tuple(set(pprec)))
     any_q8 = any(is_q8(pr) for pr in pprec)
+    if any_q8:
+        check_q8_options(rule, hp)
     states, written = {}, []
     names = [(name + "s", name, lambda p: param_precision(precisions, p, min8).state)
              for name, _ in rule.state(hp)]

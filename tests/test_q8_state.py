@@ -144,8 +144,6 @@ RULE_CASES = [
     ("Adagrad", dict(lr=0.1)),
     ("RMSprop", dict(lr=1e-3)),
     ("RMSprop", dict(lr=1e-3, momentum=0.9)),
-    ("RMSprop", dict(lr=1e-3, centered=True)),
-    ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5)),
     ("Adadelta", dict(lr=1.0)),
     ("Lion", dict(lr=1e-3, weight_decay=1e-2)),
     ("AdaHessian", dict(lr=0.1)),
@@ -456,6 +454,27 @@ def test_newton_and_float64_refuse_q8():
         fo.Newton([np.ones(3, np.float32)], state_dtype="q8")
     with pytest.raises(ValueError, match=r"state_dtype: .*float64.* got 'q8'"):
         fo.Adam([np.ones(N_BIG)], state_dtype="q8")
+
+
+def test_centered_rmsprop_refuses_q8_at_construction_step_and_functional():
+    big = np.ones(N_BIG, np.float32)
+    with pytest.raises(ValueError, match=r"centered: expected False with state_dtype='q8'"):
+        fo.RMSprop([big.copy()], centered=True, state_dtype="q8")
+    opt = fo.RMSprop([big.copy()], state_dtype="q8")
+    opt.param_groups[0]["centered"] = True
+    p0 = opt.param_groups[0]["params"][0].copy()
+    with pytest.raises(ValueError, match=r"centered: expected False with state_dtype='q8'"):
+        opt.step([np.full(N_BIG, 0.5, np.float32)])
+    np.testing.assert_array_equal(opt.param_groups[0]["params"][0], p0)
+    assert opt.step_count == 0
+    codes, absmax = np.zeros(N_BIG, np.uint8), np.zeros(-(-N_BIG // 256), np.float32)
+    with pytest.raises(ValueError, match=r"centered: expected False with state_dtype='q8'"):
+        fo.functional.rmsprop([big.copy()], [np.ones(N_BIG, np.float32)], [(codes, absmax)],
+                              None, [(codes.copy(), absmax.copy())], step=1, centered=True,
+                              state_dtype="q8")
+    # small tensors keep float32 state, so centered is fine there
+    fo.RMSprop([np.ones(10, np.float32)], centered=True, state_dtype="q8").step(
+        [np.ones(10, np.float32)])
 
 
 @pytest.mark.parametrize("value,exc", [(-1, ValueError), (True, TypeError), (2.5, TypeError)])
