@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import precision as _prec
 from . import quantization as _q
 from ._backend import array_kind
 from .precision import Q8, as_dtype, round_to, to_float32
@@ -181,11 +182,25 @@ def _check_precision(optimizer, sd, convert: bool) -> None:
                 pass
         if got == v or (convert and k in ("state_dtype", "min_8bit_size")):
             continue
+        if k == "state_dtype" and _same_state_format(optimizer, got, v):
+            continue  # e.g. None and "float32" for float32 params: the same arrays
+        if k == "min_8bit_size" and mine["state_dtype"] != "q8":
+            continue  # decides nothing without 8-bit state
         hint = ("; pass convert=True to convert the state to this optimizer's format"
                 if k in ("state_dtype", "min_8bit_size") else
                 " (a resumed run must use the options it was saved with)")
         raise ValueError(f"state_dict['precision'][{k!r}]: expected {v!r} (this optimizer's "
                          f"{k}), got {got!r}{hint}")
+
+
+def _same_state_format(optimizer, a, b) -> bool:
+    """Whether state_dtype options ``a`` and ``b`` give every param of the optimizer the same
+    state dtype (None and "param" and "float32" can all mean float32)."""
+    try:
+        return all(_prec.resolve_state_dtype(dt, a) == _prec.resolve_state_dtype(dt, b)
+                   for dt in {p.dtype for g in optimizer.param_groups for p in g["params"]})
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_q8_meta(sd) -> dict:

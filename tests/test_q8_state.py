@@ -556,3 +556,14 @@ def test_demo_state_q8_cli(capsys):
                       "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "adam q8" in out and "state B/param" in out
+
+
+def test_state_dtype_options_that_give_the_same_arrays_load_without_convert():
+    """None, "param" and "float32" all give float32 params float32 state: no convert needed;
+    a different format still needs convert=True."""
+    a = fo.Adam([np.ones(5, np.float32)])
+    a.step([np.ones(5, np.float32)])
+    for same in ("float32", "param", np.float32):
+        fo.Adam([np.ones(5, np.float32)], state_dtype=same).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict\['precision'\]\['state_dtype'\]"):
+        fo.Adam([np.ones(5, np.float32)], state_dtype="bfloat16").load_state_dict(a.state_dict())
