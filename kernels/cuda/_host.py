@@ -512,13 +512,17 @@ class CudaBackend:
                     f"(weight_decay 'rule' or None), got {rule.weight_decay!r}")
             part_p, part_r = sums(), sums()
             launch("trust_stage1", _addr(dev, part_p), _addr(dev, part_r))
-            p_sq, r_sq = finalize(part_p), finalize(part_r)
+            # lr * trust per tensor in double on the device, as the reference forms it:
+            # |p| / |r| (1 when either is 0) times the host double lr
+            pn, rn = xp.sqrt(finalize(part_p)), xp.sqrt(finalize(part_r))
+            ok = (pn > 0) & (rn > 0)
+            coefs = xp.ascontiguousarray(scalars["lr"] * xp.where(ok, pn / xp.where(ok, rn, 1.0), 1.0))
             f = None
             if pre.max_norm is not None:
                 part = sums()
-                launch("trust_stage2", _addr(dev, p_sq), _addr(dev, r_sq), _addr(dev, part), null)
+                launch("trust_stage2", _addr(dev, coefs), _addr(dev, part), null)
                 f = factors(part)
-            launch("trust_stage2", _addr(dev, p_sq), _addr(dev, r_sq), null, _addr(dev, f))
+            launch("trust_stage2", _addr(dev, coefs), null, _addr(dev, f))
             return
         f = None
         if pre.max_norm is not None:

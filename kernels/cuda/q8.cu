@@ -123,7 +123,7 @@ __device__ __forceinline__ void fo_q8_update(const FoTable& tab, const FoHyper<f
         const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
         const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
         const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
-        const float f = factors ? (float)factors[tab.index[s]] : 1.0f;
+        const double f = factors ? factors[tab.index[s]] : 1.0;
         double acc = 0;
         auto body = [&](float (&x)[FO_DEPTH]) {
             float& p = x[FO_SLOT_PARAM];
@@ -162,7 +162,7 @@ __device__ __forceinline__ void fo_q8_trust1(const FoTable& tab, const FoHyper<f
 template <class P, class Rule>
 __device__ __forceinline__ void fo_q8_trust2(const FoTable& tab, const FoHyper<float>& h, const FoPipe<float>& pp,
                                              const double* scales, const FoStore& st, const FoQ8& q,
-                                             const double* p_sumsq, const double* r_sumsq, double* partial,
+                                             const double* coefs, double* partial,
                                              const double* factors) {
     const bool dry = partial != nullptr;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
@@ -170,8 +170,8 @@ __device__ __forceinline__ void fo_q8_trust2(const FoTable& tab, const FoHyper<f
         const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
         const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
         const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
-        const float coef = (float)((double)h.v[FO_S_LR] * fo_trust(p_sumsq, r_sumsq, tab.index[s]));
-        const float f = factors ? (float)factors[tab.index[s]] : 1.0f;
+        const double coef = coefs[tab.index[s]];
+        const double f = factors ? factors[tab.index[s]] : 1.0;
         double acc = 0;
         auto body = [&](float (&x)[FO_DEPTH]) {
             fo_trust_apply<Rule>(h, pp, x, scale, coef);
@@ -218,10 +218,9 @@ FO_EXPORT(fo_q8_quantize)
         fo_q8_trust1<P, RULE>(tab, h, pp, scales, st, q, partial_p, partial_r);                          \
     }                                                                                                     \
     FO_EXPORT(fo_q8_trust_stage1_##NAME##_##SUF)                                                          \
-    extern "C" __global__ void fo_q8_trust_stage2_##NAME##_##SUF(FO_Q8_ARGS, const double* p_sumsq,      \
-                                                                 const double* r_sumsq, double* partial, \
-                                                                 const double* factors) {                \
-        fo_q8_trust2<P, RULE>(tab, h, pp, scales, st, q, p_sumsq, r_sumsq, partial, factors);            \
+    extern "C" __global__ void fo_q8_trust_stage2_##NAME##_##SUF(FO_Q8_ARGS, const double* coefs,        \
+                                                                 double* partial, const double* factors) { \
+        fo_q8_trust2<P, RULE>(tab, h, pp, scales, st, q, coefs, partial, factors);            \
     }                                                                                                     \
     FO_EXPORT(fo_q8_trust_stage2_##NAME##_##SUF)
 

@@ -246,11 +246,12 @@ __device__ __forceinline__ void fo_store_param(typename P::T* param, float* mast
 }
 
 // The tail every mixed and q8 step shares after the rule: weight_clip, then either the dry
-// pass's sum of p^2 (acc) or the max_norm factor f (1 without max_norm: exact).
-__device__ __forceinline__ void fo_finish_param(const FoPipe<float>& pp, float& p, bool dry, double& acc, float f) {
+// pass's sum of p^2 (acc) or max_norm's factor f, applied in double and rounded once to float32
+// as the reference's float32 params times a float64 factor (f = 1 without max_norm: exact).
+__device__ __forceinline__ void fo_finish_param(const FoPipe<float>& pp, float& p, bool dry, double& acc, double f) {
     if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
     if (dry) acc += (double)p * (double)p;
-    else p = p * f;
+    else p = (float)((double)p * f);
 }
 
 // Thread 0 of the block writes a chunk's partial sum (index chunk_base + chunk, as fo_finalize reads).
@@ -277,12 +278,15 @@ __device__ __forceinline__ void fo_trust_norms(const FoHyper<float>& h, const Fo
     rr2 += r * r;
 }
 
-// ... and in the write pass: the same state, then p -= coef * r (coef = lr * trust).
+// ... and in the write pass: the same state, then p -= coef * r with coef = lr * trust kept
+// in double and the update formed in double, rounded once to float32 (the reference's
+// float32 p minus a float64 array).
 template <class Rule>
 __device__ __forceinline__ void fo_trust_apply(const FoHyper<float>& h, const FoPipe<float>& pp,
-                                               float (&x)[FO_DEPTH], float scale, float coef) {
+                                               float (&x)[FO_DEPTH], float scale, double coef) {
     float& p = x[FO_SLOT_PARAM];
     float* st = x + FO_SLOT_STATE0;
     Rule::update_state(h, p, fo_pre_grad(pp, x[FO_SLOT_GRAD], scale), st[0], st[1], st[2]);
-    p = p - coef * Rule::direction(h, p, st[0], st[1], st[2]);
+    const double step = coef * (double)Rule::direction(h, p, st[0], st[1], st[2]);
+    p = (float)((double)p - step);
 }

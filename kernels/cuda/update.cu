@@ -147,7 +147,7 @@ __device__ __forceinline__ void fo_update_mixed(const FoTable& tab, const FoHype
         const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
         const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
         const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
-        const float f = factors ? (float)factors[tab.index[s]] : 1.0f;
+        const double f = factors ? factors[tab.index[s]] : 1.0;
         double acc = 0;
         auto body = [&](float (&x)[FO_DEPTH]) {
             float& p = x[FO_SLOT_PARAM];
@@ -190,16 +190,16 @@ __device__ __forceinline__ void fo_trust_mixed1(const FoTable& tab, const FoHype
 // fo_update_mixed.
 template <class P, class S, class Rule>
 __device__ __forceinline__ void fo_trust_mixed2(const FoTable& tab, const FoHyper<float>& h, const FoPipe<float>& pp,
-                                                const double* scales, const FoStore& st, const double* p_sumsq,
-                                                const double* r_sumsq, double* partial, const double* factors) {
+                                                const double* scales, const FoStore& st, const double* coefs,
+                                                double* partial, const double* factors) {
     const bool dry = partial != nullptr;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
         const int s = tab.item_slot[w];
         const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
         const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
         const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
-        const float coef = (float)((double)h.v[FO_S_LR] * fo_trust(p_sumsq, r_sumsq, tab.index[s]));
-        const float f = factors ? (float)factors[tab.index[s]] : 1.0f;
+        const double coef = coefs[tab.index[s]];
+        const double f = factors ? factors[tab.index[s]] : 1.0;
         double acc = 0;
         auto body = [&](float (&x)[FO_DEPTH]) {
             fo_trust_apply<Rule>(h, pp, x, scale, coef);
@@ -266,9 +266,9 @@ __device__ __forceinline__ void fo_trust_mixed2(const FoTable& tab, const FoHype
     }                                                                                                 \
     FO_EXPORT(fo_trust_stage1_##NAME##_##SUF)                                                         \
     extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(                                        \
-        FO_ARGS(FoF32), const double* scales, const FoStore st, const double* p_sumsq,                \
-        const double* r_sumsq, double* partial, const double* factors) {                              \
-        fo_trust_mixed2<P, S, RULE>(tab, h, pp, scales, st, p_sumsq, r_sumsq, partial, factors);     \
+        FO_ARGS(FoF32), const double* scales, const FoStore st, const double* coefs,                  \
+        double* partial, const double* factors) { \
+        fo_trust_mixed2<P, S, RULE>(tab, h, pp, scales, st, coefs, partial, factors);     \
     }                                                                                                 \
     FO_EXPORT(fo_trust_stage2_##NAME##_##SUF)
 
