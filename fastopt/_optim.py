@@ -133,7 +133,9 @@ class Optimizer:
             for name, init in names:
                 if name not in st:
                     if name == "master":
-                        st[name] = _prec.to_float32(p)  # exact: the param is RNE of it
+                        # exact: the param is RNE of it (a device array widens on its device)
+                        st[name] = (_prec.to_float32(p) if _backend.array_kind(p) == "numpy"
+                                    else p.astype(xp.float32))
                     else:
                         st[name] = xp.full_like(p, init, dtype=self.state_dtype(p, name))
                     changed = True
