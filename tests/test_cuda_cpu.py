@@ -10,7 +10,9 @@ the block-stride loops and the reduction tree).  The
 host code is ``fastopt.kernels.cuda._host`` unchanged (the one ``cupy_gpu`` runs on a GPU):
 tables, chunking, scalar packing.  Parity: every ``CASES`` entry, float32 and float64,
 against the NumPy reference through the full optimizer pipeline (registered as a test-only
-backend ``cudacpu``).  Skips only without g++.
+backend ``cudacpu``); 16-bit params (state dtypes, master weights, stochastic rounding) and q8
+state bit for bit against the reference and the q8 definition; the nearest-code port against
+``fastopt.quantization``.  Skips only without g++.
 """
 
 from __future__ import annotations
@@ -731,3 +733,21 @@ def test_q8_device_quantize_equals_quantize_blockwise(libs, signed, block):
     want_c, want_a = quant.quantize_blockwise(x, signed)
     np.testing.assert_array_equal(codes, want_c)
     np.testing.assert_array_equal(absmax.view(np.uint32) & 0x7fffffff, want_a.view(np.uint32) & 0x7fffffff)
+
+
+def test_reduced_refuses_what_it_has_no_kernel_for(libs):
+    """A (param, state) pair without a mixed kernel, or q8 state on float64 params (which
+    fastopt.precision refuses before any backend): a clear error naming both, nothing written."""
+    k = _host.CudaBackend(CpuDevice(libs))
+    p = np.ones(9, np.float64)
+    g = np.ones(9, np.float64)
+    st = {"exp_avg": [np.zeros(9)], "exp_avg_sq": [np.zeros(9)]}
+    s, _ = RULES["adam"].step_scalars(RULES["adam"].defaults, 1, {})
+    for state, match in ((np.dtype(np.float16), "state dtype float16"), (fprec.Q8, "q8 state")):
+        prec = Precision(param=np.dtype(np.float64), compute=np.dtype(np.float64), state=state,
+                         master_weights=False, stochastic_rounding=False, seed=0)
+        with pytest.raises(NotImplementedError, match=match):
+            k.update("adam", [p], [g], st, s, Pre(precision=prec, step=1))
+    assert (p == 1).all() and not st["exp_avg"][0].any() and k.launches == 0
+    with pytest.raises(TypeError, match="dtype: expected float16, bfloat16, float32 or float64"):
+        _host.suffix(np.int32)
