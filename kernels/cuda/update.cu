@@ -102,6 +102,35 @@ __device__ __forceinline__ void fo_trust_stage2(const FoTable& tab, const FoHype
 // the new params (max_norm, applied before the one rounding) or LAMB's trust ratio; the write
 // pass then recomputes the same float32 values from the unchanged inputs.
 // bytes per element: read p (or master) + g + states [+ extra]; write p [+ master] + states.
+// Four consecutive elements of T: one 16-byte (float32) or 8-byte (16-bit) load or store.
+template <class T> struct alignas(4 * sizeof(T)) FoQuad {
+    T x[4];
+};
+template <class T>
+__device__ __forceinline__ bool fo_quad_aligned(const void* a, fo_i64 begin, unsigned size) {
+    return !a || (reinterpret_cast<unsigned long long>(a) + (unsigned long long)begin * size) % (4 * size) == 0;
+}
+template <class P>
+__device__ __forceinline__ void fo_load_grad4(const void* a, fo_i64 i, bool f32, float (&x)[4][FO_DEPTH], int d) {
+    if (!a) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k][d] = 0.0f;
+    } else if (f32) {
+        const FoQuad<float> q = *reinterpret_cast<const FoQuad<float>*>(static_cast<const float*>(a) + i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k][d] = q.x[k];
+    } else {
+        typedef typename P::T PT;
+        const FoQuad<PT> q = *reinterpret_cast<const FoQuad<PT>*>(static_cast<const PT*>(a) + i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k][d] = P::load(q.x[k]);
+    }
+}
+
+// The memory loop of mixed storage: when every array is aligned to four of its elements at
+// `begin`, a thread takes four consecutive elements per iteration (vector loads and stores of
+// each array in its own width), then a scalar tail; element i's values, body and roundings
+// are the same either way (the stochastic-rounding bits hash i itself).
 template <class P, class S, unsigned USED, class Body>
 __device__ __forceinline__ void fo_mixed_loop(const FoTable& tab, int s, fo_i64 begin, fo_i64 end,
                                               const FoStore& st, bool write, Body& body) {
@@ -113,16 +142,74 @@ __device__ __forceinline__ void fo_mixed_loop(const FoTable& tab, int s, fo_i64 
     const void* const extra = ((USED >> FO_SLOT_EXTRA) & 1) ? reinterpret_cast<const void*>(tab.ptr[FO_SLOT_EXTRA][s])
                                                              : nullptr;
     float* const master = reinterpret_cast<float*>(tab.ptr[FO_SLOT_MASTER][s]);
+    const bool g32 = st.flags & FO_ST_GRAD_F32, e32 = st.flags & FO_ST_EXTRA_F32;
     ST* state[3];
 #pragma unroll
     for (int k = 0; k < 3; ++k)
         state[k] = ((USED >> (FO_SLOT_STATE0 + k)) & 1) ? reinterpret_cast<ST*>(tab.ptr[FO_SLOT_STATE0 + k][s])
                                                          : nullptr;
-    for (fo_i64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    bool aligned = fo_quad_aligned<PT>(param, begin, sizeof(PT)) && fo_quad_aligned<float>(master, begin, 4) &&
+                   fo_quad_aligned<PT>(grad, begin, g32 ? 4 : sizeof(PT)) &&
+                   fo_quad_aligned<PT>(extra, begin, e32 ? 4 : sizeof(PT));
+#pragma unroll
+    for (int k = 0; k < 3; ++k) aligned = aligned && fo_quad_aligned<ST>(state[k], begin, sizeof(ST));
+    fo_i64 tail = begin;
+    if (aligned) {
+        const fo_i64 vend = begin + (end - begin) / 4 * 4;
+        for (fo_i64 i = begin + (fo_i64)threadIdx.x * 4; i < vend; i += (fo_i64)blockDim.x * 4) {
+            float x[4][FO_DEPTH];
+            if (master) {
+                const FoQuad<float> q = *reinterpret_cast<const FoQuad<float>*>(master + i);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) x[k][FO_SLOT_PARAM] = q.x[k];
+            } else {
+                const FoQuad<PT> q = *reinterpret_cast<const FoQuad<PT>*>(param + i);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) x[k][FO_SLOT_PARAM] = P::load(q.x[k]);
+            }
+            fo_load_grad4<P>(grad, i, g32, x, FO_SLOT_GRAD);
+            fo_load_grad4<P>(extra, i, e32, x, FO_SLOT_EXTRA);
+#pragma unroll
+            for (int d = 0; d < 3; ++d) {
+                FoQuad<ST> q = {};
+                if (state[d]) q = *reinterpret_cast<const FoQuad<ST>*>(state[d] + i);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) x[k][FO_SLOT_STATE0 + d] = state[d] ? S::load(q.x[k]) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                x[k][FO_SLOT_MASTER] = 0.0f;
+                body(x[k]);
+            }
+            if (!write) continue;
+#pragma unroll
+            for (int d = 0; d < 3; ++d) {
+                if (!state[d]) continue;
+                FoQuad<ST> q;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) q.x[k] = S::store(x[k][FO_SLOT_STATE0 + d]);
+                *reinterpret_cast<FoQuad<ST>*>(state[d] + i) = q;
+            }
+            if (master) {
+                FoQuad<float> q;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) q.x[k] = x[k][FO_SLOT_PARAM];
+                *reinterpret_cast<FoQuad<float>*>(master + i) = q;
+            }
+            FoQuad<PT> q;
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                q.x[k] = (st.flags & FO_ST_SR) ? P::store_sr(x[k][FO_SLOT_PARAM], st.sr_key, i + k)
+                                               : P::store(x[k][FO_SLOT_PARAM]);
+            *reinterpret_cast<FoQuad<PT>*>(param + i) = q;
+        }
+        tail = vend;
+    }
+    for (fo_i64 i = tail + threadIdx.x; i < end; i += blockDim.x) {
         float x[FO_DEPTH];
         x[FO_SLOT_PARAM] = master ? master[i] : P::load(param[i]);
-        x[FO_SLOT_GRAD] = fo_load_grad<P>(grad, i, st.flags & FO_ST_GRAD_F32);
-        x[FO_SLOT_EXTRA] = fo_load_grad<P>(extra, i, st.flags & FO_ST_EXTRA_F32);
+        x[FO_SLOT_GRAD] = fo_load_grad<P>(grad, i, g32);
+        x[FO_SLOT_EXTRA] = fo_load_grad<P>(extra, i, e32);
         x[FO_SLOT_MASTER] = 0.0f;
 #pragma unroll
         for (int k = 0; k < 3; ++k) x[FO_SLOT_STATE0 + k] = state[k] ? S::load(state[k][i]) : 0.0f;
