@@ -15,6 +15,12 @@ Needs CuPy and a device; torch with CUDA is optional (its rows are left out with
 4. ``launches_per_step``: kernel launches fastopt makes per step, for each case.
 5. ``rules_2^24``: every element-wise rule on one 2**24 float32 tensor: ms per step and GB/s
    (bytes per element from the rule table, ``fastopt.apps.benchkit.bytes_per_element``).
+6. ``formats_2^24``: Adam on one 2**24 tensor in each storage format -- float32; bfloat16
+   params with state "param", float32 state, bfloat16 state + stochastic rounding; q8 state
+   with float32 and with bfloat16 (+SR) params; torch fused Adam on the same bfloat16 params --
+   measured in interleaved rounds in one process, reported as ratios to fastopt float32 Adam.
+   A format the installed fastopt cannot build (say q8 before its API lands) is listed with
+   the reason instead of a time.
 
 Times are the median of ``reps`` steps after ``warmup`` steps, each bracketed by CUDA events
 on the library's current stream and synchronized on the end event (``benchkit.measure`` with
@@ -74,6 +80,74 @@ def _torch_adam(torch, sizes, **kw):
         p.grad = torch.randn_like(p)
     opt = torch.optim.Adam(ps, lr=1e-3, **kw)
     return opt.step
+
+
+#: section 6: (name, param dtype name, Adam options); bytes per element = read p, g and each
+#: state, write p and each state (+ the absmax of q8: 4 bytes per 256 elements per state)
+FORMATS = (
+    ("f32", "float32", {}),
+    ("bf16_state_param", "bfloat16", {"state_dtype": "param"}),
+    ("bf16_state_f32", "bfloat16", {}),
+    ("bf16_state_bf16_sr", "bfloat16", {"state_dtype": "bfloat16", "stochastic_rounding": True}),
+    ("f32_q8", "float32", {"state_dtype": "q8"}),
+    ("bf16_q8_sr", "bfloat16", {"state_dtype": "q8", "stochastic_rounding": True}),
+)
+
+
+def format_bytes(param_itemsize: int, state: str, n_states: int = 2) -> float:
+    """Bytes per element of one Adam step in a storage format (see FORMATS)."""
+    per_state = {"float32": 8, "bfloat16": 4, "q8": 2 + 8 / 256}[state]
+    return 3 * param_itemsize + n_states * per_state
+
+
+def _formats(cupy, torch, res, lines, warmup, reps, n=2**24, rounds=3):
+    import ml_dtypes
+
+    import fastopt as fo
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    r = cupy.random.default_rng(2)
+    p32 = r.standard_normal(n, dtype=cupy.float32)
+    g32 = r.standard_normal(n, dtype=cupy.float32)
+    steps, out = {}, {}
+    for name, dtype, kw in FORMATS:
+        try:
+            if dtype == "bfloat16":  # bits of the nearest bfloat16, as a CuPy bfloat16 array
+                p = cupy.asarray(p32.get().astype(bf16).view(np.uint16)).view(bf16)
+                g = cupy.asarray(g32.get().astype(bf16).view(np.uint16)).view(bf16)
+            else:
+                p, g = p32.copy(), g32
+            opt = fo.Adam([p], lr=1e-3, nonfinite="ignore", backend="cupy", **kw)
+            opt.step([g])
+            steps[name] = (lambda o=opt, g=g: o.step([g]))
+        except Exception as e:  # reported, not hidden: the row says why it has no time
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    if torch is not None:
+        tp = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        tp.grad = torch.randn_like(tp)
+        steps["torch_fused_bf16"] = torch.optim.Adam([tp], lr=1e-3, fused=True).step
+    times = {k: [] for k in steps}
+    for _ in range(rounds):  # interleaved: every format once per round
+        for k, fn in steps.items():
+            lib = torch if k.startswith("torch") else cupy
+            times[k].append(_median_ms(fn, lib, warmup, reps))
+    base = float(np.median(times["f32"])) if "f32" in times else None
+    for name, dtype, kw in FORMATS + (("torch_fused_bf16", "bfloat16", {"state_dtype": "param"}),):
+        if name not in times:
+            continue
+        ms = float(np.median(times[name]))
+        state = kw.get("state_dtype", "float32")
+        state = dtype if state == "param" else state
+        nbytes = format_bytes(2 if dtype == "bfloat16" else 4, state)
+        out[name] = {"ms": ms, "bytes_per_element": nbytes, "GB/s": _gbs(nbytes * n, ms),
+                     "vs_fastopt_f32": None if base is None else ms / base}
+    res["formats_2^24"] = out
+    for name, v in out.items():
+        if "error" in v:
+            lines.append(f"adam {name:20s} not run: {v['error']}")
+        else:
+            lines.append(f"adam {name:20s} {v['ms']:8.3f} ms  {v['bytes_per_element']:5.2f} B/elem  "
+                         f"{v['GB/s']:7.1f} GB/s  {v['vs_fastopt_f32']:.2f}x fastopt f32")
 
 
 def main(argv=None):
@@ -179,6 +253,7 @@ def main(argv=None):
         lines.append(f"{rule:15s} {ms:8.3f} ms  {_gbs(nbytes, ms):7.1f} GB/s")
         del opt, step, p, g
     bar.close()
+    _formats(cupy, torch, res, lines, warmup, reps)
     res["launches_per_step"] = launches
     lines.append("launches per step: " + ", ".join(f"{k} {v}" for k, v in launches.items()))
     assert _backend.available("cupy")

@@ -166,10 +166,10 @@ def available(backend: str) -> bool:
 
 
 def backends() -> dict:
-    """Every backend: ``{name: {"available", "reason", "rules", "dtypes"}}``.
+    """Every backend: ``{name: {"available", "reason", "rules", "dtypes", "q8_state"}}``.
 
     ``dtypes`` lists the param dtypes the backend's kernels take (empty when it
-    is unavailable).  Asking loads each backend (imports numba or cupy where
+    is unavailable); ``q8_state`` whether its kernels take 8-bit state.  Asking loads each backend (imports numba or cupy where
     installed).
     """
     out = {}
@@ -180,6 +180,7 @@ def backends() -> dict:
             "reason": None if ok else _FAILED.get(name),
             "rules": sorted(r for (r, b) in _KERNELS if b == name),
             "dtypes": list(_OPS[name].dtypes) if ok else [],
+            "q8_state": bool(ok and _OPS[name].q8_state),
         }
     return out
 

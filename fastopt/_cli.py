@@ -18,6 +18,7 @@ def _info(args) -> int:
     info = fastopt.backends()
     for name, b in info.items():
         detail = (f"{len(b['rules'])} rules; param dtypes {', '.join(b['dtypes'])}"
+                  f"{'; 8-bit state' if b.get('q8_state') else ''}"
                   if b["available"] else b["reason"])
         print(f"{name:8}  {'yes' if b['available'] else 'no':9}  {detail}")
     print()

@@ -157,7 +157,9 @@ class Optimizer:
             for name, init in names:
                 if name not in st:
                     if name == "master":
-                        st[name] = _prec.to_float32(p)  # exact: the param is RNE of it
+                        # exact: the param is RNE of it (a device array widens on its device)
+                        st[name] = (_prec.to_float32(p) if _backend.array_kind(p) == "numpy"
+                                    else p.astype(xp.float32))
                     elif self.is_q8(p, name):
                         # the rule's initial value, quantized (0: the zero code, absmax 0)
                         codes, absmax = _q.quantize_blockwise(

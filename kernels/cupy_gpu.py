@@ -7,9 +7,11 @@ Importing this module imports CuPy and checks for a device; without either it ra
   into the source string after the kernel scalar/flag constants generated from
   ``fastopt._rules`` (``_host.vocabulary_header``), so a header or vocabulary change is a new
   CuPy cache key.
-* One ``RawModule`` per source file (``update.cu``: the rules, ``reduce.cu``: norms and the
-  non-finite flag), compiled on first use; kernels are ``extern "C"`` and cached per name,
-  i.e. per (rule, dtype); ``_host.CudaBackend.update`` picks them by ``Rule.kind``.
+* One ``RawModule`` per source file (``update.cu``: the rules on float32/float64 and 16-bit
+  params, ``q8.cu``: the rules on 8-bit state, ``reduce.cu``: norms and the non-finite flag),
+  compiled on first use; kernels are ``extern "C"`` and cached per name, i.e. per (rule,
+  storage formats); ``_host.CudaBackend.update`` picks them by ``Rule.kind`` and the bucket's
+  precision.  A bfloat16 CuPy array reaches a kernel as the address of its bits (uint16).
 * The launch logic (multi-tensor tables, chunking, scalars cast to the declared C types) is
   ``fastopt.kernels.cuda._host``, which the CPU harness in ``tests/`` runs unchanged.
 * A step has no host synchronization except the read of the non-finite flag when

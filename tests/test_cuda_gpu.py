@@ -180,3 +180,130 @@ def test_tensor_past_2_31_elements():
     opt.step([g])
     assert float(p[0]) == -0.5 and float(p[2**31 + 3]) == -0.5 and float(p[-1]) == -1.0
     assert float(p.sum(dtype=np.float64)) == -0.5 * (n - 1) - 1.0
+
+
+# ------------------------------------------------------------------ 16-bit params and q8 state
+# On the device nvcc fuses multiply-adds, so a float32 step may differ from the reference's in
+# its last bit: params and states are compared within TOL (two 16-bit ulps), where the CPU
+# harness (tests/test_cuda_cpu.py) is bit-exact. The nearest-code port is exact here too.
+
+from dataclasses import replace  # noqa: E402
+
+from fastopt import precision as fprec  # noqa: E402
+from fastopt import quantization as quant  # noqa: E402
+from fastopt._backend import Pre  # noqa: E402
+from fastopt.precision import Precision  # noqa: E402
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+REDUCED_RULES = [name for name, r in RULES.items() if r.kind != "dense_solve"]
+FIRST_CASE = {rule: options for rule, options, _ in reversed(CASES)}
+PRECISIONS = [
+    (F16, {}), (F16, {"state_dtype": "param"}), (F16, {"state_dtype": "bfloat16", "master_weights": True}),
+    (BF16, {"stochastic_rounding": True, "seed": 7}), (BF16, {"state_dtype": "param"}),
+    (BF16, {"state_dtype": "bfloat16", "stochastic_rounding": True}), (BF16, {"master_weights": True}),
+    (F32, {"state_dtype": "bfloat16"}),
+]
+
+
+def _device_array(a):
+    """A CuPy copy of a host array; a bfloat16 one needs CuPy's bfloat16 dtype (CuPy >= 14)."""
+    if a.dtype == BF16:
+        try:
+            return cupy.asarray(a.view(np.uint16)).view(BF16)
+        except Exception as e:  # older CuPy: no bfloat16 arrays to hand fastopt
+            pytest.skip(f"this CuPy has no bfloat16 arrays ({e})")
+    return cupy.asarray(a)
+
+
+@pytest.mark.parametrize("prec", range(len(PRECISIONS)),
+                         ids=[f"{d.name}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}"
+                              for d, o in PRECISIONS])
+@pytest.mark.parametrize("rule", REDUCED_RULES)
+def test_parity_16bit(rule, prec):
+    dtype, popts = PRECISIONS[prec]
+    options = {**FIRST_CASE[rule], **popts}
+    params, grads, extras = make_problem(rule, (1, 7, 278011, 2**20 + 3), np.float32, seed=prec)
+    params = [p.astype(dtype) for p in params]
+    grads = [[g.astype(dtype) for g in gs] for gs in grads]
+    want_p, want_sd = run(rule, options, params, grads, extras, "numpy")
+    ps = [_device_array(p) for p in params]
+    opt = OPTIMIZERS[rule](ps, backend="cupy", **options)
+    for g, e in zip(grads, extras):
+        step(opt, [_device_array(x) for x in g], None if e[0] is None else [cupy.asarray(x) for x in e])
+    # a bfloat16 param or state is compared in bfloat16's ulps
+    coarsest = BF16 if BF16 == dtype or popts.get("state_dtype") == "bfloat16" else dtype
+    assert_same_run(want_p, want_sd, [cupy.asnumpy(p.view(np.uint16)).view(dtype) if dtype == BF16
+                                      else cupy.asnumpy(p) for p in ps], opt.state_dict(), coarsest)
+
+
+def _q8_case(rule, sizes, seed):
+    r = RULES[rule]
+    rng = np.random.default_rng(seed)
+    hp = {**r.defaults, **FIRST_CASE[rule], **({"momentum": 0.9} if rule == "sgd" else {})}
+    params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    extras = [np.abs(rng.standard_normal(n)).astype(np.float32) for n in sizes] if r.extra else None
+    states = {}
+    for name, _ in r.state(hp):
+        signed = name not in r.nonnegative_state
+        x = [rng.standard_normal(n).astype(np.float32) * np.float32(0.1) for n in sizes]
+        q = [quant.quantize_blockwise(v if signed else v * v, signed) for v in x]
+        states[name] = [c for c, _ in q]
+        states[name + "_absmax"] = [a for _, a in q]
+    return hp, params, grads, extras, states
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16-sr"])
+@pytest.mark.parametrize("rule", REDUCED_RULES)
+def test_q8_one_step_matches_the_definition(rule, dtype):
+    """One step from the same q8 state: params within TOL, absmax within 1e-5, codes equal
+    or one apart (a last-bit difference of the float32 state at a decision threshold)."""
+    from fastopt.kernels import cupy_gpu
+
+    sizes = (1, 7, 255, 70_001, 2**20 + 3)
+    hp, params, grads, extras, states = _q8_case(rule, sizes, seed=3)
+    params = [p.astype(dtype) for p in params]
+    prec = Precision(param=dtype, compute=F32, state=fprec.Q8, master_weights=False,
+                     stochastic_rounding=dtype == BF16, seed=11)
+    pre = Pre(precision=prec, step=1)
+    s, _ = RULES[rule].step_scalars(hp, 1, dict(RULES[rule].group_state))
+    # the definition on the host: dequantize, the float32 reference step, quantize
+    want_p = [p.copy() for p in params]
+    st32 = {n: [quant.dequantize_blockwise(c, a, n not in RULES[rule].nonnegative_state)
+                for c, a in zip(states[n], states[n + "_absmax"])] for n in states if not n.endswith("_absmax")}
+    _backend.get_kernel(rule, "numpy")(want_p, grads, st32, s, replace(pre, precision=replace(prec, state=F32)),
+                                       extras)
+    got_p = [_device_array(p) for p in params]
+    dst = {n: [cupy.asarray(a) for a in v] for n, v in states.items()}
+    cupy_gpu.KERNELS.update(rule, got_p, [cupy.asarray(g) for g in grads], dst, s, pre,
+                            None if extras is None else [cupy.asarray(e) for e in extras])
+    for w, g in zip(want_p, got_p):
+        g = cupy.asnumpy(g.view(np.uint16)).view(BF16) if dtype == BF16 else cupy.asnumpy(g)
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), **TOL[dtype])
+    for name, xs in st32.items():
+        signed = name not in RULES[rule].nonnegative_state
+        for i, x in enumerate(xs):
+            wc, wa = quant.quantize_blockwise(x, signed)
+            gc, ga = cupy.asnumpy(dst[name][i]), cupy.asnumpy(dst[name + "_absmax"][i])
+            np.testing.assert_allclose(ga, wa, rtol=1e-5, atol=0)
+            assert (np.abs(gc.astype(int) - wc.astype(int)) <= 1).all(), name
+            assert (gc != wc).mean() < 1e-3, name
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_q8_device_quantize_is_exact(signed):
+    """fo_q8_quantize (block absmax, division, bucket lookup, sign guard) bit for bit."""
+    from fastopt.kernels import cupy_gpu
+
+    rng = np.random.default_rng(8)
+    sweep = np.arange(0x30800000, 0x40000000, 89, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([sweep, -sweep, rng.standard_normal(1 << 20).astype(np.float32) * 1e-3,
+                        np.zeros(256, np.float32), np.float32([1e-45, -1e-45, 0.5])])
+    if not signed:
+        x = np.abs(x)
+    codes, absmax = cupy_gpu.KERNELS.quantize(cupy.asarray(x), signed)
+    want_c, want_a = quant.quantize_blockwise(x, signed)
+    np.testing.assert_array_equal(cupy.asnumpy(codes), want_c)
+    np.testing.assert_array_equal(cupy.asnumpy(absmax), want_a)

@@ -15,18 +15,20 @@ passed as a Python float or int (CuPy would send a double or a long long).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
 
 from ... import _rules
-from ..._rules import DENSE_SOLVE, ELEMENTWISE, KINDS, RULES, TRUST_RATIO, Rule
+from ... import precision as _prec
+from ... import quantization as _quant
+from ..._rules import CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KINDS, RULES, TRUST_RATIO, Rule
 
 # --------------------------------------------------------------------------- sources
 
-SOURCES = ("update.cu", "reduce.cu", "layers.cu")
+SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu")
 NVRTC_OPTIONS = ()  # NVRTC's default dialect (C++17 in CUDA 12/13) is enough; C++14 would do
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
@@ -35,6 +37,8 @@ def source_of(kernel: str) -> str:
     """The source file (one RawModule) that defines an ``extern "C"`` kernel name."""
     if kernel.startswith(("fo_bn_", "fo_dropout_")):
         return "layers.cu"  # fastopt.layers, host side in _layers_host.py
+    if kernel.startswith("fo_q8_"):
+        return "q8.cu"
     return "update.cu" if kernel.startswith(("fo_update_", "fo_trust_")) else "reduce.cu"
 
 
@@ -97,8 +101,8 @@ def read_source(name: str) -> str:
 
 # --------------------------------------------------------------------------- layouts
 
-DEPTH = 6                 # FO_DEPTH
-SLOT_PARAM, SLOT_GRAD, SLOT_STATE0, SLOT_EXTRA = 0, 1, 2, 5
+DEPTH = 7                 # FO_DEPTH
+SLOT_PARAM, SLOT_GRAD, SLOT_STATE0, SLOT_EXTRA, SLOT_MASTER = 0, 1, 2, 5, 6
 MAX_TENSORS = 32          # FO_MAX_TENSORS
 MAX_ITEMS = 256           # FO_MAX_ITEMS
 MAX_THREADS = 1024        # FO_MAX_THREADS
@@ -115,8 +119,42 @@ TABLE_DTYPE = np.dtype([
     ("item_slot", np.uint8, (MAX_ITEMS,)),
 ], align=True)
 
-SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-OPMATH = {np.dtype(np.float32): np.dtype(np.float32), np.dtype(np.float64): np.dtype(np.float64)}
+#: kernel-name suffix of each storage dtype, by dtype name (bfloat16 is ml_dtypes', which a
+#: bfloat16 array has already imported; a CuPy bfloat16 array reaches a kernel as its bits)
+_SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+#: the (param, state) storage pairs of the mixed-precision kernels (update.cu, FO_MIXED_ALL)
+MIXED_PAIRS = ("f16_f32", "f16_bf16", "f16_f16", "bf16_f32", "bf16_bf16", "f32_bf16")
+#: param dtypes of the q8 kernels (q8.cu)
+Q8_PARAMS = ("f32", "f16", "bf16")
+Q8_BLOCK = _quant.BLOCKSIZE  # FO_QBLOCK
+_F32 = np.dtype(np.float32)
+
+
+def suffix(dtype) -> str:
+    """The kernel-name suffix of a storage dtype (``f32``, ``f64``, ``f16``, ``bf16``)."""
+    name = np.dtype(dtype).name
+    if name not in _SUFFIX:
+        raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {name}")
+    return _SUFFIX[name]
+
+
+def opmath(dtype) -> np.dtype:
+    """The arithmetic dtype of a storage dtype: float64 for float64, else float32."""
+    return np.dtype(np.float64) if suffix(dtype) == "f64" else _F32
+
+
+class _Suffix(dict):
+    def __missing__(self, dtype):
+        return suffix(dtype)
+
+
+class _Opmath(dict):
+    def __missing__(self, dtype):
+        return opmath(dtype)
+
+
+SUFFIX = _Suffix()
+OPMATH = _Opmath()
 
 
 @lru_cache(maxsize=None)
@@ -137,6 +175,39 @@ def pipe_dtype(opmath) -> np.dtype:
 
 
 MAXIMIZE, CLIP_VALUE, WEIGHT_CLIP = 1, 2, 4  # FO_MAXIMIZE, ...
+
+#: struct FoStore of rules.cuh
+STORE_DTYPE = np.dtype([("sr_key", np.uint64), ("flags", np.int32)], align=True)
+ST_SR, ST_GRAD_F32, ST_EXTRA_F32 = 1, 2, 4  # FO_ST_*
+
+#: struct FoQ8 of q8.cu: device addresses of the code tables and of the absmax pointer list
+Q8_DTYPE = np.dtype([("maps", np.uint64), ("table", np.uint64), ("thresholds", np.uint64),
+                     ("absmax", np.uint64), ("unsigned_mask", np.uint32)], align=True)
+
+
+def pack_store(precision, step: int, grad_f32: bool, extra_f32: bool) -> np.ndarray:
+    """A FoStore: the stochastic-rounding step key (``fastopt.precision.step_key`` of the
+    precision's seed and step ``t``) and the FO_ST_* flags."""
+    st = np.zeros(1, STORE_DTYPE)
+    flags = (ST_GRAD_F32 if grad_f32 else 0) | (ST_EXTRA_F32 if extra_f32 else 0)
+    if precision.stochastic_rounding:
+        st["sr_key"][0] = _prec.step_key(precision.seed, step)
+        flags |= ST_SR
+    st["flags"][0] = flags
+    return st
+
+
+def q8_tables() -> dict:
+    """The host arrays q8.cu reads: the two dynamic maps (signed first), the bucket tables
+    (map, sign, bucket) and the decision thresholds of ``fastopt.quantization.nearest_code``."""
+    return {
+        "maps": np.ascontiguousarray(np.stack([_quant.dynamic_map(True), _quant.dynamic_map(False)]),
+                                     dtype=np.float32),
+        "table": np.ascontiguousarray(np.stack([_quant.code_table(True), _quant.code_table(False)]),
+                                      dtype=np.uint8),
+        "thresholds": np.ascontiguousarray(
+            np.stack([_quant.code_thresholds(True), _quant.code_thresholds(False)]), dtype=np.float32),
+    }
 
 
 def pack_hyper(opmath, values, flags: int = 0) -> np.ndarray:
@@ -285,20 +356,24 @@ class CudaBackend:
 
     # -- launching
 
-    def _run(self, name, dtype, slots, sizes, args, *, tables=None, p=None):
+    def _run(self, name, dtype, slots, sizes, args, *, tables=None, p=None, suffix=None, chunk_size=None):
         dev = self.dev
-        p = p or plan(tuple(sizes), dev.chunk_size)
-        kname = f"{name}_{SUFFIX[np.dtype(dtype)]}" if dtype is not None else name
+        chunk_size = chunk_size or dev.chunk_size
+        p = p or plan(tuple(sizes), chunk_size)
+        if suffix is None and dtype is not None:
+            suffix = SUFFIX[np.dtype(dtype)]
+        kname = f"{name}_{suffix}" if suffix is not None else name
         for ln in (p.launches if tables is None else tables):
-            t = pack_table(ln, slots, sizes, p.chunk_base, dev.chunk_size, dev.ptr)
+            t = pack_table(ln, slots, sizes, p.chunk_base, chunk_size, dev.ptr)
             grid = len(ln.items) if dev.grid_cap is None else min(len(ln.items), dev.grid_cap)
             dev.launch(kname, grid, dev.block, (t,) + tuple(args))
             self.launches += 1
         return p
 
-    def _finalize(self, p, sizes, partial, out):
+    def _finalize(self, p, sizes, partial, out, chunk_size=None):
         self._run("fo_finalize_sums", None, [None] * DEPTH, sizes,
-                  (_addr(self.dev, partial), _addr(self.dev, out)), tables=p.finalize, p=p)
+                  (_addr(self.dev, partial), _addr(self.dev, out)), tables=p.finalize, p=p,
+                  chunk_size=chunk_size)
 
     @staticmethod
     def _by_dtype(arrays):
@@ -335,6 +410,8 @@ class CudaBackend:
             return
         if rule.kind == DENSE_SOLVE:
             return self.dense_solve(rule, params, grads, scalars, pre, extras)
+        if pre.precision is not None:
+            return self.reduced(rule, params, grads, states, scalars, pre, extras)
         dtype = np.dtype(params[0].dtype)
         h = pack_hyper(OPMATH[dtype], rule.kernel_scalars(scalars), rule.kernel_flags(scalars))
         slots = self._slots(rule, params, grads, states, extras)
@@ -359,6 +436,140 @@ class CudaBackend:
         if rule.extra is not None and rule.extra_shape == "param":
             slots[SLOT_EXTRA] = extras
         return slots
+
+    # -- reduced precision: 16-bit params, state dtypes, master weights, SR; q8 state
+
+    def reduced(self, rule: Rule, params, grads, states, scalars, pre, extras=None):
+        """A bucket with a ``pre.precision`` (docs/design.md, CUDA backend): the mixed-storage
+        kernels (``fo_update_<rule>_<param>_<state>``) or, for q8 state, the block kernels of
+        q8.cu (``fo_q8_<rule>_<param>``).  Tensors whose grad (or extra input) is float32 and
+        those whose grad is the param's 16-bit dtype run in separate launches."""
+        prec = pre.precision
+        psuf = suffix(params[0].dtype)
+        q8 = prec.state is _prec.Q8
+        if q8:
+            if psuf not in Q8_PARAMS:
+                raise NotImplementedError(f"q8 state: the CUDA kernels take {Q8_PARAMS} params, got {psuf}")
+            kind = "q8"
+        else:
+            kind = f"{psuf}_{suffix(prec.state)}"
+            if kind not in MIXED_PAIRS:
+                raise NotImplementedError(f"params of dtype {params[0].dtype} with state dtype "
+                                          f"{prec.state}: no CUDA kernel (have {MIXED_PAIRS})")
+        groups = {}
+        for i, g in enumerate(grads):
+            key = (np.dtype(g.dtype) == _F32 and psuf != "f32",
+                   extras is not None and extras[i] is not None and np.dtype(extras[i].dtype) == _F32
+                   and psuf != "f32")
+            groups.setdefault(key, []).append(i)
+        for (g32, e32), idx in groups.items():
+            st = pack_store(prec, pre.step, g32, e32)
+            if len(groups) == 1:
+                sub = (params, grads, states, extras, pre)
+            else:
+                take = lambda arrs: None if arrs is None else [arrs[i] for i in idx]  # noqa: E731
+                sub = (take(params), take(grads), {k: take(v) for k, v in states.items()}, take(extras),
+                       replace(pre, scales=None if pre.scales is None
+                               else pre.scales[self.dev.xp.asarray(np.asarray(idx))]))
+            self._reduced(rule, kind, psuf, st, scalars, *sub)
+
+    def _reduced(self, rule, kind, psuf, st, scalars, params, grads, states, extras, pre):
+        dev, xp = self.dev, self.dev.xp
+        h = pack_hyper(_F32, rule.kernel_scalars(scalars), rule.kernel_flags(scalars))
+        pp = self._pipe(_F32, pre)
+        slots = self._slots(rule, params, grads, states, extras)
+        slots[SLOT_MASTER] = states.get("master")
+        sizes = [p.size for p in params]
+        scales = _addr(dev, self._scales(pre, len(params)))
+        null = np.uint64(0)
+        if kind == "q8":
+            extra_args = (self._q8_args(rule, states, len(params)),)
+            chunk = max(Q8_BLOCK, dev.chunk_size // Q8_BLOCK * Q8_BLOCK)
+            prefix, suf = "fo_q8_", psuf
+        else:
+            extra_args, chunk, prefix, suf = (), dev.chunk_size, "fo_", kind
+        p = plan(tuple(sizes), chunk)
+
+        def launch(name, *args):
+            self._run(f"{prefix}{name}_{rule.name}", None, slots, sizes, (h, pp, scales, st) + extra_args + args,
+                      p=p, suffix=suf, chunk_size=chunk)
+
+        def sums():
+            return xp.empty(max(p.total_chunks, 1), dtype=np.float64)  # every chunk is written
+
+        def finalize(part):
+            out = xp.zeros(len(params), dtype=np.float64)
+            self._finalize(p, sizes, part, out, chunk_size=chunk)
+            return out
+
+        def factors(part):  # max_norm's per-tensor factor from the dry pass's sums of p^2
+            return xp.minimum(1.0, pre.max_norm / (xp.sqrt(finalize(part)) + CLIP_EPS))
+
+        if rule.kind == TRUST_RATIO:
+            if rule.weight_decay not in ("rule", None):
+                raise NotImplementedError(
+                    f"rule {rule.name!r}: a trust-ratio rule carries its own weight decay "
+                    f"(weight_decay 'rule' or None), got {rule.weight_decay!r}")
+            part_p, part_r = sums(), sums()
+            launch("trust_stage1", _addr(dev, part_p), _addr(dev, part_r))
+            # lr * trust per tensor in double on the device, as the reference forms it:
+            # |p| / |r| (1 when either is 0) times the host double lr
+            pn, rn = xp.sqrt(finalize(part_p)), xp.sqrt(finalize(part_r))
+            ok = (pn > 0) & (rn > 0)
+            coefs = xp.ascontiguousarray(scalars["lr"] * xp.where(ok, pn / xp.where(ok, rn, 1.0), 1.0))
+            f = None
+            if pre.max_norm is not None:
+                part = sums()
+                launch("trust_stage2", _addr(dev, coefs), _addr(dev, part), null)
+                f = factors(part)
+            launch("trust_stage2", _addr(dev, coefs), null, _addr(dev, f))
+            return
+        f = None
+        if pre.max_norm is not None:
+            part = sums()
+            launch("update", _addr(dev, part), null)
+            f = factors(part)
+        launch("update", null, _addr(dev, f))
+
+    def quantize(self, x, signed: bool):
+        """``fastopt.quantization.quantize_blockwise(x, signed)`` of a flat float32 device array
+        on the device (``fo_q8_quantize``): ``(codes, absmax)``, bit for bit the same."""
+        dev, xp = self.dev, self.dev.xp
+        n = int(x.size)
+        codes = xp.empty(n, dtype=np.uint8)
+        absmax = xp.empty(-(-n // Q8_BLOCK), dtype=np.float32)
+        if n:
+            q = self._q8_args(RULES["sgd"], {}, 0)
+            grid = -(-n // Q8_BLOCK) if dev.grid_cap is None else min(-(-n // Q8_BLOCK), dev.grid_cap)
+            dev.launch("fo_q8_quantize", grid, dev.block, (_addr(dev, x), np.int64(n), q,
+                                                             np.int32(0 if signed else 1),
+                                                             _addr(dev, codes), _addr(dev, absmax)))
+            self.launches += 1
+        return codes, absmax
+
+    def _q8_args(self, rule: Rule, states, n):
+        """The FoQ8 of a launch: the code tables (uploaded once per backend) and a device list
+        of each tensor's absmax array per state (``states[name + "_absmax"]``)."""
+        dev, xp = self.dev, self.dev.xp
+        if getattr(self, "_q8_dev", None) is None:
+            self._q8_dev = {k: xp.asarray(v) for k, v in q8_tables().items()}
+        addrs = np.zeros((max(n, 1), SLOT_EXTRA - SLOT_STATE0), dtype=np.uint64)
+        mask = 0
+        for k, name in enumerate(rule.all_state):
+            if name in rule.nonnegative_state:
+                mask |= 1 << k
+            ab = states.get(name + "_absmax")
+            if ab is not None:
+                addrs[:n, k] = [dev.ptr(a) for a in ab]
+        addrs = xp.asarray(addrs)
+        self._q8_keep = addrs  # alive until the next launch list (the launches are queued)
+        q = np.zeros(1, Q8_DTYPE)
+        q["maps"][0] = dev.ptr(self._q8_dev["maps"])
+        q["table"][0] = dev.ptr(self._q8_dev["table"])
+        q["thresholds"][0] = dev.ptr(self._q8_dev["thresholds"])
+        q["absmax"][0] = dev.ptr(addrs)
+        q["unsigned_mask"][0] = mask
+        return q
 
     def trust_ratio(self, rule: Rule, params, slots, h, pre):
         """Pass 1 updates the state and sums p^2 and r^2 per chunk, ``fo_finalize_sums``
@@ -460,6 +671,10 @@ def make_ops(base, backend: CudaBackend, name: str):
 
     class CudaOps(base):
         xp = backend.dev.xp
+        #: 16-bit params (float32 arithmetic); 8-bit block-quantized state (q8.cu)
+        dtypes = ("float16", "bfloat16", "float32", "float64")
+        precision_options = True
+        q8_state = True
 
         def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
             xp = backend.dev.xp

@@ -23,11 +23,12 @@
 #endif
 
 // Slots of the pointer table: every multi-tensor launch passes up to FO_DEPTH arrays per tensor.
-#define FO_DEPTH 6
+#define FO_DEPTH 7
 #define FO_SLOT_PARAM 0
 #define FO_SLOT_GRAD 1
 #define FO_SLOT_STATE0 2  // states 0..2 in the rule's torch order (fastopt._rules.Rule.all_state)
 #define FO_SLOT_EXTRA 5   // AdaHessian's Hessian diagonal
+#define FO_SLOT_MASTER 6  // the float32 master copy of a 16-bit param (master_weights=True)
 #define FO_USES(d) (1u << (d))
 #define FO_P_G (FO_USES(FO_SLOT_PARAM) | FO_USES(FO_SLOT_GRAD))
 #define FO_STATES(n) (((1u << (n)) - 1u) << FO_SLOT_STATE0)
@@ -39,8 +40,8 @@ typedef long long fo_i64;
 
 // The kernel-argument table of one multi-tensor launch (multi_tensor_apply style): up to
 // FO_MAX_TENSORS tensors ("slots") and FO_MAX_ITEMS work items, one item = one chunk of
-// chunk_size elements of one slot. Blocks walk the items grid-stride. 3,472 bytes: with
-// FoHyper<double>, FoPipe and three pointers (LAMB's pass 1) 3,720, under the 4 KiB
+// chunk_size elements of one slot. Blocks walk the items grid-stride. 3,728 bytes: with
+// FoHyper<double>, FoPipe and three pointers (LAMB's pass 1) 3,976, under the 4 KiB
 // kernel-parameter limit. fastopt/kernels/cuda/_host.py mirrors this layout (TABLE_DTYPE);
 // the harness checks the two agree.
 struct FoTable {
@@ -54,8 +55,82 @@ struct FoTable {
     unsigned char item_slot[FO_MAX_ITEMS];
 };
 
-// Arithmetic type of a storage type (half/bfloat16 storage will map to float).
-template <class T> struct FoOpMath { typedef T type; };
+// ------------------------------------------------------------------ storage formats
+// A storage format F: F::T the element type in memory, F::O the arithmetic type, F::load and
+// F::store (one rounding, to nearest even) between them. float16 and bfloat16 are uint16 bit
+// patterns converted by the integer recipes of fastopt/precision.py (no cuda_fp16.h / cuda_bf16.h,
+// so the CPU harness runs the very same conversions), computed in float32. F::store_sr is the
+// param write under stochastic rounding (bfloat16 only; the host never asks it of another format).
+__device__ __forceinline__ unsigned fo_f2u(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ float fo_u2f(unsigned u) { return __uint_as_float(u); }
+
+// SplitMix64's output function; random_bits(seed, step, i) = mix64(step_key + i*G) >> 32, the
+// step key computed on the host (fastopt.precision.step_key), i the flat index within the param.
+__device__ __forceinline__ unsigned long long fo_mix64(unsigned long long z) {
+    z ^= z >> 30;
+    z *= 0xbf58476d1ce4e5b9ull;
+    z ^= z >> 27;
+    z *= 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ unsigned fo_random_bits(unsigned long long step_key, fo_i64 i) {
+    return (unsigned)(fo_mix64(step_key + (unsigned long long)i * 0x9e3779b97f4a7c15ull) >> 32);
+}
+
+struct FoF32 {
+    typedef float T;
+    typedef float O;
+    static __device__ __forceinline__ O load(T x) { return x; }
+    static __device__ __forceinline__ T store(O x) { return x; }
+    static __device__ __forceinline__ T store_sr(O x, unsigned long long, fo_i64) { return x; }
+};
+struct FoF64 {
+    typedef double T;
+    typedef double O;
+    static __device__ __forceinline__ O load(T x) { return x; }
+    static __device__ __forceinline__ T store(O x) { return x; }
+    static __device__ __forceinline__ T store_sr(O x, unsigned long long, fo_i64) { return x; }
+};
+// bfloat16: the top half of a float32 (precision.py, recipes 1 and 3)
+struct FoBF16 {
+    typedef unsigned short T;
+    typedef float O;
+    static __device__ __forceinline__ O load(T h) { return fo_u2f((unsigned)h << 16); }
+    static __device__ __forceinline__ T store(O x) {
+        const unsigned u = fo_f2u(x);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (T)(((u >> 16) & 0x8000u) | 0x7fc0u);
+        return (T)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    static __device__ __forceinline__ T store_sr(O x, unsigned long long key, fo_i64 i) {
+        const unsigned u = fo_f2u(x);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (T)(((u >> 16) & 0x8000u) | 0x7fc0u);
+        return (T)((u + (fo_random_bits(key, i) & 0xffffu)) >> 16);
+    }
+};
+// IEEE binary16 (precision.py, recipe 4)
+struct FoF16 {
+    typedef unsigned short T;
+    typedef float O;
+    static __device__ __forceinline__ O load(T h) {
+        const unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+        if (e == 31) return fo_u2f(s | 0x7f800000u | (m << 13));
+        if (e != 0) return fo_u2f(s | ((e + 112) << 23) | (m << 13));
+        if (m == 0) return fo_u2f(s);
+        return fo_u2f(s | fo_f2u((float)m * 5.9604644775390625e-8f));  // m * 2**-24, exact
+    }
+    static __device__ __forceinline__ T store(O x) {
+        const unsigned u = fo_f2u(x), s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+        if (a > 0x7f800000u) return (T)(s | 0x7e00u);
+        if (a >= 0x477ff000u) return (T)(s | 0x7c00u);
+        if (a >= 0x38800000u) return (T)(s | ((a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13));
+        const unsigned e = a >> 23, m = (a & 0x7fffffu) | (e ? 0x800000u : 0u);
+        const unsigned sh = 126u - (e > 1u ? e : 1u);
+        if (sh >= 25u) return (T)s;
+        const unsigned q = m >> sh, rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+        return (T)(s | (q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u)));
+    }
+    static __device__ __forceinline__ T store_sr(O x, unsigned long long, fo_i64) { return store(x); }
+};
 
 // A step's kernel scalars (fastopt._rules.Rule.kernel_scalars), computed once per step in
 // double on the host and rounded once to the opmath type there. Read by name: v[FO_S_BETA1] is
@@ -104,7 +179,7 @@ __device__ __forceinline__ O fo_pre_grad(const FoPipe<O>& pp, O g, O scale) {
 }
 
 // ------------------------------------------------------------------------ memory loop
-// 16 bytes of T: one vectorised load or store (ld.global.v4.f32 / v2.f64).
+// 16 bytes of T: one vectorised load or store (ld.global.v4.f32 / v2.f64 / v4.b32 of 8 halves).
 template <class T> struct alignas(16) FoPack {
     enum { n = 16 / sizeof(T) };
     T x[n];
@@ -115,10 +190,13 @@ template <class T> struct alignas(16) FoPack {
 // slots cost no registers), then stores back x[d] for every d set in write_mask. A block
 // strides through the range; when every used pointer is 16-byte aligned at `begin` the body
 // runs on 16-byte packs, then a scalar tail finishes. The only memory loop of the backend.
-template <class T, unsigned USED, class Body>
-__device__ __forceinline__ void fo_range_loop(T* const (&ptr_in)[FO_DEPTH], fo_i64 begin, fo_i64 end,
-                                              unsigned write_mask, Body& body) {
-    typedef typename FoOpMath<T>::type O;
+// F is the storage format of every slot (the rule kernels of uniform precision and the Ops
+// primitives; fo_mixed_loop in update.cu is the loop of mixed storage).
+template <class F, unsigned USED, class Body>
+__device__ __forceinline__ void fo_range_loop(typename F::T* const (&ptr_in)[FO_DEPTH], fo_i64 begin,
+                                              fo_i64 end, unsigned write_mask, Body& body) {
+    typedef typename F::T T;
+    typedef typename F::O O;
     const int V = FoPack<T>::n;
     T* ptr[FO_DEPTH];
 #pragma unroll
@@ -139,10 +217,10 @@ __device__ __forceinline__ void fo_range_loop(T* const (&ptr_in)[FO_DEPTH], fo_i
             for (int k = 0; k < V; ++k) {
                 O x[FO_DEPTH];
 #pragma unroll
-                for (int d = 0; d < FO_DEPTH; ++d) x[d] = ptr[d] ? O(r[d].x[k]) : O(0);
+                for (int d = 0; d < FO_DEPTH; ++d) x[d] = ptr[d] ? F::load(r[d].x[k]) : O(0);
                 body(x);
 #pragma unroll
-                for (int d = 0; d < FO_DEPTH; ++d) r[d].x[k] = T(x[d]);
+                for (int d = 0; d < FO_DEPTH; ++d) r[d].x[k] = F::store(x[d]);
             }
 #pragma unroll
             for (int d = 0; d < FO_DEPTH; ++d)
@@ -153,11 +231,11 @@ __device__ __forceinline__ void fo_range_loop(T* const (&ptr_in)[FO_DEPTH], fo_i
     for (fo_i64 i = tail + threadIdx.x; i < end; i += blockDim.x) {
         O x[FO_DEPTH];
 #pragma unroll
-        for (int d = 0; d < FO_DEPTH; ++d) x[d] = ptr[d] ? O(ptr[d][i]) : O(0);
+        for (int d = 0; d < FO_DEPTH; ++d) x[d] = ptr[d] ? F::load(ptr[d][i]) : O(0);
         body(x);
 #pragma unroll
         for (int d = 0; d < FO_DEPTH; ++d)
-            if (ptr[d] && ((write_mask >> d) & 1)) ptr[d][i] = T(x[d]);
+            if (ptr[d] && ((write_mask >> d) & 1)) ptr[d][i] = F::store(x[d]);
     }
 }
 
@@ -191,5 +269,22 @@ __device__ __forceinline__ double fo_block_sum(double v) {
     }
     const double total = buf[0];
     __syncthreads();  // buf is reused by the next call
+    return total;
+}
+
+// The NaN-propagating maximum over the block (a block's absmax): exact, so any order gives it.
+__device__ __forceinline__ float fo_block_max(float v) {
+    __shared__ float mbuf[FO_MAX_THREADS];
+    const unsigned t = threadIdx.x, n = blockDim.x;
+    mbuf[t] = v;
+    __syncthreads();
+    unsigned half = 1;
+    while (half < n) half <<= 1;
+    for (half >>= 1; half > 0; half >>= 1) {
+        if (t < half && t + half < n) mbuf[t] = fo_max(mbuf[t], mbuf[t + half]);
+        __syncthreads();
+    }
+    const float total = mbuf[0];
+    __syncthreads();
     return total;
 }

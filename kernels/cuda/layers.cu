@@ -101,14 +101,7 @@ __device__ __forceinline__ void fo_bn_dx(const T* x, const T* dy, fo_i64 total, 
     }
 }
 
-__device__ __forceinline__ unsigned long long fo_mix64(unsigned long long z) {
-    z ^= z >> 30;
-    z *= 0xbf58476d1ce4e5b9ull;
-    z ^= z >> 27;
-    z *= 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
+// fo_mix64: fastopt.cuh (shared with the stochastic rounding of 16-bit params)
 // out = x * scale where random_bits >= threshold, else 0. bytes per element: 2 * sizeof(T).
 template <class T>
 __device__ __forceinline__ void fo_dropout(const T* x, fo_i64 total, unsigned long long key,

@@ -8,12 +8,13 @@
 // Slot 0 of each tensor: partial[chunk] = sum(clip(x * inv_scale)^2) in float64, and
 // *nonfinite = 1 if any x * inv_scale is inf or NaN (either output may be null).
 // bytes per element: sizeof(T) (one read).
-template <class T>
-__device__ __forceinline__ void fo_stats(const FoTable& tab, const FoPipe<typename FoOpMath<T>::type>& pp,
+// F: the storage format (a 16-bit grad is unscaled in float32, so a float16 overflow is seen).
+template <class F>
+__device__ __forceinline__ void fo_stats(const FoTable& tab, const FoPipe<typename F::O>& pp,
                                          double* partial, int* nonfinite) {
-    typedef typename FoOpMath<T>::type O;
+    typedef typename F::O O;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
-        T* ptr[FO_DEPTH];
+        typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
         double acc = 0;
@@ -25,7 +26,7 @@ __device__ __forceinline__ void fo_stats(const FoTable& tab, const FoPipe<typena
             const double d = (double)g;
             acc += d * d;
         };
-        fo_range_loop<T, FO_USES(0)>(ptr, begin, end, 0u, body);
+        fo_range_loop<F, FO_USES(0)>(ptr, begin, end, 0u, body);
         if (bad && nonfinite) *nonfinite = 1;  // every writer stores the same value
         if (partial) {
             acc = fo_block_sum(acc);
@@ -48,49 +49,51 @@ __device__ __forceinline__ void fo_finalize(const FoTable& tab, const double* pa
 
 // x *= factors[index] (a float64 factor cast to the opmath type, as numpy's a *= float(f)).
 // bytes per element: 2 * sizeof(T).
-template <class T>
+template <class F>
 __device__ __forceinline__ void fo_scale(const FoTable& tab, const double* factors) {
-    typedef typename FoOpMath<T>::type O;
+    typedef typename F::O O;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
-        T* ptr[FO_DEPTH];
+        typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
         const O f = O(factors[tab.index[s]]);
         auto body = [&](O (&x)[FO_DEPTH]) { x[0] = x[0] * f; };
-        fo_range_loop<T, FO_USES(0)>(ptr, begin, end, 1u, body);
+        fo_range_loop<F, FO_USES(0)>(ptr, begin, end, 1u, body);
     }
 }
 
 // x = clip(x, -c, c). bytes per element: 2 * sizeof(T).
-template <class T>
-__device__ __forceinline__ void fo_clip(const FoTable& tab, typename FoOpMath<T>::type c) {
-    typedef typename FoOpMath<T>::type O;
+template <class F>
+__device__ __forceinline__ void fo_clip(const FoTable& tab, typename F::O c) {
+    typedef typename F::O O;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
-        T* ptr[FO_DEPTH];
+        typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         fo_item(tab, w, ptr, begin, end);
         auto body = [&](O (&x)[FO_DEPTH]) { x[0] = fo_clamp(x[0], c); };
-        fo_range_loop<T, FO_USES(0)>(ptr, begin, end, 1u, body);
+        fo_range_loop<F, FO_USES(0)>(ptr, begin, end, 1u, body);
     }
 }
 
-#define FO_REDUCE_KERNELS(T, SUF)                                                                   \
-    extern "C" __global__ void fo_stats_##SUF(const FoTable tab, const FoPipe<FoOpMath<T>::type> pp, \
+#define FO_REDUCE_KERNELS(F, SUF)                                                                   \
+    extern "C" __global__ void fo_stats_##SUF(const FoTable tab, const FoPipe<F::O> pp,              \
                                               double* partial, int* nonfinite) {                    \
-        fo_stats<T>(tab, pp, partial, nonfinite);                                                   \
+        fo_stats<F>(tab, pp, partial, nonfinite);                                                   \
     }                                                                                               \
     FO_EXPORT(fo_stats_##SUF)                                                                       \
     extern "C" __global__ void fo_scale_##SUF(const FoTable tab, const double* factors) {            \
-        fo_scale<T>(tab, factors);                                                                  \
+        fo_scale<F>(tab, factors);                                                                  \
     }                                                                                               \
     FO_EXPORT(fo_scale_##SUF)                                                                       \
-    extern "C" __global__ void fo_clip_##SUF(const FoTable tab, const FoOpMath<T>::type c) {         \
-        fo_clip<T>(tab, c);                                                                         \
+    extern "C" __global__ void fo_clip_##SUF(const FoTable tab, const F::O c) {                      \
+        fo_clip<F>(tab, c);                                                                         \
     }                                                                                               \
     FO_EXPORT(fo_clip_##SUF)
 
-FO_REDUCE_KERNELS(float, f32)
-FO_REDUCE_KERNELS(double, f64)
+FO_REDUCE_KERNELS(FoF32, f32)
+FO_REDUCE_KERNELS(FoF64, f64)
+FO_REDUCE_KERNELS(FoBF16, bf16)
+FO_REDUCE_KERNELS(FoF16, f16)
 
 extern "C" __global__ void fo_finalize_sums(const FoTable tab, const double* partial, double* out) {
     fo_finalize(tab, partial, out);

@@ -1,227 +1,20 @@
-// update.cu -- the fused update kernels: one __device__ step function per rule (the formulas of
-// fastopt/kernels/reference.py and docs/design.md), and the kernel templates that run the step
-// pipeline around them over a multi-tensor table: fo_update (elementwise rules) and the two
-// passes of fo_trust_stage1/2 (trust-ratio rules, LAMB). Variants are runtime flags.
-//
-// A step function reads its scalars by name, h.v[FO_S_<NAME>], and its flags by name,
-// h.flag(FO_F_<NAME>); fastopt._rules.Rule.pack / flags list what each rule's host side fills.
-// It sees the grad after the pipeline and the weight-decay stage, the param after decoupled
-// decay, and states s0..s2: the rule's state arrays in fastopt._rules.Rule.all_state order
-// (unused ones read as 0 and are not written). The rule bodies are templated on the arithmetic
-// type O only; the storage type belongs to the memory loop (fo_range_loop).
-#include "fastopt.cuh"
-
-// ----------------------------------------------------------------------- shared formulas
-// The running average every moment of this file is: keep*s + gain*x (beta1, 1 - beta1 for
-// Adam's m; alpha, 1 - alpha for RMSprop; momentum_keep, momentum_gain for SGD's buffer).
-template <class O>
-__device__ __forceinline__ O fo_ema(O keep, O gain, O s, O x) {
-    return keep * s + gain * x;
-}
-
-// The same over a square: keep*s + gain*x*x, multiplied left to right as the reference does
-// ((gain*x)*x, not gain*(x*x)), so both round alike.
-template <class O>
-__device__ __forceinline__ O fo_ema_sq(O keep, O gain, O s, O x) {
-    return keep * s + gain * x * x;
-}
-
-// The Adam-family moments (reference: _moments), written once for Adam, AdamW, NAdam, RAdam,
-// AdaHessian and LAMB: m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*x^2, x = g, or AdaHessian's
-// Hessian diagonal.
-template <class O>
-__device__ __forceinline__ void fo_moments(const FoHyper<O>& h, O& m, O& v, O g, O x) {
-    m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
-    v = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], v, x);
-}
-
-// sqrt(v / bc2) + eps, written sqrt(v) / sqrt(bc2) + eps as torch.optim.Adam does.
-template <class O>
-__device__ __forceinline__ O fo_adam_denom(const FoHyper<O>& h, O v) {
-    return fo_sqrt(v) / h.v[FO_S_BC2_SQRT] + h.v[FO_S_EPS];
-}
-
-// The weight-decay stage (fastopt._rules.DECAY_KINDS), before the rule as in the reference's
-// _per_tensor: L2 adds l2*p to the grad, decoupled decay multiplies p by decay = 1 - lr*wd.
-// STAGE is the rule's FO_DECAY_OF_<rule> (generated from Rule.weight_decay), so a kernel holds
-// only its own stage; the host sends l2 = 0 and decay = 1 for the others anyway. The l2 != 0
-// guard is not an optimisation: with weight_decay = 0 an inf param must stay inf (0*inf is nan).
-// The decay multiply needs no guard: times exactly 1 it changes nothing, inf and nan included
-// (a branch there cost Lion 9 registers).
-template <int STAGE, class O>
-__device__ __forceinline__ void fo_decay_stage(const FoHyper<O>& h, O& p, O& g) {
-    if (STAGE == FO_DECAY_L2 && h.v[FO_S_L2] != O(0)) g = g + h.v[FO_S_L2] * p;
-    if (STAGE == FO_DECAY_DECOUPLED) p = p * h.v[FO_S_DECAY];
-}
-
-// ----------------------------------------------------------------------------- the rules
-// Each struct: `slots`, the table slots its step reads (a compile-time mask: unused slots cost
-// no loads and no registers), and step(h, p, g, s0, s1, s2, e).
-
-// b = keep*b + gain*g (keep = 0, gain = 1 at t = 1 make b = g, as torch);
-// g = g + momentum*b (nesterov) or b; p -= lr*g
-struct FoSGD {
-    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& b, O&, O&, O) {
-        if (h.flag(FO_F_HAS_MOMENTUM)) {
-            b = fo_ema(h.v[FO_S_MOMENTUM_KEEP], h.v[FO_S_MOMENTUM_GAIN], b, g);
-            g = h.flag(FO_F_NESTEROV) ? g + h.v[FO_S_MOMENTUM] * b : b;
-        }
-        p = p - h.v[FO_S_LR] * g;
-    }
-};
-
-// Adam and AdamW (their difference is the decay stage): moments; AMSGrad keeps the running
-// max of v; p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps), step_size = lr/bc1
-struct FoAdam {
-    enum : unsigned { slots = FO_P_G | FO_STATES(3) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O& vmax, O) {
-        fo_moments(h, m, v, g, g);
-        O vv = v;
-        if (h.flag(FO_F_AMSGRAD)) {
-            vmax = fo_max(vmax, v);
-            vv = vmax;
-        }
-        p = p - h.v[FO_S_STEP_SIZE] * m / fo_adam_denom(h, vv);
-    }
-};
-
-// sum += g^2; p -= clr * g / (sqrt(sum) + eps), clr = lr / (1 + (t-1)*lr_decay)
-struct FoAdagrad {
-    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sum, O&, O&, O) {
-        sum = sum + g * g;
-        p = p - h.v[FO_S_CLR] * g / (fo_sqrt(sum) + h.v[FO_S_EPS]);
-    }
-};
-
-// sq = alpha*sq + (1-alpha)*g^2; centered: gavg likewise, d = sqrt(sq - gavg^2) + eps, else
-// sqrt(sq) + eps; with momentum buf = momentum*buf + g/d, p -= lr*buf; else p -= lr*g/d
-struct FoRMSprop {
-    enum : unsigned { slots = FO_P_G | FO_STATES(3) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sq, O& buf, O& gavg, O) {
-        const O a = h.v[FO_S_ALPHA], oma = h.v[FO_S_ONE_MINUS_ALPHA];
-        sq = fo_ema_sq(a, oma, sq, g);
-        O d;
-        if (h.flag(FO_F_CENTERED)) {
-            gavg = fo_ema(a, oma, gavg, g);
-            d = fo_sqrt(sq - gavg * gavg) + h.v[FO_S_EPS];
-        } else {
-            d = fo_sqrt(sq) + h.v[FO_S_EPS];
-        }
-        if (h.flag(FO_F_HAS_MOMENTUM)) {
-            buf = h.v[FO_S_MOMENTUM] * buf + g / d;
-            p = p - h.v[FO_S_LR] * buf;
-        } else {
-            p = p - h.v[FO_S_LR] * g / d;
-        }
-    }
-};
-
-// sq = rho*sq + (1-rho)*g^2; delta = sqrt(acc + eps)/sqrt(sq + eps)*g;
-// acc = rho*acc + (1-rho)*delta^2; p -= lr*delta
-struct FoAdadelta {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& sq, O& acc, O&, O) {
-        const O rho = h.v[FO_S_RHO], omr = h.v[FO_S_ONE_MINUS_RHO], eps = h.v[FO_S_EPS];
-        sq = fo_ema_sq(rho, omr, sq, g);
-        const O delta = fo_sqrt(acc + eps) / fo_sqrt(sq + eps) * g;
-        acc = fo_ema_sq(rho, omr, acc, delta);
-        p = p - h.v[FO_S_LR] * delta;
-    }
-};
-
-// m = b1*m + (1-b1)*g; u = max(b2*u, |g| + eps); p -= clr * m/u, clr = lr/(1 - b1^t)
-struct FoAdamax {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& u, O&, O) {
-        m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
-        u = fo_max(h.v[FO_S_BETA2] * u, fo_abs(g) + h.v[FO_S_EPS]);
-        p = p - h.v[FO_S_CLR] * m / u;
-    }
-};
-
-// moments; p -= c_grad*g/denom + c_avg*m/denom (torch.optim.NAdam's momentum schedule, folded
-// into c_grad and c_avg on the host)
-struct FoNAdam {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
-        fo_moments(h, m, v, g, g);
-        const O denom = fo_adam_denom(h, v);
-        p = p - h.v[FO_S_C_GRAD] * g / denom;
-        p = p - h.v[FO_S_C_AVG] * m / denom;
-    }
-};
-
-// moments; rectified: p -= step_size * m / (sqrt(v) + eps), else p -= step_size * m
-// (step_size carries the rectification and both bias corrections, see _rules._radam_scalars)
-struct FoRAdam {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
-        fo_moments(h, m, v, g, g);
-        if (h.flag(FO_F_RECTIFY)) p = p - h.v[FO_S_STEP_SIZE] * m / (fo_sqrt(v) + h.v[FO_S_EPS]);
-        else p = p - h.v[FO_S_STEP_SIZE] * m;
-    }
-};
-
-// c = b1*m + (1-b1)*g; p -= lr*sign(c); m = b2*m + (1-b2)*g
-struct FoLion {
-    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O&, O&, O) {
-        const O c = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
-        p = p - h.v[FO_S_LR] * fo_sign(c);
-        m = fo_ema(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], m, g);
-    }
-};
-
-// moments with v fed by the Hessian diagonal e (already unscaled);
-// p -= step_size * m / ((sqrt(v)/sqrt(bc2))^hessian_power + eps)
-struct FoAdaHessian {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) | FO_USES(FO_SLOT_EXTRA) };
-    template <class O>
-    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O e) {
-        fo_moments(h, m, v, g, e);
-        O root = fo_sqrt(v) / h.v[FO_S_BC2_SQRT];
-        if (h.v[FO_S_HESSIAN_POWER] != O(1)) root = fo_pow(root, h.v[FO_S_HESSIAN_POWER]);
-        p = p - h.v[FO_S_STEP_SIZE] * m / (root + h.v[FO_S_EPS]);
-    }
-};
-
-// LAMB, a trust-ratio rule: update_state(h, p, g, s0, s1, s2) in pass 1, direction(h, p, s0,
-// s1, s2) = r in both passes, then p -= lr * trust * r, trust = |p|/|r| (1 if either is 0).
-// r = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + weight_decay*p (LAMB's own decay: stage "rule").
-struct FoLAMB {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
-    template <class O>
-    static __device__ __forceinline__ void update_state(const FoHyper<O>& h, O, O g, O& m, O& v, O&) {
-        fo_moments(h, m, v, g, g);
-    }
-    template <class O>
-    static __device__ __forceinline__ O direction(const FoHyper<O>& h, O p, O m, O v, O) {
-        return (m / h.v[FO_S_BC1]) / fo_adam_denom(h, v) + h.v[FO_S_WEIGHT_DECAY] * p;
-    }
-};
-
+// update.cu -- the fused update kernels of float32/float64 and 16-bit params: the kernel
+// templates that run the step pipeline around the rule bodies of rules.cuh over a
+// multi-tensor table: fo_update (elementwise rules) and the two passes of fo_trust_stage1/2
+// (trust-ratio rules, LAMB), each in a uniform-precision form (fo_range_loop: one storage
+// format for every array) and a mixed form for 16-bit params, reduced-precision state and
+// master weights (fo_mixed_loop). Variants are runtime flags.
+#include "rules.cuh"
 // ------------------------------------------------------------------------ elementwise pass
 // Bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g, states, extra;
 // write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
-template <class T, class Rule, int STAGE>
-__device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<typename FoOpMath<T>::type>& h,
-                                          const FoPipe<typename FoOpMath<T>::type>& pp,
-                                          const double* scales) {
-    typedef typename FoOpMath<T>::type O;
+template <class F, class Rule, int STAGE>
+__device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<typename F::O>& h,
+                                          const FoPipe<typename F::O>& pp, const double* scales) {
+    typedef typename F::O O;
     const unsigned write = FO_USES(FO_SLOT_PARAM) | FO_STATES(3);
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
-        T* ptr[FO_DEPTH];
+        typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
         const O scale = scales ? O(scales[tab.index[s]]) : O(1);
@@ -233,7 +26,7 @@ __device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<type
                        x[FO_SLOT_EXTRA] * pp.inv_scale);
             if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
         };
-        fo_range_loop<T, Rule::slots>(ptr, begin, end, write, body);
+        fo_range_loop<F, Rule::slots>(ptr, begin, end, write, body);
     }
 }
 
@@ -244,15 +37,14 @@ __device__ __forceinline__ void fo_update(const FoTable& tab, const FoHyper<type
 // rule carries its own decay (the host refuses an "l2" or "decoupled" stage for this kind).
 
 // bytes per element: sizeof(T) * (2 + 2 * states) (LAMB: read p, g, m, v; write m, v)
-template <class T, class Rule>
-__device__ __forceinline__ void fo_trust_stage1(const FoTable& tab,
-                                                const FoHyper<typename FoOpMath<T>::type>& h,
-                                                const FoPipe<typename FoOpMath<T>::type>& pp,
-                                                const double* scales, double* partial_p, double* partial_r) {
-    typedef typename FoOpMath<T>::type O;
+template <class F, class Rule>
+__device__ __forceinline__ void fo_trust_stage1(const FoTable& tab, const FoHyper<typename F::O>& h,
+                                                const FoPipe<typename F::O>& pp, const double* scales,
+                                                double* partial_p, double* partial_r) {
+    typedef typename F::O O;
     const unsigned write = FO_STATES(3);
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
-        T* ptr[FO_DEPTH];
+        typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
         const O scale = scales ? O(scales[tab.index[s]]) : O(1);
@@ -265,7 +57,7 @@ __device__ __forceinline__ void fo_trust_stage1(const FoTable& tab,
             pp2 += (double)p * (double)p;
             rr2 += r * r;
         };
-        fo_range_loop<T, Rule::slots>(ptr, begin, end, write, body);
+        fo_range_loop<F, Rule::slots>(ptr, begin, end, write, body);
         pp2 = fo_block_sum(pp2);
         rr2 = fo_block_sum(rr2);
         if (threadIdx.x == 0) {
@@ -277,27 +69,231 @@ __device__ __forceinline__ void fo_trust_stage1(const FoTable& tab,
 }
 
 // bytes per element: sizeof(T) * (2 + states) (LAMB: read p, m, v; write p)
-template <class T, class Rule>
-__device__ __forceinline__ void fo_trust_stage2(const FoTable& tab,
-                                                const FoHyper<typename FoOpMath<T>::type>& h,
-                                                const FoPipe<typename FoOpMath<T>::type>& pp,
-                                                const double* p_sumsq, const double* r_sumsq) {
-    typedef typename FoOpMath<T>::type O;
+template <class F, class Rule>
+__device__ __forceinline__ void fo_trust_stage2(const FoTable& tab, const FoHyper<typename F::O>& h,
+                                                const FoPipe<typename F::O>& pp, const double* p_sumsq,
+                                                const double* r_sumsq) {
+    typedef typename F::O O;
     const unsigned write = FO_USES(FO_SLOT_PARAM);
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
-        T* ptr[FO_DEPTH];
+        typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
-        const double pn = sqrt(p_sumsq[tab.index[s]]), rn = sqrt(r_sumsq[tab.index[s]]);
-        const double trust = (pn > 0 && rn > 0) ? pn / rn : 1.0;
-        const O coef = O((double)h.v[FO_S_LR] * trust);
+        const O coef = O((double)h.v[FO_S_LR] * fo_trust(p_sumsq, r_sumsq, tab.index[s]));
         auto body = [&](O (&x)[FO_DEPTH]) {
             O& p = x[FO_SLOT_PARAM];
             const O* st = x + FO_SLOT_STATE0;
             p = p - coef * Rule::direction(h, p, st[0], st[1], st[2]);
             if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
         };
-        fo_range_loop<T, Rule::slots & ~FO_USES(FO_SLOT_GRAD)>(ptr, begin, end, write, body);
+        fo_range_loop<F, Rule::slots & ~FO_USES(FO_SLOT_GRAD)>(ptr, begin, end, write, body);
+    }
+}
+
+// ------------------------------------------------------------------------ mixed precision
+// 16-bit params (computed in float32), a state dtype other than the param's, master weights,
+// stochastic rounding: P is the param's storage format, S the state's (template parameters of
+// the memory loop, so each (P, S) pair is its own kernel and the rule bodies are shared). The
+// grad and the extra input are P or float32 (FoStore flags). Every array is written once,
+// rounded once: states S::store (nearest even), the master as float32, the param P::store of
+// the new float32 value (of the master, when there is one) or P::store_sr.
+//
+// A pass may be "dry" (write == false): it computes the step and writes nothing, for a norm of
+// the new params (max_norm, applied before the one rounding) or LAMB's trust ratio; the write
+// pass then recomputes the same float32 values from the unchanged inputs.
+// bytes per element: read p (or master) + g + states [+ extra]; write p [+ master] + states.
+// Four consecutive elements of T: one 16-byte (float32) or 8-byte (16-bit) load or store.
+template <class T> struct alignas(4 * sizeof(T)) FoQuad {
+    T x[4];
+};
+template <class T>
+__device__ __forceinline__ bool fo_quad_aligned(const void* a, fo_i64 begin, unsigned size) {
+    return !a || (reinterpret_cast<unsigned long long>(a) + (unsigned long long)begin * size) % (4 * size) == 0;
+}
+template <class P>
+__device__ __forceinline__ void fo_load_grad4(const void* a, fo_i64 i, bool f32, float (&x)[4][FO_DEPTH], int d) {
+    if (!a) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k][d] = 0.0f;
+    } else if (f32) {
+        const FoQuad<float> q = *reinterpret_cast<const FoQuad<float>*>(static_cast<const float*>(a) + i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k][d] = q.x[k];
+    } else {
+        typedef typename P::T PT;
+        const FoQuad<PT> q = *reinterpret_cast<const FoQuad<PT>*>(static_cast<const PT*>(a) + i);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) x[k][d] = P::load(q.x[k]);
+    }
+}
+
+// The memory loop of mixed storage: when every array is aligned to four of its elements at
+// `begin`, a thread takes four consecutive elements per iteration (vector loads and stores of
+// each array in its own width), then a scalar tail; element i's values, body and roundings
+// are the same either way (the stochastic-rounding bits hash i itself).
+template <class P, class S, unsigned USED, class Body>
+__device__ __forceinline__ void fo_mixed_loop(const FoTable& tab, int s, fo_i64 begin, fo_i64 end,
+                                              const FoStore& st, bool write, Body& body) {
+    typedef typename P::T PT;
+    typedef typename S::T ST;
+    PT* const param = reinterpret_cast<PT*>(tab.ptr[FO_SLOT_PARAM][s]);
+    const void* const grad = ((USED >> FO_SLOT_GRAD) & 1) ? reinterpret_cast<const void*>(tab.ptr[FO_SLOT_GRAD][s])
+                                                           : nullptr;
+    const void* const extra = ((USED >> FO_SLOT_EXTRA) & 1) ? reinterpret_cast<const void*>(tab.ptr[FO_SLOT_EXTRA][s])
+                                                             : nullptr;
+    float* const master = reinterpret_cast<float*>(tab.ptr[FO_SLOT_MASTER][s]);
+    const bool g32 = st.flags & FO_ST_GRAD_F32, e32 = st.flags & FO_ST_EXTRA_F32;
+    ST* state[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+        state[k] = ((USED >> (FO_SLOT_STATE0 + k)) & 1) ? reinterpret_cast<ST*>(tab.ptr[FO_SLOT_STATE0 + k][s])
+                                                         : nullptr;
+    bool aligned = fo_quad_aligned<PT>(param, begin, sizeof(PT)) && fo_quad_aligned<float>(master, begin, 4) &&
+                   fo_quad_aligned<PT>(grad, begin, g32 ? 4 : sizeof(PT)) &&
+                   fo_quad_aligned<PT>(extra, begin, e32 ? 4 : sizeof(PT));
+#pragma unroll
+    for (int k = 0; k < 3; ++k) aligned = aligned && fo_quad_aligned<ST>(state[k], begin, sizeof(ST));
+    fo_i64 tail = begin;
+    if (aligned) {
+        const fo_i64 vend = begin + (end - begin) / 4 * 4;
+        for (fo_i64 i = begin + (fo_i64)threadIdx.x * 4; i < vend; i += (fo_i64)blockDim.x * 4) {
+            float x[4][FO_DEPTH];
+            if (master) {
+                const FoQuad<float> q = *reinterpret_cast<const FoQuad<float>*>(master + i);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) x[k][FO_SLOT_PARAM] = q.x[k];
+            } else {
+                const FoQuad<PT> q = *reinterpret_cast<const FoQuad<PT>*>(param + i);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) x[k][FO_SLOT_PARAM] = P::load(q.x[k]);
+            }
+            fo_load_grad4<P>(grad, i, g32, x, FO_SLOT_GRAD);
+            fo_load_grad4<P>(extra, i, e32, x, FO_SLOT_EXTRA);
+#pragma unroll
+            for (int d = 0; d < 3; ++d) {
+                FoQuad<ST> q = {};
+                if (state[d]) q = *reinterpret_cast<const FoQuad<ST>*>(state[d] + i);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) x[k][FO_SLOT_STATE0 + d] = state[d] ? S::load(q.x[k]) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                x[k][FO_SLOT_MASTER] = 0.0f;
+                body(x[k]);
+            }
+            if (!write) continue;
+#pragma unroll
+            for (int d = 0; d < 3; ++d) {
+                if (!state[d]) continue;
+                FoQuad<ST> q;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) q.x[k] = S::store(x[k][FO_SLOT_STATE0 + d]);
+                *reinterpret_cast<FoQuad<ST>*>(state[d] + i) = q;
+            }
+            if (master) {
+                FoQuad<float> q;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) q.x[k] = x[k][FO_SLOT_PARAM];
+                *reinterpret_cast<FoQuad<float>*>(master + i) = q;
+            }
+            FoQuad<PT> q;
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                q.x[k] = (st.flags & FO_ST_SR) ? P::store_sr(x[k][FO_SLOT_PARAM], st.sr_key, i + k)
+                                               : P::store(x[k][FO_SLOT_PARAM]);
+            *reinterpret_cast<FoQuad<PT>*>(param + i) = q;
+        }
+        tail = vend;
+    }
+    for (fo_i64 i = tail + threadIdx.x; i < end; i += blockDim.x) {
+        float x[FO_DEPTH];
+        x[FO_SLOT_PARAM] = master ? master[i] : P::load(param[i]);
+        x[FO_SLOT_GRAD] = fo_load_grad<P>(grad, i, g32);
+        x[FO_SLOT_EXTRA] = fo_load_grad<P>(extra, i, e32);
+        x[FO_SLOT_MASTER] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 3; ++k) x[FO_SLOT_STATE0 + k] = state[k] ? S::load(state[k][i]) : 0.0f;
+        body(x);
+        if (!write) continue;
+#pragma unroll
+        for (int k = 0; k < 3; ++k)
+            if (state[k]) state[k][i] = S::store(x[FO_SLOT_STATE0 + k]);
+        fo_store_param<P>(param, master, i, x[FO_SLOT_PARAM], st);
+    }
+}
+
+// Elementwise rule, mixed storage. partial != null: the dry max_norm pass (per-chunk sums of
+// the new p^2); factors != null: the write pass scales p by factors[tensor] before rounding.
+template <class P, class S, class Rule, int STAGE>
+__device__ __forceinline__ void fo_update_mixed(const FoTable& tab, const FoHyper<float>& h, const FoPipe<float>& pp,
+                                                const double* scales, const FoStore& st, double* partial,
+                                                const double* factors) {
+    const bool dry = partial != nullptr;
+    for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
+        const int s = tab.item_slot[w];
+        const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
+        const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
+        const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
+        const double f = factors ? factors[tab.index[s]] : 1.0;
+        double acc = 0;
+        auto body = [&](float (&x)[FO_DEPTH]) {
+            float& p = x[FO_SLOT_PARAM];
+            float g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
+            fo_decay_stage<STAGE>(h, p, g);
+            Rule::step(h, p, g, x[FO_SLOT_STATE0], x[FO_SLOT_STATE0 + 1], x[FO_SLOT_STATE0 + 2],
+                       x[FO_SLOT_EXTRA] * pp.inv_scale);
+            fo_finish_param(pp, p, dry, acc, f);
+        };
+        fo_mixed_loop<P, S, Rule::slots>(tab, s, begin, end, st, !dry, body);
+        if (dry) fo_put_partial(tab, w, s, partial, fo_block_sum(acc));
+    }
+}
+
+// Trust-ratio rule, mixed storage, pass 1: dry, sums of p^2 and r^2 per chunk. (Unlike the
+// uniform pass 1 it writes no state: a state rounded to 16 bits would give pass 2 another r
+// than the float32 one the reference takes, so pass 2 recomputes the state from the grad.)
+template <class P, class S, class Rule>
+__device__ __forceinline__ void fo_trust_mixed1(const FoTable& tab, const FoHyper<float>& h, const FoPipe<float>& pp,
+                                                const double* scales, const FoStore& st, double* partial_p,
+                                                double* partial_r) {
+    for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
+        const int s = tab.item_slot[w];
+        const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
+        const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
+        const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
+        double pp2 = 0, rr2 = 0;
+        auto body = [&](float (&x)[FO_DEPTH]) {
+            fo_trust_norms<Rule>(h, pp, x, scale, pp2, rr2);
+        };
+        fo_mixed_loop<P, S, Rule::slots>(tab, s, begin, end, st, false, body);
+        pp2 = fo_block_sum(pp2);
+        rr2 = fo_block_sum(rr2);
+        fo_put_partial(tab, w, s, partial_p, pp2);
+        fo_put_partial(tab, w, s, partial_r, rr2);
+    }
+}
+
+// Pass 2: the state again, then p -= lr * trust * r; dry (partial) or scaled (factors) as
+// fo_update_mixed.
+template <class P, class S, class Rule>
+__device__ __forceinline__ void fo_trust_mixed2(const FoTable& tab, const FoHyper<float>& h, const FoPipe<float>& pp,
+                                                const double* scales, const FoStore& st, const double* coefs,
+                                                double* partial, const double* factors) {
+    const bool dry = partial != nullptr;
+    for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
+        const int s = tab.item_slot[w];
+        const fo_i64 begin = (fo_i64)tab.item_chunk[w] * tab.chunk_size;
+        const fo_i64 end = begin + tab.chunk_size < tab.size[s] ? begin + tab.chunk_size : tab.size[s];
+        const float scale = scales ? (float)scales[tab.index[s]] : 1.0f;
+        const double coef = coefs[tab.index[s]];
+        const double f = factors ? factors[tab.index[s]] : 1.0;
+        double acc = 0;
+        auto body = [&](float (&x)[FO_DEPTH]) {
+            fo_trust_apply<Rule>(h, pp, x, scale, coef);
+            fo_finish_param(pp, x[FO_SLOT_PARAM], dry, acc, f);
+        };
+        fo_mixed_loop<P, S, Rule::slots>(tab, s, begin, end, st, !dry, body);
+        if (dry) fo_put_partial(tab, w, s, partial, fo_block_sum(acc));
     }
 }
 
@@ -305,34 +301,68 @@ __device__ __forceinline__ void fo_trust_stage2(const FoTable& tab,
 // extern "C" names, so NVRTC, nvcc and the CPU harness all see the same symbols and no
 // template name expressions are needed. fastopt/kernels/cuda/_host.py derives a kernel's name
 // from the rule's kind and name: fo_update_<rule>_<suffix> for an elementwise rule,
-// fo_trust_stage{1,2}_<rule>_<suffix> for a trust-ratio rule; suffix: the storage type.
-#define FO_ARGS(T) const FoTable tab, const FoHyper<FoOpMath<T>::type> h, const FoPipe<FoOpMath<T>::type> pp
+// fo_trust_stage{1,2}_<rule>_<suffix> for a trust-ratio rule; suffix: the storage type (f32,
+// f64), or <param>_<state> for mixed storage (bf16_f32: bfloat16 params, float32 state).
+#define FO_ARGS(F) const FoTable tab, const FoHyper<F::O> h, const FoPipe<F::O> pp
 
-#define FO_UPDATE_KERNEL(NAME, RULE, T, SUF)                                                \
-    extern "C" __global__ void fo_update_##NAME##_##SUF(FO_ARGS(T), const double* scales) { \
-        fo_update<T, RULE, FO_DECAY_OF_##NAME>(tab, h, pp, scales);                      \
+#define FO_UPDATE_KERNEL(NAME, RULE, F, SUF)                                                \
+    extern "C" __global__ void fo_update_##NAME##_##SUF(FO_ARGS(F), const double* scales) { \
+        fo_update<F, RULE, FO_DECAY_OF_##NAME>(tab, h, pp, scales);                      \
     }                                                                                     \
     FO_EXPORT(fo_update_##NAME##_##SUF)
 
-#define FO_ELEMENTWISE(NAME, RULE)            \
-    FO_UPDATE_KERNEL(NAME, RULE, float, f32) \
-    FO_UPDATE_KERNEL(NAME, RULE, double, f64)
+#define FO_MIXED_KERNEL(NAME, RULE, P, S, SUF)                                                          \
+    extern "C" __global__ void fo_update_##NAME##_##SUF(FO_ARGS(FoF32), const double* scales,          \
+                                                        const FoStore st, double* partial,             \
+                                                        const double* factors) {                       \
+        fo_update_mixed<P, S, RULE, FO_DECAY_OF_##NAME>(tab, h, pp, scales, st, partial, factors);     \
+    }                                                                                                   \
+    FO_EXPORT(fo_update_##NAME##_##SUF)
 
-#define FO_TRUST_KERNELS(NAME, RULE, T, SUF)                                                      \
-    extern "C" __global__ void fo_trust_stage1_##NAME##_##SUF(FO_ARGS(T), const double* scales,  \
+// every (param, state) storage pair fastopt.precision allows beyond the uniform ones
+#define FO_MIXED_ALL(M, NAME, RULE)          \
+    M(NAME, RULE, FoF16, FoF32, f16_f32)     \
+    M(NAME, RULE, FoF16, FoBF16, f16_bf16)   \
+    M(NAME, RULE, FoF16, FoF16, f16_f16)     \
+    M(NAME, RULE, FoBF16, FoF32, bf16_f32)   \
+    M(NAME, RULE, FoBF16, FoBF16, bf16_bf16) \
+    M(NAME, RULE, FoF32, FoBF16, f32_bf16)
+
+#define FO_ELEMENTWISE(NAME, RULE)            \
+    FO_UPDATE_KERNEL(NAME, RULE, FoF32, f32) \
+    FO_UPDATE_KERNEL(NAME, RULE, FoF64, f64) \
+    FO_MIXED_ALL(FO_MIXED_KERNEL, NAME, RULE)
+
+#define FO_TRUST_KERNELS(NAME, RULE, F, SUF)                                                      \
+    extern "C" __global__ void fo_trust_stage1_##NAME##_##SUF(FO_ARGS(F), const double* scales,  \
                                                               double* partial_p, double* partial_r) { \
-        fo_trust_stage1<T, RULE>(tab, h, pp, scales, partial_p, partial_r);                      \
+        fo_trust_stage1<F, RULE>(tab, h, pp, scales, partial_p, partial_r);                      \
     }                                                                                             \
     FO_EXPORT(fo_trust_stage1_##NAME##_##SUF)                                                     \
-    extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(FO_ARGS(T), const double* p_sumsq, \
+    extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(FO_ARGS(F), const double* p_sumsq, \
                                                               const double* r_sumsq) {            \
-        fo_trust_stage2<T, RULE>(tab, h, pp, p_sumsq, r_sumsq);                                  \
+        fo_trust_stage2<F, RULE>(tab, h, pp, p_sumsq, r_sumsq);                                  \
     }                                                                                             \
     FO_EXPORT(fo_trust_stage2_##NAME##_##SUF)
 
+#define FO_TRUST_MIXED(NAME, RULE, P, S, SUF)                                                         \
+    extern "C" __global__ void fo_trust_stage1_##NAME##_##SUF(FO_ARGS(FoF32), const double* scales,  \
+                                                              const FoStore st, double* partial_p,   \
+                                                              double* partial_r) {                   \
+        fo_trust_mixed1<P, S, RULE>(tab, h, pp, scales, st, partial_p, partial_r);                   \
+    }                                                                                                 \
+    FO_EXPORT(fo_trust_stage1_##NAME##_##SUF)                                                         \
+    extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(                                        \
+        FO_ARGS(FoF32), const double* scales, const FoStore st, const double* coefs,                  \
+        double* partial, const double* factors) { \
+        fo_trust_mixed2<P, S, RULE>(tab, h, pp, scales, st, coefs, partial, factors);     \
+    }                                                                                                 \
+    FO_EXPORT(fo_trust_stage2_##NAME##_##SUF)
+
 #define FO_TRUST_RATIO(NAME, RULE)             \
-    FO_TRUST_KERNELS(NAME, RULE, float, f32) \
-    FO_TRUST_KERNELS(NAME, RULE, double, f64)
+    FO_TRUST_KERNELS(NAME, RULE, FoF32, f32) \
+    FO_TRUST_KERNELS(NAME, RULE, FoF64, f64) \
+    FO_MIXED_ALL(FO_TRUST_MIXED, NAME, RULE)
 
 FO_ELEMENTWISE(sgd, FoSGD)
 FO_ELEMENTWISE(adam, FoAdam)

@@ -20,6 +20,11 @@ extern "C" long long fo_cpu_layout(int what) {
         case 21: return offsetof(FoPipe<float>, flags);
         case 22: return sizeof(FoPipe<double>);
         case 23: return offsetof(FoPipe<double>, flags);
+        case 24: return sizeof(FoStore);
+        case 25: return offsetof(FoStore, flags);
+        case 26: return sizeof(FoQ8);
+        case 27: return offsetof(FoQ8, absmax);
+        case 28: return offsetof(FoQ8, unsigned_mask);
         case 30: return FO_DEPTH;
         case 31: return FO_MAX_TENSORS;
         case 32: return FO_MAX_ITEMS;

@@ -35,6 +35,18 @@ using std::fabs;
 using std::pow;
 using std::sqrt;
 
+// the bit casts of CUDA's device intrinsics
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+}
+
 // A launch as cuLaunchKernel sees it: args[i] points at the bytes of parameter i.
 template <class... A, std::size_t... I>
 void fo_cpu_run(void (*kernel)(A...), unsigned grid, unsigned block, void** args,
