@@ -81,6 +81,9 @@ class Ops:
     #: whether the kernels take a ``Pre.precision`` (a state dtype other than the param's,
     #: master weights, stochastic rounding)
     precision_options: bool = False
+    #: the param dtypes whose buckets with 8-bit state (``state_dtype="q8"``, nothing else
+    #: special) the kernels take, even without ``precision_options``
+    q8_dtypes: tuple = ()
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.
@@ -198,7 +201,17 @@ def supports(ops: "Ops", precision) -> bool:
     """Whether a backend's kernels take params of this resolved precision."""
     if is_plain(precision):
         return True
+    if _q8_only(precision) and precision.param.name in ops.q8_dtypes:
+        return True
     return precision.param.name in ops.dtypes and ops.precision_options
+
+
+def _q8_only(precision) -> bool:
+    """8-bit state and no other option that needs ``precision_options``."""
+    from .precision import Q8  # here, not at the top: this module imports no fastopt module
+
+    return (precision.state is Q8 and not precision.master_weights
+            and not precision.stochastic_rounding)
 
 
 def _unsupported(backend: str, precision) -> TypeError:
