@@ -1470,12 +1470,15 @@ def _k_q8_adahessian(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, 
                       qm, qb, qt, qz)
 
 
-@_entry(sums=True)
+@_entry()  # no fastmath "reassoc" (see the docstring)
 def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qb, qt, qz, threads):
     """LAMB on q8 moments: pass 1 sums p^2 and r^2 per block, pass 2 decodes again and steps.
 
     The block sums of a tensor are added in block order, so the trust ratio has
     the same bits for any thread count.  ``lr`` is a float64, as in ``_k_lamb``.
+    No ``reassoc`` here (``_k_lamb`` has it for its sums): it would also regroup
+    ``(1-b2) * g * g`` in the moment update, and the codes must be the
+    reference's bit for bit.
     """
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     n = sizes.shape[0]
