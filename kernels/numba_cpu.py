@@ -1182,10 +1182,12 @@ _NQ = 3  # q8 states per rule at most (Rule.all_state)
 # rows of the q8 operand table: param, grad, codes of state k, absmax of state k, extra
 _QP, _QG, _QC0, _QA0, _QE = 0, 1, 2, 2 + _NQ, 2 + 2 * _NQ
 _QROWS = _QE + 1
-# the bucket table of the nearest code (see fastopt.quantization.nearest_code):
-# |y| clamped to [2**-23, 1) as float32 bits, then its binade and top 7 mantissa bits
+# fastopt.quantization.nearest_code's buckets: |y| clamped to [2**-23, 1) as float32
+# bits, then its binade and top 7 mantissa bits (_q8_tables spreads them over bits >> 16)
 _Q_LO, _Q_HI, _Q_SHIFT = 0x34000000, 0x3F7FFFFF, 16
-_Q_NB = (0x3F800000 - _Q_LO) >> _Q_SHIFT  # buckets per sign: 2944
+# uint32 constants: the code loop stays in 32-bit lanes (a Python int is an int64 to
+# Numba, and uint32 op int64 widens every lane)
+_QU_ZERO, _QU_ABS, _QU_SHIFT = np.uint32(0), np.uint32(0x7FFFFFFF), np.uint32(_Q_SHIFT)
 
 
 @intrinsic
@@ -1230,43 +1232,42 @@ def _q8_load(ptr, q, t, blk, a, m, qm, w, z):
 
 
 @njit(inline="always")
-def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, z):
+def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
     """Encode ``w[q][:m]`` as block ``blk`` of q8 state ``q``: its absmax, then each nearest code.
 
     Exactly ``fastopt.quantization.quantize_blockwise``: absmax = max |x| (nan if
     any x is nan), y = x / absmax (0 when absmax is 0: an all-zero block gets the
-    zero code, no nan), code = #{thresholds < y} through the bucket table (one
-    load and one comparison), nan -> 0, and the sign guard: a negative x whose
-    code is the zero code ``qz[q]`` gets the code below it (``qz[q]`` is -1 for
-    the unsigned map, which has no guard).  ``w[_NQ]`` is the scratch of y.
+    zero code, no nan), code = #{thresholds < y} through the bucket table indexed
+    by the top 16 bits of y (one load and one comparison; see ``_q8_tables``),
+    nan -> 0, and the sign guard: a negative x whose
+    code is the zero code ``qz[q]`` gets the code below it (``qz[q]`` is 256 for
+    the unsigned map, which has no guard).  ``w[_NQ]`` is the scratch of y;
+    ``wb`` is ``w`` as uint32 bits.  Every loop is branch-free so that it vectorizes.
     """
-    x = w[q]
-    y = w[_NQ]
-    yb = y.view(np.uint32)
-    am = z
+    x, xb = w[q], wb[q]
+    y, yb = w[_NQ], wb[_NQ]
+    # |x| as bits: for non-negative floats the integer order is the float order, and
+    # every nan is above inf, so an integer max is the absmax with nan propagated
+    top = _QU_ZERO
     for i in range(m):
-        v = abs(x[i])
-        if v > am or v != v:
-            am = v
-    if am == z:
+        top = max(top, xb[i] & _QU_ABS)
+    wb[_NQ + 1, 0] = top
+    am = w[_NQ + 1, 0]
+    if top == _QU_ZERO:
         for i in range(m):
-            y[i] = z
+            y[i] = am
     else:
         for i in range(m):
             y[i] = x[i] / am  # IEEE division: the absmax element gives exactly 1
     base, thr = qb[q], qt[q]
     zc = qz[q]
+    zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
     codes = _as_ptr(ptr[_QC0 + q, t], np.uint8(0))
     for i in range(m):
-        bits = yb[i]
-        u = min(max(bits & 0x7FFFFFFF, _Q_LO), _Q_HI)
-        k = ((u - _Q_LO) >> _Q_SHIFT) + (bits >> 31) * _Q_NB
+        k = yb[i] >> _QU_SHIFT  # sign, exponent and the top 7 mantissa bits of y
         yi = y[i]
-        code = np.int64(base[k]) + (1 if yi > thr[k] else 0)
-        if yi != yi:
-            code = 0
-        if code == zc and x[i] < z:
-            code = zc - 1
+        code = np.uint32(base[k]) + np.uint32(yi > thr[k])  # nan: base 0, never greater
+        code = code - np.uint32((code == zc) & (x[i] < zero))  # the sign guard
         codes[a + i] = np.uint8(code)
     _put(ptr[_QA0 + q, t], blk, am)
 
@@ -1291,7 +1292,9 @@ def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb,
     z = c[_ZERO]
     l2, decay = c[_S_L2], c[_S_DECAY]
     use_l2 = l2 != z
-    w = np.empty((_NQ + 1, _QB), cs.dtype)
+    w = np.empty((_NQ + 2, _QB), cs.dtype)  # states, y, [absmax, zero]
+    wb = w.view(np.uint32)
+    w[_NQ + 1, 1] = z
     s0, s1, s2 = w[0], w[1], w[2]
     while j < hi:
         while boff[t + 1] <= j:
@@ -1315,7 +1318,7 @@ def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb,
             p[a + i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, tc, mode), c[_WCLIP])
         for q in range(_NQ):
             if ptr[_QC0 + q, t] != 0:
-                _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, z)
+                _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb)
         j += 1
 
 
@@ -1514,27 +1517,40 @@ _Q8_ENTRIES = {
 
 
 def _q8_tables(rule):
-    """Per state slot of ``rule``: the map, the bucket table, its thresholds and the zero code.
+    """Per state slot of ``rule``: the map, the bucket tables and the zero code.
 
-    Copied from ``fastopt.quantization`` (the definition), so the kernel's codes
-    are its codes: ``qm[k]`` the 256 map values, ``qb[k]`` the bucket table
-    ``code_table(signed)`` flattened (sign-major), ``qt[k]`` the threshold each
-    bucket compares with, ``qz[k]`` the signed map's zero code (the sign guard)
-    or -1 for the unsigned map.  Unsigned when the state is in
-    ``Rule.nonnegative_state``.
+    Built from ``fastopt.quantization`` (the definition), so the kernel's codes
+    are its codes: ``qm[k]`` the 256 map values; ``qb[k]`` and ``qt[k]`` the
+    bucket table of ``nearest_code`` (``code_table(signed)`` and the threshold
+    each bucket compares with) spread over all 65536 values of the top 16 bits
+    of a float32 ``y`` (sign, exponent, 7 mantissa bits): ``nearest_code``
+    clamps ``|y|`` into ``[2**-23, 1)`` before it takes the bucket, here the
+    clamped buckets are copies, so the kernel indexes with ``bits >> 16`` and
+    nothing else (the integer clamp cost more than the lookups: this CPU path
+    is scalar, AVX2 gathers are slower than scalar loads on the x86 cores
+    measured).  A nan ``y`` (exponent all ones; ``|y| <= 1`` otherwise, so inf
+    never occurs) lands in buckets of code 0 and threshold +inf: code 0, as the
+    definition says.  ``qz[k]`` is the signed map's zero code (the sign guard)
+    or 256 (no code) for the unsigned map.  Unsigned when the state is in
+    ``Rule.nonnegative_state``.  1.3 MB per rule, built once.
     """
     from .. import quantization as q8
 
     assert q8.BLOCKSIZE == _QB and len(rule.all_state) <= _NQ
+    top = np.arange(1 << 16, dtype=np.int64)
+    sign, mag = top >> 15, (top & 0x7FFF) << _Q_SHIFT  # |y| bits of the bucket's first value
+    small = (np.clip(mag, _Q_LO, _Q_HI) - _Q_LO) >> _Q_SHIFT
+    nan = mag >= 0x7F800000
     qm = np.zeros((_NQ, 256), np.float32)
-    qb = np.zeros((_NQ, 2 * _Q_NB), np.uint8)
-    qt = np.zeros((_NQ, 2 * _Q_NB), np.float32)
-    qz = np.full(_NQ, -1, np.int64)
+    qb = np.zeros((_NQ, 1 << 16), np.uint8)
+    qt = np.zeros((_NQ, 1 << 16), np.float32)
+    qz = np.full(_NQ, 256, np.uint32)
     for k, name in enumerate(rule.all_state):
         signed = name not in rule.nonnegative_state
         qm[k] = q8.dynamic_map(signed)
-        qb[k] = q8.code_table(signed).reshape(-1)
-        qt[k] = q8.code_thresholds(signed)[qb[k]]
+        base = q8.code_table(signed)[sign, small]
+        qb[k] = np.where(nan, 0, base)
+        qt[k] = np.where(nan, np.float32(np.inf), q8.code_thresholds(signed)[base])
         if signed:
             qz[k] = q8.zero_code(True)
     return qm, qb, qt, qz
