@@ -1227,8 +1227,9 @@ def _q8_load(ptr, q, t, blk, a, m, qm, w, z):
     scale = _as_ptr(ptr[_QA0 + q, t], z)[blk]
     row = w[q]
     mp = qm[q]
-    for i in range(m):
-        row[i] = mp[codes[a + i]] * scale
+    au = np.uint64(a)
+    for i in range(np.uint64(m)):  # unsigned indices, as in _apply
+        row[i] = mp[codes[au + i]] * scale
 
 
 @njit(inline="always")
@@ -1248,27 +1249,28 @@ def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
     y, yb = w[_NQ], wb[_NQ]
     # |x| as bits: for non-negative floats the integer order is the float order, and
     # every nan is above inf, so an integer max is the absmax with nan propagated
+    mu, au = np.uint64(m), np.uint64(a)
     top = _QU_ZERO
-    for i in range(m):
+    for i in range(mu):
         top = max(top, xb[i] & _QU_ABS)
     wb[_NQ + 1, 0] = top
     am = w[_NQ + 1, 0]
     if top == _QU_ZERO:
-        for i in range(m):
+        for i in range(mu):
             y[i] = am
     else:
-        for i in range(m):
+        for i in range(mu):
             y[i] = x[i] / am  # IEEE division: the absmax element gives exactly 1
     base, thr = qb[q], qt[q]
     zc = qz[q]
     zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
     codes = _as_ptr(ptr[_QC0 + q, t], np.uint8(0))
-    for i in range(m):
+    for i in range(mu):
         k = yb[i] >> _QU_SHIFT  # sign, exponent and the top 7 mantissa bits of y
         yi = y[i]
         code = np.uint32(base[k]) + np.uint32(yi > thr[k])  # nan: base 0, never greater
         code = code - np.uint32((code == zc) & (x[i] < zero))  # the sign guard
-        codes[a + i] = np.uint8(code)
+        codes[au + i] = np.uint8(code)
     _put(ptr[_QA0 + q, t], blk, am)
 
 
@@ -1309,13 +1311,15 @@ def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb,
             if ptr[_QC0 + q, t] != 0:
                 _q8_load(ptr, q, t, blk, a, m, qm, w, z)
         ts, tc = scales[t], coef[t]
-        for i in range(m):
-            x = _clip(g[a + i] * c[_GINV], c[_GCLIP]) * ts
-            pi = p[a + i]
+        au = np.uint64(a)
+        # unsigned indices, as in _apply: a signed one keeps LLVM from vectorizing
+        for i in range(np.uint64(m)):
+            x = _clip(g[au + i] * c[_GINV], c[_GCLIP]) * ts
+            pi = p[au + i]
             if use_l2:  # as _apply: never 0 * p
                 x = x + l2 * pi
             pi = pi * decay
-            p[a + i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, tc, mode), c[_WCLIP])
+            p[au + i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, tc, mode), c[_WCLIP])
         for q in range(_NQ):
             if ptr[_QC0 + q, t] != 0:
                 _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb)
