@@ -347,3 +347,26 @@ def test_q8_thread_count_does_not_change_bits():
             np.testing.assert_array_equal(c1, c2)
             np.testing.assert_array_equal(_bits(a1), _bits(a2))
     assert nc._Q8_ENTRIES["lamb"] is nc._k_q8_lamb
+
+
+def test_q8_driver_has_no_double_arithmetic():
+    # the q8 driver's decode, update and encode loops on float32 stay float32 (the bodies
+    # themselves are checked in test_numba.py); LAMB's float64 sums are pass 1's, not here
+    import numba
+    from test_numba import _double_ops
+
+    @numba.njit
+    def probe(ptr, off, boff, scales, cs, qm, qb, qt, qz):
+        nc._q8_apply(nc._adam, nc._V_ADAM_AMSGRAD, 0, 1, ptr, off, boff, scales, scales, cs, 0,
+                     qm, qb, qt, qz)
+        nc._q8_apply(nc._lamb_q8, 0, 0, 1, ptr, off, boff, scales, scales, cs, 0,
+                     qm, qb, qt, qz)
+
+    tables = nc._q8_tables(RULES["adam"])
+    args = (np.zeros((nc._QROWS, 1), np.int64), np.zeros(2, np.int64), np.zeros(2, np.int64),
+            np.ones(1, np.float32), np.zeros(nc._NSCALARS, np.float32)) + tables
+    sig = tuple(numba.typeof(a) for a in args)
+    probe.compile(sig)
+    llvm_ir = probe.inspect_llvm(sig)
+    assert "@sqrtf(" in llvm_ir  # the update loops are in there
+    assert _double_ops(llvm_ir) == []
