@@ -370,3 +370,23 @@ def test_q8_driver_has_no_double_arithmetic():
     llvm_ir = probe.inspect_llvm(sig)
     assert "@sqrtf(" in llvm_ir  # the update loops are in there
     assert _double_ops(llvm_ir) == []
+
+
+def test_bench_q8_kernel_step_runs_both_formats():
+    # the case behind the q8 benchmark rows (fastopt.apps.bench, asv bench_q8): it steps,
+    # and its q8 state after a step is the quantized float32 state of the same step
+    from fastopt.apps.bench import Q8KernelStep
+
+    cases = {fmt: Q8KernelStep("adam", 1000, fmt) for fmt in ("q8", "float32")}
+    before = cases["q8"].params[0].copy()
+    for c in cases.values():
+        c.step()
+    assert not np.array_equal(before, cases["q8"].params[0])
+    np.testing.assert_array_equal(cases["q8"].params[0], cases["float32"].params[0])
+    for name in ("exp_avg", "exp_avg_sq"):
+        codes, absmax = q8.quantize_blockwise(cases["float32"].states[name][0],
+                                              signed=_signed("adam", name))
+        np.testing.assert_array_equal(cases["q8"].states[name][0], codes)
+        np.testing.assert_array_equal(cases["q8"].states[name + "_absmax"][0], absmax)
+    with pytest.raises(ValueError, match="state: expected 'q8' or 'float32'"):
+        Q8KernelStep("adam", 10, "int8")
