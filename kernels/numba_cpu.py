@@ -1616,8 +1616,8 @@ def _q8_kernel(rule, plain):
         present = [name for name in slots if name in states]
         if present:
             _q8_check(params, states, present)
-            if not tables:
-                tables.extend(_q8_tables(rule))
+            if not tables:  # one slice assignment: two threads at once cannot double it
+                tables[:] = _q8_tables(rule)
             tab = np.zeros((_QROWS, n), np.int64)
             tab[_QP] = _ids(params, n)
             tab[_QG] = _ids(grads, n)
