@@ -81,9 +81,10 @@ class Ops:
     #: whether the kernels take a ``Pre.precision`` (a state dtype other than the param's,
     #: master weights, stochastic rounding)
     precision_options: bool = False
-    #: whether the kernels take a bucket of 8-bit block-quantized state (``state_dtype="q8"``:
-    #: uint8 codes plus ``<name>_absmax`` per state, docs/design.md "8-bit state format")
-    q8_state: bool = False
+    #: the param dtypes whose buckets of 8-bit block-quantized state (``state_dtype="q8"``:
+    #: uint8 codes plus ``<name>_absmax`` per state, docs/design.md "8-bit state format") the
+    #: kernels take; with master weights or stochastic rounding also ``precision_options``
+    q8_dtypes: tuple = ()
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.
@@ -169,7 +170,7 @@ def backends() -> dict:
     """Every backend: ``{name: {"available", "reason", "rules", "dtypes", "q8_state"}}``.
 
     ``dtypes`` lists the param dtypes the backend's kernels take (empty when it
-    is unavailable); ``q8_state`` whether its kernels take 8-bit state.  Asking loads each backend (imports numba or cupy where
+    is unavailable); ``q8_state`` whether its kernels take 8-bit state (``Ops.q8_dtypes``).  Asking loads each backend (imports numba or cupy where
     installed).
     """
     out = {}
@@ -180,7 +181,7 @@ def backends() -> dict:
             "reason": None if ok else _FAILED.get(name),
             "rules": sorted(r for (r, b) in _KERNELS if b == name),
             "dtypes": list(_OPS[name].dtypes) if ok else [],
-            "q8_state": bool(ok and _OPS[name].q8_state),
+            "q8_state": bool(ok and _OPS[name].q8_dtypes),
         }
     return out
 
@@ -203,12 +204,13 @@ def supports(ops: "Ops", precision) -> bool:
     if is_plain(precision):
         return True
     if _is_q8(precision):
-        return precision.param.name in ops.dtypes and ops.q8_state
+        return precision.param.name in ops.q8_dtypes and (
+            ops.precision_options or not (precision.master_weights or precision.stochastic_rounding))
     return precision.param.name in ops.dtypes and ops.precision_options
 
 
 def _is_q8(precision) -> bool:
-    from .precision import Q8  # NumPy only; imported when a precision is asked about
+    from .precision import Q8  # here, not at the top: this module imports no fastopt module
 
     return precision.state is Q8
 

@@ -1155,3 +1155,505 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
     return time.perf_counter() - t0
+
+
+# ================================================================== q8 block driver
+# 8-bit block-quantized state (``state_dtype="q8"``; docs/design.md, "8-bit state
+# format"): a state is uint8 codes shaped like the param plus one float32 absmax per
+# block of ``_QB`` elements, decoded as ``map[code] * absmax``.  The work item is a
+# block, never an element range: a block's absmax needs every new value of the
+# block, so a part covers whole blocks, and blocks restart at each tensor (a block
+# never straddles two).  Per block, in one pass over memory:
+#
+#   dequantize every q8 state into float32 scratch (``_QB`` per state, per part)
+#   -> the step pipeline and the rule's own body on the scratch (``_q8_apply``: the
+#      same statements as ``_apply``) -> the param written once
+#   -> the new absmax of each state block -> the exact nearest code of each element
+#      (``_q8_store``: the bucketed table of ``fastopt.quantization.nearest_code``,
+#      with the sign guard) -> codes and absmax written.
+#
+# The param step reads the new *unquantized* state (the scratch), as the reference.
+# Bodies index the scratch with the element's position in its block, so the extra
+# input (AdaHessian's Hessian diagonal) is passed as the block's slice.  Only float32
+# params take this path (the state arithmetic is float32 either way).
+
+_QB = 256  # fastopt.quantization.BLOCKSIZE (asserted on the host side)
+_NQ = 3  # q8 states per rule at most (Rule.all_state)
+# rows of the q8 operand table: param, grad, codes of state k, absmax of state k, extra
+_QP, _QG, _QC0, _QA0, _QE = 0, 1, 2, 2 + _NQ, 2 + 2 * _NQ
+_QROWS = _QE + 1
+# fastopt.quantization.nearest_code's buckets: |y| clamped to [2**-23, 1) as float32
+# bits, then its binade and top 7 mantissa bits (_q8_tables spreads them over bits >> 16)
+_Q_LO, _Q_HI, _Q_SHIFT = 0x34000000, 0x3F7FFFFF, 16
+# uint32 constants: the code loop stays in 32-bit lanes (a Python int is an int64 to
+# Numba, and uint32 op int64 widens every lane)
+_QU_ZERO, _QU_ABS, _QU_SHIFT = np.uint32(0), np.uint32(0x7FFFFFFF), np.uint32(_Q_SHIFT)
+
+
+@intrinsic
+def _put(typingctx, addr, k, value):
+    """Store ``value`` at element ``k`` of the array of its type at address ``addr``.
+
+    An intrinsic, not ``_as_ptr(addr, z)[k] = value``: inside a parfor, Numba's
+    dead-code pass dropped that single store through a pointer made in an inlined
+    function (it sees no array it could alias), so a block's absmax was never written.
+    """
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(sig.args[2])))
+        builder.store(args[2], builder.gep(ptr, [args[1]]))
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, value), codegen
+
+
+@njit(inline="always")
+def _q8_setup(tab, sizes, deref, threads):
+    """Data pointers, element and block prefix offsets per tensor, and the number of parts."""
+    n = sizes.shape[0]
+    off = np.zeros(n + 1, np.int64)
+    boff = np.zeros(n + 1, np.int64)
+    for t in range(n):
+        off[t + 1] = off[t] + sizes[t]
+        boff[t + 1] = boff[t] + (sizes[t] + _QB - 1) // _QB
+    parts = min(threads, max(1, off[n] // MIN_PER_THREAD))
+    return _pointers(tab, deref), off, boff, parts
+
+
+@njit(inline="always")
+def _q8_load(ptr, q, t, blk, a, m, qm, w, z):
+    """Decode block ``blk`` (elements ``[a, a+m)``) of q8 state ``q`` of tensor ``t`` into ``w[q]``."""
+    codes = _as_ptr(ptr[_QC0 + q, t], np.uint8(0))
+    scale = _as_ptr(ptr[_QA0 + q, t], z)[blk]
+    row = w[q]
+    mp = qm[q]
+    au = np.uint64(a)
+    for i in range(np.uint64(m)):  # unsigned indices, as in _apply
+        row[i] = mp[codes[au + i]] * scale
+
+
+@njit(inline="always")
+def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
+    """Encode ``w[q][:m]`` as block ``blk`` of q8 state ``q``: its absmax, then each nearest code.
+
+    Exactly ``fastopt.quantization.quantize_blockwise``: absmax = max |x| (nan if
+    any x is nan), y = x / absmax (0 when absmax is 0: an all-zero block gets the
+    zero code, no nan), code = #{thresholds < y} through the bucket table indexed
+    by the top 16 bits of y (one load and one comparison; see ``_q8_tables``),
+    nan -> 0, and the sign guard: a negative x whose
+    code is the zero code ``qz[q]`` gets the code below it (``qz[q]`` is 256 for
+    the unsigned map, which has no guard).  ``w[_NQ]`` is the scratch of y;
+    ``wb`` is ``w`` as uint32 bits.  Every loop is branch-free so that it vectorizes.
+    """
+    x, xb = w[q], wb[q]
+    y, yb = w[_NQ], wb[_NQ]
+    # |x| as bits: for non-negative floats the integer order is the float order, and
+    # every nan is above inf, so an integer max is the absmax with nan propagated
+    mu, au = np.uint64(m), np.uint64(a)
+    top = _QU_ZERO
+    for i in range(mu):
+        top = max(top, xb[i] & _QU_ABS)
+    wb[_NQ + 1, 0] = top
+    am = w[_NQ + 1, 0]
+    if top == _QU_ZERO:
+        for i in range(mu):
+            y[i] = am
+    else:
+        for i in range(mu):
+            y[i] = x[i] / am  # IEEE division: the absmax element gives exactly 1
+    base, thr = qb[q], qt[q]
+    zc = qz[q]
+    zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
+    codes = _as_ptr(ptr[_QC0 + q, t], np.uint8(0))
+    for i in range(mu):
+        k = yb[i] >> _QU_SHIFT  # sign, exponent and the top 7 mantissa bits of y
+        yi = y[i]
+        code = np.uint32(base[k]) + np.uint32(yi > thr[k])  # nan: base 0, never greater
+        code = code - np.uint32((code == zc) & (x[i] < zero))  # the sign guard
+        codes[au + i] = np.uint8(code)
+    _put(ptr[_QA0 + q, t], blk, am)
+
+
+@njit(inline="always")
+def _q8_block(k, parts, boff):
+    """The blocks ``[j, hi)`` part ``k`` covers and the tensor of block ``j``."""
+    nb = boff[boff.shape[0] - 1]
+    j, hi = nb * k // parts, nb * (k + 1) // parts
+    return j, hi, np.searchsorted(boff, j, side="right") - 1
+
+
+@njit(inline="always")
+def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
+    """Part ``k`` of a q8 update pass: per block, decode, ``_apply``'s statements, encode.
+
+    ``coef[t]`` is what the body gets as ``ts`` (``scales`` for every rule but
+    LAMB, whose pass 2 gets ``lr * trust``); the grad is scaled by ``scales[t]``.
+    """
+    j, hi, t = _q8_block(k, parts, boff)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    z = c[_ZERO]
+    l2, decay = c[_S_L2], c[_S_DECAY]
+    use_l2 = l2 != z
+    w = np.empty((_NQ + 2, _QB), cs.dtype)  # states, y, [absmax, zero]
+    wb = w.view(np.uint32)
+    w[_NQ + 1, 1] = z
+    s0, s1, s2 = w[0], w[1], w[2]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        blk = j - boff[t]
+        a = blk * _QB
+        m = min(_QB, off[t + 1] - off[t] - a)
+        p = _as_ptr(ptr[_QP, t], z)
+        g = _as_ptr(ptr[_QG, t], z)
+        e = numba.carray(_as_ptr(ptr[_QE, t], z), off[t + 1] - off[t])[a:a + m]
+        for q in range(_NQ):
+            if ptr[_QC0 + q, t] != 0:
+                _q8_load(ptr, q, t, blk, a, m, qm, w, z)
+        ts, tc = scales[t], coef[t]
+        au = np.uint64(a)
+        # unsigned indices, as in _apply: a signed one keeps LLVM from vectorizing
+        for i in range(np.uint64(m)):
+            x = _clip(g[au + i] * c[_GINV], c[_GCLIP]) * ts
+            pi = p[au + i]
+            if use_l2:  # as _apply: never 0 * p
+                x = x + l2 * pi
+            pi = pi * decay
+            p[au + i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, tc, mode), c[_WCLIP])
+        for q in range(_NQ):
+            if ptr[_QC0 + q, t] != 0:
+                _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb)
+        j += 1
+
+
+@njit(inline="always")
+def _q8_sums(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
+    """LAMB pass 1, part ``k``: ``acc[j]`` = float64 (sum p^2, sum r^2) of block ``j``.
+
+    The moments are decoded and updated in scratch only (nothing is written):
+    pass 2 decodes them again and repeats the same update bit for bit.
+    """
+    j, hi, t = _q8_block(k, parts, boff)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    z = c[_ZERO]
+    w = np.empty((_NQ + 1, _QB), cs.dtype)
+    s0, s1, s2 = w[0], w[1], w[2]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        blk = j - boff[t]
+        a = blk * _QB
+        m = min(_QB, off[t + 1] - off[t] - a)
+        p = _as_ptr(ptr[_QP, t], z)
+        g = _as_ptr(ptr[_QG, t], z)
+        for q in range(_NQ):
+            if ptr[_QC0 + q, t] != 0:
+                _q8_load(ptr, q, t, blk, a, m, qm, w, z)
+        ts = scales[t]
+        u = 0.0
+        v = 0.0
+        for i in range(m):
+            du, dv = _lamb_moments(i, g[a + i] * c[_GINV], p[a + i], s0, s1, s2, s2, c, f, ts, 0)
+            u += du
+            v += dv
+        acc[j, 0] = u
+        acc[j, 1] = v
+        j += 1
+
+
+@njit(inline="always")
+def _lamb_q8(i, g, p, m, v, s2, e, c, f, ts, mode):  # LAMB pass 2 on decoded moments
+    # the moments again (pass 1 wrote only scratch), then _lamb_step's update; ts = lr * trust
+    mi, vi = _moments(i, m, v, g, g, c)
+    return p - ts * _lamb_r(p, mi, vi, c)
+
+
+# One entry point per rule; the variant is a runtime argument tested once per call
+# (each branch instantiates the driver with a constant mode, so every inner loop is
+# still specialised).  Fewer entry points than _ENTRIES: a q8 entry compiles several
+# loops per body, and the parity tests compile every one of them cold.
+
+
+@_entry()
+def _k_q8_sgd(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):  # only the momentum variant has a state
+        _q8_apply(_sgd, _V_SGD_MOMENTUM, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_adam(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    if variant == _V_ADAM_AMSGRAD:
+        for k in prange(parts):
+            _q8_apply(_adam, _V_ADAM_AMSGRAD, k, parts, ptr, off, boff, scales, scales, cs,
+                      flags, qm, qb, qt, qz)
+    else:
+        for k in prange(parts):
+            _q8_apply(_adam, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                      qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_adagrad(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _q8_apply(_adagrad, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_rmsprop(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    if variant == _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM:
+        for k in prange(parts):
+            _q8_apply(_rmsprop, _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM, k, parts, ptr, off,
+                      boff, scales, scales, cs, flags, qm, qb, qt, qz)
+    elif variant == _V_RMSPROP_CENTERED:
+        for k in prange(parts):
+            _q8_apply(_rmsprop, _V_RMSPROP_CENTERED, k, parts, ptr, off, boff, scales, scales,
+                      cs, flags, qm, qb, qt, qz)
+    elif variant == _V_RMSPROP_MOMENTUM:
+        for k in prange(parts):
+            _q8_apply(_rmsprop, _V_RMSPROP_MOMENTUM, k, parts, ptr, off, boff, scales, scales,
+                      cs, flags, qm, qb, qt, qz)
+    else:
+        for k in prange(parts):
+            _q8_apply(_rmsprop, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                      qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_adadelta(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _q8_apply(_adadelta, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_adamax(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _q8_apply(_adamax, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_nadam(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _q8_apply(_nadam, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_radam(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _q8_apply(_radam, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_lion(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _q8_apply(_lion, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                  qm, qb, qt, qz)
+
+
+@_entry()
+def _k_q8_adahessian(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    if variant == _V_POW:
+        for k in prange(parts):
+            _q8_apply(_adahessian, _V_POW, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                      qm, qb, qt, qz)
+    else:
+        for k in prange(parts):
+            _q8_apply(_adahessian, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
+                      qm, qb, qt, qz)
+
+
+@_entry()  # no fastmath "reassoc" (see the docstring)
+def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qb, qt, qz, threads):
+    """LAMB on q8 moments: pass 1 sums p^2 and r^2 per block, pass 2 decodes again and steps.
+
+    The block sums of a tensor are added in block order, so the trust ratio has
+    the same bits for any thread count.  ``lr`` is a float64, as in ``_k_lamb``.
+    No ``reassoc`` here (``_k_lamb`` has it for its sums): it would also regroup
+    ``(1-b2) * g * g`` in the moment update, and the codes must be the
+    reference's bit for bit.
+    """
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    n = sizes.shape[0]
+    acc = np.empty((boff[n], 2))
+    for k in prange(parts):
+        _q8_sums(k, parts, ptr, off, boff, scales, cs, flags, qm, acc)
+    coef = np.empty_like(scales)
+    for t in range(n):
+        pn = 0.0
+        rn = 0.0
+        for j in range(boff[t], boff[t + 1]):
+            pn += acc[j, 0]
+            rn += acc[j, 1]
+        pn = math.sqrt(pn)
+        rn = math.sqrt(rn)
+        trust = pn / rn if pn > 0.0 and rn > 0.0 else 1.0
+        coef[t] = lr * trust  # one rounding to float32 per tensor
+    for k in prange(parts):
+        _q8_apply(_lamb_q8, 0, k, parts, ptr, off, boff, scales, coef, cs, flags,
+                  qm, qb, qt, qz)
+
+
+#: rule -> its q8 entry point (AdamW shares Adam's; Newton has no state to quantize).
+_Q8_ENTRIES = {
+    "sgd": _k_q8_sgd, "adam": _k_q8_adam, "adamw": _k_q8_adam, "adagrad": _k_q8_adagrad,
+    "rmsprop": _k_q8_rmsprop, "adadelta": _k_q8_adadelta, "adamax": _k_q8_adamax,
+    "nadam": _k_q8_nadam, "radam": _k_q8_radam, "lion": _k_q8_lion,
+    "adahessian": _k_q8_adahessian, "lamb": _k_q8_lamb,
+}
+
+
+# ------------------------------------------------------------------ q8 host side
+
+
+def _q8_tables(rule):
+    """Per state slot of ``rule``: the map, the bucket tables and the zero code.
+
+    Built from ``fastopt.quantization`` (the definition), so the kernel's codes
+    are its codes: ``qm[k]`` the 256 map values; ``qb[k]`` and ``qt[k]`` the
+    bucket table of ``nearest_code`` (``code_table(signed)`` and the threshold
+    each bucket compares with) spread over all 65536 values of the top 16 bits
+    of a float32 ``y`` (sign, exponent, 7 mantissa bits): ``nearest_code``
+    clamps ``|y|`` into ``[2**-23, 1)`` before it takes the bucket, here the
+    clamped buckets are copies, so the kernel indexes with ``bits >> 16`` and
+    nothing else (the integer clamp cost more than the lookups: this CPU path
+    is scalar, AVX2 gathers are slower than scalar loads on the x86 cores
+    measured).  A nan ``y`` (exponent all ones; ``|y| <= 1`` otherwise, so inf
+    never occurs) lands in buckets of code 0 and threshold +inf: code 0, as the
+    definition says.  ``qz[k]`` is the signed map's zero code (the sign guard)
+    or 256 (no code) for the unsigned map.  Unsigned when the state is in
+    ``Rule.nonnegative_state``.  1.3 MB per rule, built once.
+    """
+    from .. import quantization as q8
+
+    assert q8.BLOCKSIZE == _QB and len(rule.all_state) <= _NQ
+    top = np.arange(1 << 16, dtype=np.int64)
+    sign, mag = top >> 15, (top & 0x7FFF) << _Q_SHIFT  # |y| bits of the bucket's first value
+    small = (np.clip(mag, _Q_LO, _Q_HI) - _Q_LO) >> _Q_SHIFT
+    nan = mag >= 0x7F800000
+    qm = np.zeros((_NQ, 256), np.float32)
+    qb = np.zeros((_NQ, 1 << 16), np.uint8)
+    qt = np.zeros((_NQ, 1 << 16), np.float32)
+    qz = np.full(_NQ, 256, np.uint32)
+    for k, name in enumerate(rule.all_state):
+        signed = name not in rule.nonnegative_state
+        qm[k] = q8.dynamic_map(signed)
+        base = q8.code_table(signed)[sign, small]
+        qb[k] = np.where(nan, 0, base)
+        qt[k] = np.where(nan, np.float32(np.inf), q8.code_thresholds(signed)[base])
+        if signed:
+            qz[k] = q8.zero_code(True)
+    return qm, qb, qt, qz
+
+
+def _q8_check(params, states, present):
+    """The q8 arrays fit their params (the kernel writes through raw pointers): ValueError if not."""
+    n = len(params)
+    sizes = _sizes(params, n)
+    nblocks = (sizes + _QB - 1) // _QB
+    for name in present:
+        for key, dtype, want in ((name, np.uint8, sizes), (name + "_absmax", np.float32, nblocks)):
+            arrays = states.get(key)
+            if arrays is None or len(arrays) != n:
+                raise ValueError(f"states[{key!r}]: expected a list of {n} arrays (q8 state "
+                                 f"{name!r}: codes and a per-block absmax), got "
+                                 f"{None if arrays is None else len(arrays)}")
+            bad = [i for i, a in enumerate(arrays)
+                   if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+                           and a.size == want[i])]
+            if bad:
+                i = bad[0]
+                a = arrays[i]
+                raise ValueError(
+                    f"states[{key!r}][{i}]: expected a C-contiguous {np.dtype(dtype)} array of "
+                    f"{want[i]} elements, got {type(a).__name__} "
+                    f"{getattr(a, 'dtype', '')} of {getattr(a, 'size', '?')} elements")
+
+
+def _q8_kernel(rule, plain):
+    """``plain`` (the registered kernel), taking over the buckets whose state is q8.
+
+    A q8 bucket (``pre.precision.state is fastopt.precision.Q8``) of float32
+    params runs ``_Q8_ENTRIES[rule]``; ``max_norm`` (which the pipeline leaves to
+    the kernel for such a bucket) follows as one more pass over the params.
+    Every other bucket goes to ``plain`` unchanged.
+    """
+    from .. import precision as _prec
+    from .._rules import CLIP_EPS
+
+    slots = rule.all_state
+    entry = _Q8_ENTRIES.get(rule.name)
+    trust = rule.kind == TRUST_RATIO
+    extra_row = rule.extra is not None and rule.extra_shape == "param"
+    tables = []  # built on first use
+
+    def kernel(params, grads, states, s, pre, extras=None):
+        prec = pre.precision
+        if prec is None or prec.state is not _prec.Q8:
+            return plain(params, grads, states, s, pre, extras)
+        if entry is None:
+            raise TypeError(f"rule {rule.name!r}: expected a rule with state to quantize, got a "
+                            "q8 bucket (state_dtype='q8' does not apply to it)")
+        n = len(params)
+        dt = params[0].dtype
+        if dt != np.float32:
+            raise TypeError(f"params: expected float32 params for a q8 bucket on the numba "
+                            f"backend, got {dt}")
+        present = [name for name in slots if name in states]
+        if present:
+            _q8_check(params, states, present)
+            if not tables:  # one slice assignment: two threads at once cannot double it
+                tables[:] = _q8_tables(rule)
+            tab = np.zeros((_QROWS, n), np.int64)
+            tab[_QP] = _ids(params, n)
+            tab[_QG] = _ids(grads, n)
+            for k, name in enumerate(slots):
+                if name in states:
+                    tab[_QC0 + k] = _ids(states[name], n)
+                    tab[_QA0 + k] = _ids(states[name + "_absmax"], n)
+            if extra_row:
+                tab[_QE] = _ids(extras, n)
+            scales = np.ones(n, dt) if pre.scales is None else np.asarray(pre.scales, dt)
+            args = (tab, _sizes(params, n), scales,
+                    _scalars(dt, _head(pre), rule.kernel_scalars(s)), rule.kernel_flags(s),
+                    DATA_OFFSET, float(s["lr"]) if trust else _mode(rule, s), *tables)
+            _launch(entry, *args)
+        else:  # no state this step (SGD without momentum): nothing to quantize
+            plain(params, grads, states, s, pre, extras)
+        if pre.max_norm is not None:
+            pn = np.sqrt(OPS.sumsq(params))
+            OPS.scale_(params, np.minimum(1.0, pre.max_norm / (pn + CLIP_EPS)))
+
+    kernel.__name__ = plain.__name__
+    kernel.__doc__ = plain.__doc__
+    return kernel
+
+
+#: The param dtypes whose q8 buckets these kernels take (``fastopt._backend.supports``).
+NumbaOps.q8_dtypes = ("float32",)
+
+
+def _register_q8():
+    from .. import _backend
+
+    for rule in RULES.values():
+        if rule.kind != DENSE_SOLVE:
+            register_kernel(rule.name, BACKEND,
+                            _q8_kernel(rule, _backend._KERNELS[(rule.name, BACKEND)]))
+
+
+_register_q8()

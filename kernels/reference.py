@@ -48,7 +48,7 @@ class NumpyOps(Ops):
     xp = np
     dtypes = ("float16", "bfloat16", "float32", "float64")
     precision_options = True
-    q8_state = True
+    q8_dtypes = ("float16", "bfloat16", "float32")
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         # finding an overflow is this check's job: it must not also warn about it

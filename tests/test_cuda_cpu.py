@@ -546,7 +546,7 @@ def test_16bit_grad_stats_see_float16_overflow(libs, monkeypatch):
 def test_cupy_ops_list_the_reduced_dtypes(libs, monkeypatch):
     register(monkeypatch, libs)
     ops = _backend.get_ops("cudacpu")
-    assert {"float16", "bfloat16"} <= set(ops.dtypes) and ops.precision_options and ops.q8_state
+    assert {"float16", "bfloat16"} <= set(ops.dtypes) and ops.precision_options and ops.q8_dtypes
 
 
 # ------------------------------------------------------------------ q8 state

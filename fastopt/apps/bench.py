@@ -464,6 +464,106 @@ def plot(result, path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- 8-bit state
+
+
+class Q8KernelStep:
+    """One step of ``rule`` on the numba backend's kernel, with float32 or q8 state.
+
+    The backend contract is called directly (``kernel(params, grads, states, s,
+    pre)``), the same way for both formats, so the two differ only in the state
+    format: no read pass (``nonfinite="ignore"``), one tensor of ``n`` float32
+    params.  ``state="q8"`` holds codes plus a per-256-block absmax per state
+    (docs/design.md, "8-bit state format"); ``"float32"`` plain arrays.
+    """
+
+    def __init__(self, rule="adam", n=1 << 24, state="q8", seed=0, options=None):
+        why = unavailable("numba", rule)
+        if why:
+            raise NotImplementedError(why)
+        from .. import quantization as q8
+        from ..precision import Q8, Precision
+
+        if state not in ("q8", "float32"):
+            raise ValueError(f"state: expected 'q8' or 'float32', got {state!r}")
+        r = RULES[rule]
+        rng = np.random.default_rng(seed)
+        self.params = [_random(np, rng, (n,), "float32")]
+        self.grads = [_random(np, rng, (n,), "float32")]
+        self.hp = {**r.defaults, **BENCH_OPTIONS.get(rule, {}), **(options or {})}
+        self.rule, self.t, self.gstate = r, 0, dict(r.group_state)
+        self.states = {}
+        for name, init in r.state(self.hp):
+            if state == "q8":
+                codes, absmax = q8.quantize_blockwise(np.full(n, init, np.float32),
+                                                      signed=name not in r.nonnegative_state)
+                self.states[name], self.states[name + "_absmax"] = [codes], [absmax]
+            else:
+                self.states[name] = [np.full(n, init, np.float32)]
+        f32 = np.dtype(np.float32)
+        prec = Precision(param=f32, compute=f32, state=Q8, master_weights=False,
+                         stochastic_rounding=False, seed=0) if state == "q8" else None
+        self._prec = prec
+        self.kernel = _backend.get_kernel(rule, "numba")
+        self.extras = ([_random(np, rng, (n,), "float32")]
+                       if r.extra is not None and r.extra_shape == "param" else None)
+
+    def step(self):
+        self.t += 1
+        s, self.gstate = self.rule.step_scalars(self.hp, self.t, self.gstate)
+        pre = _backend.Pre(precision=self._prec, step=self.t)
+        self.kernel(self.params, self.grads, self.states, s, pre, self.extras)
+
+
+def bnb_adam8bit_step(n=1 << 24, seed=0):
+    """One ``bitsandbytes.optim.Adam8bit`` step on CPU tensors of ``n`` float32 params.
+
+    An optional peer: NotImplementedError when bitsandbytes or torch is missing.
+    """
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError as e:
+        raise NotImplementedError(f"bitsandbytes peer unavailable: {e}") from None
+    rng = np.random.default_rng(seed)
+    p = torch.from_numpy(_random(np, rng, (n,), "float32"))
+    p.grad = torch.from_numpy(_random(np, rng, (n,), "float32"))
+    opt = bnb.optim.Adam8bit([p], lr=1e-3)
+    return opt.step
+
+
+def q8_ratios(n=1 << 24, reps=5, threads=2, peer=True, progress=False):
+    """q8 Adam against float32 Adam (numba) and bitsandbytes' Adam8bit, interleaved.
+
+    Returns a dict of median times and median per-pair ratios (see
+    ``benchkit.pairwise``): ``q8_over_f32`` (goal <= 1.5) and, when
+    bitsandbytes imports, ``bnb_over_q8`` (goal >= 20).  ``threads`` sets
+    Numba's and torch's thread counts.
+    """
+    from .benchkit import pairwise
+
+    import numba
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch = torch_module()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    q8 = Q8KernelStep("adam", n, "q8")
+    f32 = Q8KernelStep("adam", n, "float32")
+    t_q8, t_f32, r = pairwise(q8.step, f32.step, reps)
+    out = {"n": n, "threads": threads, "load_avg": os.getloadavg()[0],
+           "q8_s": t_q8, "f32_s": t_f32, "q8_over_f32": r}
+    if peer:
+        try:
+            bnb = bnb_adam8bit_step(n)
+        except NotImplementedError as e:
+            out["bnb_skipped"] = str(e)
+        else:
+            t_bnb, t_q8b, rb = pairwise(bnb, q8.step, max(3, reps // 2))
+            out.update(bnb_s=t_bnb, q8_vs_bnb_s=t_q8b, bnb_over_q8=rb)
+    return out
+
+
 def _cmd_bench(args) -> int:
     info = backend_info()
     cpu = [b for b in FASTOPT_IMPLS if info[b]["available"]]

@@ -674,7 +674,7 @@ def make_ops(base, backend: CudaBackend, name: str):
         #: 16-bit params (float32 arithmetic); 8-bit block-quantized state (q8.cu)
         dtypes = ("float16", "bfloat16", "float32", "float64")
         precision_options = True
-        q8_state = True
+        q8_dtypes = ("float16", "bfloat16", "float32")
 
         def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
             xp = backend.dev.xp

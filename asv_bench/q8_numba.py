@@ -1,0 +1,139 @@
+"""q8 Adam on the numba backend: its time against float32 Adam and bitsandbytes, and where it goes.
+
+    python asv_bench/q8_numba.py [--n 16777216] [--threads 2] [--reps 7] [--no-peer]
+
+One process, interleaved pairs (``fastopt.apps.bench.q8_ratios``; the median of
+per-pair ratios, so a noisy machine slows both sides alike): q8 Adam over
+float32 Adam, both the numba kernel through the backend contract on one tensor
+of ``--n`` float32 params (no read pass); bitsandbytes 0.50's
+``bnb.optim.Adam8bit`` on CPU tensors over q8 Adam, when bitsandbytes imports.
+
+Then the breakdown: the q8 kernel's phases run alone over the same blocks with
+the kernel's own helpers (``_q8_load``, ``_q8_store``), each timed against the
+full step in interleaved pairs: *decode* (codes -> float32 scratch, both
+moments), *encode* (float32 scratch -> absmax + codes, both moments; the
+absmax and the code search are split by running the absmax loop alone); the
+update is what remains.  Shares are of the full q8 step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _parse():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1 << 24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--no-peer", action="store_true", help="skip bitsandbytes")
+    return ap.parse_args()
+
+
+def breakdown(n, reps, threads):
+    import numba
+    import numpy as np
+    from numba import njit, prange
+
+    from fastopt.apps.bench import Q8KernelStep
+    from fastopt.apps.benchkit import pairwise
+    from fastopt.kernels import numba_cpu as nc
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    case = Q8KernelStep("adam", n, "q8")
+    case.step()  # states away from zero
+    qm, qb, qt, qz = nc._q8_tables(case.rule)
+    st = case.states
+    tab = np.zeros((nc._QROWS, 1), np.int64)
+    for row, arr in [(nc._QP, case.params[0]), (nc._QG, case.grads[0]),
+                     (nc._QC0, st["exp_avg"][0]), (nc._QC0 + 1, st["exp_avg_sq"][0]),
+                     (nc._QA0, st["exp_avg_absmax"][0]), (nc._QA0 + 1, st["exp_avg_sq_absmax"][0])]:
+        tab[row, 0] = id(arr)
+    sizes = np.array([n])
+    # encode writes codes: work on copies so the step's state is not disturbed
+    codes = [st["exp_avg"][0].copy(), st["exp_avg_sq"][0].copy()]
+    amax = [st["exp_avg_absmax"][0].copy(), st["exp_avg_sq_absmax"][0].copy()]
+    tab_w = tab.copy()
+    for k in range(2):
+        tab_w[nc._QC0 + k, 0], tab_w[nc._QA0 + k, 0] = id(codes[k]), id(amax[k])
+    src = [np.random.default_rng(1).standard_normal(n).astype(np.float32) for _ in range(2)]
+    src[1] = np.abs(src[1])
+
+    @njit(parallel=True)
+    def decode(tab, sizes, deref, qm, threads):
+        ptr, off, boff, parts = nc._q8_setup(tab, sizes, deref, threads)
+        out = np.zeros(parts, np.float32)
+        for k in prange(parts):
+            j, hi, t = nc._q8_block(k, parts, boff)
+            z = np.float32(0)
+            w = np.empty((nc._NQ + 2, nc._QB), np.float32)
+            acc = z
+            while j < hi:
+                m = min(nc._QB, sizes[0] - j * nc._QB)
+                nc._q8_load(ptr, 0, 0, j, j * nc._QB, m, qm, w, z)
+                nc._q8_load(ptr, 1, 0, j, j * nc._QB, m, qm, w, z)
+                acc += w[0, 0] + w[1, 0]
+                j += 1
+            out[k] = acc
+        return out
+
+    @njit(parallel=True)
+    def encode(tab, sizes, deref, qb, qt, qz, s0, s1, codes_too, threads):
+        ptr, off, boff, parts = nc._q8_setup(tab, sizes, deref, threads)
+        out = np.zeros(parts, np.uint32)
+        for k in prange(parts):
+            j, hi, t = nc._q8_block(k, parts, boff)
+            w = np.empty((nc._NQ + 2, nc._QB), np.float32)
+            wb = w.view(np.uint32)
+            w[nc._NQ + 1, 1] = np.float32(0)
+            acc = nc._QU_ZERO
+            while j < hi:
+                a = j * nc._QB
+                m = min(nc._QB, sizes[0] - a)
+                for i in range(m):
+                    w[0, i] = s0[a + i]
+                    w[1, i] = s1[a + i]
+                if codes_too:
+                    nc._q8_store(ptr, 0, 0, j, a, m, qb, qt, qz, w, wb)
+                    nc._q8_store(ptr, 1, 0, j, a, m, qb, qt, qz, w, wb)
+                else:  # the absmax loops alone
+                    for q in range(2):
+                        top = nc._QU_ZERO
+                        for i in range(m):
+                            top = max(top, wb[q, i] & nc._QU_ABS)
+                        acc = max(acc, top)
+                j += 1
+            out[k] = acc
+        return out
+
+    def copy_only():
+        # the scratch fill encode does first, timed alone to subtract it
+        encode(tab_w, sizes, nc.DATA_OFFSET, qb, qt, qz, src[0], src[1], False, threads)
+
+    full = case.step
+    rows = {}
+    for name, fn in [("decode", lambda: decode(tab, sizes, nc.DATA_OFFSET, qm, threads)),
+                     ("encode", lambda: encode(tab_w, sizes, nc.DATA_OFFSET, qb, qt, qz,
+                                               src[0], src[1], True, threads)),
+                     ("absmax(+fill)", copy_only)]:
+        t_part, t_full, r = pairwise(fn, full, reps)
+        rows[name] = {"s": t_part, "share_of_q8_step": r}
+    return rows
+
+
+def main():
+    args = _parse()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from fastopt.apps.bench import q8_ratios
+
+    res = q8_ratios(args.n, args.reps, args.threads, peer=not args.no_peer)
+    res["breakdown"] = breakdown(args.n, args.reps, args.threads)
+    json.dump(res, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
