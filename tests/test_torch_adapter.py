@@ -748,7 +748,8 @@ def test_bad_options_and_params():
         ft.Adam([nn.Parameter(torch.zeros(2))], capturable=True)
     with pytest.raises(ValueError, match="AdamW"):
         ft.Adam([nn.Parameter(torch.zeros(2))], decoupled_weight_decay=True)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError,
+                       match="float32, float64, float16 or bfloat16 tensor, got torch.int32"):
         ft.Adam([torch.zeros(2, dtype=torch.int32)])
     with pytest.raises(ValueError, match="contiguous"):
         ft.Adam([nn.Parameter(torch.zeros(4, 3).t())])
