@@ -324,7 +324,8 @@ class Optimizer(torch.optim.Optimizer):
                 labels.append(f"param_groups[{gi}]['params'][{pi}]" if multi else f"params[{pi}]")
         firsts = {}
         for p, lab in zip(params, labels):
-            firsts.setdefault(p.dtype, (p, lab))
+            if p.dtype in _NUMPY_DTYPES:  # others: _check_tensor's TypeError when they get a grad
+                firsts.setdefault(p.dtype, (p, lab))
         views = [_DtypeOnly(_numpy_dtype(dt)) for dt in firsts]
         by_np = resolve_precisions(self.rule, views, [lab for _, lab in firsts.values()],
                                    self.precision_options)
