@@ -619,8 +619,8 @@ class Optimizer(torch.optim.Optimizer):
         step = st.get("step")
         if step is None:
             st["step"] = torch.zeros((), dtype=sdt)
-        elif not isinstance(step, torch.Tensor) or step.dtype not in (torch.float32, torch.float64) \
-                or step.ndim:
+        elif (not isinstance(step, torch.Tensor) or step.ndim
+              or step.dtype not in (torch.float32, torch.float64)):
             st["step"] = torch.tensor(float(step), dtype=sdt)
         if self.rule.group_state and "mu_product" not in st:
             st["mu_product"] = torch.ones((), dtype=sdt)
@@ -666,8 +666,8 @@ class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -681,8 +681,8 @@ class Adam(Optimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -723,8 +723,8 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -778,8 +778,8 @@ class RAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
