@@ -73,6 +73,12 @@ class GroupStep:
     grads: list                    # flat, in group order
     extras: list | None = None     # flat, in group order (AdaHessian, Newton)
     gstate: dict = field(default_factory=dict)
+    #: this GroupStep's own step count, when it is not run_step's ``t`` (fastopt.torch keeps
+    #: a count per param: params at different counts are separate GroupSteps of one call)
+    t: int | None = None
+    #: GroupSteps with the same ``norm_group`` (not None) share one ``clip_global_norm``:
+    #: the pieces of one torch param group that sit at different step counts
+    norm_group: object = None
 
 
 def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None,
@@ -141,17 +147,36 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
                 "(pass nonfinite='skip' to skip such steps, as a loss scaler does)")
         return StepInfo(skipped=True, group_state=tuple(gs.gstate for gs in groups))
 
-    # phase 2: write
-    norms, new_gstates, total = [], [], None
-    for gs, (sumsq, _) in zip(groups, stats):
+    # phase 2: write.  Per-tensor norms and clip_norm factors first; a global norm is
+    # taken over every GroupStep of its norm group (one GroupStep unless ``norm_group``)
+    clipped, gsq = [], {}
+    for i, (gs, (sumsq, _)) in enumerate(zip(groups, stats)):
+        key = i if gs.norm_group is None else ("g", gs.norm_group)
+        if sumsq is None:
+            clipped.append((key, None))
+            continue
         hp = gs.hp
-        scales = gnorm = None
-        if sumsq is not None:
-            scales, gnorm = clip_scales(xp, sumsq, hp)
-            if gnorm is not None:
-                total = gnorm * gnorm if total is None else total + gnorm * gnorm
+        norms = xp.sqrt(sumsq)
+        scales = xp.ones_like(norms)
+        if hp["clip_norm"] is not None:
+            scales = xp.minimum(1.0, hp["clip_norm"] / (norms + CLIP_EPS))
+        clipped.append((key, scales))
+        if hp["clip_global_norm"] is not None:
+            part = xp.sum((norms * scales) ** 2)
+            gsq[key] = part if key not in gsq else gsq[key] + part
+    gnorms = {k: xp.sqrt(v) for k, v in gsq.items()}
+    total = None
+    for k in gnorms:
+        total = gnorms[k] * gnorms[k] if total is None else total + gnorms[k] * gnorms[k]
+    norms, new_gstates = [], []
+    for gs, (key, scales) in zip(groups, clipped):
+        hp = gs.hp
+        t_g = t if gs.t is None else gs.t
+        gnorm = gnorms.get(key) if scales is not None else None
+        if gnorm is not None:
+            scales = scales * xp.minimum(1.0, hp["clip_global_norm"] / (gnorm + CLIP_EPS))
         norms.append(gnorm)
-        scalars, new_gs = rule.step_scalars(hp, t, gs.gstate)
+        scalars, new_gs = rule.step_scalars(hp, t_g, gs.gstate)
         new_gstates.append(new_gs)
         for b in gs.buckets:
             single = len(gs.buckets) == 1
@@ -162,7 +187,7 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
             # rounding of the param; a plain one costs the extra pass below
             pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
                       scales=bscales, weight_clip=hp["weight_clip"], precision=b.precision,
-                      step=t, max_norm=hp["max_norm"] if b.precision is not None else None)
+                      step=t_g, max_norm=hp["max_norm"] if b.precision is not None else None)
             kernel(b.params, grads, b.states, scalars, pre, extras)
             if hp["max_norm"] is not None and b.precision is None:
                 pn = xp.sqrt(ops.sumsq(b.params))

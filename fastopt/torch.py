@@ -38,10 +38,21 @@ untouched) and otherwise the grads are unscaled inside the fused kernel (no
 separate pass writes them).  Without a scaler, ``step(grad_scale=S)`` divides
 the grads by ``S`` in the kernel, and ``nonfinite`` decides what an inf does.
 
-Not yet here (see ``docs/design.md``): 16-bit params (float16/bfloat16) and
-8-bit state raise a ``TypeError`` saying so; CUDA tensors raise a
-``TypeError`` (the DLPack-to-CuPy path has not been written); use torch.optim
-for those.  The dtype table ``_NUMPY_DTYPES`` is where 16-bit views slot in.
+16-bit params
+-------------
+float16 and bfloat16 params are stepped as the raw API steps them
+(docs/design.md, "Precision"): arithmetic in float32, one rounding per write.
+A bfloat16 tensor reaches NumPy as an int16 view of its memory re-typed as
+``ml_dtypes.bfloat16`` (still no copy).  The optimizer-wide options
+``state_dtype`` (None: float32 moments for 16-bit params; ``"param"``: the
+param's dtype, as torch.optim keeps them; ``"bfloat16"``), ``master_weights``
+(a float32 copy of each 16-bit param in ``state[p]["master"]``; the param is
+its round-to-nearest-even), ``stochastic_rounding`` (bfloat16 params without
+master weights) and ``seed`` (of the rounding's counter hash, whose step is the
+param's own ``step``) are passed through to fastopt's kernels.
+
+Not yet here: CUDA tensors raise a ``TypeError`` (the DLPack-to-CuPy path has
+not been written); use torch.optim for those.
 
 ``import fastopt`` never imports this module (nor torch); importing it without
 PyTorch installed raises an ``ImportError`` that says how to install it.
@@ -65,35 +76,31 @@ import numpy as np
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _backend
+from . import precision as _prec
 from ._pipeline import GroupStep, make_buckets, run_step
 from ._rules import (PIPELINE_DEFAULTS, RULES, Rule, as_host_scalars, check_hyperparameters)
-from ._validate import check_grad_scale, check_nonfinite
+from ._validate import check_grad_scale, check_nonfinite, resolve_precisions
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Optimizer"]
 
-#: torch dtypes the adapter steps, and the NumPy dtype of their zero-copy views.  16-bit
-#: params (bfloat16 through an int16 view re-typed as ml_dtypes.bfloat16, float16 as is)
-#: join this table when fastopt's mixed-precision rules land.
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-
-#: Private key of a group's host scalars: the step count of the params in a GroupStep.
-_STEP_KEY = "_fastopt_step"
+#: torch dtypes the adapter steps, and the NumPy dtype of their zero-copy views (bfloat16:
+#: None here, ``ml_dtypes.bfloat16`` -- imported only when a bfloat16 tensor appears --
+#: over an int16 view of the tensor, see ``_flat_view``).
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+                 torch.bfloat16: None}
+#: NumPy dtype names -> torch dtypes (state dtypes chosen by fastopt.precision)
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
 
 #: torch.optim constructor options that have no effect here: fastopt's step is always one
 #: fused, multi-tensor kernel pass, so ``foreach``/``fused`` are accepted and ignored.
 _IGNORED_TORCH_OPTIONS = ("foreach", "fused")
 
 
-def _per_group_step(rule: Rule) -> Rule:
-    """``rule`` whose scalars read each GroupStep's own step count from its host scalars.
-
-    The pipeline takes one ``t`` per call; torch keeps a step count per param, so
-    params at different counts (a group added mid-run, a param that had no grad for
-    some steps) go in different GroupSteps of one call, each carrying its count.
-    """
-    return dataclasses.replace(rule, scalars=lambda hp, t, gs: rule.scalars(hp, hp[_STEP_KEY], gs))
+def _numpy_dtype(dt):
+    """The NumPy dtype of a torch dtype's zero-copy view (bfloat16: imports ml_dtypes now)."""
+    return _prec.bfloat16_dtype() if dt == torch.bfloat16 else np.dtype(_NUMPY_DTYPES[dt])
 
 
 def _scalar_dtype():
@@ -102,15 +109,10 @@ def _scalar_dtype():
 
 
 def _check_tensor(p, label: str) -> None:
-    """TypeError/ValueError unless ``p`` is a dense, contiguous float32/float64 CPU tensor."""
-    if p.dtype in _SIXTEEN_BIT:
-        raise TypeError(f"{label}: {p.dtype} params are not supported yet: fastopt.torch steps "
-                        "float32 and float64 params (16-bit params with float32 master weights "
-                        "or stochastic rounding, and 8-bit state, are separate fastopt features "
-                        "still to come); keep the params in float32 and use torch.autocast, or "
-                        "use torch.optim for this model")
+    """TypeError/ValueError unless ``p`` is a dense, contiguous float CPU tensor fastopt steps."""
     if p.dtype not in _NUMPY_DTYPES:
-        raise TypeError(f"{label}: expected a float32 or float64 tensor, got {p.dtype}")
+        raise TypeError(f"{label}: expected a float32, float64, float16 or bfloat16 tensor, "
+                        f"got {p.dtype}")
     if p.layout != torch.strided:
         raise TypeError(f"{label}: expected a dense (strided) tensor, got layout {p.layout}")
     if p.device.type != "cpu":
@@ -124,8 +126,18 @@ def _check_tensor(p, label: str) -> None:
 
 
 def _flat_view(t):
-    """A flat NumPy view of a contiguous CPU tensor's memory (no copy)."""
-    a = t.detach().numpy() if t.requires_grad else t.numpy()
+    """A flat NumPy view of a contiguous CPU tensor's memory (no copy).
+
+    NumPy has no bfloat16 of its own and ``Tensor.numpy()`` refuses one, so a
+    bfloat16 tensor is viewed as int16 (same bits, same memory) and the NumPy
+    array re-typed as ``ml_dtypes.bfloat16``.
+    """
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype == torch.bfloat16:
+        a = t.view(torch.int16).numpy().view(_prec.bfloat16_dtype())
+    else:
+        a = t.numpy()
     return a if a.ndim == 1 else a.reshape(-1)
 
 
@@ -190,6 +202,13 @@ def _step_hooks(func):
     return wrapper
 
 
+class _DtypeOnly:
+    """What ``resolve_precisions`` reads of a param: its (NumPy) dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
 @dataclasses.dataclass
 class _Part:
     """Params of one group at one step count: the views the kernels get, built once."""
@@ -232,12 +251,15 @@ _data_ptr = torch.Tensor.data_ptr
 def _grad_view(g):
     """A flat NumPy view of a grad (a contiguous copy if it is not contiguous: it is only read)."""
     try:
-        a = g.numpy()
+        if g.dtype == torch.bfloat16:  # see _flat_view
+            a = g.view(torch.int16).numpy().view(_prec.bfloat16_dtype())
+        else:
+            a = g.numpy()
     except (RuntimeError, TypeError):
         if g.layout != torch.strided:
             raise RuntimeError(f"sparse gradients are not supported (got layout {g.layout}); "
                                "use torch.optim.SparseAdam or a dense embedding") from None
-        a = g.detach().numpy()  # a grad that requires grad (create_graph=True)
+        a = _flat_view(g)  # a grad that requires grad (create_graph=True)
     if a.ndim != 1:
         return a.reshape(-1)  # a copy when the grad is not C-contiguous
     if a.strides[0] != a.itemsize and a.size > 1:
@@ -258,6 +280,7 @@ class Optimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, options: dict, *, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
                  torch_only=None):
         rule = self.rule
         for name, value in (torch_only or {}).items():
@@ -277,10 +300,44 @@ class Optimizer(torch.optim.Optimizer):
         if backend not in ("auto", "numba", "numpy"):
             raise ValueError(f"backend: expected 'auto', 'numba' or 'numpy' (CPU tensors), "
                              f"got {backend!r}")
+        self._backend_asked = backend
+        self.precision_options = {"state_dtype": state_dtype, "master_weights": master_weights,
+                                  "stochastic_rounding": stochastic_rounding, "seed": seed}
+        self._precisions = {}
         self.backend = _backend.resolve(backend, "numpy")
-        self._rule_at = _per_group_step(rule)
         self._plan = None
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # runs add_param_group, which resolves precisions
+
+    def _resolve_precisions(self) -> None:
+        """Every precision check for the current params, then the backend that takes them.
+
+        ``self._precisions`` maps each torch dtype among the params to its
+        resolved ``fastopt.precision.Precision`` (the raw API's checks and
+        messages: ``master_weights`` needs 16-bit params, ``stochastic_rounding``
+        bfloat16 ones, ...).  Raises before anything is written.
+        """
+        params, labels = [], []
+        multi = len(self.param_groups) > 1
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                params.append(p)
+                labels.append(f"param_groups[{gi}]['params'][{pi}]" if multi else f"params[{pi}]")
+        firsts = {}
+        for p, lab in zip(params, labels):
+            if p.dtype in _NUMPY_DTYPES:  # others: _check_tensor's TypeError when they get a grad
+                firsts.setdefault(p.dtype, (p, lab))
+        views = [_DtypeOnly(_numpy_dtype(dt)) for dt in firsts]
+        by_np = resolve_precisions(self.rule, views, [lab for _, lab in firsts.values()],
+                                   self.precision_options)
+        precs = {dt: by_np[v.dtype] for dt, v in zip(firsts, views)}
+        for dt, pr in precs.items():
+            if not isinstance(pr.state, np.dtype):
+                raise NotImplementedError(
+                    f"state_dtype: {self.precision_options['state_dtype']!r} is not wired into "
+                    "fastopt.torch yet (its state is not one torch tensor per state name); use "
+                    "the raw fastopt API or state_dtype None, 'param', 'float32' or 'bfloat16'")
+        self.backend = _backend.resolve(self._backend_asked, "numpy", tuple(precs.values()))
+        self._precisions = precs
 
     # ------------------------------------------------------------------ groups and state
 
@@ -295,6 +352,7 @@ class Optimizer(torch.optim.Optimizer):
             for pi, p in enumerate(group["params"]):
                 _check_tensor(p, f"param_groups[{gi}]['params'][{pi}]" if gi else f"params[{pi}]")
             self._check_group(group, where)
+            self._resolve_precisions()
         except Exception:
             del self.param_groups[n_before:]
             raise
@@ -404,11 +462,10 @@ class Optimizer(torch.optim.Optimizer):
                 if [(a.dtype, a.size) for a in grads] != part.layout:
                     self._bad_grad(part, grads)
                 ex = None if extras is None else [extras[id(p)] for p in part.params]
-                hp_t = dict(hp)
-                hp_t[_STEP_KEY] = part.t + 1
-                steps.append(GroupStep(hp=hp_t, buckets=part.buckets, grads=grads, extras=ex,
-                                       gstate=part.gstate))
-        info = run_step(self.backend, self._rule_at, steps, 0, nonfinite, inv_scale)
+                # each part at its own step count; the parts of a group share one global norm
+                steps.append(GroupStep(hp=hp, buckets=part.buckets, grads=grads, extras=ex,
+                                       gstate=part.gstate, t=part.t + 1, norm_group=gi))
+        info = run_step(self.backend, self.rule, steps, 0, nonfinite, inv_scale)
         if info.skipped:
             return loss
         k = 0
@@ -428,7 +485,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _bad_grad(self, part, grads):
         for p, a in zip(part.params, grads):
-            if a.dtype != _NUMPY_DTYPES.get(p.dtype) or a.size != p.numel():
+            if a.dtype != _numpy_dtype(p.dtype) or a.size != p.numel():
                 raise ValueError(f"the grad of a {p.dtype} param of shape {tuple(p.shape)}: "
                                  f"expected one like it, got {a.dtype} of {a.size} elements "
                                  "(was the param converted after its grad was computed?)")
@@ -493,6 +550,8 @@ class Optimizer(torch.optim.Optimizer):
                     if a is not None and (not isinstance(a, torch.Tensor) or a.shape != p.shape):
                         raise ValueError(f"state[{label}][{n!r}]: expected a tensor of shape "
                                          f"{tuple(p.shape)}, got {getattr(a, 'shape', a)!r}")
+        self._resolve_precisions()  # a param may have changed dtype (module.to(torch.bfloat16))
+        np_precs = {_numpy_dtype(dt): pr for dt, pr in self._precisions.items()}
         parts_all, params_all, st_dicts, st_names, st_tensors = [], [], [], [], []
         sdt = _scalar_dtype()
         for gi, g in enumerate(self.param_groups):
@@ -506,24 +565,21 @@ class Optimizer(torch.optim.Optimizer):
                 if not st:
                     del self.state[p]  # torch keeps no entry for a stateless rule (plain SGD)
                 by_t.setdefault(t, []).append((pos, p, st))
-            if len(by_t) > 1 and hp["clip_global_norm"] is not None:
-                raise ValueError(f"{self._where(gi)}clip_global_norm: expected every param of the "
-                                 f"group at one step count, got counts {sorted(by_t)} (a param "
-                                 "that had no grad for a while); put such params in a group of "
-                                 "their own")
             parts = []
             for t, entries in sorted(by_t.items()):
                 params = [p for _, p, _ in entries]
                 states = [st for _, _, st in entries]
                 flat_p = [_flat_view(p) for p in params]
                 flat_s = {n: [_flat_view(st[n]) for st in states] for n, _ in names}
+                if self.precision_options["master_weights"]:
+                    flat_s["master"] = [_flat_view(st["master"]) for st in states]
                 steps = [st["step"].numpy() for st in states] if "step" in states[0] else []
                 mu = [st["mu_product"].numpy() for st in states] if rule.group_state else []
                 gstate = dict(rule.group_state)
                 if mu:
                     gstate["mu_product"] = float(mu[0])
                 parts.append(_Part(
-                    t=t, params=params, buckets=make_buckets(flat_p, flat_s), steps=steps,
+                    t=t, params=params, buckets=make_buckets(flat_p, flat_s, np_precs), steps=steps,
                     mu=mu, gstate=gstate,
                     pos=None if len(by_t) == 1 else [pos for pos, _, _ in entries],
                     layout=[(a.dtype, a.size) for a in flat_p]))
@@ -542,19 +598,29 @@ class Optimizer(torch.optim.Optimizer):
     def _init_state(self, p, st, names, hp, sdt) -> int:
         """Create the state arrays ``p`` lacks (torch creates them lazily too); its step count."""
         had_buffer = "momentum_buffer" in st
+        prec = self._precisions[p.dtype]
+        dt = _TORCH_DTYPES[prec.state.name]  # the param's dtype unless state_dtype says else
         for n, init in names:
             a = st.get(n)
             if a is None:
-                st[n] = torch.full_like(p, init, memory_format=torch.contiguous_format)
-            elif a.dtype != p.dtype or not a.is_contiguous() or a.device != p.device:
-                st[n] = a.to(dtype=p.dtype, device=p.device).contiguous()
+                st[n] = torch.full_like(p, init, dtype=dt, memory_format=torch.contiguous_format)
+            elif a.dtype != dt or not a.is_contiguous() or a.device != p.device:
+                st[n] = a.to(dtype=dt, device=p.device).contiguous()
+        if prec.master_weights:
+            m = st.get("master")
+            if m is None or not isinstance(m, torch.Tensor) or m.shape != p.shape:
+                # exact: every 16-bit value is a float32 value, and the param is RNE(master)
+                st["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
+            elif m.dtype != torch.float32 or not m.is_contiguous():
+                st["master"] = m.to(torch.float32).contiguous()
         if self.rule.name == "sgd":
             # torch's SGD counts no steps: its first step is the one without a momentum buffer
             return 1 if had_buffer else 0
         step = st.get("step")
         if step is None:
             st["step"] = torch.zeros((), dtype=sdt)
-        elif not isinstance(step, torch.Tensor) or step.dtype not in _NUMPY_DTYPES or step.ndim:
+        elif (not isinstance(step, torch.Tensor) or step.ndim
+              or step.dtype not in (torch.float32, torch.float64)):
             st["step"] = torch.tensor(float(step), dtype=sdt)
         if self.rule.group_state and "mu_product" not in st:
             st["mu_product"] = torch.ones((), dtype=sdt)
@@ -576,7 +642,8 @@ def _split(local: dict, torch_only: tuple):
     out = {k: v for k, v in local.items() if k not in ("self", "params", "__class__")}
     if isinstance(out.get("betas"), list):
         out["betas"] = tuple(out["betas"])
-    wide = {k: out.pop(k) for k in ("nonfinite", "backend")}
+    wide = {k: out.pop(k) for k in ("nonfinite", "backend", "state_dtype", "master_weights",
+                                    "stochastic_rounding", "seed")}
     tonly = {k: out.pop(k) for k in torch_only}
     return out, wide, tonly
 
@@ -587,7 +654,8 @@ _DOC = """
     fastopt's fused kernel on the params' own memory; see :mod:`fastopt.torch`.
     fastopt's options: ``clip_value``, ``clip_norm`` (per tensor),
     ``clip_global_norm`` (all tensors of a group), ``weight_clip``, ``max_norm``
-    (any of them per group), ``nonfinite`` and ``backend``.
+    (any of them per group), ``nonfinite``, ``backend`` and, for 16-bit params,
+    ``state_dtype``, ``master_weights``, ``stochastic_rounding`` and ``seed``.
 """
 
 
@@ -598,7 +666,8 @@ class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -612,7 +681,8 @@ class Adam(Optimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -626,7 +696,8 @@ class AdamW(Optimizer):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, bias_correction=True, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -639,7 +710,8 @@ class Adagrad(Optimizer):
                  initial_accumulator_value=0.0, eps=1e-10, foreach=None, *, maximize=False,
                  differentiable=False, fused=None, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -651,7 +723,8 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -663,7 +736,8 @@ class Adadelta(Optimizer):
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, *,
                  capturable=False, maximize=False, differentiable=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -675,7 +749,8 @@ class Adamax(Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-                 max_norm=None, nonfinite="raise", backend="auto"):
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -689,7 +764,8 @@ class NAdam(Optimizer):
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -702,7 +778,8 @@ class RAdam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -717,7 +794,8 @@ class Lion(Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
-                 max_norm=None, nonfinite="raise", backend="auto"):
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
@@ -731,7 +809,8 @@ class LAMB(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
                  bias_correction=True, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
@@ -750,7 +829,8 @@ class AdaHessian(Optimizer):
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
                  weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
-                 backend="auto"):
+                 backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 

@@ -307,3 +307,62 @@ def test_q8_device_quantize_is_exact(signed):
     want_c, want_a = quant.quantize_blockwise(x, signed)
     np.testing.assert_array_equal(cupy.asnumpy(codes), want_c)
     np.testing.assert_array_equal(cupy.asnumpy(absmax), want_a)
+
+
+# --------------------------------------------------------------------------- fastopt.layers
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4097, 33), (5, 7, 9, 11)])
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_batch_norm_on_cupy_matches_the_reference(dtype, shape, training):
+    """CuPy arrays go to layers.cu through backend='auto'; every output stays on the device."""
+    from fastopt import layers
+
+    rng = np.random.default_rng(0)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 20).astype(dtype)
+    g, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    out = {}
+    for kind, xp in (("cpu", np), ("gpu", cupy)):
+        rm, rv = xp.full(c, 0.5), xp.full(c, 2.0)
+        backend = "numpy" if kind == "cpu" else "auto"
+        y, cache = layers.batch_norm_forward(xp.asarray(x), xp.asarray(g), xp.asarray(b), rm, rv,
+                                             0.1, 1e-5, training, backend=backend)
+        res = (y, *layers.batch_norm_backward(xp.asarray(dy), cache), rm, rv)
+        if kind == "gpu":
+            assert all(isinstance(a, cupy.ndarray) for a in res)
+            res = tuple(cupy.asnumpy(a) for a in res)
+        out[kind] = res
+    rtol, atol = (1e-12, 1e-11) if dtype == np.float64 else (1e-6, 1e-5)
+    for a, r in zip(out["gpu"], out["cpu"]):
+        np.testing.assert_allclose(a, r, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9])
+def test_layers_dropout_on_cupy_bit_exact(dtype, p):
+    from fastopt import layers
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1001, 257)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y, mask = layers.dropout_forward(x, p, 3, 8, backend="numpy")
+    yg, maskg = layers.dropout_forward(cupy.asarray(x), p, 3, 8)
+    assert isinstance(yg, cupy.ndarray) and cupy.asnumpy(yg).tobytes() == y.tobytes()
+    dx = layers.dropout_backward(dy, mask, backend="numpy")
+    dxg = layers.dropout_backward(cupy.asarray(dy), maskg)
+    assert cupy.asnumpy(dxg).tobytes() == dx.tobytes()
+
+
+def test_layers_on_cupy_bad_input():
+    from fastopt import layers
+
+    x = cupy.ones((4, 3), cupy.float32)
+    with pytest.raises(TypeError, match=r"gamma: expected a cupy.ndarray \(like x\)"):
+        layers.batch_norm_forward(x, np.ones(3, np.float32), None, None, None)
+    with pytest.raises(TypeError, match="backend 'numba' takes numpy arrays, got cupy"):
+        layers.dropout_forward(x, 0.5, 0, 1, backend="numba")
+    with pytest.raises(TypeError, match="16-bit CuPy arrays"):
+        layers.dropout_forward(x.astype(cupy.float16), 0.5, 0, 1)

@@ -8,6 +8,7 @@ reference.  Design notes: ``docs/design.md`` and the ``fastopt.layers`` docstrin
 import importlib.util
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -228,8 +229,10 @@ def _bn_args(**over):
 
 @pytest.mark.parametrize("over, exc, pattern", [
     (dict(x=[[1.0, 2.0]]), TypeError, "x: expected a numpy.ndarray"),
-    (dict(x=np.ones((4, 3), np.int32)), TypeError, "x: expected dtype float32 or float64"),
-    (dict(x=np.ones((4, 3), np.float16)), TypeError, "x: 16-bit inputs"),
+    (dict(x=np.ones((4, 3), np.int32)), TypeError,
+     "x: expected dtype float32, float64, float16 or bfloat16, got int32"),
+    (dict(x=np.ones((4, 3), np.float16)), ValueError,
+     r"gamma: expected dtype float32 \(the statistics of a float16 x\)"),
     (dict(x=np.ones(3)), ValueError, r"x: expected shape \(N, C\)"),
     (dict(x=np.ones((1, 3))), ValueError, "more than one value per channel"),
     (dict(gamma=np.ones(4)), ValueError, r"gamma: expected shape \(3,\)"),
@@ -279,8 +282,9 @@ def test_batch_norm_bad_running_stats_and_backward():
     (dict(seed=-1), ValueError, r"seed: expected an integer in \[0, 2\*\*64\)"),
     (dict(seed=2**64), ValueError, "seed: expected an integer"),
     (dict(step=1.0), TypeError, "step: expected an integer"),
-    (dict(x=np.ones(4, np.int64)), TypeError, "x: expected dtype float32 or float64"),
-    (dict(x=np.ones(4, np.float16)), TypeError, "x: 16-bit inputs"),
+    (dict(x=np.ones(4, np.int64)), TypeError, "x: expected dtype float32, float64, float16"),
+    (dict(x=np.ones(4, np.uint16)), TypeError,
+     "x: expected dtype float32, float64, float16 or bfloat16"),
     (dict(x=(1.0, 2.0)), TypeError, "x: expected a numpy.ndarray"),
 ])
 def test_dropout_bad_input(kw, exc, pattern):
@@ -313,6 +317,22 @@ def test_backends_and_auto(monkeypatch):
     assert layers.batch_norm_forward(x, None, None, None, None)[1].backend.BACKEND == "numpy"
     monkeypatch.delenv("FASTOPT_BACKEND")
     assert layers.batch_norm_forward(x, None, None, None, None)[1].backend.BACKEND == "numba"
+
+
+def test_cupy_backend_dispatch_without_a_gpu():
+    """CuPy arrays go to the CUDA kernels (tests/test_cuda_gpu.py runs them on a GPU); here:
+    the backend is listed with its reason, and NumPy arrays never reach it."""
+    info = layers.backends()
+    assert set(info) == {"numpy", "numba", "cupy"}
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert not info["cupy"]["available"] and "cupy" in info["cupy"]["reason"].lower()
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(TypeError, match="backend 'cupy' takes cupy arrays, got numpy arrays"):
+        layers.batch_norm_forward(x, None, None, None, None, backend="cupy")
+    with pytest.raises(TypeError, match="backend 'cupy' takes cupy arrays"):
+        layers.dropout_forward(x, 0.5, 0, 1, backend="cupy")
 
 
 @needs_numba
@@ -350,3 +370,136 @@ def test_an_unavailable_backend_is_reported_with_its_reason(monkeypatch):
     assert not info["available"] and "ModuleNotFoundError" in info["reason"]
     with pytest.raises(RuntimeError, match="layers backend 'broken' is unavailable"):
         layers.dropout_forward(np.ones(3), 0.5, 0, 1, backend="broken")
+
+
+# --------------------------------------------------------------------------- 16-bit inputs
+
+SIXTEEN = ["float16", "bfloat16"]
+
+
+def _np16(name):
+    return np.dtype(np.float16) if name == "float16" else np.dtype(ml_dtypes.bfloat16)
+
+
+def _t16(name):
+    return torch.float16 if name == "float16" else torch.bfloat16
+
+
+def _to_torch(a):
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def _from_torch(t):
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.detach().numpy()
+
+
+def _ulps_off(a, b, dtype):
+    """max |a - b| in units of the dtype's epsilon times max(1, |b|)."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b)))) / float(
+        ml_dtypes.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", SIXTEEN)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_sixteen_bit_matches_torch(backend, name, shape, training):
+    """float16/bfloat16 x with float32 statistics against torch's batch_norm on the same
+    16-bit tensor (torch computes in float32 and rounds once too): within one epsilon of the
+    dtype, which is the most two roundings of nearby float32 values can differ by."""
+    dt = _np16(name)
+    rng = np.random.default_rng(hash((shape, training, name)) % 2**32)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32).astype(dt)
+    g = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    rm = rng.standard_normal(c).astype(np.float32)
+    rv = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, cache = layers.batch_norm_forward(x, g, b, rm, rv, 0.1, 1e-5, training, backend=backend)
+    assert y.dtype == dt and y.shape == shape
+    xt = _to_torch(x).requires_grad_()
+    gt = torch.tensor(g, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True)
+    rmt, rvt = torch.tensor(rm0), torch.tensor(rv0)
+    yt = F.batch_norm(xt, rmt, rvt, gt, bt, training, 0.1, 1e-5)
+    assert yt.dtype == _t16(name)
+    assert _ulps_off(y, _from_torch(yt), dt) <= 1.0
+    np.testing.assert_allclose(rm, rmt.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rv, rvt.numpy(), rtol=1e-5, atol=1e-6)
+    dy = rng.standard_normal(shape).astype(np.float32).astype(dt)
+    dx, dg, db = layers.batch_norm_backward(dy, cache)
+    assert dx.dtype == dt and dg.dtype == np.float32 and db.dtype == np.float32
+    yt.backward(_to_torch(dy))
+    # torch's float32 sums over at most 120 values vs our float64 ones
+    assert _ulps_off(dx, _from_torch(xt.grad), dt) <= 2.0
+    np.testing.assert_allclose(dg, gt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("name", SIXTEEN)
+def test_batch_norm_sixteen_bit_numba_matches_reference(name):
+    dt = _np16(name)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((37, 5, 3, 7)).astype(np.float32).astype(dt)
+    dy = rng.standard_normal(x.shape).astype(np.float32).astype(dt)
+    g, b = np.ones(5, np.float32) * 1.5, np.full(5, 0.25, np.float32)
+    out = []
+    for be in BACKENDS:
+        y, cache = layers.batch_norm_forward(x, g, b, np.zeros(5, np.float32),
+                                             np.ones(5, np.float32), training=True, backend=be)
+        out.append((y, *layers.batch_norm_backward(dy, cache)))
+    (y0, dx0, dg0, db0), (y1, dx1, dg1, db1) = out
+    # the float32 kernels agree to a float32 ulp; after rounding to 16 bits that is at most
+    # one 16-bit step where a float32 result sits next to a rounding boundary
+    assert _ulps_off(y1, y0, dt) <= 1.0 and _ulps_off(dx1, dx0, dt) <= 1.0
+    assert np.mean(y1.view(np.uint16) != y0.view(np.uint16)) < 1e-3
+    np.testing.assert_allclose(dg1, dg0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(db1, db0, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SIXTEEN)
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9])
+def test_dropout_sixteen_bit_bit_exact(name, p):
+    """Same mask as float32 (the bits depend on the index only), kept values the nearest
+    16-bit value of float32(x) * float32(scale), and every backend gives the same bits."""
+    dt = _np16(name)
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0.5, 2.0, (301, 17)).astype(np.float32).astype(dt)
+    ys = [layers.dropout_forward(x, p, 5, 2, backend=be) for be in BACKENDS]
+    y, mask = ys[0]
+    assert y.dtype == dt and mask.dtype == dt
+    for other, _ in ys[1:]:
+        assert other.tobytes() == y.tobytes()
+    keep = mask.keep()
+    np.testing.assert_array_equal(y != 0, keep)
+    want = (x.astype(np.float32) * np.float32(1 / (1 - p))).astype(dt)
+    np.testing.assert_array_equal(y[keep].view(np.uint16), want[keep].view(np.uint16))
+    y32, _ = layers.dropout_forward(x.astype(np.float32), p, 5, 2)
+    np.testing.assert_array_equal(y32 != 0, keep)
+    dy = rng.uniform(0.5, 2.0, x.shape).astype(np.float32).astype(dt)
+    dxs = [layers.dropout_backward(dy, mask, backend=be) for be in BACKENDS]
+    assert all(d.tobytes() == dxs[0].tobytes() for d in dxs)
+    np.testing.assert_array_equal(dxs[0] != 0, keep)
+    with pytest.raises(ValueError, match=f"dy: expected dtype {name}"):
+        layers.dropout_backward(dy.astype(np.float32), mask)
+
+
+def test_batch_norm_sixteen_bit_bad_statistics():
+    x = np.ones((4, 3), ml_dtypes.bfloat16)
+    a = dict(x=x, gamma=np.ones(3, np.float32), beta=np.zeros(3, np.float32),
+             running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32))
+    with pytest.raises(TypeError, match=r"gamma: expected dtype float32 or float64 \(statistics"):
+        layers.batch_norm_forward(**dict(a, gamma=np.ones(3, ml_dtypes.bfloat16)))
+    with pytest.raises(TypeError, match="running_mean: expected dtype float32 or float64"):
+        layers.batch_norm_forward(**dict(a, running_mean=np.zeros(3, np.float16)))
+    _, cache = layers.batch_norm_forward(**a)
+    with pytest.raises(ValueError, match="dy: expected dtype bfloat16"):
+        layers.batch_norm_backward(np.ones((4, 3), np.float16), cache)

@@ -52,6 +52,14 @@ def test_batchnorm_trains_the_deep_net_faster():
     assert L.row("batchnorm").metric < L.row("plain").metric
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dropout_narrows_the_train_test_gap(seed):
+    L = lessons.dropout(epochs=25, backend="auto", seed=seed)
+    plain, drop = L.row("no dropout"), L.row("dropout p=0.5")
+    assert drop.metric < 0.75 * plain.metric, (plain.metric, drop.metric)
+    assert drop.final_loss > plain.final_loss  # dropout keeps it from memorising the noise
+
+
 def test_cli_lesson_table_and_plot(tmp_path, capsys):
     path = tmp_path / "lesson.png"
     assert _cli.main(["demo", "--lesson", "clipping", "--backend", "numpy", "--plot",

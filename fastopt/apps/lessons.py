@@ -15,6 +15,8 @@ lesson runs in seconds and the effect it teaches is not lost in noise:
                  learning rate: decay takes the loss below the constant rate's noise floor.
 ``batchnorm``    a deep ReLU MLP on the digits with and without BatchNorm, plain SGD at a
                  learning rate the plain network does not train well with.
+``dropout``      an MLP overfitting 300 training digits with 30% random labels: dropout
+                 (p 0.5) narrows the gap between test and train loss.
 ``second-order`` damped Newton against gradient descent on L2-regularised logistic
                  regression: iterations until the gradient norm is below 1e-8.
 
@@ -252,12 +254,43 @@ def batchnorm(epochs=2, backend="auto", seed=0, max_steps=None):
                   "train loss", rows)
 
 
+def dropout(epochs=40, backend="auto", seed=0, n_train=300, noise=0.3, p=0.5):
+    """Overfitting on purpose: 300 training digits, 30% of their labels replaced by random
+    ones, one hidden layer of 256, Adam.
+
+    Without dropout the network memorises the wrong labels: its training loss falls far
+    below its test loss.  Dropout (p 0.5) keeps it from fitting every example by heart, so
+    the gap -- test loss minus train loss, both in evaluation mode (no dropout) on the
+    labels it trained on -- is smaller, and the test loss lower.  (On clean labels at this
+    size both runs reach ~0 training loss and the gap hardly differs: the noise is what
+    makes the effect robust across seeds.)
+    """
+    full = _demo.load_digits_split(seed)
+    y = full.y_train[:n_train].copy()
+    rng = np.random.default_rng(1000 + seed)
+    flip = rng.random(n_train) < noise
+    y[flip] = rng.integers(0, 10, int(flip.sum()))
+    data = _demo.Split(full.x_train[:n_train], y, full.x_test, full.y_test)
+    rows = []
+    for label, rate in (("no dropout", 0.0), (f"dropout p={p:g}", p)):
+        net, curve = _train_net(data, hidden=(256,), opt="adam", lr=1e-3, epochs=epochs,
+                                batch_size=25, seed=seed, backend=backend, dropout=rate)
+        train = net.loss(data.x_train, data.y_train)
+        test = net.loss(data.x_test, data.y_test)
+        rows.append(Row(label, test - train, train, curve,
+                        f"test loss {test:.3f}, test accuracy "
+                        f"{100 * net.accuracy(data.x_test, data.y_test):.1f}%"))
+    return Lesson("dropout", f"{n_train} training digits, {100 * noise:.0f}% of labels random, "
+                  f"256 hidden, Adam lr 1e-3, {epochs} epochs", "test - train loss", rows)
+
+
 LESSONS = {
     "momentum": momentum,
     "adaptive": adaptive,
     "clipping": clipping,
     "decay": decay,
     "batchnorm": batchnorm,
+    "dropout": dropout,
     "second-order": second_order,
 }
 
@@ -274,7 +307,7 @@ def plot(lesson: Lesson, path: str) -> None:
         c[~np.isfinite(c)] = np.nan
         ax.plot(np.arange(len(c)), c, label=r.variant)
     ax.set_yscale("log")
-    ax.set_xlabel("epoch" if lesson.name == "batchnorm" else "step")
+    ax.set_xlabel("epoch" if lesson.name in ("batchnorm", "dropout") else "step")
     ax.set_ylabel("loss")
     ax.set_title(f"lesson {lesson.name}: {lesson.title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)

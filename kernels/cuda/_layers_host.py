@@ -35,7 +35,10 @@ class CudaLayers:
         return np.uint64(0) if a is None else np.uint64(self.dev.ptr(a))
 
     def _vec(self, v):
-        return self.dev.xp.asarray(np.ascontiguousarray(v, dtype=np.float64))
+        # a host (NumPy) or device vector as a contiguous float64 array of the device's kind:
+        # np.ascontiguousarray would try to copy a CuPy array to the host and raise
+        xp = self.dev.xp
+        return xp.ascontiguousarray(xp.asarray(v, dtype=np.float64))
 
     def _launch(self, name, work, *args):
         self.dev.launch(name, self._grid(work), self.dev.block, args)
