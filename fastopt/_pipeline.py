@@ -64,6 +64,8 @@ class Bucket:
     states: dict
     #: the resolved ``fastopt.precision.Precision`` of the bucket's dtype (None: plain)
     precision: object = None
+    #: the params' shapes, in bucket order (kept for rules with ``Rule.param_ndim``)
+    shapes: list | None = None
 
 
 @dataclass
@@ -75,11 +77,13 @@ class GroupStep:
     gstate: dict = field(default_factory=dict)
 
 
-def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None) -> list:
+def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None,
+                 shapes: list | None = None) -> list:
     """Split a group into dtype buckets; a single-dtype group is one bucket of the same lists.
 
     ``precisions`` maps a param dtype to its resolved precision; a bucket keeps
-    it only when it is not plain (see ``fastopt._backend.is_plain``).
+    it only when it is not plain (see ``fastopt._backend.is_plain``).  ``shapes``
+    (the params' shapes, for a rule whose kernel needs them) are split the same way.
     """
     def prec(dt):
         p = (precisions or {}).get(dt)
@@ -88,12 +92,13 @@ def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None =
     dtypes = {p.dtype for p in flat_params}
     if len(dtypes) == 1:
         return [Bucket(list(range(len(flat_params))), flat_params, flat_states,
-                       prec(flat_params[0].dtype))]
+                       prec(flat_params[0].dtype), shapes)]
     out = []
     for dt in sorted(dtypes, key=str):
         idx = [i for i, p in enumerate(flat_params) if p.dtype == dt]
         out.append(Bucket(idx, [flat_params[i] for i in idx],
-                          {k: [v[i] for i in idx] for k, v in flat_states.items()}, prec(dt)))
+                          {k: [v[i] for i in idx] for k, v in flat_states.items()}, prec(dt),
+                          None if shapes is None else [shapes[i] for i in idx]))
     return out
 
 
@@ -156,7 +161,8 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
             # rounding of the param; a plain one costs the extra pass below
             pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
                       scales=bscales, weight_clip=hp["weight_clip"], precision=b.precision,
-                      step=t, max_norm=hp["max_norm"] if b.precision is not None else None)
+                      step=t, max_norm=hp["max_norm"] if b.precision is not None else None,
+                      shapes=b.shapes)
             kernel(b.params, grads, b.states, scalars, pre, extras)
             if hp["max_norm"] is not None and b.precision is None:
                 pn = xp.sqrt(ops.sumsq(b.params))
