@@ -114,6 +114,12 @@ def _newton_draws(draw):
     return {"damping": draw(st.floats(1e-4, 1.0))}
 
 
+def _muon_draws(draw):
+    return {"momentum": draw(st.sampled_from([0.0, 0.3, 0.5, 0.95])), "nesterov": draw(st.booleans()),
+            "adjust_lr_fn": draw(st.sampled_from([None, "original", "match_rms_adamw"])),
+            "ns_steps": draw(st.integers(0, 6))}
+
+
 # --------------------------------------------------------------------------- the table
 
 _cosine = fastopt.schedules.cosine_decay
@@ -244,7 +250,8 @@ _RECORDS.append(OptimInfo(
                  ns_coefficients=(2.0, -1.5, 0.5))),
     # an orthogonalized step has a fixed size (lr * ratio): it needs a decaying lr to settle
     converge=(dict(lr=_cosine(0.3, 3000), weight_decay=0.0),),
-    rosen=(dict(lr=_cosine(0.02, 20000), weight_decay=0.0, momentum=0.9), 20000)))
+    rosen=(dict(lr=_cosine(0.02, 20000), weight_decay=0.0, momentum=0.9), 20000),
+    strategy=_muon_draws))
 
 #: rule -> its record, in the rule table's order.
 INFOS: dict[str, OptimInfo] = {}

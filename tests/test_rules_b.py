@@ -122,3 +122,121 @@ def test_muon_functional_matches_the_class(backend):
         fo.functional.muon(fs, g, bufs, step=t, lr=0.05, nesterov=False, backend=backend)
     for a, b in zip(ps + [st["momentum_buffer"] for st in opt.state[0]], fs + bufs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_muon_step_temporaries_are_bounded():
+    """A numba Muon step allocates the Newton-Schulz iterate, its product and (with Nesterov)
+    the update: at most 3 param-sized arrays plus two Gram matrices of the short side."""
+    import tracemalloc
+
+    if "numba" not in BACKENDS:
+        pytest.skip("numba is not installed")  # pragma: no cover - numba is a dev dependency
+    rng = np.random.default_rng(0)
+    p = [rng.standard_normal((600, 150))]
+    g = [rng.standard_normal((600, 150))]
+    opt = fo.Muon(p, backend="numba")
+    opt.step(g)  # compile, create state
+    tracemalloc.start()
+    try:
+        opt.step(g)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * p[0].nbytes + 2 * 150 * 150 * 8 + 64 * 1024, peak
+
+
+# --------------------------------------------------------------------------- fastopt.torch.Muon
+
+
+def _same_dtype_ns(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's Newton-Schulz without its cast to bfloat16 (see test_torch_oracle)."""
+    import torch
+
+    a, b, c = ns_coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.T if tall else grad
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _mlp(torch, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(), torch.nn.Linear(31, 17),
+                               torch.nn.Tanh(), torch.nn.Linear(17, 5)).double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"nesterov": False, "momentum": 0.5,
+                                          "adjust_lr_fn": "match_rms_adamw"}], ids=["default", "plain"])
+def test_torch_adapter_muon_with_adamw_groups_matches_torch(backend, options):
+    """The README's recipe: Muon on the hidden matrices, AdamW on the rest, 20 float64 steps
+    against torch.optim.Muon (same-dtype Newton-Schulz) and torch.optim.AdamW; the state
+    dicts cross-load both ways."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    import fastopt.torch as ft
+    from torch.optim import _muon
+
+    def split(model):
+        hidden = [p for p in model.parameters() if p.ndim == 2]
+        return hidden, [p for p in model.parameters() if p.ndim != 2]
+
+    mf, mt = _mlp(torch), _mlp(torch)
+    hf, rf = split(mf)
+    ht, rt = split(mt)
+    of = [ft.Muon(hf, lr=0.02, backend=backend, **options), ft.AdamW(rf, lr=1e-3, backend=backend)]
+    ot = [torch.optim.Muon(ht, lr=0.02, **options), torch.optim.AdamW(rt, lr=1e-3)]
+    gen = torch.Generator().manual_seed(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_muon, "_zeropower_via_newtonschulz", _same_dtype_ns)
+        for _ in range(20):
+            x = torch.randn(16, 13, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 5, (16,), generator=gen)
+            for o in of:
+                o.zero_grad()
+            torch.nn.functional.cross_entropy(mf(x), y).backward()
+            for a, b in zip(mf.parameters(), mt.parameters()):
+                b.grad = a.grad.clone()  # the same grads: the runs differ by the optimizers only
+            for o in of + ot:
+                o.step()
+        for a, b in zip(mf.parameters(), mt.parameters()):
+            np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-12)
+        # state under torch's names: torch's Muon state loads into fastopt's and back
+        sd_t = copy.deepcopy(ot[0].state_dict())
+        for k, st in sd_t["state"].items():
+            np.testing.assert_allclose(of[0].state_dict()["state"][k]["momentum_buffer"].numpy(),
+                                       st["momentum_buffer"].numpy(), rtol=1e-10, atol=1e-12)
+        again = ft.Muon(split(copy.deepcopy(mf))[0], lr=0.02, backend=backend, **options)
+        again.load_state_dict(sd_t)
+        back = torch.optim.Muon(split(copy.deepcopy(mt))[0], lr=0.02, **options)
+        back.load_state_dict(copy.deepcopy(of[0].state_dict()))
+
+
+def test_torch_adapter_muon_errors_are_torchs():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    w, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4))
+    for cls in (ft.Muon, torch.optim.Muon):
+        with pytest.raises(ValueError, match=r"Muon only supports 2D parameters whereas we found "
+                                             r"a parameter with size: torch.Size\(\[4\]\)"):
+            cls([w, b])
+        with pytest.raises(ValueError, match="Learning rate should be >= 0 but is: -1"):
+            cls([w], lr=-1)
+        with pytest.raises(ValueError, match="momentum should be >= 0 but is: -0.1"):
+            cls([w], momentum=-0.1)
+        with pytest.raises(ValueError, match="weight decay should be >= 0 but is: -0.1"):
+            cls([w], weight_decay=-0.1)
+        with pytest.raises(ValueError, match="Adjust learning rate function rms is not supported"):
+            cls([w], adjust_lr_fn="rms")
+    opt = ft.Muon([w])
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        opt.add_param_group({"params": [b]})
+    assert len(opt.param_groups) == 1
+    assert ft.Muon([w]).defaults["lr"] == torch.optim.Muon([w]).defaults["lr"]
+    for k, v in torch.optim.Muon([w]).defaults.items():
+        assert ft.Muon([w]).defaults[k] == v, k
