@@ -89,6 +89,8 @@ def unavailable(impl: str, rule: str = "adam") -> str | None:
             return f"torch.optim has no {rule}"
         if impl == "torch-fused" and "fused" not in inspect.signature(_torch_class(rule)).parameters:
             return f"torch.optim.{TORCH_CLASSES[rule]} has no fused=True"
+        if impl == "torch-foreach" and "foreach" not in inspect.signature(_torch_class(rule)).parameters:
+            return f"torch.optim.{TORCH_CLASSES[rule]} has no foreach=True"
         return None
     return f"unknown implementation {impl!r}; expected one of {IMPLS}"
 
