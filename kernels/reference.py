@@ -356,7 +356,8 @@ def newton_schulz(u, coefficients, steps, eps):
     x = x / max(float(np.linalg.norm(x)), eps)
     for _ in range(steps):
         gram = x @ x.T
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        # gram is symmetric: gram @ gram.T is gram @ gram, and NumPy hands it to BLAS syrk
+        x = a * x + (b * gram + c * (gram @ gram.T)) @ x
     return x.T if tall else x
 
 
