@@ -240,3 +240,33 @@ def test_torch_adapter_muon_errors_are_torchs():
     assert ft.Muon([w]).defaults["lr"] == torch.optim.Muon([w]).defaults["lr"]
     for k, v in torch.optim.Muon([w]).defaults.items():
         assert ft.Muon([w]).defaults[k] == v, k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_muon_matches_torch_over_20_steps_for_every_oracle_set(backend):
+    """Every option set of the table's Muon oracle, 20 float64 steps on wide, tall, square,
+    row and column matrices, against torch.optim.Muon with its Newton-Schulz in float64."""
+    torch = pytest.importorskip("torch")
+    from torch.optim import _muon
+
+    from _cases import INFOS, TOL
+
+    tol = TOL[np.dtype(np.float64)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_muon, "_zeropower_via_newtonschulz", _same_dtype_ns)
+        for k, opts in enumerate(INFOS["muon"].oracle):
+            params, grads = _problem(np.float64, steps=20, seed=k)
+            ps = [p.copy() for p in params]
+            opt = fo.Muon(ps, backend=backend, **opts)
+            tps = [torch.tensor(p, requires_grad=True) for p in params]
+            topt = torch.optim.Muon(tps, **opts)
+            for g in grads:
+                for tp, gg in zip(tps, g):
+                    tp.grad = torch.tensor(gg)
+                topt.step()
+                opt.step(g)
+            for i, (p, tp) in enumerate(zip(ps, tps)):
+                np.testing.assert_allclose(p, tp.detach().numpy(), err_msg=f"{opts} params[{i}]", **tol)
+                np.testing.assert_allclose(opt.state[0][i]["momentum_buffer"],
+                                           topt.state[tp]["momentum_buffer"].numpy(),
+                                           err_msg=f"{opts} momentum_buffer[{i}]", **tol)
