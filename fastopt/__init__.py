@@ -9,6 +9,7 @@ from . import functional, layers, precision, quantization, schedules
 from ._backend import backends
 from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                      Newton, Optimizer, RAdam, RMSprop)
+from ._optim import Muon
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
 from ._warmup import warmup
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
            "functional", "layers", "precision", "quantization", "schedules", "save", "load", "warmup",
-           "__version__"]
+           "__version__", "Muon"]

@@ -69,6 +69,9 @@ class Pre:
     #: ``max_norm`` the kernel applies in the compute dtype before its one rounding
     step: int = 0
     max_norm: float | None = None
+    #: the params' shapes (the kernels get flat arrays), for a rule whose math needs them
+    #: (``Rule.param_ndim``: Muon's matrix products); None otherwise
+    shapes: Any = None
 
 
 class Ops:

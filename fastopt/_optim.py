@@ -18,9 +18,9 @@ from ._pipeline import make_buckets, run_step
 from ._rules import (PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule, check_hyperparameters,
                      check_lr_value)
 from ._state import LoadPlan, plan_load, precision_record, q8_record
-from ._validate import (as_list, check_grad_scale, check_nonfinite, check_params, expected_layout,
-                        check_q8_options, flat, normalize_options, param_precision,
-                        prepare_groups, resolve_precisions, step_options)
+from ._validate import (as_list, check_grad_scale, check_nonfinite, check_param_ndim, check_params,
+                        expected_layout, check_q8_options, flat, normalize_options,
+                        param_precision, prepare_groups, resolve_precisions, step_options)
 from ._validate import is_q8 as _is_q8
 
 _OPTIMIZER_WIDE = ("nonfinite", "backend") + tuple(PRECISION_DEFAULTS)
@@ -59,6 +59,7 @@ class Optimizer:
                 flat_params.append(p)
                 labels.append(self._label("params", gi, pi))
         self._kind = check_params(flat_params, labels)
+        check_param_ndim(rule, flat_params, labels)
         for gi, g in enumerate(self.param_groups):
             check_hyperparameters(rule, g, self._where(gi))
         self.precision_options = {"state_dtype": state_dtype, "master_weights": master_weights,
@@ -129,6 +130,10 @@ class Optimizer:
             names.append(("master", None))
         return names
 
+    def _shapes(self, params):
+        """The params' shapes when the rule's kernel needs them (``Rule.param_ndim``), else None."""
+        return None if self.rule.param_ndim is None else [tuple(p.shape) for p in params]
+
     def state_dtype(self, param, name: str):
         """The dtype the state array ``name`` of ``param`` is stored in (``master``: float32;
         ``fastopt.precision.Q8`` for an 8-bit state: uint8 codes plus ``<name>_absmax``)."""
@@ -178,7 +183,8 @@ class Optimizer:
             flat_states = {n: v for n, v in flat_states.items() if any(a is not None for a in v)}
             self._buckets[gi] = make_buckets(
                 [flat(p) for p in g["params"]], flat_states,
-                param_precisions=[self.precision_of(p) for p in g["params"]])
+                param_precisions=[self.precision_of(p) for p in g["params"]],
+                shapes=self._shapes(g["params"]))
 
     # ------------------------------------------------------------------ public
 
@@ -565,6 +571,31 @@ class Newton(Optimizer):
         return self._step(grads, hessians, grad_scale)
 
 
+class Muon(Optimizer):
+    r"""Muon (Jordan et al., 2024), as torch.optim.Muon: orthogonalized momentum for 2-D params.
+
+    .. math::
+        B = \mu B + (1-\mu) g;\quad U = (1-\mu) g + \mu B \text{ (nesterov) or } B;\quad
+        O = \mathrm{NS}_k(U);\quad p \mathrel{*}= 1-\eta\lambda;\quad p \mathrel{-}= \eta\,r(A, B)\,O
+
+    ``NS_k`` is ``ns_steps`` Newton-Schulz iterations with ``ns_coefficients`` (a, b, c) on
+    ``U / max(||U||_F, eps)``; ``r`` is torch's lr adjustment for an A x B param:
+    ``sqrt(max(1, A/B))`` (``adjust_lr_fn=None`` or ``"original"``) or ``0.2*sqrt(max(A, B))``
+    (``"match_rms_adamw"``).  Params must be 2-D (hidden weight matrices; give biases, gains,
+    embeddings and the output layer to AdamW).  The products run in the param's dtype on the
+    backend's BLAS (torch runs them in bfloat16).  float32/float64 params only.
+    """ + _PIPELINE_DOC
+    rule = RULES["muon"]
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
+                 adjust_lr_fn=None, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton)}
+               AdaHessian, Newton, Muon)}

@@ -64,6 +64,8 @@ class Bucket:
     states: dict
     #: the resolved ``fastopt.precision.Precision`` of the bucket's dtype (None: plain)
     precision: object = None
+    #: the params' shapes, in bucket order (kept for rules with ``Rule.param_ndim``)
+    shapes: list | None = None
 
 
 @dataclass
@@ -82,7 +84,7 @@ class GroupStep:
 
 
 def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None = None,
-                 param_precisions: list | None = None) -> list:
+                 param_precisions: list | None = None, shapes: list | None = None) -> list:
     """Split a group into buckets of one dtype and one precision; a group of one is the same lists.
 
     ``precisions`` maps a param dtype to its resolved precision; a bucket keeps
@@ -91,7 +93,8 @@ def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None =
     ``state_dtype="q8"`` a tensor below ``min_8bit_size`` keeps float32 state and
     lands in a bucket of its own precision.  A state entry may be None for a param
     that has no such array (a float32-state param has no ``<name>_absmax``); a
-    bucket carries only the state names its params all have.
+    bucket carries only the state names its params all have.  ``shapes`` (the
+    params' shapes, for a rule whose kernel needs them) are split the same way.
     """
     if param_precisions is None:
         param_precisions = [(precisions or {}).get(p.dtype) for p in flat_params]
@@ -99,13 +102,14 @@ def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None =
     keys = [(p.dtype, pr) for p, pr in zip(flat_params, norm)]
     if len(set(keys)) == 1:
         states = {k: v for k, v in flat_states.items() if v and v[0] is not None}
-        return [Bucket(list(range(len(flat_params))), flat_params, states, norm[0])]
+        return [Bucket(list(range(len(flat_params))), flat_params, states, norm[0], shapes)]
     out = []
     for key in sorted(set(keys), key=lambda k: (str(k[0]), repr(k[1]))):
         idx = [i for i, k in enumerate(keys) if k == key]
         states = {k: [v[i] for i in idx] for k, v in flat_states.items()}
         states = {k: v for k, v in states.items() if v[0] is not None}
-        out.append(Bucket(idx, [flat_params[i] for i in idx], states, key[1]))
+        out.append(Bucket(idx, [flat_params[i] for i in idx], states, key[1],
+                          None if shapes is None else [shapes[i] for i in idx]))
     return out
 
 
@@ -187,7 +191,8 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
             # rounding of the param; a plain one costs the extra pass below
             pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
                       scales=bscales, weight_clip=hp["weight_clip"], precision=b.precision,
-                      step=t_g, max_norm=hp["max_norm"] if b.precision is not None else None)
+                      step=t_g, max_norm=hp["max_norm"] if b.precision is not None else None,
+                      shapes=b.shapes)
             kernel(b.params, grads, b.states, scalars, pre, extras)
             if hp["max_norm"] is not None and b.precision is None:
                 pn = xp.sqrt(ops.sumsq(b.params))

@@ -77,7 +77,10 @@ KERNEL_FLAG_BIT = {name: k for k, name in enumerate(KERNEL_FLAGS)}
 ELEMENTWISE = "elementwise"   # one fused pass, each element on its own
 TRUST_RATIO = "trust_ratio"   # a read pass of per-tensor norms, then an elementwise pass (LAMB)
 DENSE_SOLVE = "dense_solve"   # a linear solve per tensor (Newton): no fused kernel
-KINDS = (ELEMENTWISE, TRUST_RATIO, DENSE_SOLVE)
+#: a fused momentum pass, a per-tensor orthogonalization of the 2-D update by Newton-Schulz
+#: matrix products (the backend's BLAS), then a fused param pass (Muon); needs each param's shape
+ORTHOGONALIZE = "orthogonalize"
+KINDS = (ELEMENTWISE, TRUST_RATIO, DENSE_SOLVE, ORTHOGONALIZE)
 
 #: How ``weight_decay`` enters: ``"l2"`` adds ``wd*p`` to the grad before the rule
 #: (guarded by ``wd != 0``: ``0*inf`` would turn an inf param into nan);
@@ -126,6 +129,8 @@ class Rule:
     #: takes ``sqrt(square_avg - grad_avg**2)`` of two states rounded separately, a difference
     #: that rounds below zero near a minimum (nan); bitsandbytes refuses it for the same reason
     q8_refuses: tuple = ()
+    #: the number of dimensions every param must have (Muon: 2), or None for any
+    param_ndim: int | None = None
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -529,3 +534,62 @@ def check_hyperparameters(rule: Rule, hp: dict, where: str = "") -> None:
         check_pipeline(hp)
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
+
+
+# --------------------------------------------------------------------------- Muon
+
+#: torch.optim.Muon's Newton-Schulz coefficients (a, b, c) and step count.
+MUON_NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+MUON_ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def _lerp_form(w):
+    """torch's ``lerp(a, b, w)`` as ``x + c * (y - x)``: ``(swap, c)``.
+
+    torch evaluates ``a + w*(b - a)`` when ``|w| < 0.5`` and ``b - (b - a)*(1 - w)``
+    otherwise; the second is ``b + (1 - w)*(a - b)`` exactly (a negation is exact),
+    so both are ``x + c*(y - x)`` with ``(x, y) = (a, b)`` or, swapped, ``(b, a)``.
+    ``1 - w`` is taken here in double, as torch takes it from the double weight.
+    """
+    return (False, w) if abs(w) < 0.5 else (True, 1.0 - w)
+
+
+def muon_lr_ratio(adjust_lr_fn, shape) -> float:
+    """The factor torch.optim.Muon applies to ``lr`` for a param of ``shape`` (rows, cols)."""
+    a, b = shape[0], shape[1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, a / b))
+    return 0.2 * math.sqrt(max(a, b))  # "match_rms_adamw" (Moonshot's RMS matching)
+
+
+def _muon_scalars(hp, t, gs):
+    mu = hp["momentum"]
+    buf_swap, buf_c = _lerp_form(1.0 - mu)     # buf = lerp(buf, g, 1 - mu)
+    nest_swap, nest_c = _lerp_form(mu)         # update = lerp(g, buf, mu) with nesterov
+    return dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=mu,
+                nesterov=bool(hp["nesterov"]), eps=hp["eps"], ns_steps=int(hp["ns_steps"]),
+                ns_coefficients=tuple(float(x) for x in hp["ns_coefficients"]),
+                adjust_lr_fn=hp["adjust_lr_fn"], buf_swap=buf_swap, buf_c=buf_c,
+                nest_swap=nest_swap, nest_c=nest_c), gs
+
+
+def _muon_check(hp):
+    check_unit(hp, "momentum", closed=True)
+    check_nonneg(hp, "weight_decay")
+    check_positive(hp, "eps")
+    _require(isinstance(hp["nesterov"], bool), "nesterov", "a bool", hp["nesterov"])
+    c = hp["ns_coefficients"]
+    _require(isinstance(c, (tuple, list)) and len(c) == 3 and all(_real(x) for x in c),
+             "ns_coefficients", "a tuple of three finite numbers (a, b, c)", c)
+    n = hp["ns_steps"]
+    _require(isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) and 0 <= n < 100,
+             "ns_steps", "an int in [0, 100)", n)
+    _require(hp["adjust_lr_fn"] in MUON_ADJUST_LR_FNS, "adjust_lr_fn",
+             f"one of {MUON_ADJUST_LR_FNS}", hp["adjust_lr_fn"])
+
+
+_add(Rule("muon", "Muon", dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                               ns_coefficients=MUON_NS_COEFFICIENTS, eps=1e-7, ns_steps=5,
+                               adjust_lr_fn=None),
+          lambda hp: (("momentum_buffer", 0.0),), _muon_scalars, _muon_check, ("momentum_buffer",),
+          kind=ORTHOGONALIZE, weight_decay="decoupled", param_ndim=2))

@@ -90,6 +90,20 @@ def check_params(params: list, labels: list[str]) -> str:
     return kind
 
 
+def check_param_ndim(rule, params: list, labels: list[str]) -> None:
+    """ValueError naming the first param whose number of dimensions is not ``rule.param_ndim``.
+
+    Muon orthogonalizes each param as a matrix: it takes 2-D params only (biases, gains and
+    embeddings go to an elementwise rule such as AdamW, see README "Muon")."""
+    if rule.param_ndim is None:
+        return
+    for p, lab in zip(params, labels):
+        if p.ndim != rule.param_ndim:
+            raise ValueError(f"{lab}: expected a {rule.param_ndim}-D array ({rule.class_name} "
+                             f"updates matrices only; give other params to another optimizer "
+                             f"such as AdamW), got shape {tuple(p.shape)}")
+
+
 def _check_no_overlap(arrays, labels) -> None:
     """ValueError if two params share memory (views of one buffer would be updated twice)."""
     spans = []

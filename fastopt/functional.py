@@ -42,11 +42,12 @@ from ._backend import array_kind
 from ._pipeline import StepInfo, make_buckets, run_step
 from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule
 from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
-                        check_min_8bit_size, check_params, check_q8_options, flat, is_q8, label, param_precision,
-                        prepare_groups, resolve_precisions, step_options)
+                        check_min_8bit_size, check_param_ndim, check_params, check_q8_options,
+                        flat, is_q8, label, param_precision, prepare_groups, resolve_precisions,
+                        step_options)
 
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
-           "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
+           "lion", "lamb", "adahessian", "newton", "muon", "global_norm", "clip_grad_norm_",
            "clip_grad_value_"]
 
 _CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product")
@@ -76,6 +77,7 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     params = as_list(params, "params")
     labels = [label("params", i) for i in range(len(params))]
     kind = check_params(params, labels)
+    check_param_ndim(rule, params, labels)
     precisions = resolve_precisions(rule, params, labels, popts)
     min8 = check_min_8bit_size(popts["min_8bit_size"])
     pprec = [param_precision(precisions, p, min8) for p in params]
@@ -114,7 +116,9 @@ def _run(rule: Rule, args: dict) -> StepInfo:
             raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
         gstate = {"mu_product": float(mu_product)}
     group = prepared.group_step(make_buckets([flat(p) for p in params], states,
-                                             param_precisions=pprec), gstate)
+                                             param_precisions=pprec,
+                                             shapes=None if rule.param_ndim is None
+                                             else [tuple(p.shape) for p in params]), gstate)
     return run_step(be, rule, [group], step, nonfinite, inv_scale)
 
 
@@ -332,6 +336,19 @@ def newton(params, grads, hessians, masters=None, *, step, lr=1.0, damping=1e-4,
     State lists: none; ``hessians[i]`` is ``(n, n)`` for an ``n``-element ``params[i]``.
     """
     return _run(RULES["newton"], locals())
+
+
+def muon(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, weight_decay=0.1,
+         momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
+         ns_steps=5, adjust_lr_fn=None, maximize=False, clip_value=None, clip_norm=None,
+         clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
+         nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+         stochastic_rounding=False, seed=0) -> StepInfo:
+    """One :class:`fastopt.Muon` step over lists of 2-D arrays, in place (the math is on the class).
+
+    State lists: ``momentum_buffers``.
+    """
+    return _run(RULES["muon"], locals())
 
 
 def _ops_for(arrays, name, backend="auto"):

@@ -599,9 +599,15 @@ def resolve_precision(param_dtype, grad_dtype=None, *, state_dtype=None, master_
     if kind == "dense_solve" and dt not in (_F32, _F64):
         raise TypeError(f"{label}: expected dtype float32 or float64 (the dense Newton solve has "
                         f"no reduced-precision form), got {dt}")
+    if kind == "orthogonalize" and dt not in (_F32, _F64):
+        raise TypeError(f"{label}: expected dtype float32 or float64 (Muon's Newton-Schulz matrix "
+                        f"products have no reduced-precision form here), got {dt}")
     if grad_dtype is not None:
         check_grad_dtype(dt, grad_dtype, label.replace("params", "grads", 1))
     state = resolve_state_dtype(dt, state_dtype, label)
+    if kind == "orthogonalize" and state != dt:
+        raise ValueError(f"state_dtype: expected None or 'param' for Muon (its momentum buffer is "
+                         f"kept in the param's dtype), got {state_dtype!r}")
     master = check_master_weights(dt, master_weights, label)
     sr = check_stochastic_rounding(dt, stochastic_rounding, master, label)
     return Precision(param=dt, compute=compute_dtype(dt), state=state, master_weights=master,

@@ -82,7 +82,7 @@ from ._rules import (PIPELINE_DEFAULTS, RULES, Rule, as_host_scalars, check_hype
 from ._validate import check_grad_scale, check_nonfinite, resolve_precisions
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
-           "Lion", "LAMB", "AdaHessian", "Optimizer"]
+           "Lion", "LAMB", "AdaHessian", "Optimizer", "Muon"]
 
 #: torch dtypes the adapter steps, and the NumPy dtype of their zero-copy views (bfloat16:
 #: None here, ``ml_dtypes.bfloat16`` -- imported only when a bfloat16 tensor appears --
@@ -579,7 +579,11 @@ class Optimizer(torch.optim.Optimizer):
                 if mu:
                     gstate["mu_product"] = float(mu[0])
                 parts.append(_Part(
-                    t=t, params=params, buckets=make_buckets(flat_p, flat_s, np_precs), steps=steps,
+                    t=t, params=params, steps=steps,
+                    # a rule whose kernel needs the params' shapes (Muon) gets them
+                    buckets=make_buckets(flat_p, flat_s, np_precs,
+                                         shapes=None if rule.param_ndim is None
+                                         else [tuple(p.shape) for p in params]),
                     mu=mu, gstate=gstate,
                     pos=None if len(by_t) == 1 else [pos for pos, _, _ in entries],
                     layout=[(a.dtype, a.size) for a in flat_p]))
@@ -871,6 +875,52 @@ class AdaHessian(Optimizer):
         return self._step(loss, grad_scale, extras)
 
 
+class Muon(Optimizer):
+    rule = RULES["muon"]
+    __doc__ = ("Muon: orthogonalized momentum for 2-D (hidden-layer) params." + _DOC.format(
+        torch="Muon", extra="; its Newton-Schulz products run in the param's dtype, where torch "
+        "runs them in bfloat16; no ``maximize``, as torch") + """
+    Give Muon the hidden weight matrices only; biases, norms, embeddings and the output layer
+    go to another optimizer (``fastopt.torch.AdamW``), as torch.optim.Muon's docs say.
+""")
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
+                 adjust_lr_fn=None, *, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+        # torch.optim.Muon's own checks and messages first
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn is not None and adjust_lr_fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+        o, w, t = _split(locals(), ())
+        super().__init__(params, o, torch_only=t, **w)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._check_matrix(p)
+
+    @staticmethod
+    def _check_matrix(p):
+        if p.ndim != 2:
+            raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter "
+                             f"with size: {p.size()}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``; a group with a param that is not 2-D is refused whole."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor):
+                self._check_matrix(p)
+        super().add_param_group(param_group)
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian)}
+               AdaHessian, Muon)}

@@ -135,7 +135,7 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._backend import Ops, register_kernel
 from .._rules import (DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNEL_FLAGS, KERNEL_SCALAR_SLOT,
-                      KERNEL_SCALARS, RULES, TRUST_RATIO)
+                      KERNEL_SCALARS, ORTHOGONALIZE, RULES, TRUST_RATIO, muon_lr_ratio)
 
 BACKEND = "numba"
 
@@ -998,10 +998,104 @@ def _fused_kernel(rule):
 _DRIVERS = {ELEMENTWISE: _fused_kernel, TRUST_RATIO: _fused_kernel, DENSE_SOLVE: _solve_kernel}
 
 
+# ------------------------------------------------------------------ Muon (Rule.kind "orthogonalize")
+# Two fused passes around NumPy's BLAS: the grad pipeline and the momentum buffer in one
+# pass (``_k_muon_momentum``), the Newton-Schulz products on the host (``_newton_schulz``),
+# then the decay stage, the update and weight_clip in one pass over the param
+# (``_k_muon_apply``).  The operation order is the reference's (kernels/reference.py).
+
+_M_BUF_SWAP, _M_NEST_SWAP, _M_NESTEROV = 1, 2, 4
+
+
+@_entry()
+def _k_muon_momentum(g, buf, upd, cs, flags, threads):
+    """``x = clip(g*ginv)*scale``; ``buf = lerp(buf, x)``; ``upd = lerp(x, buf)`` (nesterov).
+
+    ``cs`` = (ginv, gclip, scale, buf_c, nest_c) in the dtype; the lerps are torch's in
+    the ``x + c*(y - x)`` form of ``fastopt._rules._lerp_form`` (``flags`` says which swap).
+    """
+    n = g.shape[0]
+    ginv, gclip, scale, bc, nc = cs[0], cs[1], cs[2], cs[3], cs[4]
+    bswap, nswap, nest = flags & _M_BUF_SWAP, flags & _M_NEST_SWAP, flags & _M_NESTEROV
+    parts = min(threads, max(1, n // MIN_PER_THREAD))
+    for k in prange(parts):
+        for i in range(n * k // parts, n * (k + 1) // parts):
+            x = _clip(g[i] * ginv, gclip) * scale
+            b = buf[i]
+            b = x + bc * (b - x) if bswap else b + bc * (x - b)
+            buf[i] = b
+            if nest:
+                upd[i] = b + nc * (x - b) if nswap else x + nc * (b - x)
+
+
+@_entry()
+def _k_muon_apply(p, o, cs, threads):
+    """``p = p*decay - alr*o`` (decay 1: off), then ``clip(p, -wclip, wclip)``; ``p`` flat, ``o``
+    the matrix (a transposed view for a tall param).  ``cs`` = (decay, alr, wclip)."""
+    rows, cols = o.shape
+    decay, alr, wclip = cs[0], cs[1], cs[2]
+    parts = min(threads, max(1, rows * cols // MIN_PER_THREAD), rows)
+    for k in prange(parts):
+        for r in range(rows * k // parts, rows * (k + 1) // parts):
+            for j in range(cols):
+                i = r * cols + j
+                p[i] = _clip(p[i] * decay - alr * o[r, j], wclip)
+
+
+def _newton_schulz(u, shape, coefficients, steps, eps):
+    """The reference's ``newton_schulz`` with preallocated products (same operations, same order).
+
+    ``gram @ gram.T`` is ``gram @ gram`` (the Gram matrix is symmetric) and lets NumPy call
+    BLAS ``syrk``, half the work of ``gemm``.
+    """
+    a, b, c = coefficients
+    x = u.reshape(shape)
+    tall = shape[0] > shape[1]
+    if tall:
+        x = x.T
+    x = x / max(float(np.linalg.norm(x)), eps)
+    dt = x.dtype.type
+    r = x.shape[0]
+    gram, sq, y = np.empty((r, r), x.dtype), np.empty((r, r), x.dtype), np.empty_like(x)
+    for _ in range(steps):
+        np.matmul(x, x.T, out=gram)
+        np.matmul(gram, gram.T, out=sq)
+        gram *= dt(b)
+        sq *= dt(c)
+        gram += sq
+        np.matmul(gram, x, out=y)
+        x *= dt(a)
+        x += y
+    return x.T if tall else x
+
+
+def _orthogonalize_kernel(rule):
+    """Muon on the host: the two fused passes around NumPy's matrix products, per tensor."""
+
+    def kernel(params, grads, states, s, pre, extras=None):
+        ginv, gclip, wclip = _head(pre)[:3]
+        flags = ((_M_BUF_SWAP if s["buf_swap"] else 0) | (_M_NEST_SWAP if s["nest_swap"] else 0)
+                 | (_M_NESTEROV if s["nesterov"] else 0))
+        for t, (p, g, buf) in enumerate(zip(params, grads, states["momentum_buffer"])):
+            dt, shape = p.dtype, pre.shapes[t]
+            scale = 1.0 if pre.scales is None else float(pre.scales[t])
+            upd = np.empty_like(p) if s["nesterov"] else buf
+            _launch(_k_muon_momentum, g, buf, upd,
+                    np.array([ginv, gclip, scale, s["buf_c"], s["nest_c"]], dt), flags)
+            o = _newton_schulz(upd, shape, s["ns_coefficients"], s["ns_steps"], s["eps"])
+            alr = s["lr"] * muon_lr_ratio(s["adjust_lr_fn"], shape)
+            _call(_k_muon_apply, p, o, np.array([s["decay"], alr, wclip], dt))
+
+    return kernel
+
+
+_DRIVERS[ORTHOGONALIZE] = _orthogonalize_kernel
+
+
 def _check_table():
     """Every fused rule has an entry for each variant; the stages are the driver's."""
     for rule in RULES.values():
-        if rule.kind == DENSE_SOLVE:
+        if rule.kind in (DENSE_SOLVE, ORTHOGONALIZE):
             continue
         for v in range(1 << len(rule.variants)):
             assert (rule.name, v) in _ENTRIES, (rule.name, v)
@@ -1123,9 +1217,11 @@ def warmup_jobs(dtypes=("float32", "float64"), rules=None, variants=True):
                     extras = [np.eye(3, dtype=dt).reshape(-1) if len(shape) == 2 else z()]
                 s, _ = rule.step_scalars(hp, 1, dict(rule.group_state))
                 on = [f for k, f in enumerate(flags) if v >> k & 1]
+                # a rule that needs the shapes (Muon: matrices) gets the 3 elements as a 1 x 3 one
+                pre = Pre(shapes=[(1, 3)] if rule.param_ndim == 2 else None)
                 label = " ".join([name, dt.name] + on)
-                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z:
-                             get_kernel(name, BACKEND)([z()], [z()], states, s, Pre(), extras)))
+                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z, pre=pre:
+                             get_kernel(name, BACKEND)([z()], [z()], states, s, pre, extras)))
         jobs.append((f"grad checks {dt.name}", lambda z=z: (
             OPS.grad_stats([z()], None, inv_scale=None, clip_value=None, need_sumsq=True,
                            check_finite=True),

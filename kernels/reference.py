@@ -16,7 +16,7 @@ import numpy as np
 from .. import precision as _prec
 from .. import quantization as _q
 from .._backend import Ops, register_kernel
-from .._rules import CLIP_EPS, RULES
+from .._rules import CLIP_EPS, RULES, muon_lr_ratio
 
 BACKEND = "numpy"
 
@@ -353,3 +353,52 @@ def newton(p, g, st, s, h):
     n = p.size
     a = h.reshape(n, n) + s["damping"] * np.eye(n, dtype=p.dtype)
     p -= s["lr"] * np.linalg.solve(a, g)
+
+
+# ------------------------------------------------------------------ Muon (Rule.kind "orthogonalize")
+
+
+def lerp_form(x, y, swap, c):
+    """torch's ``lerp`` in the form ``fastopt._rules._lerp_form`` gives: ``x + c*(y - x)``,
+    with ``x`` and ``y`` exchanged when ``swap``."""
+    if swap:
+        x, y = y, x
+    return x + c * (y - x)
+
+
+def newton_schulz(u, coefficients, steps, eps):
+    """torch.optim.Muon's orthogonalization of the matrix ``u``, in ``u``'s dtype.
+
+    The wide orientation (rows <= cols) is iterated so that the Gram matrix is the small
+    one: ``X = u / max(||u||_F, eps)``; ``steps`` times ``A = X X^T``,
+    ``B = b A + c A A``, ``X = a X + B X``.  torch computes it in bfloat16; fastopt in
+    the param's dtype (docs/design.md, "Muon").
+    """
+    a, b, c = coefficients
+    tall = u.shape[0] > u.shape[1]
+    x = u.T if tall else u
+    x = x / max(float(np.linalg.norm(x)), eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        # gram is symmetric: gram @ gram.T is gram @ gram, and NumPy hands it to BLAS syrk
+        x = a * x + (b * gram + c * (gram @ gram.T)) @ x
+    return x.T if tall else x
+
+
+def muon_kernel(params, grads, states, s, pre, extras=None):
+    """torch.optim.Muon per 2-D tensor (``pre.shapes``): ``buf = lerp(buf, g, 1 - mu)``;
+    ``u = lerp(g, buf, mu)`` (nesterov) or ``buf``; ``O = NS(u)``; ``p *= 1 - lr*wd``;
+    ``p -= lr * ratio(shape) * O``; then ``weight_clip``."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        shape = pre.shapes[i]
+        g = _decay_stage(p, processed_grad(g, i, pre), s)
+        buf = states["momentum_buffer"][i]
+        buf[...] = lerp_form(buf, g, s["buf_swap"], s["buf_c"])
+        u = lerp_form(g, buf, s["nest_swap"], s["nest_c"]) if s["nesterov"] else buf
+        o = newton_schulz(u.reshape(shape), s["ns_coefficients"], s["ns_steps"], s["eps"])
+        p -= (s["lr"] * muon_lr_ratio(s["adjust_lr_fn"], shape)) * o.reshape(-1)
+        if pre.weight_clip is not None:
+            np.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
+
+
+register_kernel("muon", BACKEND, muon_kernel)

@@ -114,6 +114,12 @@ def _newton_draws(draw):
     return {"damping": draw(st.floats(1e-4, 1.0))}
 
 
+def _muon_draws(draw):
+    return {"momentum": draw(st.sampled_from([0.0, 0.3, 0.5, 0.95])), "nesterov": draw(st.booleans()),
+            "adjust_lr_fn": draw(st.sampled_from([None, "original", "match_rms_adamw"])),
+            "ns_steps": draw(st.integers(0, 6))}
+
+
 # --------------------------------------------------------------------------- the table
 
 _cosine = fastopt.schedules.cosine_decay
@@ -228,6 +234,24 @@ _RECORDS = [
         rosen=(dict(lr=1.0, damping=1e-3), 200),
         strategy=_newton_draws),
 ]
+
+# Muon updates 2-D params only: every test makes its params through ``param_shape``.
+_RECORDS.append(OptimInfo(
+    "muon",
+    cases=(Case("muon", {"lr": 0.02}),
+           Case("muon-plain-match-wd", {"lr": 0.02, "nesterov": False, "momentum": 0.3,
+                                        "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.01}),
+           Case("muon-all-pipeline", {"lr": 0.02, "clip_value": 0.5, "clip_norm": 1.0,
+                                      "clip_global_norm": 2.0, "maximize": True, "weight_clip": 1.5,
+                                      "max_norm": 20.0}, pipeline=True)),
+    oracle=(dict(lr=0.02), dict(lr=0.02, nesterov=False, momentum=0.3, weight_decay=0.0),
+            dict(lr=0.02, momentum=0.5, adjust_lr_fn="match_rms_adamw", weight_decay=0.01),
+            dict(lr=0.02, adjust_lr_fn="original", ns_steps=3, eps=1e-5,
+                 ns_coefficients=(2.0, -1.5, 0.5))),
+    # an orthogonalized step has a fixed size (lr * ratio): it needs a decaying lr to settle
+    converge=(dict(lr=_cosine(0.3, 3000), weight_decay=0.0),),
+    rosen=(dict(lr=_cosine(0.02, 20000), weight_decay=0.0, momentum=0.9), 20000),
+    strategy=_muon_draws))
 
 #: rule -> its record, in the rule table's order.
 INFOS: dict[str, OptimInfo] = {}
@@ -372,10 +396,26 @@ def extra_from_hessian(rule: str, h: np.ndarray) -> np.ndarray | None:
     return np.abs(np.diag(h)).copy()
 
 
+def param_shape(rule: str, size: int) -> tuple:
+    """The shape of a test param of ``size`` elements: ``(size,)``, or for a rule that takes
+    2-D params only (``Rule.param_ndim``, Muon) the most nearly square ``(rows, cols)`` with
+    ``rows >= cols`` (7 -> (7, 1), 1001 -> (77, 13)): tall, wide after a transpose, and 1-wide
+    matrices all occur."""
+    if RULES[rule].param_ndim != 2:
+        return (size,)
+    cols = max(d for d in range(1, int(size ** 0.5) + 1) if size % d == 0)
+    return (size // cols, cols)
+
+
+def as_param(rule: str, x: np.ndarray) -> np.ndarray:
+    """``x`` (1-D) as a view of the shape the rule's params need (see :func:`param_shape`)."""
+    return x.reshape(param_shape(rule, x.size)) if RULES[rule].param_ndim == 2 else x
+
+
 def make_problem(rule: str, sizes, dtype, seed: int = 0, steps: int = STEPS):
     """Params and, per step, grads (and extras) for a parity run."""
     rng = np.random.default_rng(seed)
-    sizes = cap_sizes(rule, sizes)
+    sizes = [param_shape(rule, s) for s in cap_sizes(rule, sizes)]
     params = [rng.standard_normal(s).astype(dtype) for s in sizes]
     grads, extras = [], []
     for _ in range(steps):
@@ -434,5 +474,5 @@ def assert_same_run(want_p, want_sd, got_p, got_sd, dtype):
 
 __all__ = ["Case", "OptimInfo", "INFOS", "CASES", "CASE_IDS", "ORACLE", "CONVERGE", "ROSEN", "BENCH",
            "rule_options", "TOL", "STEPS", "SIZES", "SQUARE_EXTRA_MAX", "NEWTON_SIZES",
-           "EXTRA_RULES", "takes_extra", "cap_shape", "cap_sizes", "extra_input", "extra_from_hessian", "make_problem",
+           "EXTRA_RULES", "takes_extra", "cap_shape", "param_shape", "as_param", "cap_sizes", "extra_input", "extra_from_hessian", "make_problem",
            "make_feed", "step", "run", "assert_parity", "assert_same_run", "fastopt"]

@@ -39,9 +39,13 @@ class CupyLike:
         self.base = None
 
 
-def make_params(seed=0):
+def make_params(seed=0, rule=None):
+    """SHAPES' params; for a rule of 2-D params only (Muon) the 1-D ones as columns."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s).astype(dt) for s, dt in SHAPES]
+    ps = [rng.standard_normal(s).astype(dt) for s, dt in SHAPES]
+    if rule is not None and RULES[rule].param_ndim == 2:
+        ps = [p.reshape(p.size, 1) if p.ndim == 1 else p for p in ps]
+    return ps
 
 
 def make_grads(params, seed=1):
@@ -79,7 +83,7 @@ def snapshot(opt, params):
 
 def stepped(rule="adam", backend="numpy", groups=False, **opts):
     """An optimizer over SHAPES that has taken one good step (so its state is not all zeros)."""
-    params = make_params()
+    params = make_params(rule=rule)
     arg = params
     if groups:
         arg = [{"params": params[:2]}, {"params": params[2:], "lr": 0.05}]
@@ -348,6 +352,9 @@ BAD_VALUES = {
     "clip_global_norm": [0.0, -1.0, NAN, INF],
     "weight_clip": [0.0, -1.0, NAN, INF],
     "max_norm": [0.0, -1.0, NAN, INF],
+    "ns_coefficients": [(1.0, 2.0), (1.0, NAN, 2.0), "abc", None],
+    "ns_steps": [-1, 100, 2.5, True, None],
+    "adjust_lr_fn": ["rms", 1],
 }
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
@@ -373,14 +380,14 @@ def test_hyperparameter_out_of_range(rule, name, backend):
         pattern = _hp_pattern(name, value)
         # 1. the constructor
         with pytest.raises(ValueError, match=pattern):
-            cls(make_params(), backend=backend, **{name: value})
+            cls(make_params(rule=rule), backend=backend, **{name: value})
         # 2. set later on the last group (torch style), then step: nothing is written
         opt, params = stepped(rule, backend, groups=True)
         opt.param_groups[-1][name] = value
         raises_unchanged(opt, params, ValueError, r"param_groups\[1\]: " + pattern,
                          lambda: do_step(opt, make_grads(params), extras_for(rule, params)))
         # 3. the functional API, with every state list given
-        params = make_params()
+        params = make_params(rule=rule)
         states = {n + "s": [np.zeros_like(p) for p in params] for n in RULES[rule].all_state}
         extra = extras_for(rule, params)
         args = (params, make_grads(params)) + ((extra,) if extra is not None else ())

@@ -20,7 +20,7 @@ from fastopt import _backend
 from fastopt.apps import bench as _bench
 from fastopt.apps import benchkit as kit
 from fastopt._cli import main
-from fastopt._rules import DENSE_SOLVE, RULES
+from fastopt._rules import DENSE_SOLVE, ORTHOGONALIZE, RULES
 
 from _cases import CASES
 
@@ -56,7 +56,9 @@ def test_bytes_per_element_is_the_rule_records(itemsize):
     """One bytes table: the benchmarks' figure is the rule record's, for every option set."""
     for rule, opts, _ in CASES:
         r = RULES[rule]
-        want = None if r.kind == DENSE_SOLVE else r.bytes_per_element({**r.defaults, **opts}, itemsize)
+        # Newton's dense solve and Muon's matrix products are not bandwidth-bound: no figure
+        want = (None if r.kind in (DENSE_SOLVE, ORTHOGONALIZE)
+                else r.bytes_per_element({**r.defaults, **opts}, itemsize))
         assert kit.bytes_per_element(rule, opts, itemsize) == want, rule
         per = kit.arrays_per_element(rule, opts)
         assert want == (None if per is None else per * itemsize), rule
@@ -235,7 +237,10 @@ def _params_ok(cls):
 def test_asv_params_come_from_the_rule_table(asv_suite):
     step = asv_suite["bench_step"].Step
     assert _params_ok(step)
-    assert set(step.params[0]) == set(RULES) - {"newton"}
+    # every rule of one or two fused passes; Newton (a dense solve) and Muon (matrix
+    # products) have classes of their own
+    assert set(step.params[0]) == set(RULES) - {"newton", "muon"}
+    assert asv_suite["bench_step"].Muon.params[0] == ["numpy", "numba", "torch"]
     assert step.params[1] == list(_backend.BACKEND_NAMES)
     assert step.params[3] == [1_000, 1_000_000, 16_000_000]
     for mod in asv_suite.values():
@@ -303,3 +308,23 @@ def test_asv_numba_compile_benchmark_skips_or_sets_up(asv_suite):
     else:
         with pytest.raises(NotImplementedError):
             bench.setup("float32")
+
+
+def test_muon_row_runs_interleaved_against_torch(capsys):
+    """``bench --muon N --muon-only``: one interleaved fastopt/torch.optim.Muon row (a small N
+    here; the figure of record is N = 4096)."""
+    import json
+
+    from fastopt.apps import bench as _b
+
+    m = _b.muon_vs_torch(24, rounds=2, backend="numpy")
+    assert m["shape"] == [24, 24] and m["fastopt_s"] > 0
+    if _b.torch_module() is not None:
+        assert m["torch_s"] > 0 and m["ratio"] == pytest.approx(m["fastopt_s"] / m["torch_s"])
+    assert "muon numpy 24x24 float32" in _b.format_muon(m)
+    from fastopt._cli import main
+
+    assert main(["bench", "--muon", "16", "--muon-only", "--muon-rounds", "1", "--backends",
+                 "numpy", "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["muon"]["shape"] == [16, 16] and "rows" not in out

@@ -12,7 +12,7 @@ import pytest
 
 import fastopt as fo
 
-from _cases import CONVERGE, ROSEN, extra_from_hessian
+from _cases import CONVERGE, ROSEN, as_param, extra_from_hessian
 
 P0, G1, G2 = 0.5, 0.2, -0.4
 
@@ -265,13 +265,13 @@ def test_newton_scalar_and_matrix():
 
 def _minimise(cls, opts, x0, grad, hess, steps):
     x = np.array(x0, dtype=np.float64)
-    opt = cls([x], backend="numpy", **opts)
+    opt = cls([as_param(cls.rule.name, x)], backend="numpy", **opts)  # Muon: x as an n x 1 matrix
     for _ in range(steps):
         g = grad(x)
         # the rule's extra input from the Hessian (a diagonal or the matrix, by Rule.extra_shape)
         extra = extra_from_hessian(cls.rule.name, hess(x))
         if extra is None:
-            opt.step([g])
+            opt.step([as_param(cls.rule.name, g)])
         else:
             opt.step([g], [extra])
     return x

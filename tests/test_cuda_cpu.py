@@ -239,7 +239,7 @@ def test_kernels_read_only_their_rules_scalars(libs, monkeypatch, k):
 def test_kernel_names_follow_the_rule_kind(libs, monkeypatch):
     """Dispatch reads Rule.kind and Rule.name: per step, one fo_update_<rule> launch for an
     elementwise rule, fo_trust_stage1/2_<rule> around the norm sums for a trust-ratio rule,
-    none for a dense solve."""
+    none for a dense solve or an orthogonalization (array-module ops and matmul)."""
     k = register(monkeypatch, libs, chunk_size=1024)
     for name, r in RULES.items():
         k.dev.names.clear()
@@ -247,7 +247,7 @@ def test_kernel_names_follow_the_rule_kind(libs, monkeypatch):
         rule_launches = [n for n in k.dev.names if n.startswith(("fo_update_", "fo_trust_"))]
         want = {"elementwise": [f"fo_update_{name}_f64"],
                 "trust_ratio": [f"fo_trust_stage1_{name}_f64", f"fo_trust_stage2_{name}_f64"],
-                "dense_solve": []}[r.kind]
+                "dense_solve": [], "orthogonalize": []}[r.kind]
         assert rule_launches == want * STEPS, name
 
 

@@ -129,6 +129,7 @@ def test_shard_ranges_cover_and_hold_at_most_a_block_over_the_fair_share():
 @pytest.mark.parametrize("rule, opts, match", [
     ("lamb", {}, "LAMB cannot be sharded"),
     ("newton", {}, "Newton cannot be sharded"),
+    ("muon", {}, "Muon cannot be sharded .it orthogonalizes each whole matrix"),
     ("adamm", {}, "rule: expected a fastopt optimizer class"),
     ("adam", {"sum_order": "tree"}, "sum_order: expected one of"),
     ("adam", {"betas": (0.9, 1.5)}, r"betas\[1\]: expected a number in \[0, 1\)"),

@@ -21,7 +21,7 @@ from fastopt import functional as F
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
 
-from _cases import CASE_IDS, CASES, EXTRA_RULES, cap_sizes, extra_input
+from _cases import CASE_IDS, CASES, EXTRA_RULES, cap_sizes, extra_input, param_shape
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 SIZES = (5, 1, 3001)  # the last tensor is long enough to be split into parts by a parallel kernel
@@ -29,7 +29,7 @@ SIZES = (5, 1, 3001)  # the last tensor is long enough to be split into parts by
 
 def problem(rule, dtype=np.float64, sizes=SIZES, seed=0):
     rng = np.random.default_rng(seed)
-    sizes = cap_sizes(rule, sizes)
+    sizes = [param_shape(rule, s) for s in cap_sizes(rule, sizes)]  # Muon: matrices
     params = [rng.standard_normal(s).astype(dtype) for s in sizes]
     return params, rng
 

@@ -36,6 +36,8 @@ opt_float = lambda lo, hi: st.one_of(st.none(), st.floats(lo, hi))  # noqa: E731
 def make(rule, shape_list, dtype, seed, steps, grad_scale=None):
     rng = np.random.default_rng(seed)
     shape_list = [cap_shape(rule, s) for s in shape_list]  # an n x n extra input caps n
+    if RULES[rule].param_ndim == 2:  # Muon: every drawn shape as a matrix, a vector as a column
+        shape_list = [s if len(s) == 2 else (int(np.prod(s)), 1) for s in shape_list]
     params = [rng.standard_normal(s).astype(dtype) for s in shape_list]
     feed = []
     for _ in range(steps):

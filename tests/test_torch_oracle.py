@@ -10,7 +10,7 @@ import pytest
 
 import fastopt as fo
 
-from _cases import ORACLE  # (torch.optim class name, options): every record's oracle sets
+from _cases import ORACLE, param_shape  # ORACLE: (torch.optim class, options) of every record
 
 torch = pytest.importorskip("torch")
 
@@ -30,9 +30,37 @@ def test_matches_torch_optim(name, opts, backend):
         torch.set_default_dtype(old)
 
 
+def _newton_schulz_same_dtype(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's ``_zeropower_via_newtonschulz`` without its cast to bfloat16.
+
+    torch runs the Newton-Schulz products in bfloat16 whatever the param dtype; fastopt in
+    the param's dtype.  With this in its place, torch.optim.Muon is the float64 oracle of
+    everything else Muon does (the momentum lerps, the lr adjustment, the decay); the
+    bfloat16 original is compared in tests/test_rules_b.py within a bfloat16 tolerance.
+    """
+    a, b, c = ns_coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.T if tall else grad
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 def _compare(name, opts, backend):
+    if name == "Muon":
+        from torch.optim import _muon
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_muon, "_zeropower_via_newtonschulz", _newton_schulz_same_dtype)
+            return _compare_run(name, opts, backend)
+    return _compare_run(name, opts, backend)
+
+
+def _compare_run(name, opts, backend):
     rng = np.random.default_rng(7)
-    sizes = (1, 7, 1001)
+    rule = getattr(fo, name).rule.name
+    sizes = [param_shape(rule, s) for s in (1, 7, 1001)]  # Muon: matrices
     params = [rng.standard_normal(s) for s in sizes]
     tparams = [torch.tensor(p, requires_grad=True) for p in params]
     topt = getattr(torch.optim, name)(tparams, **opts)

@@ -64,3 +64,43 @@ class Newton:
     def time_step(self, backend, dtype, n):
         self.case.step()
         self.case.sync()
+
+
+class Muon:
+    """Muon on one n x n matrix: momentum, 5 Newton-Schulz iterations (matrix products), update.
+
+    ``impl`` "torch" is torch.optim.Muon on the CPU (its products in bfloat16, very slow on a
+    CPU without bfloat16 matrix units: the 4096 row may need the whole timeout).
+    ``python -m fastopt bench --muon 4096`` gives the interleaved fastopt/torch ratio.
+    """
+
+    params = [["numpy", "numba", "torch"], ["float32"], [1024, 4096]]
+    param_names = ["impl", "dtype", "n"]
+    rounds = 1
+    repeat = (1, 3, 10.0)
+    number = 1
+    warmup_time = 0
+    timeout = 1800
+
+    def setup(self, impl, dtype, n):
+        import numpy as np
+
+        from fastopt.apps.bench import Case, torch_module, unavailable
+
+        if impl == "torch":
+            torch = torch_module()
+            if torch is None or not hasattr(torch.optim, "Muon"):
+                raise NotImplementedError("torch.optim.Muon is not installed")
+            rng = np.random.default_rng(0)
+            p = torch.from_numpy(rng.random((n, n), dtype=np.float32) - 0.5)
+            p.grad = torch.from_numpy(rng.random((n, n), dtype=np.float32) - 0.5)
+            self.step = torch.optim.Muon([p], lr=0.02).step
+        else:
+            why = unavailable(impl, "muon")
+            if why:
+                raise NotImplementedError(why)
+            self.step = Case(impl, "muon", [(n, n)], dtype, {"lr": 0.02}).step
+        self.step()  # compile, first touch
+
+    def time_step(self, impl, dtype, n):
+        self.step()

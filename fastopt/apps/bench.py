@@ -22,11 +22,14 @@ thread) and torch's ``add_`` (multi-threaded) when torch is installed:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
 import os
+import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -86,6 +89,8 @@ def unavailable(impl: str, rule: str = "adam") -> str | None:
             return f"torch.optim has no {rule}"
         if impl == "torch-fused" and "fused" not in inspect.signature(_torch_class(rule)).parameters:
             return f"torch.optim.{TORCH_CLASSES[rule]} has no fused=True"
+        if impl == "torch-foreach" and "foreach" not in inspect.signature(_torch_class(rule)).parameters:
+            return f"torch.optim.{TORCH_CLASSES[rule]} has no foreach=True"
         return None
     return f"unknown implementation {impl!r}; expected one of {IMPLS}"
 
@@ -392,6 +397,61 @@ def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, pr
     }
 
 
+def muon_vs_torch(n=4096, dtype="float32", backend="numba", rounds=3, progress=False):
+    """One Muon step on an ``n`` x ``n`` matrix: fastopt (``backend``) against torch.optim.Muon
+    on the CPU, interleaved in one process (fastopt, torch, fastopt, ...) so that both see the
+    same machine load; returns the dict ``--json`` prints under ``"muon"``.
+
+    Both run torch's defaults (5 Newton-Schulz steps, Nesterov).  fastopt's products run in
+    ``dtype`` on NumPy's BLAS (``syrk`` for the two symmetric ones); torch's in bfloat16.
+    ``ratio`` is fastopt's median time over torch's (below 1: fastopt is faster).
+    """
+    from .._optim import Muon
+
+    torch = torch_module()
+    rng = np.random.default_rng(0)
+    p = _random(np, rng, (n, n), dtype)
+    g = _random(np, rng, (n, n), dtype)
+    fo_opt = Muon([p.copy()], lr=0.02, backend=backend, nonfinite="ignore")
+    fo_step = functools.partial(fo_opt.step, [g])
+    t_step = None
+    if torch is not None:
+        tp = torch.from_numpy(p.copy())
+        tp.grad = torch.from_numpy(g)
+        t_opt = torch.optim.Muon([tp], lr=0.02)
+        t_step = t_opt.step
+    fo_step()  # compile, first touch
+    if t_step is not None:
+        t_step()
+    bar = Progress(rounds * (1 + (t_step is not None)), progress)
+    fo_times, t_times = [], []
+    for _ in range(rounds):
+        for step, out in ((fo_step, fo_times), (t_step, t_times)):
+            if step is None:
+                continue
+            bar.update("muon")
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    bar.close()
+    fo_t = statistics.median(fo_times)
+    t_t = statistics.median(t_times) if t_times else None
+    return {"shape": [n, n], "dtype": np.dtype(dtype).name, "backend": backend, "rounds": rounds,
+            "fastopt_s": fo_t, "torch_s": t_t, "ratio": None if t_t is None else fo_t / t_t,
+            "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def format_muon(m) -> str:
+    """The table row of :func:`muon_vs_torch`."""
+    shape = "x".join(map(str, m["shape"]))
+    torch_t = "-" if m["torch_s"] is None else _fmt_time(m["torch_s"]).strip()
+    ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}x"
+    load = "" if m["loadavg"] is None else f", load average {m['loadavg']:.1f}"
+    return (f"muon {m['backend']} {shape} {m['dtype']}: {_fmt_time(m['fastopt_s']).strip()} per step, "
+            f"torch.optim.Muon {torch_t}, fastopt/torch {ratio} (median of {m['rounds']} "
+            f"interleaved steps{load})")
+
+
 def _version(mod):
     try:
         return __import__(mod).__version__
@@ -577,12 +637,21 @@ def _cmd_bench(args) -> int:
         raise SystemExit("no available backend to benchmark")
     sizes = _parse_sizes(args.sizes)
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.muon_only:
+        rules = []
     result = run_bench(rules, impls, sizes, args.dtype, torch=not args.no_torch,
-                       min_time=args.min_time, progress=progress)
+                       min_time=args.min_time, progress=progress) if rules else None
+    muon = None
+    if args.muon:
+        muon = muon_vs_torch(args.muon, args.dtype, "numba" if "numba" in impls else impls[0],
+                             rounds=args.muon_rounds, progress=progress)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({**(result or {}), "muon": muon}, indent=1))
     else:
-        print(format_table(result))
+        if result is not None:
+            print(format_table(result))
+        if muon is not None:
+            print(format_muon(muon))
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -610,4 +679,10 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
     p.add_argument("--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--muon", type=int, default=0, metavar="N",
+                   help="also time one Muon step on an N x N matrix against torch.optim.Muon, "
+                        "interleaved (e.g. 4096; default: off)")
+    p.add_argument("--muon-rounds", type=int, default=3, metavar="K",
+                   help="interleaved Muon steps of each (default: 3)")
+    p.add_argument("--muon-only", action="store_true", help="the Muon row only (with --muon)")
     p.set_defaults(func=_cmd_bench)

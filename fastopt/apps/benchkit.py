@@ -17,7 +17,8 @@ rule record (``Rule.accesses``): read and write the param (2), read the grad
 per-element extra input (AdaHessian's Hessian diagonal, 1); a trust-ratio rule
 (LAMB) reads the param and the moments once more in its second pass.  So SGD
 moves 3 arrays, Adam 7 (9 with ``amsgrad``), AdaHessian 8, LAMB 10.  A
-dense-solve rule (Newton) is not bandwidth-bound and has no entry (None).
+dense-solve rule (Newton) and an orthogonalizing one (Muon: matrix products) are not
+bandwidth-bound and have no entry (None).
 """
 
 from __future__ import annotations
@@ -27,27 +28,31 @@ import statistics
 import sys
 import time
 
-from .._rules import DENSE_SOLVE, RULES
+from .._rules import ELEMENTWISE, RULES, TRUST_RATIO
+
+#: The kinds whose step is one or two fused passes over memory (a bandwidth figure applies).
+_FUSED_KINDS = (ELEMENTWISE, TRUST_RATIO)
 
 # --------------------------------------------------------------------------- per-rule tables
 
 #: fastopt rule -> torch.optim class name (rules torch.optim does not have are absent).
 TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
                  "rmsprop": "RMSprop", "adadelta": "Adadelta", "adamax": "Adamax",
-                 "nadam": "NAdam", "radam": "RAdam"}
+                 "nadam": "NAdam", "radam": "RAdam", "muon": "Muon"}
 
 #: Learning rates small enough that millions of benchmark steps stay finite.
 BENCH_OPTIONS = {"sgd": {"lr": 1e-4}, "rmsprop": {"lr": 1e-4}, "adagrad": {"lr": 1e-4},
                  "adadelta": {"lr": 1e-2}, "adahessian": {"lr": 1e-4}, "newton": {"lr": 1e-3}}
 
-#: The rules a fused element-wise pass (or two, LAMB) can run: every rule but the dense solves.
-ELEMENTWISE_RULES = tuple(r for r, rule in RULES.items() if rule.kind != DENSE_SOLVE)
+#: The rules a fused element-wise pass (or two, LAMB) can run: not the dense solves (Newton)
+#: nor the matrix-product rules (Muon).
+ELEMENTWISE_RULES = tuple(r for r, rule in RULES.items() if rule.kind in _FUSED_KINDS)
 
 
 def arrays_per_element(rule: str, options: dict | None = None) -> int | None:
     """Arrays a fused step of ``rule`` reads plus writes per element; None for a dense solve."""
     r = RULES[rule]
-    if r.kind == DENSE_SOLVE:
+    if r.kind not in _FUSED_KINDS:
         return None
     return sum(r.accesses({**r.defaults, **(options or {})}))
 
@@ -56,7 +61,7 @@ def bytes_per_element(rule: str, options: dict | None = None, itemsize: int = 4)
     """Bytes a fused step of ``rule`` moves per element (``Rule.bytes_per_element``); None for
     a dense solve."""
     r = RULES[rule]
-    if r.kind == DENSE_SOLVE:
+    if r.kind not in _FUSED_KINDS:
         return None
     return r.bytes_per_element({**r.defaults, **(options or {})}, int(itemsize))
 

@@ -24,7 +24,8 @@ import numpy as np
 from ... import _rules
 from ... import precision as _prec
 from ... import quantization as _quant
-from ..._rules import CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KINDS, RULES, TRUST_RATIO, Rule
+from ..._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KINDS, ORTHOGONALIZE, RULES, TRUST_RATIO,
+                       Rule, muon_lr_ratio)
 
 # --------------------------------------------------------------------------- sources
 
@@ -410,6 +411,8 @@ class CudaBackend:
             return
         if rule.kind == DENSE_SOLVE:
             return self.dense_solve(rule, params, grads, scalars, pre, extras)
+        if rule.kind == ORTHOGONALIZE:
+            return self.orthogonalize(rule, params, grads, states, scalars, pre)
         if pre.precision is not None:
             return self.reduced(rule, params, grads, states, scalars, pre, extras)
         dtype = np.dtype(params[0].dtype)
@@ -624,6 +627,48 @@ class CudaBackend:
             n = p.size
             a = h.reshape(n, n) + s["damping"] * xp.eye(n, dtype=p.dtype)
             p -= s["lr"] * xp.linalg.solve(a, g)
+            if pre.weight_clip is not None:
+                xp.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
+
+    def orthogonalize(self, rule: Rule, params, grads, states, s, pre):
+        """Muon per 2-D tensor (``pre.shapes``) on the array module: the momentum lerps and
+        the update in its element-wise ops, the Newton-Schulz products with its ``matmul``
+        (cuBLAS under CuPy), in the reference's order (kernels/reference.py, ``muon_kernel``).
+
+        Not fused CUDA kernels yet: the element-wise passes are a few array-module ops each,
+        small next to the 3 * ns_steps matrix products.  The norm stays on the device.
+        """
+        xp = self.dev.xp
+        a, b, c = s["ns_coefficients"]
+        for i, (p, g, buf) in enumerate(zip(params, grads, states["momentum_buffer"])):
+            dt = p.dtype.type
+            g = g.copy()
+            if pre.inv_scale is not None:
+                g *= pre.inv_scale
+            if pre.maximize:
+                g = -g
+            if pre.clip_value is not None:
+                xp.clip(g, -pre.clip_value, pre.clip_value, out=g)
+            if pre.scales is not None:
+                g *= pre.scales[i].astype(p.dtype)  # stays on the device: no float()
+            if s["decay"] != 1:
+                p *= s["decay"]
+            x, y = (g, buf) if s["buf_swap"] else (buf, g)
+            buf[...] = x + s["buf_c"] * (y - x)
+            u = buf
+            if s["nesterov"]:
+                x, y = (buf, g) if s["nest_swap"] else (g, buf)
+                u = x + s["nest_c"] * (y - x)
+            shape = pre.shapes[i]
+            tall = shape[0] > shape[1]
+            m = u.reshape(shape)
+            m = m.T if tall else m
+            m = m / xp.maximum(xp.linalg.norm(m), dt(s["eps"]))
+            for _ in range(s["ns_steps"]):
+                gram = m @ m.T
+                m = a * m + (b * gram + c * (gram @ gram.T)) @ m
+            o = m.T if tall else m
+            p -= (s["lr"] * muon_lr_ratio(s["adjust_lr_fn"], shape)) * o.reshape(-1)
             if pre.weight_clip is not None:
                 xp.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
 
