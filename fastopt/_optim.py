@@ -592,7 +592,7 @@ class Muon(Optimizer):
                  adjust_lr_fn=None, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         super().__init__(params, **_opts(locals()))
 
 

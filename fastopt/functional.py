@@ -343,7 +343,7 @@ def muon(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, w
          ns_steps=5, adjust_lr_fn=None, maximize=False, clip_value=None, clip_norm=None,
          clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
          nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-         stochastic_rounding=False, seed=0) -> StepInfo:
+         stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
     """One :class:`fastopt.Muon` step over lists of 2-D arrays, in place (the math is on the class).
 
     State lists: ``momentum_buffers``.

@@ -887,7 +887,8 @@ class Muon(Optimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
                  adjust_lr_fn=None, *, clip_value=None, clip_norm=None, clip_global_norm=None,
-                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto"):
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
         # torch.optim.Muon's own checks and messages first
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
