@@ -499,6 +499,45 @@ class Newton(Optimizer):
         return self._step(grads, hessians, grad_scale)
 
 
+class ASGD(Optimizer):
+    r"""Averaged SGD (Polyak & Juditsky), as torch.optim.ASGD; ``weight_decay`` is L2.
+
+    .. math::
+        p \mathrel{*}= 1 - \lambda\eta_t;\quad p \mathrel{-}= \eta_t g;\quad
+        a = p \text{ if } \mu_t = 1 \text{ else } a + \mu_t (p - a)
+
+    ``eta`` and ``mu`` are set after each step for the next, as torch does:
+    ``eta = lr / (1 + lambd*lr*t)**alpha``, ``mu = 1 / max(1, t - t0)`` (the first step uses
+    ``eta = lr``, ``mu = 1``); they are the group state (``state_dict()["group_state"]``),
+    so with an ``lr`` schedule ``eta`` follows the previous step's ``lr``, as in torch.  The
+    averaged iterate is the state array ``ax``: evaluate with it.
+    """ + _PIPELINE_DOC
+    rule = RULES["asgd"]
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
+                 maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+        super().__init__(params, **_opts(locals()))
+
+
+class Rprop(Optimizer):
+    r"""Resilient backpropagation (Riedmiller & Braun), as torch.optim.Rprop.
+
+    Per element, with ``d = g * prev``: the step size grows by ``etaplus`` where ``d > 0``,
+    shrinks by ``etaminus`` where ``d < 0`` (and that grad counts as 0), is clamped to
+    ``step_sizes``; ``p -= sign(g) * step_size``; ``prev = g``.  ``step_size`` starts at
+    ``lr``, which is its only use (as in torch).  No weight decay, as torch.
+    """ + _PIPELINE_DOC
+    rule = RULES["rprop"]
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *,
+                 maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton)}
+               AdaHessian, Newton, ASGD, Rprop)}

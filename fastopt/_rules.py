@@ -62,13 +62,16 @@ KERNEL_SCALARS = (
     "momentum", "momentum_keep", "momentum_gain",
     "alpha", "one_minus_alpha", "rho", "one_minus_rho",
     "clr", "c_grad", "c_avg", "hessian_power", "weight_decay",
+    # issue 19's elementwise rules (appended: existing slots keep their positions)
+    "eta", "eta_decay", "mu", "etaplus", "etaminus", "step_size_min", "step_size_max",
 )
 KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 
 #: The kernel flag vocabulary, bit ``k`` of a call's flags is ``KERNEL_FLAGS[k]``.
 #: ``Rule.variants`` are the flags that change which state arrays a step touches
 #: (a backend may compile them as constants); the others are runtime switches.
-KERNEL_FLAGS = ("nesterov", "rectify", "amsgrad", "has_momentum", "centered")
+KERNEL_FLAGS = ("nesterov", "rectify", "amsgrad", "has_momentum", "centered",
+                "average_copy")
 KERNEL_FLAG_BIT = {name: k for k, name in enumerate(KERNEL_FLAGS)}
 
 #: Rule kinds: how a backend drives the rule.
@@ -510,6 +513,82 @@ _add(Rule("adahessian", "AdaHessian", dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4
 _add(Rule("newton", "Newton", dict(lr=1.0, damping=1e-4),
           lambda hp: (), _newton_scalars, _newton_check, (), extra="hessians",
           kind=DENSE_SOLVE, extra_shape="square", weight_decay=None))
+
+
+# --------------------------------------------------------------------------- issue 19: ASGD, Rprop
+
+
+def _asgd_scalars(hp, t, gs):
+    """torch.optim.ASGD: ``eta`` and ``mu`` are state, set at the end of each step for the next.
+
+    torch keeps them per param (``state["eta"]``, ``state["mu"]``) and computes
+    them after step ``t`` from that step's ``lr``: ``eta = lr / (1 + lambd*lr*t)**alpha``,
+    ``mu = 1 / max(1, t - t0)``; the first step uses ``eta = lr`` and ``mu = 1``.
+    So with a schedule ``eta`` lags one step behind ``lr``, exactly as in torch:
+    these host scalars depend on the group state, not on ``(hp, t)`` alone.  The start
+    value ``eta = 0`` stands for "``lr``" at step 1; a positive one is used as it is
+    (fastopt.torch starts it at ``lr`` rounded to torch's scalar dtype, as torch does).
+    """
+    lr, lambd = hp["lr"], hp["lambd"]
+    eta = gs["eta"] if t > 1 or gs["eta"] > 0 else lr
+    mu = 1.0 if t == 1 else gs["mu"]
+    s = dict(lr=lr, weight_decay=hp["weight_decay"], eta=eta, mu=mu,
+             # p = p * (1 - lambd*eta) - eta*g; torch computes 1 - lambd*eta in double too
+             eta_decay=1.0 - lambd * eta,
+             # torch copies p into ax when mu == 1 (exactly), else ax += (p - ax) * mu
+             average_copy=mu == 1.0)
+    new = {"eta": lr / ((1.0 + lambd * lr * t) ** hp["alpha"]), "mu": 1.0 / max(1.0, t - hp["t0"])}
+    return s, new
+
+
+def _asgd_check(hp):
+    check_nonneg(hp, "lambd", "alpha", "weight_decay")
+    _require(_real(hp["t0"]), "t0", "a finite number", hp["t0"])
+
+
+def _rprop_state(hp):
+    """``prev`` (the last grad, zeroed where its sign flipped) and the per-element ``step_size``,
+    which starts at ``lr`` as torch's (the only use of ``lr``: later changes of it do nothing)."""
+    lr = hp["lr"]
+    if callable(lr):  # a schedule: the lr of the first step
+        lr = float(lr(0))
+    return (("prev", 0.0), ("step_size", float(lr)))
+
+
+def _rprop_scalars(hp, t, gs):
+    (em, ep), (smin, smax) = hp["etas"], hp["step_sizes"]
+    return dict(lr=hp["lr"], etaminus=em, etaplus=ep, step_size_min=smin, step_size_max=smax), gs
+
+
+def _rprop_check(hp):
+    e, z = hp["etas"], hp["step_sizes"]
+    _require(isinstance(e, (tuple, list)) and len(e) == 2 and all(_real(x) for x in e)
+             and 0 < e[0] < 1 < e[1], "etas", "a pair (etaminus, etaplus) with "
+             "0 < etaminus < 1 < etaplus", e)
+    _require(isinstance(z, (tuple, list)) and len(z) == 2 and all(_real(x) for x in z)
+             and 0 <= z[0] <= z[1], "step_sizes", "a pair (min, max) of finite numbers with "
+             "0 <= min <= max", z)
+
+
+_add(Rule("asgd", "ASGD", dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0),
+          lambda hp: (("ax", 0.0),), _asgd_scalars, _asgd_check, ("ax",),
+          group_state={"eta": 0.0, "mu": 1.0}, pack=("eta", "eta_decay", "mu"),
+          flags=("average_copy",)))
+_add(Rule("rprop", "Rprop", dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)),
+          _rprop_state, _rprop_scalars, _rprop_check, ("prev", "step_size"), weight_decay=None,
+          pack=("etaminus", "etaplus", "step_size_min", "step_size_max"),
+          nonnegative_state=("step_size",)))
+
+
+#: State names whose plural (the functional API's list argument, ``exp_avg`` -> ``exp_avgs``)
+#: would be a hyperparameter's name: Rprop's per-element ``step_size`` against its
+#: ``step_sizes`` bounds.
+_STATE_ARG_OVERRIDES = {"step_size": "step_size_states"}
+
+
+def state_arg(name: str) -> str:
+    """The functional API's argument for the per-tensor list of state ``name`` (its plural)."""
+    return _STATE_ARG_OVERRIDES.get(name, name + "s")
 
 
 def check_hyperparameters(rule: Rule, hp: dict, where: str = "") -> None:

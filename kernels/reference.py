@@ -329,3 +329,32 @@ def newton(p, g, st, s, h):
     n = p.size
     a = h.reshape(n, n) + s["damping"] * np.eye(n, dtype=p.dtype)
     p -= s["lr"] * np.linalg.solve(a, g)
+
+
+# ------------------------------------------------------------------ issue 19: ASGD, Rprop
+
+
+@_rule("asgd")
+def asgd(p, g, st, s, _):
+    """torch.optim.ASGD: p = p*(1 - lambd*eta) - eta*g; ax = p if mu == 1 else ax + (p - ax)*mu."""
+    p *= s["eta_decay"]
+    p -= s["eta"] * g
+    ax = st["ax"]
+    if s["average_copy"]:
+        ax[...] = p
+    else:
+        ax += (p - ax) * s["mu"]
+
+
+@_rule("rprop")
+def rprop(p, g, st, s, _):
+    """torch.optim.Rprop: per-element step sizes grow by etaplus where g keeps its sign, shrink
+    by etaminus where it flips (and that grad counts as 0), clamped to step_sizes; p -= sign(g)*size."""
+    prev, size = st["prev"], st["step_size"]
+    d = np.sign(g * prev)
+    factor = np.where(d > 0, s["etaplus"], np.where(d < 0, s["etaminus"], np.where(d == 0, 1.0, d)))
+    factor = factor.astype(p.dtype)
+    size[...] = np.clip(size * factor, s["step_size_min"], s["step_size_max"])
+    g = np.where(d < 0, np.zeros_like(g), g)
+    p -= np.sign(g) * size
+    prev[...] = g

@@ -17,7 +17,7 @@ import fastopt as fo
 from fastopt import functional as F
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
-from fastopt._rules import PIPELINE_DEFAULTS, RULES
+from fastopt._rules import PIPELINE_DEFAULTS, RULES, state_arg
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 
@@ -348,7 +348,15 @@ BAD_VALUES = {
     "clip_global_norm": [0.0, -1.0, NAN, INF],
     "weight_clip": [0.0, -1.0, NAN, INF],
     "max_norm": [0.0, -1.0, NAN, INF],
+    # issue 19
+    "lambd": [-1.0, NAN, INF],
+    "t0": [NAN, INF, "1"],
+    "etas": [(0.5,), (1.0, 1.2), (0.5, 1.0), (0.0, 1.2), (0.5, NAN), 0.5],
+    "step_sizes": [(1.0, 0.5), (-1e-6, 50.0), (1e-6, INF), (1e-6,), None],
 }
+#: (rule, name) -> bad values where a name means something else in that rule: ASGD's
+#: ``alpha`` is the exponent of its eta schedule (any finite number >= 0), not an average.
+BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF]}
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
 
@@ -369,7 +377,7 @@ def test_every_hyperparameter_has_bad_values():
 @pytest.mark.parametrize("rule,name", HP_CASES, ids=[f"{r}-{k}" for r, k in HP_CASES])
 def test_hyperparameter_out_of_range(rule, name, backend):
     cls = OPTIMIZERS[rule]
-    for value in BAD_VALUES[name]:
+    for value in BAD_VALUES_OF.get((rule, name), BAD_VALUES[name]):
         pattern = _hp_pattern(name, value)
         # 1. the constructor
         with pytest.raises(ValueError, match=pattern):
@@ -381,7 +389,7 @@ def test_hyperparameter_out_of_range(rule, name, backend):
                          lambda: do_step(opt, make_grads(params), extras_for(rule, params)))
         # 3. the functional API, with every state list given
         params = make_params()
-        states = {n + "s": [np.zeros_like(p) for p in params] for n in RULES[rule].all_state}
+        states = {state_arg(n): [np.zeros_like(p) for p in params] for n in RULES[rule].all_state}
         extra = extras_for(rule, params)
         args = (params, make_grads(params)) + ((extra,) if extra is not None else ())
         before = [p.tobytes() for p in params]
@@ -554,6 +562,7 @@ SQUARE_STATE = {
     "adamax": {"exp_inf"}, "nadam": {"exp_avg_sq"}, "radam": {"exp_avg_sq"},
     "lamb": {"exp_avg_sq"}, "adahessian": {"exp_hessian_diag_sq"},
 }
+SQUARE_STATE["rprop"] = {"step_size"}  # a magnitude, clamped to step_sizes: never negative
 
 
 def test_rule_table_declares_the_square_state():

@@ -35,6 +35,7 @@ from .._rules import DENSE_SOLVE, RULES
 TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
                  "rmsprop": "RMSprop", "adadelta": "Adadelta", "adamax": "Adamax",
                  "nadam": "NAdam", "radam": "RAdam"}
+TORCH_CLASSES.update(asgd="ASGD", rprop="Rprop")  # issue 19
 
 #: Learning rates small enough that millions of benchmark steps stay finite.
 BENCH_OPTIONS = {"sgd": {"lr": 1e-4}, "rmsprop": {"lr": 1e-4}, "adagrad": {"lr": 1e-4},

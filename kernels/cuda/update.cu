@@ -211,6 +211,42 @@ struct FoLAMB {
     }
 };
 
+// torch.optim.ASGD: p = p*(1 - lambd*eta) - eta*g (eta_decay = 1 - lambd*eta from the host);
+// the average ax = p when mu == 1 (torch copies), else ax + (p - ax)*mu
+struct FoASGD {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& ax, O&, O&, O) {
+        p = p * h.v[FO_S_ETA_DECAY] - h.v[FO_S_ETA] * g;
+        ax = h.flag(FO_F_AVERAGE_COPY) ? p : ax + (p - ax) * h.v[FO_S_MU];
+    }
+};
+
+// torch.optim.Rprop: d = g*prev; the step size is multiplied by etaplus (d > 0), etaminus
+// (d < 0: the grad then counts as 0) or 1 (d == 0; nan stays nan), clamped to [min, max];
+// p -= sign(g)*size; prev = g
+struct FoRprop {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& prev, O& size, O&, O) {
+        const O d = g * prev;
+        O si = size;
+        if (d > O(0)) {
+            si = si * h.v[FO_S_ETAPLUS];
+        } else if (d < O(0)) {
+            si = si * h.v[FO_S_ETAMINUS];
+            g = O(0);
+        } else if (d != d) {
+            si = si * d;
+        }
+        if (si < h.v[FO_S_STEP_SIZE_MIN]) si = h.v[FO_S_STEP_SIZE_MIN];
+        else if (si > h.v[FO_S_STEP_SIZE_MAX]) si = h.v[FO_S_STEP_SIZE_MAX];
+        size = si;
+        prev = g;
+        p = p - (g > O(0) ? si : (g < O(0) ? -si : g * si));
+    }
+};
+
 // ------------------------------------------------------------------------ elementwise pass
 // Bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g, states, extra;
 // write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
@@ -346,3 +382,5 @@ FO_ELEMENTWISE(radam, FoRAdam)
 FO_ELEMENTWISE(lion, FoLion)
 FO_ELEMENTWISE(adahessian, FoAdaHessian)
 FO_TRUST_RATIO(lamb, FoLAMB)
+FO_ELEMENTWISE(asgd, FoASGD)
+FO_ELEMENTWISE(rprop, FoRprop)
