@@ -538,6 +538,47 @@ class Rprop(Optimizer):
         super().__init__(params, **_opts(locals()))
 
 
+class AdaBelief(Optimizer):
+    r"""AdaBelief (Zhuang et al., 2020), as ``optax.adabelief`` (0.2.8) with its defaults.
+
+    .. math::
+        m = \beta_1 m + (1-\beta_1) g;\quad s = \beta_2 s + (1-\beta_2)(g - m)^2 + \epsilon_r;
+        \quad p \mathrel{-}= \eta\,\frac{m/(1-\beta_1^t)}{\sqrt{s/(1-\beta_2^t)} + \epsilon}
+
+    ``nesterov=True`` replaces ``m/(1-b1^t)`` by ``b1*m/(1-b1^(t+1)) + (1-b1)*g/(1-b1^t)``.
+    ``weight_decay`` is L2 (``optax.add_decayed_weights`` chained before it); 0 as optax.
+    optax's defaults ``eps = eps_root = 1e-16`` (the paper: ``eps=1e-8, eps_root=0``).
+    """ + _PIPELINE_DOC
+    rule = RULES["adabelief"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16,
+                 weight_decay=0.0, nesterov=False, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
+        super().__init__(params, **_opts(locals()))
+
+
+class Yogi(Optimizer):
+    r"""Yogi (Zaheer et al., 2018), as ``optax.yogi`` (0.2.8) with its defaults.
+
+    .. math::
+        m = \beta_1 m + (1-\beta_1) g;\quad v = v - (1-\beta_2)\,\mathrm{sign}(v - g^2)\,g^2;
+        \quad p \mathrel{-}= \eta\,\frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+
+    Both moments start at ``initial_accumulator_value`` (1e-6, as optax).  ``weight_decay``
+    is L2.  optax has no default learning rate; ``lr=1e-2`` is the paper's.
+    """ + _PIPELINE_DOC
+    rule = RULES["yogi"]
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0,
+                 initial_accumulator_value=1e-6, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton, ASGD, Rprop)}
+               AdaHessian, Newton, ASGD, Rprop, AdaBelief, Yogi)}

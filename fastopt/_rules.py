@@ -64,6 +64,7 @@ KERNEL_SCALARS = (
     "clr", "c_grad", "c_avg", "hessian_power", "weight_decay",
     # issue 19's elementwise rules (appended: existing slots keep their positions)
     "eta", "eta_decay", "mu", "etaplus", "etaminus", "step_size_min", "step_size_max",
+    "eps_root",
 )
 KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 
@@ -578,6 +579,58 @@ _add(Rule("rprop", "Rprop", dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.
           _rprop_state, _rprop_scalars, _rprop_check, ("prev", "step_size"), weight_decay=None,
           pack=("etaminus", "etaplus", "step_size_min", "step_size_max"),
           nonnegative_state=("step_size",)))
+
+
+# --------------------------------------------------------------------------- issue 19: AdaBelief, Yogi
+# optax 0.2.8's semantics and defaults (optax.adabelief, optax.yogi); ``weight_decay`` is the L2
+# stage, as optax.chain(optax.add_decayed_weights(wd), optax.adabelief(...)).
+
+
+def _adabelief_scalars(hp, t, gs):
+    """optax.scale_by_belief: m_hat = m/bc1, or with nesterov b1*m/bc1(t+1) + (1-b1)*g/bc1(t).
+
+    The step is ``p -= c_avg * m / d + c_grad * g / d`` with ``d = sqrt(s/bc2) + eps``.
+    """
+    b1, b2 = hp["betas"]
+    lr, bc1 = hp["lr"], 1.0 - b1 ** t
+    nesterov = bool(hp["nesterov"])
+    s = dict(_betas(hp), lr=lr, eps=hp["eps"], eps_root=hp["eps_root"],
+             weight_decay=hp["weight_decay"], nesterov=nesterov,
+             bc2_sqrt=math.sqrt(1.0 - b2 ** t),
+             c_avg=lr * b1 / (1.0 - b1 ** (t + 1)) if nesterov else lr / bc1,
+             c_grad=lr * (1.0 - b1) / bc1 if nesterov else 0.0)
+    return s, gs
+
+
+def _adabelief_check(hp):
+    _adam_family_check(hp)
+    check_nonneg(hp, "eps_root")
+    _require(isinstance(hp["nesterov"], bool), "nesterov", "a bool", hp["nesterov"])
+
+
+def _yogi_scalars(hp, t, gs):
+    bc1, bc2 = _bias_corrections(hp, t)
+    return dict(_betas(hp), lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                bc2_sqrt=math.sqrt(bc2), step_size=hp["lr"] / bc1), gs
+
+
+def _yogi_check(hp):
+    _adam_family_check(hp)
+    check_nonneg(hp, "initial_accumulator_value")
+
+
+_add(Rule("adabelief", "AdaBelief", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16,
+                                         weight_decay=0.0, nesterov=False),
+          lambda hp: (("exp_avg", 0.0), ("exp_avg_var", 0.0)),
+          _adabelief_scalars, _adabelief_check, ("exp_avg", "exp_avg_var"),
+          pack=_BETAS + ("eps", "eps_root", "bc2_sqrt", "c_avg", "c_grad"), flags=("nesterov",),
+          nonnegative_state=("exp_avg_var",)))
+_add(Rule("yogi", "Yogi", dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0,
+                               initial_accumulator_value=1e-6),
+          lambda hp: (("exp_avg", float(hp["initial_accumulator_value"])),
+                      ("exp_avg_sq", float(hp["initial_accumulator_value"]))),
+          _yogi_scalars, _yogi_check, ("exp_avg", "exp_avg_sq"),
+          pack=_BETAS + ("eps", "bc2_sqrt", "step_size"), nonnegative_state=("exp_avg_sq",)))
 
 
 #: State names whose plural (the functional API's list argument, ``exp_avg`` -> ``exp_avgs``)

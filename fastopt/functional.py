@@ -41,7 +41,7 @@ from ._validate import (as_list, check_array, check_companions, check_grad_scale
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
            "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
            "clip_grad_value_"]
-__all__ += ["asgd", "rprop"]
+__all__ += ["asgd", "rprop", "adabelief", "yogi"]
 
 _CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu")
 
@@ -356,3 +356,28 @@ def rprop(params, grads, prevs=None, step_size_states=None, masters=None, *, ste
     bounds' name).
     """
     return _run(RULES["rprop"], locals())
+
+
+def adabelief(params, grads, exp_avgs=None, exp_avg_vars=None, masters=None, *, step, lr=1e-3,
+              betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16, weight_decay=0.0, nesterov=False,
+              maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+              weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise", backend="auto",
+              state_dtype=None, master_weights=False, stochastic_rounding=False,
+              seed=0) -> StepInfo:
+    """One :class:`fastopt.AdaBelief` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_vars`` (start them at 0).
+    """
+    return _run(RULES["adabelief"], locals())
+
+
+def yogi(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, lr=1e-2,
+         betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0, initial_accumulator_value=1e-6,
+         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+         master_weights=False, stochastic_rounding=False, seed=0) -> StepInfo:
+    """One :class:`fastopt.Yogi` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs`` (start both at ``initial_accumulator_value``).
+    """
+    return _run(RULES["yogi"], locals())

@@ -180,6 +180,7 @@ _S_HESSIAN_POWER, _S_WEIGHT_DECAY = _slot("hessian_power"), _slot("weight_decay"
 _S_ETA, _S_ETA_DECAY, _S_MU = _slot("eta"), _slot("eta_decay"), _slot("mu")
 _S_ETAPLUS, _S_ETAMINUS = _slot("etaplus"), _slot("etaminus")
 _S_STEP_SIZE_MIN, _S_STEP_SIZE_MAX = _slot("step_size_min"), _slot("step_size_max")
+_S_EPS_ROOT = _slot("eps_root")
 
 # runtime flags (Rule.kernel_flags bits)
 _F_NESTEROV = 1 << KERNEL_FLAG_BIT["nesterov"]
@@ -644,6 +645,35 @@ def _rprop(i, g, p, prev, size, s2, e, c, f, ts, mode):  # 28 B/elem
     return p - (si if g > z else (-si if g < z else g * si))
 
 
+@njit(inline="always")
+def _adabelief(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
+    mi = c[_S_BETA1] * m[i] + c[_S_ONE_MINUS_BETA1] * g
+    m[i] = mi
+    r = g - mi  # the belief residual: how far g is from its prediction
+    vi = c[_S_BETA2] * v[i] + c[_S_ONE_MINUS_BETA2] * r * r + c[_S_EPS_ROOT]
+    v[i] = vi
+    d = np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS]
+    p = p - c[_S_C_AVG] * mi / d
+    if f & _F_NESTEROV:
+        p = p - c[_S_C_GRAD] * g / d
+    return p
+
+
+@njit(inline="always")
+def _yogi(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
+    mi = c[_S_BETA1] * m[i] + c[_S_ONE_MINUS_BETA1] * g
+    m[i] = mi
+    g2 = g * g
+    vi = v[i]
+    dv = vi - g2
+    w = c[_S_ONE_MINUS_BETA2]
+    # (1 - b2) * sign(v - g^2), sign(nan) = nan as np.sign
+    w = w if dv > c[_ZERO] else (-w if dv < c[_ZERO] else dv * c[_ZERO])
+    vi = vi - w * g2
+    v[i] = vi
+    return p - c[_S_STEP_SIZE] * mi / (np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS])
+
+
 # The read pass (the non-finite check, the norms) sums fixed blocks of _BLOCK
 # elements of each tensor: every block is summed by the same code wherever a part
 # boundary falls, and the block sums of a tensor are added in block order, so the
@@ -836,6 +866,20 @@ def _k_rprop(tab, sizes, scales, cs, flags, deref, threads):
         _apply(_rprop, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
+@_entry()
+def _k_adabelief(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_adabelief, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_yogi(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_yogi, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
 @_entry(sums=True)
 def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps.
@@ -907,6 +951,7 @@ _ENTRIES = {
     ("adahessian", _V_POW): _k_adahessian_pow,
     ("lamb", 0): _k_lamb,
     ("asgd", 0): _k_asgd, ("rprop", 0): _k_rprop,
+    ("adabelief", 0): _k_adabelief, ("yogi", 0): _k_yogi,
 }
 
 

@@ -358,3 +358,31 @@ def rprop(p, g, st, s, _):
     g = np.where(d < 0, np.zeros_like(g), g)
     p -= np.sign(g) * size
     prev[...] = g
+
+
+# ------------------------------------------------------------------ issue 19: AdaBelief, Yogi
+
+
+@_rule("adabelief")
+def adabelief(p, g, st, s, _):
+    """optax.adabelief: m = b1*m + (1-b1)*g; s = b2*s + (1-b2)*(g - m)^2 + eps_root;
+    p -= c_avg*m/d + c_grad*g/d, d = sqrt(s/bc2) + eps (c_grad = 0 without nesterov)."""
+    m, v = st["exp_avg"], st["exp_avg_var"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    e = g - m
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * e * e + s["eps_root"]
+    d = np.sqrt(v) / s["bc2_sqrt"] + s["eps"]
+    p -= s["c_avg"] * m / d
+    if s["nesterov"]:
+        p -= s["c_grad"] * g / d
+
+
+@_rule("yogi")
+def yogi(p, g, st, s, _):
+    """optax.yogi: m = b1*m + (1-b1)*g; v = v - (1-b2)*sign(v - g^2)*g^2;
+    p -= lr/bc1 * m / (sqrt(v/bc2) + eps)."""
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    g2 = g * g
+    v[...] = v - (1 - s["beta2"]) * np.sign(v - g2) * g2
+    p -= s["step_size"] * m / (np.sqrt(v) / s["bc2_sqrt"] + s["eps"])

@@ -120,6 +120,14 @@ def _rprop_draws(draw):
             "step_sizes": (draw(st.sampled_from([0.0, 1e-6])), draw(st.floats(0.1, 50.0)))}
 
 
+def _adabelief_draws(draw):
+    return {"nesterov": draw(st.booleans()), "eps_root": draw(st.sampled_from([0.0, 1e-16, 1e-8]))}
+
+
+def _yogi_draws(draw):
+    return {"initial_accumulator_value": draw(st.sampled_from([0.0, 1e-6, 0.1]))}
+
+
 def _newton_draws(draw):
     return {"damping": draw(st.floats(1e-4, 1.0))}
 
@@ -260,6 +268,23 @@ _RECORDS = [
         converge=(dict(lr=0.01),),
         rosen=(dict(lr=1e-3, step_sizes=(1e-9, 0.01)), 20000),
         strategy=_rprop_draws),
+    # ---- issue 19: optax's AdaBelief and Yogi (oracle: tests/test_rules_issue19.py)
+    OptimInfo(
+        "adabelief",
+        cases=(Case("adabelief", {"lr": 1e-2, "weight_decay": 0.01}),
+               Case("adabelief-nesterov-eps", {"lr": 1e-2, "nesterov": True, "eps": 1e-8,
+                                               "eps_root": 0.0})),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 6000),
+        strategy=_adabelief_draws),
+    OptimInfo(
+        "yogi",
+        cases=(Case("yogi", {"lr": 1e-2, "weight_decay": 0.01}),
+               Case("yogi-init-maximize", {"lr": 1e-2, "initial_accumulator_value": 0.5,
+                                           "maximize": True})),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 6000),
+        strategy=_yogi_draws),
 ]
 
 #: rule -> its record, in the rule table's order.

@@ -353,6 +353,7 @@ BAD_VALUES = {
     "t0": [NAN, INF, "1"],
     "etas": [(0.5,), (1.0, 1.2), (0.5, 1.0), (0.0, 1.2), (0.5, NAN), 0.5],
     "step_sizes": [(1.0, 0.5), (-1e-6, 50.0), (1e-6, INF), (1e-6,), None],
+    "eps_root": [-1e-16, NAN, INF],
 }
 #: (rule, name) -> bad values where a name means something else in that rule: ASGD's
 #: ``alpha`` is the exponent of its eta schedule (any finite number >= 0), not an average.
@@ -563,6 +564,8 @@ SQUARE_STATE = {
     "lamb": {"exp_avg_sq"}, "adahessian": {"exp_hessian_diag_sq"},
 }
 SQUARE_STATE["rprop"] = {"step_size"}  # a magnitude, clamped to step_sizes: never negative
+SQUARE_STATE["adabelief"] = {"exp_avg_var"}
+SQUARE_STATE["yogi"] = {"exp_avg_sq"}  # v - (1-b2)*sign(v - g^2)*g^2 stays >= 0
 
 
 def test_rule_table_declares_the_square_state():

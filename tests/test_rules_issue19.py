@@ -150,3 +150,67 @@ def test_fastopt_torch_state_dict_loads_into_torch(float64_default):
             fa.step()
             tb.step()
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- optax oracles
+# optax (0.2.8, CPU jax) is in the ``oracle`` extra; CI installs ``.[dev]``, which includes it.
+# jax computes in float64 only with x64 on: it is switched on for these tests and restored.
+
+#: rule -> option sets compared with optax, each exercising one of its options
+OPTAX_CASES = [
+    ("adabelief", dict(lr=1e-2)),
+    ("adabelief", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, eps_root=0.0, nesterov=True)),
+    ("adabelief", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+    ("yogi", dict(lr=1e-2)),
+    ("yogi", dict(lr=3e-2, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.1)),
+    ("yogi", dict(lr=1e-2, maximize=True)),
+]
+
+
+@pytest.fixture
+def jax_x64():
+    jax = pytest.importorskip("jax")
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", old)
+
+
+def _optax_transform(optax, rule, o):
+    b1, b2 = o.get("betas", (0.9, 0.999))
+    if rule == "adabelief":
+        tx = optax.adabelief(o["lr"], b1=b1, b2=b2, eps=o.get("eps", 1e-16),
+                             eps_root=o.get("eps_root", 1e-16), nesterov=o.get("nesterov", False))
+    else:
+        tx = optax.yogi(o["lr"], b1=b1, b2=b2, eps=o.get("eps", 1e-3))
+    if o.get("weight_decay"):  # L2: the decayed weights join the gradient before the rule
+        tx = optax.chain(optax.add_decayed_weights(o["weight_decay"]), tx)
+    return tx
+
+
+def _run_optax(jax_x64, rule, opts, params, grads_per_step):
+    optax = pytest.importorskip("optax")
+    jnp = jax_x64.numpy
+    tx = _optax_transform(optax, rule, opts)
+    ps = [jnp.asarray(p) for p in params]
+    state = tx.init(ps)
+    for grads in grads_per_step:
+        gs = [jnp.asarray(-g if opts.get("maximize") else g) for g in grads]
+        updates, state = tx.update(gs, state, ps)
+        ps = optax.apply_updates(ps, updates)
+    return [np.asarray(p) for p in ps]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule,opts", OPTAX_CASES, ids=[f"{r}-{i}" for i, (r, _) in enumerate(OPTAX_CASES)])
+def test_matches_optax_20_steps(jax_x64, rule, opts, backend):
+    rng = np.random.default_rng(13)
+    params = [rng.standard_normal(s) for s in SIZES]
+    grads = [[rng.standard_normal(s) for s in SIZES] for _ in range(STEPS)]
+    want = _run_optax(jax_x64, rule, opts, params, grads)
+    got = [p.copy() for p in params]
+    opt = INFOS[rule].cls(got, backend=backend, **opts)
+    for g in grads:
+        opt.step(g)
+    for i, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13, err_msg=f"params[{i}]")

@@ -247,6 +247,36 @@ struct FoRprop {
     }
 };
 
+// optax.adabelief: m = b1*m + (1-b1)*g; s = b2*s + (1-b2)*(g - m)^2 + eps_root;
+// d = sqrt(s)/sqrt(bc2) + eps; p -= c_avg*m/d, and with nesterov also c_grad*g/d
+struct FoAdaBelief {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& s, O&, O) {
+        m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+        const O r = g - m;
+        s = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], s, r) + h.v[FO_S_EPS_ROOT];
+        const O d = fo_adam_denom(h, s);
+        p = p - h.v[FO_S_C_AVG] * m / d;
+        if (h.flag(FO_F_NESTEROV)) p = p - h.v[FO_S_C_GRAD] * g / d;
+    }
+};
+
+// optax.yogi: m = b1*m + (1-b1)*g; v = v - (1-b2)*sign(v - g^2)*g^2 (sign(nan) = nan);
+// p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps), step_size = lr/bc1
+struct FoYogi {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
+        m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+        const O g2 = g * g, dv = v - g2;
+        O w = h.v[FO_S_ONE_MINUS_BETA2];
+        w = dv > O(0) ? w : (dv < O(0) ? -w : dv * O(0));
+        v = v - w * g2;
+        p = p - h.v[FO_S_STEP_SIZE] * m / fo_adam_denom(h, v);
+    }
+};
+
 // ------------------------------------------------------------------------ elementwise pass
 // Bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g, states, extra;
 // write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
@@ -384,3 +414,5 @@ FO_ELEMENTWISE(adahessian, FoAdaHessian)
 FO_TRUST_RATIO(lamb, FoLAMB)
 FO_ELEMENTWISE(asgd, FoASGD)
 FO_ELEMENTWISE(rprop, FoRprop)
+FO_ELEMENTWISE(adabelief, FoAdaBelief)
+FO_ELEMENTWISE(yogi, FoYogi)
