@@ -579,6 +579,30 @@ class Yogi(Optimizer):
         super().__init__(params, **_opts(locals()))
 
 
+class AdEMAMix(Optimizer):
+    r"""AdEMAMix (Pagliardini et al., 2024): Adam with a second, slow first moment.
+
+    .. math::
+        m_1 = \beta_1 m_1 + (1-\beta_1) g;\quad m_2 = \beta_3 m_2 + (1-\beta_3) g;\quad
+        \nu = \beta_2 \nu + (1-\beta_2) g^2;\quad
+        p \mathrel{-}= \eta\,\frac{m_1/(1-\beta_1^t) + \alpha m_2}{\sqrt{\nu/(1-\beta_2^t)} + \epsilon}
+
+    ``betas = (beta1, beta2, beta3)``; ``m2`` has no bias correction (it fills slowly on
+    purpose).  Warmups as in the paper and bitsandbytes' ``AdEMAMix``: ``t_alpha`` steps
+    of linear rise of ``alpha``, ``t_beta3`` steps over which ``beta3`` rises from ``beta1``
+    with a linearly growing half-life.  ``weight_decay`` is decoupled (``p *= 1 - lr*wd``
+    first); defaults are bitsandbytes' (``weight_decay=1e-2``).
+    """ + _PIPELINE_DOC
+    rule = RULES["ademamix"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8,
+                 weight_decay=1e-2, t_alpha=None, t_beta3=None, *, maximize=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton, ASGD, Rprop, AdaBelief, Yogi)}
+               AdaHessian, Newton, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix)}

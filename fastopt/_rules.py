@@ -64,7 +64,7 @@ KERNEL_SCALARS = (
     "clr", "c_grad", "c_avg", "hessian_power", "weight_decay",
     # issue 19's elementwise rules (appended: existing slots keep their positions)
     "eta", "eta_decay", "mu", "etaplus", "etaminus", "step_size_min", "step_size_max",
-    "eps_root",
+    "eps_root", "beta3", "one_minus_beta3",
 )
 KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 
@@ -631,6 +631,60 @@ _add(Rule("yogi", "Yogi", dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_dec
                       ("exp_avg_sq", float(hp["initial_accumulator_value"]))),
           _yogi_scalars, _yogi_check, ("exp_avg", "exp_avg_sq"),
           pack=_BETAS + ("eps", "bc2_sqrt", "step_size"), nonnegative_state=("exp_avg_sq",)))
+
+
+# --------------------------------------------------------------------------- issue 19: AdEMAMix
+
+
+def _ademamix_warmups(hp, t):
+    """AdEMAMix's alpha and beta3 at step ``t`` (Pagliardini et al. 2024; bitsandbytes' AdEMAMix).
+
+    ``t_alpha``: alpha rises linearly, ``min(t*alpha/t_alpha, alpha)``.  ``t_beta3``: beta3
+    rises so that the slow EMA's half-life grows linearly from beta1's to beta3's:
+    ``min(exp(ln b1 * ln b3 / ((1 - t/T) ln b3 + (t/T) ln b1)), b3)``.
+    """
+    b1, _, b3 = hp["betas"]
+    alpha = hp["alpha"]
+    if hp["t_alpha"] is not None:
+        alpha = min(t * alpha / hp["t_alpha"], alpha)
+    if hp["t_beta3"] is not None:
+        x = t / hp["t_beta3"]
+        lb1, lb3 = math.log(b1), math.log(b3)
+        b3 = min(math.exp(lb1 * lb3 / ((1.0 - x) * lb3 + x * lb1)), b3)
+    return alpha, b3
+
+
+def _ademamix_scalars(hp, t, gs):
+    b1, b2, _ = hp["betas"]
+    alpha, b3 = _ademamix_warmups(hp, t)
+    s = dict(beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2, one_minus_beta2=1.0 - b2,
+             beta3=b3, one_minus_beta3=1.0 - b3, alpha=alpha, lr=hp["lr"], eps=hp["eps"],
+             weight_decay=hp["weight_decay"], bc1=1.0 - b1 ** t,
+             bc2_sqrt=math.sqrt(1.0 - b2 ** t))
+    return s, gs
+
+
+def _ademamix_check(hp):
+    b = hp["betas"]
+    _require(isinstance(b, (tuple, list)) and len(b) == 3, "betas",
+             "a triple (beta1, beta2, beta3)", b)
+    for i, v in enumerate(b):
+        _require(_real(v) and 0 <= v < 1, f"betas[{i}]", "a number in [0, 1)", v)
+    check_nonneg(hp, "alpha", "weight_decay")
+    check_positive(hp, "eps")
+    for n in ("t_alpha", "t_beta3"):
+        v = hp[n]
+        _require(v is None or (_real(v) and v > 0), n, "None or a number of steps > 0", v)
+    if hp["t_beta3"] is not None:  # the warmup takes logarithms of both
+        _require(b[0] > 0 and b[2] > 0, "betas", "beta1 > 0 and beta3 > 0 with t_beta3", b)
+
+
+_add(Rule("ademamix", "AdEMAMix", dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8,
+                                       weight_decay=1e-2, t_alpha=None, t_beta3=None),
+          lambda hp: (("m1", 0.0), ("m2", 0.0), ("nu", 0.0)),
+          _ademamix_scalars, _ademamix_check, ("m1", "m2", "nu"), weight_decay="decoupled",
+          pack=("lr",) + _BETAS + ("beta3", "one_minus_beta3", "alpha", "eps", "bc1", "bc2_sqrt"),
+          nonnegative_state=("nu",)))
 
 
 #: State names whose plural (the functional API's list argument, ``exp_avg`` -> ``exp_avgs``)

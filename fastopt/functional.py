@@ -41,7 +41,7 @@ from ._validate import (as_list, check_array, check_companions, check_grad_scale
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
            "lion", "lamb", "adahessian", "newton", "global_norm", "clip_grad_norm_",
            "clip_grad_value_"]
-__all__ += ["asgd", "rprop", "adabelief", "yogi"]
+__all__ += ["asgd", "rprop", "adabelief", "yogi", "ademamix"]
 
 _CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu")
 
@@ -381,3 +381,17 @@ def yogi(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, 
     State lists: ``exp_avgs``, ``exp_avg_sqs`` (start both at ``initial_accumulator_value``).
     """
     return _run(RULES["yogi"], locals())
+
+
+def ademamix(params, grads, m1s=None, m2s=None, nus=None, masters=None, *, step, lr=1e-3,
+             betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8, weight_decay=1e-2, t_alpha=None,
+             t_beta3=None, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+             weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise", backend="auto",
+             state_dtype=None, master_weights=False, stochastic_rounding=False,
+             seed=0) -> StepInfo:
+    """One :class:`fastopt.AdEMAMix` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``m1s`` (fast EMAs), ``m2s`` (slow EMAs), ``nus`` (second moments), all
+    starting at 0.  ``step`` drives the bias corrections and the warmups.
+    """
+    return _run(RULES["ademamix"], locals())

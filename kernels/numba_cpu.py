@@ -181,6 +181,7 @@ _S_ETA, _S_ETA_DECAY, _S_MU = _slot("eta"), _slot("eta_decay"), _slot("mu")
 _S_ETAPLUS, _S_ETAMINUS = _slot("etaplus"), _slot("etaminus")
 _S_STEP_SIZE_MIN, _S_STEP_SIZE_MAX = _slot("step_size_min"), _slot("step_size_max")
 _S_EPS_ROOT = _slot("eps_root")
+_S_BETA3, _S_ONE_MINUS_BETA3 = _slot("beta3"), _slot("one_minus_beta3")
 
 # runtime flags (Rule.kernel_flags bits)
 _F_NESTEROV = 1 << KERNEL_FLAG_BIT["nesterov"]
@@ -674,6 +675,18 @@ def _yogi(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
     return p - c[_S_STEP_SIZE] * mi / (np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS])
 
 
+@njit(inline="always")
+def _ademamix(i, g, p, m1, m2, nu, e, c, f, ts, mode):  # 36 B/elem
+    a = c[_S_BETA1] * m1[i] + c[_S_ONE_MINUS_BETA1] * g
+    b = c[_S_BETA3] * m2[i] + c[_S_ONE_MINUS_BETA3] * g
+    v = c[_S_BETA2] * nu[i] + c[_S_ONE_MINUS_BETA2] * g * g
+    m1[i] = a
+    m2[i] = b
+    nu[i] = v
+    d = np.sqrt(v) / c[_S_BC2_SQRT] + c[_S_EPS]
+    return p - c[_S_LR] * ((a / c[_S_BC1] + c[_S_ALPHA] * b) / d)
+
+
 # The read pass (the non-finite check, the norms) sums fixed blocks of _BLOCK
 # elements of each tensor: every block is summed by the same code wherever a part
 # boundary falls, and the block sums of a tensor are added in block order, so the
@@ -880,6 +893,13 @@ def _k_yogi(tab, sizes, scales, cs, flags, deref, threads):
         _apply(_yogi, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
+@_entry()
+def _k_ademamix(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_ademamix, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
 @_entry(sums=True)
 def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps.
@@ -951,7 +971,7 @@ _ENTRIES = {
     ("adahessian", _V_POW): _k_adahessian_pow,
     ("lamb", 0): _k_lamb,
     ("asgd", 0): _k_asgd, ("rprop", 0): _k_rprop,
-    ("adabelief", 0): _k_adabelief, ("yogi", 0): _k_yogi,
+    ("adabelief", 0): _k_adabelief, ("yogi", 0): _k_yogi, ("ademamix", 0): _k_ademamix,
 }
 
 

@@ -386,3 +386,18 @@ def yogi(p, g, st, s, _):
     g2 = g * g
     v[...] = v - (1 - s["beta2"]) * np.sign(v - g2) * g2
     p -= s["step_size"] * m / (np.sqrt(v) / s["bc2_sqrt"] + s["eps"])
+
+
+# ------------------------------------------------------------------ issue 19: AdEMAMix
+
+
+@_rule("ademamix")
+def ademamix(p, g, st, s, _):
+    """AdEMAMix: a fast and a slow EMA of g (beta1, beta3) and Adam's v;
+    p -= lr * (m1/bc1 + alpha*m2) / (sqrt(nu/bc2) + eps), after p *= 1 - lr*wd."""
+    m1, m2, nu = st["m1"], st["m2"], st["nu"]
+    m1[...] = s["beta1"] * m1 + (1 - s["beta1"]) * g
+    m2[...] = s["beta3"] * m2 + s["one_minus_beta3"] * g
+    nu[...] = s["beta2"] * nu + (1 - s["beta2"]) * g * g
+    d = np.sqrt(nu) / s["bc2_sqrt"] + s["eps"]
+    p -= s["lr"] * ((m1 / s["bc1"] + s["alpha"] * m2) / d)

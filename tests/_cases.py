@@ -128,6 +128,13 @@ def _yogi_draws(draw):
     return {"initial_accumulator_value": draw(st.sampled_from([0.0, 1e-6, 0.1]))}
 
 
+def _ademamix_draws(draw):
+    return {"betas": (draw(st.floats(0.1, 0.99)), draw(st.floats(0.9, 0.9999)),
+                      draw(st.floats(0.9, 0.9999))),
+            "alpha": draw(st.floats(0.0, 8.0)), "t_alpha": draw(st.sampled_from([None, 3, 100])),
+            "t_beta3": draw(st.sampled_from([None, 3, 100]))}
+
+
 def _newton_draws(draw):
     return {"damping": draw(st.floats(1e-4, 1.0))}
 
@@ -285,6 +292,17 @@ _RECORDS = [
         converge=(dict(lr=0.05),),
         rosen=(dict(lr=0.02), 6000),
         strategy=_yogi_draws),
+    # ---- issue 19: AdEMAMix (oracle: bitsandbytes' reference, tests/test_rules_issue19.py)
+    OptimInfo(
+        "ademamix",
+        cases=(Case("ademamix", {"lr": 1e-2}),
+               Case("ademamix-warmups", {"lr": 1e-2, "betas": (0.9, 0.99, 0.999), "t_alpha": 5,
+                                         "t_beta3": 4, "weight_decay": 0.1, "maximize": True})),
+        converge=(dict(lr=0.02, alpha=2.0, betas=(0.9, 0.999, 0.99), weight_decay=0.0),),
+        # the slow EMA overshoots Rosenbrock's valley unless beta3 is modest and warmed up
+        rosen=(dict(lr=0.01, betas=(0.9, 0.999, 0.999), t_alpha=2000, t_beta3=2000,
+                    weight_decay=0.0), 8000),
+        strategy=_ademamix_draws),
 ]
 
 #: rule -> its record, in the rule table's order.

@@ -354,10 +354,16 @@ BAD_VALUES = {
     "etas": [(0.5,), (1.0, 1.2), (0.5, 1.0), (0.0, 1.2), (0.5, NAN), 0.5],
     "step_sizes": [(1.0, 0.5), (-1e-6, 50.0), (1e-6, INF), (1e-6,), None],
     "eps_root": [-1e-16, NAN, INF],
+    "t_alpha": [0, -5, NAN, INF, "10"],
+    "t_beta3": [0, -5, NAN, INF],
 }
 #: (rule, name) -> bad values where a name means something else in that rule: ASGD's
 #: ``alpha`` is the exponent of its eta schedule (any finite number >= 0), not an average.
-BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF]}
+BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
+                 # AdEMAMix: alpha weighs the slow EMA (any finite number >= 0); three betas
+                 ("ademamix", "alpha"): [-0.1, NAN, INF],
+                 # (the range of each beta: tests/test_rules_issue19.py)
+                 ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9]}
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
 
@@ -566,6 +572,7 @@ SQUARE_STATE = {
 SQUARE_STATE["rprop"] = {"step_size"}  # a magnitude, clamped to step_sizes: never negative
 SQUARE_STATE["adabelief"] = {"exp_avg_var"}
 SQUARE_STATE["yogi"] = {"exp_avg_sq"}  # v - (1-b2)*sign(v - g^2)*g^2 stays >= 0
+SQUARE_STATE["ademamix"] = {"nu"}
 
 
 def test_rule_table_declares_the_square_state():

@@ -277,6 +277,20 @@ struct FoYogi {
     }
 };
 
+// AdEMAMix (Pagliardini et al. 2024): m1 = b1*m1 + (1-b1)*g, m2 = b3*m2 + (1-b3)*g (b3 and
+// alpha after their warmups, on the host), nu = b2*nu + (1-b2)*g^2;
+// p -= lr * (m1/bc1 + alpha*m2) / (sqrt(nu)/sqrt(bc2) + eps) (decoupled decay before)
+struct FoAdEMAMix {
+    enum : unsigned { slots = FO_P_G | FO_STATES(3) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m1, O& m2, O& nu, O) {
+        m1 = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m1, g);
+        m2 = fo_ema(h.v[FO_S_BETA3], h.v[FO_S_ONE_MINUS_BETA3], m2, g);
+        nu = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], nu, g);
+        p = p - h.v[FO_S_LR] * ((m1 / h.v[FO_S_BC1] + h.v[FO_S_ALPHA] * m2) / fo_adam_denom(h, nu));
+    }
+};
+
 // ------------------------------------------------------------------------ elementwise pass
 // Bytes per element = sizeof(T) * (3 + 2 * states [+ 1 extra]): read p, g, states, extra;
 // write p, states. Adam float32: 28 bytes, AMSGrad 36, SGD without momentum 12.
@@ -416,3 +430,4 @@ FO_ELEMENTWISE(asgd, FoASGD)
 FO_ELEMENTWISE(rprop, FoRprop)
 FO_ELEMENTWISE(adabelief, FoAdaBelief)
 FO_ELEMENTWISE(yogi, FoYogi)
+FO_ELEMENTWISE(ademamix, FoAdEMAMix)
