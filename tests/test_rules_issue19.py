@@ -280,3 +280,17 @@ def test_ademamix_bad_betas(betas, where):
         fo.AdEMAMix([p], betas=betas)
     with pytest.raises(ValueError, match=r"betas: expected beta1 > 0 and beta3 > 0 with t_beta3"):
         fo.AdEMAMix([p], betas=(0.0, 0.999, 0.9999), t_beta3=10)
+
+
+# --------------------------------------------------------------------------- the demo rows
+
+@pytest.mark.parametrize("name", ["asgd", "rprop", "adabelief", "yogi", "ademamix"])
+def test_demo_trains_with_the_new_rules(name):
+    from fastopt.apps import demo as _demo
+
+    digits = _demo.load_digits_split(seed=0)
+    r = _demo.train(name, digits, epochs=1, max_steps=45, backend="numpy", seed=0)
+    assert r.diverged_at is None and r.train_loss < 0.3 * r.initial_loss, name
+    assert r.test_acc > 0.8, name  # chance is 0.1
+    x = _demo.train_xor(name, steps=300, seed=0, backend="numpy")
+    assert x.accuracy == 1.0 and x.loss < 0.05, name
