@@ -10,6 +10,7 @@ from ._backend import backends
 from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                      Newton, Optimizer, RAdam, RMSprop)
 from ._optim import Muon
+from ._optim import ASGD, AdaBelief, AdEMAMix, Rprop, Yogi
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
 from ._warmup import warmup
@@ -20,3 +21,4 @@ __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "
            "Lion", "LAMB", "AdaHessian", "Newton", "Optimizer", "StepInfo", "backends",
            "functional", "layers", "precision", "quantization", "schedules", "save", "load", "warmup",
            "__version__", "Muon"]
+__all__ += ["ASGD", "Rprop", "AdaBelief", "Yogi", "AdEMAMix"]

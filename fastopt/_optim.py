@@ -596,6 +596,110 @@ class Muon(Optimizer):
         super().__init__(params, **_opts(locals()))
 
 
+class ASGD(Optimizer):
+    r"""Averaged SGD (Polyak & Juditsky), as torch.optim.ASGD; ``weight_decay`` is L2.
+
+    .. math::
+        p \mathrel{*}= 1 - \lambda\eta_t;\quad p \mathrel{-}= \eta_t g;\quad
+        a = p \text{ if } \mu_t = 1 \text{ else } a + \mu_t (p - a)
+
+    ``eta`` and ``mu`` are set after each step for the next, as torch does:
+    ``eta = lr / (1 + lambd*lr*t)**alpha``, ``mu = 1 / max(1, t - t0)`` (the first step uses
+    ``eta = lr``, ``mu = 1``); they are the group state (``state_dict()["group_state"]``),
+    so with an ``lr`` schedule ``eta`` follows the previous step's ``lr``, as in torch.  The
+    averaged iterate is the state array ``ax``: evaluate with it.
+    """ + _PIPELINE_DOC
+    rule = RULES["asgd"]
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
+                 maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
+class Rprop(Optimizer):
+    r"""Resilient backpropagation (Riedmiller & Braun), as torch.optim.Rprop.
+
+    Per element, with ``d = g * prev``: the step size grows by ``etaplus`` where ``d > 0``,
+    shrinks by ``etaminus`` where ``d < 0`` (and that grad counts as 0), is clamped to
+    ``step_sizes``; ``p -= sign(g) * step_size``; ``prev = g``.  ``step_size`` starts at
+    ``lr``, which is its only use (as in torch).  No weight decay, as torch.
+    """ + _PIPELINE_DOC
+    rule = RULES["rprop"]
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *,
+                 maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                 weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
+class AdaBelief(Optimizer):
+    r"""AdaBelief (Zhuang et al., 2020), as ``optax.adabelief`` (0.2.8) with its defaults.
+
+    .. math::
+        m = \beta_1 m + (1-\beta_1) g;\quad s = \beta_2 s + (1-\beta_2)(g - m)^2 + \epsilon_r;
+        \quad p \mathrel{-}= \eta\,\frac{m/(1-\beta_1^t)}{\sqrt{s/(1-\beta_2^t)} + \epsilon}
+
+    ``nesterov=True`` replaces ``m/(1-b1^t)`` by ``b1*m/(1-b1^(t+1)) + (1-b1)*g/(1-b1^t)``.
+    ``weight_decay`` is L2 (``optax.add_decayed_weights`` chained before it); 0 as optax.
+    optax's defaults ``eps = eps_root = 1e-16`` (the paper: ``eps=1e-8, eps_root=0``).
+    """ + _PIPELINE_DOC
+    rule = RULES["adabelief"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16,
+                 weight_decay=0.0, nesterov=False, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
+class Yogi(Optimizer):
+    r"""Yogi (Zaheer et al., 2018), as ``optax.yogi`` (0.2.8) with its defaults.
+
+    .. math::
+        m = \beta_1 m + (1-\beta_1) g;\quad v = v - (1-\beta_2)\,\mathrm{sign}(v - g^2)\,g^2;
+        \quad p \mathrel{-}= \eta\,\frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+
+    Both moments start at ``initial_accumulator_value`` (1e-6, as optax).  ``weight_decay``
+    is L2.  optax has no default learning rate; ``lr=1e-2`` is the paper's.
+    """ + _PIPELINE_DOC
+    rule = RULES["yogi"]
+
+    def __init__(self, params, lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0,
+                 initial_accumulator_value=1e-6, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
+class AdEMAMix(Optimizer):
+    r"""AdEMAMix (Pagliardini et al., 2024): Adam with a second, slow first moment.
+
+    .. math::
+        m_1 = \beta_1 m_1 + (1-\beta_1) g;\quad m_2 = \beta_3 m_2 + (1-\beta_3) g;\quad
+        \nu = \beta_2 \nu + (1-\beta_2) g^2;\quad
+        p \mathrel{-}= \eta\,\frac{m_1/(1-\beta_1^t) + \alpha m_2}{\sqrt{\nu/(1-\beta_2^t)} + \epsilon}
+
+    ``betas = (beta1, beta2, beta3)``; ``m2`` has no bias correction (it fills slowly on
+    purpose).  Warmups as in the paper and bitsandbytes' ``AdEMAMix``: ``t_alpha`` steps
+    of linear rise of ``alpha``, ``t_beta3`` steps over which ``beta3`` rises from ``beta1``
+    with a linearly growing half-life.  ``weight_decay`` is decoupled (``p *= 1 - lr*wd``
+    first); defaults are bitsandbytes' (``weight_decay=1e-2``).
+    """ + _PIPELINE_DOC
+    rule = RULES["ademamix"]
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8,
+                 weight_decay=1e-2, t_alpha=None, t_beta3=None, *, maximize=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton, Muon)}
+               AdaHessian, Newton, Muon, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix)}

@@ -64,13 +64,17 @@ KERNEL_SCALARS = (
     "momentum", "momentum_keep", "momentum_gain",
     "alpha", "one_minus_alpha", "rho", "one_minus_rho",
     "clr", "c_grad", "c_avg", "hessian_power", "weight_decay",
+    # rules added later (appended: existing slots keep their positions)
+    "eta", "eta_decay", "mu", "etaplus", "etaminus", "step_size_min", "step_size_max",
+    "eps_root", "beta3", "one_minus_beta3",
 )
 KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 
 #: The kernel flag vocabulary, bit ``k`` of a call's flags is ``KERNEL_FLAGS[k]``.
 #: ``Rule.variants`` are the flags that change which state arrays a step touches
 #: (a backend may compile them as constants); the others are runtime switches.
-KERNEL_FLAGS = ("nesterov", "rectify", "amsgrad", "has_momentum", "centered")
+KERNEL_FLAGS = ("nesterov", "rectify", "amsgrad", "has_momentum", "centered",
+                "average_copy")
 KERNEL_FLAG_BIT = {name: k for k, name in enumerate(KERNEL_FLAGS)}
 
 #: Rule kinds: how a backend drives the rule.
@@ -523,6 +527,188 @@ _add(Rule("adahessian", "AdaHessian", dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4
 _add(Rule("newton", "Newton", dict(lr=1.0, damping=1e-4),
           lambda hp: (), _newton_scalars, _newton_check, (), extra="hessians",
           kind=DENSE_SOLVE, extra_shape="square", weight_decay=None))
+
+
+# --------------------------------------------------------------------------- ASGD, Rprop
+
+
+def _asgd_scalars(hp, t, gs):
+    """torch.optim.ASGD: ``eta`` and ``mu`` are state, set at the end of each step for the next.
+
+    torch keeps them per param (``state["eta"]``, ``state["mu"]``) and computes
+    them after step ``t`` from that step's ``lr``: ``eta = lr / (1 + lambd*lr*t)**alpha``,
+    ``mu = 1 / max(1, t - t0)``; the first step uses ``eta = lr`` and ``mu = 1``.
+    So with a schedule ``eta`` lags one step behind ``lr``, exactly as in torch:
+    these host scalars depend on the group state, not on ``(hp, t)`` alone.  The start
+    value ``eta = 0`` stands for "``lr``" at step 1; a positive one is used as it is
+    (fastopt.torch starts it at ``lr`` rounded to torch's scalar dtype, as torch does).
+    """
+    lr, lambd = hp["lr"], hp["lambd"]
+    eta = gs["eta"] if t > 1 or gs["eta"] > 0 else lr
+    mu = 1.0 if t == 1 else gs["mu"]
+    s = dict(lr=lr, weight_decay=hp["weight_decay"], eta=eta, mu=mu,
+             # p = p * (1 - lambd*eta) - eta*g; torch computes 1 - lambd*eta in double too
+             eta_decay=1.0 - lambd * eta,
+             # torch copies p into ax when mu == 1 (exactly), else ax += (p - ax) * mu
+             average_copy=mu == 1.0)
+    new = {"eta": lr / ((1.0 + lambd * lr * t) ** hp["alpha"]), "mu": 1.0 / max(1.0, t - hp["t0"])}
+    return s, new
+
+
+def _asgd_check(hp):
+    check_nonneg(hp, "lambd", "alpha", "weight_decay")
+    _require(_real(hp["t0"]), "t0", "a finite number", hp["t0"])
+
+
+def _rprop_state(hp):
+    """``prev`` (the last grad, zeroed where its sign flipped) and the per-element ``step_size``,
+    which starts at ``lr`` as torch's (the only use of ``lr``: later changes of it do nothing)."""
+    lr = hp["lr"]
+    if callable(lr):  # a schedule: the lr of the first step
+        lr = float(lr(0))
+    return (("prev", 0.0), ("step_size", float(lr)))
+
+
+def _rprop_scalars(hp, t, gs):
+    (em, ep), (smin, smax) = hp["etas"], hp["step_sizes"]
+    return dict(lr=hp["lr"], etaminus=em, etaplus=ep, step_size_min=smin, step_size_max=smax), gs
+
+
+def _rprop_check(hp):
+    e, z = hp["etas"], hp["step_sizes"]
+    _require(isinstance(e, (tuple, list)) and len(e) == 2 and all(_real(x) for x in e)
+             and 0 < e[0] < 1 < e[1], "etas", "a pair (etaminus, etaplus) with "
+             "0 < etaminus < 1 < etaplus", e)
+    _require(isinstance(z, (tuple, list)) and len(z) == 2 and all(_real(x) for x in z)
+             and 0 <= z[0] <= z[1], "step_sizes", "a pair (min, max) of finite numbers with "
+             "0 <= min <= max", z)
+
+
+_add(Rule("asgd", "ASGD", dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0),
+          lambda hp: (("ax", 0.0),), _asgd_scalars, _asgd_check, ("ax",),
+          group_state={"eta": 0.0, "mu": 1.0}, pack=("eta", "eta_decay", "mu"),
+          flags=("average_copy",)))
+_add(Rule("rprop", "Rprop", dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0)),
+          _rprop_state, _rprop_scalars, _rprop_check, ("prev", "step_size"), weight_decay=None,
+          pack=("etaminus", "etaplus", "step_size_min", "step_size_max"),
+          nonnegative_state=("step_size",)))
+
+
+# --------------------------------------------------------------------------- AdaBelief, Yogi
+# optax 0.2.8's semantics and defaults (optax.adabelief, optax.yogi); ``weight_decay`` is the L2
+# stage, as optax.chain(optax.add_decayed_weights(wd), optax.adabelief(...)).
+
+
+def _adabelief_scalars(hp, t, gs):
+    """optax.scale_by_belief: m_hat = m/bc1, or with nesterov b1*m/bc1(t+1) + (1-b1)*g/bc1(t).
+
+    The step is ``p -= c_avg * m / d + c_grad * g / d`` with ``d = sqrt(s/bc2) + eps``.
+    """
+    b1, b2 = hp["betas"]
+    lr, bc1 = hp["lr"], 1.0 - b1 ** t
+    nesterov = bool(hp["nesterov"])
+    s = dict(_betas(hp), lr=lr, eps=hp["eps"], eps_root=hp["eps_root"],
+             weight_decay=hp["weight_decay"], nesterov=nesterov,
+             bc2_sqrt=math.sqrt(1.0 - b2 ** t),
+             c_avg=lr * b1 / (1.0 - b1 ** (t + 1)) if nesterov else lr / bc1,
+             c_grad=lr * (1.0 - b1) / bc1 if nesterov else 0.0)
+    return s, gs
+
+
+def _adabelief_check(hp):
+    _adam_family_check(hp)
+    check_nonneg(hp, "eps_root")
+    _require(isinstance(hp["nesterov"], bool), "nesterov", "a bool", hp["nesterov"])
+
+
+def _yogi_scalars(hp, t, gs):
+    bc1, bc2 = _bias_corrections(hp, t)
+    return dict(_betas(hp), lr=hp["lr"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                bc2_sqrt=math.sqrt(bc2), step_size=hp["lr"] / bc1), gs
+
+
+def _yogi_check(hp):
+    _adam_family_check(hp)
+    check_nonneg(hp, "initial_accumulator_value")
+
+
+_add(Rule("adabelief", "AdaBelief", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16,
+                                         weight_decay=0.0, nesterov=False),
+          lambda hp: (("exp_avg", 0.0), ("exp_avg_var", 0.0)),
+          _adabelief_scalars, _adabelief_check, ("exp_avg", "exp_avg_var"),
+          pack=_BETAS + ("eps", "eps_root", "bc2_sqrt", "c_avg", "c_grad"), flags=("nesterov",),
+          nonnegative_state=("exp_avg_var",)))
+_add(Rule("yogi", "Yogi", dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0,
+                               initial_accumulator_value=1e-6),
+          lambda hp: (("exp_avg", float(hp["initial_accumulator_value"])),
+                      ("exp_avg_sq", float(hp["initial_accumulator_value"]))),
+          _yogi_scalars, _yogi_check, ("exp_avg", "exp_avg_sq"),
+          pack=_BETAS + ("eps", "bc2_sqrt", "step_size"), nonnegative_state=("exp_avg_sq",)))
+
+
+# --------------------------------------------------------------------------- AdEMAMix
+
+
+def _ademamix_warmups(hp, t):
+    """AdEMAMix's alpha and beta3 at step ``t`` (Pagliardini et al. 2024; bitsandbytes' AdEMAMix).
+
+    ``t_alpha``: alpha rises linearly, ``min(t*alpha/t_alpha, alpha)``.  ``t_beta3``: beta3
+    rises so that the slow EMA's half-life grows linearly from beta1's to beta3's:
+    ``min(exp(ln b1 * ln b3 / ((1 - t/T) ln b3 + (t/T) ln b1)), b3)``.
+    """
+    b1, _, b3 = hp["betas"]
+    alpha = hp["alpha"]
+    if hp["t_alpha"] is not None:
+        alpha = min(t * alpha / hp["t_alpha"], alpha)
+    if hp["t_beta3"] is not None:
+        x = t / hp["t_beta3"]
+        lb1, lb3 = math.log(b1), math.log(b3)
+        b3 = min(math.exp(lb1 * lb3 / ((1.0 - x) * lb3 + x * lb1)), b3)
+    return alpha, b3
+
+
+def _ademamix_scalars(hp, t, gs):
+    b1, b2, _ = hp["betas"]
+    alpha, b3 = _ademamix_warmups(hp, t)
+    s = dict(beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2, one_minus_beta2=1.0 - b2,
+             beta3=b3, one_minus_beta3=1.0 - b3, alpha=alpha, lr=hp["lr"], eps=hp["eps"],
+             weight_decay=hp["weight_decay"], bc1=1.0 - b1 ** t,
+             bc2_sqrt=math.sqrt(1.0 - b2 ** t))
+    return s, gs
+
+
+def _ademamix_check(hp):
+    b = hp["betas"]
+    _require(isinstance(b, (tuple, list)) and len(b) == 3, "betas",
+             "a triple (beta1, beta2, beta3)", b)
+    for i, v in enumerate(b):
+        _require(_real(v) and 0 <= v < 1, f"betas[{i}]", "a number in [0, 1)", v)
+    check_nonneg(hp, "alpha", "weight_decay")
+    check_positive(hp, "eps")
+    for n in ("t_alpha", "t_beta3"):
+        v = hp[n]
+        _require(v is None or (_real(v) and v > 0), n, "None or a number of steps > 0", v)
+    if hp["t_beta3"] is not None:  # the warmup takes logarithms of both
+        _require(b[0] > 0 and b[2] > 0, "betas", "beta1 > 0 and beta3 > 0 with t_beta3", b)
+
+
+_add(Rule("ademamix", "AdEMAMix", dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8,
+                                       weight_decay=1e-2, t_alpha=None, t_beta3=None),
+          lambda hp: (("m1", 0.0), ("m2", 0.0), ("nu", 0.0)),
+          _ademamix_scalars, _ademamix_check, ("m1", "m2", "nu"), weight_decay="decoupled",
+          pack=("lr",) + _BETAS + ("beta3", "one_minus_beta3", "alpha", "eps", "bc1", "bc2_sqrt"),
+          nonnegative_state=("nu",)))
+
+
+#: State names whose plural (the functional API's list argument, ``exp_avg`` -> ``exp_avgs``)
+#: would be a hyperparameter's name: Rprop's per-element ``step_size`` against its
+#: ``step_sizes`` bounds.
+_STATE_ARG_OVERRIDES = {"step_size": "step_size_states"}
+
+
+def state_arg(name: str) -> str:
+    """The functional API's argument for the per-tensor list of state ``name`` (its plural)."""
+    return _STATE_ARG_OVERRIDES.get(name, name + "s")
 
 
 def check_hyperparameters(rule: Rule, hp: dict, where: str = "") -> None:

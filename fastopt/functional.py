@@ -33,6 +33,8 @@ float32 array.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _backend
@@ -40,7 +42,7 @@ from . import precision as _prec
 from . import quantization as _q
 from ._backend import array_kind
 from ._pipeline import StepInfo, make_buckets, run_step
-from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule
+from ._rules import CLIP_EPS, PRECISION_DEFAULTS, RULES, Rule, state_arg
 from ._validate import (as_list, check_array, check_companions, check_grad_scale, check_nonfinite,
                         check_min_8bit_size, check_param_ndim, check_params, check_q8_options,
                         flat, is_q8, label, param_precision, prepare_groups, resolve_precisions,
@@ -49,8 +51,17 @@ from ._validate import (as_list, check_array, check_companions, check_grad_scale
 __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "nadam", "radam",
            "lion", "lamb", "adahessian", "newton", "muon", "global_norm", "clip_grad_norm_",
            "clip_grad_value_"]
+__all__ += ["asgd", "rprop", "adabelief", "yogi", "ademamix"]
 
-_CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product")
+_CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu")
+
+#: The group state a rule function takes and returns (``Rule.group_state``): name -> (test,
+#: what it must be).  NaN here would reach every param, so each is range checked.
+_GSTATE_CHECKS = {
+    "mu_product": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "eta": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "mu": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+}
 
 
 def _run(rule: Rule, args: dict) -> StepInfo:
@@ -63,9 +74,9 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     args = dict(args)
     params, grads = args.pop("params"), args.pop("grads")
     extra = args.pop(rule.extra) if rule.extra is not None else None
-    given = {name: args.pop(name + "s") for name in rule.all_state}
+    given = {name: args.pop(state_arg(name)) for name in rule.all_state}
     step, grad_scale, nonfinite, backend = (args.pop(k) for k in _CALL_OPTIONS[:4])
-    mu_product = args.pop("mu_product", None)
+    given_gstate = {k: args.pop(k) for k in _GSTATE_CHECKS if k in args}
     masters = args.pop("masters")
     popts = {k: args.pop(k) for k in PRECISION_DEFAULTS}
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
@@ -86,7 +97,7 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     if any_q8:
         check_q8_options(rule, hp)
     states, written = {}, []
-    names = [(name + "s", name, lambda p: param_precision(precisions, p, min8).state)
+    names = [(state_arg(name), name, lambda p: param_precision(precisions, p, min8).state)
              for name, _ in rule.state(hp)]
     if popts["master_weights"]:
         names.append(("masters", "master", lambda p: np.dtype(np.float32)))
@@ -109,12 +120,12 @@ def _run(rule: Rule, args: dict) -> StepInfo:
     (prepared,) = prepare_groups(rule, [hp], [len(params)], params, grads, extra, kind=kind,
                                  caller=f"{rule.name}()", written=written)
     gstate = {}
-    if rule.group_state:
-        # a product of momentum coefficients in (0, 1]; NaN here would reach every param
-        if isinstance(mu_product, bool) or not isinstance(mu_product, (int, float)) \
-                or not 0 < mu_product <= 1:
-            raise ValueError(f"mu_product: expected a number in (0, 1], got {mu_product!r}")
-        gstate = {"mu_product": float(mu_product)}
+    for k in rule.group_state:
+        v = given_gstate[k]
+        ok, expected = _GSTATE_CHECKS[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"{k}: expected {expected}, got {v!r}")
+        gstate[k] = float(v)
     group = prepared.group_step(make_buckets([flat(p) for p in params], states,
                                              param_precisions=pprec,
                                              shapes=None if rule.param_ndim is None
@@ -406,3 +417,70 @@ def _check_writable_contiguous(arrays, name):
             raise ValueError(f"{name}[{i}]: expected a C-contiguous array, got strides {a.strides}")
         if hasattr(a.flags, "writeable") and not a.flags.writeable:
             raise ValueError(f"{name}[{i}]: expected a writeable array, got a read-only one")
+
+
+def asgd(params, grads, axs=None, masters=None, *, step, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
+         weight_decay=0.0, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+         weight_clip=None, max_norm=None, eta=0.0, mu=1.0, grad_scale=None, nonfinite="raise",
+         backend="auto", state_dtype=None, master_weights=False, stochastic_rounding=False,
+         seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.ASGD` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``axs`` (the averages, start them at 0).  ``eta`` and ``mu`` are the values the
+    previous step returned in ``info.group_state[0]`` (step 1 ignores them and uses ``lr``
+    and 1, as torch does).
+    """
+    return _run(RULES["asgd"], locals())
+
+
+def rprop(params, grads, prevs=None, step_size_states=None, masters=None, *, step, lr=1e-2,
+          etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False, clip_value=None,
+          clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None, grad_scale=None,
+          nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+          stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.Rprop` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``prevs`` (start them at 0) and ``step_size_states`` (the per-element step
+    sizes, torch's ``step_size``: start them at ``lr``; not ``step_sizes``, which is the
+    bounds' name).
+    """
+    return _run(RULES["rprop"], locals())
+
+
+def adabelief(params, grads, exp_avgs=None, exp_avg_vars=None, masters=None, *, step, lr=1e-3,
+              betas=(0.9, 0.999), eps=1e-16, eps_root=1e-16, weight_decay=0.0, nesterov=False,
+              maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+              weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise", backend="auto",
+              state_dtype=None, master_weights=False, stochastic_rounding=False,
+              seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.AdaBelief` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_vars`` (start them at 0).
+    """
+    return _run(RULES["adabelief"], locals())
+
+
+def yogi(params, grads, exp_avgs=None, exp_avg_sqs=None, masters=None, *, step, lr=1e-2,
+         betas=(0.9, 0.999), eps=1e-3, weight_decay=0.0, initial_accumulator_value=1e-6,
+         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+         master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.Yogi` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``exp_avgs``, ``exp_avg_sqs`` (start both at ``initial_accumulator_value``).
+    """
+    return _run(RULES["yogi"], locals())
+
+
+def ademamix(params, grads, m1s=None, m2s=None, nus=None, masters=None, *, step, lr=1e-3,
+             betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8, weight_decay=1e-2, t_alpha=None,
+             t_beta3=None, maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+             weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise", backend="auto",
+             state_dtype=None, master_weights=False, stochastic_rounding=False,
+             seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.AdEMAMix` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``m1s`` (fast EMAs), ``m2s`` (slow EMAs), ``nus`` (second moments), all
+    starting at 0.  ``step`` drives the bias corrections and the warmups.
+    """
+    return _run(RULES["ademamix"], locals())

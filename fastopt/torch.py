@@ -83,6 +83,7 @@ from ._validate import check_grad_scale, check_nonfinite, resolve_precisions
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Optimizer", "Muon"]
+__all__ += ["ASGD", "Rprop"]
 
 #: torch dtypes the adapter steps, and the NumPy dtype of their zero-copy views (bfloat16:
 #: None here, ``ml_dtypes.bfloat16`` -- imported only when a bfloat16 tensor appears --
@@ -92,6 +93,10 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.flo
 #: NumPy dtype names -> torch dtypes (state dtypes chosen by fastopt.precision)
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
+
+#: Group state whose start value torch takes from the options: ASGD's ``eta`` starts at ``lr``
+#: (the other names start at ``Rule.group_state``'s value, NAdam's ``mu_product`` at 1).
+_GROUP_STATE_START = {"eta": lambda hp: hp["lr"]}
 
 #: torch.optim constructor options that have no effect here: fastopt's step is always one
 #: fused, multi-tensor kernel pass, so ``foreach``/``fused`` are accepted and ignored.
@@ -217,8 +222,8 @@ class _Part:
     params: list                 # torch params (AdaHessian finds their extra input by id)
     buckets: list                # make_buckets(...) of the flat views of params and state
     steps: list                  # 0-d NumPy views of the ``step`` tensors (empty for SGD)
-    mu: list                     # 0-d NumPy views of NAdam's ``mu_product`` tensors
-    gstate: dict                 # the rule's group state (NAdam: mu_product)
+    gviews: dict                 # group-state name -> 0-d NumPy views of its per-param tensors
+    gstate: dict                 # the rule's group state (NAdam: mu_product; ASGD: eta, mu)
     pos: list | None             # positions among the group's params with a grad (None: all)
     layout: list                 # (dtype, size) of each param's flat view: its grad's too
 
@@ -476,10 +481,12 @@ class Optimizer(torch.optim.Optimizer):
                 for v in part.steps:
                     v[()] = t
                 part.gstate = dict(info.group_state[k])
-                if part.mu:
-                    mu = part.gstate["mu_product"]
-                    for v in part.mu:
-                        v[()] = mu
+                for name, views in part.gviews.items():
+                    value = part.gstate[name]
+                    for v in views:
+                        v[()] = value
+                    # the next step reads what torch would: the value in the tensor's dtype
+                    part.gstate[name] = float(views[0])
                 k += 1
         return loss
 
@@ -574,17 +581,17 @@ class Optimizer(torch.optim.Optimizer):
                 if self.precision_options["master_weights"]:
                     flat_s["master"] = [_flat_view(st["master"]) for st in states]
                 steps = [st["step"].numpy() for st in states] if "step" in states[0] else []
-                mu = [st["mu_product"].numpy() for st in states] if rule.group_state else []
-                gstate = dict(rule.group_state)
-                if mu:
-                    gstate["mu_product"] = float(mu[0])
+                # torch keeps the group state per param (NAdam's mu_product, ASGD's eta and
+                # mu); params at one step count hold the same values: the first one's are read
+                gviews = {k: [st[k].numpy() for st in states] for k in rule.group_state}
+                gstate = {k: float(v[0]) for k, v in gviews.items()}
                 parts.append(_Part(
                     t=t, params=params, steps=steps,
                     # a rule whose kernel needs the params' shapes (Muon) gets them
                     buckets=make_buckets(flat_p, flat_s, np_precs,
                                          shapes=None if rule.param_ndim is None
                                          else [tuple(p.shape) for p in params]),
-                    mu=mu, gstate=gstate,
+                    gviews=gviews, gstate=gstate,
                     pos=None if len(by_t) == 1 else [pos for pos, _, _ in entries],
                     layout=[(a.dtype, a.size) for a in flat_p]))
                 for st in states:
@@ -626,10 +633,12 @@ class Optimizer(torch.optim.Optimizer):
         elif (not isinstance(step, torch.Tensor) or step.ndim
               or step.dtype not in (torch.float32, torch.float64)):
             st["step"] = torch.tensor(float(step), dtype=sdt)
-        if self.rule.group_state and "mu_product" not in st:
-            st["mu_product"] = torch.ones((), dtype=sdt)
-        elif self.rule.group_state and not isinstance(st["mu_product"], torch.Tensor):
-            st["mu_product"] = torch.tensor(float(st["mu_product"]), dtype=sdt)
+        for k, start in self.rule.group_state.items():
+            if k not in st:
+                st[k] = torch.tensor(float(_GROUP_STATE_START.get(k, lambda hp: start)(hp)),
+                                     dtype=sdt)
+            elif not isinstance(st[k], torch.Tensor):
+                st[k] = torch.tensor(float(st[k]), dtype=sdt)
         t = float(st["step"])
         if not (t >= 0 and t == int(t)):
             raise ValueError(f"state 'step': expected a whole number >= 0, got {t}")
@@ -922,6 +931,38 @@ class Muon(Optimizer):
         super().add_param_group(param_group)
 
 
+class ASGD(Optimizer):
+    rule = RULES["asgd"]
+    __doc__ = "Averaged SGD." + _DOC.format(
+        torch="ASGD", extra="; ``eta``, ``mu`` and the average ``ax`` are kept per param, as "
+        "torch keeps them")
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+                 foreach=None, maximize=False, differentiable=False, capturable=False, *,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
+        super().__init__(params, o, torch_only=t, **w)
+
+
+class Rprop(Optimizer):
+    rule = RULES["rprop"]
+    __doc__ = "Resilient backpropagation." + _DOC.format(
+        torch="Rprop", extra="; the per-element ``step_size`` and ``prev`` are state")
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), *,
+                 capturable=False, foreach=None, maximize=False, differentiable=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
+        o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
+        for k in ("etas", "step_sizes"):
+            if isinstance(o.get(k), list):
+                o[k] = tuple(o[k])
+        super().__init__(params, o, torch_only=t, **w)
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Muon)}
+               AdaHessian, Muon, ASGD, Rprop)}

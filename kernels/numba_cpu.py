@@ -177,10 +177,16 @@ _S_ALPHA, _S_ONE_MINUS_ALPHA = _slot("alpha"), _slot("one_minus_alpha")
 _S_RHO, _S_ONE_MINUS_RHO = _slot("rho"), _slot("one_minus_rho")
 _S_CLR, _S_C_GRAD, _S_C_AVG = _slot("clr"), _slot("c_grad"), _slot("c_avg")
 _S_HESSIAN_POWER, _S_WEIGHT_DECAY = _slot("hessian_power"), _slot("weight_decay")
+_S_ETA, _S_ETA_DECAY, _S_MU = _slot("eta"), _slot("eta_decay"), _slot("mu")
+_S_ETAPLUS, _S_ETAMINUS = _slot("etaplus"), _slot("etaminus")
+_S_STEP_SIZE_MIN, _S_STEP_SIZE_MAX = _slot("step_size_min"), _slot("step_size_max")
+_S_EPS_ROOT = _slot("eps_root")
+_S_BETA3, _S_ONE_MINUS_BETA3 = _slot("beta3"), _slot("one_minus_beta3")
 
 # runtime flags (Rule.kernel_flags bits)
 _F_NESTEROV = 1 << KERNEL_FLAG_BIT["nesterov"]
 _F_RECTIFY = 1 << KERNEL_FLAG_BIT["rectify"]
+_F_AVERAGE_COPY = 1 << KERNEL_FLAG_BIT["average_copy"]
 
 
 def _variant_bit(rule, flag):
@@ -605,6 +611,82 @@ def _lamb_step(i, g, p, m, v, s2, e, c, f, ts, mode):  # pass 2, 16 B/elem; ts =
     return p - ts * _lamb_r(p, m[i], v[i], c)
 
 
+@njit(inline="always")
+def _asgd(i, g, p, ax, s1, s2, e, c, f, ts, mode):  # 20 B/elem
+    p = p * c[_S_ETA_DECAY] - c[_S_ETA] * g
+    if f & _F_AVERAGE_COPY:  # mu == 1: torch copies p (ax + (p - ax) * 1 may round)
+        ax[i] = p
+    else:
+        a = ax[i]
+        ax[i] = a + (p - a) * c[_S_MU]
+    return p
+
+
+@njit(inline="always")
+def _rprop(i, g, p, prev, size, s2, e, c, f, ts, mode):  # 28 B/elem
+    z = c[_ZERO]
+    d = g * prev[i]
+    si = size[i]
+    # the factor is etaplus, etaminus or 1 (no literal: times 1 is si itself); nan stays nan
+    if d > z:
+        si = si * c[_S_ETAPLUS]
+    elif d < z:
+        si = si * c[_S_ETAMINUS]
+        g = z  # a flipped sign: this grad counts as 0 (torch zeroes it)
+    elif d != d:
+        si = si * d
+    # clamp as torch: nan stays nan
+    if si < c[_S_STEP_SIZE_MIN]:
+        si = c[_S_STEP_SIZE_MIN]
+    elif si > c[_S_STEP_SIZE_MAX]:
+        si = c[_S_STEP_SIZE_MAX]
+    size[i] = si
+    prev[i] = g
+    # p -= sign(g) * size: sign(0) = 0 and sign(nan) = nan, as np.sign
+    return p - (si if g > z else (-si if g < z else g * si))
+
+
+@njit(inline="always")
+def _adabelief(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
+    mi = c[_S_BETA1] * m[i] + c[_S_ONE_MINUS_BETA1] * g
+    m[i] = mi
+    r = g - mi  # the belief residual: how far g is from its prediction
+    vi = c[_S_BETA2] * v[i] + c[_S_ONE_MINUS_BETA2] * r * r + c[_S_EPS_ROOT]
+    v[i] = vi
+    d = np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS]
+    p = p - c[_S_C_AVG] * mi / d
+    if f & _F_NESTEROV:
+        p = p - c[_S_C_GRAD] * g / d
+    return p
+
+
+@njit(inline="always")
+def _yogi(i, g, p, m, v, s2, e, c, f, ts, mode):  # 28 B/elem
+    mi = c[_S_BETA1] * m[i] + c[_S_ONE_MINUS_BETA1] * g
+    m[i] = mi
+    g2 = g * g
+    vi = v[i]
+    dv = vi - g2
+    w = c[_S_ONE_MINUS_BETA2]
+    # (1 - b2) * sign(v - g^2), sign(nan) = nan as np.sign
+    w = w if dv > c[_ZERO] else (-w if dv < c[_ZERO] else dv * c[_ZERO])
+    vi = vi - w * g2
+    v[i] = vi
+    return p - c[_S_STEP_SIZE] * mi / (np.sqrt(vi) / c[_S_BC2_SQRT] + c[_S_EPS])
+
+
+@njit(inline="always")
+def _ademamix(i, g, p, m1, m2, nu, e, c, f, ts, mode):  # 36 B/elem
+    a = c[_S_BETA1] * m1[i] + c[_S_ONE_MINUS_BETA1] * g
+    b = c[_S_BETA3] * m2[i] + c[_S_ONE_MINUS_BETA3] * g
+    v = c[_S_BETA2] * nu[i] + c[_S_ONE_MINUS_BETA2] * g * g
+    m1[i] = a
+    m2[i] = b
+    nu[i] = v
+    d = np.sqrt(v) / c[_S_BC2_SQRT] + c[_S_EPS]
+    return p - c[_S_LR] * ((a / c[_S_BC1] + c[_S_ALPHA] * b) / d)
+
+
 # The read pass (the non-finite check, the norms) sums fixed blocks of _BLOCK
 # elements of each tensor: every block is summed by the same code wherever a part
 # boundary falls, and the block sums of a tensor are added in block order, so the
@@ -783,6 +865,41 @@ def _k_adahessian_pow(tab, sizes, scales, cs, flags, deref, threads):
         _apply(_adahessian, _V_POW, k, parts, ptr, off, total, scales, cs, flags)
 
 
+@_entry()
+def _k_asgd(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_asgd, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_rprop(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_rprop, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_adabelief(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_adabelief, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_yogi(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_yogi, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_ademamix(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_ademamix, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
 @_entry(sums=True)
 def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps.
@@ -853,6 +970,8 @@ _ENTRIES = {
     ("radam", 0): _k_radam, ("lion", 0): _k_lion, ("adahessian", 0): _k_adahessian,
     ("adahessian", _V_POW): _k_adahessian_pow,
     ("lamb", 0): _k_lamb,
+    ("asgd", 0): _k_asgd, ("rprop", 0): _k_rprop,
+    ("adabelief", 0): _k_adabelief, ("yogi", 0): _k_yogi, ("ademamix", 0): _k_ademamix,
 }
 
 

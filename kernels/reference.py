@@ -402,3 +402,75 @@ def muon_kernel(params, grads, states, s, pre, extras=None):
 
 
 register_kernel("muon", BACKEND, muon_kernel)
+
+
+# ------------------------------------------------------------------ ASGD, Rprop
+
+
+@_rule("asgd")
+def asgd(p, g, st, s, _):
+    """torch.optim.ASGD: p = p*(1 - lambd*eta) - eta*g; ax = p if mu == 1 else ax + (p - ax)*mu."""
+    p *= s["eta_decay"]
+    p -= s["eta"] * g
+    ax = st["ax"]
+    if s["average_copy"]:
+        ax[...] = p
+    else:
+        ax += (p - ax) * s["mu"]
+
+
+@_rule("rprop")
+def rprop(p, g, st, s, _):
+    """torch.optim.Rprop: per-element step sizes grow by etaplus where g keeps its sign, shrink
+    by etaminus where it flips (and that grad counts as 0), clamped to step_sizes; p -= sign(g)*size."""
+    prev, size = st["prev"], st["step_size"]
+    d = np.sign(g * prev)
+    factor = np.where(d > 0, s["etaplus"], np.where(d < 0, s["etaminus"], np.where(d == 0, 1.0, d)))
+    factor = factor.astype(p.dtype)
+    size[...] = np.clip(size * factor, s["step_size_min"], s["step_size_max"])
+    g = np.where(d < 0, np.zeros_like(g), g)
+    p -= np.sign(g) * size
+    prev[...] = g
+
+
+# ------------------------------------------------------------------ AdaBelief, Yogi
+
+
+@_rule("adabelief")
+def adabelief(p, g, st, s, _):
+    """optax.adabelief: m = b1*m + (1-b1)*g; s = b2*s + (1-b2)*(g - m)^2 + eps_root;
+    p -= c_avg*m/d + c_grad*g/d, d = sqrt(s/bc2) + eps (c_grad = 0 without nesterov)."""
+    m, v = st["exp_avg"], st["exp_avg_var"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    e = g - m
+    v[...] = s["beta2"] * v + (1 - s["beta2"]) * e * e + s["eps_root"]
+    d = np.sqrt(v) / s["bc2_sqrt"] + s["eps"]
+    p -= s["c_avg"] * m / d
+    if s["nesterov"]:
+        p -= s["c_grad"] * g / d
+
+
+@_rule("yogi")
+def yogi(p, g, st, s, _):
+    """optax.yogi: m = b1*m + (1-b1)*g; v = v - (1-b2)*sign(v - g^2)*g^2;
+    p -= lr/bc1 * m / (sqrt(v/bc2) + eps)."""
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m[...] = s["beta1"] * m + (1 - s["beta1"]) * g
+    g2 = g * g
+    v[...] = v - (1 - s["beta2"]) * np.sign(v - g2) * g2
+    p -= s["step_size"] * m / (np.sqrt(v) / s["bc2_sqrt"] + s["eps"])
+
+
+# ------------------------------------------------------------------ AdEMAMix
+
+
+@_rule("ademamix")
+def ademamix(p, g, st, s, _):
+    """AdEMAMix: a fast and a slow EMA of g (beta1, beta3) and Adam's v;
+    p -= lr * (m1/bc1 + alpha*m2) / (sqrt(nu/bc2) + eps), after p *= 1 - lr*wd."""
+    m1, m2, nu = st["m1"], st["m2"], st["nu"]
+    m1[...] = s["beta1"] * m1 + (1 - s["beta1"]) * g
+    m2[...] = s["beta3"] * m2 + s["one_minus_beta3"] * g
+    nu[...] = s["beta2"] * nu + (1 - s["beta2"]) * g * g
+    d = np.sqrt(nu) / s["bc2_sqrt"] + s["eps"]
+    p -= s["lr"] * ((m1 / s["bc1"] + s["alpha"] * m2) / d)

@@ -110,6 +110,31 @@ def _adahessian_draws(draw):
     return {"hessian_power": draw(st.floats(0.1, 1.0))}
 
 
+def _asgd_draws(draw):
+    return {"lambd": draw(st.sampled_from([0.0, 1e-4, 0.1])), "alpha": draw(st.floats(0.0, 1.0)),
+            "t0": draw(st.sampled_from([0.0, 2.0, 1e6]))}
+
+
+def _rprop_draws(draw):
+    return {"etas": (draw(st.floats(0.1, 0.9)), draw(st.floats(1.1, 2.0))),
+            "step_sizes": (draw(st.sampled_from([0.0, 1e-6])), draw(st.floats(0.1, 50.0)))}
+
+
+def _adabelief_draws(draw):
+    return {"nesterov": draw(st.booleans()), "eps_root": draw(st.sampled_from([0.0, 1e-16, 1e-8]))}
+
+
+def _yogi_draws(draw):
+    return {"initial_accumulator_value": draw(st.sampled_from([0.0, 1e-6, 0.1]))}
+
+
+def _ademamix_draws(draw):
+    return {"betas": (draw(st.floats(0.1, 0.99)), draw(st.floats(0.9, 0.9999)),
+                      draw(st.floats(0.9, 0.9999))),
+            "alpha": draw(st.floats(0.0, 8.0)), "t_alpha": draw(st.sampled_from([None, 3, 100])),
+            "t_beta3": draw(st.sampled_from([None, 3, 100]))}
+
+
 def _newton_draws(draw):
     return {"damping": draw(st.floats(1e-4, 1.0))}
 
@@ -233,6 +258,57 @@ _RECORDS = [
         converge=(dict(lr=1.0),),
         rosen=(dict(lr=1.0, damping=1e-3), 200),
         strategy=_newton_draws),
+    # ---- issue 19: torch.optim's ASGD and Rprop
+    OptimInfo(
+        "asgd",
+        # t0=2: mu = 1/(t - 2) from step 4 on, so the averaging path runs (mu == 1 copies)
+        cases=(Case("asgd", {"lr": 0.05, "lambd": 0.1, "t0": 2.0, "weight_decay": 0.01}),
+               Case("asgd-copy-maximize", {"lr": 0.05, "maximize": True})),
+        oracle=(dict(lr=0.05), dict(lr=0.05, lambd=0.1, alpha=0.5, t0=3.0, weight_decay=0.01),
+                dict(lr=0.02, t0=0.0, maximize=True)),
+        converge=(dict(lr=0.1, t0=10.0),),
+        rosen=(dict(lr=1e-3), 20000),
+        strategy=_asgd_draws),
+    OptimInfo(
+        "rprop",
+        cases=(Case("rprop", {"lr": 0.01}),
+               Case("rprop-bounds-maximize", {"lr": 0.1, "etas": (0.3, 1.5),
+                                              "step_sizes": (1e-3, 0.2), "maximize": True}),
+               Case("rprop-pipeline", {"lr": 0.01, "clip_value": 0.5, "weight_clip": 2.0,
+                                       "clip_global_norm": 1.0}, pipeline=True)),
+        oracle=(dict(lr=0.01), dict(lr=0.1, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2)),
+                dict(lr=0.01, maximize=True)),
+        converge=(dict(lr=0.01),),
+        rosen=(dict(lr=1e-3, step_sizes=(1e-9, 0.01)), 20000),
+        strategy=_rprop_draws),
+    # ---- issue 19: optax's AdaBelief and Yogi (oracle: tests/test_rules_issue19.py)
+    OptimInfo(
+        "adabelief",
+        cases=(Case("adabelief", {"lr": 1e-2, "weight_decay": 0.01}),
+               Case("adabelief-nesterov-eps", {"lr": 1e-2, "nesterov": True, "eps": 1e-8,
+                                               "eps_root": 0.0})),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 6000),
+        strategy=_adabelief_draws),
+    OptimInfo(
+        "yogi",
+        cases=(Case("yogi", {"lr": 1e-2, "weight_decay": 0.01}),
+               Case("yogi-init-maximize", {"lr": 1e-2, "initial_accumulator_value": 0.5,
+                                           "maximize": True})),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.02), 6000),
+        strategy=_yogi_draws),
+    # ---- issue 19: AdEMAMix (oracle: bitsandbytes' reference, tests/test_rules_issue19.py)
+    OptimInfo(
+        "ademamix",
+        cases=(Case("ademamix", {"lr": 1e-2}),
+               Case("ademamix-warmups", {"lr": 1e-2, "betas": (0.9, 0.99, 0.999), "t_alpha": 5,
+                                         "t_beta3": 4, "weight_decay": 0.1, "maximize": True})),
+        converge=(dict(lr=0.02, alpha=2.0, betas=(0.9, 0.999, 0.99), weight_decay=0.0),),
+        # the slow EMA overshoots Rosenbrock's valley unless beta3 is modest and warmed up
+        rosen=(dict(lr=0.01, betas=(0.9, 0.999, 0.999), t_alpha=2000, t_beta3=2000,
+                    weight_decay=0.0), 8000),
+        strategy=_ademamix_draws),
 ]
 
 # Muon updates 2-D params only: every test makes its params through ``param_shape``.

@@ -17,7 +17,7 @@ import fastopt as fo
 from fastopt import functional as F
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
-from fastopt._rules import PIPELINE_DEFAULTS, RULES
+from fastopt._rules import PIPELINE_DEFAULTS, RULES, state_arg
 
 CPU_BACKENDS = [b for b in ("numpy", "numba") if available(b)]
 
@@ -355,7 +355,22 @@ BAD_VALUES = {
     "ns_coefficients": [(1.0, 2.0), (1.0, NAN, 2.0), "abc", None],
     "ns_steps": [-1, 100, 2.5, True, None],
     "adjust_lr_fn": ["rms", 1],
+    # issue 19
+    "lambd": [-1.0, NAN, INF],
+    "t0": [NAN, INF, "1"],
+    "etas": [(0.5,), (1.0, 1.2), (0.5, 1.0), (0.0, 1.2), (0.5, NAN), 0.5],
+    "step_sizes": [(1.0, 0.5), (-1e-6, 50.0), (1e-6, INF), (1e-6,), None],
+    "eps_root": [-1e-16, NAN, INF],
+    "t_alpha": [0, -5, NAN, INF, "10"],
+    "t_beta3": [0, -5, NAN, INF],
 }
+#: (rule, name) -> bad values where a name means something else in that rule: ASGD's
+#: ``alpha`` is the exponent of its eta schedule (any finite number >= 0), not an average.
+BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
+                 # AdEMAMix: alpha weighs the slow EMA (any finite number >= 0); three betas
+                 ("ademamix", "alpha"): [-0.1, NAN, INF],
+                 # (the range of each beta: tests/test_rules_issue19.py)
+                 ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9]}
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
 
@@ -376,7 +391,7 @@ def test_every_hyperparameter_has_bad_values():
 @pytest.mark.parametrize("rule,name", HP_CASES, ids=[f"{r}-{k}" for r, k in HP_CASES])
 def test_hyperparameter_out_of_range(rule, name, backend):
     cls = OPTIMIZERS[rule]
-    for value in BAD_VALUES[name]:
+    for value in BAD_VALUES_OF.get((rule, name), BAD_VALUES[name]):
         pattern = _hp_pattern(name, value)
         # 1. the constructor
         with pytest.raises(ValueError, match=pattern):
@@ -388,7 +403,7 @@ def test_hyperparameter_out_of_range(rule, name, backend):
                          lambda: do_step(opt, make_grads(params), extras_for(rule, params)))
         # 3. the functional API, with every state list given
         params = make_params(rule=rule)
-        states = {n + "s": [np.zeros_like(p) for p in params] for n in RULES[rule].all_state}
+        states = {state_arg(n): [np.zeros_like(p) for p in params] for n in RULES[rule].all_state}
         extra = extras_for(rule, params)
         args = (params, make_grads(params)) + ((extra,) if extra is not None else ())
         before = [p.tobytes() for p in params]
@@ -561,6 +576,10 @@ SQUARE_STATE = {
     "adamax": {"exp_inf"}, "nadam": {"exp_avg_sq"}, "radam": {"exp_avg_sq"},
     "lamb": {"exp_avg_sq"}, "adahessian": {"exp_hessian_diag_sq"},
 }
+SQUARE_STATE["rprop"] = {"step_size"}  # a magnitude, clamped to step_sizes: never negative
+SQUARE_STATE["adabelief"] = {"exp_avg_var"}
+SQUARE_STATE["yogi"] = {"exp_avg_sq"}  # v - (1-b2)*sign(v - g^2)*g^2 stays >= 0
+SQUARE_STATE["ademamix"] = {"nu"}
 
 
 def test_rule_table_declares_the_square_state():

@@ -12,7 +12,7 @@ import pytest
 
 import fastopt as fo
 from fastopt import schedules as S
-from fastopt._rules import PIPELINE_DEFAULTS, RULES
+from fastopt._rules import PIPELINE_DEFAULTS, RULES, state_arg
 
 from _cases import CASES, CASE_IDS, INFOS, make_problem
 
@@ -194,7 +194,7 @@ def test_env_var_overrides_auto():
 def test_backends_report_reasons():
     info = fo.backends()
     assert set(info) == {"numpy", "numba", "cupy"}
-    assert info["numpy"]["available"] and len(info["numpy"]["rules"]) == len(RULES)
+    assert info["numpy"]["available"] and set(info["numpy"]["rules"]) == set(RULES)
     for name, b in info.items():
         assert b["available"] or b["reason"], name
 
@@ -292,7 +292,7 @@ def test_signature_defaults_are_the_rule_tables(rule):
     # the functional form also takes the state lists (exp_avgs, ...), the extra input and the
     # group state (NAdam's mu_product, starting at the table's initial value)
     fn = getattr(fo.functional, rule)
-    per_tensor = {n + "s" for n in r.all_state} | ({r.extra} if r.extra else set())
+    per_tensor = {state_arg(n) for n in r.all_state} | ({r.extra} if r.extra else set())
     assert per_tensor <= set(inspect.signature(fn).parameters)
     assert _signature_defaults(fn, skip=per_tensor | set(r.group_state)) == want
     assert {k: v for k, v in _signature_defaults(fn).items() if k in r.group_state} == r.group_state
@@ -322,12 +322,11 @@ def _signature_from_rule_table(rule):
     out = [P("params", P.POSITIONAL_OR_KEYWORD), P("grads", P.POSITIONAL_OR_KEYWORD)]
     if rule.extra:
         out.append(P(rule.extra, P.POSITIONAL_OR_KEYWORD))
-    out += [P(n + "s", P.POSITIONAL_OR_KEYWORD, default=None) for n in rule.all_state]
+    out += [P(state_arg(n), P.POSITIONAL_OR_KEYWORD, default=None) for n in rule.all_state]
     out.append(P("masters", P.POSITIONAL_OR_KEYWORD, default=None))  # master_weights=True
     out.append(P("step", P.KEYWORD_ONLY))
     out += [P(k, P.KEYWORD_ONLY, default=v) for k, v in {**rule.defaults, **PIPELINE_DEFAULTS}.items()]
-    if rule.group_state:
-        out.append(P("mu_product", P.KEYWORD_ONLY, default=1.0))
+    out += [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.group_state.items()]
     out += [P(k, P.KEYWORD_ONLY, default=v)
             for k, v in (("grad_scale", None), ("nonfinite", "raise"), ("backend", "auto"))]
     out += [P(k, P.KEYWORD_ONLY, default=v) for k, v in PRECISION_DEFAULTS.items()]

@@ -95,6 +95,8 @@ def test_zero_lr_leaves_params(backend, problem):
     """lr = 0: no change to any param (weight constraints off: they act on the params directly)."""
     rule, options, shape_list, dtype, seed, scale = problem
     options.update(weight_clip=None, max_norm=None)
+    if "step_sizes" in options:  # Rprop: lr is only the first step size; the clamp's floor
+        options["step_sizes"] = (0.0, options["step_sizes"][1])  # must be 0 for it to stay 0
     params, feed = make(rule, shape_list, dtype, seed, 2, scale)
     got, _ = run(rule, options, params, feed, backend, scale)
     for i, (p, q) in enumerate(zip(params, got)):

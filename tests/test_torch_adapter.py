@@ -55,6 +55,13 @@ CASES = [
     ("adamax", ft.Adamax, torch.optim.Adamax, dict(lr=2e-3, weight_decay=1e-2)),
     ("nadam", ft.NAdam, torch.optim.NAdam, dict(lr=2e-3, weight_decay=1e-2)),
     ("radam", ft.RAdam, torch.optim.RAdam, dict(lr=1e-3, weight_decay=1e-2)),
+    # issue 19: t0=3 makes ASGD average from step 5 on (before that mu == 1 copies p)
+    ("asgd", ft.ASGD, torch.optim.ASGD, dict(lr=1e-2, t0=3.0, weight_decay=1e-2)),
+    ("asgd-lambd-maximize", ft.ASGD, torch.optim.ASGD, dict(lr=1e-2, lambd=1e-2, alpha=0.5,
+                                                            maximize=True)),
+    ("rprop", ft.Rprop, torch.optim.Rprop, dict(lr=1e-3)),
+    ("rprop-opts", ft.Rprop, torch.optim.Rprop, dict(lr=1e-2, etas=(0.4, 1.3),
+                                                     step_sizes=(1e-5, 1.0), maximize=True)),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -172,7 +179,8 @@ def test_parity_float32(digits, case, kind):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in
                                   ("momentum", "nesterov", "adam-wd-amsgrad", "adamw", "nadam",
-                                   "radam", "rmsprop-centered-momentum", "adagrad-opts")],
+                                   "radam", "rmsprop-centered-momentum", "adagrad-opts",
+                                   "asgd", "rprop-opts")],
                          ids=lambda c: c[0])
 def test_parity_float64(digits, case):
     _, fcls, tcls, opts = case
@@ -182,7 +190,9 @@ def test_parity_float64(digits, case):
         shared_grads(mf, of, mt, ot, xb, yb)
         of.step()
         ot.step()
-    # NAdam's mu_product is a float32 tensor in torch (its scalar dtype) and a double here
+    # NAdam's mu_product is a float32 tensor in torch (its scalar dtype), multiplied there in
+    # float32, and a double product here; ASGD's eta and mu are float32 tensors too, but torch
+    # computes them in double and stores them, and the adapter reads them back as torch does
     tol = 1e-6 if case[0] == "nadam" else TOL[torch.float64]
     for a, b in zip(mf.parameters(), mt.parameters()):
         assert ((a - b).abs() / b.abs().clamp(min=1.0)).max().item() <= tol
@@ -489,7 +499,7 @@ def test_views_follow_a_replaced_storage():
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in
                                   ("momentum", "adam-wd-amsgrad", "adamw", "adagrad-opts",
                                    "rmsprop-centered-momentum", "nadam", "radam", "adadelta",
-                                   "adamax")],
+                                   "adamax", "asgd", "rprop")],
                          ids=lambda c: c[0])
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
 def test_state_dict_cross_loading(digits, case, direction):

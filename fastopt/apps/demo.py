@@ -54,6 +54,12 @@ OPTIMIZER_SPECS = {
     "nadam":    ("nadam",    {},                                 1e-3,  0.05),
     "radam":    ("radam",    {},                                 1e-3,  0.05),
     "lamb":     ("lamb",     {},                                 1e-2,  1e-2),
+    # (Rprop's lr is only its starting step size; it adapts per element from there)
+    "asgd":      ("asgd",      {},                                0.1,   0.5),
+    "rprop":     ("rprop",     {},                                1e-3,  1e-2),
+    "adabelief": ("adabelief", {},                                1e-3,  0.05),
+    "yogi":      ("yogi",      {},                                1e-3,  0.05),
+    "ademamix":  ("ademamix",  {},                                1e-3,  0.05),
 }
 
 #: What ``python -m fastopt demo`` trains when ``--optimizer`` is not given.

@@ -211,6 +211,86 @@ struct FoLAMB {
 };
 
 
+// torch.optim.ASGD: p = p*(1 - lambd*eta) - eta*g (eta_decay = 1 - lambd*eta from the host);
+// the average ax = p when mu == 1 (torch copies), else ax + (p - ax)*mu
+struct FoASGD {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& ax, O&, O&, O) {
+        p = p * h.v[FO_S_ETA_DECAY] - h.v[FO_S_ETA] * g;
+        ax = h.flag(FO_F_AVERAGE_COPY) ? p : ax + (p - ax) * h.v[FO_S_MU];
+    }
+};
+
+// torch.optim.Rprop: d = g*prev; the step size is multiplied by etaplus (d > 0), etaminus
+// (d < 0: the grad then counts as 0) or 1 (d == 0; nan stays nan), clamped to [min, max];
+// p -= sign(g)*size; prev = g
+struct FoRprop {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& prev, O& size, O&, O) {
+        const O d = g * prev;
+        O si = size;
+        if (d > O(0)) {
+            si = si * h.v[FO_S_ETAPLUS];
+        } else if (d < O(0)) {
+            si = si * h.v[FO_S_ETAMINUS];
+            g = O(0);
+        } else if (d != d) {
+            si = si * d;
+        }
+        if (si < h.v[FO_S_STEP_SIZE_MIN]) si = h.v[FO_S_STEP_SIZE_MIN];
+        else if (si > h.v[FO_S_STEP_SIZE_MAX]) si = h.v[FO_S_STEP_SIZE_MAX];
+        size = si;
+        prev = g;
+        p = p - (g > O(0) ? si : (g < O(0) ? -si : g * si));
+    }
+};
+
+// optax.adabelief: m = b1*m + (1-b1)*g; s = b2*s + (1-b2)*(g - m)^2 + eps_root;
+// d = sqrt(s)/sqrt(bc2) + eps; p -= c_avg*m/d, and with nesterov also c_grad*g/d
+struct FoAdaBelief {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& s, O&, O) {
+        m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+        const O r = g - m;
+        s = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], s, r) + h.v[FO_S_EPS_ROOT];
+        const O d = fo_adam_denom(h, s);
+        p = p - h.v[FO_S_C_AVG] * m / d;
+        if (h.flag(FO_F_NESTEROV)) p = p - h.v[FO_S_C_GRAD] * g / d;
+    }
+};
+
+// optax.yogi: m = b1*m + (1-b1)*g; v = v - (1-b2)*sign(v - g^2)*g^2 (sign(nan) = nan);
+// p -= step_size * m / (sqrt(v)/sqrt(bc2) + eps), step_size = lr/bc1
+struct FoYogi {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m, O& v, O&, O) {
+        m = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m, g);
+        const O g2 = g * g, dv = v - g2;
+        O w = h.v[FO_S_ONE_MINUS_BETA2];
+        w = dv > O(0) ? w : (dv < O(0) ? -w : dv * O(0));
+        v = v - w * g2;
+        p = p - h.v[FO_S_STEP_SIZE] * m / fo_adam_denom(h, v);
+    }
+};
+
+// AdEMAMix (Pagliardini et al. 2024): m1 = b1*m1 + (1-b1)*g, m2 = b3*m2 + (1-b3)*g (b3 and
+// alpha after their warmups, on the host), nu = b2*nu + (1-b2)*g^2;
+// p -= lr * (m1/bc1 + alpha*m2) / (sqrt(nu)/sqrt(bc2) + eps) (decoupled decay before)
+struct FoAdEMAMix {
+    enum : unsigned { slots = FO_P_G | FO_STATES(3) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& m1, O& m2, O& nu, O) {
+        m1 = fo_ema(h.v[FO_S_BETA1], h.v[FO_S_ONE_MINUS_BETA1], m1, g);
+        m2 = fo_ema(h.v[FO_S_BETA3], h.v[FO_S_ONE_MINUS_BETA3], m2, g);
+        nu = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], nu, g);
+        p = p - h.v[FO_S_LR] * ((m1 / h.v[FO_S_BC1] + h.v[FO_S_ALPHA] * m2) / fo_adam_denom(h, nu));
+    }
+};
+
 // ------------------------------------------------------------------ shared by the step kernels
 // Kernel argument of the mixed-precision and q8 kernels: how the param is written and which
 // inputs are float32 (a 16-bit param's grad and extra input are its dtype or float32).
