@@ -81,6 +81,9 @@ class Ops:
     #: whether the kernels take a ``Pre.precision`` (a state dtype other than the param's,
     #: master weights, stochastic rounding)
     precision_options: bool = False
+    #: the state dtypes (names) the kernels store, None: every one a precision may resolve to
+    #: (the 8-bit block format included)
+    state_formats: tuple | None = None
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.
@@ -198,11 +201,17 @@ def supports(ops: "Ops", precision) -> bool:
     """Whether a backend's kernels take params of this resolved precision."""
     if is_plain(precision):
         return True
+    if ops.state_formats is not None and \
+            getattr(precision.state, "name", None) not in ops.state_formats:
+        return False
     return precision.param.name in ops.dtypes and ops.precision_options
 
 
 def _unsupported(backend: str, precision) -> TypeError:
-    if precision.param.name in ("float16", "bfloat16"):
+    ops = _OPS.get(backend)
+    if ops is not None and precision.param.name in ops.dtypes and ops.precision_options:
+        what = f"the {backend!r} backend's kernels do not store state as {precision.state}"
+    elif precision.param.name in ("float16", "bfloat16"):
         what = f"the {precision.param.name} kernels of the {backend!r} backend have not landed yet"
     else:
         what = (f"the {backend!r} backend's kernels do not take state_dtype other than the param's, "
@@ -229,9 +238,9 @@ def resolve(backend: str, kind: str, precisions=()) -> str:
     """The concrete backend for ``backend``, arrays of ``kind`` and resolved ``precisions``.
 
     CuPy arrays go to ``cupy``; NumPy arrays to ``numba`` when it imports and
-    its kernels take every precision, else to ``numpy`` (today: float16 and
-    bfloat16 params, and any state dtype other than the param's, master weights
-    or stochastic rounding, run on ``numpy``).  ``FASTOPT_BACKEND`` overrides
+    its kernels take every precision (float16/bfloat16 params, float32, 16-bit
+    state, master weights, stochastic rounding), else to ``numpy`` (today: the
+    8-bit state format).  ``FASTOPT_BACKEND`` overrides
     ``auto``.  An explicit backend whose kernels do not take a precision is a
     TypeError saying so.
     """
