@@ -71,6 +71,34 @@ the LLVM IR of the float32 kernels and fails on any double arithmetic.  The
 reductions accumulate in float64 on purpose (``fastmath={"reassoc"}`` only,
 so they vectorize but keep inf/nan semantics).
 
+Reduced precision
+-----------------
+float16 and bfloat16 params (and any state dtype other than the param's,
+master weights, stochastic rounding) run through the same entry points: the
+host passes an int64 *format vector* in place of the int ``flags`` (the flags,
+a storage code per operand and tensor, stochastic rounding's step key, the
+``max_norm`` buffers; ``_X_*``), and ``_apply``/``_reduce``/``_read_blocks``
+are overloads that pick the tiled driver when that argument is an array.  So
+the storage type is a parameter of the memory loop, the rule bodies stay as
+they are, and Numba compiles a tiled kernel per entry point only when a
+reduced-precision step first runs (once for every dtype combination: the
+storage codes are run-time values, branched on once per 512-element tile),
+while a float32 or float64 step compiles exactly what it did before.
+
+Per tile, the tiled driver loads every operand as float32 (16-bit values
+through the bit recipes of ``fastopt.precision``: Numba has no float16
+arithmetic on the CPU and cannot type ``ml_dtypes`` arrays, so 16-bit data is
+read and written as ``uint16``), runs the pipeline and the rule body on the
+float32 tiles, then stores each written operand with one rounding: state to
+nearest even, the float32 master as is, the param to nearest even (of the
+master when there is one) or stochastically with the counter hash of (seed,
+step, index within the param).  ``max_norm`` acts on the float32 params
+before that rounding: the host runs the kernel once dry (it writes nothing and
+returns the per-tensor sums of squares), then for real with the factors.
+LAMB's first pass stores no moments (a 16-bit moment rounded in pass 1 would
+feed pass 2 a value the reference never sees): pass 2 recomputes them on its
+tiles (``_V_TILE``) and stores them once.
+
 Threads
 -------
 Kernels release the GIL (``nogil=True``).  Numba's ``workqueue`` threading
@@ -652,6 +680,12 @@ def _load_tiles(tiles, ptr, fmt, t, nt, base, m, n):
 
 
 @njit(nogil=True)
+def _store_f64(addr, i, value):
+    """``value`` into element ``i`` of the float64 buffer at ``addr``."""
+    numba.carray(_as_ptr(addr, value), i + 1)[i] = value
+
+
+@njit(nogil=True)
 def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
     """After the body ran on a tile: store it, or (a dry run) return the sum of p^2.
 
@@ -687,8 +721,9 @@ def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
     pipeline as ``_apply_full`` on the tiles, then either add the squares of the
     new params to the ``max_norm`` sums (a dry run writes nothing) or scale them
     by the ``max_norm`` factor and store every written operand with its one
-    rounding.  The second pass of a trust-ratio rule (``_V_TRUST2``) gets
-    ``lr * trust`` as ``scales`` and the norm-clip factors through the vector.
+    rounding.  The grads' norm-clip factors come through the vector
+    (``_X_GSCALE``): the second pass of a trust-ratio rule gets ``lr * trust``
+    (float64, see ``_k_lamb_exact``) as ``scales``.
     """
     nt = off.shape[0] - 1
     t, hi = _tensors(k, parts, off, total)
@@ -698,9 +733,7 @@ def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
     fmt = f
     f = fmt[_X_FLAGS]
     dry = fmt[_X_DRY] != 0
-    gscale = scales
-    if mode & _V_TRUST2:
-        gscale = numba.carray(_as_ptr(fmt[_X_GSCALE], cs[0]), nt)
+    gscale = numba.carray(_as_ptr(fmt[_X_GSCALE], cs[0]), nt)  # the norm-clip factors
     tiles = np.empty((_ROWS, _TILE), np.float32)
     pt, gt = tiles[_P], tiles[_G]
     s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
@@ -723,7 +756,7 @@ def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
             sumsq += _finish_tile(tiles, ptr, fmt, t, nt, base, m, n)
             base += m
         if dry:
-            numba.carray(_as_ptr(fmt[_X_ACC], sumsq), (parts, nt))[k, t] = sumsq
+            _store_f64(fmt[_X_ACC], k * nt + t, sumsq)  # acc[k, t] of the (parts, nt) sums
         t += 1
 
 
@@ -1152,14 +1185,41 @@ def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
+    coef = _trust_coef(acc, scales, lr)
+    for k in prange(parts):
+        _apply(_lamb_step, _V_TRUST2, k, parts, ptr, off, total, coef, cs, flags)
+
+
+@_entry()
+def _k_lamb_exact(tab, sizes, scales, cs, flags, deref, lr, threads):
+    """``_k_lamb`` without fast-math: the entry point of a reduced-precision LAMB step.
+
+    ``_k_lamb`` lets LLVM reassociate (its float64 sums then vectorize), which
+    also turns pass 2's ``(1-b2) * g * g`` into ``(1-b2) * (g * g)``; the moments
+    a 16-bit step recomputes and stores must be the reference's bits.  And the
+    reference's ``p -= (lr * trust) * r`` multiplies a float32 ``r`` by a float64
+    scalar: the step is computed in double and rounded once, so ``lr * trust``
+    stays a float64 here (the tiled driver rounds the new param to float32).
+    """
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    acc = np.zeros((parts, sizes.shape[0], 2))
+    for k in prange(parts):
+        _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
+    coef = _trust_coef(acc, np.zeros(sizes.shape[0]), lr)
+    for k in prange(parts):
+        _apply(_lamb_step, _V_TRUST2, k, parts, ptr, off, total, coef, cs, flags)
+
+
+@njit(inline="always")
+def _trust_coef(acc, scales, lr):
+    """Per tensor ``lr * |p| / |r|`` (1 for a zero norm) from LAMB's pass-1 sums."""
     coef = np.empty_like(scales)
-    for t in range(sizes.shape[0]):
+    for t in range(scales.shape[0]):
         pn = math.sqrt(acc[:, t, 0].sum())
         rn = math.sqrt(acc[:, t, 1].sum())
         trust = pn / rn if pn > 0.0 and rn > 0.0 else 1.0
         coef[t] = lr * trust  # one rounding to the dtype per tensor
-    for k in prange(parts):
-        _apply(_lamb_step, _V_TRUST2, k, parts, ptr, off, total, coef, cs, flags)
+    return coef
 
 
 @_entry(sums=True)
@@ -1213,6 +1273,10 @@ _ENTRIES = {
     ("adahessian", _V_POW): _k_adahessian_pow,
     ("lamb", 0): _k_lamb,
 }
+
+
+#: The entry points a reduced-precision call uses instead (no fast-math; see _k_lamb_exact).
+_EXACT = {_k_lamb: _k_lamb_exact}
 
 
 # ------------------------------------------------------------------ host side
@@ -1407,11 +1471,11 @@ def _reduced_call(rule, rows, n, states, s, pre):
     scales = np.ones(n, _F32) if pre.scales is None else np.asarray(pre.scales, _F32)
     args = [_table(rows, n), _sizes(params, n), scales,
             _scalars(_F32, _head(pre), rule.kernel_scalars(s)), fmt, DATA_OFFSET]
+    fmt[_X_GSCALE] = scales.ctypes.data  # (LAMB's pass 2 gets lr * trust as its scales)
     if rule.kind == TRUST_RATIO:
-        gscale = scales.copy()  # pass 2 gets lr * trust as scales, the norm-clip factors here
-        fmt[_X_GSCALE] = gscale.ctypes.data
         args.append(float(s["lr"]))
     entry = _ENTRIES[rule.name, _mode(rule, s)]
+    entry = _EXACT.get(entry, entry)
     if pre.max_norm is not None:
         acc = np.zeros((numba.get_num_threads(), n))
         fmt[_X_DRY], fmt[_X_ACC] = 1, acc.ctypes.data
@@ -1474,6 +1538,8 @@ class NumbaOps(Ops):
             else:
                 f = np.asarray(factors, np.float64)
                 scales = (f if pos is None else f[pos]).astype(dt)
+            if fl is not flags:
+                fl[_X_GSCALE] = scales.ctypes.data
             res = _launch(entry, _table(rows, n), _sizes(sub, n), scales,
                           _scalars(dt, head), fl, DATA_OFFSET)
             out.append((pos, res))
@@ -1542,17 +1608,23 @@ def warmup_jobs(dtypes=("float32", "float64"), rules=None, variants=True):
     from .._backend import Pre, get_kernel
 
     jobs = []
-    for dt in map(np.dtype, dtypes):
+    for dt in map(_precision.as_dtype, dtypes):
         z = lambda dt=dt: np.zeros(3, dt)  # noqa: E731
+        reduced = _is_reduced(dt)
         for name in rules or RULES:
             rule = RULES[name]
+            if reduced and rule.kind == DENSE_SOLVE:
+                continue  # Newton takes float32/float64 only
+            pre = Pre()
+            if reduced:  # state float32, the default: the same tiled kernel as any other
+                pre = Pre(precision=_precision.resolve_precision(dt, kind=rule.kind), step=1)
             flags = rule.variants if variants else ()
             for v in range(1 << len(flags)):
                 hp = {**rule.defaults, **{f: bool(v >> k & 1) for k, f in enumerate(flags)}}
                 if hp.get("has_momentum") and not hp.get("momentum"):
                     hp["momentum"] = 0.9  # the variant flag of SGD and RMSprop is momentum > 0
                 hp.pop("has_momentum", None)
-                states = {k: [z()] for k, _ in rule.state(hp)}
+                states = {k: [np.zeros(3, _F32) if reduced else z()] for k, _ in rule.state(hp)}
                 extras = None
                 if rule.extra is not None:
                     shape = rule.extra_shape_of((3,), 3)
@@ -1560,8 +1632,9 @@ def warmup_jobs(dtypes=("float32", "float64"), rules=None, variants=True):
                 s, _ = rule.step_scalars(hp, 1, dict(rule.group_state))
                 on = [f for k, f in enumerate(flags) if v >> k & 1]
                 label = " ".join([name, dt.name] + on)
-                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z:
-                             get_kernel(name, BACKEND)([z()], [z()], states, s, Pre(), extras)))
+                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z,
+                             pre=pre: get_kernel(name, BACKEND)([z()], [z()], states, s, pre,
+                                                                extras)))
         jobs.append((f"grad checks {dt.name}", lambda z=z: (
             OPS.grad_stats([z()], None, inv_scale=None, clip_value=None, need_sumsq=True,
                            check_finite=True),
