@@ -701,9 +701,11 @@ def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
         return u
     pt = tiles[_P]
     if fmt[_X_FAC] != 0:
-        fac = numba.carray(_as_ptr(fmt[_X_FAC], _ZERO_F32), nt)[t]
+        # float64, as the reference multiplies its float32 params by a float64 scalar:
+        # the product is taken in double and rounded once
+        fac = numba.carray(_as_ptr(fmt[_X_FAC], 0.0), nt)[t]
         for j in range(m):
-            pt[j] = pt[j] * fac
+            pt[j] = np.float64(pt[j]) * fac
     key = _U64(fmt[_X_KEY])
     for r in range(_S0, _S2 + 1):
         if ptr[r, t] != 0:
@@ -1480,7 +1482,7 @@ def _reduced_call(rule, rows, n, states, s, pre):
         acc = np.zeros((numba.get_num_threads(), n))
         fmt[_X_DRY], fmt[_X_ACC] = 1, acc.ctypes.data
         _launch(entry, *args)
-        fac = np.minimum(1.0, pre.max_norm / (np.sqrt(acc.sum(axis=0)) + CLIP_EPS)).astype(_F32)
+        fac = np.minimum(1.0, pre.max_norm / (np.sqrt(acc.sum(axis=0)) + CLIP_EPS))
         fmt[_X_DRY], fmt[_X_FAC] = 0, fac.ctypes.data
     _launch(entry, *args)
 
