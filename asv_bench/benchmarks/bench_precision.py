@@ -36,7 +36,8 @@ class Formats:
 
     def track_bytes_per_element(self, fmt):
         _, impl, dtype, options, _, _ = _FORMATS[fmt]
-        return _bench.precision_bytes(dtype, {} if impl in _bench.PEER_IMPLS else options)
+        return _bench.precision_bytes(dtype, {"state_dtype": "param"} if impl in _bench.PEER_IMPLS
+                                      else options)
 
     track_bytes_per_element.unit = "bytes"
 

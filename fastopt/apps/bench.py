@@ -375,8 +375,9 @@ def run_precision_bench(n=PRECISION_N, reps=11, torch=True, progress=False):
         if base in col:
             ratio = float(np.median(times[:, j] / times[:, col[base]]))
         out.append({"format": label, "impl": impl, "dtype": dtype, "options": options,
-                    "bytes_per_element": precision_bytes(dtype, {} if impl in PEER_IMPLS
-                                                         else options),
+                    # torch.optim keeps its state in the param dtype
+                    "bytes_per_element": precision_bytes(
+                        dtype, {"state_dtype": "param"} if impl in PEER_IMPLS else options),
                     "time_s": float(np.median(times[:, j])), "baseline": base,
                     "ratio": ratio, "goal": goal})
     return {"n": n, "reps": reps, "loadavg": list(os.getloadavg()), "rows": out,
