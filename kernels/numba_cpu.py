@@ -631,39 +631,41 @@ def _f16_rne(x):
 @njit(nogil=True)
 def _load(tile, addr, code, base, m, n):
     """``tile[:m]`` = float32 values of elements ``[base, base + m)`` of an ``n``-element operand."""
+    ub = _U64(base)  # unsigned indices: no wraparound test per access, the loops vectorize
     if code == _C_F32:
         src = numba.carray(_as_ptr(addr, _ZERO_F32), n)
-        for j in range(m):
-            tile[j] = src[base + j]
+        for j in range(_U64(m)):
+            tile[j] = src[ub + j]
     elif code == _C_BF16:
         h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
-        for j in range(m):
-            tile[j] = _bf16_load(h[base + j])
+        for j in range(_U64(m)):
+            tile[j] = _bf16_load(h[ub + j])
     else:
         h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
-        for j in range(m):
-            tile[j] = _f16_load(h[base + j])
+        for j in range(_U64(m)):
+            tile[j] = _f16_load(h[ub + j])
 
 
 @njit(nogil=True)
 def _store(tile, addr, code, base, m, n, sr, key):
     """Elements ``[base, base + m)`` of an operand = ``tile[:m]``, rounded once to its storage."""
+    ub = _U64(base)
     if code == _C_F32:
         dst = numba.carray(_as_ptr(addr, _ZERO_F32), n)
-        for j in range(m):
-            dst[base + j] = tile[j]
+        for j in range(_U64(m)):
+            dst[ub + j] = tile[j]
     elif code == _C_BF16:
         h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
         if sr:  # the hash of the element's index within its param
-            for j in range(m):
-                h[base + j] = _bf16_sr(tile[j], key, base + j)
+            for j in range(_U64(m)):
+                h[ub + j] = _bf16_sr(tile[j], key, ub + j)
         else:
-            for j in range(m):
-                h[base + j] = _bf16_rne(tile[j])
+            for j in range(_U64(m)):
+                h[ub + j] = _bf16_rne(tile[j])
     else:
         h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
-        for j in range(m):
-            h[base + j] = _f16_rne(tile[j])
+        for j in range(_U64(m)):
+            h[ub + j] = _f16_rne(tile[j])
 
 
 @njit(nogil=True)
@@ -693,18 +695,18 @@ def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
     there is one; the state, the master and the param are then written once,
     each rounded to its storage.
     """
+    pt = tiles[_P]
     if fmt[_X_DRY] != 0:
         u = 0.0
-        for j in range(m):
-            y = np.float64(tiles[_P, j])
+        for j in range(_U64(m)):
+            y = np.float64(pt[j])
             u += y * y
         return u
-    pt = tiles[_P]
     if fmt[_X_FAC] != 0:
         # float64, as the reference multiplies its float32 params by a float64 scalar:
         # the product is taken in double and rounded once
         fac = numba.carray(_as_ptr(fmt[_X_FAC], 0.0), nt)[t]
-        for j in range(m):
+        for j in range(_U64(m)):
             pt[j] = np.float64(pt[j]) * fac
     key = _U64(fmt[_X_KEY])
     for r in range(_S0, _S2 + 1):
@@ -748,7 +750,7 @@ def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
         while base < b:
             m = min(_TILE, b - base)
             _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
-            for j in range(m):
+            for j in range(_U64(m)):
                 x = _clip(gt[j] * c[_GINV], c[_GCLIP]) * gs
                 pi = pt[j]
                 if use_l2:
