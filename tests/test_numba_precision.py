@@ -305,3 +305,22 @@ def test_info_lists_numba_dtypes():
     out = subprocess.run([sys.executable, "-m", "fastopt", "info"], capture_output=True, text=True,
                          check=True, env=dict(os.environ, FASTOPT_BACKEND="")).stdout
     assert "param dtypes float16, bfloat16, float32, float64" in out.split("numba", 1)[1]
+
+
+# --------------------------------------------------------------------------- the benchmark rows
+
+
+def test_precision_bench_rows_and_bytes_table():
+    """``python -m fastopt bench --precision`` on a small size: every format, its bytes, ratios."""
+    from fastopt.apps import bench
+
+    res = bench.run_precision_bench(n=5001, reps=2)
+    rows = {r["format"]: r for r in res["rows"]}
+    want = {"f32": 28, "bf16 state=param": 14, "bf16 bf16-state sr": 14, "bf16 f32-state": 22}
+    if "torch-fused bf16" in rows:
+        want["torch-fused bf16"] = 14
+    assert {k: rows[k]["bytes_per_element"] for k in want} == want
+    for label in ("bf16 bf16-state sr", "bf16 f32-state"):
+        assert rows[label]["baseline"] == "f32" and rows[label]["ratio"] > 0
+    assert bench.precision_bytes("bfloat16", {"master_weights": True}) == 30
+    assert "bf16 f32-state" in bench.format_precision_table(res)
