@@ -88,6 +88,9 @@ class Ops:
     #: uint8 codes plus ``<name>_absmax`` per state, docs/design.md "8-bit state format") the
     #: kernels take; with master weights or stochastic rounding also ``precision_options``
     q8_dtypes: tuple = ()
+    #: the float state dtypes (names) the kernels store, None: every one a precision may
+    #: resolve to
+    state_formats: tuple | None = None
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.
@@ -209,6 +212,9 @@ def supports(ops: "Ops", precision) -> bool:
     if _is_q8(precision):
         return precision.param.name in ops.q8_dtypes and (
             ops.precision_options or not (precision.master_weights or precision.stochastic_rounding))
+    if ops.state_formats is not None and \
+            getattr(precision.state, "name", None) not in ops.state_formats:
+        return False
     return precision.param.name in ops.dtypes and ops.precision_options
 
 
@@ -219,9 +225,14 @@ def _is_q8(precision) -> bool:
 
 
 def _unsupported(backend: str, precision) -> TypeError:
+    ops = _OPS.get(backend)
     if _is_q8(precision):
         what = (f"the {backend!r} backend's kernels for 8-bit state (state_dtype='q8') "
-                "have not landed yet")
+                f"do not take {precision.param} params"
+                + (" with master_weights or stochastic_rounding" if ops is not None
+                   and precision.param.name in ops.q8_dtypes else "") + " yet")
+    elif ops is not None and precision.param.name in ops.dtypes and ops.precision_options:
+        what = f"the {backend!r} backend's kernels do not store state as {precision.state}"
     elif precision.param.name in ("float16", "bfloat16"):
         what = f"the {precision.param.name} kernels of the {backend!r} backend have not landed yet"
     else:
@@ -250,9 +261,9 @@ def resolve(backend: str, kind: str, precisions=()) -> str:
     """The concrete backend for ``backend``, arrays of ``kind`` and resolved ``precisions``.
 
     CuPy arrays go to ``cupy``; NumPy arrays to ``numba`` when it imports and
-    its kernels take every precision, else to ``numpy`` (today: float16 and
-    bfloat16 params, and any state dtype other than the param's, master weights
-    or stochastic rounding, run on ``numpy``).  ``FASTOPT_BACKEND`` overrides
+    its kernels take every precision (float16/bfloat16 params, float32, 16-bit
+    state, master weights, stochastic rounding), else to ``numpy`` (today: the
+    8-bit state format).  ``FASTOPT_BACKEND`` overrides
     ``auto``.  An explicit backend whose kernels do not take a precision is a
     TypeError saying so.
     """

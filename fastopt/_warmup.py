@@ -10,7 +10,8 @@ def warmup(rules=None, dtypes=("float32", "float64"), *, variants=True, progress
     """Compile (or load from the on-disk cache) the numba kernels; returns the seconds taken.
 
     ``rules``: rule names (``"adam"``, ...; default every rule); ``dtypes``: the
-    param dtypes to compile for; ``variants``: also amsgrad, momentum and
+    param dtypes to compile for (``"float16"``/``"bfloat16"``: the 16-bit kernels,
+    which also serve every state dtype and master weights); ``variants``: also amsgrad, momentum and
     centered; ``progress``: draw a progress line on stderr.  The first step of
     a rule otherwise compiles its kernels on the spot (seconds, once per
     install: they are cached on disk).  Run it once before starting many
@@ -26,18 +27,27 @@ def warmup(rules=None, dtypes=("float32", "float64"), *, variants=True, progress
         if r not in RULES:
             raise ValueError(f"rules: expected names among {sorted(RULES)}, got {r!r}")
     dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes)
+    names = []
     for d in dtypes:
-        try:
-            ok = np.dtype(d) in (np.dtype(np.float32), np.dtype(np.float64))
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"dtypes: expected 'float32' and/or 'float64', got {d!r}")
+        # 16-bit names are checked by name: asking for bfloat16 must not need ml_dtypes here
+        name = d if isinstance(d, str) and d in _SIXTEEN else None
+        if name is None:
+            try:
+                name = np.dtype(d).name
+            except TypeError:
+                pass
+        if name not in ("float32", "float64") + _SIXTEEN:
+            raise ValueError(f"dtypes: expected among 'float32', 'float64', 'float16', 'bfloat16', "
+                             f"got {d!r}")
+        names.append(name)
     get_ops("numba")  # a clear RuntimeError when numba is unavailable
     from .kernels import numba_cpu
 
-    return numba_cpu.warmup([np.dtype(d).name for d in dtypes], rules, variants,
-                            _bar if progress else None)
+    return numba_cpu.warmup(names, rules, variants, _bar if progress else None)
+
+
+#: 16-bit param dtypes: one tiled kernel per rule variant serves both (and every state dtype)
+_SIXTEEN = ("float16", "bfloat16")
 
 
 _T0 = [0.0]

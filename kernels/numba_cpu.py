@@ -71,6 +71,34 @@ the LLVM IR of the float32 kernels and fails on any double arithmetic.  The
 reductions accumulate in float64 on purpose (``fastmath={"reassoc"}`` only,
 so they vectorize but keep inf/nan semantics).
 
+Reduced precision
+-----------------
+float16 and bfloat16 params (and any state dtype other than the param's,
+master weights, stochastic rounding) run through the same entry points: the
+host passes an int64 *format vector* in place of the int ``flags`` (the flags,
+a storage code per operand and tensor, stochastic rounding's step key, the
+``max_norm`` buffers; ``_X_*``), and ``_apply``/``_reduce``/``_read_blocks``
+are overloads that pick the tiled driver when that argument is an array.  So
+the storage type is a parameter of the memory loop, the rule bodies stay as
+they are, and Numba compiles a tiled kernel per entry point only when a
+reduced-precision step first runs (once for every dtype combination: the
+storage codes are run-time values, branched on once per 512-element tile),
+while a float32 or float64 step compiles exactly what it did before.
+
+Per tile, the tiled driver loads every operand as float32 (16-bit values
+through the bit recipes of ``fastopt.precision``: Numba has no float16
+arithmetic on the CPU and cannot type ``ml_dtypes`` arrays, so 16-bit data is
+read and written as ``uint16``), runs the pipeline and the rule body on the
+float32 tiles, then stores each written operand with one rounding: state to
+nearest even, the float32 master as is, the param to nearest even (of the
+master when there is one) or stochastically with the counter hash of (seed,
+step, index within the param).  ``max_norm`` acts on the float32 params
+before that rounding: the host runs the kernel once dry (it writes nothing and
+returns the per-tensor sums of squares), then for real with the factors.
+LAMB's first pass stores no moments (a 16-bit moment rounded in pass 1 would
+feed pass 2 a value the reference never sees): pass 2 recomputes them on its
+tiles (``_V_TILE``) and stores them once.
+
 Threads
 -------
 Kernels release the GIL (``nogil=True``).  Numba's ``workqueue`` threading
@@ -130,12 +158,14 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
+from .. import precision as _precision
 from .._backend import Ops, register_kernel
-from .._rules import (DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNEL_FLAGS, KERNEL_SCALAR_SLOT,
-                      KERNEL_SCALARS, ORTHOGONALIZE, RULES, TRUST_RATIO, muon_lr_ratio)
+from .._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNEL_FLAGS,
+                      KERNEL_SCALAR_SLOT, KERNEL_SCALARS, ORTHOGONALIZE, RULES, TRUST_RATIO,
+                      muon_lr_ratio)
 
 BACKEND = "numba"
 
@@ -150,9 +180,9 @@ MIN_PER_THREAD = 32768
 _PARALLEL = dict(prange=True, comprehension=False, setitem=False, reduction=False, numpy=False,
                  stencil=False, fusion=False, inplace_binop=False)
 
-# rows of the operand table
-_P, _G, _S0, _S1, _S2, _E = range(6)
-_ROWS = 6
+# rows of the operand table (_M: the float32 master copy of a 16-bit param)
+_P, _G, _S0, _S1, _S2, _E, _M = range(7)
+_ROWS = 7
 # the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
 # grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
 # unscale, and a zero of the dtype (the bodies use no literals)
@@ -205,6 +235,22 @@ assert RULES["adamw"].variants == RULES["adam"].variants  # one body, one varian
 #: than Adam); a test of it inside the loop is not hoisted by LLVM, so power 1 (the
 #: default; pow(d, 1) == d exactly) gets its own entry point without the call.
 _V_POW = 1 << 16
+#: Backend-local bits the drivers add, never an ``_ENTRIES`` key: ``_V_TRUST2`` marks the
+#: second pass of a trust-ratio entry point (its ``scales`` are ``lr * trust``),
+#: ``_V_TILE`` tells a body that it runs on the float32 tiles of a reduced-precision call
+#: (see "Reduced precision" in the module docstring).
+_V_TRUST2 = 1 << 17
+_V_TILE = 1 << 18
+
+# The format vector of a reduced-precision call (int64; see "Reduced precision"): it
+# takes the place of the int ``flags`` argument of an entry point, and its type (an
+# array, not an int) is what makes Numba compile the tiled drivers for that call.
+_X_FLAGS, _X_SR, _X_KEY, _X_DRY, _X_ACC, _X_FAC, _X_GSCALE = range(7)
+_X_HEAD = 7  # then one storage code per (operand row, tensor): _X_HEAD + row * n + t
+#: storage codes: how an operand is held in memory (its arithmetic is float32)
+_C_F32, _C_BF16, _C_F16 = 0, 1, 2
+#: elements per float32 tile of the reduced-precision drivers (7 tiles: 14 KiB per thread)
+_TILE = 512
 
 
 def _mode(rule, s):
@@ -410,8 +456,24 @@ def _tensors(k, parts, off, total):
 # part turns the scalar array into a tuple itself: its values are then plain SSA
 # values that LLVM keeps in registers, where loads from ``cs`` inside the loop
 # might alias the params being written and would be repeated every element.
-@njit(inline="always")
+#
+# ``_apply`` and ``_reduce`` are typed by their last operand, ``f``: an int (the
+# flag bits) picks the full-precision driver, an int64 array (the format vector of
+# a reduced-precision call) the tiled one.  Numba resolves the overload when it
+# types an entry point for its argument types, so a float32 or float64 call
+# compiles exactly the code it always did, and a tiled kernel is compiled only
+# when a reduced-precision step first runs.
 def _apply(body, mode, k, parts, ptr, off, total, scales, cs, f):
+    """Part ``k`` of the update pass: the step pipeline around ``body`` (see the overload)."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
+def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
+    """Part ``k`` of LAMB's first pass (see the overload)."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
+def _apply_full(body, mode, k, parts, ptr, off, total, scales, cs, f):
     """Part ``k`` of the update pass: the step pipeline around ``body``.
 
     Unscale, maximize and clip_value (``_GINV``, ``_GCLIP``), the norm-clip
@@ -440,8 +502,7 @@ def _apply(body, mode, k, parts, ptr, off, total, scales, cs, f):
         t += 1
 
 
-@njit(inline="always")
-def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
+def _reduce_full(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     """Part ``k`` of a read pass: ``acc[k, t]`` = the float64 sums of the pair ``body`` returns.
 
     ``body`` gets the *unclipped* scaled grad ``g * c[_GINV]`` and finishes the
@@ -463,6 +524,298 @@ def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
         acc[k, t, 0] = u
         acc[k, t, 1] = w
         t += 1
+
+
+# ------------------------------------------------------------------ reduced precision
+# 16-bit storage (docs/design.md, "Precision"; the bit recipes of fastopt.precision,
+# ported operation for operation).  An operand's storage code (_C_*) says how it is
+# held; the tiled drivers load a tile of every operand into float32, run the
+# pipeline and the unchanged rule body on the tiles, and store each written operand
+# once: state and float16 params round to nearest even, a bfloat16 param to nearest
+# even or stochastically, the float32 master as is.
+
+_U16, _U32, _U64 = np.uint16, np.uint32, np.uint64
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_F16_SUBNORMAL = np.float32(2.0 ** -24)
+_ZERO_U16 = np.uint16(0)
+_ZERO_F32 = np.float32(0)
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The uint32 bit pattern of float32 ``x``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, u):
+    """The float32 whose bit pattern is uint32 ``u``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always")
+def _bf16_load(h):
+    return _bits_f32(_U32(h) << _U32(16))
+
+
+@njit(inline="always")
+def _f16_load(h):
+    u = _U32(h)
+    s = (u & _U32(0x8000)) << _U32(16)
+    e = (u >> _U32(10)) & _U32(0x1F)
+    m = u & _U32(0x3FF)
+    if e == _U32(31):
+        return _bits_f32(s | _U32(0x7F800000) | (m << _U32(13)))
+    if e != _U32(0):
+        return _bits_f32(s | ((e + _U32(112)) << _U32(23)) | (m << _U32(13)))
+    # zero, or a subnormal m * 2**-24: exact in float32
+    return _bits_f32(s | _f32_bits(np.float32(m) * _F16_SUBNORMAL))
+
+
+@njit(inline="always")
+def _nan16(u):
+    return _U16(((u >> _U32(16)) & _U32(0x8000)) | _U32(0x7FC0))
+
+
+@njit(inline="always")
+def _bf16_rne(x):
+    u = _f32_bits(x)
+    if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
+        return _nan16(u)
+    return _U16((u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16))
+
+
+@njit(inline="always")
+def _random_bits(key, i):
+    """``fastopt.precision.random_bits`` for the step key ``key`` and element index ``i``."""
+    z = key + _U64(i) * _GOLDEN
+    z = (z ^ (z >> _U64(30))) * _MIX1
+    z = (z ^ (z >> _U64(27))) * _MIX2
+    return _U32((z ^ (z >> _U64(31))) >> _U64(32))
+
+
+@njit(inline="always")
+def _bf16_sr(x, key, i):
+    u = _f32_bits(x)
+    if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
+        return _nan16(u)
+    return _U16((u + (_random_bits(key, i) & _U32(0xFFFF))) >> _U32(16))
+
+
+@njit(inline="always")
+def _f16_rne(x):
+    u = _f32_bits(x)
+    s = (u >> _U32(16)) & _U32(0x8000)
+    a = u & _U32(0x7FFFFFFF)
+    if a > _U32(0x7F800000):
+        return _U16(s | _U32(0x7E00))
+    if a >= _U32(0x477FF000):
+        return _U16(s | _U32(0x7C00))
+    if a >= _U32(0x38800000):
+        return _U16(s | ((a - _U32(0x38000000) + _U32(0xFFF) + ((a >> _U32(13)) & _U32(1)))
+                         >> _U32(13)))
+    e = a >> _U32(23)
+    m = (a & _U32(0x7FFFFF)) | (_U32(0x800000) if e != _U32(0) else _U32(0))
+    sh = _U32(126) - (e if e > _U32(1) else _U32(1))
+    if sh >= _U32(25):
+        return _U16(s)
+    q = m >> sh
+    rem = m & ((_U32(1) << sh) - _U32(1))
+    half = _U32(1) << (sh - _U32(1))
+    up = _U32(1) if rem > half or (rem == half and (q & _U32(1)) != _U32(0)) else _U32(0)
+    return _U16(s | (q + up))
+
+
+@njit(nogil=True)
+def _load(tile, addr, code, base, m, n):
+    """``tile[:m]`` = float32 values of elements ``[base, base + m)`` of an ``n``-element operand."""
+    ub = _U64(base)  # unsigned indices: no wraparound test per access, the loops vectorize
+    if code == _C_F32:
+        src = numba.carray(_as_ptr(addr, _ZERO_F32), n)
+        for j in range(_U64(m)):
+            tile[j] = src[ub + j]
+    elif code == _C_BF16:
+        h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
+        for j in range(_U64(m)):
+            tile[j] = _bf16_load(h[ub + j])
+    else:
+        h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
+        for j in range(_U64(m)):
+            tile[j] = _f16_load(h[ub + j])
+
+
+@njit(nogil=True)
+def _store(tile, addr, code, base, m, n, sr, key):
+    """Elements ``[base, base + m)`` of an operand = ``tile[:m]``, rounded once to its storage."""
+    ub = _U64(base)
+    if code == _C_F32:
+        dst = numba.carray(_as_ptr(addr, _ZERO_F32), n)
+        for j in range(_U64(m)):
+            dst[ub + j] = tile[j]
+    elif code == _C_BF16:
+        h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
+        if sr:  # the hash of the element's index within its param
+            for j in range(_U64(m)):
+                h[ub + j] = _bf16_sr(tile[j], key, ub + j)
+        else:
+            for j in range(_U64(m)):
+                h[ub + j] = _bf16_rne(tile[j])
+    else:
+        h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
+        for j in range(_U64(m)):
+            h[ub + j] = _f16_rne(tile[j])
+
+
+@njit(nogil=True)
+def _load_tiles(tiles, ptr, fmt, t, nt, base, m, n):
+    """Load the param (its master when there is one), grad, state and extra tiles of tensor t."""
+    if ptr[_M, t] != 0:
+        _load(tiles[0], ptr[_M, t], _C_F32, base, m, n)
+    else:
+        _load(tiles[0], ptr[_P, t], fmt[_X_HEAD + _P * nt + t], base, m, n)
+    _load(tiles[1], ptr[_G, t], fmt[_X_HEAD + _G * nt + t], base, m, n)
+    for r in range(_S0, _E + 1):
+        if ptr[r, t] != 0:
+            _load(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n)
+
+
+@njit(nogil=True)
+def _store_f64(addr, i, value):
+    """``value`` into element ``i`` of the float64 buffer at ``addr``."""
+    numba.carray(_as_ptr(addr, value), i + 1)[i] = value
+
+
+@njit(nogil=True)
+def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
+    """After the body ran on a tile: store it, or (a dry run) return the sum of p^2.
+
+    The params (``tiles[_P]``) are scaled by the ``max_norm`` factor first when
+    there is one; the state, the master and the param are then written once,
+    each rounded to its storage.
+    """
+    pt = tiles[_P]
+    if fmt[_X_DRY] != 0:
+        u = 0.0
+        for j in range(_U64(m)):
+            y = np.float64(pt[j])
+            u += y * y
+        return u
+    if fmt[_X_FAC] != 0:
+        # float64, as the reference multiplies its float32 params by a float64 scalar:
+        # the product is taken in double and rounded once
+        fac = numba.carray(_as_ptr(fmt[_X_FAC], 0.0), nt)[t]
+        for j in range(_U64(m)):
+            pt[j] = np.float64(pt[j]) * fac
+    key = _U64(fmt[_X_KEY])
+    for r in range(_S0, _S2 + 1):
+        if ptr[r, t] != 0:
+            _store(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n, False, key)
+    if ptr[_M, t] != 0:
+        _store(pt, ptr[_M, t], _C_F32, base, m, n, False, key)
+    _store(pt, ptr[_P, t], fmt[_X_HEAD + _P * nt + t], base, m, n, fmt[_X_SR] != 0, key)
+    return 0.0
+
+
+def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
+    """Part ``k`` of the update pass of a reduced-precision call (``f``: the format vector).
+
+    Per tile of ``_TILE`` elements: load every operand as float32, run the same
+    pipeline as ``_apply_full`` on the tiles, then either add the squares of the
+    new params to the ``max_norm`` sums (a dry run writes nothing) or scale them
+    by the ``max_norm`` factor and store every written operand with its one
+    rounding.  The grads' norm-clip factors come through the vector
+    (``_X_GSCALE``): the second pass of a trust-ratio rule gets ``lr * trust``
+    (float64, see ``_k_lamb_exact``) as ``scales``.
+    """
+    nt = off.shape[0] - 1
+    t, hi = _tensors(k, parts, off, total)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    l2, decay = c[_S_L2], c[_S_DECAY]
+    use_l2 = l2 != c[_ZERO]
+    fmt = f
+    f = fmt[_X_FLAGS]
+    dry = fmt[_X_DRY] != 0
+    gscale = numba.carray(_as_ptr(fmt[_X_GSCALE], cs[0]), nt)  # the norm-clip factors
+    tiles = np.empty((_ROWS, _TILE), np.float32)
+    pt, gt = tiles[_P], tiles[_G]
+    s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
+    while t < nt and off[t] < hi:
+        a, b = _range(k, parts, off, total, t)
+        n = off[t + 1] - off[t]
+        ts, gs = scales[t], gscale[t]
+        sumsq = 0.0
+        base = a
+        while base < b:
+            m = min(_TILE, b - base)
+            _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
+            for j in range(_U64(m)):
+                x = _clip(gt[j] * c[_GINV], c[_GCLIP]) * gs
+                pi = pt[j]
+                if use_l2:
+                    x = x + l2 * pi
+                pi = pi * decay
+                pt[j] = _clip(body(j, x, pi, s0, s1, s2, e, c, f, ts, mode | _V_TILE), c[_WCLIP])
+            sumsq += _finish_tile(tiles, ptr, fmt, t, nt, base, m, n)
+            base += m
+        if dry:
+            _store_f64(fmt[_X_ACC], k * nt + t, sumsq)  # acc[k, t] of the (parts, nt) sums
+        t += 1
+
+
+def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
+    """``_reduce_full`` on float32 tiles: the body's state writes stay in the tiles.
+
+    LAMB's first pass needs this step's moments only for the norms; the second
+    pass recomputes them from the stored state (``_V_TILE``) and stores them
+    once, so a 16-bit state is rounded once and pass 2 sees the float32 moments
+    the reference sees.
+    """
+    nt = off.shape[0] - 1
+    t, hi = _tensors(k, parts, off, total)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    fmt = f
+    f = fmt[_X_FLAGS]
+    tiles = np.empty((_ROWS, _TILE), np.float32)
+    pt, gt = tiles[_P], tiles[_G]
+    s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
+    while t < nt and off[t] < hi:
+        a, b = _range(k, parts, off, total, t)
+        n = off[t + 1] - off[t]
+        ts = scales[t]
+        u = 0.0
+        w = 0.0
+        base = a
+        while base < b:
+            m = min(_TILE, b - base)
+            _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
+            for j in range(m):
+                du, dw = body(j, gt[j] * c[_GINV], pt[j], s0, s1, s2, e, c, f, ts,
+                              mode | _V_TILE)
+                u += du
+                w += dw
+            base += m
+        acc[k, t, 0] = u
+        acc[k, t, 1] = w
+        t += 1
+
+
+@overload(_apply, inline="always")
+def _apply_overload(body, mode, k, parts, ptr, off, total, scales, cs, f):
+    return _apply_tiled if isinstance(f, types.Array) else _apply_full
+
+
+@overload(_reduce, inline="always")
+def _reduce_overload(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
+    return _reduce_tiled if isinstance(f, types.Array) else _reduce_full
 
 
 @njit(inline="always")
@@ -608,6 +961,9 @@ def _lamb_moments(i, u, p, m, v, s2, e, c, f, ts, mode):  # pass 1, 28 B/elem: (
 
 @njit(inline="always")
 def _lamb_step(i, g, p, m, v, s2, e, c, f, ts, mode):  # pass 2, 16 B/elem; ts = lr * trust
+    if mode & _V_TILE:  # reduced precision: pass 1 stored no moments (see _reduce_tiled)
+        mi, vi = _moments(i, m, v, g, g, c)
+        return p - ts * _lamb_r(p, mi, vi, c)
     return p - ts * _lamb_r(p, m[i], v[i], c)
 
 
@@ -696,16 +1052,40 @@ def _ademamix(i, g, p, m1, m2, nu, e, c, f, ts, mode):  # 36 B/elem
 _BLOCK = 8192
 
 
+def _read_blocks(k, parts, ptr, off, boff, cs, flags, out):
+    """Part ``k`` of the read pass (see the overload: ``flags`` an int or a format vector)."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
 @njit(inline="always")
-def _read_blocks(k, parts, ptr, off, boff, cs, exact, out):
+def _block_sums(x, a, b, ginv, gclip, exact):
+    """(sum of clip(x*ginv)^2, sum of x*ginv*0) over ``x[a:b]`` (see ``_read_blocks_full``)."""
+    u = 0.0
+    w = 0.0
+    if exact:
+        for i in range(np.uint64(a), np.uint64(b)):
+            y = x[i] * ginv
+            z = np.float64(_clip(y, gclip))
+            u += z * z
+            w += np.float64(y) * 0.0
+    else:
+        for i in range(np.uint64(a), np.uint64(b)):
+            y = np.float64(x[i] * ginv)
+            u += y * y
+    return u, w
+
+
+def _read_blocks_full(k, parts, ptr, off, boff, cs, flags, out):
     """Part ``k``: ``out[j]`` = (sum of clip(g*ginv)^2, sum of g*ginv*0) over block ``j``.
 
-    Without ``exact`` only the first sum, of the *unclipped* squares: an inf or nan
-    makes it inf or nan, which is the non-finite check when no clip_value hides
-    one (the caller re-checks exactly when it is not finite: a finite float64
-    beyond 1e154 overflows when squared).  The second sum is 0 when every
-    ``g*ginv`` is finite and nan otherwise.
+    ``flags`` is 1 for the exact pass.  Without it only the first sum, of the
+    *unclipped* squares: an inf or nan makes it inf or nan, which is the
+    non-finite check when no clip_value hides one (the caller re-checks exactly
+    when it is not finite: a finite float64 beyond 1e154 overflows when
+    squared).  The second sum is 0 when every ``g*ginv`` is finite and nan
+    otherwise.
     """
+    exact = flags != 0
     nb = boff[boff.shape[0] - 1]
     j, hi = nb * k // parts, nb * (k + 1) // parts
     t = np.searchsorted(boff, j, side="right") - 1
@@ -718,21 +1098,38 @@ def _read_blocks(k, parts, ptr, off, boff, cs, exact, out):
         g = numba.carray(_as_ptr(ptr[_G, t], cs[0]), n)
         a = (j - boff[t]) * _BLOCK
         b = min(a + _BLOCK, n)
-        u = 0.0
-        w = 0.0
-        if exact:
-            for i in range(np.uint64(a), np.uint64(b)):
-                x = g[i] * ginv
-                y = np.float64(_clip(x, gclip))
-                u += y * y
-                w += np.float64(x) * 0.0
-        else:
-            for i in range(np.uint64(a), np.uint64(b)):
-                y = np.float64(g[i] * ginv)
-                u += y * y
-        out[j, 0] = u
-        out[j, 1] = w
+        out[j, 0], out[j, 1] = _block_sums(g, a, b, ginv, gclip, exact)
         j += 1
+
+
+def _read_blocks_tiled(k, parts, ptr, off, boff, cs, flags, out):
+    """``_read_blocks_full`` over 16-bit (or float32) grads: each block loaded as float32 first.
+
+    ``flags``: the format vector (``_X_FLAGS``: 1 for the exact pass; the grads'
+    storage codes), so a float16 overflow to inf is seen as the update will see it.
+    """
+    exact = flags[_X_FLAGS] != 0
+    nt = off.shape[0] - 1
+    nb = boff[boff.shape[0] - 1]
+    j, hi = nb * k // parts, nb * (k + 1) // parts
+    t = np.searchsorted(boff, j, side="right") - 1
+    c = to_fixed_tuple(cs, _NSCALARS)
+    ginv, gclip = c[_GINV], c[_GCLIP]
+    tile = np.empty(_BLOCK, np.float32)
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        n = off[t + 1] - off[t]
+        a = (j - boff[t]) * _BLOCK
+        b = min(a + _BLOCK, n)
+        _load(tile, ptr[_G, t], flags[_X_HEAD + _G * nt + t], a, b - a, n)
+        out[j, 0], out[j, 1] = _block_sums(tile, 0, b - a, ginv, gclip, exact)
+        j += 1
+
+
+@overload(_read_blocks, inline="always")
+def _read_blocks_overload(k, parts, ptr, off, boff, cs, flags, out):
+    return _read_blocks_tiled if isinstance(flags, types.Array) else _read_blocks_full
 
 
 @njit(inline="always")
@@ -910,14 +1307,41 @@ def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
+    coef = _trust_coef(acc, scales, lr)
+    for k in prange(parts):
+        _apply(_lamb_step, _V_TRUST2, k, parts, ptr, off, total, coef, cs, flags)
+
+
+@_entry()
+def _k_lamb_exact(tab, sizes, scales, cs, flags, deref, lr, threads):
+    """``_k_lamb`` without fast-math: the entry point of a reduced-precision LAMB step.
+
+    ``_k_lamb`` lets LLVM reassociate (its float64 sums then vectorize), which
+    also turns pass 2's ``(1-b2) * g * g`` into ``(1-b2) * (g * g)``; the moments
+    a 16-bit step recomputes and stores must be the reference's bits.  And the
+    reference's ``p -= (lr * trust) * r`` multiplies a float32 ``r`` by a float64
+    scalar: the step is computed in double and rounded once, so ``lr * trust``
+    stays a float64 here (the tiled driver rounds the new param to float32).
+    """
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    acc = np.zeros((parts, sizes.shape[0], 2))
+    for k in prange(parts):
+        _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
+    coef = _trust_coef(acc, np.zeros(sizes.shape[0]), lr)
+    for k in prange(parts):
+        _apply(_lamb_step, _V_TRUST2, k, parts, ptr, off, total, coef, cs, flags)
+
+
+@njit(inline="always")
+def _trust_coef(acc, scales, lr):
+    """Per tensor ``lr * |p| / |r|`` (1 for a zero norm) from LAMB's pass-1 sums."""
     coef = np.empty_like(scales)
-    for t in range(sizes.shape[0]):
+    for t in range(scales.shape[0]):
         pn = math.sqrt(acc[:, t, 0].sum())
         rn = math.sqrt(acc[:, t, 1].sum())
         trust = pn / rn if pn > 0.0 and rn > 0.0 else 1.0
         coef[t] = lr * trust  # one rounding to the dtype per tensor
-    for k in prange(parts):
-        _apply(_lamb_step, 0, k, parts, ptr, off, total, coef, cs, flags)
+    return coef
 
 
 @_entry(sums=True)
@@ -934,7 +1358,7 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
         boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
     out = np.empty((boff[n], 2))
     for k in prange(parts):
-        _read_blocks(k, parts, ptr, off, boff, cs, flags != 0, out)
+        _read_blocks(k, parts, ptr, off, boff, cs, flags, out)
     res = np.zeros((n, 2))
     for t in range(n):
         for j in range(boff[t], boff[t + 1]):
@@ -975,6 +1399,10 @@ _ENTRIES = {
 }
 
 
+#: The entry points a reduced-precision call uses instead (no fast-math; see _k_lamb_exact).
+_EXACT = {_k_lamb: _k_lamb_exact}
+
+
 # ------------------------------------------------------------------ host side
 
 _LOCK = threading.Lock()
@@ -998,7 +1426,7 @@ def _note_compiling():
 
 def _launch(fn, *args):
     """Call a kernel; on a first call that runs for over a second, say once that it compiles."""
-    key = (fn, args[3].dtype)
+    key = (fn, args[3].dtype, isinstance(args[4], np.ndarray))  # a format vector: tiled
     if key in _seen:
         return _call(fn, *args)
     timer = threading.Timer(1.0, _note_compiling)
@@ -1064,6 +1492,36 @@ def _sizes(arrays, n):
     return np.fromiter(map(len, arrays), np.int64, n)
 
 
+#: dtype name -> storage code of the reduced-precision drivers
+_CODES = {"float32": _C_F32, "bfloat16": _C_BF16, "float16": _C_F16}
+_F32 = np.dtype(np.float32)
+
+
+def _is_reduced(dt) -> bool:
+    """Whether arrays of ``dt`` go through the tiled drivers (16-bit storage)."""
+    return dt.itemsize == 2
+
+
+def _format(rows, n, flags, uniform=()):
+    """The format vector of a reduced-precision call: ``flags`` and a storage code per operand.
+
+    ``rows`` as for ``_table``; the rows in ``uniform`` hold one dtype by
+    construction (a bucket's params and states) and are coded from their first
+    array, the others (grads and extra inputs: the param's dtype or float32)
+    tensor by tensor.
+    """
+    fmt = np.zeros(_X_HEAD + _ROWS * n, np.int64)
+    fmt[_X_FLAGS] = flags
+    for r, arrays in rows:
+        at = _X_HEAD + r * n
+        dts = {arrays[0].dtype} if r in uniform else {a.dtype for a in arrays}
+        if len(dts) == 1:
+            fmt[at:at + n] = _CODES[dts.pop().name]
+        else:
+            fmt[at:at + n] = [_CODES[a.dtype.name] for a in arrays]
+    return fmt
+
+
 def _solve_kernel(rule):
     """A dense-solve rule (Newton) on the host, in the reference's pipeline order.
 
@@ -1102,6 +1560,8 @@ def _fused_kernel(rule):
         rows += [(_S0 + k, states[st]) for k, st in enumerate(slots) if st in states]
         if extra_row:
             rows.append((_E, extras))
+        if pre.precision is not None:
+            return _reduced_call(rule, rows, n, states, s, pre)
         args = (_table(rows, n), _sizes(params, n),
                 np.ones(n, dt) if pre.scales is None else np.asarray(pre.scales, dt),
                 _scalars(dt, _head(pre), rule.kernel_scalars(s)), rule.kernel_flags(s),
@@ -1111,6 +1571,42 @@ def _fused_kernel(rule):
         _launch(_ENTRIES[name, _mode(rule, s)], *args)
 
     return kernel
+
+
+def _reduced_call(rule, rows, n, states, s, pre):
+    """One step of a bucket whose param or state is 16-bit (``pre.precision`` is set).
+
+    The same entry point as a float32 step, with the format vector in place of
+    the flags (the storage codes, stochastic rounding's step key): Numba then
+    compiles the tiled drivers for it.  Arithmetic is float32.  ``max_norm``
+    acts on the float32 params before their one rounding, so it costs a dry
+    run of the same kernel first (it writes nothing and returns the sums of
+    squares of the new params), then the real one with the factors.
+    """
+    prec = pre.precision
+    params = rows[0][1]
+    if "master" in states:
+        rows = rows + [(_M, states["master"])]
+    uniform = {_P, _S0, _S1, _S2, _M}
+    fmt = _format(rows, n, rule.kernel_flags(s), uniform)
+    if prec.stochastic_rounding:
+        fmt[_X_SR] = 1
+        fmt[_X_KEY] = np.array(_precision.step_key(prec.seed, pre.step), np.uint64).view(np.int64)
+    scales = np.ones(n, _F32) if pre.scales is None else np.asarray(pre.scales, _F32)
+    args = [_table(rows, n), _sizes(params, n), scales,
+            _scalars(_F32, _head(pre), rule.kernel_scalars(s)), fmt, DATA_OFFSET]
+    fmt[_X_GSCALE] = scales.ctypes.data  # (LAMB's pass 2 gets lr * trust as its scales)
+    if rule.kind == TRUST_RATIO:
+        args.append(float(s["lr"]))
+    entry = _ENTRIES[rule.name, _mode(rule, s)]
+    entry = _EXACT.get(entry, entry)
+    if pre.max_norm is not None:
+        acc = np.zeros((numba.get_num_threads(), n))
+        fmt[_X_DRY], fmt[_X_ACC] = 1, acc.ctypes.data
+        _launch(entry, *args)
+        fac = np.minimum(1.0, pre.max_norm / (np.sqrt(acc.sum(axis=0)) + CLIP_EPS))
+        fmt[_X_DRY], fmt[_X_FAC] = 0, fac.ctypes.data
+    _launch(entry, *args)
 
 
 #: Rule.kind -> the host driver that makes the rule's kernel.
@@ -1239,6 +1735,10 @@ class NumbaOps(Ops):
 
     name = BACKEND
     xp = np
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    precision_options = True
+    #: the state dtypes the tiled drivers store (the 8-bit block format is not one of them)
+    state_formats = ("float16", "bfloat16", "float32")
 
     def _each_dtype(self, entry, arrays, factors, head, flags=0):
         arrays = list(arrays)
@@ -1246,13 +1746,20 @@ class NumbaOps(Ops):
         for dt, pos in _by_dtype(arrays):
             sub = arrays if pos is None else [arrays[i] for i in pos]
             n = len(sub)
+            rows = [(_P, sub), (_G, sub)]
+            fl = flags
+            if _is_reduced(dt):  # 16-bit arrays: float32 arithmetic, the tiled drivers
+                fl = _format(rows, n, flags, {_P, _G})
+                dt = _F32
             if factors is None:
                 scales = np.ones(n, dt)
             else:
                 f = np.asarray(factors, np.float64)
                 scales = (f if pos is None else f[pos]).astype(dt)
-            res = _launch(entry, _table([(_P, sub), (_G, sub)], n), _sizes(sub, n), scales,
-                          _scalars(dt, head), flags, DATA_OFFSET)
+            if fl is not flags:
+                fl[_X_GSCALE] = scales.ctypes.data
+            res = _launch(entry, _table(rows, n), _sizes(sub, n), scales,
+                          _scalars(dt, head), fl, DATA_OFFSET)
             out.append((pos, res))
         return out
 
@@ -1319,17 +1826,23 @@ def warmup_jobs(dtypes=("float32", "float64"), rules=None, variants=True):
     from .._backend import Pre, get_kernel
 
     jobs = []
-    for dt in map(np.dtype, dtypes):
+    for dt in map(_precision.as_dtype, dtypes):
         z = lambda dt=dt: np.zeros(3, dt)  # noqa: E731
+        reduced = _is_reduced(dt)
         for name in rules or RULES:
             rule = RULES[name]
+            if reduced and rule.kind == DENSE_SOLVE:
+                continue  # Newton takes float32/float64 only
+            pre = Pre()
+            if reduced:  # state float32, the default: the same tiled kernel as any other
+                pre = Pre(precision=_precision.resolve_precision(dt, kind=rule.kind), step=1)
             flags = rule.variants if variants else ()
             for v in range(1 << len(flags)):
                 hp = {**rule.defaults, **{f: bool(v >> k & 1) for k, f in enumerate(flags)}}
                 if hp.get("has_momentum") and not hp.get("momentum"):
                     hp["momentum"] = 0.9  # the variant flag of SGD and RMSprop is momentum > 0
                 hp.pop("has_momentum", None)
-                states = {k: [z()] for k, _ in rule.state(hp)}
+                states = {k: [np.zeros(3, _F32) if reduced else z()] for k, _ in rule.state(hp)}
                 extras = None
                 if rule.extra is not None:
                     shape = rule.extra_shape_of((3,), 3)
@@ -1339,8 +1852,9 @@ def warmup_jobs(dtypes=("float32", "float64"), rules=None, variants=True):
                 # a rule that needs the shapes (Muon: matrices) gets the 3 elements as a 1 x 3 one
                 pre = Pre(shapes=[(1, 3)] if rule.param_ndim == 2 else None)
                 label = " ".join([name, dt.name] + on)
-                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z, pre=pre:
-                             get_kernel(name, BACKEND)([z()], [z()], states, s, pre, extras)))
+                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, z=z,
+                             pre=pre: get_kernel(name, BACKEND)([z()], [z()], states, s, pre,
+                                                                extras)))
         jobs.append((f"grad checks {dt.name}", lambda z=z: (
             OPS.grad_stats([z()], None, inv_scale=None, clip_value=None, need_sumsq=True,
                            check_finite=True),

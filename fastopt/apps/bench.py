@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from .. import _backend
+from .. import precision as _prec
 from .._rules import RULES
 from .benchkit import (BENCH_OPTIONS, ELEMENTWISE_RULES, TORCH_CLASSES, Progress, _noop,
                        bytes_per_element, measure)
@@ -112,9 +113,12 @@ def _xp(impl):
 
 def _random(xp, rng, shape, dtype, lo=-0.5, hi=0.5):
     # rng.random is several times faster than standard_normal for 1e7+ elements
-    a = rng.random(int(np.prod(shape)), dtype=np.dtype(dtype)).reshape(shape)
+    dt = _prec.as_dtype(dtype)
+    a = rng.random(int(np.prod(shape)), dtype=dt if dt.itemsize >= 4 else np.float32).reshape(shape)
     a *= hi - lo
     a += lo
+    if dt.itemsize == 2:  # float16/bfloat16: generated in float32, rounded once
+        a = a.astype(dt)
     return a if xp is np else xp.asarray(a)
 
 
@@ -134,9 +138,12 @@ class Case:
         why = unavailable(impl, rule)
         if why:
             raise NotImplementedError(why)
-        self.impl, self.rule, self.dtype = impl, rule, np.dtype(dtype)
+        self.impl, self.rule, self.dtype = impl, rule, _prec.as_dtype(dtype)
         self.shapes = [tuple(s) if isinstance(s, (tuple, list)) else (int(s),) for s in shapes]
         self.options = {**BENCH_OPTIONS.get(rule, {}), **(options or {})}
+        if impl in PEER_IMPLS:  # torch keeps state in the param dtype, with no precision options
+            for k in PRECISION_OPTIONS:
+                self.options.pop(k, None)
         self.numel = sum(int(np.prod(s)) for s in self.shapes)
         per = bytes_per_element(rule, self.options, self.dtype.itemsize)
         self.bytes_per_step = None if per is None else per * self.numel
@@ -215,9 +222,15 @@ class Case:
         kw = {k: v for k, v in hp.items() if k in accepted and k not in ("fused", "foreach")}
         kw["fused" if impl == "torch-fused" else "foreach"] = True
         # the tensors share memory with the NumPy arrays: no copies on either side
-        self.tparams = [torch.from_numpy(p) for p in self.params]
+        # (torch.from_numpy has no bfloat16: its bits go through int16 and a view)
+        def tensor(a):
+            if _prec.is_bfloat16(a.dtype):
+                return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(a)
+
+        self.tparams = [tensor(p) for p in self.params]
         for tp, g in zip(self.tparams, self.grads):
-            tp.grad = torch.from_numpy(g)
+            tp.grad = tensor(g)
         try:
             self.opt = cls(self.tparams, **kw)
             self.opt.step()  # fused=True on an unsupported device/dtype fails here, not above
@@ -290,6 +303,106 @@ def cold_compile_seconds(dtype="float32", rules=None, cache_dir=None, timeout=60
     if out.returncode != 0:
         raise RuntimeError(f"compile subprocess failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+#: The options of a fastopt case that torch.optim has no counterpart of.
+PRECISION_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
+
+#: Adam with 16-bit params, each against its baseline in one interleaved run (issue 12):
+#: (label, impl, param dtype, options, baseline label, goal of the time ratio).
+PRECISION_ROWS = (
+    ("f32", "numba", "float32", {}, None, None),
+    ("torch-fused bf16", "torch-fused", "bfloat16", {}, None, None),
+    ("bf16 state=param", "numba", "bfloat16", {"state_dtype": "param"}, "torch-fused bf16", 1.0),
+    ("bf16 bf16-state sr", "numba", "bfloat16",
+     {"state_dtype": "bfloat16", "stochastic_rounding": True}, "f32", 0.6),
+    ("bf16 f32-state", "numba", "bfloat16", {}, "f32", 0.85),
+)
+PRECISION_N = 16_777_216
+
+
+def precision_bytes(dtype, options) -> int:
+    """Bytes one Adam step moves per element with these precision options (the bytes table)."""
+    dt = _prec.as_dtype(dtype)
+    sd = _prec.resolve_state_dtype(dt, options.get("state_dtype"))
+    per = RULES["adam"].bytes_per_element(RULES["adam"].defaults, dt.itemsize,
+                                          state_itemsize=sd.itemsize)
+    return per + (8 if options.get("master_weights") else 0)  # the float32 master: read + write
+
+
+def interleaved(fns, reps):
+    """Median seconds of each of ``fns`` from one run that times them in turn.
+
+    Every repetition runs each function once, the order rotated by one each
+    time, so load on a shared machine falls on all of them alike; returns the
+    per-repetition times (``reps`` rows, one column per function).
+    """
+    import time
+
+    for fn in fns:
+        fn()
+    out = np.empty((reps, len(fns)))
+    for r in range(reps):
+        for k in range(len(fns)):
+            j = (k + r) % len(fns)
+            t0 = time.perf_counter()
+            fns[j]()
+            out[r, j] = time.perf_counter() - t0
+    return out
+
+
+def run_precision_bench(n=PRECISION_N, reps=11, torch=True, progress=False):
+    """Adam on ``n`` elements in every ``PRECISION_ROWS`` format, one interleaved run.
+
+    Each row's ``ratio`` is the median over repetitions of its time over its
+    baseline's time in the same repetition.
+    """
+    rows = [r for r in PRECISION_ROWS if torch or r[1] not in PEER_IMPLS]
+    cases, skipped = {}, []
+    with Progress(len(rows), progress) as bar:
+        for label, impl, dtype, options, _, _ in rows:
+            bar.update(label)
+            try:
+                cases[label] = make_case(impl, "adam", [n], dtype, options)
+            except (NotImplementedError, ImportError) as e:  # no torch, no ml_dtypes
+                skipped.append({"format": label, "why": str(e)})
+    labels = list(cases)
+    times = interleaved([cases[k].step for k in labels], reps)
+    col = {k: j for j, k in enumerate(labels)}
+    out = []
+    for label, impl, dtype, options, base, goal in rows:
+        if label not in cases:
+            continue
+        j = col[label]
+        ratio = None
+        if base in col:
+            ratio = float(np.median(times[:, j] / times[:, col[base]]))
+        out.append({"format": label, "impl": impl, "dtype": dtype, "options": options,
+                    # torch.optim keeps its state in the param dtype
+                    "bytes_per_element": precision_bytes(
+                        dtype, {"state_dtype": "param"} if impl in PEER_IMPLS else options),
+                    "time_s": float(np.median(times[:, j])), "baseline": base,
+                    "ratio": ratio, "goal": goal})
+    return {"n": n, "reps": reps, "loadavg": list(os.getloadavg()), "rows": out,
+            "skipped": skipped}
+
+
+def format_precision_table(result) -> str:
+    lines = [f"Adam, {_fmt_size(result['n'])} elements, one interleaved run of {result['reps']} "
+             f"repetitions (load average {result['loadavg'][0]:.1f}); ratio: time over the "
+             f"baseline's in the same repetition (median)"]
+    head = f"{'format':20} {'impl':12} {'B/elem':>6} {'time':>10} {'ratio':>7} {'goal':>6}  baseline"
+    lines += [head, "-" * len(head)]
+    for r in result["rows"]:
+        ratio = f"{r['ratio']:6.2f}x" if r["ratio"] is not None else f"{'-':>7}"
+        goal = f"{r['goal']:5.2f}x" if r["goal"] is not None else f"{'-':>6}"
+        lines.append(f"{r['format']:20} {r['impl']:12} {r['bytes_per_element']:6d} "
+                     f"{_fmt_time(r['time_s']):>10} {ratio} {goal}  {r['baseline'] or ''}")
+    for s in result["skipped"]:
+        lines.append(f"skipped {s['format']}: {s['why']}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -639,6 +752,10 @@ def _cmd_bench(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     if args.muon_only:
         rules = []
+    if args.precision:
+        res = run_precision_bench(torch=not args.no_torch, progress=progress)
+        print(json.dumps(res, indent=1) if args.json else format_precision_table(res))
+        return 0
     result = run_bench(rules, impls, sizes, args.dtype, torch=not args.no_torch,
                        min_time=args.min_time, progress=progress) if rules else None
     muon = None
@@ -677,6 +794,10 @@ def register(sub) -> None:
                    help="seconds of timing per case, at least 3 runs (default: 0.1)")
     p.add_argument("--no-torch", action="store_true", help="do not time torch.optim")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
+    p.add_argument("--precision", action="store_true",
+                   help="instead: Adam on 16.7M elements with bfloat16 params (state in the "
+                        "param dtype, bfloat16 state + stochastic rounding, float32 state) against "
+                        "float32 Adam and torch fused Adam on bfloat16, one interleaved run")
     p.add_argument("--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--muon", type=int, default=0, metavar="N",
