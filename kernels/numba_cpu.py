@@ -2335,8 +2335,10 @@ def _q8_kernel(rule, plain):
         if prec is None or prec.state is not _prec.Q8:
             return plain(params, grads, states, s, pre, extras)
         if entry is None:
-            raise TypeError(f"rule {rule.name!r}: expected a rule with state to quantize, got a "
-                            "q8 bucket (state_dtype='q8' does not apply to it)")
+            # a rule without a fused q8 entry point (the rules added after the q8 driver) takes
+            # the reference's q8 step: the same definition, one NumPy pass per array
+            from .._backend import get_kernel
+            return get_kernel(rule.name, "numpy")(params, grads, states, s, pre, extras)
         n = len(params)
         dt = params[0].dtype
         if dt != np.float32:

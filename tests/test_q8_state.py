@@ -566,3 +566,22 @@ def test_state_dtype_options_that_give_the_same_arrays_load_without_convert():
         fo.Adam([np.ones(5, np.float32)], state_dtype=same).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match=r"state_dict\['precision'\]\['state_dtype'\]"):
         fo.Adam([np.ones(5, np.float32)], state_dtype="bfloat16").load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("name", ["asgd", "rprop", "adabelief", "yogi", "ademamix"])
+def test_rules_without_a_fused_q8_kernel_take_the_reference_step_on_numba(name):
+    """The numba backend runs the reference's q8 step for a rule that has no fused q8 entry
+    point: the same codes, absmax and params as backend="numpy"."""
+    pytest.importorskip("numba")
+    cls = fo._optim.OPTIMIZERS[name]
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(N_BIG).astype(np.float32)
+    a = cls([p0.copy()], state_dtype="q8", backend="numba")
+    b = cls([p0.copy()], state_dtype="q8", backend="numpy")
+    for _ in range(3):
+        g = rng.standard_normal(N_BIG).astype(np.float32)
+        a.step([g])
+        b.step([g])
+    np.testing.assert_array_equal(a.param_groups[0]["params"][0], b.param_groups[0]["params"][0])
+    for k, v in b.state[0][0].items():
+        np.testing.assert_array_equal(a.state[0][0][k], v)
