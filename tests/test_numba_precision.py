@@ -22,7 +22,7 @@ import pytest
 import fastopt as fo
 from fastopt import precision as prec
 from fastopt._backend import get_ops, supports
-from fastopt._rules import DENSE_SOLVE, RULES
+from fastopt._rules import DENSE_SOLVE, ORTHOGONALIZE, RULES
 
 from _cases import assert_same_run, extra_input
 
@@ -57,8 +57,15 @@ RULE_CASES = [
     ("lamb", {"lr": 1e-2, "weight_decay": 0.01}),
     ("adahessian", {"lr": 0.1, "weight_decay": 0.01}),
     ("adahessian", {"lr": 0.1, "hessian_power": 0.5}),
+    ("asgd", {"lr": 1e-2, "t0": 1, "weight_decay": 0.01}),
+    ("rprop", {"lr": 1e-2}),
+    ("adabelief", {"lr": 1e-2, "nesterov": True, "weight_decay": 0.01}),
+    ("yogi", {"lr": 1e-2, "weight_decay": 0.01}),
+    ("ademamix", {"lr": 1e-2, "t_alpha": 5, "t_beta3": 5}),
 ]
-assert {r for r, _ in RULE_CASES} == {n for n, r in RULES.items() if r.kind != DENSE_SOLVE}
+#: every rule with an elementwise or trust-ratio kernel (Newton and Muon keep float32/float64)
+assert {r for r, _ in RULE_CASES} == {n for n, r in RULES.items()
+                                      if r.kind not in (DENSE_SOLVE, ORTHOGONALIZE)}
 
 
 def _precisions():
