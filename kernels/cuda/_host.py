@@ -348,6 +348,22 @@ def _addr(dev, a):
     return np.uint64(0 if a is None else dev.ptr(a))
 
 
+def _host_grad(xp, g, i, pre, dtype):
+    """A copy of grad ``i`` after the pipeline (unscale, maximize, clip_value, the norm-clip
+    factor) in the array module's element-wise ops, in the reference's order; the paths
+    without a fused kernel (Newton's solve, Muon's products) start from it."""
+    g = g.copy()
+    if pre.inv_scale is not None:
+        g *= pre.inv_scale
+    if pre.maximize:
+        g = -g
+    if pre.clip_value is not None:
+        xp.clip(g, -pre.clip_value, pre.clip_value, out=g)
+    if pre.scales is not None:
+        g *= pre.scales[i].astype(dtype)  # stays on the device: no float()
+    return g
+
+
 class CudaBackend:
     """The kernels of every rule and the Ops primitives, over a :class:`Device`."""
 
@@ -610,15 +626,7 @@ class CudaBackend:
         """
         xp = self.dev.xp
         for i, (p, g) in enumerate(zip(params, grads)):
-            g = g.copy()
-            if pre.inv_scale is not None:
-                g *= pre.inv_scale
-            if pre.maximize:
-                g = -g
-            if pre.clip_value is not None:
-                xp.clip(g, -pre.clip_value, pre.clip_value, out=g)
-            if pre.scales is not None:
-                g *= pre.scales[i].astype(p.dtype)  # stays on the device: no float()
+            g = _host_grad(xp, g, i, pre, p.dtype)
             if s["l2"] != 0:  # 0*inf is nan: an inf param meets no zero decay
                 g = g + s["l2"] * p
             if s["decay"] != 1:
@@ -642,15 +650,7 @@ class CudaBackend:
         a, b, c = s["ns_coefficients"]
         for i, (p, g, buf) in enumerate(zip(params, grads, states["momentum_buffer"])):
             dt = p.dtype.type
-            g = g.copy()
-            if pre.inv_scale is not None:
-                g *= pre.inv_scale
-            if pre.maximize:
-                g = -g
-            if pre.clip_value is not None:
-                xp.clip(g, -pre.clip_value, pre.clip_value, out=g)
-            if pre.scales is not None:
-                g *= pre.scales[i].astype(p.dtype)  # stays on the device: no float()
+            g = _host_grad(xp, g, i, pre, p.dtype)
             if s["decay"] != 1:
                 p *= s["decay"]
             x, y = (g, buf) if s["buf_swap"] else (buf, g)
