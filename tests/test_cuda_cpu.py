@@ -67,7 +67,8 @@ def libs():
         so = os.path.join(out_dir, f"{src[:-3]}-{key}.so")
         paths[src] = so
         if not os.path.exists(so):
-            cpp = so[:-3] + ".cpp"
+            # per-process names: two pytest workers may build the same source at once
+            cpp = f"{so[:-3]}.{os.getpid()}.cpp"
             with open(cpp, "w") as f:
                 f.write(tu)
             tmp = f"{so}.{os.getpid()}.tmp"
