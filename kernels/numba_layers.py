@@ -67,6 +67,28 @@ def _blocks(n: int) -> int:
 # ------------------------------------------------------------------ BatchNorm
 
 
+@njit(inline="always")
+def _chan_merge(mu, m2, n, rows, s):
+    """Chan et al.'s pairwise merge of per-block means ``mu`` and sums of squared
+    deviations ``m2`` (blocks of ``rows`` rows of ``s`` values each, the last one partial),
+    in block order so the result is deterministic; returns ``(mean, biased variance)``."""
+    c = mu.shape[1]
+    mean = mu[0].copy()
+    q = m2[0].copy()
+    na = min(n, rows) * s
+    for b in range(1, mu.shape[0]):
+        nbk = (min(n, (b + 1) * rows) - b * rows) * s
+        tot = na + nbk
+        w = nbk / tot
+        ww = na * w
+        for j in range(c):
+            d = mu[b, j] - mean[j]
+            mean[j] += d * w
+            q[j] += m2[b, j] + d * d * ww
+        na = tot
+    return mean, q / (n * s)
+
+
 @njit(**_JIT)
 def _k_moments2(x, rows):
     """(N, C) input: two-pass mean and M2 per block of ``rows`` rows (the second pass
@@ -90,20 +112,7 @@ def _k_moments2(x, rows):
             for j in range(c):
                 d = np.float64(x[i, j]) - mb[j]
                 qb[j] += d * d
-    mean = mu[0].copy()
-    q = m2[0].copy()
-    na = min(n, rows)
-    for b in range(1, nblocks):  # fixed order: deterministic
-        nbk = min(n, (b + 1) * rows) - b * rows
-        tot = na + nbk
-        w = nbk / tot
-        ww = na * w
-        for j in range(c):
-            d = mu[b, j] - mean[j]
-            mean[j] += d * w
-            q[j] += m2[b, j] + d * d * ww
-        na = tot
-    return mean, q / n
+    return _chan_merge(mu, m2, n, rows, 1)
 
 
 @njit(**_JIT_SUM)
@@ -136,20 +145,7 @@ def _k_moments3(x3, rows):
                     d = np.float64(x3[i, j, k]) - m
                     t += d * d
                 qb[j] += t
-    mean = mu[0].copy()
-    q = m2[0].copy()
-    na = min(n, rows) * s
-    for b in range(1, nblocks):  # fixed order: deterministic
-        nbk = (min(n, (b + 1) * rows) - b * rows) * s
-        tot = na + nbk
-        w = nbk / tot
-        ww = na * w
-        for j in range(c):
-            d = mu[b, j] - mean[j]
-            mean[j] += d * w
-            q[j] += m2[b, j] + d * d * ww
-        na = tot
-    return mean, q / (n * s)
+    return _chan_merge(mu, m2, n, rows, s)
 
 
 def bn_moments(x3):
