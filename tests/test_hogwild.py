@@ -139,11 +139,11 @@ def test_run_checks_thread_count():
 def test_demo_hogwild(capsys):
     from fastopt._cli import main
 
-    assert main(["demo", "--hogwild", "2", "--epochs", "2", "-o", "adam", "--backend", "numpy",
+    assert main(["demo", "--hogwild", "2", "--epochs", "8", "-o", "adam", "--backend", "numpy",
                  "--hidden", "32"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("adam ")]
     assert [r[2] for r in rows] == ["1", "2"]  # threads
     assert int(rows[1][5]) == int(rows[0][5])  # every step of the plan taken
     acc = [float(r[4].rstrip("%")) for r in rows]
-    assert acc[1] > 50.0 and abs(acc[1] - acc[0]) < 5.0, out  # it learns, as one thread does
+    assert acc[1] > 50.0 and abs(acc[1] - acc[0]) < 5.0, out  # it learns, as one thread does (8 epochs: both near 95%, past the steep part where thread timing moved 2-epoch accuracy by 6 points)
