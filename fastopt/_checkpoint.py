@@ -273,6 +273,13 @@ def load(optimizer, path, *, params: bool = True, convert: bool = False) -> None
     for key in ("precision", "q8"):  # checked by plan_load (absent from older files)
         if key in meta:
             sd[key] = meta[key]
+    own = getattr(optimizer, "_load_checkpoint", None)
+    if own is not None:  # LBFGS, SparseAdam: their own state layout and checks
+        try:
+            own(sd, file_params if params else None)
+        except (TypeError, ValueError) as e:
+            raise _bad(path, f"cannot be loaded into this optimizer: {e}") from e
+        return
     try:
         # the same checks as load_state_dict, values included (finite; >= 0 where the rule
         # keeps squares): a NaN saved by a diverged run is refused here, not at the next step

@@ -779,3 +779,72 @@ _add(Rule("muon", "Muon", dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nestero
                                adjust_lr_fn=None),
           lambda hp: (("momentum_buffer", 0.0),), _muon_scalars, _muon_check, ("momentum_buffer",),
           kind=ORTHOGONALIZE, weight_decay="decoupled", param_ndim=2))
+
+
+# --------------------------------------------------------------------------- LBFGS, SparseAdam
+#
+# Two rules that the bucketed step pipeline cannot drive, so they are kept out of ``RULES``
+# (whose every entry the generic machinery -- functional API, buckets, q8, 16-bit tiles,
+# sharding, the table-driven tests -- steps the same way) and listed in ``OWN_DRIVER_RULES``
+# with a kind that says why.  Their classes (``fastopt/_lbfgs.py``, ``fastopt/_sparse.py``)
+# drive them; see docs/design.md, "LBFGS and SparseAdam".
+
+#: a closure-driven quasi-Newton method over the flattened params (LBFGS): each step calls a
+#: closure several times and keeps flat history vectors, not per-tensor elementwise state
+CLOSURE = "closure"
+#: lazy updates of the rows an ``(indices, values)`` grad touches (SparseAdam): the grad is not
+#: param-shaped and every param keeps its own step count
+SPARSE_ROWS = "sparse_rows"
+OWN_DRIVER_KINDS = (CLOSURE, SPARSE_ROWS)
+OWN_DRIVER_RULES: dict[str, Rule] = {}
+
+#: torch.optim.LBFGS's state entries (flat over all params, one set per optimizer)
+LBFGS_STATE = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss",
+               "n_iter", "func_evals")
+LBFGS_LINE_SEARCH_FNS = (None, "strong_wolfe")
+
+
+def _int_at_least(hp, name, low):
+    v = hp[name]
+    _require(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and v >= low,
+             name, f"an int >= {low}", v)
+
+
+def _lbfgs_check(hp):
+    _int_at_least(hp, "max_iter", 1)
+    _int_at_least(hp, "max_eval", 1)
+    _int_at_least(hp, "history_size", 1)
+    check_nonneg(hp, "tolerance_grad", "tolerance_change")
+    _require(hp["line_search_fn"] in LBFGS_LINE_SEARCH_FNS, "line_search_fn",
+             f"one of {LBFGS_LINE_SEARCH_FNS}", hp["line_search_fn"])
+
+
+def _no_scalars(hp, t, gs):
+    # LBFGS computes its scalars (step length, curvature products) from the closure's values
+    # inside the step; nothing is fixed by (hp, t) alone
+    return {}, gs
+
+
+def _sparse_adam_scalars(hp, t, gs):
+    """Host scalars of a param at its own step ``t`` (torch keeps ``step`` per param)."""
+    bc1, bc2 = _bias_corrections(hp, t)
+    s = dict(lr=hp["lr"], eps=hp["eps"], **_betas(hp))
+    s["step_size"] = hp["lr"] * math.sqrt(bc2) / bc1
+    return s, gs
+
+
+def _sparse_adam_check(hp):
+    check_positive(hp, "lr", "eps")  # torch: "Invalid learning rate" for lr <= 0
+    check_betas(hp)
+    _require(isinstance(hp["maximize"], bool), "maximize", "a bool", hp["maximize"])
+
+
+OWN_DRIVER_RULES["lbfgs"] = Rule(
+    "lbfgs", "LBFGS", dict(lr=1.0, max_iter=20, max_eval=None, tolerance_grad=1e-7,
+                           tolerance_change=1e-9, history_size=100, line_search_fn=None),
+    lambda hp: (), _no_scalars, _lbfgs_check, LBFGS_STATE, kind=CLOSURE, weight_decay=None)
+OWN_DRIVER_RULES["sparse_adam"] = Rule(
+    "sparse_adam", "SparseAdam", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False),
+    lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)), _sparse_adam_scalars, _sparse_adam_check,
+    ("exp_avg", "exp_avg_sq"), kind=SPARSE_ROWS, weight_decay=None,
+    pack=("step_size", "eps") + _BETAS, nonnegative_state=("exp_avg_sq",))
