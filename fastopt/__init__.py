@@ -12,6 +12,7 @@ from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, Ada
 from ._optim import Muon
 from ._optim import ASGD, AdaBelief, AdEMAMix, Rprop, Yogi
 from ._lbfgs import LBFGS
+from ._sparse import SparseAdam
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
 from ._warmup import warmup
@@ -23,4 +24,4 @@ __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "
            "functional", "layers", "precision", "quantization", "schedules", "save", "load", "warmup",
            "__version__", "Muon"]
 __all__ += ["ASGD", "Rprop", "AdaBelief", "Yogi", "AdEMAMix"]
-__all__ += ["LBFGS"]
+__all__ += ["LBFGS", "SparseAdam"]

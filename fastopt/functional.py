@@ -484,3 +484,11 @@ def ademamix(params, grads, m1s=None, m2s=None, nus=None, masters=None, *, step,
     starting at 0.  ``step`` drives the bias corrections and the warmups.
     """
     return _run(RULES["ademamix"], locals())
+
+
+# SparseAdam's functional form lives beside its class (its grads are (indices, values) rows,
+# which the bucketed pipeline of the functions above does not take); LBFGS has none: its step
+# is a loop of closure calls with state, which torch exposes only as a class too.
+from ._sparse import sparse_adam  # noqa: E402
+
+__all__ += ["sparse_adam"]

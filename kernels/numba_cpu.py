@@ -2388,3 +2388,44 @@ def _register_q8():
 
 
 _register_q8()
+
+
+# ------------------------------------------------------------------ SparseAdam (Rule.kind "sparse_rows")
+# One fused pass over the rows an (indices, values) grad names: the duplicates of a row are
+# summed in the order they appear (the host's stable argsort ``order`` and segment ``starts``,
+# fastopt._sparse.coalesce), then torch's lazy Adam update of that row's moments and param.
+# Distinct rows are split between the threads, so no two threads write one row.  The
+# operation order is the reference's (kernels/reference.py, ``sparse_adam_rows``).
+
+
+@_entry()
+def _k_sparse_adam(p, m, v, vals, order, starts, rows, cs, maximize, threads):
+    """``p``, ``m``, ``v``: 2-D (rows, width); ``vals``: (nnz, width); ``cs`` = (step_size, eps,
+    1 - beta1, 1 - beta2) in the dtype."""
+    nr = rows.shape[0]
+    width = p.shape[1]
+    ss, eps, omb1, omb2 = cs[0], cs[1], cs[2], cs[3]
+    parts = min(threads, max(1, nr * width // MIN_PER_THREAD), max(nr, 1))
+    for k in prange(parts):
+        for u in range(nr * k // parts, nr * (k + 1) // parts):
+            r = rows[u]
+            s0, s1 = starts[u], starts[u + 1]
+            for j in range(width):
+                g = vals[order[s0], j]
+                for e in range(s0 + 1, s1):
+                    g = g + vals[order[e], j]
+                if maximize:
+                    g = -g
+                mo = m[r, j]
+                vo = v[r, j]
+                u1 = (g - mo) * omb1
+                u2 = (g * g - vo) * omb2
+                m[r, j] = mo + u1
+                v[r, j] = vo + u2
+                p[r, j] = p[r, j] - ss * ((u1 + mo) / (np.sqrt(u2 + vo) + eps))
+
+
+def sparse_adam_rows(p, m, v, vals, order, starts, rows, s, maximize):
+    """The ``fastopt._sparse`` kernel contract (see ``kernels/reference.py``) on Numba."""
+    cs = np.array([s["step_size"], s["eps"], s["one_minus_beta1"], s["one_minus_beta2"]], p.dtype)
+    _launch(_k_sparse_adam, p, m, v, vals, order, starts, rows, cs, bool(maximize))

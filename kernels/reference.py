@@ -474,3 +474,43 @@ def ademamix(p, g, st, s, _):
     nu[...] = s["beta2"] * nu + (1 - s["beta2"]) * g * g
     d = np.sqrt(nu) / s["bc2_sqrt"] + s["eps"]
     p -= s["lr"] * ((m1 / s["bc1"] + s["alpha"] * m2) / d)
+
+
+# ------------------------------------------------------------------ SparseAdam (Rule.kind "sparse_rows")
+
+
+def coalesced_rows(vals, order, starts):
+    """The summed grad row of each distinct index: ``g[k] = vals[order[starts[k]]] + ...``.
+
+    ``order`` is a stable argsort of the indices and ``starts`` the segment boundaries of equal
+    indices in it (``fastopt._sparse.coalesce``), so duplicates are added in the order they
+    appear in the grad, left to right, starting from the first (no ``0 +``).
+    """
+    first = starts[:-1]
+    counts = np.diff(starts)
+    g = vals[order[first]].copy()
+    for r in range(1, int(counts.max()) if counts.size else 0):
+        sel = np.flatnonzero(counts > r)
+        g[sel] = g[sel] + vals[order[first[sel] + r]]
+    return g
+
+
+def sparse_adam_rows(p, m, v, vals, order, starts, rows, s, maximize):
+    """torch.optim.SparseAdam on the rows ``rows`` of the 2-D views ``p``, ``m``, ``v``.
+
+    As torch's ``_functional.sparse_adam`` computes it: with ``g`` the coalesced grad row
+    (negated under ``maximize``), ``u1 = (g - m)*(1 - beta1)``, ``m += u1``,
+    ``u2 = (g*g - v)*(1 - beta2)``, ``v += u2``, then
+    ``p -= step_size * (m_old + u1) / (sqrt(v_old + u2) + eps)`` with
+    ``step_size = lr*sqrt(1 - beta2**t)/(1 - beta1**t)`` of the param's own step ``t``.
+    Rows the grad does not name are not read or written.
+    """
+    g = coalesced_rows(vals, order, starts)
+    if maximize:
+        g = -g
+    m_old, v_old = m[rows], v[rows]
+    u1 = (g - m_old) * s["one_minus_beta1"]
+    u2 = (g * g - v_old) * s["one_minus_beta2"]
+    m[rows] = m_old + u1
+    v[rows] = v_old + u2
+    p[rows] = p[rows] - s["step_size"] * ((u1 + m_old) / (np.sqrt(u2 + v_old) + s["eps"]))

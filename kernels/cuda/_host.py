@@ -29,7 +29,7 @@ from ..._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KINDS, ORTHOGONALIZE,
 
 # --------------------------------------------------------------------------- sources
 
-SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu")
+SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu", "sparse.cu")
 NVRTC_OPTIONS = ()  # NVRTC's default dialect (C++17 in CUDA 12/13) is enough; C++14 would do
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
@@ -40,6 +40,8 @@ def source_of(kernel: str) -> str:
         return "layers.cu"  # fastopt.layers, host side in _layers_host.py
     if kernel.startswith("fo_q8_"):
         return "q8.cu"
+    if kernel.startswith("fo_sparse_"):
+        return "sparse.cu"  # SparseAdam (fastopt/_sparse.py)
     return "update.cu" if kernel.startswith(("fo_update_", "fo_trust_")) else "reduce.cu"
 
 
@@ -709,6 +711,26 @@ class CudaBackend:
             sub = [arrays[i] for i in idx]
             self._run("fo_clip", dtype, [sub] + [None] * (DEPTH - 1), [a.size for a in sub],
                       (OPMATH[dtype].type(c),))
+
+    # -- SparseAdam (Rule.kind "sparse_rows", fastopt/_sparse.py)
+
+    def sparse_adam_rows(self, p, m, v, vals, order, starts, rows, s, maximize):
+        """The ``fastopt._sparse`` kernel contract (kernels/reference.py, ``sparse_adam_rows``):
+        one launch, a block per distinct row (at most ``grid_cap`` blocks striding over them).
+        ``p``, ``m``, ``v`` are 2-D ``(rows, width)``, ``vals`` ``(nnz, width)``, ``order``,
+        ``starts``, ``rows`` int64 device arrays."""
+        dev = self.dev
+        n_rows = int(rows.shape[0])
+        if n_rows == 0:
+            return
+        dt = np.dtype(p.dtype)
+        o = dt.type
+        grid = n_rows if dev.grid_cap is None else min(n_rows, dev.grid_cap)
+        args = tuple(_addr(dev, a) for a in (p, m, v, vals, order, starts, rows)) + (
+            np.int64(n_rows), np.int64(p.shape[1]), o(s["step_size"]), o(s["eps"]),
+            o(s["one_minus_beta1"]), o(s["one_minus_beta2"]), np.int32(bool(maximize)))
+        dev.launch(f"fo_sparse_adam_{SUFFIX[dt]}", grid, dev.block, args)
+        self.launches += 1
 
 
 def make_ops(base, backend: CudaBackend, name: str):
