@@ -966,3 +966,196 @@ class Rprop(Optimizer):
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
                AdaHessian, Muon, ASGD, Rprop)}
+
+
+# --------------------------------------------------------------------------- LBFGS, SparseAdam
+# Neither fits the bucketed Optimizer above (a closure-driven flat-vector method; sparse
+# grads), so each wraps its raw-API class (fastopt/_lbfgs.py, fastopt/_sparse.py) over
+# zero-copy NumPy views, and keeps its state in torch's own layout, so torch.optim's
+# state_dicts load into them and back.
+
+from . import _lbfgs as _lbfgs_mod  # noqa: E402
+from . import _sparse as _sparse_mod  # noqa: E402
+
+
+def _check_plain_tensor(p, label, what):
+    if p.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{label}: expected a float32 or float64 tensor ({what}), got {p.dtype}")
+    if p.device.type != "cpu" or p.is_sparse or not p.is_contiguous():
+        raise ValueError(f"{label}: expected a dense, contiguous CPU tensor, got "
+                         f"{p.layout} on {p.device}" + ("" if p.is_contiguous() else
+                                                        " (not contiguous)"))
+
+
+class LBFGS(torch.optim.Optimizer):
+    """torch.optim.LBFGS on fastopt's LBFGS (``fastopt.LBFGS``), same signature and closure.
+
+    ``step(closure)``: ``closure`` is torch's (it zeroes the grads, computes the loss, calls
+    ``backward()`` and returns the loss).  One param group of float32/float64 CPU tensors.
+    The flat vectors are NumPy arrays; ``self.state[params[0]]`` holds them as tensors over
+    the same memory under torch's names, so ``state_dict()`` loads into torch.optim.LBFGS and
+    back.  torch.optim.LBFGS has no grad pipeline, so neither has this class.
+    """
+
+    def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7,
+                 tolerance_change=1e-9, history_size=100, line_search_fn=None, *,
+                 backend="auto"):
+        if max_eval is None and isinstance(max_iter, int):
+            max_eval = max_iter * 5 // 4
+        defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval,
+                        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                        history_size=history_size, line_search_fn=line_search_fn)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        self._params = self.param_groups[0]["params"]
+        for i, p in enumerate(self._params):
+            _check_plain_tensor(p, f"params[{i}]", "LBFGS keeps its history in the params' dtype")
+        views = [p.detach().numpy() for p in self._params]
+        self._impl = _lbfgs_mod.LBFGS(views, **_host_hp(defaults), backend=backend)
+        self.backend = self._impl.backend
+
+    def _grads(self):
+        out = []
+        for p in self._params:
+            g = p.grad
+            if g is None:
+                out.append(np.zeros(tuple(p.shape), _numpy_dtype(p.dtype)))
+            else:
+                g = g.to_dense() if g.is_sparse else g
+                out.append(g.detach().contiguous().numpy())
+        return out
+
+    def _state_in(self):
+        st = self.state[self._params[0]]
+        dt = self._impl._dtype.type
+        s = {"func_evals": int(st.get("func_evals", 0)), "n_iter": int(st.get("n_iter", 0))}
+        if st.get("d") is not None:
+            s.update(d=st["d"].numpy(), t=float(st["t"]), H_diag=dt(float(st["H_diag"])),
+                     old_dirs=[x.numpy() for x in st["old_dirs"]],
+                     old_stps=[x.numpy() for x in st["old_stps"]],
+                     ro=[dt(float(r)) for r in st["ro"]],
+                     prev_flat_grad=st["prev_flat_grad"].numpy(),
+                     prev_loss=float(st["prev_loss"]))
+        self._impl._st = s
+
+    def _state_out(self):
+        s, st = self._impl._st, self.state[self._params[0]]
+        st["func_evals"], st["n_iter"] = s["func_evals"], s["n_iter"]
+        if s.get("d") is not None:
+            st.update(d=torch.from_numpy(s["d"]), t=float(s["t"]),
+                      H_diag=torch.tensor(s["H_diag"]) if isinstance(s["H_diag"], np.generic)
+                      else s["H_diag"],
+                      old_dirs=[torch.from_numpy(x) for x in s["old_dirs"]],
+                      old_stps=[torch.from_numpy(x) for x in s["old_stps"]],
+                      ro=[torch.tensor(r) for r in s["ro"]],
+                      prev_flat_grad=torch.from_numpy(s["prev_flat_grad"]),
+                      prev_loss=s["prev_loss"])
+
+    @torch.no_grad()
+    def step(self, closure):
+        """One LBFGS step; returns the loss of the first closure call, as torch's."""
+        if not callable(closure):
+            raise TypeError("closure: expected a callable that re-evaluates the model, calls "
+                            f"backward() and returns the loss, got {type(closure).__name__}")
+        group = self.param_groups[0]
+        impl_group = self._impl.param_groups[0]
+        hp = {k: _number(v) for k, v in group.items() if k != "params"}
+        check_hyperparameters(self._impl.rule, {**hp, **PIPELINE_DEFAULTS})
+        impl_group.update(hp)
+        first = []
+
+        def raw_closure():
+            with torch.enable_grad():
+                loss = closure()
+            if not first:
+                first.append(loss)
+            return float(loss), self._grads()
+
+        self._state_in()
+        self._impl.step(raw_closure)
+        self._state_out()
+        return first[0] if first else None
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """torch.optim.SparseAdam on fastopt's fused row kernels, for ``nn.Embedding(sparse=True)``.
+
+    Same signature, defaults and errors as torch's (a dense grad: "SparseAdam does not
+    support dense gradients, please consider Adam instead"); state under torch's names
+    (``step`` an int, ``exp_avg``, ``exp_avg_sq``), so state_dicts move both ways.  The sparse
+    grad's ``(indices, values)`` reach the kernel as NumPy views; duplicates are summed in
+    the kernel.  ``nonfinite`` and ``backend`` as the other fastopt.torch classes.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
+                 nonfinite="raise", backend="auto"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
+        check_hyperparameters(_sparse_mod.RULE, {**_host_hp(defaults), **PIPELINE_DEFAULTS})
+        self.nonfinite = check_nonfinite(nonfinite)
+        if backend not in ("auto", "numba", "numpy"):
+            raise ValueError(f"backend: expected 'auto', 'numba' or 'numpy' (CPU tensors), "
+                             f"got {backend!r}")
+        super().__init__(params, defaults)
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if p.is_sparse:
+                    raise ValueError(f"Sparse params at indices {[[gi, pi]]}: SparseAdam "
+                                     "requires dense parameter tensors")
+                _check_plain_tensor(p, f"param_groups[{gi}]['params'][{pi}]",
+                                    "SparseAdam keeps state in the params' dtype")
+        self.backend = _backend.resolve(backend, "numpy")
+        self._kernel = _sparse_mod.kernel_of(self.backend)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work, finite = [], True
+        for gi, group in enumerate(self.param_groups):
+            hp = _host_hp({k: v for k, v in group.items() if k != "params"})
+            check_hyperparameters(_sparse_mod.RULE, {**hp, **PIPELINE_DEFAULTS},
+                                  f"param_groups[{gi}]: ")
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if not g.is_sparse:
+                    raise RuntimeError(_sparse_mod.DENSE_MESSAGE)
+                if g.sparse_dim() != 1 or g.dtype != p.dtype:
+                    raise ValueError(f"grad of a {tuple(p.shape)} param: expected a sparse COO "
+                                     f"grad with one sparse dimension (rows) in {p.dtype}, got "
+                                     f"{g.sparse_dim()} sparse dimensions, {g.dtype}")
+                idx = g._indices()[0].numpy()
+                vals = g._values().detach().contiguous().numpy()
+                if self.nonfinite != "ignore" and not np.isfinite(vals).all():
+                    finite = False
+                work.append((p, hp, idx, vals))
+        if not finite:
+            if self.nonfinite == "raise":
+                raise FloatingPointError("grads: non-finite values (nonfinite='raise'; "
+                                         "nothing was written)")
+            return loss
+        for p, hp, idx, vals in work:
+            st = self.state[p]
+            if len(st) == 0:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            if idx.shape[0] == 0:
+                continue
+            s, _ = _sparse_mod.RULE.scalars(hp, int(st["step"]), {})
+            order, starts, rows = _sparse_mod.coalesce(idx.astype(np.int64, copy=False))
+            rows2 = p.shape[0]
+            self._kernel(p.detach().numpy().reshape(rows2, -1),
+                         st["exp_avg"].numpy().reshape(rows2, -1),
+                         st["exp_avg_sq"].numpy().reshape(rows2, -1),
+                         vals.reshape(vals.shape[0], -1), order, starts, rows, s,
+                         hp["maximize"])
+        return loss
+
+
+__all__ += ["LBFGS", "SparseAdam"]

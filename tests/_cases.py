@@ -413,6 +413,14 @@ try:  # bfloat16 (ml_dtypes, the bf16 extra): the same argument with bfloat16's 
     TOL[np.dtype(_ml_dtypes.bfloat16)] = dict(rtol=2 * 2.0 ** -7, atol=2 * 2.0 ** -7)
 except ImportError:  # pragma: no cover - the bf16 extra is part of the test extras
     pass
+#: torch oracles of the rules outside the table (their tests are tests/test_sparse_adam.py and
+#: tests/test_lbfgs.py), float64.  SparseAdam: torch's coalesce may add a row's duplicates in
+#: another order than fastopt's order of appearance (one rounding each), else the same ops.
+#: LBFGS: torch's dot products (its own BLAS-1 loops) and fused add-with-alpha round
+#: differently from NumPy's; over 20 steps of up to 20 iterations and a line search those
+#: last-bit differences grow to ~1e-11 relative on the well-conditioned test problems.
+TOL["sparse-adam-torch"] = dict(rtol=1e-12, atol=1e-13)
+TOL["lbfgs-torch"] = dict(rtol=1e-8, atol=1e-9)
 STEPS = 7
 SIZES = (1, 7, 278011)
 #: The largest tensor of a rule whose extra input is an ``(n, n)`` matrix (Newton's Hessian).
