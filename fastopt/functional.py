@@ -486,9 +486,26 @@ def ademamix(params, grads, m1s=None, m2s=None, nus=None, masters=None, *, step,
     return _run(RULES["ademamix"], locals())
 
 
-# SparseAdam's functional form lives beside its class (its grads are (indices, values) rows,
-# which the bucketed pipeline of the functions above does not take); LBFGS has none: its step
-# is a loop of closure calls with state, which torch exposes only as a class too.
-from ._sparse import sparse_adam  # noqa: E402
+# SparseAdam's grads are (indices, values) rows, which the bucketed pipeline of the functions
+# above does not take: it runs fastopt/_sparse.py's driver.  LBFGS has no functional form: its
+# step is a loop of closure calls over state, which torch too exposes only as a class.
+
+
+def sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr=1e-3,
+                betas=(0.9, 0.999), eps=1e-8, maximize=False, backend="auto") -> None:
+    """SparseAdam (torch.optim.SparseAdam), torch's ``F.sparse_adam`` signature.
+
+    ``grads[i]`` is ``(indices, values)``: a 1-D integer array of row numbers of param ``i``
+    (duplicates allowed, summed in order of appearance) and the rows' grads,
+    ``(nnz, *params[i].shape[1:])``.  ``state_steps[i]`` is the param's step count *after*
+    this step (1 on its first), as torch's functional takes it.  Only the named rows of
+    ``params``, ``exp_avgs`` and ``exp_avg_sqs`` are updated, in place; every input is
+    checked before anything is written.  See :class:`fastopt.SparseAdam`.
+    """
+    from . import _sparse
+
+    _sparse.sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, betas=betas,
+                        eps=eps, maximize=maximize, backend=backend)
+
 
 __all__ += ["sparse_adam"]
