@@ -2429,3 +2429,35 @@ def sparse_adam_rows(p, m, v, vals, order, starts, rows, s, maximize):
     """The ``fastopt._sparse`` kernel contract (see ``kernels/reference.py``) on Numba."""
     cs = np.array([s["step_size"], s["eps"], s["one_minus_beta1"], s["one_minus_beta2"]], p.dtype)
     _launch(_k_sparse_adam, p, m, v, vals, order, starts, rows, cs, bool(maximize))
+
+
+# ------------------------------------------------------------------ LBFGS two-loop (Rule.kind "closure")
+# The two-loop recursion of fastopt/_lbfgs.py alternates an axpy on one vector with a dot
+# product of that same vector: ``q += a*y`` then ``s.q``.  One pass does both (NumPy needs a
+# product pass, an update pass and a dot: 7 element accesses instead of 4, and a temporary).
+# The dot is summed in float64 per fixed block of ``_LBFGS_BLOCK`` elements, the blocks then
+# added in order on the host, so the result does not depend on the thread count.
+
+_LBFGS_BLOCK = 32768
+
+
+@_entry(sums=True)
+def _k_axpy_dot(x, a, y, s, out, threads):
+    """``x += a[0]*y``; ``out[b]`` = the float64 sum of ``s*x`` (new ``x``) over block ``b``."""
+    n = x.shape[0]
+    c = a[0]
+    nb = out.shape[0]
+    for b in prange(nb):
+        acc = 0.0
+        for i in range(b * _LBFGS_BLOCK, min(n, (b + 1) * _LBFGS_BLOCK)):
+            v = x[i] + c * y[i]
+            x[i] = v
+            acc += s[i] * v
+        out[b] = acc
+
+
+def axpy_dot(x, a, y, s):
+    """``x += a*y`` in place (``a`` rounded once to ``x``'s dtype); returns ``s.x`` as a float."""
+    out = np.empty(max(1, -(-x.shape[0] // _LBFGS_BLOCK)))
+    _launch(_k_axpy_dot, x, np.array([a], x.dtype), y, s, out)
+    return float(out.sum())

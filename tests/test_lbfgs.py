@@ -91,15 +91,25 @@ ORACLE = [
 ]
 
 
-@pytest.mark.parametrize("name,options", ORACLE,
-                         ids=["rosen-wolfe-h3", "logit-none-h2", "logit-wolfe-h3", "logit-none-tol"])
-def test_torch_oracle(name, options):
-    """20 float64 steps against torch.optim.LBFGS: params, losses and every state entry."""
-    ps, opt, losses = _fastopt_run(name, options)
+# every case on numba (the fused two-loop); the NumPy two-loop on one of each search
+ORACLE_RUNS = [(n, o, "numba") for n, o in ORACLE] + [(n, o, "numpy") for n, o in ORACLE[:2]]
+
+
+@pytest.mark.parametrize("name,options,backend", ORACLE_RUNS,
+                         ids=[f"{i}-{b}" for i, b in zip(
+                             ["rosen-wolfe-h3", "logit-none-h2", "logit-wolfe-h3", "logit-none-tol"] * 2,
+                             [r[2] for r in ORACLE_RUNS])])
+def test_torch_oracle(name, options, backend):
+    """20 float64 steps against torch.optim.LBFGS: params, losses and every state entry
+    (numba: the two-loop recursion's fused axpy + dot passes)."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    ps, opt, losses = _fastopt_run(name, {**options, "backend": backend})
+    assert opt.backend == backend
     x0, _, _ = _problem(name)
     tx = [torch.tensor(x0[:SPLIT[0]], requires_grad=True),
           torch.tensor(x0[SPLIT[0]:], requires_grad=True)]
-    topt = torch.optim.LBFGS(tx, **options)
+    topt = torch.optim.LBFGS(tx, **options)  # noqa: the options are torch's names
 
     def closure():
         topt.zero_grad()
