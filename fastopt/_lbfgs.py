@@ -156,10 +156,10 @@ class LBFGS:
     the params and the optimizer's state as they were before the step.
 
     ``history_size`` pairs of flat vectors are kept: ``(2*history_size + 3) * n`` elements of
-    state for ``n`` param elements.  ``backend``: ``"auto"`` (Numba for NumPy params when it
-    imports), ``"numpy"`` (the two-loop recursion in NumPy calls), ``"numba"`` (each axpy of
-    the recursion fused with the next dot product: about 3x faster, see docs/design.md),
-    ``"cupy"`` for CuPy params (CuPy calls).
+    state for ``n`` param elements.  ``backend``: ``"auto"`` (``"numpy"`` for NumPy params,
+    ``"cupy"`` for CuPy params), ``"numpy"`` (the two-loop recursion in NumPy calls),
+    ``"numba"`` (each axpy of the recursion fused with the next dot product in one pass; see
+    docs/design.md for what that measured), ``"cupy"`` (CuPy calls, cuBLAS dots).
     """
 
     rule = OWN_DRIVER_RULES["lbfgs"]
@@ -215,7 +215,9 @@ class LBFGS:
             if backend not in ("auto", "numpy", "numba"):
                 raise ValueError(f"backend: expected 'auto', 'numpy' or 'numba' for numpy "
                                  f"params, got {backend!r}")
-            self.backend = _backend.resolve(backend, "numpy")
+            # "auto" is the NumPy two-loop: the fused Numba passes did not measurably pay on
+            # the 2-core machine (docs/design.md, "LBFGS and SparseAdam")
+            self.backend = "numpy" if backend == "auto" else _backend.resolve(backend, "numpy")
         self._axpy_dot = None
         if self.backend == "numba":
             from .kernels import numba_cpu

@@ -2435,29 +2435,31 @@ def sparse_adam_rows(p, m, v, vals, order, starts, rows, s, maximize):
 # The two-loop recursion of fastopt/_lbfgs.py alternates an axpy on one vector with a dot
 # product of that same vector: ``q += a*y`` then ``s.q``.  One pass does both (NumPy needs a
 # product pass, an update pass and a dot: 7 element accesses instead of 4, and a temporary).
-# The dot is summed in float64 per fixed block of ``_LBFGS_BLOCK`` elements, the blocks then
-# added in order on the host, so the result does not depend on the thread count.
+# The dot is summed in float64 per contiguous part (one per thread, as the other entry points
+# split their elements), the parts then added in order on the host: a run repeats bit for bit
+# at a given thread count.
 
-_LBFGS_BLOCK = 32768
+_LBFGS_PARTS_MAX = 256  # the host's buffer of per-part sums (threads are far fewer)
 
 
 @_entry(sums=True)
 def _k_axpy_dot(x, a, y, s, out, threads):
-    """``x += a[0]*y``; ``out[b]`` = the float64 sum of ``s*x`` (new ``x``) over block ``b``."""
+    """``x += a[0]*y``; ``out[k]`` = the float64 sum of ``s*x`` (new ``x``) over part ``k``;
+    parts beyond the number used are left as they are (the host zeroes ``out``)."""
     n = x.shape[0]
     c = a[0]
-    nb = out.shape[0]
-    for b in prange(nb):
+    parts = min(threads, max(1, n // MIN_PER_THREAD), out.shape[0])
+    for k in prange(parts):
         acc = 0.0
-        for i in range(b * _LBFGS_BLOCK, min(n, (b + 1) * _LBFGS_BLOCK)):
+        for i in range(n * k // parts, n * (k + 1) // parts):
             v = x[i] + c * y[i]
             x[i] = v
             acc += s[i] * v
-        out[b] = acc
+        out[k] = acc
 
 
 def axpy_dot(x, a, y, s):
     """``x += a*y`` in place (``a`` rounded once to ``x``'s dtype); returns ``s.x`` as a float."""
-    out = np.empty(max(1, -(-x.shape[0] // _LBFGS_BLOCK)))
+    out = np.zeros(_LBFGS_PARTS_MAX)
     _launch(_k_axpy_dot, x, np.array([a], x.dtype), y, s, out)
     return float(out.sum())

@@ -260,6 +260,7 @@ def test_failing_closure_leaves_params_and_state(line_search_fn):
 def test_bad_input():
     w = np.ones(3)
     opt = fo.LBFGS([w])
+    assert opt.backend == "numpy"  # "auto": the NumPy two-loop (docs/design.md)
     cases = [
         (lambda: 1.0, TypeError, "closure: expected it to return a pair \\(loss, grads\\)"),
         (lambda: (1.0, [np.ones(4)]), ValueError, "grads\\[0\\]: expected a numpy array of shape \\(3,\\)"),
