@@ -104,3 +104,95 @@ class Muon:
 
     def time_step(self, impl, dtype, n):
         self.step()
+
+
+class LBFGS:
+    """One LBFGS step (max_iter=5, history 10, no line search) on a separable quadratic of n
+    elements: the closure is one multiply, so the step's own vector work dominates.
+    ``impl`` "numba" is the fused two-loop (kernels/numba_cpu.py, ``_k_axpy_dot``)."""
+
+    params = [["numpy", "numba", "torch"], [100_000, 1_000_000]]
+    param_names = ["impl", "n"]
+    rounds = 1
+    repeat = (3, 10, 5.0)
+    number = 1
+    warmup_time = 0
+
+    def setup(self, impl, n):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        scale = rng.random(n) + 0.5
+        x0 = rng.standard_normal(n)
+        opts = dict(max_iter=5, history_size=10, tolerance_grad=0.0, tolerance_change=0.0)
+        if impl == "torch":
+            from fastopt.apps.bench import torch_module
+
+            torch = torch_module()
+            if torch is None:
+                raise NotImplementedError("torch is not installed")
+            p = torch.tensor(x0, requires_grad=True)
+            s = torch.from_numpy(scale)
+            opt = torch.optim.LBFGS([p], **opts)
+
+            def closure():
+                opt.zero_grad()
+                loss = 0.5 * torch.sum(s * p * p)
+                loss.backward()
+                return loss
+
+            self.step = lambda: opt.step(closure)
+        else:
+            import fastopt as fo
+
+            if impl == "numba" and not fo.backends()["numba"]["available"]:
+                raise NotImplementedError(fo.backends()["numba"]["reason"])
+            p = x0.copy()
+            opt = fo.LBFGS([p], backend=impl, **opts)
+            self.step = lambda: opt.step(lambda: (0.5 * float(np.dot(scale * p, p)), [scale * p]))
+        self.step()  # compile, first touch
+
+    def time_step(self, impl, n):
+        self.step()
+
+
+class SparseAdam:
+    """One SparseAdam step on a 100000 x 64 float32 embedding table, 4096 looked-up rows
+    (about 1 in 4 repeated)."""
+
+    params = [["numpy", "numba", "torch"]]
+    param_names = ["impl"]
+    rounds = 1
+    repeat = (3, 20, 2.0)
+    warmup_time = 0
+
+    def setup(self, impl):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        rows, dim, nnz = 100_000, 64, 4096
+        table = rng.standard_normal((rows, dim), dtype=np.float32)
+        idx = rng.integers(0, rows, nnz)
+        idx[::4] = idx[1::4]
+        vals = rng.standard_normal((nnz, dim), dtype=np.float32)
+        if impl == "torch":
+            from fastopt.apps.bench import torch_module
+
+            torch = torch_module()
+            if torch is None:
+                raise NotImplementedError("torch is not installed")
+            p = torch.from_numpy(table)
+            p.grad = torch.sparse_coo_tensor(torch.from_numpy(idx)[None], torch.from_numpy(vals),
+                                             (rows, dim))
+            self.step = torch.optim.SparseAdam([p]).step
+        else:
+            import fastopt as fo
+
+            if impl == "numba" and not fo.backends()["numba"]["available"]:
+                raise NotImplementedError(fo.backends()["numba"]["reason"])
+            opt = fo.SparseAdam([table], backend=impl, nonfinite="ignore")
+            self.step = lambda: opt.step([(idx, vals)])
+        self.step()  # compile, first touch
+
+    def time_step(self, impl):
+        self.step()
