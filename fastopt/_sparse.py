@@ -37,7 +37,7 @@ def coalesce(indices, xp=np):
     ``starts`` the boundaries of its runs of equal indices (``len(rows) + 1`` entries) and
     ``rows`` the distinct indices, ascending."""
     n = int(indices.shape[0])
-    # NumPy's "stable" is a merge/radix sort; CuPy's argsort is a stable radix sort (thrust)
+X
     order = xp.argsort(indices, kind="stable") if xp is np else xp.argsort(indices)
     order = order.astype(np.int64, copy=False)
     srt = indices[order]
