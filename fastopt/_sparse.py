@@ -37,7 +37,8 @@ def coalesce(indices, xp=np):
     ``starts`` the boundaries of its runs of equal indices (``len(rows) + 1`` entries) and
     ``rows`` the distinct indices, ascending."""
     n = int(indices.shape[0])
-X
+    # stable, so a row's duplicates stay in their order of appearance: NumPy needs
+    # kind="stable"; CuPy's argsort is always stable (it accepts no other kind)
     order = xp.argsort(indices, kind="stable") if xp is np else xp.argsort(indices)
     order = order.astype(np.int64, copy=False)
     srt = indices[order]
