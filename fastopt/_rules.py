@@ -816,6 +816,12 @@ def adafactor_state_shape(name: str, shape: tuple) -> tuple | None:
     raise KeyError(name)
 
 
+def adafactor_eps1(s: dict, dtype) -> float:
+    """Adafactor's ``eps1`` for a param of ``dtype``: the hyperparameter, or (None) the dtype's
+    machine epsilon, as torch.optim.Adafactor takes ``torch.finfo(param.dtype).eps``."""
+    return float(np.finfo(dtype).eps) if s["eps1"] is None else s["eps1"]
+
+
 def _adafactor_scalars(hp, t, gs):
     eps1, eps2 = hp["eps"]
     w = float(t) ** hp["beta2_decay"]          # torch's one_minus_beta2_t (double)

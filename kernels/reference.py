@@ -18,7 +18,7 @@ import numpy as np
 from .. import precision as _prec
 from .. import quantization as _q
 from .._backend import Ops, register_kernel
-from .._rules import CLIP_EPS, RULES, muon_lr_ratio
+from .._rules import CLIP_EPS, RULES, adafactor_eps1, muon_lr_ratio
 
 BACKEND = "numpy"
 
@@ -479,11 +479,6 @@ def ademamix(p, g, st, s, _):
 
 
 # ------------------------------------------------------------------ Adafactor (Rule.kind "factored")
-
-
-def adafactor_eps1(s, dtype):
-    """Adafactor's ``eps1``: the hyperparameter, or the param dtype's machine epsilon (None)."""
-    return float(np.finfo(dtype).eps) if s["eps1"] is None else s["eps1"]
 
 
 def adafactor_kernel(params, grads, states, s, pre, extras=None):
