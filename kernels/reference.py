@@ -504,7 +504,7 @@ def adafactor_kernel(params, grads, states, s, pre, extras=None):
         c = dt.type(s["var_c"])
         if len(shape) >= 2:
             rows, cols = shape[-2], shape[-1]
-            xm = x.reshape((-1, rows, cols))
+            xm = x.reshape((int(np.prod(shape[:-2])), rows, cols))
             sq = xm.astype(np.float64) ** 2
             row_mean = (sq.sum(axis=2) / cols).astype(dt)          # (B, rows)
             col_mean = (sq.sum(axis=1) / rows).astype(dt)          # (B, cols)
