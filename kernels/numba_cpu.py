@@ -1751,7 +1751,7 @@ def _k_af_sums(g, p, rsum, cs, csum, psq, rows, cols, threads):
                 q += y * y
             rsum[r] = s
             psq[r] = q
-    batches = nr // rows if rows > 0 else 0
+    batches = csum.shape[0] // cols if cols > 0 else 0
     ncb = (cols + _AF_COLS - 1) // _AF_COLS
     jobs = batches * ncb
     parts = min(threads, max(1, nr * cols // MIN_PER_THREAD), jobs)
@@ -1858,7 +1858,7 @@ def _factored_kernel(rule):
             if len(shape) >= 2:
                 rows, cols = int(shape[-2]), int(shape[-1])
                 nr = int(np.prod(shape[:-1]))
-                batches = nr // rows if rows else 0
+                batches = int(np.prod(shape[:-2]))
                 rsum, psq = np.empty(nr), np.empty(nr)
                 csum = np.empty(batches * cols)
                 _launch(_k_af_sums, g, p, rsum, cs, csum, psq, rows, cols)

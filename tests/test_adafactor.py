@@ -82,14 +82,15 @@ def test_numba_matches_the_reference(dtype):
     _numba_or_skip()
     opts = {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "clip_value": 0.8,
             "clip_global_norm": 3.0, "weight_clip": 1.5, "max_norm": 9.0, "eps": (1e-20, 1e-3)}
-    shapes = SHAPES + [(37, 131), (2, 3, 33, 70), (9001,)]
+    shapes = SHAPES + [(37, 131), (2, 3, 33, 70), (9001,), (0, 4), (4, 0), (0,)]
     params, grads = _feed(shapes, dtype, 5, seed=3)
     want = [p.copy() for p in params]
     a = fo.Adafactor(want, backend="numpy", **opts)
     b = fo.Adafactor(params, backend="numba", **opts)
     for gs in grads:
-        a.step(gs)
-        b.step(gs)
+        with np.errstate(invalid="ignore", divide="ignore"):  # the empty dims: nan, as torch
+            a.step(gs)
+            b.step(gs)
     for i in range(len(shapes)):
         np.testing.assert_allclose(params[i], want[i], err_msg=f"p{i}", **TOL[np.dtype(dtype)])
         for name in a.state[0][i]:
@@ -257,6 +258,6 @@ def test_cuda_harness_matches_the_reference(libs, monkeypatch, dtype, layout):
         for name in a.state[0][i]:
             np.testing.assert_allclose(b.state[0][i][name], a.state[0][i][name],
                                        err_msg=f"{i} {name}", **TOL[np.dtype(dtype)])
-    names = set(k.dev.names)
+    names = {n for n in k.dev.names if n.startswith("fo_af_")}  # besides the norm clip's
     assert {n[:-4] for n in names} == {"fo_af_rows", "fo_af_cols", "fo_af_rms", "fo_af_apply",
                                        "fo_af_vec", "fo_af_vec_apply"}

@@ -715,7 +715,7 @@ class CudaBackend:
             if len(shape) >= 2:
                 rows, cols = int(shape[-2]), int(shape[-1])
                 nr = int(np.prod(shape[:-1]))
-                batches = nr // rows if rows else 0
+                batches = int(np.prod(shape[:-2]))
                 rsum, psq, csum = xp.empty(nr, f64), xp.empty(nr, f64), xp.empty(batches * cols, f64)
                 dims = (np.int64(nr), np.int64(cols))
                 self._af_launch("fo_af_rows", dt, nr, (g, p, rsum, psq) + dims + head)
