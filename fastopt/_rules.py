@@ -836,10 +836,10 @@ def _adafactor_check(hp):
     b = hp["beta2_decay"]
     _require(_real(b) and b <= 0, "beta2_decay", "a finite number <= 0", b)
     e = hp["eps"]
-    _require(isinstance(e, (tuple, list)) and len(e) == 2, "eps", "a pair (eps1 or None, eps2)", e)
-    _require(e[0] is None or (_real(e[0]) and e[0] >= 0), "eps[0]", "None or a finite number >= 0",
-             e[0])
-    _require(_real(e[1]) and e[1] >= 0, "eps[1]", "a finite number >= 0", e[1])
+    _require(isinstance(e, (tuple, list)) and len(e) == 2
+             and (e[0] is None or (_real(e[0]) and e[0] >= 0)) and _real(e[1]) and e[1] >= 0,
+             "eps", "a pair (eps1, eps2): eps1 None (the dtype's epsilon) or a finite number "
+             ">= 0, eps2 a finite number >= 0", e)
     _require(_real(hp["d"]) and hp["d"] >= 1, "d", "a finite number >= 1", hp["d"])
     check_nonneg(hp, "weight_decay")
 

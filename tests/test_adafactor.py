@@ -148,8 +148,15 @@ def test_state_dict_round_trip_and_checkpoint(tmp_path):
     assert all(np.array_equal(before[k], b.state[0][0][k]) for k in before)
     sd = a.state_dict()
     sd["state"][1]["col_var"] = -np.ones((3, 1, 6))
-    with pytest.raises(ValueError, match=r"values >= 0"):
+    with pytest.raises(ValueError, match=r"\['col_var'\]: expected values >= 0"):
         b.load_state_dict(sd)
+    # a non-finite factor or variance (fo.load checks a file's state the same way): refused
+    for key, name in ((0, "row_var"), (2, "variance")):
+        bad = a.state_dict()
+        bad["state"][key][name].reshape(-1)[-1] = np.nan
+        with pytest.raises(ValueError, match=rf"\[{key}\]\['{name}'\]: expected finite values"):
+            b.load_state_dict(bad)
+        assert all(np.array_equal(before[k], b.state[0][0][k]) for k in before)
 
 
 def test_functional_matches_the_class():
@@ -187,8 +194,8 @@ def test_refusals():
         fo.Adafactor([np.zeros(4, np.float32)], state_dtype="bfloat16")
     for opts, msg in [({"beta2_decay": 0.1}, "beta2_decay: expected a finite number <= 0"),
                       ({"d": 0.5}, "d: expected a finite number >= 1"),
-                      ({"eps": (-1.0, 1e-3)}, r"eps\[0\]: expected None or a finite number >= 0"),
-                      ({"eps": (None, -1.0)}, r"eps\[1\]: expected a finite number >= 0"),
+                      ({"eps": (-1.0, 1e-3)}, r"eps: expected a pair .*got \(-1.0, 0.001\)"),
+                      ({"eps": (None, -1.0)}, r"eps: expected a pair .*got \(None, -1.0\)"),
                       ({"eps": 1e-3}, r"eps: expected a pair"),
                       ({"weight_decay": -1.0}, "weight_decay: expected a finite number >= 0")]:
         with pytest.raises(ValueError, match=msg):
@@ -261,3 +268,22 @@ def test_cuda_harness_matches_the_reference(libs, monkeypatch, dtype, layout):
     names = {n for n in k.dev.names if n.startswith("fo_af_")}  # besides the norm clip's
     assert {n[:-4] for n in names} == {"fo_af_rows", "fo_af_cols", "fo_af_rms", "fo_af_apply",
                                        "fo_af_vec", "fo_af_vec_apply"}
+
+
+def test_step_temporaries_are_per_row_and_column():
+    """A step allocates float64 sums per row and per column (and the O(rows + cols) factor
+    updates), never per element: tests/test_memory.py leaves the factored kind to this test."""
+    import tracemalloc
+    backends = ["numpy"] if "numba" not in fo.backends() else ["numba"]
+    for backend in backends:
+        params, grads = _feed([(600, 500)], np.float32, 3, seed=9)
+        opt = fo.Adafactor(params, backend=backend)
+        opt.step(grads[0])
+        opt.step(grads[1])
+        tracemalloc.start()
+        try:
+            opt.step(grads[2])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 * 1024 + 8 * 8 * (600 + 500), (backend, peak, params[0].nbytes)
