@@ -708,13 +708,13 @@ class Adafactor(Optimizer):
     r"""Adafactor (Shazeer & Stern, 2018), as torch.optim.Adafactor: factored second moments.
 
     .. math::
-        lpha = \max(\epsilon_2, \mathrm{RMS}(p))\,\min(\eta, t^{-1/2});\quad
-        p \mathrel{*}= 1-\eta\lambda;\quad w = t^{eta_{2,decay}};\quad
+        \alpha = \max(\epsilon_2, \mathrm{RMS}(p))\,\min(\eta, t^{-1/2});\quad
+        p \mathrel{*}= 1-\eta\lambda;\quad w = t^{\beta_{2,decay}};\quad
         R = \mathrm{lerp}(R, \overline{g^2}^{\,cols}, w);\quad
         C = \mathrm{lerp}(C, \overline{g^2}^{\,rows}, w);\quad
-        V = rac{R C}{\max(\overline{R}, \epsilon_1)};\quad
-        u = rac{g}{\sqrt{\max(V, \epsilon_1^2)}};\quad
-        p \mathrel{-}= rac{lpha}{\max(1, \mathrm{RMS}(u)/d)}\,u
+        V = \frac{R C}{\max(\overline{R}, \epsilon_1)};\quad
+        u = \frac{g}{\sqrt{\max(V, \epsilon_1^2)}};\quad
+        p \mathrel{-}= \frac{\alpha}{\max(1, \mathrm{RMS}(u)/d)}\,u
 
     A param of two or more dims keeps a row factor ``row_var`` (``shape[:-1] + (1,)``) and a
     column factor ``col_var`` (``shape[:-2] + (1, shape[-1])``) over its last two dims,
