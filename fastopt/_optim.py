@@ -132,7 +132,7 @@ class Optimizer:
 
     def _shapes(self, params):
         """The params' shapes when the rule's kernel needs them (``Rule.param_ndim``), else None."""
-        return None if self.rule.param_ndim is None else [tuple(p.shape) for p in params]
+        return [tuple(p.shape) for p in params] if self.rule.needs_shapes else None
 
     def state_dtype(self, param, name: str):
         """The dtype the state array ``name`` of ``param`` is stored in (``master``: float32;
@@ -160,8 +160,12 @@ class Optimizer:
         changed = self._buckets[gi] is None
         for p, st in zip(g["params"], self.state[gi]):
             for name, init in names:
-                if name not in st:
-                    if name == "master":
+                shape = p.shape if name == "master" else self.rule.state_shape_of(name, p.shape)
+                if name not in st and shape is not None:
+                    if self.rule.state_shape is not None and name != "master":
+                        # not param-shaped (Adafactor's factors): the rule's shape, param dtype
+                        st[name] = xp.full(shape, init, dtype=self.state_dtype(p, name))
+                    elif name == "master":
                         # exact: the param is RNE of it (a device array widens on its device)
                         st[name] = (_prec.to_float32(p) if _backend.array_kind(p) == "numpy"
                                     else p.astype(xp.float32))
@@ -700,6 +704,36 @@ class AdEMAMix(Optimizer):
         super().__init__(params, **_opts(locals()))
 
 
+class Adafactor(Optimizer):
+    r"""Adafactor (Shazeer & Stern, 2018), as torch.optim.Adafactor: factored second moments.
+
+    .. math::
+        \alpha = \max(\epsilon_2, \mathrm{RMS}(p))\,\min(\eta, t^{-1/2});\quad
+        p \mathrel{*}= 1-\eta\lambda;\quad w = t^{\beta_{2,decay}};\quad
+        R = \mathrm{lerp}(R, \overline{g^2}^{\,cols}, w);\quad
+        C = \mathrm{lerp}(C, \overline{g^2}^{\,rows}, w);\quad
+        V = \frac{R C}{\max(\overline{R}, \epsilon_1)};\quad
+        u = \frac{g}{\sqrt{\max(V, \epsilon_1^2)}};\quad
+        p \mathrel{-}= \frac{\alpha}{\max(1, \mathrm{RMS}(u)/d)}\,u
+
+    A param of two or more dims keeps a row factor ``row_var`` (``shape[:-1] + (1,)``) and a
+    column factor ``col_var`` (``shape[:-2] + (1, shape[-1])``) over its last two dims,
+    batched over the leading ones: n + m state elements for an n x m matrix instead of Adam's
+    2nm.  A 0-/1-D param keeps a full ``variance`` (``V``).  ``eps = (eps1, eps2)``; ``eps1``
+    None is the param dtype's machine epsilon.  ``weight_decay`` is decoupled.  The
+    relative step is torch's (``lr`` capped by ``1/sqrt(t)``).  float32/float64 params and
+    state only (the factors are not elementwise state: no 8-bit or 16-bit form).
+    """ + _PIPELINE_DOC
+    rule = RULES["adafactor"]
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton, Muon, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix)}
+               AdaHessian, Newton, Muon, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix, Adafactor)}

@@ -101,13 +101,14 @@ def make_buckets(flat_params: list, flat_states: dict, precisions: dict | None =
     norm = [None if is_plain(pr) else pr for pr in param_precisions]
     keys = [(p.dtype, pr) for p, pr in zip(flat_params, norm)]
     if len(set(keys)) == 1:
-        states = {k: v for k, v in flat_states.items() if v and v[0] is not None}
+        # a name some params lack (Adafactor's row_var for a vector) keeps None in their places
+        states = {k: v for k, v in flat_states.items() if v and any(a is not None for a in v)}
         return [Bucket(list(range(len(flat_params))), flat_params, states, norm[0], shapes)]
     out = []
     for key in sorted(set(keys), key=lambda k: (str(k[0]), repr(k[1]))):
         idx = [i for i, k in enumerate(keys) if k == key]
         states = {k: [v[i] for i in idx] for k, v in flat_states.items()}
-        states = {k: v for k, v in states.items() if v[0] is not None}
+        states = {k: v for k, v in states.items() if any(a is not None for a in v)}
         out.append(Bucket(idx, [flat_params[i] for i in idx], states, key[1],
                           None if shapes is None else [shapes[i] for i in idx]))
     return out

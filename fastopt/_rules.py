@@ -84,7 +84,10 @@ DENSE_SOLVE = "dense_solve"   # a linear solve per tensor (Newton): no fused ker
 #: a fused momentum pass, a per-tensor orthogonalization of the 2-D update by Newton-Schulz
 #: matrix products (the backend's BLAS), then a fused param pass (Muon); needs each param's shape
 ORTHOGONALIZE = "orthogonalize"
-KINDS = (ELEMENTWISE, TRUST_RATIO, DENSE_SOLVE, ORTHOGONALIZE)
+#: a read pass of per-row and per-column sums of g^2 into small factored state, a pass for the
+#: RMS of the update, then an elementwise pass (Adafactor); needs each param's shape
+FACTORED = "factored"
+KINDS = (ELEMENTWISE, TRUST_RATIO, DENSE_SOLVE, ORTHOGONALIZE, FACTORED)
 
 #: How ``weight_decay`` enters: ``"l2"`` adds ``wd*p`` to the grad before the rule
 #: (guarded by ``wd != 0``: ``0*inf`` would turn an inf param into nan);
@@ -135,6 +138,11 @@ class Rule:
     q8_refuses: tuple = ()
     #: the number of dimensions every param must have (Muon: 2), or None for any
     param_ndim: int | None = None
+    #: ``state_shape(name, param_shape)``: the shape of state array ``name`` of a param of
+    #: ``param_shape``, or None when such a param has no array ``name`` (Adafactor: ``row_var``
+    #: and ``col_var`` for >= 2-D params, ``variance`` otherwise).  None: every state array is
+    #: shaped like its param (every elementwise rule)
+    state_shape: Callable[[str, tuple], tuple | None] | None = None
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -158,6 +166,16 @@ class Rule:
     def variant(self, s: dict) -> int:
         """The variant bits: bit ``k`` set when ``variants[k]`` is on."""
         return sum(1 << k for k, name in enumerate(self.variants) if s[name])
+
+    @property
+    def needs_shapes(self) -> bool:
+        """Whether the kernels need the params' shapes (``Pre.shapes``), not just flat arrays."""
+        return self.param_ndim is not None or self.state_shape is not None
+
+    def state_shape_of(self, name: str, shape: tuple) -> tuple | None:
+        """The shape of state ``name`` of a param of ``shape`` (None: that param has none)."""
+        shape = tuple(int(d) for d in shape)
+        return shape if self.state_shape is None else self.state_shape(name, shape)
 
     def extra_shape_of(self, shape: tuple, size: int) -> tuple:
         """The expected shape of the extra input of a param of ``shape``/``size``."""
@@ -209,7 +227,7 @@ def as_host_scalars(hp: dict) -> dict:
         if isinstance(v, (np.floating, np.integer)):
             out[k] = float(v)
         elif isinstance(v, tuple) and any(isinstance(x, (np.floating, np.integer)) for x in v):
-            out[k] = tuple(float(x) for x in v)
+            out[k] = tuple(x if x is None else float(x) for x in v)  # Adafactor's eps1 may be None
     return out
 
 
@@ -848,3 +866,56 @@ OWN_DRIVER_RULES["sparse_adam"] = Rule(
     lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)), _sparse_adam_scalars, _sparse_adam_check,
     ("exp_avg", "exp_avg_sq"), kind=SPARSE_ROWS, weight_decay=None,
     pack=("step_size", "eps") + _BETAS, nonnegative_state=("exp_avg_sq",))
+
+
+# --------------------------------------------------------------------------- Adafactor
+
+def adafactor_state_shape(name: str, shape: tuple) -> tuple | None:
+    """torch.optim.Adafactor's state shapes: a param of >= 2 dims keeps ``row_var``
+    (``shape[:-1] + (1,)``) and ``col_var`` (``shape[:-2] + (1, shape[-1])``), factored over
+    its last two dims and batched over the leading ones; a 0-D or 1-D param keeps a full
+    ``variance``.  An n x m matrix costs n + m state elements instead of n*m."""
+    factored = len(shape) >= 2
+    if name == "row_var":
+        return shape[:-1] + (1,) if factored else None
+    if name == "col_var":
+        return shape[:-2] + (1, shape[-1]) if factored else None
+    if name == "variance":
+        return None if factored else shape
+    raise KeyError(name)
+
+
+def adafactor_eps1(s: dict, dtype) -> float:
+    """Adafactor's ``eps1`` for a param of ``dtype``: the hyperparameter, or (None) the dtype's
+    machine epsilon, as torch.optim.Adafactor takes ``torch.finfo(param.dtype).eps``."""
+    return float(np.finfo(dtype).eps) if s["eps1"] is None else s["eps1"]
+
+
+def _adafactor_scalars(hp, t, gs):
+    eps1, eps2 = hp["eps"]
+    w = float(t) ** hp["beta2_decay"]          # torch's one_minus_beta2_t (double)
+    swap, c = _lerp_form(w)                    # var = lerp(var, mean of g^2, w)
+    return dict(lr=hp["lr"], weight_decay=hp["weight_decay"],
+                rho=min(hp["lr"], 1.0 / math.sqrt(t)),   # torch's rho_t (relative step off)
+                eps1=None if eps1 is None else float(eps1), eps2=float(eps2), d=float(hp["d"]),
+                var_swap=swap, var_c=c), gs
+
+
+def _adafactor_check(hp):
+    b = hp["beta2_decay"]
+    _require(_real(b) and b <= 0, "beta2_decay", "a finite number <= 0", b)
+    e = hp["eps"]
+    _require(isinstance(e, (tuple, list)) and len(e) == 2
+             and (e[0] is None or (_real(e[0]) and e[0] >= 0)) and _real(e[1]) and e[1] >= 0,
+             "eps", "a pair (eps1, eps2): eps1 None (the dtype's epsilon) or a finite number "
+             ">= 0, eps2 a finite number >= 0", e)
+    _require(_real(hp["d"]) and hp["d"] >= 1, "d", "a finite number >= 1", hp["d"])
+    check_nonneg(hp, "weight_decay")
+
+
+_add(Rule("adafactor", "Adafactor", dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                                         weight_decay=0.0),
+          lambda hp: (("row_var", 0.0), ("col_var", 0.0), ("variance", 0.0)),
+          _adafactor_scalars, _adafactor_check, ("row_var", "col_var", "variance"),
+          kind=FACTORED, weight_decay="decoupled", state_shape=adafactor_state_shape,
+          nonnegative_state=("row_var", "col_var", "variance")))

@@ -270,6 +270,19 @@ def _load_array(optimizer, sd, st, nm, p, where, label, nonneg, convert):
     return {nm: codes, nm + "_absmax": absmax}
 
 
+def _load_shaped(optimizer, a, nm, p, shape, where, label, nonneg):
+    """A state array that is not shaped like its param (``Rule.state_shape``: Adafactor's
+    factors), checked for the rule's shape, the param's state dtype and its values."""
+    a = to_host(a)
+    want = optimizer.state_dtype(p, nm)
+    if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != want:
+        raise ValueError(f"{where}: expected {want} {shape} (the {nm} of {label}, a {p.dtype} "
+                         f"{tuple(p.shape)} param), got {getattr(a, 'dtype', type(a).__name__)} "
+                         f"{getattr(a, 'shape', '')}")
+    check_values(a, where, nonneg)
+    return a
+
+
 def plan_load(optimizer, state_dict, params: list | None = None, *,
               convert: bool = False) -> LoadPlan:
     """Check ``state_dict`` against ``optimizer`` whole; returns the :class:`LoadPlan` to write.
@@ -313,8 +326,15 @@ def plan_load(optimizer, state_dict, params: list | None = None, *,
             arrays = {}
             for nm in names:
                 where = f"state_dict['state'][{key}][{nm!r}]"
+                shape = tuple(p.shape) if nm == "master" else rule.state_shape_of(nm, p.shape)
+                if shape is None:
+                    continue  # this param keeps no such array (Adafactor: row_var of a vector)
                 if st.get(nm) is None:
                     raise ValueError(f"{where}: missing")
+                if rule.state_shape is not None and nm != "master":
+                    arrays[nm] = _load_shaped(optimizer, st[nm], nm, p, shape, where,
+                                              f"params[{idx + pi}]", nm in nonneg)
+                    continue
                 arrays.update(_load_array(optimizer, sd, st, nm, p, where, f"params[{idx + pi}]",
                                           nonneg, convert))
             gstate.append(arrays)

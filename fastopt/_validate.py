@@ -330,6 +330,8 @@ def normalize_options(options: dict) -> dict:
     out = dict(options)
     if isinstance(out.get("betas"), list):
         out["betas"] = tuple(out["betas"])
+    if isinstance(out.get("eps"), list):  # Adafactor's (eps1, eps2)
+        out["eps"] = tuple(out["eps"])
     return out
 
 

@@ -429,6 +429,8 @@ class ShardedOptimizer:
             why = ("its trust ratio needs whole-tensor norms of p and of the update inside the "
                    "fused kernel" if self.rule.kind == "trust_ratio"
                    else "it orthogonalizes each whole matrix" if self.rule.kind == "orthogonalize"
+                   else "its factored second moments need whole-tensor row and column sums"
+                   if self.rule.kind == "factored"
                    else "it solves a dense system per tensor")
             raise ValueError(f"rule: {self._cls.__name__} cannot be sharded ({why}); "
                              f"ShardedOptimizer takes element-wise rules only")

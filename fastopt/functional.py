@@ -52,6 +52,7 @@ __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "
            "lion", "lamb", "adahessian", "newton", "muon", "global_norm", "clip_grad_norm_",
            "clip_grad_value_"]
 __all__ += ["asgd", "rprop", "adabelief", "yogi", "ademamix"]
+__all__ += ["adafactor"]
 
 _CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu")
 
@@ -62,6 +63,36 @@ _GSTATE_CHECKS = {
     "eta": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "mu": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
 }
+
+
+def _shaped_state_list(rule, params, arrays, arg, name, kind, dtype_of) -> list:
+    """The list ``arg`` of a state that is not shaped like its param (``Rule.state_shape``):
+    entry ``i`` is None where params[i] keeps no such array, else a C-contiguous, writable
+    array of the rule's shape and the param's state dtype."""
+    arrays = as_list(arrays, arg)
+    if len(arrays) != len(params):
+        raise ValueError(f"{arg}: expected {len(params)} entries (one per param), got {len(arrays)}")
+    for i, (p, a) in enumerate(zip(params, arrays)):
+        shape = rule.state_shape_of(name, p.shape)
+        lab = label(arg, i)
+        if shape is None:
+            if a is not None:
+                raise ValueError(f"{lab}: expected None ({label('params', i)} of shape "
+                                 f"{tuple(p.shape)} keeps no {name}), got {type(a).__name__}")
+            continue
+        if a is None:
+            raise TypeError(f"{lab}: expected an array of shape {shape} (the {name} of "
+                            f"{label('params', i)}), got None")
+        check_array(a, lab, kind)
+        want = dtype_of(p)
+        if a.shape != shape or a.dtype != want:
+            raise ValueError(f"{lab}: expected {want} {shape} (the {name} of {label('params', i)}, "
+                             f"shape {tuple(p.shape)}), got {a.dtype} {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{lab}: expected a C-contiguous array, got strides {a.strides}")
+        if kind == "numpy" and not a.flags.writeable:
+            raise ValueError(f"{lab}: expected a writeable array, got a read-only one")
+    return arrays
 
 
 def _run(rule: Rule, args: dict) -> StepInfo:
@@ -113,6 +144,11 @@ def _run(rule: Rule, args: dict) -> StepInfo:
             states[name] = [flat(a) for a in codes]
             states[name + "_absmax"] = absmax
             continue
+        if rule.state_shape is not None and name != "master":
+            checked = _shaped_state_list(rule, params, arrays, arg, name, kind, dtype_of)
+            written.append((arg, [a for a in checked if a is not None]))
+            states[name] = [None if a is None else flat(a) for a in checked]
+            continue
         checked = check_companions(params, arrays, arg, label, kind, dtype_of=dtype_of)
         _check_writable(checked, arg, kind)
         written.append((arg, checked))
@@ -128,8 +164,8 @@ def _run(rule: Rule, args: dict) -> StepInfo:
         gstate[k] = float(v)
     group = prepared.group_step(make_buckets([flat(p) for p in params], states,
                                              param_precisions=pprec,
-                                             shapes=None if rule.param_ndim is None
-                                             else [tuple(p.shape) for p in params]), gstate)
+                                             shapes=[tuple(p.shape) for p in params]
+                                             if rule.needs_shapes else None), gstate)
     return run_step(be, rule, [group], step, nonfinite, inv_scale)
 
 
@@ -360,6 +396,22 @@ def muon(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, w
     State lists: ``momentum_buffers``.
     """
     return _run(RULES["muon"], locals())
+
+
+def adafactor(params, grads, row_vars=None, col_vars=None, variances=None, masters=None, *, step,
+              lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+              maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+              weight_clip=None, max_norm=None, grad_scale=None, nonfinite="raise",
+              backend="auto", state_dtype=None, master_weights=False, stochastic_rounding=False,
+              seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.Adafactor` step over lists of arrays, in place (the math is on the class).
+
+    State lists, one entry per param, starting at 0: ``row_vars`` (shape ``p.shape[:-1] +
+    (1,)``) and ``col_vars`` (``p.shape[:-2] + (1, p.shape[-1])``) for params of two or more
+    dims, None for the others; ``variances`` (shaped like the param) for 0-/1-D params, None
+    for the others.  ``step`` drives ``t**beta2_decay`` and ``min(lr, 1/sqrt(t))``.
+    """
+    return _run(RULES["adafactor"], locals())
 
 
 def _ops_for(arrays, name, backend="auto"):

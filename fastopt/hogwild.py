@@ -61,7 +61,7 @@ import numpy as np
 
 from . import _backend
 from ._pipeline import StepInfo, clip_scales
-from ._rules import DENSE_SOLVE, ORTHOGONALIZE, as_host_scalars, check_lr_value
+from ._rules import DENSE_SOLVE, FACTORED, ORTHOGONALIZE, as_host_scalars, check_lr_value
 from ._validate import check_companions, check_disjoint, check_grad_scale, expected_layout
 from .distributed import Part, check_param_list, read_stats, resolve_rule, split_options, write_step
 
@@ -72,8 +72,8 @@ class Hogwild:
     ``options`` are the rule's constructor options.  ``step`` has the wrapped
     class's signature and returns a ``StepInfo``; ``run(worker, n_threads)``
     starts the threads.  See the module docstring for the state race.
-    Element-wise rules and LAMB; Newton (a dense solve per tensor) and Muon (matrix
-    products per tensor) are refused.
+    Element-wise rules and LAMB; Newton (a dense solve per tensor), Muon (matrix
+    products per tensor) and Adafactor (row and column sums per tensor) are refused.
     """
 
     def __init__(self, rule, params, **options):
@@ -82,6 +82,9 @@ class Hogwild:
         if self.rule.kind == DENSE_SOLVE:
             raise ValueError(f"rule: {self._cls.__name__} solves a dense system per tensor; "
                              f"Hogwild takes the fused (element-wise and LAMB) rules")
+        if self.rule.kind == FACTORED:
+            raise ValueError(f"rule: {self._cls.__name__} needs whole-tensor row and column sums "
+                             f"of the grads; Hogwild takes the fused (element-wise and LAMB) rules")
         if self.rule.kind == ORTHOGONALIZE:
             raise ValueError(f"rule: {self._cls.__name__} orthogonalizes each matrix with matrix "
                              f"products; Hogwild takes the fused (element-wise and LAMB) rules")

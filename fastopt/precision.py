@@ -602,9 +602,16 @@ def resolve_precision(param_dtype, grad_dtype=None, *, state_dtype=None, master_
     if kind == "orthogonalize" and dt not in (_F32, _F64):
         raise TypeError(f"{label}: expected dtype float32 or float64 (Muon's Newton-Schulz matrix "
                         f"products have no reduced-precision form here), got {dt}")
+    if kind == "factored" and dt not in (_F32, _F64):
+        raise TypeError(f"{label}: expected dtype float32 or float64 (Adafactor's factored "
+                        f"second moments have no reduced-precision kernels), got {dt}")
     if grad_dtype is not None:
         check_grad_dtype(dt, grad_dtype, label.replace("params", "grads", 1))
     state = resolve_state_dtype(dt, state_dtype, label)
+    if kind == "factored" and state != dt:
+        raise ValueError(f"state_dtype: expected None or 'param' for Adafactor (its row/column "
+                         f"factors are not elementwise state: they are kept in the param's "
+                         f"dtype, never 8-bit or 16-bit), got {state_dtype!r}")
     if kind == "orthogonalize" and state != dt:
         raise ValueError(f"state_dtype: expected None or 'param' for Muon (its momentum buffer is "
                          f"kept in the param's dtype), got {state_dtype!r}")

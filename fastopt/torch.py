@@ -84,6 +84,7 @@ from ._validate import check_grad_scale, check_nonfinite, resolve_precisions
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Optimizer", "Muon"]
 __all__ += ["ASGD", "Rprop"]
+__all__ += ["Adafactor"]
 
 #: torch dtypes the adapter steps, and the NumPy dtype of their zero-copy views (bfloat16:
 #: None here, ``ml_dtypes.bfloat16`` -- imported only when a bfloat16 tensor appears --
@@ -407,6 +408,9 @@ class Optimizer(torch.optim.Optimizer):
                 if st is None:
                     continue
                 for n in names:
+                    want = self.rule.state_shape_of(n, p.shape)
+                    if want is None:
+                        continue  # Adafactor: no row_var for a vector, no variance for a matrix
                     a = st.get(n)
                     if a is None:
                         # torch's SGD keeps no momentum buffer before the first step
@@ -414,9 +418,11 @@ class Optimizer(torch.optim.Optimizer):
                             continue
                         raise ValueError(f"state_dict['state'][{key}][{n!r}]: missing")
                     shape = tuple(a.shape) if hasattr(a, "shape") else None
-                    if shape != tuple(p.shape):
+                    if shape != want:
+                        like = "like its param" if want == tuple(p.shape) else \
+                            f"the {n} of a param of shape {tuple(p.shape)}"
                         raise ValueError(f"state_dict['state'][{key}][{n!r}]: expected shape "
-                                         f"{tuple(p.shape)} (like its param), got {shape}")
+                                         f"{want} ({like}), got {shape}")
 
     # ------------------------------------------------------------------ the step
 
@@ -554,9 +560,11 @@ class Optimizer(torch.optim.Optimizer):
                 st = self.state.get(p, {})
                 for n in self._names(hps[gi]):
                     a = st.get(n)
-                    if a is not None and (not isinstance(a, torch.Tensor) or a.shape != p.shape):
+                    want = rule.state_shape_of(n, p.shape)
+                    if a is not None and want is not None and (
+                            not isinstance(a, torch.Tensor) or tuple(a.shape) != want):
                         raise ValueError(f"state[{label}][{n!r}]: expected a tensor of shape "
-                                         f"{tuple(p.shape)}, got {getattr(a, 'shape', a)!r}")
+                                         f"{want}, got {getattr(a, 'shape', a)!r}")
         self._resolve_precisions()  # a param may have changed dtype (module.to(torch.bfloat16))
         np_precs = {_numpy_dtype(dt): pr for dt, pr in self._precisions.items()}
         parts_all, params_all, st_dicts, st_names, st_tensors = [], [], [], [], []
@@ -577,7 +585,8 @@ class Optimizer(torch.optim.Optimizer):
                 params = [p for _, p, _ in entries]
                 states = [st for _, _, st in entries]
                 flat_p = [_flat_view(p) for p in params]
-                flat_s = {n: [_flat_view(st[n]) for st in states] for n, _ in names}
+                flat_s = {n: [_flat_view(st[n]) if n in st else None for st in states]
+                          for n, _ in names}  # None: a state this param has not (Adafactor)
                 if self.precision_options["master_weights"]:
                     flat_s["master"] = [_flat_view(st["master"]) for st in states]
                 steps = [st["step"].numpy() for st in states] if "step" in states[0] else []
@@ -589,8 +598,8 @@ class Optimizer(torch.optim.Optimizer):
                     t=t, params=params, steps=steps,
                     # a rule whose kernel needs the params' shapes (Muon) gets them
                     buckets=make_buckets(flat_p, flat_s, np_precs,
-                                         shapes=None if rule.param_ndim is None
-                                         else [tuple(p.shape) for p in params]),
+                                         shapes=[tuple(p.shape) for p in params]
+                                         if rule.needs_shapes else None),
                     gviews=gviews, gstate=gstate,
                     pos=None if len(by_t) == 1 else [pos for pos, _, _ in entries],
                     layout=[(a.dtype, a.size) for a in flat_p]))
@@ -613,7 +622,12 @@ class Optimizer(torch.optim.Optimizer):
         dt = _TORCH_DTYPES[prec.state.name]  # the param's dtype unless state_dtype says else
         for n, init in names:
             a = st.get(n)
-            if a is None:
+            shape = self.rule.state_shape_of(n, p.shape)
+            if shape is None:
+                continue  # this param keeps no such state (Adafactor's factors of a vector)
+            if a is None and shape != tuple(p.shape):
+                st[n] = torch.full(shape, init, dtype=dt, device=p.device)
+            elif a is None:
                 st[n] = torch.full_like(p, init, dtype=dt, memory_format=torch.contiguous_format)
             elif a.dtype != dt or not a.is_contiguous() or a.device != p.device:
                 st[n] = a.to(dtype=dt, device=p.device).contiguous()
@@ -963,9 +977,44 @@ class Rprop(Optimizer):
         super().__init__(params, o, torch_only=t, **w)
 
 
+class Adafactor(Optimizer):
+    rule = RULES["adafactor"]
+    __doc__ = "Adafactor (factored second moments)." + _DOC.format(
+        torch="Adafactor", extra="; ``row_var``/``col_var`` (params of two or more dims) and "
+        "``variance`` (0-/1-D params) are kept under torch's names and shapes; float32/float64 "
+        "params only") + """
+    ``state_dtype`` other than None/``"param"`` is refused: the factors are not elementwise.
+"""
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, foreach=None, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
+        # torch.optim.Adafactor's own checks and messages first
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 >= beta2_decay:
+            raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay}")
+        if eps[0] is not None and not 0.0 <= eps[0]:
+            raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+        if not 0.0 <= eps[1]:
+            raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+        if not 1.0 <= d:
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
+        o, w, t = _split(locals(), ("foreach",))
+        if isinstance(o.get("eps"), list):
+            o["eps"] = tuple(o["eps"])
+        super().__init__(params, o, torch_only=t, **w)
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Muon, ASGD, Rprop)}
+               AdaHessian, Muon, ASGD, Rprop, Adafactor)}
 
 
 # --------------------------------------------------------------------------- LBFGS, SparseAdam

@@ -166,6 +166,7 @@ from .._backend import Ops, register_kernel
 from .._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNEL_FLAGS,
                       KERNEL_SCALAR_SLOT, KERNEL_SCALARS, ORTHOGONALIZE, RULES, TRUST_RATIO,
                       muon_lr_ratio)
+from .._rules import FACTORED, adafactor_eps1
 
 BACKEND = "numba"
 
@@ -1707,10 +1708,191 @@ def _orthogonalize_kernel(rule):
 _DRIVERS[ORTHOGONALIZE] = _orthogonalize_kernel
 
 
+# ------------------------------------------------------------------ Adafactor (Rule.kind "factored")
+# Per tensor, three passes over the grad (the grad pipeline recomputed in each, nothing
+# stored), with the O(rows + cols) factor updates on the host between them, in the
+# reference's order (kernels/reference.py, ``adafactor_kernel``):
+# 1. ``_k_af_sums``: float64 sums of x^2 per row and per column and of p^2 per row;
+# 2. ``_k_af_rms``: float64 sums of u^2 per row, ``u = x / sqrt(max(V, eps1^2))`` from the new
+#    factors;
+# 3. ``_k_af_apply``: ``p = clip(p*decay - step*u, wclip)``.
+# A 0-/1-D param (full ``variance``) takes ``_k_af_vec`` (variance update, sums of u^2 and
+# p^2 per fixed block) and ``_k_af_vec_apply``.  Every sum is one row's, one column's or one
+# fixed block's, added in index order, then the partial sums in order on the host: the bits
+# do not depend on the thread count.
+_AF_COLS = 64  # columns per job of the column-sum loop
+
+
+@njit(inline="always")
+def _af_x(g, i, cs):
+    return _clip(g[i] * cs[0], cs[1]) * cs[2]  # the grad pipeline: (ginv, gclip, scale)
+
+
+@njit(inline="always")
+def _af_u(x, v, cs):
+    e = cs[3]  # eps1^2; nan stays nan (np.maximum)
+    v = e if v < e else v
+    return x * (cs[4] / math.sqrt(v))  # cs[4] is 1 in the dtype
+
+
+@_entry(sums=True)
+def _k_af_sums(g, p, rsum, cs, csum, psq, rows, cols, threads):
+    """Pass 1 of a (B*rows, cols) param: ``rsum``/``psq`` per row, ``csum`` per (batch, col)."""
+    nr = rsum.shape[0]
+    parts = min(threads, max(1, nr * cols // MIN_PER_THREAD), nr)
+    for k in prange(parts):
+        for r in range(nr * k // parts, nr * (k + 1) // parts):
+            s = 0.0
+            q = 0.0
+            for j in range(r * cols, (r + 1) * cols):
+                x = np.float64(_af_x(g, j, cs))
+                s += x * x
+                y = np.float64(p[j])
+                q += y * y
+            rsum[r] = s
+            psq[r] = q
+    batches = csum.shape[0] // cols if cols > 0 else 0
+    ncb = (cols + _AF_COLS - 1) // _AF_COLS
+    jobs = batches * ncb
+    parts = min(threads, max(1, nr * cols // MIN_PER_THREAD), jobs)
+    for k in prange(parts):
+        for job in range(jobs * k // parts, jobs * (k + 1) // parts):
+            b = job // ncb
+            c0 = (job % ncb) * _AF_COLS
+            c1 = min(cols, c0 + _AF_COLS)
+            for j in range(c0, c1):
+                csum[b * cols + j] = 0.0
+            for i in range(rows):
+                base = (b * rows + i) * cols
+                for j in range(c0, c1):
+                    x = np.float64(_af_x(g, base + j, cs))
+                    csum[b * cols + j] += x * x
+
+
+@_entry(sums=True)
+def _k_af_rms(g, rv, cv, cs, rden, usq, rows, cols, threads):
+    """Pass 2: ``usq[r]`` = float64 sum over row r of u^2, ``V = rv[r]*cv[b, j] / rden[b]``."""
+    nr = usq.shape[0]
+    parts = min(threads, max(1, nr * cols // MIN_PER_THREAD), nr)
+    for k in prange(parts):
+        for r in range(nr * k // parts, nr * (k + 1) // parts):
+            b = r // rows
+            rr, den = rv[r], rden[b]
+            s = 0.0
+            for j in range(cols):
+                u = np.float64(_af_u(_af_x(g, r * cols + j, cs), (rr * cv[b * cols + j]) / den, cs))
+                s += u * u
+            usq[r] = s
+
+
+@_entry()
+def _k_af_apply(p, g, rv, cs, cv, rden, rows, cols, threads):
+    """Pass 3: ``p = clip(p*decay - step*u, wclip)``; ``cs[5:8]`` = (decay, step, wclip)."""
+    nr = rv.shape[0]
+    decay, step, wclip = cs[5], cs[6], cs[7]
+    parts = min(threads, max(1, nr * cols // MIN_PER_THREAD), nr)
+    for k in prange(parts):
+        for r in range(nr * k // parts, nr * (k + 1) // parts):
+            b = r // rows
+            rr, den = rv[r], rden[b]
+            for j in range(cols):
+                i = r * cols + j
+                u = _af_u(_af_x(g, i, cs), (rr * cv[b * cols + j]) / den, cs)
+                p[i] = _clip(p[i] * decay - step * u, wclip)
+
+
+@_entry(sums=True)
+def _k_af_vec(g, p, var, cs, swap, usq, psq, threads):
+    """Pass 1 of a 0-/1-D param: ``var = lerp(var, x^2)`` (``cs[5]`` its weight, ``swap``
+    the form), float64 sums of u^2 and p^2 per ``_BLOCK``-element block."""
+    n = g.shape[0]
+    nb = usq.shape[0]
+    c = cs[5]
+    parts = min(threads, max(1, n // MIN_PER_THREAD), nb)
+    for k in prange(parts):
+        for blk in range(nb * k // parts, nb * (k + 1) // parts):
+            s = 0.0
+            q = 0.0
+            for i in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+                x = _af_x(g, i, cs)
+                x2 = x * x
+                v = var[i]
+                v = x2 + c * (v - x2) if swap else v + c * (x2 - v)
+                var[i] = v
+                u = np.float64(_af_u(x, v, cs))
+                s += u * u
+                y = np.float64(p[i])
+                q += y * y
+            usq[blk] = s
+            psq[blk] = q
+
+
+@_entry()
+def _k_af_vec_apply(p, g, var, cs, threads):
+    """Pass 2 of a 0-/1-D param: ``p = clip(p*decay - step*u, wclip)``."""
+    n = p.shape[0]
+    decay, step, wclip = cs[5], cs[6], cs[7]
+    parts = min(threads, max(1, n // MIN_PER_THREAD))
+    for k in prange(parts):
+        for i in range(n * k // parts, n * (k + 1) // parts):
+            u = _af_u(_af_x(g, i, cs), var[i], cs)
+            p[i] = _clip(p[i] * decay - step * u, wclip)
+
+
+def _af_lerp(a, b, swap, c):
+    return b + c * (a - b) if swap else a + c * (b - a)
+
+
+def _factored_kernel(rule):
+    """Adafactor on the host: the fused passes around the O(rows + cols) factor updates."""
+
+    def kernel(params, grads, states, s, pre, extras=None):
+        ginv, gclip, wclip = _head(pre)[:3]
+        for t, (p, g) in enumerate(zip(params, grads)):
+            dt, shape = p.dtype, pre.shapes[t]
+            scale = 1.0 if pre.scales is None else float(pre.scales[t])
+            eps1 = adafactor_eps1(s, dt)
+            n = max(p.size, 1)
+            c = dt.type(s["var_c"])
+            cs = np.array([ginv, gclip, scale, eps1 * eps1, 1.0, s["var_c"], 0.0, wclip], dt)
+            if len(shape) >= 2:
+                rows, cols = int(shape[-2]), int(shape[-1])
+                nr = int(np.prod(shape[:-1]))
+                batches = int(np.prod(shape[:-2]))
+                rsum, psq = np.empty(nr), np.empty(nr)
+                csum = np.empty(batches * cols)
+                _launch(_k_af_sums, g, p, rsum, cs, csum, psq, rows, cols)
+                rv, cv = states["row_var"][t], states["col_var"][t]
+                with np.errstate(invalid="ignore", divide="ignore"):  # an empty dim: nan, as torch
+                    rv[...] = _af_lerp(rv, (rsum / cols).astype(dt), s["var_swap"], c)
+                    cv[...] = _af_lerp(cv, (csum / rows).astype(dt), s["var_swap"], c)
+                    rmean = (rv.reshape(batches, rows).astype(np.float64).sum(axis=1)
+                             / rows).astype(dt)
+                rden = np.maximum(rmean, dt.type(eps1))
+                usq = np.empty(nr)
+                _launch(_k_af_rms, g, rv, cv, cs, rden, usq, rows, cols)
+            else:
+                nb = -(-p.size // _BLOCK)
+                usq, psq = np.empty(nb), np.empty(nb)
+                _launch(_k_af_vec, g, p, states["variance"][t], cs, bool(s["var_swap"]), usq, psq)
+            alpha = max(s["eps2"], math.sqrt(float(psq.sum())) / math.sqrt(n)) * s["rho"]
+            denom = max(1.0, math.sqrt(float(usq.sum())) / (math.sqrt(n) * s["d"]))
+            cs[5], cs[6] = s["decay"], alpha / denom
+            if len(shape) >= 2:
+                _call(_k_af_apply, p, g, rv, cs, cv, rden, rows, cols)
+            else:
+                _call(_k_af_vec_apply, p, g, states["variance"][t], cs)
+
+    return kernel
+
+
+_DRIVERS[FACTORED] = _factored_kernel
+
+
 def _check_table():
     """Every fused rule has an entry for each variant; the stages are the driver's."""
     for rule in RULES.values():
-        if rule.kind in (DENSE_SOLVE, ORTHOGONALIZE):
+        if rule.kind in (DENSE_SOLVE, ORTHOGONALIZE, FACTORED):
             continue
         for v in range(1 << len(rule.variants)):
             assert (rule.name, v) in _ENTRIES, (rule.name, v)

@@ -11,12 +11,14 @@ float32 tensor is computed in float32 here too.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import precision as _prec
 from .. import quantization as _q
 from .._backend import Ops, register_kernel
-from .._rules import CLIP_EPS, RULES, muon_lr_ratio
+from .._rules import CLIP_EPS, RULES, adafactor_eps1, muon_lr_ratio
 
 BACKEND = "numpy"
 
@@ -514,3 +516,56 @@ def sparse_adam_rows(p, m, v, vals, order, starts, rows, s, maximize):
     m[rows] = m_old + u1
     v[rows] = v_old + u2
     p[rows] = p[rows] - s["step_size"] * ((u1 + m_old) / (np.sqrt(u2 + v_old) + s["eps"]))
+
+
+# ------------------------------------------------------------------ Adafactor (Rule.kind "factored")
+
+
+def adafactor_kernel(params, grads, states, s, pre, extras=None):
+    """torch.optim.Adafactor per tensor (``pre.shapes``), in the param's dtype.
+
+    ``alpha = max(eps2, RMS(p)) * rho`` (before the decay); ``p *= 1 - lr*wd``.  A param of
+    >= 2 dims, seen as a batch of (n, m) matrices: ``row_var = lerp(row_var, mean_j g^2, w)``,
+    ``col_var = lerp(col_var, mean_i g^2, w)``, ``V = row_var col_var / max(mean_i row_var,
+    eps1)``; a 0-/1-D param: ``variance = lerp(variance, g^2, w)``, ``V = variance``.  Then
+    ``u = g / sqrt(max(V, eps1^2))``, ``p -= alpha / max(1, RMS(u)/d) * u``, ``weight_clip``.
+    The sums of squares (rows, columns, RMS) are taken in float64 and each mean rounds once
+    to the dtype.  ``w = t**beta2_decay``; the lerp is torch's (``_rules._lerp_form``).
+    """
+    for i, (p, g) in enumerate(zip(params, grads)):
+        shape, dt = pre.shapes[i], p.dtype
+        x = processed_grad(g, i, pre)
+        eps1 = adafactor_eps1(s, dt)
+        n = max(p.size, 1)
+        alpha = max(s["eps2"], math.sqrt(float(np.dot(p.astype(np.float64), p.astype(np.float64))))
+                    / math.sqrt(n)) * s["rho"]
+        if s["decay"] != 1:
+            p *= s["decay"]
+        c = dt.type(s["var_c"])
+        if len(shape) >= 2:
+            rows, cols = shape[-2], shape[-1]
+            xm = x.reshape((int(np.prod(shape[:-2])), rows, cols))
+            sq = xm.astype(np.float64) ** 2
+            row_mean = (sq.sum(axis=2) / cols).astype(dt)          # (B, rows)
+            col_mean = (sq.sum(axis=1) / rows).astype(dt)          # (B, cols)
+            r = states["row_var"][i].reshape(row_mean.shape)
+            cv = states["col_var"][i].reshape(col_mean.shape)
+            r[...] = lerp_form(r, row_mean, s["var_swap"], c)
+            cv[...] = lerp_form(cv, col_mean, s["var_swap"], c)
+            rmean = (r.astype(np.float64).sum(axis=1) / rows).astype(dt)
+            rden = np.maximum(rmean, dt.type(eps1))               # (B,)
+            v = (r[:, :, None] * cv[:, None, :]) / rden[:, None, None]
+            v = v.reshape(-1)
+        else:
+            var = states["variance"][i]
+            var[...] = lerp_form(var, x * x, s["var_swap"], c)
+            v = var
+        u = x * (1 / np.sqrt(np.maximum(v, dt.type(eps1 * eps1))))
+        u64 = u.astype(np.float64)
+        denom = max(1.0, math.sqrt(float(np.dot(u64, u64))) / (math.sqrt(n) * s["d"]))
+        p -= dt.type(alpha / denom) * u
+        if pre.weight_clip is not None:
+            np.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
+
+
+register_kernel("adafactor", BACKEND, adafactor_kernel)

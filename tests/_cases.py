@@ -145,6 +145,12 @@ def _muon_draws(draw):
             "ns_steps": draw(st.integers(0, 6))}
 
 
+def _adafactor_draws(draw):
+    return {"beta2_decay": draw(st.sampled_from([-0.8, -0.5, 0.0])),
+            "eps": (draw(st.sampled_from([None, 1e-30, 1e-8])), draw(st.sampled_from([1e-3, 0.0]))),
+            "d": draw(st.sampled_from([1.0, 1.5]))}
+
+
 # --------------------------------------------------------------------------- the table
 
 _cosine = fastopt.schedules.cosine_decay
@@ -329,6 +335,23 @@ _RECORDS.append(OptimInfo(
     rosen=(dict(lr=_cosine(0.02, 20000), weight_decay=0.0, momentum=0.9), 20000),
     strategy=_muon_draws))
 
+# Adafactor (torch.optim.Adafactor; its own tests: tests/test_adafactor.py).  Its state is not
+# param-shaped: ``param_shape`` gives it matrices (factored row_var/col_var) for every size but
+# 1, which stays a vector (full variance), so the table-driven tests run both state layouts.
+_RECORDS.append(OptimInfo(
+    "adafactor",
+    cases=(Case("adafactor", {"lr": 1e-2}),
+           Case("adafactor-wd-eps-d", {"lr": 0.05, "weight_decay": 0.1, "eps": (1e-20, 1e-3),
+                                       "d": 1.5, "beta2_decay": -0.5, "maximize": True}),
+           Case("adafactor-all-pipeline", {"lr": 1e-2, "clip_value": 0.5, "clip_norm": 1.0,
+                                           "clip_global_norm": 2.0, "weight_clip": 1.5,
+                                           "max_norm": 20.0}, pipeline=True)),
+    oracle=(dict(), dict(lr=0.05, weight_decay=0.1, maximize=True),
+            dict(lr=0.05, eps=(1e-20, 1e-3), d=1.5, beta2_decay=-0.5)),
+    converge=(dict(lr=0.1),),
+    rosen=(dict(lr=0.02), 8000),
+    strategy=_adafactor_draws))
+
 #: rule -> its record, in the rule table's order.
 INFOS: dict[str, OptimInfo] = {}
 for _info in _RECORDS:
@@ -485,7 +508,7 @@ def param_shape(rule: str, size: int) -> tuple:
     2-D params only (``Rule.param_ndim``, Muon) the most nearly square ``(rows, cols)`` with
     ``rows >= cols`` (7 -> (7, 1), 1001 -> (77, 13)): tall, wide after a transpose, and 1-wide
     matrices all occur."""
-    if RULES[rule].param_ndim != 2:
+    if RULES[rule].param_ndim != 2 and (RULES[rule].state_shape is None or size == 1):
         return (size,)
     cols = max(d for d in range(1, int(size ** 0.5) + 1) if size % d == 0)
     return (size // cols, cols)
@@ -493,7 +516,7 @@ def param_shape(rule: str, size: int) -> tuple:
 
 def as_param(rule: str, x: np.ndarray) -> np.ndarray:
     """``x`` (1-D) as a view of the shape the rule's params need (see :func:`param_shape`)."""
-    return x.reshape(param_shape(rule, x.size)) if RULES[rule].param_ndim == 2 else x
+    return x.reshape(param_shape(rule, x.size))
 
 
 def make_problem(rule: str, sizes, dtype, seed: int = 0, steps: int = STEPS):

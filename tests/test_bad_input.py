@@ -363,6 +363,8 @@ BAD_VALUES = {
     "eps_root": [-1e-16, NAN, INF],
     "t_alpha": [0, -5, NAN, INF, "10"],
     "t_beta3": [0, -5, NAN, INF],
+    "beta2_decay": [0.1, NAN, INF],
+    "d": [0.5, NAN, INF],
 }
 #: (rule, name) -> bad values where a name means something else in that rule: ASGD's
 #: ``alpha`` is the exponent of its eta schedule (any finite number >= 0), not an average.
@@ -370,7 +372,9 @@ BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
                  # AdEMAMix: alpha weighs the slow EMA (any finite number >= 0); three betas
                  ("ademamix", "alpha"): [-0.1, NAN, INF],
                  # (the range of each beta: tests/test_rules_issue19.py)
-                 ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9]}
+                 ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9],
+                 # Adafactor's eps is the pair (eps1 or None, eps2)
+                 ("adafactor", "eps"): [(-1.0, 1e-3), (None, -1.0), (None, NAN), 1e-3, (1e-3,)]}
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
 
@@ -580,6 +584,7 @@ SQUARE_STATE["rprop"] = {"step_size"}  # a magnitude, clamped to step_sizes: nev
 SQUARE_STATE["adabelief"] = {"exp_avg_var"}
 SQUARE_STATE["yogi"] = {"exp_avg_sq"}  # v - (1-b2)*sign(v - g^2)*g^2 stays >= 0
 SQUARE_STATE["ademamix"] = {"nu"}
+SQUARE_STATE["adafactor"] = {"row_var", "col_var", "variance"}
 
 
 def test_rule_table_declares_the_square_state():
@@ -591,8 +596,10 @@ def test_rule_table_declares_the_square_state():
 ALL_STATE_OPTIONS = {"sgd": dict(momentum=0.9), "adam": dict(amsgrad=True), "adamw": dict(amsgrad=True),
                      "rmsprop": dict(momentum=0.9, centered=True)}
 
-#: (rule, state name) for every state array of every rule
-STATE_ENTRIES = [(r, nm) for r in RULES for nm in RULES[r].all_state]
+#: (rule, state name) for every state array of every rule whose state is param-shaped (the
+#: loading checks of Adafactor's factors: tests/test_adafactor.py)
+STATE_ENTRIES = [(r, nm) for r in RULES for nm in RULES[r].all_state
+                 if RULES[r].state_shape is None]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -611,7 +618,8 @@ def test_nonfinite_state_value_is_refused(rule, name, value, backend):
                      lambda: opt.load_state_dict(sd))
 
 
-SQUARE_ENTRIES = sorted((r, nm) for r, names in SQUARE_STATE.items() for nm in names)
+SQUARE_ENTRIES = sorted((r, nm) for r, names in SQUARE_STATE.items() for nm in names
+                        if RULES[r].state_shape is None)  # Adafactor: tests/test_adafactor.py
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -20,7 +20,7 @@ from fastopt import _backend
 from fastopt.apps import bench as _bench
 from fastopt.apps import benchkit as kit
 from fastopt._cli import main
-from fastopt._rules import DENSE_SOLVE, ORTHOGONALIZE, RULES
+from fastopt._rules import DENSE_SOLVE, FACTORED, ORTHOGONALIZE, RULES
 
 from _cases import CASES
 
@@ -57,7 +57,7 @@ def test_bytes_per_element_is_the_rule_records(itemsize):
     for rule, opts, _ in CASES:
         r = RULES[rule]
         # Newton's dense solve and Muon's matrix products are not bandwidth-bound: no figure
-        want = (None if r.kind in (DENSE_SOLVE, ORTHOGONALIZE)
+        want = (None if r.kind in (DENSE_SOLVE, ORTHOGONALIZE, FACTORED)
                 else r.bytes_per_element({**r.defaults, **opts}, itemsize))
         assert kit.bytes_per_element(rule, opts, itemsize) == want, rule
         per = kit.arrays_per_element(rule, opts)
@@ -239,7 +239,7 @@ def test_asv_params_come_from_the_rule_table(asv_suite):
     assert _params_ok(step)
     # every rule of one or two fused passes; Newton (a dense solve) and Muon (matrix
     # products) have classes of their own
-    assert set(step.params[0]) == set(RULES) - {"newton", "muon"}
+    assert set(step.params[0]) == set(RULES) - {"newton", "muon", "adafactor"}
     assert asv_suite["bench_step"].Muon.params[0] == ["numpy", "numba", "torch"]
     assert step.params[1] == list(_backend.BACKEND_NAMES)
     assert step.params[3] == [1_000, 1_000_000, 16_000_000]

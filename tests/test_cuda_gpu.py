@@ -197,7 +197,8 @@ from fastopt.precision import Precision  # noqa: E402
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-REDUCED_RULES = [name for name, r in RULES.items() if r.kind not in ("dense_solve", "orthogonalize")]
+REDUCED_RULES = [name for name, r in RULES.items()
+                 if r.kind not in ("dense_solve", "orthogonalize", "factored")]
 FIRST_CASE = {rule: options for rule, options, _ in reversed(CASES)}
 PRECISIONS = [
     (F16, {}), (F16, {"state_dtype": "param"}), (F16, {"state_dtype": "bfloat16", "master_weights": True}),

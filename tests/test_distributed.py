@@ -134,6 +134,7 @@ def test_shard_ranges_cover_and_hold_at_most_a_block_over_the_fair_share():
     ("lamb", {}, "LAMB cannot be sharded"),
     ("newton", {}, "Newton cannot be sharded"),
     ("muon", {}, "Muon cannot be sharded .it orthogonalizes each whole matrix"),
+    ("adafactor", {}, "Adafactor cannot be sharded .its factored second moments"),
     ("adamm", {}, "rule: expected a fastopt optimizer class"),
     ("adam", {"sum_order": "tree"}, "sum_order: expected one of"),
     ("adam", {"betas": (0.9, 1.5)}, r"betas\[1\]: expected a number in \[0, 1\)"),

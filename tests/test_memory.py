@@ -13,7 +13,7 @@ import pytest
 
 from fastopt._backend import available
 from fastopt._optim import OPTIMIZERS
-from fastopt._rules import ORTHOGONALIZE, RULES
+from fastopt._rules import FACTORED, ORTHOGONALIZE, RULES
 
 from _cases import CASES, cap_sizes, extra_input
 
@@ -51,8 +51,9 @@ def measure(rule, options, n):
 
 
 #: Muon's Newton-Schulz products need matrix temporaries by nature (tests/test_rules_b.py
-#: bounds them); every other rule is measured here.
-_MEASURED = [(c[0], c[1], c[2]) for c in CASES if RULES[c[0]].kind != ORTHOGONALIZE]
+#: bounds them), Adafactor per-row and per-column sums, O(rows + cols) like its state
+#: (tests/test_adafactor.py bounds them); every other rule is measured here.
+_MEASURED = [(c[0], c[1], c[2]) for c in CASES if RULES[c[0]].kind not in (ORTHOGONALIZE, FACTORED)]
 
 
 @pytest.mark.parametrize("rule,options", [(c[0], c[1]) for c in _MEASURED], ids=[c[2] for c in _MEASURED])

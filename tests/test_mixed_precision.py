@@ -67,8 +67,8 @@ _TORCH = {F16: torch.float16, BF16: torch.bfloat16}
 def _cases():
     out = []
     for name, opts in ORACLE:
-        if fo._rules.RULES[name.lower()].kind == fo._rules.ORTHOGONALIZE:
-            continue  # Muon takes float32/float64 params only (tests/test_rules_b.py)
+        if fo._rules.RULES[name.lower()].kind in (fo._rules.ORTHOGONALIZE, fo._rules.FACTORED):
+            continue  # Muon, Adafactor take float32/float64 params only (their own tests)
         for impl in ("fused", "foreach"):
             for dtype in DTYPES16:
                 if impl == "fused" and name not in FUSED:
@@ -116,7 +116,8 @@ def test_matches_torch_optim_in_16_bits(name, opts, impl, dtype):
 
 # Newton and Muon take float32/float64 params only (their dense solve / matrix products)
 RULES16 = [r for r in fo._optim.OPTIMIZERS
-           if fo._rules.RULES[r].kind not in (fo._rules.DENSE_SOLVE, fo._rules.ORTHOGONALIZE)]
+           if fo._rules.RULES[r].kind not in (fo._rules.DENSE_SOLVE, fo._rules.ORTHOGONALIZE,
+                                              fo._rules.FACTORED)]
 
 
 def _feed(rule, params, rng, dtype=None):

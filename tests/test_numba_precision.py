@@ -22,7 +22,7 @@ import pytest
 import fastopt as fo
 from fastopt import precision as prec
 from fastopt._backend import get_ops, supports
-from fastopt._rules import DENSE_SOLVE, ORTHOGONALIZE, RULES
+from fastopt._rules import DENSE_SOLVE, FACTORED, ORTHOGONALIZE, RULES
 
 from _cases import assert_same_run, extra_input
 
@@ -65,7 +65,7 @@ RULE_CASES = [
 ]
 #: every rule with an elementwise or trust-ratio kernel (Newton and Muon keep float32/float64)
 assert {r for r, _ in RULE_CASES} == {n for n, r in RULES.items()
-                                      if r.kind not in (DENSE_SOLVE, ORTHOGONALIZE)}
+                                      if r.kind not in (DENSE_SOLVE, ORTHOGONALIZE, FACTORED)}
 
 
 def _precisions():

@@ -196,3 +196,41 @@ class SparseAdam:
 
     def time_step(self, impl):
         self.step()
+
+
+class Adafactor:
+    """Adafactor on one n x n float32 matrix: the row/column sums, the RMS pass and the update
+    (three reads of the grad), against torch.optim.Adafactor on the CPU."""
+
+    params = [["numpy", "numba", "torch"], [1024, 4096]]
+    param_names = ["impl", "n"]
+    rounds = 1
+    number = 1
+    timeout = 600
+
+    def setup(self, impl, n):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        p = rng.random((n, n), dtype=np.float32) - 0.5
+        g = rng.random((n, n), dtype=np.float32) - 0.5
+        if impl == "torch":
+            from fastopt.apps.bench import torch_module
+
+            torch = torch_module()
+            if torch is None or not hasattr(torch.optim, "Adafactor"):
+                raise NotImplementedError("torch.optim.Adafactor is not installed")
+            tp = torch.from_numpy(p)
+            tp.grad = torch.from_numpy(g)
+            self.step = torch.optim.Adafactor([tp]).step
+        else:
+            import fastopt as fo
+
+            if not fo._backend.available(impl):
+                raise NotImplementedError(f"backend {impl!r} is not available")
+            opt = fo.Adafactor([p], backend=impl)
+            self.step = lambda: opt.step([g])
+        self.step()  # compile, first touch
+
+    def time_step(self, impl, n):
+        self.step()

@@ -40,6 +40,7 @@ TORCH_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Ada
                  "rmsprop": "RMSprop", "adadelta": "Adadelta", "adamax": "Adamax",
                  "nadam": "NAdam", "radam": "RAdam", "muon": "Muon"}
 TORCH_CLASSES.update(asgd="ASGD", rprop="Rprop")
+TORCH_CLASSES.update(adafactor="Adafactor")
 
 #: Learning rates small enough that millions of benchmark steps stay finite.
 BENCH_OPTIONS = {"sgd": {"lr": 1e-4}, "rmsprop": {"lr": 1e-4}, "adagrad": {"lr": 1e-4},

@@ -14,6 +14,7 @@ passed as a Python float or int (CuPy would send a double or a long long).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -26,10 +27,14 @@ from ... import precision as _prec
 from ... import quantization as _quant
 from ..._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KINDS, ORTHOGONALIZE, RULES, TRUST_RATIO,
                        Rule, muon_lr_ratio)
+from ..._rules import FACTORED, adafactor_eps1
+
+#: elements per block of factored.cu's fo_af_vec (its FO_AF_CHUNK)
+AF_CHUNK = 4096
 
 # --------------------------------------------------------------------------- sources
 
-SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu", "sparse.cu")
+SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu", "sparse.cu", "factored.cu")
 NVRTC_OPTIONS = ()  # NVRTC's default dialect (C++17 in CUDA 12/13) is enough; C++14 would do
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
@@ -42,6 +47,8 @@ def source_of(kernel: str) -> str:
         return "q8.cu"
     if kernel.startswith("fo_sparse_"):
         return "sparse.cu"  # SparseAdam (fastopt/_sparse.py)
+    if kernel.startswith("fo_af_"):
+        return "factored.cu"  # Adafactor (CudaBackend.factored)
     return "update.cu" if kernel.startswith(("fo_update_", "fo_trust_")) else "reduce.cu"
 
 
@@ -431,6 +438,8 @@ class CudaBackend:
             return self.dense_solve(rule, params, grads, scalars, pre, extras)
         if rule.kind == ORTHOGONALIZE:
             return self.orthogonalize(rule, params, grads, states, scalars, pre)
+        if rule.kind == FACTORED:
+            return self.factored(rule, params, grads, states, scalars, pre)
         if pre.precision is not None:
             return self.reduced(rule, params, grads, states, scalars, pre, extras)
         dtype = np.dtype(params[0].dtype)
@@ -673,6 +682,71 @@ class CudaBackend:
             p -= (s["lr"] * muon_lr_ratio(s["adjust_lr_fn"], shape)) * o.reshape(-1)
             if pre.weight_clip is not None:
                 xp.clip(p, -pre.weight_clip, pre.weight_clip, out=p)
+
+    def _grid(self, items):
+        g = max(1, int(items))
+        return g if self.dev.grid_cap is None else min(g, self.dev.grid_cap)
+
+    def _af_launch(self, name, dtype, items, args):
+        dev = self.dev
+        # arrays go by address, NumPy scalars (the int64 sizes, the dtype's scalars) by value
+        dev.launch(f"{name}_{SUFFIX[np.dtype(dtype)]}", self._grid(items), dev.block,
+                   tuple(_addr(dev, a) if isinstance(a, dev.xp.ndarray) else a for a in args))
+        self.launches += 1
+
+    def factored(self, rule: Rule, params, grads, states, s, pre):
+        """Adafactor per tensor (``pre.shapes``): the kernels of factored.cu around the factor
+        updates, which run in the array module's ops on the O(rows + cols) factors (on the
+        device), in the reference's order (kernels/reference.py, ``adafactor_kernel``).
+
+        The two per-tensor scalars (``alpha`` from the sum of p^2, ``RMS(u)``) are read back to
+        the host once each, as torch.optim.Adafactor's ``.item()`` calls do.
+        """
+        xp, f64 = self.dev.xp, np.float64
+        inv = 1.0 if pre.inv_scale is None else pre.inv_scale
+        ginv = -inv if pre.maximize else inv  # -(g*s) == g*(-s) exactly
+        gclip = math.inf if pre.clip_value is None else pre.clip_value
+        wclip = math.inf if pre.weight_clip is None else pre.weight_clip
+        for i, (p, g) in enumerate(zip(params, grads)):
+            dt, shape = np.dtype(p.dtype), pre.shapes[i]
+            o = dt.type
+            scale = 1.0 if pre.scales is None else float(pre.scales[i])
+            eps1 = adafactor_eps1(s, dt)
+            head = (o(ginv), o(gclip), o(scale))
+            e2, c, n = o(eps1 * eps1), o(s["var_c"]), max(p.size, 1)
+            if len(shape) >= 2:
+                rows, cols = int(shape[-2]), int(shape[-1])
+                nr = int(np.prod(shape[:-1]))
+                batches = int(np.prod(shape[:-2]))
+                rsum, psq, csum = xp.empty(nr, f64), xp.empty(nr, f64), xp.empty(batches * cols, f64)
+                dims = (np.int64(nr), np.int64(cols))
+                self._af_launch("fo_af_rows", dt, nr, (g, p, rsum, psq) + dims + head)
+                self._af_launch("fo_af_cols", dt, -(-batches * cols // self.dev.block),
+                                (g, csum, np.int64(batches), np.int64(rows), np.int64(cols)) + head)
+                rv, cv = states["row_var"][i], states["col_var"][i]
+                x, y = (rsum / cols).astype(dt), (csum / rows).astype(dt)
+                rv[...] = (x + c * (rv - x)) if s["var_swap"] else (rv + c * (x - rv))
+                cv[...] = (y + c * (cv - y)) if s["var_swap"] else (cv + c * (y - cv))
+                rmean = (rv.reshape(batches, rows).astype(f64).sum(axis=1) / rows).astype(dt)
+                rden = xp.ascontiguousarray(xp.maximum(rmean, o(eps1)))
+                usq = xp.empty(nr, f64)
+                mat = (np.int64(nr), np.int64(rows), np.int64(cols))
+                self._af_launch("fo_af_rms", dt, nr, (g, rv, cv, rden, usq) + mat + head + (e2,))
+            else:
+                var = states["variance"][i]
+                nb = -(-p.size // AF_CHUNK)
+                usq, psq = xp.empty(nb, f64), xp.empty(nb, f64)
+                self._af_launch("fo_af_vec", dt, nb, (g, p, var, usq, psq, np.int64(p.size)) + head
+                                + (e2, c, np.int32(bool(s["var_swap"]))))
+            alpha = max(s["eps2"], math.sqrt(float(psq.sum())) / math.sqrt(n)) * s["rho"]
+            denom = max(1.0, math.sqrt(float(usq.sum())) / (math.sqrt(n) * s["d"]))
+            tail = (e2, o(s["decay"]), o(alpha / denom), o(wclip))
+            items = -(-p.size // self.dev.block)
+            if len(shape) >= 2:
+                self._af_launch("fo_af_apply", dt, items, (p, g, rv, cv, rden) + mat + head + tail)
+            else:
+                self._af_launch("fo_af_vec_apply", dt, items,
+                                (p, g, var, np.int64(p.size)) + head + tail)
 
     # -- the Ops primitives
 
