@@ -493,3 +493,22 @@ def test_q8_half_master_of_wrong_size_is_refused_before_writing():
     with pytest.raises(ValueError, match=r"states\['master'\]\[0\].*300 elements"):
         get_kernel("adam", "numba")(p, g, states, s, _pre({}, 1, 1, prec))
     np.testing.assert_array_equal(p[0].view(np.uint16), before.view(np.uint16))
+
+
+def test_q8_warmup_compiles_the_q8_entries():
+    import inspect
+
+    import fastopt as fo
+
+    labels = [label for label, _ in nc.q8_warmup_jobs(("float32", "bfloat16", "float64"),
+                                                      ["adam", "sgd", "rmsprop"], True)]
+    # float64 takes no q8 state, SGD without momentum has none, centered RMSprop is refused
+    assert labels == [f"{r} {d} q8{v}" for d in ("float32", "bfloat16")
+                      for r, v in [("adam", ""), ("adam", " amsgrad"), ("sgd", " has_momentum"),
+                                   ("rmsprop", ""), ("rmsprop", " has_momentum")]]
+    seen = []
+    # adam's q8 entries for both param kinds (compiled by the parity tests above: here a load)
+    assert nc.q8_warmup(("float32", "bfloat16"), ["adam"], False,
+                        lambda k, n, label: seen.append(label)) >= 0
+    assert seen == ["adam float32 q8", "adam bfloat16 q8", "done"]
+    assert "q8" in inspect.signature(fo.warmup).parameters
