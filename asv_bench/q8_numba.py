@@ -8,6 +8,9 @@ float32 Adam, both the numba kernel through the backend contract on one tensor
 of ``--n`` float32 params (no read pass); bitsandbytes 0.50's
 ``bnb.optim.Adam8bit`` on CPU tensors over q8 Adam, when bitsandbytes imports.
 
+Then bfloat16 params with q8 moments and stochastic rounding (the ~10 bytes/element
+format, ``Q8KernelStep(param="bfloat16")``) over float32 Adam, interleaved the same way.
+
 Then the breakdown: the q8 kernel's phases run alone over the same blocks with
 the kernel's own helpers (``_q8_load``, ``_q8_store``), each timed against the
 full step in interleaved pairs: *decode* (codes -> float32 scratch, both
@@ -31,6 +34,19 @@ def _parse():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--no-peer", action="store_true", help="skip bitsandbytes")
     return ap.parse_args()
+
+
+def bf16_ratio(n, reps):
+    """bfloat16 params + q8 Adam moments + stochastic rounding over float32 Adam (numba)."""
+    from fastopt.apps.bench import Q8KernelStep
+    from fastopt.apps.benchkit import pairwise
+
+    bf = Q8KernelStep("adam", n, "q8", param="bfloat16")
+    f32 = Q8KernelStep("adam", n, "float32")
+    t_bf, t_f32, r = pairwise(bf.step, f32.step, reps)
+    # param 2 + grad 2 read, param 2 written, two moments 1 + 1 byte each way, absmax
+    return {"s": t_bf, "f32_s": t_f32, "bf16_q8_sr_over_f32": r,
+            "bytes_per_elem": 2 + 2 + 2 + 2 * 2 + 2 * 2 * 4 / 256}
 
 
 def breakdown(n, reps, threads):
@@ -69,7 +85,7 @@ def breakdown(n, reps, threads):
         for k in prange(parts):
             j, hi, t = nc._q8_block(k, parts, boff)
             z = np.float32(0)
-            w = np.empty((nc._NQ + 2, nc._QB), np.float32)
+            w = np.empty((nc._NQ + 3, nc._QB), np.float32)
             acc = z
             while j < hi:
                 m = min(nc._QB, sizes[0] - j * nc._QB)
@@ -86,7 +102,7 @@ def breakdown(n, reps, threads):
         out = np.zeros(parts, np.uint32)
         for k in prange(parts):
             j, hi, t = nc._q8_block(k, parts, boff)
-            w = np.empty((nc._NQ + 2, nc._QB), np.float32)
+            w = np.empty((nc._NQ + 3, nc._QB), np.float32)
             wb = w.view(np.uint32)
             w[nc._NQ + 1, 1] = np.float32(0)
             acc = nc._QU_ZERO
@@ -130,6 +146,7 @@ def main():
     from fastopt.apps.bench import q8_ratios
 
     res = q8_ratios(args.n, args.reps, args.threads, peer=not args.no_peer)
+    res["bf16_q8_sr"] = bf16_ratio(args.n, args.reps)
     res["breakdown"] = breakdown(args.n, args.reps, args.threads)
     json.dump(res, sys.stdout, indent=1)
     print()

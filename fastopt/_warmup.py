@@ -6,13 +6,15 @@ import sys
 import time
 
 
-def warmup(rules=None, dtypes=("float32", "float64"), *, variants=True, progress=False) -> float:
+def warmup(rules=None, dtypes=("float32", "float64"), *, variants=True, progress=False,
+           q8=False) -> float:
     """Compile (or load from the on-disk cache) the numba kernels; returns the seconds taken.
 
     ``rules``: rule names (``"adam"``, ...; default every rule); ``dtypes``: the
     param dtypes to compile for (``"float16"``/``"bfloat16"``: the 16-bit kernels,
     which also serve every state dtype and master weights); ``variants``: also amsgrad, momentum and
-    centered; ``progress``: draw a progress line on stderr.  The first step of
+    centered; ``progress``: draw a progress line on stderr; ``q8``: also the
+    8-bit-state (``state_dtype="q8"``) kernels of those dtypes.  The first step of
     a rule otherwise compiles its kernels on the spot (seconds, once per
     install: they are cached on disk).  Run it once before starting many
     worker processes that share one cold cache.
@@ -43,7 +45,10 @@ def warmup(rules=None, dtypes=("float32", "float64"), *, variants=True, progress
     get_ops("numba")  # a clear RuntimeError when numba is unavailable
     from .kernels import numba_cpu
 
-    return numba_cpu.warmup(names, rules, variants, _bar if progress else None)
+    secs = numba_cpu.warmup(names, rules, variants, _bar if progress else None)
+    if q8:
+        secs += numba_cpu.q8_warmup(names, rules, variants, _bar if progress else None)
+    return secs
 
 
 #: 16-bit param dtypes: one tiled kernel per rule variant serves both (and every state dtype)
@@ -69,7 +74,7 @@ def _cmd(args) -> int:
     rules = None if args.rules in (None, "all") else [r.strip() for r in args.rules.split(",")]
     try:
         secs = warmup(rules, dt, variants=not args.no_variants,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, q8=args.q8)
     except (ValueError, RuntimeError) as e:
         print(f"python -m fastopt warmup: {e}", file=sys.stderr)
         return 2
@@ -84,4 +89,5 @@ def register(sub) -> None:
     p.add_argument("--no-variants", action="store_true",
                    help="only the plain kernel of each rule (no amsgrad/momentum/centered)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--q8", action="store_true", help="also the 8-bit-state (q8) kernels")
     p.set_defaults(func=_cmd)

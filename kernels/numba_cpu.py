@@ -2081,18 +2081,34 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
 #      same statements as ``_apply``) -> the param written once
 #   -> the new absmax of each state block -> the exact nearest code of each element
 #      (``_q8_store``: the bucketed table of ``fastopt.quantization.nearest_code``,
-#      with the sign guard) -> codes and absmax written.
+#      with the sign guard; each stage its own loop) -> codes and absmax written.
 #
 # The param step reads the new *unquantized* state (the scratch), as the reference.
 # Bodies index the scratch with the element's position in its block, so the extra
-# input (AdaHessian's Hessian diagonal) is passed as the block's slice.  Only float32
-# params take this path (the state arithmetic is float32 either way).
+# input (AdaHessian's Hessian diagonal) is passed as the block's slice.
+#
+# 16-bit params (float16, bfloat16; master weights, stochastic rounding) take the same
+# entry points with a *q8 format vector* (int64, ``_Y_*``) in place of the int flags:
+# ``_q8_apply``/``_q8_sums`` are overloads typed by that argument, so a float32 call
+# compiles what it always did.  Per block the param (its float32 master when there
+# is one), the grad and the extra input are read into float32 scratch with the bit
+# helpers of the reduced-precision section (``_bf16_load``, ``_f16_load``), the
+# pipeline and body run on the scratch as above, and after the codes the master is
+# written as is and the param rounded once (``_bf16_rne``, ``_bf16_sr`` with the
+# element's index in its param, ``_f16_rne``): the reference's ``_reduced_tensor``
+# order.  ``max_norm`` with 16-bit params (its factor must act before that rounding)
+# takes the reference's q8 step.
 
 _QB = 256  # fastopt.quantization.BLOCKSIZE (asserted on the host side)
 _NQ = 3  # q8 states per rule at most (Rule.all_state)
 # rows of the q8 operand table: param, grad, codes of state k, absmax of state k, extra
 _QP, _QG, _QC0, _QA0, _QE = 0, 1, 2, 2 + _NQ, 2 + 2 * _NQ
-_QROWS = _QE + 1
+_QM = _QE + 1  # the float32 master copy of a 16-bit param (0: none)
+_QROWS = _QM + 1
+# the q8 format vector of a 16-bit call: flags, stochastic rounding, its step key, the
+# param's storage code (_C_*), then a storage code per tensor for the grads and extras
+_Y_FLAGS, _Y_SR, _Y_KEY, _Y_P = 0, 1, 2, 3
+_Y_HEAD = 4
 # fastopt.quantization.nearest_code's buckets: |y| clamped to [2**-23, 1) as float32
 # bits, then its binade and top 7 mantissa bits (_q8_tables spreads them over bits >> 16)
 _Q_LO, _Q_HI, _Q_SHIFT = 0x34000000, 0x3F7FFFFF, 16
@@ -2153,17 +2169,25 @@ def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
     by the top 16 bits of y (one load and one comparison; see ``_q8_tables``),
     nan -> 0, and the sign guard: a negative x whose
     code is the zero code ``qz[q]`` gets the code below it (``qz[q]`` is 256 for
-    the unsigned map, which has no guard).  ``w[_NQ]`` is the scratch of y;
-    ``wb`` is ``w`` as uint32 bits.  Every loop is branch-free so that it vectorizes.
+    the unsigned map, which has no guard).  ``w[_NQ]`` is the scratch of y,
+    ``w[_NQ + 2]`` of the codes before the guard; ``wb`` is ``w`` as uint32 bits.
+
+    In stages, each its own loop: absmax, division, the table lookups (scalar
+    loads: x86 has no fast gather on the cores measured, so LLVM keeps this loop
+    scalar), then the guard and the narrowing byte store.  Every loop but the
+    lookups vectorizes; fused into one loop with the lookups (as before) the
+    guard and the store ran scalar too, and the encode took ~1.45x as long.
     """
     x, xb = w[q], wb[q]
     y, yb = w[_NQ], wb[_NQ]
+    cb = wb[_NQ + 2]
     # |x| as bits: for non-negative floats the integer order is the float order, and
     # every nan is above inf, so an integer max is the absmax with nan propagated
     mu, au = np.uint64(m), np.uint64(a)
     top = _QU_ZERO
     for i in range(mu):
-        top = max(top, xb[i] & _QU_ABS)
+        v = np.uint32(xb[i] & _QU_ABS)
+        top = v if v > top else top  # uint32 lanes (uint32 & uint32 is a uint64 to Numba)
     wb[_NQ + 1, 0] = top
     am = w[_NQ + 1, 0]
     if top == _QU_ZERO:
@@ -2173,13 +2197,14 @@ def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
         for i in range(mu):
             y[i] = x[i] / am  # IEEE division: the absmax element gives exactly 1
     base, thr = qb[q], qt[q]
+    for i in range(mu):
+        k = yb[i] >> _QU_SHIFT  # sign, exponent and the top 7 mantissa bits of y
+        cb[i] = np.uint32(base[k]) + np.uint32(y[i] > thr[k])  # nan: base 0, never greater
     zc = qz[q]
     zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
     codes = _as_ptr(ptr[_QC0 + q, t], np.uint8(0))
     for i in range(mu):
-        k = yb[i] >> _QU_SHIFT  # sign, exponent and the top 7 mantissa bits of y
-        yi = y[i]
-        code = np.uint32(base[k]) + np.uint32(yi > thr[k])  # nan: base 0, never greater
+        code = cb[i]
         code = code - np.uint32((code == zc) & (x[i] < zero))  # the sign guard
         codes[au + i] = np.uint8(code)
     _put(ptr[_QA0 + q, t], blk, am)
@@ -2193,8 +2218,17 @@ def _q8_block(k, parts, boff):
     return j, hi, np.searchsorted(boff, j, side="right") - 1
 
 
-@njit(inline="always")
 def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
+    """Part ``k`` of a q8 update pass (see the overload: ``f`` an int or a q8 format vector)."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
+def _q8_sums(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
+    """LAMB pass 1 on q8 moments (see the overload)."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
+def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
     """Part ``k`` of a q8 update pass: per block, decode, ``_apply``'s statements, encode.
 
     ``coef[t]`` is what the body gets as ``ts`` (``scales`` for every rule but
@@ -2205,7 +2239,7 @@ def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb,
     z = c[_ZERO]
     l2, decay = c[_S_L2], c[_S_DECAY]
     use_l2 = l2 != z
-    w = np.empty((_NQ + 2, _QB), cs.dtype)  # states, y, [absmax, zero]
+    w = np.empty((_NQ + 3, _QB), cs.dtype)  # states, y, [absmax, zero], codes
     wb = w.view(np.uint32)
     w[_NQ + 1, 1] = z
     s0, s1, s2 = w[0], w[1], w[2]
@@ -2237,8 +2271,7 @@ def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb,
         j += 1
 
 
-@njit(inline="always")
-def _q8_sums(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
+def _q8_sums_f32(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
     """LAMB pass 1, part ``k``: ``acc[j]`` = float64 (sum p^2, sum r^2) of block ``j``.
 
     The moments are decoded and updated in scratch only (nothing is written):
@@ -2270,6 +2303,158 @@ def _q8_sums(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
         acc[j, 0] = u
         acc[j, 1] = v
         j += 1
+
+
+@njit(inline="always")
+def _q8_in(dst, addr, code, a, m):
+    """``dst[:m]`` = float32 values of elements ``[a, a+m)`` of an operand held as ``code``."""
+    ua = np.uint64(a)
+    if code == _C_F32:
+        src = _as_ptr(addr, _ZERO_F32)
+        for i in range(np.uint64(m)):
+            dst[i] = src[ua + i]
+    elif code == _C_BF16:
+        h = _as_ptr(addr, _ZERO_U16)
+        for i in range(np.uint64(m)):
+            dst[i] = _bf16_load(h[ua + i])
+    else:
+        h = _as_ptr(addr, _ZERO_U16)
+        for i in range(np.uint64(m)):
+            dst[i] = _f16_load(h[ua + i])
+
+
+@njit(inline="always")
+def _q8_out(src, addr, code, a, m, sr, key):
+    """Elements ``[a, a+m)`` of an operand held as ``code`` = ``src[:m]``, rounded once.
+
+    bfloat16 to nearest even or (``sr``) stochastically with the hash of the
+    element's index in its param; float16 to nearest even; float32 as is.
+    """
+    ua = np.uint64(a)
+    if code == _C_F32:
+        dst = _as_ptr(addr, _ZERO_F32)
+        for i in range(np.uint64(m)):
+            dst[ua + i] = src[i]
+    elif code == _C_BF16:
+        h = _as_ptr(addr, _ZERO_U16)
+        if sr:
+            for i in range(np.uint64(m)):
+                h[ua + i] = _bf16_sr(src[i], key, ua + i)
+        else:
+            for i in range(np.uint64(m)):
+                h[ua + i] = _bf16_rne(src[i])
+    else:
+        h = _as_ptr(addr, _ZERO_U16)
+        for i in range(np.uint64(m)):
+            h[ua + i] = _f16_rne(src[i])
+
+
+@njit(inline="always")
+def _q8_in16(ptr, fmt, t, nt, a, m, h):
+    """Read the param (its master when there is one), grad and extra of block ``[a, a+m)``
+    of tensor ``t`` into the float32 rows of ``h``."""
+    if ptr[_QM, t] != 0:
+        _q8_in(h[0], ptr[_QM, t], _C_F32, a, m)
+    else:
+        _q8_in(h[0], ptr[_QP, t], fmt[_Y_P], a, m)
+    _q8_in(h[1], ptr[_QG, t], fmt[_Y_HEAD + t], a, m)
+    if ptr[_QE, t] != 0:
+        _q8_in(h[2], ptr[_QE, t], fmt[_Y_HEAD + nt + t], a, m)
+
+
+def _q8_apply_16(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
+    """``_q8_apply_f32`` for 16-bit params (``f``: the q8 format vector).
+
+    Per block: the param or master, grad and extra into float32 scratch, the q8
+    states decoded, the same pipeline and body, the codes and absmax, then the
+    master as is and the param with its one rounding.
+    """
+    fmt = f  # the overloads' argument names must match; the body gets the flags
+    nt = off.shape[0] - 1
+    j, hi, t = _q8_block(k, parts, boff)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    z = c[_ZERO]
+    l2, decay = c[_S_L2], c[_S_DECAY]
+    use_l2 = l2 != z
+    f = fmt[_Y_FLAGS]
+    sr = fmt[_Y_SR] != 0
+    key = np.uint64(fmt[_Y_KEY])
+    w = np.empty((_NQ + 3, _QB), cs.dtype)  # states, y, [absmax, zero], codes
+    wb = w.view(np.uint32)
+    w[_NQ + 1, 1] = z
+    h = np.empty((3, _QB), cs.dtype)  # param, grad, extra
+    pt, gt, et = h[0], h[1], h[2]
+    s0, s1, s2 = w[0], w[1], w[2]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        blk = j - boff[t]
+        a = blk * _QB
+        m = min(_QB, off[t + 1] - off[t] - a)
+        _q8_in16(ptr, fmt, t, nt, a, m, h)
+        for q in range(_NQ):
+            if ptr[_QC0 + q, t] != 0:
+                _q8_load(ptr, q, t, blk, a, m, qm, w, z)
+        ts, tc = scales[t], coef[t]
+        for i in range(np.uint64(m)):
+            x = _clip(gt[i] * c[_GINV], c[_GCLIP]) * ts
+            pi = pt[i]
+            if use_l2:
+                x = x + l2 * pi
+            pi = pi * decay
+            pt[i] = _clip(body(i, x, pi, s0, s1, s2, et, c, f, tc, mode), c[_WCLIP])
+        for q in range(_NQ):
+            if ptr[_QC0 + q, t] != 0:
+                _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb)
+        if ptr[_QM, t] != 0:
+            _q8_out(pt, ptr[_QM, t], _C_F32, a, m, False, key)
+        _q8_out(pt, ptr[_QP, t], fmt[_Y_P], a, m, sr, key)
+        j += 1
+
+
+def _q8_sums_16(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
+    """``_q8_sums_f32`` for 16-bit params: p and g through the float32 scratch."""
+    fmt = f  # the overloads' argument names must match; the body gets the flags
+    nt = off.shape[0] - 1
+    j, hi, t = _q8_block(k, parts, boff)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    z = c[_ZERO]
+    f = fmt[_Y_FLAGS]
+    w = np.empty((_NQ + 1, _QB), cs.dtype)
+    s0, s1, s2 = w[0], w[1], w[2]
+    h = np.empty((3, _QB), cs.dtype)
+    pt, gt = h[0], h[1]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        blk = j - boff[t]
+        a = blk * _QB
+        m = min(_QB, off[t + 1] - off[t] - a)
+        _q8_in16(ptr, fmt, t, nt, a, m, h)
+        for q in range(_NQ):
+            if ptr[_QC0 + q, t] != 0:
+                _q8_load(ptr, q, t, blk, a, m, qm, w, z)
+        ts = scales[t]
+        u = 0.0
+        v = 0.0
+        for i in range(m):
+            du, dv = _lamb_moments(i, gt[i] * c[_GINV], pt[i], s0, s1, s2, s2, c, f, ts, 0)
+            u += du
+            v += dv
+        acc[j, 0] = u
+        acc[j, 1] = v
+        j += 1
+
+
+@overload(_q8_apply, inline="always")
+def _q8_apply_overload(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt,
+                       qz):
+    return _q8_apply_16 if isinstance(f, types.Array) else _q8_apply_f32
+
+
+@overload(_q8_sums, inline="always")
+def _q8_sums_overload(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
+    return _q8_sums_16 if isinstance(f, types.Array) else _q8_sums_f32
 
 
 @njit(inline="always")
@@ -2495,13 +2680,46 @@ def _q8_check(params, states, present):
                     f"{getattr(a, 'dtype', '')} of {getattr(a, 'size', '?')} elements")
 
 
+def _q8_check_master(params, masters):
+    """The float32 masters fit their 16-bit params: ValueError if not (nothing written)."""
+    if len(masters) != len(params):
+        raise ValueError(f"states['master']: expected a list of {len(params)} float32 arrays, "
+                         f"got {len(masters)}")
+    for i, (p, mst) in enumerate(zip(params, masters)):
+        if not (isinstance(mst, np.ndarray) and mst.dtype == np.float32
+                and mst.flags.c_contiguous and mst.size == p.size):
+            raise ValueError(f"states['master'][{i}]: expected a C-contiguous float32 array of "
+                             f"{p.size} elements, got {type(mst).__name__} "
+                             f"{getattr(mst, 'dtype', '')} of {getattr(mst, 'size', '?')} "
+                             f"elements")
+
+
+def _q8_format(params, grads, extras, flags, pre):
+    """The q8 format vector of a 16-bit call (``_Y_*``): flags, stochastic rounding and its
+    step key, the params' storage code, a storage code per grad and extra input."""
+    n = len(params)
+    fmt = np.zeros(_Y_HEAD + 2 * n, np.int64)
+    fmt[_Y_FLAGS] = flags
+    fmt[_Y_P] = _CODES[params[0].dtype.name]
+    fmt[_Y_HEAD:_Y_HEAD + n] = [_CODES[g.dtype.name] for g in grads]
+    if extras is not None:
+        fmt[_Y_HEAD + n:] = [_CODES[e.dtype.name] for e in extras]
+    prec = pre.precision
+    if prec.stochastic_rounding:
+        fmt[_Y_SR] = 1
+        fmt[_Y_KEY] = np.array(_precision.step_key(prec.seed, pre.step), np.uint64).view(np.int64)
+    return fmt
+
+
 def _q8_kernel(rule, plain):
     """``plain`` (the registered kernel), taking over the buckets whose state is q8.
 
     A q8 bucket (``pre.precision.state is fastopt.precision.Q8``) of float32
     params runs ``_Q8_ENTRIES[rule]``; ``max_norm`` (which the pipeline leaves to
-    the kernel for such a bucket) follows as one more pass over the params.
-    Every other bucket goes to ``plain`` unchanged.
+    the kernel for such a bucket) follows as one more pass over the params.  A
+    q8 bucket of float16 or bfloat16 params runs the same entry with the q8
+    format vector (master weights, stochastic rounding), or the reference's q8
+    step when it has ``max_norm``.  Every other bucket goes to ``plain`` unchanged.
     """
     from .. import precision as _prec
     from .._rules import CLIP_EPS
@@ -2523,12 +2741,20 @@ def _q8_kernel(rule, plain):
             return get_kernel(rule.name, "numpy")(params, grads, states, s, pre, extras)
         n = len(params)
         dt = params[0].dtype
-        if dt != np.float32:
-            raise TypeError(f"params: expected float32 params for a q8 bucket on the numba "
-                            f"backend, got {dt}")
+        half = _is_reduced(dt)
+        if dt != np.float32 and not half:
+            raise TypeError(f"params: expected float32 params (or float16, bfloat16) for a q8 "
+                            f"bucket on the numba backend, got {dt}")
+        if half and pre.max_norm is not None:
+            # the max_norm factor acts on the float32 params before their one rounding, which
+            # this one-pass driver has already done per block: the reference's q8 step
+            from .._backend import get_kernel
+            return get_kernel(rule.name, "numpy")(params, grads, states, s, pre, extras)
         present = [name for name in slots if name in states]
         if present:
             _q8_check(params, states, present)
+            if half and "master" in states:
+                _q8_check_master(params, states["master"])
             if not tables:  # one slice assignment: two threads at once cannot double it
                 tables[:] = _q8_tables(rule)
             tab = np.zeros((_QROWS, n), np.int64)
@@ -2540,9 +2766,15 @@ def _q8_kernel(rule, plain):
                     tab[_QA0 + k] = _ids(states[name + "_absmax"], n)
             if extra_row:
                 tab[_QE] = _ids(extras, n)
+            flags = rule.kernel_flags(s)
+            if half:
+                if "master" in states:
+                    tab[_QM] = _ids(states["master"], n)
+                flags = _q8_format(params, grads, extras if extra_row else None, flags, pre)
+                dt = _F32  # 16-bit params: float32 arithmetic, as the reference
             scales = np.ones(n, dt) if pre.scales is None else np.asarray(pre.scales, dt)
             args = (tab, _sizes(params, n), scales,
-                    _scalars(dt, _head(pre), rule.kernel_scalars(s)), rule.kernel_flags(s),
+                    _scalars(dt, _head(pre), rule.kernel_scalars(s)), flags,
                     DATA_OFFSET, float(s["lr"]) if trust else _mode(rule, s), *tables)
             _launch(entry, *args)
         else:  # no state this step (SGD without momentum): nothing to quantize
@@ -2557,7 +2789,73 @@ def _q8_kernel(rule, plain):
 
 
 #: The param dtypes whose q8 buckets these kernels take (``fastopt._backend.supports``).
-NumbaOps.q8_dtypes = ("float32",)
+NumbaOps.q8_dtypes = ("float32", "float16", "bfloat16")
+
+
+def q8_warmup_jobs(dtypes=("float32",), rules=None, variants=True):
+    """The ``(label, run)`` pairs that compile the q8 entry points (``fastopt.warmup(q8=True)``).
+
+    One step of 3 elements (one partial block) per rule with a q8 entry and
+    per variant the 8-bit state allows, for float32 params and, when a 16-bit
+    dtype is asked for, for 16-bit params (one compile serves float16 and
+    bfloat16, master weights and stochastic rounding: they are run-time values
+    of the q8 format vector).  float64 params take no q8 state.
+    """
+    from .. import quantization as q8
+    from .._backend import Pre, get_kernel
+
+    jobs = []
+    for dt in map(_precision.as_dtype, dtypes):
+        if dt == np.float64:
+            continue
+        prec = _precision.Precision(param=dt, compute=_F32, state=_precision.Q8,
+                                    master_weights=False, stochastic_rounding=False, seed=0)
+        for name in rules or RULES:
+            rule = RULES[name]
+            if name not in _Q8_ENTRIES:
+                continue
+            refused = {opt for opt, _ in rule.q8_refuses}
+            flags = rule.variants if variants else ()
+            for v in range(1 << len(flags)):
+                on = [f for k, f in enumerate(flags) if v >> k & 1]
+                if refused & set(on):
+                    continue
+                hp = {**rule.defaults, **{f: f in on for f in flags}}
+                if hp.get("has_momentum") and not hp.get("momentum"):
+                    hp["momentum"] = 0.9  # the variant flag of SGD and RMSprop is momentum > 0
+                hp.pop("has_momentum", None)
+                states = {}
+                for st, _ in rule.state(hp):
+                    states[st] = [np.zeros(3, np.uint8)]
+                    states[st + "_absmax"] = [np.zeros(1, np.float32)]
+                if not states:
+                    continue  # nothing to quantize (SGD without momentum)
+                extras = None
+                if rule.extra is not None:
+                    extras = [np.zeros(3, _F32)]
+                s, _ = rule.step_scalars(hp, 1, dict(rule.group_state))
+                label = " ".join([name, dt.name, "q8"] + on)
+                jobs.append((label, lambda name=name, states=states, s=s, extras=extras, dt=dt,
+                             prec=prec: get_kernel(name, BACKEND)(
+                                 [np.zeros(3, dt)], [np.zeros(3, dt)], states, s,
+                                 Pre(precision=prec, step=1), extras)))
+    assert q8.BLOCKSIZE == _QB
+    return jobs
+
+
+def q8_warmup(dtypes=("float32",), rules=None, variants=True, progress=None):
+    """Compile (or load from the cache) the q8 entry points; returns the seconds taken."""
+    import time
+
+    jobs = q8_warmup_jobs(dtypes, rules, variants)
+    t0 = time.perf_counter()
+    for k, (label, run) in enumerate(jobs):
+        if progress is not None:
+            progress(k, len(jobs), label)
+        run()
+    if progress is not None:
+        progress(len(jobs), len(jobs), "done")
+    return time.perf_counter() - t0
 
 
 def _register_q8():

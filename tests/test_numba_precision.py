@@ -302,9 +302,9 @@ def test_backends_list_numba_dtypes_and_newton_keeps_its_type_error():
     assert fo.backends()["numba"]["dtypes"] == ["float16", "bfloat16", "float32", "float64"]
     with pytest.raises(TypeError, match="dense Newton solve"):
         fo.Newton([np.zeros(3, BF16)], backend="numba")
-    # the 8-bit block format is not a state dtype of these kernels
+    # the 8-bit block format of 16-bit params: the q8 block driver takes it (tests/test_numba_q8.py)
     q8 = prec.resolve_precision(BF16, state_dtype="q8")
-    assert not supports(get_ops("numba"), q8)
+    assert supports(get_ops("numba"), q8)
     assert supports(get_ops("numpy"), q8)
 
 

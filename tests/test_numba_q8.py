@@ -390,3 +390,125 @@ def test_bench_q8_kernel_step_runs_both_formats():
         np.testing.assert_array_equal(cases["q8"].states[name + "_absmax"][0], absmax)
     with pytest.raises(ValueError, match="state: expected 'q8' or 'float32'"):
         Q8KernelStep("adam", 10, "int8")
+
+
+# ------------------------------------------------------------------ 16-bit params
+
+
+def _half_run(rule, opts, pipe, param, master, sr, steps=3, sizes=SIZES):
+    """Both sides from the same start: the reference's q8 step (``_reduced_tensor``) and the
+    numba kernel, on 16-bit params (and grads) with q8 state, a float32 master or SR."""
+    from fastopt.precision import bfloat16_dtype
+
+    dt = bfloat16_dtype() if param == "bfloat16" else np.dtype(np.float16)
+    prec = Precision(param=dt, compute=F32, state=Q8, master_weights=master,
+                     stochastic_rounding=sr, seed=11)
+    rng = np.random.default_rng(3)
+    hp = _hp(rule, opts)
+    p32 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    init = {}
+    for name, (codes_absmax) in _initial_states(rule, hp, sizes, rng, True).items():
+        init[name] = [c for c, _ in codes_absmax]
+        init[name + "_absmax"] = [a for _, a in codes_absmax]
+    if master:
+        init["master"] = [p.copy() for p in p32]
+    runs = {}
+    for side in ("numpy", "numba"):
+        params = [p.astype(dt) for p in p32]
+        states = {k: [a.copy() for a in v] for k, v in init.items()}
+        gstate = dict(RULES[rule].group_state)
+        kernel = get_kernel(rule, side)
+        for t in range(1, steps + 1):
+            grads, extras = _random_grads(rule)(t, sizes)
+            grads = [g.astype(dt) for g in grads]
+            s, gstate = RULES[rule].step_scalars(hp, t, gstate)
+            kernel(params, grads, states, s, _pre(pipe, len(sizes), t, prec), extras)
+        runs[side] = params, states
+    return runs
+
+
+HALF_CASES = [
+    ("adam", {"lr": 1e-2, "weight_decay": 0.1}, {"clip_value": 0.8, "scales": True},
+     "bfloat16", False, True),
+    ("adam", {"lr": 1e-2, "amsgrad": True}, {"inv_scale": 0.25}, "bfloat16", True, False),
+    ("adam", {"lr": 1e-2}, {"weight_clip": 1.5}, "float16", False, False),
+    ("adam", {"lr": 1e-2}, {}, "float16", True, False),
+    ("lamb", {"lr": 1e-2, "weight_decay": 0.01}, {}, "bfloat16", True, True),
+]
+
+
+@pytest.mark.parametrize("rule,opts,pipe,param,master,sr", HALF_CASES,
+                         ids=[f"{c[0]}-{c[3]}-{'master' if c[4] else 'nomaster'}"
+                              f"-{'sr' if c[5] else 'rne'}" for c in HALF_CASES])
+def test_q8_half_params_match_reference(rule, opts, pipe, param, master, sr):
+    runs = _half_run(rule, opts, pipe, param, master, sr)
+    (pr, sr_), (pn, sn) = runs["numpy"], runs["numba"]
+    for key in sr_:
+        for i, (a, b) in enumerate(zip(sn[key], sr_[key])):
+            if a.dtype == np.uint8:
+                np.testing.assert_array_equal(a, b, err_msg=f"{rule} {key}[{i}] codes")
+            elif RULES[rule].kind == "trust_ratio":  # float64 norms summed in another order
+                np.testing.assert_allclose(a, b, **TOL[F32], err_msg=f"{rule} {key}[{i}]")
+            else:
+                np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=f"{rule} {key}[{i}]")
+    for i, (a, b) in enumerate(zip(pn, pr)):
+        assert a.dtype == b.dtype and a.dtype.itemsize == 2
+        ua, ub = a.view(np.uint16), b.view(np.uint16)
+        if RULES[rule].kind == "trust_ratio":
+            # one ulp of the float32 trust factor may move a rounding: a few 16-bit ulps at most
+            assert np.mean(ua != ub) < 0.01, f"{rule} param[{i}]"
+        else:
+            np.testing.assert_array_equal(ua, ub, err_msg=f"{rule} param[{i}]")
+
+
+def test_q8_half_params_route_to_numba_and_max_norm_falls_back():
+    from fastopt.precision import bfloat16_dtype
+
+    bf = Precision(param=bfloat16_dtype(), compute=F32, state=Q8, master_weights=False,
+                   stochastic_rounding=True, seed=0)
+    assert supports(get_ops("numba"), bf)
+    assert resolve("numba", "numpy", [bf]) == "numba"
+    # max_norm: the reference's q8 step, so the result is the reference's bit for bit
+    runs = _half_run("adam", {"lr": 1e-2}, {"max_norm": 3.0}, "bfloat16", False, True, steps=2,
+                     sizes=(300, 5))
+    for a, b in zip(runs["numba"][0], runs["numpy"][0]):
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+def test_q8_half_master_of_wrong_size_is_refused_before_writing():
+    runs_input = np.random.default_rng(9)
+    from fastopt.precision import bfloat16_dtype
+
+    bf = bfloat16_dtype()
+    prec = Precision(param=bf, compute=F32, state=Q8, master_weights=True,
+                     stochastic_rounding=False, seed=0)
+    p = [runs_input.standard_normal(300).astype(bf)]
+    g = [runs_input.standard_normal(300).astype(bf)]
+    s, _ = RULES["adam"].step_scalars(_hp("adam", {"lr": 1e-2}), 1, {})
+    states = {"exp_avg": [np.zeros(300, np.uint8)], "exp_avg_absmax": [np.zeros(2, np.float32)],
+              "exp_avg_sq": [np.zeros(300, np.uint8)],
+              "exp_avg_sq_absmax": [np.zeros(2, np.float32)],
+              "master": [np.zeros(299, np.float32)]}
+    before = p[0].copy()
+    with pytest.raises(ValueError, match=r"states\['master'\]\[0\].*300 elements"):
+        get_kernel("adam", "numba")(p, g, states, s, _pre({}, 1, 1, prec))
+    np.testing.assert_array_equal(p[0].view(np.uint16), before.view(np.uint16))
+
+
+def test_q8_warmup_compiles_the_q8_entries():
+    import inspect
+
+    import fastopt as fo
+
+    labels = [label for label, _ in nc.q8_warmup_jobs(("float32", "bfloat16", "float64"),
+                                                      ["adam", "sgd", "rmsprop"], True)]
+    # float64 takes no q8 state, SGD without momentum has none, centered RMSprop is refused
+    assert labels == [f"{r} {d} q8{v}" for d in ("float32", "bfloat16")
+                      for r, v in [("adam", ""), ("adam", " amsgrad"), ("sgd", " has_momentum"),
+                                   ("rmsprop", ""), ("rmsprop", " has_momentum")]]
+    seen = []
+    # adam's q8 entries for both param kinds (compiled by the parity tests above: here a load)
+    assert nc.q8_warmup(("float32", "bfloat16"), ["adam"], False,
+                        lambda k, n, label: seen.append(label)) >= 0
+    assert seen == ["adam float32 q8", "adam bfloat16 q8", "done"]
+    assert "q8" in inspect.signature(fo.warmup).parameters

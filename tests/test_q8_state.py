@@ -484,16 +484,16 @@ def test_bad_min_8bit_size(value, exc):
 
 
 def test_q8_buckets_go_to_a_backend_with_q8_kernels_for_their_dtype():
-    """numba has q8 kernels for float32 params only: auto sends a bfloat16 q8 bucket to numpy
-    and an explicit backend="numba" refuses it, naming why."""
+    """numba has q8 kernels for float32 and 16-bit params (master weights and stochastic
+    rounding too): auto sends both there, and an explicit backend="numba" takes them."""
     pytest.importorskip("numba")
     ml = pytest.importorskip("ml_dtypes")
     assert fo.Adam([np.ones(N_BIG, np.float32)], state_dtype="q8", backend="numba").backend == "numba"
     assert fo.Adam([np.ones(N_BIG, np.float32)], state_dtype="q8").backend == "numba"
     bf = np.ones(N_BIG, ml.bfloat16)
-    assert fo.Adam([bf], state_dtype="q8").backend == "numpy"
-    with pytest.raises(TypeError, match=r"backend 'numba': .*8-bit state"):
-        fo.Adam([bf], state_dtype="q8", backend="numba")
+    assert fo.Adam([bf], state_dtype="q8").backend == "numba"
+    for opts in ({"stochastic_rounding": True}, {"master_weights": True}):
+        assert fo.Adam([bf], state_dtype="q8", backend="numba", **opts).backend == "numba"
 
 
 @pytest.mark.parametrize("bad,exc,pattern", [

@@ -10,14 +10,18 @@ N16 = 16_777_216
 
 
 class Q8AdamStep:
-    """One Adam step on 16.7M float32 params: q8 state against float32 state (numba kernel)."""
+    """One Adam step on 16.7M params (numba kernel): float32 params with q8 or float32 state,
+    and bfloat16 params with q8 state and stochastic rounding ("bf16-q8-sr", ~10 bytes/elem)."""
 
-    params = [["q8", "float32"]]
+    params = [["q8", "float32", "bf16-q8-sr"]]
     param_names = ["state"]
     timeout = 300
 
     def setup(self, state):
-        self.case = _bench.Q8KernelStep("adam", N16, state)  # NotImplementedError: skipped
+        param = "bfloat16" if state == "bf16-q8-sr" else "float32"
+        state = "q8" if state == "bf16-q8-sr" else state
+        # NotImplementedError (numba missing): skipped
+        self.case = _bench.Q8KernelStep("adam", N16, state, param=param)
         self.case.step()  # compile, first touch
 
     def time_step(self, state):

@@ -650,7 +650,10 @@ class Q8KernelStep:
     (docs/design.md, "8-bit state format"); ``"float32"`` plain arrays.
     """
 
-    def __init__(self, rule="adam", n=1 << 24, state="q8", seed=0, options=None):
+    def __init__(self, rule="adam", n=1 << 24, state="q8", seed=0, options=None,
+                 param="float32"):
+        # param="bfloat16" with state="q8": bfloat16 params and grads, q8 moments and
+        # stochastic rounding (the ~10 bytes/element format)
         why = unavailable("numba", rule)
         if why:
             raise NotImplementedError(why)
@@ -659,10 +662,13 @@ class Q8KernelStep:
 
         if state not in ("q8", "float32"):
             raise ValueError(f"state: expected 'q8' or 'float32', got {state!r}")
+        if param not in ("float32", "bfloat16") or (param == "bfloat16" and state != "q8"):
+            raise ValueError(f"param: expected 'float32', or 'bfloat16' with state 'q8', got "
+                             f"{param!r} with state {state!r}")
         r = RULES[rule]
         rng = np.random.default_rng(seed)
-        self.params = [_random(np, rng, (n,), "float32")]
-        self.grads = [_random(np, rng, (n,), "float32")]
+        self.params = [_random(np, rng, (n,), param)]
+        self.grads = [_random(np, rng, (n,), param)]
         self.hp = {**r.defaults, **BENCH_OPTIONS.get(rule, {}), **(options or {})}
         self.rule, self.t, self.gstate = r, 0, dict(r.group_state)
         self.states = {}
@@ -674,8 +680,9 @@ class Q8KernelStep:
             else:
                 self.states[name] = [np.full(n, init, np.float32)]
         f32 = np.dtype(np.float32)
-        prec = Precision(param=f32, compute=f32, state=Q8, master_weights=False,
-                         stochastic_rounding=False, seed=0) if state == "q8" else None
+        half = param == "bfloat16"
+        prec = Precision(param=self.params[0].dtype, compute=f32, state=Q8, master_weights=False,
+                         stochastic_rounding=half, seed=0) if state == "q8" else None
         self._prec = prec
         self.kernel = _backend.get_kernel(rule, "numba")
         self.extras = ([_random(np, rng, (n,), "float32")]
