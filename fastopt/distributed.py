@@ -364,10 +364,11 @@ def write_step(ops, kernel, parts: list, n_tensors: int, scales, hp: dict, scala
 
 def _wire(a):
     """``a`` as the collectives can send it: a bfloat16 array (``ml_dtypes``, which neither
-    MPI's buffer protocol nor ``torch.from_numpy`` takes) as a uint16 view of its bits;
-    anything else (None included) as it is.  Only copies, never sums, use this."""
+    MPI's buffer protocol nor ``torch.from_numpy`` takes) as an int16 view of its bits (TorchComm
+    sends it as float16: gloo has no 16-bit integers); anything else (None included) as it is.  Only copies, never sums,
+    use this."""
     if a is not None and a.dtype.itemsize == 2 and a.dtype.kind not in "fiu":
-        return a.view(np.uint16)
+        return a.view(np.int16)
     return a
 
 
@@ -449,7 +450,10 @@ class TorchComm:
         self.size = dist.get_world_size(group)
 
     def _t(self, a):
-        return self.torch.from_numpy(_wire(a))
+        t = self.torch.from_numpy(_wire(a))
+        # gloo has no 16-bit integer type: 16-bit bit patterns (bfloat16 on the wire) travel
+        # as float16, which broadcast and gather copy without looking at the values
+        return t.view(self.torch.float16) if t.dtype == self.torch.int16 else t
 
     def allgather_rows(self, row: np.ndarray) -> np.ndarray:
         row = np.ascontiguousarray(row)
@@ -674,8 +678,11 @@ class ShardedOptimizer:
                 elif dt == np.uint8:
                     # the start value quantized per block: the same codes and absmax as the
                     # one-process state has (a constant block quantizes alike, whole or not)
-                    a, st[name + "_absmax"] = _q.quantize_blockwise(
+                    codes, st[name + "_absmax"] = _q.quantize_blockwise(
                         np.full(n, init, np.float32), signed=signed)
+                    a = np.full(n, _q.zero_code(signed), np.uint8)  # padding: the zero code
+                    for q in L.pieces:
+                        a[q.at:q.at + q.hi - q.lo] = codes[q.at:q.at + q.hi - q.lo]
                 elif name.endswith("_absmax"):
                     continue
                 else:
@@ -1003,7 +1010,10 @@ class ShardedOptimizer:
             for n, shard in self._state[k].items():
                 buf, u = None, self._unit(n)
                 if self.rank == root:
-                    buf = np.zeros(L.total // u, shard.dtype)  # padding (q8 layouts) stays 0
+                    # padding (q8 layouts) as _init_state leaves it: zeros, and the zero code
+                    buf = np.zeros(L.total // u, shard.dtype)
+                    if shard.dtype == np.uint8:
+                        buf[:] = _q.zero_code(n not in self.rule.nonnegative_state)
                     for i, off in zip(L.tensors, L.offsets):
                         a = _flat(full["state"][i][n])
                         buf[off // u:off // u + a.size] = a

@@ -77,8 +77,9 @@ def main():
     back = ShardedOptimizer("adamw", [p.copy() for p in params], comm, backend="numpy", **options)
     back.load_full_state_dict(full)
     mine, theirs = opt.state_dict(), back.state_dict()
-    assert all(np.array_equal(mine["state"][k][n], theirs["state"][k][n])
-               for k in range(len(mine["state"])) for n in mine["state"][k]), "bf16-q8"
+    bad = [(k, n) for k in range(len(mine["state"])) for n in mine["state"][k]
+           if not np.array_equal(mine["state"][k][n], theirs["state"][k][n])]
+    assert not bad, f"rank {rank}: bf16-q8 state after gather/scatter: {bad}"
     print(f"rank {rank} ok torch", flush=True)
     dist.destroy_process_group()
 
