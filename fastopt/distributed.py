@@ -53,6 +53,15 @@ Communicators: :class:`MPIComm` (mpi4py, the default) or :class:`TorchComm`
 (an initialised ``torch.distributed`` process group, gloo on CPU, for jobs that
 already run one); both offer the same few collectives.
 
+Precision options (``state_dtype`` including ``"q8"``, ``min_8bit_size``,
+``master_weights``, ``stochastic_rounding``, ``seed``) and float16/bfloat16 params
+work as in one process, bit for bit: grads of 16-bit params are summed and
+averaged in float32; a piece of a param that starts at offset ``lo`` is rounded
+stochastically with :func:`shifted_seed` (the hash takes the index within the
+param); q8 params start on a 256-element block of their flat buffer, so shards
+hold whole blocks (docs/design.md, "Distributed").  ``max_norm`` with such
+params is refused (their kernels apply it per tensor).
+
 Limits: one param group; NumPy arrays (CuPy arrays would have to stage
 through host memory: the MPI wheels on PyPI are not CUDA-aware; NCCL would need
 the params on the GPU).
