@@ -53,6 +53,15 @@ Communicators: :class:`MPIComm` (mpi4py, the default) or :class:`TorchComm`
 (an initialised ``torch.distributed`` process group, gloo on CPU, for jobs that
 already run one); both offer the same few collectives.
 
+Precision options (``state_dtype`` including ``"q8"``, ``min_8bit_size``,
+``master_weights``, ``stochastic_rounding``, ``seed``) and float16/bfloat16 params
+work as in one process, bit for bit: grads of 16-bit params are summed and
+averaged in float32; a piece of a param that starts at offset ``lo`` is rounded
+stochastically with :func:`shifted_seed` (the hash takes the index within the
+param); q8 params start on a 256-element block of their flat buffer, so shards
+hold whole blocks (docs/design.md, "Distributed").  ``max_norm`` with such
+params is refused (their kernels apply it per tensor).
+
 Limits: one param group; NumPy arrays (CuPy arrays would have to stage
 through host memory: the MPI wheels on PyPI are not CUDA-aware; NCCL would need
 the params on the GPU).
@@ -67,13 +76,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import dataclasses
+
 from . import _backend
+from . import precision as _prec
+from . import quantization as _q
 from ._optim import OPTIMIZERS, Optimizer
 from ._pipeline import StepInfo, clip_scales
-from ._rules import CLIP_EPS, ELEMENTWISE, PIPELINE_DEFAULTS, as_host_scalars, check_hyperparameters, \
-    check_lr_value
+from ._rules import CLIP_EPS, ELEMENTWISE, PIPELINE_DEFAULTS, PRECISION_DEFAULTS, as_host_scalars, \
+    check_hyperparameters, check_lr_value
+from ._state import MAP_NAMES, precision_record
 from ._validate import (check_companions, check_disjoint, check_grad_scale, check_nonfinite, check_params,
-                        expected_layout)
+                        check_q8_options, expected_layout, grad_dtype_check, param_precision,
+                        resolve_precisions)
 
 #: Shard boundaries fall on multiples of this many elements, so the ranks' state
 #: sizes differ by at most one block (and a future block-quantized state never
@@ -106,8 +121,12 @@ def resolve_rule(rule) -> type:
                      f"got {rule!r}")
 
 
-def split_options(cls, options: dict) -> tuple:
-    """``(hyperparameters, nonfinite, backend)`` from constructor options, checked."""
+def split_options(cls, options: dict, precision: bool = False) -> tuple:
+    """``(hyperparameters, nonfinite, backend)`` from constructor options, checked;
+    ``precision=True``: the precision options (``state_dtype``, ...) are allowed and left
+    out of the result (the caller reads them), else they are unexpected keywords."""
+    if precision:
+        options = {k: v for k, v in options.items() if k not in PRECISION_DEFAULTS}
     options = dict(options)
     nonfinite = check_nonfinite(options.pop("nonfinite", "raise"))
     backend = options.pop("backend", "auto")
@@ -122,8 +141,9 @@ def split_options(cls, options: dict) -> tuple:
     return hp, nonfinite, backend
 
 
-def check_param_list(params) -> list:
-    """The params as a list of NumPy arrays (one group), checked as an optimizer checks them."""
+def check_param_list(params, sixteen_bit: bool = False) -> list:
+    """The params as a list of NumPy arrays (one group), checked as an optimizer checks them;
+    float16/bfloat16 params only with ``sixteen_bit`` (hogwild has no precision options)."""
     if _backend.array_kind(params) is not None:
         raise TypeError("params: expected a list of arrays, got a single array (wrap it in a list)")
     if not isinstance(params, (list, tuple)):
@@ -134,10 +154,9 @@ def check_param_list(params) -> list:
                         "here (one group)")
     kind = check_params(params, [f"params[{i}]" for i in range(len(params))])
     for i, p in enumerate(params):
-        # the precision options (16-bit params, state dtype, master, SR) are not sharded yet
-        if p.dtype.itemsize == 2:
-            raise TypeError(f"params[{i}]: expected dtype float32 or float64 (the sharded "
-                            f"optimizer has no float16/bfloat16 support yet), got {p.dtype}")
+        if p.dtype.itemsize == 2 and not sixteen_bit:
+            raise TypeError(f"params[{i}]: expected dtype float32 or float64 (this optimizer "
+                            f"has no float16/bfloat16 support), got {p.dtype}")
     if kind != "numpy":
         raise TypeError("params: expected NumPy arrays, got CuPy arrays (the MPI wheels are not "
                         "CUDA-aware; copy to host memory first)")
@@ -157,7 +176,8 @@ class Piece:
 
 @dataclass
 class DtypeLayout:
-    """One dtype's flat buffer: its tensors, their offsets, and the W shard ranges."""
+    """One flat buffer of params of one dtype and one precision: its tensors, their offsets,
+    and the W shard ranges."""
 
     dtype: np.dtype
     tensors: list    # indices into params
@@ -166,6 +186,18 @@ class DtypeLayout:
     starts: list     # shard start of every rank
     counts: list     # shard length of every rank
     pieces: list     # of Piece, this rank's
+    #: the params' resolved ``fastopt.precision.Precision`` (None: plain float32/float64)
+    precision: object = None
+
+    @property
+    def q8(self) -> bool:
+        return self.precision is not None and self.precision.state is _prec.Q8
+
+    @property
+    def grad_dtype(self) -> np.dtype:
+        """The dtype grads are summed and averaged in: float32 for 16-bit params (a 16-bit
+        grad widens exactly), else the params' dtype."""
+        return np.dtype(np.float32) if self.dtype.itemsize == 2 else self.dtype
 
 
 def shard_ranges(total: int, world: int, block: int = BLOCK) -> tuple:
@@ -182,15 +214,26 @@ def shard_ranges(total: int, world: int, block: int = BLOCK) -> tuple:
     return starts, counts
 
 
-def make_layouts(params: list, rank: int, world: int, block: int = BLOCK) -> list:
-    """One :class:`DtypeLayout` per dtype of ``params`` (sorted by name), pieces of ``rank``."""
+def make_layouts(params: list, rank: int, world: int, block: int = BLOCK,
+                 precisions: list | None = None) -> list:
+    """One :class:`DtypeLayout` per dtype (and precision) of ``params``, pieces of ``rank``.
+
+    ``precisions``: each param's resolved precision (None: plain).  Params with 8-bit
+    state (``state_dtype="q8"``) start at a multiple of the quantization block in their
+    buffer (the gap is padding no piece covers), so that shard boundaries, which fall on
+    multiples of ``block``, are also block boundaries of every param: each rank then
+    holds whole blocks of codes with their absmax, and its step is the one-process step.
+    """
+    precisions = precisions or [None] * len(params)
+    keys = [(p.dtype, pr) for p, pr in zip(params, precisions)]
     out = []
-    for dt in sorted({p.dtype for p in params}, key=str):
-        idx = [i for i, p in enumerate(params) if p.dtype == dt]
+    for dt, pr in sorted(set(keys), key=lambda k: (str(k[0]), repr(k[1]))):
+        idx = [i for i, k in enumerate(keys) if k == (dt, pr)]
+        pad = _q.BLOCKSIZE if pr is not None and pr.state is _prec.Q8 else 1
         offsets, total = [], 0
         for i in idx:
             offsets.append(total)
-            total += params[i].size
+            total += -(-params[i].size // pad) * pad
         starts, counts = shard_ranges(total, world, block)
         s, e = starts[rank], starts[rank] + counts[rank]
         pieces = []
@@ -198,8 +241,44 @@ def make_layouts(params: list, rank: int, world: int, block: int = BLOCK) -> lis
             lo, hi = max(s, off), min(e, off + params[i].size)
             if lo < hi:
                 pieces.append(Piece(i, lo - off, hi - off, lo - s))
-        out.append(DtypeLayout(np.dtype(dt), idx, offsets, total, starts, counts, pieces))
+        out.append(DtypeLayout(np.dtype(dt), idx, offsets, total, starts, counts, pieces, pr))
     return out
+
+
+def _unmix64(z: int) -> int:
+    """The inverse of ``fastopt.precision.mix64`` on one Python int (each of its steps is a
+    bijection of 64-bit words: an xor-shift by s >= 32 undoes itself, one by s < 32 is undone
+    by repeating it, and an odd multiplier has an inverse modulo 2**64)."""
+    m = (1 << 64) - 1
+
+    def unxorshift(x, s):
+        y = x
+        for _ in range(64 // s + 1):
+            y = x ^ (y >> s)
+        return y & m
+
+    z = unxorshift(z, 31)
+    z = (z * pow(0x94D049BB133111EB, -1, 1 << 64)) & m
+    z = unxorshift(z, 27)
+    z = (z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & m
+    return unxorshift(z, 30)
+
+
+def shifted_seed(seed: int, step: int, offset: int) -> int:
+    """A seed whose stochastic-rounding bits at ``(step, i)`` are ``seed``'s at
+    ``(step, i + offset)``, for every element index ``i``.
+
+    A kernel hashes the index of an element within the array it is given
+    (``fastopt.precision.random_bits``: ``mix64(K + i*G)`` with the step key
+    ``K = mix64(mix64(seed + G) + step*G)``); a shard's piece of a param starts at
+    ``offset`` within it.  ``K + (i + offset)*G == (K + offset*G) + i*G``, and both
+    mixes are invertible, so the seed whose step key is ``K + offset*G`` exists and is
+    computed here: the kernels need no offset argument, and a sharded step rounds every
+    element exactly as the one-process step does (tests/test_distributed.py checks it).
+    """
+    m, g = (1 << 64) - 1, 0x9E3779B97F4A7C15
+    key = (_prec.step_key(seed, step) + offset * g) & m
+    return (_unmix64((_unmix64(key) - step * g) & m) - g) & m
 
 
 def _flat(a):
@@ -217,6 +296,10 @@ class Part:
     extras: list | None
     states: dict
     tensor: np.ndarray  # the tensor index of each piece
+    #: the pieces' resolved precision (None: plain) and where each piece starts in its
+    #: param (stochastic rounding hashes the index within the param: see shifted_seed)
+    precision: object = None
+    los: list | None = None
 
 
 def read_stats(ops, parts: list, n_tensors: int, hp: dict, inv_scale, nonfinite: str):
@@ -244,7 +327,7 @@ def read_stats(ops, parts: list, n_tensors: int, hp: dict, inv_scale, nonfinite:
 
 
 def write_step(ops, kernel, parts: list, n_tensors: int, scales, hp: dict, scalars: dict, inv_scale,
-               param_norms):
+               param_norms, step: int = 0):
     """Phase 2: the fused kernel on every part, then ``max_norm``.
 
     ``scales`` are per-tensor clip factors (or None); ``param_norms(partial)``
@@ -256,9 +339,24 @@ def write_step(ops, kernel, parts: list, n_tensors: int, scales, hp: dict, scala
     for part in parts:
         if not part.params:
             continue
-        pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
-                  scales=None if scales is None else scales[part.tensor], weight_clip=hp["weight_clip"])
-        kernel(part.params, part.grads, part.states, scalars, pre, part.extras)
+        prec = part.precision
+        calls = [(None, prec)]
+        if prec is not None and prec.stochastic_rounding and any(part.los):
+            # a piece that starts inside its param gets the seed that shifts its indices
+            calls = [([i for i, lo in enumerate(part.los) if not lo], prec)] + [
+                ([i], dataclasses.replace(prec, seed=shifted_seed(prec.seed, step, lo)))
+                for i, lo in enumerate(part.los) if lo]
+        for idx, pr in calls:
+            if idx == []:
+                continue
+            sub = (lambda xs: xs) if idx is None else (lambda xs: [xs[i] for i in idx])
+            tensor = part.tensor if idx is None else part.tensor[idx]
+            pre = Pre(inv_scale=inv_scale, maximize=hp["maximize"], clip_value=hp["clip_value"],
+                      scales=None if scales is None else scales[tensor],
+                      weight_clip=hp["weight_clip"], precision=pr, step=step)
+            states = part.states if idx is None else {n: sub(v) for n, v in part.states.items()}
+            kernel(sub(part.params), sub(part.grads), states, scalars, pre,
+                   None if part.extras is None else sub(part.extras))
     if hp["max_norm"] is not None:
         partial = np.zeros(n_tensors)
         for part in parts:
@@ -272,6 +370,16 @@ def write_step(ops, kernel, parts: list, n_tensors: int, scales, hp: dict, scala
 
 
 # --------------------------------------------------------------------------- communicator
+
+def _wire(a):
+    """``a`` as the collectives can send it: a bfloat16 array (``ml_dtypes``, which neither
+    MPI's buffer protocol nor ``torch.from_numpy`` takes) as an int16 view of its bits (TorchComm
+    sends it as float16: gloo has no 16-bit integers); anything else (None included) as it is.  Only copies, never sums,
+    use this."""
+    if a is not None and a.dtype.itemsize == 2 and a.dtype.kind not in "fiu":
+        return a.view(np.int16)
+    return a
+
 
 class MPIComm:
     """The few collectives a sharded step needs, on an mpi4py communicator (buffers only)."""
@@ -310,16 +418,18 @@ class MPIComm:
 
     def allgather_shards(self, buf: np.ndarray, starts, counts):
         """Every rank's ``buf[starts[r]:starts[r]+counts[r]]`` into every rank's ``buf``."""
-        self.comm.Allgatherv(self.MPI.IN_PLACE, [buf, (counts, starts)])
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [_wire(buf), (counts, starts)])
 
     def gather_shards(self, shard: np.ndarray, full, starts, counts, root: int):
-        self.comm.Gatherv(shard, [full, (counts, starts)] if self.rank == root else None, root=root)
+        self.comm.Gatherv(_wire(shard), [_wire(full), (counts, starts)] if self.rank == root
+                          else None, root=root)
 
     def scatter_shards(self, full, shard: np.ndarray, starts, counts, root: int):
-        self.comm.Scatterv([full, (counts, starts)] if self.rank == root else None, shard, root=root)
+        self.comm.Scatterv([_wire(full), (counts, starts)] if self.rank == root else None,
+                           _wire(shard), root=root)
 
     def bcast_array(self, a: np.ndarray, root: int):
-        self.comm.Bcast(a, root=root)
+        self.comm.Bcast(_wire(a), root=root)
 
     def bcast_object(self, obj, root: int):
         return self.comm.bcast(obj, root=root)
@@ -349,7 +459,10 @@ class TorchComm:
         self.size = dist.get_world_size(group)
 
     def _t(self, a):
-        return self.torch.from_numpy(a)
+        t = self.torch.from_numpy(_wire(a))
+        # gloo has no 16-bit integer type: 16-bit bit patterns (bfloat16 on the wire) travel
+        # as float16, which broadcast and gather copy without looking at the values
+        return t.view(self.torch.float16) if t.dtype == self.torch.int16 else t
 
     def allgather_rows(self, row: np.ndarray) -> np.ndarray:
         row = np.ascontiguousarray(row)
@@ -365,6 +478,7 @@ class TorchComm:
             recv += scratch[k * n:(k + 1) * n]
 
     def _padded_gather(self, chunk, counts):
+        chunk = _wire(chunk)
         m = max(counts)
         pad = np.zeros(m, chunk.dtype)
         pad[:len(chunk)] = chunk
@@ -373,18 +487,21 @@ class TorchComm:
         return out
 
     def allgather_shards(self, buf, starts, counts):
+        buf = _wire(buf)
         s, n = starts[self.rank], counts[self.rank]
         rows = self._padded_gather(buf[s:s + n], counts)
         for k in range(self.size):
             buf[starts[k]:starts[k] + counts[k]] = rows[k, :counts[k]]
 
     def gather_shards(self, shard, full, starts, counts, root):
+        full = _wire(full)
         rows = self._padded_gather(shard, counts)  # every rank receives; only root keeps them
         if self.rank == root:
             for k in range(self.size):
                 full[starts[k]:starts[k] + counts[k]] = rows[k, :counts[k]]
 
     def scatter_shards(self, full, shard, starts, counts, root):
+        full, shard = _wire(full), _wire(shard)
         m = max(counts)
         buf = np.zeros((self.size, m), shard.dtype)
         if self.rank == root:
@@ -439,9 +556,25 @@ class ShardedOptimizer:
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"block: expected an integer >= 1, got {block!r}")
         self._options = dict(options)
-        self.hp, self.nonfinite, backend = split_options(self._cls, options)
-        self.params = check_param_list(params)
-        self.backend = _backend.resolve(backend, "numpy")
+        self.hp, self.nonfinite, backend = split_options(self._cls, options, precision=True)
+        self.params = check_param_list(params, sixteen_bit=True)
+        self.precision_options = {k: options.get(k, v) for k, v in PRECISION_DEFAULTS.items()}
+        by_dtype = resolve_precisions(self.rule, self.params,
+                                      [f"params[{i}]" for i in range(len(self.params))],
+                                      self.precision_options)
+        # per param: None when plain; a tensor below min_8bit_size keeps float32 state
+        self._precisions = [
+            None if _backend.is_plain(pr) else pr
+            for pr in (param_precision(by_dtype, p, self.precision_options["min_8bit_size"])
+                       for p in self.params)]
+        if any(pr is not None and pr.state is _prec.Q8 for pr in self._precisions) \
+                and block % _q.BLOCKSIZE:
+            raise ValueError(f"block: expected a multiple of {_q.BLOCKSIZE} with "
+                             f"state_dtype='q8' (a shard must hold whole quantization blocks), "
+                             f"got {block}")
+        self._check_precision_hp(self.hp)
+        self.backend = _backend.resolve(backend, "numpy",
+                                        tuple(pr for pr in self._precisions if pr is not None))
         self.comm = comm if isinstance(comm, (MPIComm, TorchComm)) else MPIComm(comm)
         if sum_order not in self.comm.sum_orders:
             raise ValueError(f"sum_order: {type(self.comm).__name__} offers {self.comm.sum_orders}, "
@@ -450,16 +583,20 @@ class ShardedOptimizer:
         self.sum_order = sum_order
         self._check_same_params()
 
-        self.layouts = make_layouts(self.params, self.rank, self.world, block)
+        self.layouts = make_layouts(self.params, self.rank, self.world, block, self._precisions)
         self._n = len(self.params)
         self._want = expected_layout(self.params)
-        # one send buffer per dtype: packed grads, then (after the reduction) the params
-        self._send = [np.empty(L.total, L.dtype) for L in self.layouts]
+        # one send buffer per layout: packed grads, then (after the reduction) the params,
+        # except for 16-bit params, whose grads are summed in float32 (a buffer of their
+        # own: ``_pbuf``); zeros, so that padding (q8 layouts) stays zero in every sum
+        self._send = [np.zeros(L.total, L.grad_dtype) for L in self.layouts]
+        self._pbuf = [buf if L.grad_dtype == L.dtype else np.zeros(L.total, L.dtype)
+                      for L, buf in zip(self.layouts, self._send)]
         # the reduced shard; in rank order it is the head of the buffer the W slices arrive in
         self._scratch = [self._landing(L) for L in self.layouts]
         self._recv = [self._shard_of(L, sc) for L, sc in zip(self.layouts, self._scratch)]
         extra = self.rule.extra is not None
-        self._xsend = [np.empty(L.total, L.dtype) if extra else None for L in self.layouts]
+        self._xsend = [np.zeros(L.total, L.grad_dtype) if extra else None for L in self.layouts]
         self._xscratch = [self._landing(L) if extra else None for L in self.layouts]
         self._xrecv = [self._shard_of(L, sc) if extra else None
                        for L, sc in zip(self.layouts, self._xscratch)]
@@ -478,11 +615,46 @@ class ShardedOptimizer:
 
     def _landing(self, L):
         n = L.counts[self.rank]
-        return np.empty(n * self.world, L.dtype) if self.sum_order == "rank" else None
+        return np.empty(n * self.world, L.grad_dtype) if self.sum_order == "rank" else None
 
     def _shard_of(self, L, scratch):
         n = L.counts[self.rank]
-        return scratch[:n] if scratch is not None else np.empty(n, L.dtype)
+        return scratch[:n] if scratch is not None else np.empty(n, L.grad_dtype)
+
+    def _check_precision_hp(self, hp):
+        """Options the precision options of some params cannot take here, ValueError."""
+        if any(pr is not None and pr.state is _prec.Q8 for pr in self._precisions):
+            check_q8_options(self.rule, hp)
+        if hp.get("max_norm") is not None and any(pr is not None for pr in self._precisions):
+            raise ValueError("max_norm: expected None with 16-bit params or a state_dtype other "
+                             "than the params' dtype in ShardedOptimizer (those kernels apply it "
+                             "per tensor before their one rounding, and a shard holds pieces of "
+                             f"tensors), got {hp['max_norm']!r}")
+
+    def _state_template(self, hp) -> list:
+        """Per layout, ``{name: (dtype, length, start value, signed)}`` of the shard's state
+        arrays under options ``hp``: the rule's state in the state dtype; with q8, uint8 codes
+        plus ``<name>_absmax`` (one float32 per block); ``master`` (float32) with master
+        weights."""
+        out = []
+        nonneg = set(self.rule.nonnegative_state)
+        for L in self.layouts:
+            n, pr, t = L.counts[self.rank], L.precision, {}
+            for name, init in self.rule.state(hp):
+                if L.q8:
+                    t[name] = (np.dtype(np.uint8), n, init, name not in nonneg)
+                    t[name + "_absmax"] = (np.dtype(np.float32), n // _q.BLOCKSIZE, None, None)
+                else:
+                    t[name] = (L.dtype if pr is None else np.dtype(pr.state), n, init, None)
+            if pr is not None and pr.master_weights:
+                t["master"] = (np.dtype(np.float32), n, None, None)
+            out.append(t)
+        return out
+
+    @staticmethod
+    def _unit(name) -> int:
+        """Elements of the flat buffer per entry of the state array ``name`` (absmax: a block)."""
+        return _q.BLOCKSIZE if name.endswith("_absmax") else 1
 
     def _check_same_params(self):
         """Shapes and dtypes must agree on every rank (else every rank raises)."""
@@ -503,20 +675,45 @@ class ShardedOptimizer:
                              f"rank(s) {others}")
 
     def _init_state(self):
-        """Flat shard state per dtype, and the kernel's views into it."""
-        names = self.rule.state(self.hp)
-        self._state = [{n: np.full(L.counts[self.rank], init, L.dtype) for n, init in names}
-                       for L in self.layouts]
+        """Flat shard state per layout, and the kernel's views into it."""
+        self._state = []
+        for L, tmpl in zip(self.layouts, self._state_template(self.hp)):
+            st = {}
+            for name, (dt, n, init, signed) in tmpl.items():
+                if name == "master":
+                    # exact: the param is RNE of it (its shard's pieces; padding stays 0)
+                    a = np.zeros(n, dt)
+                    for q in L.pieces:
+                        a[q.at:q.at + q.hi - q.lo] = _prec.to_float32(
+                            _flat(self.params[q.tensor])[q.lo:q.hi])
+                elif dt == np.uint8:
+                    # the start value quantized per block: the same codes and absmax as the
+                    # one-process state has (a constant block quantizes alike, whole or not)
+                    codes, st[name + "_absmax"] = _q.quantize_blockwise(
+                        np.full(n, init, np.float32), signed=signed)
+                    a = np.full(n, _q.zero_code(signed), np.uint8)  # padding: the zero code
+                    for q in L.pieces:
+                        a[q.at:q.at + q.hi - q.lo] = codes[q.at:q.at + q.hi - q.lo]
+                elif name.endswith("_absmax"):
+                    continue
+                else:
+                    a = np.full(n, init, dt)
+                st[name] = a
+            self._state.append(st)
         self._parts = []
         for L, recv, xrecv, st in zip(self.layouts, self._recv, self._xrecv, self._state):
             ps = L.pieces
             sl = [slice(q.at, q.at + q.hi - q.lo) for q in ps]
+            bl = [slice(q.at // _q.BLOCKSIZE, -(-(q.at + q.hi - q.lo) // _q.BLOCKSIZE))
+                  for q in ps]
             self._parts.append(Part(
                 params=[_flat(self.params[q.tensor])[q.lo:q.hi] for q in ps],
                 grads=[recv[s] for s in sl],
                 extras=None if xrecv is None else [xrecv[s] for s in sl],
-                states={n: [a[s] for s in sl] for n, a in st.items()},
-                tensor=np.array([q.tensor for q in ps], np.intp)))
+                states={n: [a[b] for b in bl] if n.endswith("_absmax") else [a[s] for s in sl]
+                        for n, a in st.items()},
+                tensor=np.array([q.tensor for q in ps], np.intp),
+                precision=L.precision, los=[q.lo for q in ps]))
 
     # ------------------------------------------------------------------ agreement
 
@@ -574,18 +771,20 @@ class ShardedOptimizer:
         inv_scale = check_grad_scale(grad_scale)
         label = lambda name, i: f"{name}[{i}]"  # noqa: E731
         grads = check_companions(self.params, grads, "grads", label, "numpy", allow_copy=True,
-                                 want=self._want)
+                                 want=self._want, dtype_check=grad_dtype_check)
         if self.rule.extra is not None:
             if extras is None:
                 raise TypeError(f"{self._cls.__name__}.step() needs {self.rule.extra}")
             extras = check_companions(self.params, extras, self.rule.extra, label, "numpy",
-                                      allow_copy=True, want=self._want)
+                                      allow_copy=True, want=self._want,
+                                      dtype_check=grad_dtype_check)
         check_disjoint([("params", self.params)],
                        [("grads", grads)] + ([(self.rule.extra, extras)] if extras is not None else []))
         hp = as_host_scalars(self.hp)
         if callable(hp["lr"]):
             hp["lr"] = float(hp["lr"](t - 1))
             check_lr_value(hp["lr"], f"lr (the schedule's value at step {t - 1})")
+        self._check_precision_hp(hp)
         return grads, extras, inv_scale, hp
 
     def _step(self, grads, extras, grad_scale):
@@ -641,12 +840,13 @@ class ShardedOptimizer:
         if sumsq is not None:
             scales, gnorm = clip_scales(np, sumsq, hp)
         scalars, new_gs = self.rule.step_scalars(hp, t, self._gstate)
-        write_step(ops, kernel, self._parts, self._n, scales, hp, scalars, inv_scale, self._param_norms)
+        write_step(ops, kernel, self._parts, self._n, scales, hp, scalars, inv_scale, self._param_norms,
+                   step=t)
         t3 = clock()
         for k, L in enumerate(self.layouts):
             if self.world == 1:
                 break  # the one shard is every param, updated in place
-            buf = self._send[k]
+            buf = self._pbuf[k]
             for q in L.pieces:
                 s = L.starts[self.rank] + q.at
                 buf[s:s + q.hi - q.lo] = _flat(self.params[q.tensor])[q.lo:q.hi]
@@ -692,7 +892,9 @@ class ShardedOptimizer:
             "world": self.world, "step_count": self.step_count,
             "hyperparameters": copy.deepcopy(self.hp), "group_state": dict(self._gstate),
             "layout": [{"dtype": str(L.dtype), "total": L.total, "start": L.starts[self.rank],
-                        "count": L.counts[self.rank]} for L in self.layouts],
+                        "count": L.counts[self.rank],
+                        "precision": None if L.precision is None else repr(L.precision)}
+                       for L in self.layouts],
             "state": [{n: a.copy() for n, a in st.items()} for st in self._state],
         }
 
@@ -729,21 +931,21 @@ class ShardedOptimizer:
             raise ValueError(f"state_dict['hyperparameters']: unknown option(s) "
                              f"{sorted(set(hp) - set(self.hp))}")
         check_hyperparameters(self.rule, hp, "state_dict['hyperparameters']: ")
-        names = [n for n, _ in self.rule.state(hp)]
+        self._check_precision_hp(hp)
         sc = sd["step_count"]
         if isinstance(sc, bool) or not isinstance(sc, (int, np.integer)) or sc < 0:
             raise ValueError(f"state_dict['step_count']: expected an integer >= 0, got {sc!r}")
         if set(sd["group_state"]) != set(self.rule.group_state):
             raise ValueError(f"state_dict['group_state']: expected keys {sorted(self.rule.group_state)}, "
                              f"got {sorted(sd['group_state'])}")
-        for k, (L, st) in enumerate(zip(self.layouts, sd["state"])):
-            for n in names:
+        for k, (tmpl, st) in enumerate(zip(self._state_template(hp), sd["state"])):
+            for n, (dt, length, _, _) in tmpl.items():
                 a = st.get(n)
                 where = f"state_dict['state'][{k}][{n!r}]"
                 if not isinstance(a, np.ndarray):
                     raise ValueError(f"{where}: expected an array, got {type(a).__name__}")
-                if a.shape != (L.counts[self.rank],) or a.dtype != L.dtype:
-                    raise ValueError(f"{where}: expected {L.dtype} ({L.counts[self.rank]},), got "
+                if a.shape != (length,) or a.dtype != dt:
+                    raise ValueError(f"{where}: expected {dt} ({length},), got "
                                      f"{a.dtype} {a.shape}")
 
     def gather_state_dict(self, root: int = 0):
@@ -755,22 +957,34 @@ class ShardedOptimizer:
         full = {}
         for k, L in enumerate(self.layouts):
             for n, a in self._state[k].items():
-                buf = np.empty(L.total, L.dtype) if self.rank == root else None
-                self.comm.gather_shards(a, buf, L.starts, L.counts, root)
+                u = self._unit(n)
+                buf = np.empty(L.total // u, a.dtype) if self.rank == root else None
+                self.comm.gather_shards(a, buf, [x // u for x in L.starts],
+                                        [x // u for x in L.counts], root)
                 full[(k, n)] = buf
         if self.rank != root:
             return None
         state = {i: {} for i in range(self._n)}
+        maps = {}
         for k, L in enumerate(self.layouts):
             for n in self._state[k]:
-                buf = full[(k, n)]
+                buf, u = full[(k, n)], self._unit(n)
                 for i, off in zip(L.tensors, L.offsets):
                     p = self.params[i]
-                    state[i][n] = buf[off:off + p.size].reshape(p.shape).copy()
+                    if u > 1:  # absmax: one per block of the param (offsets are block-aligned)
+                        state[i][n] = buf[off // u:off // u + -(-p.size // u)].copy()
+                    else:
+                        state[i][n] = buf[off:off + p.size].reshape(p.shape).copy()
+                if L.q8 and n != "master" and not n.endswith("_absmax"):
+                    maps[n] = MAP_NAMES[n not in self.rule.nonnegative_state]
         group = {k: copy.deepcopy(v) for k, v in self.hp.items()}
         group["params"] = list(range(self._n))
-        return {"rule": self.rule.name, "step_count": self.step_count, "param_groups": [group],
-                "state": state, "group_state": [dict(self._gstate)]}
+        out = {"rule": self.rule.name, "step_count": self.step_count, "param_groups": [group],
+               "state": state, "group_state": [dict(self._gstate)],
+               "precision": precision_record(self.precision_options)}
+        if maps:
+            out["q8"] = {"blocksize": _q.BLOCKSIZE, "maps": dict(sorted(maps.items()))}
+        return out
 
     def _probe(self, params):
         """A single-process optimizer of the same rule and options over ``params``."""
@@ -805,12 +1019,17 @@ class ShardedOptimizer:
         self._init_state()
         for k, L in enumerate(self.layouts):
             for n, shard in self._state[k].items():
-                buf = None
+                buf, u = None, self._unit(n)
                 if self.rank == root:
-                    buf = np.empty(L.total, L.dtype)
+                    # padding (q8 layouts) as _init_state leaves it: zeros, and the zero code
+                    buf = np.zeros(L.total // u, shard.dtype)
+                    if shard.dtype == np.uint8:
+                        buf[:] = _q.zero_code(n not in self.rule.nonnegative_state)
                     for i, off in zip(L.tensors, L.offsets):
-                        buf[off:off + self.params[i].size] = _flat(full["state"][i][n])
-                self.comm.scatter_shards(buf, shard, L.starts, L.counts, root)
+                        a = _flat(full["state"][i][n])
+                        buf[off // u:off // u + a.size] = a
+                self.comm.scatter_shards(buf, shard, [x // u for x in L.starts],
+                                         [x // u for x in L.counts], root)
         self.step_count = step_count
         self._gstate = {k: float(v) for k, v in gstate.items()}
 

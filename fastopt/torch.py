@@ -51,6 +51,23 @@ its round-to-nearest-even), ``stochastic_rounding`` (bfloat16 params without
 master weights) and ``seed`` (of the rounding's counter hash, whose step is the
 param's own ``step``) are passed through to fastopt's kernels.
 
+8-bit state
+-----------
+``state_dtype="q8"`` keeps each moment of a param with at least ``min_8bit_size``
+elements (4096, bitsandbytes' default) as fastopt's raw API does (docs/design.md,
+"8-bit state"): uint8 codes shaped like the param in ``state[p]["<name>_codes"]`` and
+one float32 absmax per 256-element block in ``state[p]["<name>_absmax"]``
+(``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ...).  "absmax" is
+bitsandbytes' word for the block scale; the stem is torch's state name (bitsandbytes'
+``state1``/``state2`` do not say which moment is which), and the codes never sit under
+torch's own name, so torch.optim can never read codes as moment values.  Smaller
+tensors keep float32 moments under torch's names.  The kernels get NumPy views of these
+tensors (zero-copy, as for float state); ``state_dict()`` adds ``"q8": {"blocksize",
+"maps"}`` (the raw API's record); ``load_state_dict(sd, convert=True)`` quantizes a
+float state (torch.optim's) into codes, or decodes codes into float moments, and
+without ``convert`` a state of the other format is an error.  ``state_nbytes()`` counts
+the state tensors' bytes.
+
 Not yet here: CUDA tensors raise a ``TypeError`` (the DLPack-to-CuPy path has
 not been written); use torch.optim for those.
 
@@ -77,9 +94,12 @@ from torch.optim import optimizer as _torch_optimizer
 
 from . import _backend
 from . import precision as _prec
+from . import quantization as _q
 from ._pipeline import GroupStep, make_buckets, run_step
 from ._rules import (PIPELINE_DEFAULTS, RULES, Rule, as_host_scalars, check_hyperparameters)
-from ._validate import check_grad_scale, check_nonfinite, resolve_precisions
+from ._state import MAP_NAMES, check_values
+from ._validate import (_float32_state, check_grad_scale, check_min_8bit_size, check_nonfinite,
+                        check_q8_options, resolve_precisions)
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
            "Lion", "LAMB", "AdaHessian", "Optimizer", "Muon"]
@@ -287,7 +307,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, options: dict, *, nonfinite="raise", backend="auto",
                  state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
-                 torch_only=None):
+                 min_8bit_size=4096, torch_only=None):
         rule = self.rule
         for name, value in (torch_only or {}).items():
             if name in _IGNORED_TORCH_OPTIONS:
@@ -308,7 +328,9 @@ class Optimizer(torch.optim.Optimizer):
                              f"got {backend!r}")
         self._backend_asked = backend
         self.precision_options = {"state_dtype": state_dtype, "master_weights": master_weights,
-                                  "stochastic_rounding": stochastic_rounding, "seed": seed}
+                                  "stochastic_rounding": stochastic_rounding, "seed": seed,
+                                  "min_8bit_size": min_8bit_size}
+        self.min_8bit_size = check_min_8bit_size(min_8bit_size)
         self._precisions = {}
         self.backend = _backend.resolve(backend, "numpy")
         self._plan = None
@@ -337,7 +359,7 @@ class Optimizer(torch.optim.Optimizer):
                                    self.precision_options)
         precs = {dt: by_np[v.dtype] for dt, v in zip(firsts, views)}
         for dt, pr in precs.items():
-            if not isinstance(pr.state, np.dtype):
+            if not isinstance(pr.state, np.dtype) and pr.state is not _prec.Q8:
                 raise NotImplementedError(
                     f"state_dtype: {self.precision_options['state_dtype']!r} is not wired into "
                     "fastopt.torch yet (its state is not one torch tensor per state name); use "
@@ -373,26 +395,148 @@ class Optimizer(torch.optim.Optimizer):
         except ValueError as e:
             raise ValueError(f"{where}{e}") from None
         check_hyperparameters(self.rule, hp, where)
+        if self.precision_options["state_dtype"] == "q8":
+            check_q8_options(self.rule, hp, where)  # a variant 8-bit state cannot take
         return hp
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    # ------------------------------------------------------------------ 8-bit state
+
+    def _prec_of(self, p):
+        """The resolved precision of one param: its dtype's, except that with
+        ``state_dtype="q8"`` a tensor below ``min_8bit_size`` elements keeps float32 state
+        (bitsandbytes' rule, as the raw API's ``fastopt._validate.param_precision``)."""
+        prec = self._precisions[p.dtype]
+        if prec.state is _prec.Q8 and p.numel() < self.min_8bit_size:
+            return _float32_state(prec)
+        return prec
+
+    def _is_q8(self, p) -> bool:
+        return self._prec_of(p).state is _prec.Q8
+
+    def _signed(self, name: str) -> bool:
+        return name not in self.rule.nonnegative_state
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state: every state tensor of every param (``master`` included),
+        in its dtype; 0-d counters (``step``, ``mu_product``, ...) are not counted, as the
+        raw API keeps them outside its arrays.  An 8-bit state counts its codes (1 byte per
+        element) and its absmax (4 bytes per 256-element block): Adam's moments cost 8 bytes
+        per param in float32, about 2.03 with ``state_dtype="q8"``."""
+        return sum(int(v.numel()) * v.element_size() for st in self.state.values()
+                   for v in st.values() if isinstance(v, torch.Tensor) and v.ndim)
+
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``, plus ``"q8": {"blocksize": 256, "maps": {name: map}}`` when
+        a state is 8-bit (``<name>_codes`` and ``<name>_absmax`` in a param's state), the
+        record the raw API's state dicts carry; torch.optim ignores the extra key."""
+        sd = super().state_dict()
+        maps = {}
+        for st in self.state.values():
+            for k in st:
+                if k.endswith("_codes"):
+                    name = k[:-len("_codes")]
+                    maps[name] = MAP_NAMES[self._signed(name)]
+        if maps:
+            sd["q8"] = {"blocksize": _q.BLOCKSIZE, "maps": dict(sorted(maps.items()))}
+        return sd
+
+    def load_state_dict(self, state_dict: dict, *, convert: bool = False) -> None:
         """torch's ``load_state_dict`` (a torch.optim state loads too), checked before it writes.
 
         Options a torch.optim state does not carry (fastopt's pipeline options,
-        ``bias_correction``) take this optimizer's defaults.
+        ``bias_correction``) take this optimizer's defaults.  A state whose format is
+        not this optimizer's -- float moments (a torch.optim state) where a param keeps
+        8-bit state (``state_dtype="q8"``), or 8-bit codes where it keeps float state --
+        is refused unless ``convert=True``, which quantizes (or decodes: ``map[code] *
+        absmax``) each such moment explicitly, as the raw API's ``convert=True`` does.
+        Tensors keep the dtype they were saved in (torch's own loader would cast 8-bit
+        codes, absmax and float32 moments of 16-bit params to the param's dtype).
         """
-        self._check_loadable(state_dict)
+        if not isinstance(convert, bool):
+            raise TypeError(f"convert: expected True or False, got {type(convert).__name__}")
+        state_dict = self._check_loadable(state_dict, convert)
         super().load_state_dict(state_dict)
+        # undo torch's cast of every floating state tensor to its param's dtype
+        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        for key, p in zip(saved, mine):
+            theirs = state_dict["state"].get(key)
+            if theirs is None or p not in self.state:
+                continue
+            st = self.state[p]
+            for k, v in theirs.items():
+                if isinstance(v, torch.Tensor) and k in st and st[k].dtype != v.dtype:
+                    st[k] = v.detach().to(device=p.device, copy=True)
         for g in self.param_groups:
             for k, v in self.defaults.items():
                 g.setdefault(k, v)
         self._plan = None
 
-    def _check_loadable(self, sd) -> None:
+    def _load_moment(self, sd, st, n, p, where, convert):
+        """Check one moment ``n`` of a loaded param state; ``{key: tensor}`` to replace it with
+        (empty: keep it as it is), converted to this optimizer's format when ``convert``."""
+        mine_q8 = self._is_q8(p)
+        signed = self._signed(n)
+        codes, absmax, a = st.get(n + "_codes"), st.get(n + "_absmax"), st.get(n)
+        if codes is not None or absmax is not None:
+            meta = sd.get("q8")
+            if (not isinstance(meta, dict) or meta.get("blocksize") != _q.BLOCKSIZE
+                    or not isinstance(meta.get("maps"), dict)):
+                raise ValueError(f"state_dict['q8']: expected {{'blocksize': {_q.BLOCKSIZE}, "
+                                 "'maps': {state name: map name}} (the record of its 8-bit "
+                                 f"states), got {meta!r:.200}")
+            if meta["maps"].get(n) != MAP_NAMES[signed]:
+                raise ValueError(f"state_dict['q8']['maps'][{n!r}]: expected "
+                                 f"{MAP_NAMES[signed]!r}, got {meta['maps'].get(n)!r}")
+            nb = -(-p.numel() // _q.BLOCKSIZE)
+            if (not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8
+                    or codes.shape != p.shape):
+                raise ValueError(f"{where}{n + '_codes'!r}]: expected uint8 codes of shape "
+                                 f"{tuple(p.shape)} (like its param), got "
+                                 f"{getattr(codes, 'dtype', type(codes).__name__)} "
+                                 f"{tuple(getattr(codes, 'shape', ()))}")
+            if (not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32
+                    or tuple(absmax.shape) != (nb,)):
+                raise ValueError(f"{where}{n + '_absmax'!r}]: expected float32 of shape ({nb},) "
+                                 f"(one per {_q.BLOCKSIZE}-element block), got "
+                                 f"{getattr(absmax, 'dtype', type(absmax).__name__)} "
+                                 f"{tuple(getattr(absmax, 'shape', ()))}")
+            check_values(absmax.detach().cpu().numpy(), f"{where}{n + '_absmax'!r}]", True)
+            if mine_q8:
+                return {}
+            if not convert:
+                raise ValueError(f"{where}{n + '_codes'!r}]: this optimizer keeps the param's "
+                                 f"{n!r} unquantized, got an 8-bit state (codes + absmax); pass "
+                                 "convert=True to decode it")
+            values = _q.dequantize_blockwise(codes.detach().cpu().numpy(),
+                                             absmax.detach().cpu().numpy(), signed=signed)
+            return {n: torch.from_numpy(np.asarray(values, np.float32)).to(p.device),
+                    n + "_codes": None, n + "_absmax": None}
+        if a is None:
+            return None
+        shape = tuple(a.shape) if hasattr(a, "shape") else None
+        if shape != tuple(p.shape):
+            raise ValueError(f"{where}{n!r}]: expected shape {tuple(p.shape)} (like its param), "
+                             f"got {shape}")
+        if not mine_q8:
+            return {}
+        if not convert:
+            raise ValueError(f"{where}{n!r}]: this optimizer keeps the param's {n!r} 8-bit "
+                             f"(state_dtype='q8': {n + '_codes'!r} and {n + '_absmax'!r}), got "
+                             f"a {a.dtype} tensor; pass convert=True to quantize it")
+        host = a.detach().to(torch.float32).cpu().numpy()
+        check_values(host, f"{where}{n!r}]", not signed)
+        c, m = _q.quantize_blockwise(host, signed=signed)
+        return {n: None, n + "_codes": torch.from_numpy(c).to(p.device),
+                n + "_absmax": torch.from_numpy(m).to(p.device)}
+
+    def _check_loadable(self, sd, convert=False) -> dict:
+        """Check ``sd`` whole; returns it, or a shallow copy with converted moments."""
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups', got "
                              f"{type(sd).__name__} {sorted(sd) if isinstance(sd, dict) else ''}")
         groups = sd["param_groups"]
+        converted = None
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict['param_groups']: expected {len(self.param_groups)} "
                              f"groups, got {len(groups)}")
@@ -411,18 +555,30 @@ class Optimizer(torch.optim.Optimizer):
                     want = self.rule.state_shape_of(n, p.shape)
                     if want is None:
                         continue  # Adafactor: no row_var for a vector, no variance for a matrix
-                    a = st.get(n)
-                    if a is None:
+                    where = f"state_dict['state'][{key}]["
+                    if want != tuple(p.shape):  # a factored (never 8-bit) state: check its shape
+                        a = st.get(n)
+                        shape = tuple(a.shape) if hasattr(a, "shape") else None
+                        if shape != want:
+                            raise ValueError(f"{where}{n!r}]: expected shape {want} (the {n} of "
+                                             f"a param of shape {tuple(p.shape)}), got {shape}")
+                        continue
+                    new = self._load_moment(sd, st, n, p, where, convert)
+                    if new is None:
                         # torch's SGD keeps no momentum buffer before the first step
                         if self.rule.name == "sgd":
                             continue
-                        raise ValueError(f"state_dict['state'][{key}][{n!r}]: missing")
-                    shape = tuple(a.shape) if hasattr(a, "shape") else None
-                    if shape != want:
-                        like = "like its param" if want == tuple(p.shape) else \
-                            f"the {n} of a param of shape {tuple(p.shape)}"
-                        raise ValueError(f"state_dict['state'][{key}][{n!r}]: expected shape "
-                                         f"{want} ({like}), got {shape}")
+                        raise ValueError(f"{where}{n!r}]: missing")
+                    if new:
+                        if converted is None:
+                            converted = {**sd, "state": dict(sd["state"])}
+                        st = converted["state"][key] = dict(converted["state"][key])
+                        for k, v in new.items():
+                            if v is None:
+                                st.pop(k, None)
+                            else:
+                                st[k] = v
+        return sd if converted is None else converted
 
     # ------------------------------------------------------------------ the step
 
@@ -566,7 +722,8 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"state[{label}][{n!r}]: expected a tensor of shape "
                                          f"{want}, got {getattr(a, 'shape', a)!r}")
         self._resolve_precisions()  # a param may have changed dtype (module.to(torch.bfloat16))
-        np_precs = {_numpy_dtype(dt): pr for dt, pr in self._precisions.items()}
+        if self.precision_options["state_dtype"] == "q8":
+            self._check_q8_state(hps, with_grad)
         parts_all, params_all, st_dicts, st_names, st_tensors = [], [], [], [], []
         sdt = _scalar_dtype()
         for gi, g in enumerate(self.param_groups):
@@ -585,8 +742,17 @@ class Optimizer(torch.optim.Optimizer):
                 params = [p for _, p, _ in entries]
                 states = [st for _, _, st in entries]
                 flat_p = [_flat_view(p) for p in params]
-                flat_s = {n: [_flat_view(st[n]) if n in st else None for st in states]
-                          for n, _ in names}  # None: a state this param has not (Adafactor)
+                # an 8-bit moment reaches the kernels as the raw API's: its codes under the
+                # moment's name, its absmax under ``<name>_absmax`` (None: a float state);
+                # None for a state this param has not (Adafactor's row_var of a vector)
+                flat_s = {}
+                for n, _ in names:
+                    flat_s[n] = [_flat_view(st[n + "_codes"] if n + "_codes" in st else st[n])
+                                 if n in st or n + "_codes" in st else None for st in states]
+                    absmax = [_flat_view(st[n + "_absmax"]) if n + "_absmax" in st else None
+                              for st in states]
+                    if any(a is not None for a in absmax):
+                        flat_s[n + "_absmax"] = absmax
                 if self.precision_options["master_weights"]:
                     flat_s["master"] = [_flat_view(st["master"]) for st in states]
                 steps = [st["step"].numpy() for st in states] if "step" in states[0] else []
@@ -597,7 +763,8 @@ class Optimizer(torch.optim.Optimizer):
                 parts.append(_Part(
                     t=t, params=params, steps=steps,
                     # a rule whose kernel needs the params' shapes (Muon) gets them
-                    buckets=make_buckets(flat_p, flat_s, np_precs,
+                    buckets=make_buckets(flat_p, flat_s,
+                                         param_precisions=[self._prec_of(p) for p in params],
                                          shapes=[tuple(p.shape) for p in params]
                                          if rule.needs_shapes else None),
                     gviews=gviews, gstate=gstate,
@@ -615,12 +782,54 @@ class Optimizer(torch.optim.Optimizer):
                      ptrs=list(map(_data_ptr, params_all)), st_dicts=st_dicts,
                      st_names=st_names, st_tensors=st_tensors, vals=vals, hp=hps)
 
+    def _check_q8_state(self, hps, with_grad) -> None:
+        """ValueError for a param with 8-bit state whose state holds a float moment under torch's
+        name (set by hand: ``load_state_dict(..., convert=True)`` converts one) or codes/absmax
+        of the wrong dtype or shape.  Nothing is written."""
+        multi = len(self.param_groups) > 1
+        for gi, g in enumerate(self.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if id(p) not in with_grad[gi] or not self._is_q8(p) or p not in self.state:
+                    continue
+                st = self.state[p]
+                label = f"param_groups[{gi}]['params'][{pi}]" if multi else f"params[{pi}]"
+                nb = -(-p.numel() // _q.BLOCKSIZE)
+                for n, _ in self.rule.state(hps[gi]):
+                    if n in st:
+                        raise ValueError(f"state[{label}][{n!r}]: expected no float {n!r} (the "
+                                         f"param keeps it 8-bit, state_dtype='q8', as "
+                                         f"{n + '_codes'!r} and {n + '_absmax'!r}), got a "
+                                         f"tensor; load a float state with "
+                                         f"load_state_dict(sd, convert=True)")
+                    for k, dt, shape in ((n + "_codes", torch.uint8, tuple(p.shape)),
+                                         (n + "_absmax", torch.float32, (nb,))):
+                        a = st.get(k)
+                        if a is not None and (not isinstance(a, torch.Tensor) or a.dtype != dt
+                                              or tuple(a.shape) != shape):
+                            raise ValueError(f"state[{label}][{k!r}]: expected a {dt} tensor of "
+                                             f"shape {shape}, got {getattr(a, 'dtype', a)!r} "
+                                             f"{tuple(getattr(a, 'shape', ()))}")
+
     def _init_state(self, p, st, names, hp, sdt) -> int:
         """Create the state arrays ``p`` lacks (torch creates them lazily too); its step count."""
-        had_buffer = "momentum_buffer" in st
-        prec = self._precisions[p.dtype]
-        dt = _TORCH_DTYPES[prec.state.name]  # the param's dtype unless state_dtype says else
+        had_buffer = "momentum_buffer" in st or "momentum_buffer_codes" in st
+        prec = self._prec_of(p)
+        q8 = prec.state is _prec.Q8
+        # the param's dtype unless state_dtype says else (8-bit: the codes' float32 absmax)
+        dt = torch.float32 if q8 else _TORCH_DTYPES[prec.state.name]
         for n, init in names:
+            if q8:
+                c, m = st.get(n + "_codes"), st.get(n + "_absmax")
+                if c is None or m is None:
+                    # the rule's start value, quantized (0: the zero code, absmax 0)
+                    codes, absmax = _q.quantize_blockwise(np.full(tuple(p.shape), init,
+                                                                  np.float32),
+                                                          signed=self._signed(n))
+                    st[n + "_codes"] = torch.from_numpy(np.ascontiguousarray(codes))
+                    st[n + "_absmax"] = torch.from_numpy(absmax)
+                else:
+                    st[n + "_codes"], st[n + "_absmax"] = c.contiguous(), m.contiguous()
+                continue
             a = st.get(n)
             shape = self.rule.state_shape_of(n, p.shape)
             if shape is None:
@@ -670,7 +879,7 @@ def _split(local: dict, torch_only: tuple):
     if isinstance(out.get("betas"), list):
         out["betas"] = tuple(out["betas"])
     wide = {k: out.pop(k) for k in ("nonfinite", "backend", "state_dtype", "master_weights",
-                                    "stochastic_rounding", "seed")}
+                                    "stochastic_rounding", "seed", "min_8bit_size")}
     tonly = {k: out.pop(k) for k in torch_only}
     return out, wide, tonly
 
@@ -681,8 +890,9 @@ _DOC = """
     fastopt's fused kernel on the params' own memory; see :mod:`fastopt.torch`.
     fastopt's options: ``clip_value``, ``clip_norm`` (per tensor),
     ``clip_global_norm`` (all tensors of a group), ``weight_clip``, ``max_norm``
-    (any of them per group), ``nonfinite``, ``backend`` and, for 16-bit params,
-    ``state_dtype``, ``master_weights``, ``stochastic_rounding`` and ``seed``.
+    (any of them per group), ``nonfinite``, ``backend``, ``state_dtype`` (``"q8"``:
+    8-bit moments for tensors of at least ``min_8bit_size`` elements) and, for 16-bit
+    params, ``master_weights``, ``stochastic_rounding`` and ``seed``.
 """
 
 
@@ -694,7 +904,8 @@ class SGD(Optimizer):
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
-                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -709,7 +920,8 @@ class Adam(Optimizer):
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  bias_correction=True, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
-                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -724,7 +936,8 @@ class AdamW(Optimizer):
                  differentiable=False, fused=None, bias_correction=True, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -738,7 +951,8 @@ class Adagrad(Optimizer):
                  differentiable=False, fused=None, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "differentiable", "fused"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -751,7 +965,8 @@ class RMSprop(Optimizer):
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
-                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -764,7 +979,8 @@ class Adadelta(Optimizer):
                  capturable=False, maximize=False, differentiable=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -777,7 +993,8 @@ class Adamax(Optimizer):
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
                  max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -792,7 +1009,8 @@ class NAdam(Optimizer):
                  maximize=False, capturable=False, differentiable=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -806,7 +1024,8 @@ class RAdam(Optimizer):
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
-                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable",
                                     "decoupled_weight_decay"))
         super().__init__(params, o, torch_only=t, **w)
@@ -822,7 +1041,8 @@ class Lion(Optimizer):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
                  max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
@@ -837,7 +1057,8 @@ class LAMB(Optimizer):
                  bias_correction=True, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
@@ -857,7 +1078,8 @@ class AdaHessian(Optimizer):
                  weight_decay=0.0, *, maximize=False, clip_value=None, clip_norm=None,
                  clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
                  backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ())
         super().__init__(params, o, torch_only=t, **w)
 
@@ -911,7 +1133,8 @@ class Muon(Optimizer):
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
                  adjust_lr_fn=None, *, clip_value=None, clip_norm=None, clip_global_norm=None,
                  weight_clip=None, max_norm=None, nonfinite="raise", backend="auto",
-                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0):
+                 state_dtype=None, master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         # torch.optim.Muon's own checks and messages first
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -955,7 +1178,8 @@ class ASGD(Optimizer):
                  foreach=None, maximize=False, differentiable=False, capturable=False, *,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
                  max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         super().__init__(params, o, torch_only=t, **w)
 
@@ -969,7 +1193,8 @@ class Rprop(Optimizer):
                  capturable=False, foreach=None, maximize=False, differentiable=False,
                  clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
                  max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, seed=0):
+                 master_weights=False, stochastic_rounding=False, seed=0,
+                 min_8bit_size=4096):
         o, w, t = _split(locals(), ("foreach", "capturable", "differentiable"))
         for k in ("etas", "step_sizes"):
             if isinstance(o.get(k), list):

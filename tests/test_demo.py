@@ -248,3 +248,18 @@ def test_numba_threads_default_and_limit():
         assert "at most" in _demo._numba_threads(most + 1, 10)
     finally:
         numba.set_num_threads(before)
+
+
+def test_muon_row_splits_hidden_matrices_from_the_rest(digits):
+    """The demo's Muon row: Muon gets the hidden layers' weight matrices, AdamW the output
+    layer and every 1-D param; it learns digits and XOR."""
+    net = _demo.MLP((64, 20, 16, 10), np.random.default_rng(0))
+    opt = _demo.make_optimizer("muon", net.params, backend="numpy")
+    assert opt.hidden == [0, 2]  # W1 (64x20), W2 (20x16); W3 (16x10) is the output layer
+    assert opt.rest == [1, 3, 4, 5]
+    assert type(opt.muon).__name__ == "Muon" and type(opt.adamw).__name__ == "AdamW"
+    before = [p.copy() for p in net.params]
+    opt.step([np.ones_like(p) for p in net.params])
+    assert all(not np.array_equal(a, b) for a, b in zip(before, net.params))
+    x = _demo.train_xor("muon", steps=300, seed=0, backend="numpy")
+    assert x.accuracy == 1.0 and x.loss < 0.05

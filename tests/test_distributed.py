@@ -150,8 +150,59 @@ def test_bad_params_refused():
         ShardedOptimizer("adam", [{"params": [np.zeros(3)]}])
     with pytest.raises(TypeError, match=r"params\[1\]: expected dtype float16, bfloat16, float32 or float64"):
         ShardedOptimizer(fo.Adam, [np.zeros(3), np.zeros(3, np.int32)])
-    with pytest.raises(TypeError, match=r"params\[0\]: expected dtype float32 or float64 \(the sharded"):
-        ShardedOptimizer(fo.Adam, [np.zeros(3, np.float16)])
+    with pytest.raises(ValueError, match=r"stochastic_rounding: expected False for params\[0\]"):
+        ShardedOptimizer(fo.Adam, [np.zeros(3, np.float16)], stochastic_rounding=True)
+
+
+def test_hogwild_still_refuses_sixteen_bit_params():
+    from fastopt.distributed import check_param_list, split_options
+
+    with pytest.raises(TypeError, match=r"params\[0\]: expected dtype float32 or float64"):
+        check_param_list([np.zeros(3, np.float16)])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        split_options(fo.Adam, {"state_dtype": "q8"})
+
+
+def test_shifted_seed_shifts_the_rounding_index():
+    """A shard's piece starting at ``offset`` within its param draws, at index i, the bits
+    the whole param draws at i + offset: stochastic rounding is the one-process rounding."""
+    from fastopt import precision as P
+    from fastopt.distributed import shifted_seed
+
+    for seed, step, offset in ((0, 1, 256), (9, 7, 1000), (2 ** 64 - 1, 3, 77)):
+        i = np.arange(40, dtype=np.uint64)
+        assert np.array_equal(P.random_bits(shifted_seed(seed, step, offset), step, i),
+                              P.random_bits(seed, step, i + np.uint64(offset)))
+
+
+@pytest.mark.parametrize("opts, params, match", [
+    (dict(master_weights=True, max_norm=1.0), [np.zeros(3, np.float16)], "max_norm: expected None"),
+    (dict(state_dtype="q8", block=100), [np.zeros(5000, np.float32)], "block: expected a multiple of 256"),
+])
+def test_precision_options_that_cannot_be_sharded(opts, params, match):
+    with pytest.raises(ValueError, match=match):
+        ShardedOptimizer("adam", params, **opts)
+    with pytest.raises(ValueError, match="centered"):
+        ShardedOptimizer("rmsprop", [np.zeros(5000, np.float32)], state_dtype="q8", centered=True)
+
+
+def test_q8_layout_aligns_every_param_to_a_block():
+    params = [np.zeros(n, np.float32) for n in (5000, 30, 700, 4097)]
+    opt = ShardedOptimizer("adam", params, state_dtype="q8", min_8bit_size=500)
+    q8 = [L for L in opt.layouts if L.q8]
+    assert len(q8) == 1 and [params[i].size for i in q8[0].tensors] == [5000, 700, 4097]
+    assert q8[0].offsets == [0, 5120, 5888] and q8[0].total == 5888 + 4352
+    assert opt.state_nbytes() == (30 * 4 * 2) + 2 * (q8[0].total + q8[0].total // 256 * 4)
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_precision_options_equal_single_process(n):
+    """bfloat16/float16 params, 16-bit and q8 state, master weights, stochastic rounding:
+    params and every state array bit for bit the one-process step's, through a gathered
+    and a per-rank checkpoint too (tests/mpi/sharded_cases.py, run_precision)."""
+    out = assert_ok(launch(n, "precision"), n, "precision")
+    assert "6 precision cases" in out
 
 
 @needs_mpiexec

@@ -859,3 +859,147 @@ def test_step_hooks_global_and_under_the_profiler():
     finally:
         for h in handles:
             h.remove()
+
+
+# --------------------------------------------------------------------------- 8-bit state (issue 13)
+
+
+class Q8MLP(nn.Module):
+    """One weight above ``min_8bit_size`` (64 x 75 = 4800 elements: 18 blocks of 256 and a
+    partial one of 192) and three tensors below it, which keep float32 state."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 75), nn.ReLU(), nn.Linear(75, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _q8_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return Q8MLP().to(dtype)
+
+
+@pytest.mark.parametrize("name,dtype,opts", [
+    ("Adam", torch.float32, dict(lr=1e-2, weight_decay=1e-2)),
+    ("AdamW", torch.bfloat16, dict(lr=1e-2, stochastic_rounding=True, seed=5)),
+    ("SGD", torch.float32, dict(lr=0.05, momentum=0.9)),
+], ids=["adam", "adamw-bf16-sr", "sgd-momentum"])
+def test_q8_matches_the_raw_api(digits, name, dtype, opts):
+    """state_dtype='q8' in the adapter is the raw API's q8 step bit for bit over 20 steps;
+    the state is uint8 codes + float32 absmax tensors for the big weight, torch's float32
+    moments for the tensors below min_8bit_size, and no state tensor moves."""
+    model = _q8_model(dtype)
+    raw = [_raw_copy(p) for p in model.parameters()]
+    of = getattr(ft, name)(model.parameters(), state_dtype="q8", **opts)
+    oraw = getattr(fastopt, name)(raw, state_dtype="q8", backend=of.backend, **opts)
+    ptrs = None
+    for t, (xb, yb) in enumerate(batches(digits, dtype)):
+        loss_step(model, of, xb, yb)
+        oraw.step([_raw_copy(p.grad) for p in model.parameters()])
+        of.step()
+        for a, b in zip(model.parameters(), raw):
+            np.testing.assert_array_equal(_raw_copy(a).view(np.uint8), b.view(np.uint8),
+                                          err_msg=f"step {t + 1}")
+        now = [p.data_ptr() for p in model.parameters()] + [
+            v.data_ptr() for st in of.state.values() for v in st.values()]
+        assert ptrs is None or now == ptrs
+        ptrs = now
+    moment = "momentum_buffer" if name == "SGD" else "exp_avg"
+    big, small = model.net[0].weight, model.net[0].bias
+    st = of.state[big]
+    assert st[moment + "_codes"].dtype == torch.uint8 and st[moment + "_codes"].shape == big.shape
+    assert st[moment + "_absmax"].dtype == torch.float32
+    assert tuple(st[moment + "_absmax"].shape) == (19,)  # ceil(4800 / 256)
+    assert moment not in st
+    assert of.state[small][moment].dtype == torch.float32  # below min_8bit_size: float state
+    raw_st = oraw.state[0][0]
+    assert np.array_equal(st[moment + "_codes"].numpy(), raw_st[moment])
+    assert np.array_equal(st[moment + "_absmax"].numpy(), raw_st[moment + "_absmax"])
+    assert of.state_nbytes() == oraw.state_nbytes()
+
+
+def test_q8_state_dict_round_trip(digits, tmp_path):
+    """A q8 state saved with torch.save and loaded into a fresh optimizer continues bit for bit;
+    its codes stay uint8 and its absmax float32 (torch's loader alone casts them to the
+    param's dtype)."""
+    model = _q8_model(torch.bfloat16)
+    opts = dict(lr=1e-2, state_dtype="q8", min_8bit_size=700)
+    of = ft.Adam(model.parameters(), **opts)
+    data = list(batches(digits, torch.bfloat16, n=8))
+    for xb, yb in data[:4]:
+        loss_step(model, of, xb, yb)
+        of.step()
+    sd = of.state_dict()
+    assert sd["q8"] == {"blocksize": 256, "maps": {"exp_avg": "dynamic_signed",
+                                                   "exp_avg_sq": "dynamic_unsigned"}}
+    torch.save({"model": model.state_dict(), "opt": sd}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt")
+    model2 = _q8_model(torch.bfloat16)
+    model2.load_state_dict(ck["model"])
+    of2 = ft.Adam(model2.parameters(), **opts)
+    of2.load_state_dict(ck["opt"])
+    for p in model2.parameters():
+        for k, v in of2.state[p].items():
+            want = {"_codes": torch.uint8, "_absmax": torch.float32}.get(k[k.rfind("_"):])
+            if want is not None:
+                assert v.dtype == want, (k, v.dtype)
+    for xb, yb in data[4:]:
+        for m, o in ((model, of), (model2, of2)):
+            loss_step(m, o, xb, yb)
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    for a, b in zip(of.state.values(), of2.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_q8_loads_a_torch_state_only_with_convert(digits):
+    """A torch.optim.Adam state (float moments) loads into a q8 fastopt.torch.Adam only with
+    convert=True, which quantizes each moment; the reverse (q8 into a float32-state
+    optimizer) decodes with convert=True.  Without it: a clear error, nothing written."""
+    from fastopt import quantization as q
+
+    model = _q8_model()
+    ot = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for xb, yb in batches(digits, n=3):
+        loss_step(model, ot, xb, yb)
+        ot.step()
+    sd = ot.state_dict()
+    of = ft.Adam(model.parameters(), lr=1e-2, state_dtype="q8")
+    with pytest.raises(ValueError, match=r"\['exp_avg'\].*8-bit.*convert=True"):
+        of.load_state_dict(sd)
+    assert not of.state
+    of.load_state_dict(sd, convert=True)
+    w = model.net[0].weight
+    for n, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = q.quantize_blockwise(ot.state[w][n].numpy(), signed=signed)
+        assert np.array_equal(of.state[w][n + "_codes"].numpy(), codes)
+        assert np.array_equal(of.state[w][n + "_absmax"].numpy(), absmax)
+    assert torch.equal(of.state[model.net[0].bias]["exp_avg"], ot.state[model.net[0].bias]["exp_avg"])
+    xb, yb = next(batches(digits, n=1, seed=9))
+    loss_step(model, of, xb, yb)
+    of.step()  # continues from the converted state
+    assert float(of.state[w]["step"]) == 4.0
+
+    q8sd = copy.deepcopy(of.state_dict())
+    of32 = ft.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"exp_avg_codes.*unquantized.*convert=True"):
+        of32.load_state_dict(q8sd)
+    assert not of32.state
+    of32.load_state_dict(q8sd, convert=True)
+    want = q.dequantize_blockwise(q8sd["state"][0]["exp_avg_codes"].numpy(),
+                                  q8sd["state"][0]["exp_avg_absmax"].numpy(), signed=True)
+    assert np.array_equal(of32.state[w]["exp_avg"].numpy(), want)
+    assert "exp_avg_codes" not in of32.state[w]
+    bad = copy.deepcopy(q8sd)
+    del bad["q8"]
+    with pytest.raises(ValueError, match=r"state_dict\['q8'\]"):
+        ft.Adam(model.parameters(), state_dtype="q8").load_state_dict(bad)
+    with pytest.raises(TypeError, match="convert"):
+        of.load_state_dict(q8sd, convert="yes")
+    with pytest.raises(ValueError, match="centered"):
+        ft.RMSprop(model.parameters(), centered=True, state_dtype="q8")
+    with pytest.raises(ValueError, match="min_8bit_size"):
+        ft.Adam(model.parameters(), state_dtype="q8", min_8bit_size=-1)

@@ -60,10 +60,49 @@ OPTIMIZER_SPECS = {
     "adabelief": ("adabelief", {},                                1e-3,  0.05),
     "yogi":      ("yogi",      {},                                1e-3,  0.05),
     "ademamix":  ("ademamix",  {},                                1e-3,  0.05),
+    # Muon on the hidden layers' weight matrices and AdamW on the rest (MuonAdamW below);
+    # adjust_lr_fn="match_rms_adamw" scales Muon's step to AdamW's update size, so the two
+    # share one learning rate (2e-3 was the best of 1e-3/2e-3/3e-3 on this demo)
+    "muon":      ("muon",      {"weight_decay": 1e-2, "adjust_lr_fn": "match_rms_adamw"},
+                  2e-3,  0.05),
 }
 
 #: What ``python -m fastopt demo`` trains when ``--optimizer`` is not given.
-DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lion")
+DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad", "lion", "muon")
+
+
+class MuonAdamW:
+    """Muon on the hidden layers' weight matrices, AdamW on every other param, as Muon's
+    authors recommend (and torch.optim.Muon's docs): the output layer's matrix (its columns
+    are per-class vectors, not a map to orthogonalize), biases and BatchNorm gains go to
+    AdamW.  Two fastopt optimizers, one per rule (a fastopt optimizer runs one rule over
+    its param groups), stepped together with the same options and learning rate.
+
+    ``hidden``: the positions in ``params`` of the matrices Muon gets (default: every 2-D
+    param but the last one, the output layer).  A step is Muon's then AdamW's: a
+    non-finite grad raises in the first that sees it; the demo treats that as divergence.
+    """
+
+    def __init__(self, params, *, lr, weight_decay=1e-2, adjust_lr_fn="match_rms_adamw",
+                 hidden=None, backend="auto", **options):
+        if hidden is None:
+            mats = [i for i, p in enumerate(params) if p.ndim == 2]
+            hidden = mats[:-1]
+        self.hidden = list(hidden)
+        self.rest = [i for i in range(len(params)) if i not in set(self.hidden)]
+        self.muon = OPTIMIZERS["muon"]([params[i] for i in self.hidden], lr=lr,
+                                       weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn,
+                                       backend=backend, **options)
+        self.adamw = OPTIMIZERS["adamw"]([params[i] for i in self.rest], lr=lr,
+                                         weight_decay=weight_decay, backend=backend, **options)
+        self.backend = self.muon.backend
+
+    def step(self, grads):
+        self.muon.step([grads[i] for i in self.hidden])
+        return self.adamw.step([grads[i] for i in self.rest])
+
+    def state_nbytes(self) -> int:
+        return self.muon.state_nbytes() + self.adamw.state_nbytes()
 
 SCHEDULES = ("constant", "exponential", "step", "cosine", "warmup")
 
@@ -108,8 +147,9 @@ def make_optimizer(name: str, params, *, lr=None, schedule="constant", total_ste
     opts = dict(opts)
     if clip_global_norm is not None:
         opts["clip_global_norm"] = clip_global_norm
-    return OPTIMIZERS[rule](params, lr=make_schedule(schedule, lr, total_steps), backend=backend,
-                            **opts, **(precision or {}))
+    cls = MuonAdamW if rule == "muon" else OPTIMIZERS[rule]
+    return cls(params, lr=make_schedule(schedule, lr, total_steps), backend=backend,
+               **opts, **(precision or {}))
 
 
 def numpy_backends() -> dict:
@@ -805,8 +845,12 @@ def run(args) -> int:
           + (f", dropout {args.dropout:g}" if args.dropout else "")
           + f", seed {args.seed}")
     results = []
+    muon_skipped = False
     for name in names:
         for pdtype, precision, suffix in variants:
+            if name == "muon" and (pdtype is not None or precision):
+                muon_skipped = True  # Muon takes float32/float64 params and state only
+                continue
             results.append(train(name, data, epochs=epochs, batch_size=args.batch_size,
                                  hidden=tuple(args.hidden), lr=_lr_for(args.lr, name),
                                  schedule=args.schedule, clip_global_norm=args.clip_global_norm,
@@ -817,6 +861,11 @@ def run(args) -> int:
                                  batchnorm=args.batchnorm, dropout=args.dropout))
     print()
     print(format_table(results, state=q8))
+    if "muon" in names:
+        print("muon: Muon on the hidden layers' weight matrices, AdamW on the output layer and "
+              "the biases (two optimizers, one lr; adjust_lr_fn='match_rms_adamw')"
+              + ("; no 16-bit or q8 rows (Muon keeps float32 params and state)"
+                 if muon_skipped else ""))
     if q8:
         print(f"q8 rows: 8-bit block-quantized moments (state_dtype='q8': uint8 codes + a float32 "
               f"absmax per 256 elements; tensors under 4096 elements keep float32 state), backend "

@@ -189,6 +189,10 @@ def run(args, backend) -> int:
         print("error: choose one of --distributed and --hogwild", file=sys.stderr)
         return 2
     names = _parse_optimizers(args.optimizer) if args.optimizer else DEFAULT
+    if any(OPTIMIZER_SPECS[n][0] == "muon" for n in names):
+        print("error: --distributed and --hogwild take element-wise rules (Muon orthogonalizes "
+              "whole matrices; a shard is not one)", file=sys.stderr)
+        return 2
     if args.distributed and any(OPTIMIZER_SPECS[n][0] == "lamb" for n in names):
         print("error: --distributed takes element-wise rules (LAMB's trust ratio is not sharded)",
               file=sys.stderr)

@@ -239,6 +239,96 @@ def run_bad_params(backend):
     return "refused"
 
 
+# 16-bit params and the precision options: (id, rule, options, param dtype, grad dtype).  The
+# sizes below put shard boundaries inside tensors at W = 2 and 3, so pieces start mid-param
+# (stochastic rounding's shifted seed, q8's block alignment) and min_8bit_size=300 leaves
+# the small tensors with float32 state in a layout of their own.
+PRECISION_SHAPES = [(1000,), (7,), (30, 11), (517,), (3,), (260,)]
+PRECISION_CASES = [
+    ("adamw-bf16-sr", "adamw", dict(lr=1e-2, stochastic_rounding=True, seed=9), "bfloat16",
+     np.float32),
+    ("adam-bf16-master-bf16state", "adam", dict(lr=1e-2, master_weights=True,
+                                                state_dtype="bfloat16"), "bfloat16", "bfloat16"),
+    ("sgd-f16-param-state", "sgd", dict(lr=0.05, momentum=0.9, state_dtype="param"), "float16",
+     "float16"),
+    ("adam-q8", "adam", dict(lr=1e-2, weight_decay=1e-2, state_dtype="q8", min_8bit_size=300),
+     "float32", np.float32),
+    ("adagrad-q8", "adagrad", dict(lr=1e-2, initial_accumulator_value=0.1, state_dtype="q8",
+                                   min_8bit_size=300), "float32", np.float32),
+    ("adamw-bf16-q8-sr", "adamw", dict(lr=1e-2, state_dtype="q8", min_8bit_size=300,
+                                       stochastic_rounding=True, seed=4), "bfloat16", np.float32),
+]
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _bits(a):
+    return a.view(np.uint8) if a.dtype.itemsize else a
+
+
+def run_precision(backend, steps, only=None):
+    """16-bit params, state dtypes, master weights, stochastic rounding and q8 state: the
+    sharded step is the one-process step on the averaged grads bit for bit (params, every
+    state array); a gathered state scattered onto fresh ranks continues bit for bit, and so
+    does a per-rank shard state_dict."""
+    checked = 0
+    for cid, rule, options, pdt, gdt in PRECISION_CASES:
+        if only and cid not in only:
+            continue
+        pdt, gdt = _dtype(pdt), _dtype(gdt)
+        rng = np.random.default_rng(5)
+        params = [rng.standard_normal(s).astype(np.float32).astype(pdt) for s in PRECISION_SHAPES]
+        ref_params = [p.copy() for p in params]
+        opt = ShardedOptimizer(rule, params, backend=backend, **options)
+        ref = OPTIMIZERS[rule](ref_params, backend=backend, **options)
+
+        def grads_of(t, r):
+            g = np.random.default_rng(1000 * t + r + 17)
+            return [g.standard_normal(p.shape).astype(np.float32).astype(gdt) for p in params]
+
+        def step_both(t, opts):
+            inputs = [grads_of(t, r) for r in range(W)]
+            # what the sharded step sums: the grads widened to float32 for 16-bit params
+            wide = [[a.astype(np.float32) if a.dtype.itemsize == 2 else a for a in g]
+                    for g in inputs]
+            for o in opts:
+                o.step(inputs[RANK])
+            ref.step(average(wide))
+
+        for t in range(steps):
+            step_both(t, [opt])
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            check(np.array_equal(_bits(p), _bits(q)), f"{cid}: params[{i}] not bit-exact")
+        full = opt.gather_state_dict(root=0)
+        if RANK == 0:
+            sd = ref.state_dict()
+            check(full.get("q8") == sd.get("q8"), f"{cid}: q8 record {full.get('q8')}")
+            for i in sd["state"]:
+                check(set(sd["state"][i]) == set(full["state"][i]), f"{cid}: state[{i}] names")
+                for n, a in sd["state"][i].items():
+                    b = full["state"][i][n]
+                    check(a.dtype == b.dtype and a.shape == b.shape
+                          and np.array_equal(_bits(a), _bits(b)), f"{cid}: state[{i}][{n}]")
+        # the gathered state onto fresh ranks, and a shard round trip: both go on exactly
+        back_params = [p.copy() for p in params]
+        back = ShardedOptimizer(rule, back_params, backend=backend, **options)
+        back.load_full_state_dict(full)
+        shard_params = [p.copy() for p in params]
+        shard = ShardedOptimizer(rule, shard_params, backend=backend, **options)
+        shard.load_state_dict(opt.state_dict())
+        step_both(steps, [opt, back, shard])
+        for i, (p, q, r, s) in enumerate(zip(params, ref_params, back_params, shard_params)):
+            check(np.array_equal(_bits(p), _bits(q)) and np.array_equal(_bits(r), _bits(q))
+                  and np.array_equal(_bits(s), _bits(q)), f"{cid}: params[{i}] after reload")
+        checked += 1
+    return f"{checked} precision cases"
+
+
 def run_raise():
     """One rank raises outside any collective: the job must abort, not hang."""
     if RANK == W - 1:
@@ -265,6 +355,8 @@ def main():
         out = run_bad_grads(a.backend) + ", " + run_bad_params(a.backend)
     elif a.mode == "raise":
         out = run_raise()
+    elif a.mode == "precision":
+        out = run_precision(a.backend, a.steps, a.only)
     else:
         raise SystemExit(f"unknown mode {a.mode!r}")
     print(f"rank {RANK} ok {a.mode} {out}", flush=True)

@@ -56,6 +56,30 @@ def main():
         mine, theirs = opt.state_dict(), back.state_dict()
         assert all(np.array_equal(mine["state"][k][n], theirs["state"][k][n])
                    for k in range(len(mine["state"])) for n in mine["state"][k]), cid
+    # bfloat16 params (uint16 views on the wire), q8 state and stochastic rounding
+    import ml_dtypes
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    options = dict(lr=1e-2, state_dtype="q8", min_8bit_size=300, stochastic_rounding=True, seed=3)
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal(n).astype(np.float32).astype(bf16) for n in (1000, 7, 517, 260)]
+    ref_params = [p.copy() for p in params]
+    opt = ShardedOptimizer("adamw", params, comm, backend="numpy", **options)
+    ref = OPTIMIZERS["adamw"](ref_params, backend="numpy", **options)
+    for t in range(3):
+        per_rank = [[np.random.default_rng(100 * t + r).standard_normal(p.shape).astype(np.float32)
+                     for p in params] for r in range(world)]
+        opt.step(per_rank[rank])
+        ref.step([functools.reduce(np.add, a) / world for a in zip(*per_rank)])
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        assert np.array_equal(p.view(np.uint16), q.view(np.uint16)), f"rank {rank}: bf16-q8 {i}"
+    full = opt.gather_state_dict()
+    back = ShardedOptimizer("adamw", [p.copy() for p in params], comm, backend="numpy", **options)
+    back.load_full_state_dict(full)
+    mine, theirs = opt.state_dict(), back.state_dict()
+    bad = [(k, n) for k in range(len(mine["state"])) for n in mine["state"][k]
+           if not np.array_equal(mine["state"][k][n], theirs["state"][k][n])]
+    assert not bad, f"rank {rank}: bf16-q8 state after gather/scatter: {bad}"
     print(f"rank {rank} ok torch", flush=True)
     dist.destroy_process_group()
 
