@@ -11,6 +11,7 @@ from ._optim import (SGD, LAMB, AdaHessian, Adadelta, Adagrad, Adam, Adamax, Ada
                      Newton, Optimizer, RAdam, RMSprop)
 from ._optim import Muon
 from ._optim import ASGD, AdaBelief, AdEMAMix, Rprop, Yogi
+from ._optim import AdamWScheduleFree, SGDScheduleFree
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
 from ._warmup import warmup
@@ -22,3 +23,4 @@ __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "
            "functional", "layers", "precision", "quantization", "schedules", "save", "load", "warmup",
            "__version__", "Muon"]
 __all__ += ["ASGD", "Rprop", "AdaBelief", "Yogi", "AdEMAMix"]
+__all__ += ["AdamWScheduleFree", "SGDScheduleFree"]
