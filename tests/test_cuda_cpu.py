@@ -555,7 +555,8 @@ from fastopt import precision as fprec  # noqa: E402
 from fastopt import quantization as quant  # noqa: E402
 from fastopt.precision import Precision  # noqa: E402
 
-Q8_RULES = [r for r in REDUCED_RULES]
+# a rule whose state cannot be 8-bit (Rule.q8_state_refused: Schedule-Free's z) has no q8 kernel
+Q8_RULES = [r for r in REDUCED_RULES if not RULES[r].q8_state_refused]
 
 
 def _q8_problem(rule, sizes, dtype, seed, master=False):
