@@ -325,6 +325,24 @@ _RECORDS = [
         strategy=_ademamix_draws),
 ]
 
+# Muon updates 2-D params only: every test makes its params through ``param_shape``.
+_RECORDS.append(OptimInfo(
+    "muon",
+    cases=(Case("muon", {"lr": 0.02}),
+           Case("muon-plain-match-wd", {"lr": 0.02, "nesterov": False, "momentum": 0.3,
+                                        "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.01}),
+           Case("muon-all-pipeline", {"lr": 0.02, "clip_value": 0.5, "clip_norm": 1.0,
+                                      "clip_global_norm": 2.0, "maximize": True, "weight_clip": 1.5,
+                                      "max_norm": 20.0}, pipeline=True)),
+    oracle=(dict(lr=0.02), dict(lr=0.02, nesterov=False, momentum=0.3, weight_decay=0.0),
+            dict(lr=0.02, momentum=0.5, adjust_lr_fn="match_rms_adamw", weight_decay=0.01),
+            dict(lr=0.02, adjust_lr_fn="original", ns_steps=3, eps=1e-5,
+                 ns_coefficients=(2.0, -1.5, 0.5))),
+    # an orthogonalized step has a fixed size (lr * ratio): it needs a decaying lr to settle
+    converge=(dict(lr=_cosine(0.3, 3000), weight_decay=0.0),),
+    rosen=(dict(lr=_cosine(0.02, 20000), weight_decay=0.0, momentum=0.9), 20000),
+    strategy=_muon_draws))
+
 # ---- issue 19: Schedule-Free AdamW and SGD (oracle: schedulefree 1.4.1, tests/test_rules_sf.py).
 # The params hold y (train mode) throughout these tests; momentum 0.5 and r = 1 reach both of
 # torch's lerp forms (weights above and below 1/2).
@@ -347,24 +365,6 @@ _RECORDS += [
         rosen=(dict(lr=1.5e-3, momentum=0.9, r=1.0), 20000),
         strategy=_sf_sgd_draws),
 ]
-
-# Muon updates 2-D params only: every test makes its params through ``param_shape``.
-_RECORDS.append(OptimInfo(
-    "muon",
-    cases=(Case("muon", {"lr": 0.02}),
-           Case("muon-plain-match-wd", {"lr": 0.02, "nesterov": False, "momentum": 0.3,
-                                        "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.01}),
-           Case("muon-all-pipeline", {"lr": 0.02, "clip_value": 0.5, "clip_norm": 1.0,
-                                      "clip_global_norm": 2.0, "maximize": True, "weight_clip": 1.5,
-                                      "max_norm": 20.0}, pipeline=True)),
-    oracle=(dict(lr=0.02), dict(lr=0.02, nesterov=False, momentum=0.3, weight_decay=0.0),
-            dict(lr=0.02, momentum=0.5, adjust_lr_fn="match_rms_adamw", weight_decay=0.01),
-            dict(lr=0.02, adjust_lr_fn="original", ns_steps=3, eps=1e-5,
-                 ns_coefficients=(2.0, -1.5, 0.5))),
-    # an orthogonalized step has a fixed size (lr * ratio): it needs a decaying lr to settle
-    converge=(dict(lr=_cosine(0.3, 3000), weight_decay=0.0),),
-    rosen=(dict(lr=_cosine(0.02, 20000), weight_decay=0.0, momentum=0.9), 20000),
-    strategy=_muon_draws))
 
 #: rule -> its record, in the rule table's order.
 INFOS: dict[str, OptimInfo] = {}
