@@ -70,7 +70,7 @@ import numpy as np
 from . import _backend
 from ._optim import OPTIMIZERS, Optimizer
 from ._pipeline import StepInfo, clip_scales
-from ._rules import CLIP_EPS, ELEMENTWISE, PIPELINE_DEFAULTS, as_host_scalars, check_hyperparameters, \
+from ._rules import CLIP_EPS, COPY_OF_PARAM, ELEMENTWISE, PIPELINE_DEFAULTS, as_host_scalars, check_hyperparameters, \
     check_lr_value
 from ._validate import (check_companions, check_disjoint, check_grad_scale, check_nonfinite, check_params,
                         expected_layout)
@@ -467,10 +467,10 @@ class ShardedOptimizer:
         #: average), ``stats`` (norms, non-finite check, their allgather), ``update`` (the
         #: kernel on this shard, ``max_norm``), ``allgather`` (params to every rank)
         self.last_timings = {}
-        self._init_state()
         if sync_params and self.world > 1:
             for p in self.params:
                 self.comm.bcast_array(p, 0)
+        self._init_state()  # after the sync: a state may start as a copy of its param
 
     # ------------------------------------------------------------------ construction
 
@@ -500,11 +500,20 @@ class ShardedOptimizer:
                              f"{p.dtype} {p.shape} on rank {self.rank} and something else on "
                              f"rank(s) {others}")
 
+    def _initial(self, L, init):
+        """A shard state array: ``init`` everywhere, or (``COPY_OF_PARAM``, Schedule-Free's z)
+        this rank's pieces of the params."""
+        if not (isinstance(init, str) and init == COPY_OF_PARAM):
+            return np.full(L.counts[self.rank], init, L.dtype)
+        a = np.empty(L.counts[self.rank], L.dtype)
+        for q in L.pieces:
+            a[q.at:q.at + q.hi - q.lo] = _flat(self.params[q.tensor])[q.lo:q.hi]
+        return a
+
     def _init_state(self):
         """Flat shard state per dtype, and the kernel's views into it."""
         names = self.rule.state(self.hp)
-        self._state = [{n: np.full(L.counts[self.rank], init, L.dtype) for n, init in names}
-                       for L in self.layouts]
+        self._state = [{n: self._initial(L, init) for n, init in names} for L in self.layouts]
         self._parts = []
         for L, recv, xrecv, st in zip(self.layouts, self._recv, self._xrecv, self._state):
             ps = L.pieces
