@@ -14,6 +14,7 @@ from ._optim import ASGD, AdaBelief, AdEMAMix, Rprop, Yogi
 from ._lbfgs import LBFGS
 from ._sparse import SparseAdam
 from ._optim import Adafactor
+from ._optim import AdamWScheduleFree, SGDScheduleFree
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
 from ._warmup import warmup
@@ -27,3 +28,4 @@ __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "
 __all__ += ["ASGD", "Rprop", "AdaBelief", "Yogi", "AdEMAMix"]
 __all__ += ["LBFGS", "SparseAdam"]
 __all__ += ["Adafactor"]
+__all__ += ["AdamWScheduleFree", "SGDScheduleFree"]

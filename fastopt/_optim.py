@@ -15,8 +15,8 @@ from . import _backend
 from . import precision as _prec
 from . import quantization as _q
 from ._pipeline import make_buckets, run_step
-from ._rules import (PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule, check_hyperparameters,
-                     check_lr_value)
+from ._rules import (COPY_OF_PARAM, _lerp_form, PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule,
+                     check_hyperparameters, check_lr_value)
 from ._state import LoadPlan, plan_load, precision_record, q8_record
 from ._validate import (as_list, check_grad_scale, check_nonfinite, check_param_ndim, check_params,
                         expected_layout, check_q8_options, flat, normalize_options,
@@ -176,6 +176,8 @@ class Optimizer:
                             signed=name not in self.rule.nonnegative_state)
                         st[name] = self._ops.asarray(codes)
                         st[name + "_absmax"] = self._ops.asarray(absmax)
+                    elif isinstance(init, str) and init == COPY_OF_PARAM:
+                        st[name] = _copy_as(p, self.state_dtype(p, name), xp)
                     else:
                         st[name] = xp.full_like(p, init, dtype=self.state_dtype(p, name))
                     changed = True
@@ -317,6 +319,17 @@ class Optimizer:
         opts = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return (f"{type(self).__name__}({sum(len(g['params']) for g in self.param_groups)} params, "
                 f"{len(self.param_groups)} group(s), backend={self.backend!r}, {opts})")
+
+
+def _copy_as(p, dtype, xp):
+    """A copy of param ``p`` in ``dtype`` (a state that starts as the param, Schedule-Free's z):
+    exact when ``dtype`` is at least as wide, else rounded to nearest even once."""
+    if _backend.array_kind(p) != "numpy":
+        return p.astype(dtype, copy=True)
+    if p.dtype == dtype:
+        return p.copy()
+    x = _prec.to_float32(p) if p.dtype.itemsize == 2 else p.astype(np.float32)
+    return x.astype(dtype) if dtype.itemsize > 4 else _prec.round_to(x, dtype)
 
 
 def _opts(local: dict) -> dict:
@@ -734,6 +747,131 @@ class Adafactor(Optimizer):
         super().__init__(params, **_opts(locals()))
 
 
+class _ScheduleFree(Optimizer):
+    """The ``train()``/``eval()`` switch of the Schedule-Free rules (the ``schedulefree`` package's).
+
+    While training the params hold ``y``, the point the gradients are taken at; ``eval()`` moves
+    them to ``x = lerp(y, z, 1 - 1/beta)`` (the average the method guarantees, the one to
+    evaluate and save for inference) and ``train()`` moves them back, ``y = lerp(x, z, 1 - beta)``.
+    ``beta`` is ``betas[0]`` (AdamW) or ``momentum`` (SGD).  Each group's mode is its
+    ``group_state["train_mode"]`` (1 or 0), so ``state_dict()`` and checkpoints carry it.  An
+    optimizer starts in train mode (the package starts in eval mode and wants ``train()`` first;
+    before the first step z equals the param, so either switch leaves the params as they are).
+    ``step()`` in eval mode is a RuntimeError, as the package's step.
+    """
+
+    def _beta(self, g):
+        raise NotImplementedError
+
+    @property
+    def training(self) -> bool:
+        """Whether every group is in train mode (the params hold y)."""
+        return all(gs["train_mode"] == 1.0 for gs in self.group_state)
+
+    def train(self):
+        """Params to y (no-op for a group already in train mode); returns self."""
+        return self._switch(1.0, lambda b: 1.0 - b)
+
+    def eval(self):
+        """Params to x, the average to evaluate (no-op for a group in eval mode); returns self."""
+        return self._switch(0.0, lambda b: 1.0 - 1.0 / b)
+
+    def _switch(self, mode, weight):
+        for gi, g in enumerate(self.param_groups):
+            if self.group_state[gi]["train_mode"] == mode:
+                continue
+            swap, c = _lerp_form(weight(float(self._beta(g))))
+            for p, st in zip(g["params"], self.state[gi]):
+                _lerp_to_z(p, st, swap, c)
+            self.group_state[gi]["train_mode"] = mode
+        return self
+
+    def _step(self, grads, extras, grad_scale):
+        if not self.training:
+            raise RuntimeError(f"{type(self).__name__}.step(): the optimizer is in eval mode "
+                               "(the params hold x); call train() before stepping")
+        return super()._step(grads, extras, grad_scale)
+
+
+def _lerp_to_z(p, st, swap, c):
+    """``p = lerp(p, z, w)`` in torch's form (``swap``, ``c``: ``fastopt._rules._lerp_form``).
+
+    A 16-bit param is computed in float32 (on its float32 master when it has one) and
+    rounded once, as a step writes it.
+    """
+    z = st["z"]
+    master = st.get("master")
+    if master is not None or p.dtype.itemsize == 2:
+        x = master if master is not None else _prec.to_float32(p)
+        zz = _prec.to_float32(z) if z.dtype.itemsize == 2 else z.astype(np.float32, copy=False)
+        x = zz + c * (x - zz) if swap else x + c * (zz - x)
+        if master is not None:
+            master[...] = x
+        p[...] = _prec.round_to(x, p.dtype)  # nearest even, also under stochastic rounding
+        return
+    if swap:
+        p[...] = z + c * (p - z)
+    else:
+        p += c * (z - p)
+
+
+class AdamWScheduleFree(_ScheduleFree):
+    r"""Schedule-Free AdamW (Defazio et al., 2024), as ``schedulefree.AdamWScheduleFree`` (1.4.1).
+
+    Per step ``t`` (``k = t - 1``), on the host: ``lr_t = lr * min(1, (k+1)/warmup_steps)``,
+    ``lr_max = max(lr_max, lr_t)``, ``w = (k+1)**r * lr_max**weight_lr_power``,
+    ``weight_sum += w``, ``c = w / weight_sum`` (0 when both are 0); per element:
+
+    .. math::
+        v = eta_2 v + (1-eta_2) g^2;\quad u = rac{g}{\sqrt{v/(1-eta_2^t)} + \epsilon}
+        + \lambda y;\quad y = \mathrm{lerp}(y, z, c) + \eta_t(eta_1(1-c) - 1)\,u;\quad
+        z \mathrel{-}= \eta_t u
+
+    The param holds ``y`` while training; ``z`` (state) starts as a copy of the param.  The
+    weight decay ``weight_decay`` is applied at ``y`` after the normalisation, as the package
+    does.  ``train()``/``eval()`` switch the params between ``y`` and the average
+    ``x = lerp(y, z, 1 - 1/beta1)``: call ``eval()`` before evaluating or saving for inference.
+    ``state_dtype="q8"`` is refused (``z`` is an iterate, not a statistic).
+    """ + _PIPELINE_DOC
+    rule = RULES["schedule_free_adamw"]
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, maximize=False, clip_value=None,
+                 clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+    def _beta(self, g):
+        return g["betas"][0]
+
+
+class SGDScheduleFree(_ScheduleFree):
+    r"""Schedule-Free SGD (Defazio et al., 2024), as ``schedulefree.SGDScheduleFree`` (1.4.1).
+
+    The host scalars are AdamWScheduleFree's (``lr_t``, ``lr_max``, ``weight_sum``, ``c``);
+    per element, with ``weight_decay`` added at ``y`` (``g += wd * y``):
+
+    .. math::
+        y = \mathrm{lerp}(y, z, c) + \eta_t(\mu(1-c) - 1)\,g;\quad z \mathrel{-}= \eta_t g
+
+    ``momentum`` (``mu``, in (0, 1)) is the interpolation constant; ``train()``/``eval()`` as
+    on :class:`AdamWScheduleFree` with ``beta1 = momentum``.
+    """ + _PIPELINE_DOC
+    rule = RULES["schedule_free_sgd"]
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+                 weight_lr_power=2.0, *, maximize=False, clip_value=None, clip_norm=None,
+                 clip_global_norm=None, weight_clip=None, max_norm=None, nonfinite="raise",
+                 backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+    def _beta(self, g):
+        return g["momentum"]
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
-               AdaHessian, Newton, Muon, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix, Adafactor)}
+               AdaHessian, Newton, Muon, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix, Adafactor,
+               AdamWScheduleFree, SGDScheduleFree)}

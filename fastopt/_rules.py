@@ -67,6 +67,7 @@ KERNEL_SCALARS = (
     # rules added later (appended: existing slots keep their positions)
     "eta", "eta_decay", "mu", "etaplus", "etaminus", "step_size_min", "step_size_max",
     "eps_root", "beta3", "one_minus_beta3",
+    "c_lerp", "y_lr", "bc2",
 )
 KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 
@@ -74,7 +75,7 @@ KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 #: ``Rule.variants`` are the flags that change which state arrays a step touches
 #: (a backend may compile them as constants); the others are runtime switches.
 KERNEL_FLAGS = ("nesterov", "rectify", "amsgrad", "has_momentum", "centered",
-                "average_copy")
+                "average_copy", "lerp_swap")
 KERNEL_FLAG_BIT = {name: k for k, name in enumerate(KERNEL_FLAGS)}
 
 #: Rule kinds: how a backend drives the rule.
@@ -143,6 +144,9 @@ class Rule:
     #: and ``col_var`` for >= 2-D params, ``variance`` otherwise).  None: every state array is
     #: shaped like its param (every elementwise rule)
     state_shape: Callable[[str, tuple], tuple | None] | None = None
+    #: why ``state_dtype="q8"`` cannot hold this rule's state, or None where it can
+    #: (Schedule-Free's ``z`` is an iterate of the params' own magnitude, not a statistic)
+    q8_state_refused: str | None = None
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -919,3 +923,89 @@ _add(Rule("adafactor", "Adafactor", dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1
           _adafactor_scalars, _adafactor_check, ("row_var", "col_var", "variance"),
           kind=FACTORED, weight_decay="decoupled", state_shape=adafactor_state_shape,
           nonnegative_state=("row_var", "col_var", "variance")))
+
+
+# --------------------------------------------------------------------------- Schedule-Free
+# The ``schedulefree`` package's (1.4.1) AdamWScheduleFree and SGDScheduleFree (Defazio et al.
+# 2024). The param holds y while training; the state keeps z (starting as a copy of the param)
+# and AdamW's exp_avg_sq. ``lr_max`` and ``weight_sum`` are group state, updated each step on the
+# host exactly as the package does. ``train()``/``eval()`` on the classes move the param between
+# y and x = lerp(y, z, 1 - 1/beta1) (fastopt/_optim.py).
+
+#: The initial value of a state array that starts as a copy of its param (``Rule.state``).
+COPY_OF_PARAM = "param"
+
+_SF_Q8 = ("z is an iterate of the params' own magnitude, not a statistic: 8-bit blockwise "
+          "codes would move the params themselves by up to a code's width")
+
+
+def _sf_weights(hp, t, gs, b1):
+    """The package's host scalars of step ``t`` (its ``k = t - 1``): lr with warmup, lr_max,
+    weight_sum, the interpolation weight ckp1 and y's step factor ``lr*(b1*(1-ckp1) - 1)``."""
+    k = t - 1
+    warm = hp["warmup_steps"]
+    sched = (k + 1) / warm if k < warm else 1.0
+    lr = hp["lr"] * sched
+    lr_max = max(lr, gs["lr_max"])
+    weight = ((k + 1) ** hp["r"]) * (lr_max ** hp["weight_lr_power"])
+    weight_sum = gs["weight_sum"] + weight
+    try:
+        ckp1 = weight / weight_sum
+    except ZeroDivisionError:
+        ckp1 = 0.0
+    swap, c = _lerp_form(ckp1)
+    s = dict(lr=lr, y_lr=lr * (b1 * (1.0 - ckp1) - 1.0), c_lerp=c, lerp_swap=swap,
+             weight_decay=hp["weight_decay"])
+    return s, {**gs, "lr_max": lr_max, "weight_sum": weight_sum}
+
+
+def _sf_adamw_scalars(hp, t, gs):
+    b1, b2 = hp["betas"]
+    s, new = _sf_weights(hp, t, gs, b1)
+    s.update(beta2=b2, one_minus_beta2=1.0 - b2, eps=hp["eps"], bc2=1.0 - b2 ** t)
+    return s, new
+
+
+def _sf_sgd_scalars(hp, t, gs):
+    return _sf_weights(hp, t, gs, hp["momentum"])
+
+
+def _sf_common_check(hp):
+    check_nonneg(hp, "weight_decay", "r", "weight_lr_power")
+    w = hp["warmup_steps"]
+    _require(isinstance(w, numbers.Integral) and not isinstance(w, (bool, np.bool_)) and w >= 0,
+             "warmup_steps", "an int >= 0", w)
+
+
+def _sf_adamw_check(hp):
+    _sf_common_check(hp)
+    check_betas(hp)
+    _require(hp["betas"][0] > 0, "betas[0]", "a number in (0, 1) (eval() divides by beta1)",
+             hp["betas"][0])
+    check_positive(hp, "eps")
+
+
+def _sf_sgd_check(hp):
+    _sf_common_check(hp)
+    m = hp["momentum"]
+    _require(_real(m) and 0 < m < 1, "momentum", "a number in (0, 1) (as SGDScheduleFree)", m)
+
+
+#: ``train_mode`` (1: the params hold y, 0: x) is the classes' ``train()``/``eval()`` switch; it
+#: lives in the group state so that state_dict() and checkpoints carry it (as the package keeps
+#: it per param group). A functional step is always a training step on y.
+_SF_GSTATE = {"lr_max": -1.0, "weight_sum": 0.0, "train_mode": 1.0}
+_SF_PACK = ("lr", "y_lr", "c_lerp")
+_add(Rule("schedule_free_adamw", "AdamWScheduleFree",
+          dict(lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0,
+               weight_lr_power=2.0),
+          lambda hp: (("z", COPY_OF_PARAM), ("exp_avg_sq", 0.0)),
+          _sf_adamw_scalars, _sf_adamw_check, ("z", "exp_avg_sq"), group_state=_SF_GSTATE,
+          weight_decay="rule", pack=_SF_PACK + ("beta2", "one_minus_beta2", "eps", "bc2",
+                                                "weight_decay"),
+          flags=("lerp_swap",), nonnegative_state=("exp_avg_sq",), q8_state_refused=_SF_Q8))
+_add(Rule("schedule_free_sgd", "SGDScheduleFree",
+          dict(lr=1.0, momentum=0.9, weight_decay=0.0, warmup_steps=0, r=0.0,
+               weight_lr_power=2.0),
+          lambda hp: (("z", COPY_OF_PARAM),), _sf_sgd_scalars, _sf_sgd_check, ("z",),
+          group_state=_SF_GSTATE, pack=_SF_PACK, flags=("lerp_swap",), q8_state_refused=_SF_Q8))

@@ -265,6 +265,9 @@ def resolve_precisions(rule, params: list, labels: list, options: dict) -> dict:
     if isinstance(sd, str) and sd == "q8" and rule.kind == "dense_solve":
         raise ValueError(f"state_dtype: expected None for {rule.class_name}, got 'q8' (the dense "
                          "Newton solve keeps no state to quantize)")
+    if isinstance(sd, str) and sd == "q8" and rule.q8_state_refused:
+        raise ValueError(f"state_dtype: expected None, a float dtype or 'param' for "
+                         f"{rule.class_name}, got 'q8' ({rule.q8_state_refused})")
     out = {}
     for p, lab in zip(params, labels):
         if p.dtype not in out:

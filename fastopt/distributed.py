@@ -83,8 +83,8 @@ from . import precision as _prec
 from . import quantization as _q
 from ._optim import OPTIMIZERS, Optimizer
 from ._pipeline import StepInfo, clip_scales
-from ._rules import CLIP_EPS, ELEMENTWISE, PIPELINE_DEFAULTS, PRECISION_DEFAULTS, as_host_scalars, \
-    check_hyperparameters, check_lr_value
+from ._rules import CLIP_EPS, COPY_OF_PARAM, ELEMENTWISE, PIPELINE_DEFAULTS, PRECISION_DEFAULTS, \
+    as_host_scalars, check_hyperparameters, check_lr_value
 from ._state import MAP_NAMES, precision_record
 from ._validate import (check_companions, check_disjoint, check_grad_scale, check_nonfinite, check_params,
                         check_q8_options, expected_layout, grad_dtype_check, param_precision,
@@ -606,10 +606,10 @@ class ShardedOptimizer:
         #: average), ``stats`` (norms, non-finite check, their allgather), ``update`` (the
         #: kernel on this shard, ``max_norm``), ``allgather`` (params to every rank)
         self.last_timings = {}
-        self._init_state()
         if sync_params and self.world > 1:
             for p in self.params:
                 self.comm.bcast_array(p, 0)
+        self._init_state()  # after the sync: a state may start as a copy of its param
 
     # ------------------------------------------------------------------ construction
 
@@ -674,6 +674,16 @@ class ShardedOptimizer:
                              f"{p.dtype} {p.shape} on rank {self.rank} and something else on "
                              f"rank(s) {others}")
 
+    def _initial(self, L, n, init, dt):
+        """A shard state array of ``n`` entries: ``init`` everywhere, or (``COPY_OF_PARAM``,
+        Schedule-Free's z) this rank's pieces of the params in the state dtype."""
+        if not (isinstance(init, str) and init == COPY_OF_PARAM):
+            return np.full(n, init, dt)
+        a = np.zeros(n, dt)
+        for q in L.pieces:
+            a[q.at:q.at + q.hi - q.lo] = _flat(self.params[q.tensor])[q.lo:q.hi].astype(dt)
+        return a
+
     def _init_state(self):
         """Flat shard state per layout, and the kernel's views into it."""
         self._state = []
@@ -697,7 +707,7 @@ class ShardedOptimizer:
                 elif name.endswith("_absmax"):
                     continue
                 else:
-                    a = np.full(n, init, dt)
+                    a = self._initial(L, n, init, dt)
                 st[name] = a
             self._state.append(st)
         self._parts = []

@@ -53,8 +53,10 @@ __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "
            "clip_grad_value_"]
 __all__ += ["asgd", "rprop", "adabelief", "yogi", "ademamix"]
 __all__ += ["adafactor"]
+__all__ += ["schedule_free_adamw", "schedule_free_sgd"]
 
-_CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu")
+_CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu",
+                 "lr_max", "weight_sum")
 
 #: The group state a rule function takes and returns (``Rule.group_state``): name -> (test,
 #: what it must be).  NaN here would reach every param, so each is range checked.
@@ -62,7 +64,14 @@ _GSTATE_CHECKS = {
     "mu_product": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "eta": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "mu": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    # Schedule-Free: the largest lr so far (-1 before the first step) and the sum of weights
+    "lr_max": (lambda v: math.isfinite(v) and v >= -1, "a finite number >= -1"),
+    "weight_sum": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
 }
+
+#: Group state a rule function does not take: Schedule-Free's train/eval switch (a functional
+#: step is always a training step, on the y the params hold).
+_GSTATE_FIXED = {"train_mode": 1.0}
 
 
 def _shaped_state_list(rule, params, arrays, arg, name, kind, dtype_of) -> list:
@@ -157,6 +166,9 @@ def _run(rule: Rule, args: dict) -> StepInfo:
                                  caller=f"{rule.name}()", written=written)
     gstate = {}
     for k in rule.group_state:
+        if k in _GSTATE_FIXED:
+            gstate[k] = _GSTATE_FIXED[k]
+            continue
         v = given_gstate[k]
         ok, expected = _GSTATE_CHECKS[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
@@ -561,3 +573,35 @@ def sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr=1e-3,
 
 
 __all__ += ["sparse_adam"]
+
+
+def schedule_free_adamw(params, grads, zs=None, exp_avg_sqs=None, masters=None, *, step,
+                        lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                        warmup_steps=0, r=0.0, weight_lr_power=2.0, maximize=False,
+                        clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                        max_norm=None, lr_max=-1.0, weight_sum=0.0, grad_scale=None,
+                        nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                        stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.AdamWScheduleFree` training step (params hold y), in place.
+
+    State lists: ``zs`` (start them as copies of the params) and ``exp_avg_sqs`` (at 0).
+    ``lr_max`` and ``weight_sum`` are the values the previous step returned in
+    ``info.group_state[0]`` (start: -1 and 0, as the package).  Evaluate at
+    ``x = y + (1 - 1/beta1) * (z - y)`` (the class's ``eval()``).
+    """
+    return _run(RULES["schedule_free_adamw"], locals())
+
+
+def schedule_free_sgd(params, grads, zs=None, masters=None, *, step, lr=1.0, momentum=0.9,
+                      weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0,
+                      maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None,
+                      weight_clip=None, max_norm=None, lr_max=-1.0, weight_sum=0.0,
+                      grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+                      master_weights=False, stochastic_rounding=False, seed=0,
+                      min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.SGDScheduleFree` training step (params hold y), in place.
+
+    State list: ``zs`` (start them as copies of the params); ``lr_max`` and ``weight_sum`` as
+    for :func:`schedule_free_adamw`.
+    """
+    return _run(RULES["schedule_free_sgd"], locals())

@@ -213,11 +213,13 @@ _S_ETAPLUS, _S_ETAMINUS = _slot("etaplus"), _slot("etaminus")
 _S_STEP_SIZE_MIN, _S_STEP_SIZE_MAX = _slot("step_size_min"), _slot("step_size_max")
 _S_EPS_ROOT = _slot("eps_root")
 _S_BETA3, _S_ONE_MINUS_BETA3 = _slot("beta3"), _slot("one_minus_beta3")
+_S_C_LERP, _S_Y_LR, _S_BC2 = _slot("c_lerp"), _slot("y_lr"), _slot("bc2")
 
 # runtime flags (Rule.kernel_flags bits)
 _F_NESTEROV = 1 << KERNEL_FLAG_BIT["nesterov"]
 _F_RECTIFY = 1 << KERNEL_FLAG_BIT["rectify"]
 _F_AVERAGE_COPY = 1 << KERNEL_FLAG_BIT["average_copy"]
+_F_LERP_SWAP = 1 << KERNEL_FLAG_BIT["lerp_swap"]
 
 
 def _variant_bit(rule, flag):
@@ -1044,6 +1046,36 @@ def _ademamix(i, g, p, m1, m2, nu, e, c, f, ts, mode):  # 36 B/elem
     return p - c[_S_LR] * ((a / c[_S_BC1] + c[_S_ALPHA] * b) / d)
 
 
+@njit(inline="always")
+def _sf_interpolate(i, p, z, u, c, f):
+    """Schedule-Free's y = lerp(y, z, ckp1) (torch's form: c_lerp, lerp_swap); y += y_lr*u;
+    z -= lr*u; returns the new y (the param)."""
+    zi = z[i]
+    if f & _F_LERP_SWAP:
+        p = zi + c[_S_C_LERP] * (p - zi)
+    else:
+        p = p + c[_S_C_LERP] * (zi - p)
+    p = p + c[_S_Y_LR] * u
+    z[i] = zi - c[_S_LR] * u
+    return p
+
+
+@njit(inline="always")
+def _sf_adamw(i, g, p, z, v, s2, e, c, f, ts, mode):  # 28 B/elem
+    vi = c[_S_BETA2] * v[i] + c[_S_ONE_MINUS_BETA2] * g * g
+    v[i] = vi
+    u = g / (np.sqrt(vi / c[_S_BC2]) + c[_S_EPS])
+    wd = c[_S_WEIGHT_DECAY]
+    if wd != c[_ZERO]:  # the decay at y; never 0 * p, which is nan for an inf param
+        u = u + wd * p
+    return _sf_interpolate(i, p, z, u, c, f)
+
+
+@njit(inline="always")
+def _sf_sgd(i, g, p, z, s1, s2, e, c, f, ts, mode):  # 20 B/elem
+    return _sf_interpolate(i, p, z, g, c, f)
+
+
 # The read pass (the non-finite check, the norms) sums fixed blocks of _BLOCK
 # elements of each tensor: every block is summed by the same code wherever a part
 # boundary falls, and the block sums of a tensor are added in block order, so the
@@ -1298,6 +1330,20 @@ def _k_ademamix(tab, sizes, scales, cs, flags, deref, threads):
         _apply(_ademamix, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
+@_entry()
+def _k_sf_adamw(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_sf_adamw, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
+@_entry()
+def _k_sf_sgd(tab, sizes, scales, cs, flags, deref, threads):
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    for k in prange(parts):
+        _apply(_sf_sgd, 0, k, parts, ptr, off, total, scales, cs, flags)
+
+
 @_entry(sums=True)
 def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
     """LAMB: pass 1 updates the moments and sums p^2 and r^2 per tensor, pass 2 steps.
@@ -1397,6 +1443,7 @@ _ENTRIES = {
     ("lamb", 0): _k_lamb,
     ("asgd", 0): _k_asgd, ("rprop", 0): _k_rprop,
     ("adabelief", 0): _k_adabelief, ("yogi", 0): _k_yogi, ("ademamix", 0): _k_ademamix,
+    ("schedule_free_adamw", 0): _k_sf_adamw, ("schedule_free_sgd", 0): _k_sf_sgd,
 }
 
 

@@ -569,3 +569,34 @@ def adafactor_kernel(params, grads, states, s, pre, extras=None):
 
 
 register_kernel("adafactor", BACKEND, adafactor_kernel)
+
+
+# ------------------------------------------------------------------ Schedule-Free AdamW, SGD
+
+
+def _sf_interpolate(p, z, u, s):
+    """y = lerp(y, z, ckp1) in torch's form (``c_lerp``, ``lerp_swap``); y += y_lr*u; z -= lr*u."""
+    if s["lerp_swap"]:
+        p[...] = z + s["c_lerp"] * (p - z)
+    else:
+        p += s["c_lerp"] * (z - p)
+    p += s["y_lr"] * u
+    z -= s["lr"] * u
+
+
+@_rule("schedule_free_adamw")
+def schedule_free_adamw(p, g, st, s, _):
+    """schedulefree.AdamWScheduleFree: v = b2*v + (1-b2)*g^2; u = g / (sqrt(v/bc2) + eps),
+    plus wd*y (decay at y); then the y/z interpolation of ``_sf_interpolate``."""
+    z, v = st["z"], st["exp_avg_sq"]
+    v[...] = s["beta2"] * v + s["one_minus_beta2"] * g * g
+    u = g / (np.sqrt(v / s["bc2"]) + s["eps"])
+    if s["weight_decay"] != 0:
+        u = u + s["weight_decay"] * p
+    _sf_interpolate(p, z, u, s)
+
+
+@_rule("schedule_free_sgd")
+def schedule_free_sgd(p, g, st, s, _):
+    """schedulefree.SGDScheduleFree: g += wd*y (the L2 stage, at y), then ``_sf_interpolate``."""
+    _sf_interpolate(p, st["z"], g, s)

@@ -135,6 +135,20 @@ def _ademamix_draws(draw):
             "t_beta3": draw(st.sampled_from([None, 3, 100]))}
 
 
+def _sf_common_draws(draw):
+    return {"warmup_steps": draw(st.sampled_from([0, 1, 3])), "r": draw(st.sampled_from([0.0, 0.5, 1.0])),
+            "weight_lr_power": draw(st.sampled_from([0.0, 1.0, 2.0]))}
+
+
+def _sf_adamw_draws(draw):
+    # beta1 > 0: eval() moves the params by 1 - 1/beta1
+    return {**_sf_common_draws(draw), "betas": (draw(st.floats(0.1, 0.99)), draw(st.floats(0.9, 0.9999)))}
+
+
+def _sf_sgd_draws(draw):
+    return {**_sf_common_draws(draw), "momentum": draw(st.floats(0.1, 0.95))}
+
+
 def _newton_draws(draw):
     return {"damping": draw(st.floats(1e-4, 1.0))}
 
@@ -351,6 +365,29 @@ _RECORDS.append(OptimInfo(
     converge=(dict(lr=0.1),),
     rosen=(dict(lr=0.02), 8000),
     strategy=_adafactor_draws))
+
+# ---- issue 19: Schedule-Free AdamW and SGD (oracle: schedulefree 1.4.1, tests/test_rules_sf.py).
+# The params hold y (train mode) throughout these tests; momentum 0.5 and r = 1 reach both of
+# torch's lerp forms (weights above and below 1/2).
+_RECORDS += [
+    OptimInfo(
+        "schedule_free_adamw",
+        cases=(Case("sf-adamw", {"lr": 1e-2, "weight_decay": 0.01, "warmup_steps": 3}),
+               Case("sf-adamw-r-power-maximize", {"lr": 1e-2, "r": 0.5, "weight_lr_power": 1.0,
+                                                  "betas": (0.8, 0.99), "maximize": True})),
+        converge=(dict(lr=0.05),),
+        rosen=(dict(lr=0.003, betas=(0.9, 0.99)), 8000),
+        strategy=_sf_adamw_draws),
+    OptimInfo(
+        "schedule_free_sgd",
+        cases=(Case("sf-sgd", {"lr": 0.1, "weight_decay": 0.01, "warmup_steps": 2}),
+               Case("sf-sgd-r-maximize", {"lr": 0.1, "momentum": 0.5, "r": 1.0,
+                                          "maximize": True})),
+        converge=(dict(lr=0.1),),
+        # r = 1 weights the late iterates up: the average settles in Rosenbrock's valley
+        rosen=(dict(lr=1.5e-3, momentum=0.9, r=1.0), 20000),
+        strategy=_sf_sgd_draws),
+]
 
 #: rule -> its record, in the rule table's order.
 INFOS: dict[str, OptimInfo] = {}

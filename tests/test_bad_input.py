@@ -365,6 +365,10 @@ BAD_VALUES = {
     "t_beta3": [0, -5, NAN, INF],
     "beta2_decay": [0.1, NAN, INF],
     "d": [0.5, NAN, INF],
+    # Schedule-Free: warmup in whole steps, the weights' exponents finite and >= 0
+    "warmup_steps": [-1, 1.5, NAN, True],
+    "r": [-0.5, NAN, INF],
+    "weight_lr_power": [-1.0, NAN, INF],
 }
 #: (rule, name) -> bad values where a name means something else in that rule: ASGD's
 #: ``alpha`` is the exponent of its eta schedule (any finite number >= 0), not an average.
@@ -375,6 +379,10 @@ BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
                  ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9],
                  # Adafactor's eps is the pair (eps1 or None, eps2)
                  ("adafactor", "eps"): [(-1.0, 1e-3), (None, -1.0), (None, NAN), 1e-3, (1e-3,)]}
+                 # Schedule-Free SGD's momentum is an interpolation constant in (0, 1)
+                 ("schedule_free_sgd", "momentum"): [0.0, 1.0, -0.5, NAN, None],
+                 # (beta1 = 0, which eval() would divide by: tests/test_rules_sf.py)
+                 ("schedule_free_adamw", "betas"): [(1.0, 0.999), (0.9, 1.0), (0.9,), 0.9]}
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
 
@@ -585,6 +593,7 @@ SQUARE_STATE["adabelief"] = {"exp_avg_var"}
 SQUARE_STATE["yogi"] = {"exp_avg_sq"}  # v - (1-b2)*sign(v - g^2)*g^2 stays >= 0
 SQUARE_STATE["ademamix"] = {"nu"}
 SQUARE_STATE["adafactor"] = {"row_var", "col_var", "variance"}
+SQUARE_STATE["schedule_free_adamw"] = {"exp_avg_sq"}
 
 
 def test_rule_table_declares_the_square_state():

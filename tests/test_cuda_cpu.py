@@ -198,8 +198,13 @@ def test_parity_threaded_blocks(libs, monkeypatch, rule, options, block):
 ELEMENTWISE_RULES = [name for name, r in RULES.items() if r.kind == ELEMENTWISE]
 
 
+#: Schedule-Free interpolates y toward z, which starts as a copy of the param: inf - inf is nan
+#: for an inf param (the schedulefree package's lerp makes the same nan), so no inf survives
+INF_KEEPING_RULES = [r for r in ELEMENTWISE_RULES if not r.startswith("schedule_free")]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("rule", ELEMENTWISE_RULES)
+@pytest.mark.parametrize("rule", INF_KEEPING_RULES)
 def test_inf_param_stays_inf_without_weight_decay(libs, monkeypatch, rule, dtype):
     """With weight_decay=0 an inf param stays inf, as in the reference: the L2 stage is skipped
     when l2 == 0 (0*inf would be nan) and decoupled decay multiplies by nothing. Infs sit in
@@ -556,7 +561,8 @@ from fastopt import precision as fprec  # noqa: E402
 from fastopt import quantization as quant  # noqa: E402
 from fastopt.precision import Precision  # noqa: E402
 
-Q8_RULES = [r for r in REDUCED_RULES]
+# a rule whose state cannot be 8-bit (Rule.q8_state_refused: Schedule-Free's z) has no q8 kernel
+Q8_RULES = [r for r in REDUCED_RULES if not RULES[r].q8_state_refused]
 
 
 def _q8_problem(rule, sizes, dtype, seed, master=False):

@@ -65,6 +65,9 @@ OPTIMIZER_SPECS = {
     # share one learning rate (2e-3 was the best of 1e-3/2e-3/3e-3 on this demo)
     "muon":      ("muon",      {"weight_decay": 1e-2, "adjust_lr_fn": "match_rms_adamw"},
                   2e-3,  0.05),
+    # Schedule-Free: trained at y, evaluated at x (``_evaluated``: eval() around each test)
+    "sf-adamw":  ("schedule_free_adamw", {},                      2.5e-3, 0.05),
+    "sf-sgd":    ("schedule_free_sgd",   {},                      0.1,   0.5),
 }
 
 #: What ``python -m fastopt demo`` trains when ``--optimizer`` is not given.
@@ -489,19 +492,40 @@ def train(name: str, data: Split, *, epochs=20, batch_size=32, hidden=(128, 128)
                 bar.update(1)
         if losses:
             epoch_losses.append(float(np.mean(losses)))
-            epoch_acc.append(net.accuracy(data.x_test, data.y_test))
+            with _evaluated(opt):
+                epoch_acc.append(net.accuracy(data.x_test, data.y_test))
             if bar is not None:
                 bar.set_postfix_str(f"loss {epoch_losses[-1]:.4f} test {100 * epoch_acc[-1]:.1f}%")
         if steps == total or diverged_at:
             break
     if bar is not None:
         bar.close()
+    if _schedule_free(opt):  # the trained params: x for a Schedule-Free run
+        opt.eval()
     return Result(name=label or name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,
                   train_loss=net.loss(data.x_train, data.y_train),
                   test_acc=net.accuracy(data.x_test, data.y_test), steps=steps, step_s=step_s,
                   opt_s=opt_s, warmup_s=warmup_s, epoch_losses=epoch_losses,
                   epoch_test_acc=epoch_acc, diverged_at=diverged_at,
                   state_bytes=opt.state_nbytes(), n_params=sum(p.size for p in net.params))
+
+
+def _schedule_free(opt) -> bool:
+    """Whether ``opt`` trains at one point and evaluates at another (``train()``/``eval()``)."""
+    return callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+
+
+@contextlib.contextmanager
+def _evaluated(opt):
+    """The params at the point to evaluate: a Schedule-Free optimizer's x (``eval()``, then
+    ``train()`` again); any other optimizer's params as they are."""
+    if _schedule_free(opt):
+        opt.eval()
+    try:
+        yield
+    finally:
+        if _schedule_free(opt):
+            opt.train()
 
 
 # --------------------------------------------------------------------------- XOR
@@ -547,6 +571,8 @@ def train_xor(name: str, *, steps=1000, hidden=8, lr=None, schedule="constant",
             diverged_at = t + 1
             break
         losses.append(loss)
+    if _schedule_free(opt):
+        opt.eval()
     logits = net._forward(x)[0][-1]
     prob = np.exp(MLP._log_softmax(logits))[:, 1]
     return XorResult(name=name, lr=base_lr, backend=opt.backend, initial_loss=initial_loss,

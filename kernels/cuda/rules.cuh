@@ -291,6 +291,37 @@ struct FoAdEMAMix {
     }
 };
 
+// Schedule-Free (the schedulefree package): y = lerp(y, z, ckp1) in torch's form (lerp_swap:
+// z + c*(y - z), else y + c*(z - y); c = c_lerp), then y += y_lr*u and z -= lr*u.
+template <class O>
+__device__ __forceinline__ void fo_sf_interpolate(const FoHyper<O>& h, O& p, O& z, O u) {
+    p = h.flag(FO_F_LERP_SWAP) ? z + h.v[FO_S_C_LERP] * (p - z) : p + h.v[FO_S_C_LERP] * (z - p);
+    p = p + h.v[FO_S_Y_LR] * u;
+    z = z - h.v[FO_S_LR] * u;
+}
+
+// AdamWScheduleFree: v = b2*v + (1-b2)*g^2; u = g / (sqrt(v/bc2) + eps) (+ wd*y, the decay at
+// y, guarded as the L2 stage); then fo_sf_interpolate.
+struct FoSFAdamW {
+    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& z, O& v, O&, O) {
+        v = fo_ema_sq(h.v[FO_S_BETA2], h.v[FO_S_ONE_MINUS_BETA2], v, g);
+        O u = g / (fo_sqrt(v / h.v[FO_S_BC2]) + h.v[FO_S_EPS]);
+        if (h.v[FO_S_WEIGHT_DECAY] != O(0)) u = u + h.v[FO_S_WEIGHT_DECAY] * p;
+        fo_sf_interpolate(h, p, z, u);
+    }
+};
+
+// SGDScheduleFree: the grad (with the L2 stage's wd*y) straight into fo_sf_interpolate.
+struct FoSFSGD {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1) };
+    template <class O>
+    static __device__ __forceinline__ void step(const FoHyper<O>& h, O& p, O g, O& z, O&, O&, O) {
+        fo_sf_interpolate(h, p, z, g);
+    }
+};
+
 // ------------------------------------------------------------------ shared by the step kernels
 // Kernel argument of the mixed-precision and q8 kernels: how the param is written and which
 // inputs are float32 (a 16-bit param's grad and extra input are its dtype or float32).
