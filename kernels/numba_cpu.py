@@ -324,7 +324,7 @@ def _cached(dispatcher):
 
 def _entry(sums=False):
     """The decorator of an entry point: parallel, nogil, fingerprint-cached."""
-    opts = dict(parallel=_PARALLEL, nogil=True)
+    opts = dict(parallel=_PARALLEL, nogil=True, error_model="numpy")
     if sums:
         opts["fastmath"] = {"reassoc"}
     return lambda fn: _cached(njit(**opts)(fn))
