@@ -333,3 +333,24 @@ def test_precision_bench_rows_and_bytes_table():
         assert rows[label]["baseline"] == "f32" and rows[label]["ratio"] > 0
     assert bench.precision_bytes("bfloat16", {"master_weights": True}) == 30
     assert "bf16 f32-state" in bench.format_precision_table(res)
+
+
+def test_tiled_rule_loop_has_no_zero_division_test():
+    # issue 12: a rule body compiled under Numba's default (Python) error model tests every
+    # float divisor for zero to raise ZeroDivisionError, an early loop exit that kept the
+    # loop over the float32 tiles scalar (6x slower).  A serial probe with the default error
+    # model runs the tiled driver: the overload's NumPy error model must reach the body.
+    import numba
+
+    from fastopt.kernels import numba_cpu as nc
+
+    ns = dict(vars(nc))
+    exec("def probe(ptr, off, total, scales, cs, fmt):\n"
+         "    _apply(_adam, 0, 0, 1, ptr, off, total, scales, cs, fmt)\n", ns)
+    probe = numba.njit(ns["probe"])
+    sig = (numba.int64[:, ::1], numba.int64[::1], numba.int64, numba.float32[::1],
+           numba.float32[::1], numba.int64[::1])
+    probe.compile(sig)
+    llvm_ir = probe.inspect_llvm(sig)
+    assert "@sqrtf(" in llvm_ir or "@llvm.sqrt" in llvm_ir  # the body is in there
+    assert "ZeroDivisionError" not in llvm_ir
