@@ -273,8 +273,13 @@ FINGERPRINT = _fingerprint()
 CACHE_ERROR = None  # why the on-disk cache is off, when it is off for a reason other than the env
 
 
-def _fingerprint_cache_class():
-    """Numba's ``FunctionCache`` with ``FINGERPRINT`` added to every index stamp."""
+def _fingerprint_cache_class(suffix=""):
+    """Numba's ``FunctionCache`` with ``FINGERPRINT`` added to every index stamp.
+
+    ``suffix`` is appended to the cache files' names: the serial twin of an entry
+    point (``_entry``) is the same Python function as the parallel one, and Numba's
+    index key (signature, CPU, bytecode) would not tell their compiled code apart.
+    """
     from numba.core.caching import FunctionCache
 
     class _Stamped:
@@ -294,6 +299,9 @@ def _fingerprint_cache_class():
             super().__init__(py_func)
             self._locator = _Stamped(self._locator)
 
+        def get_filename_base(self, fullname, abiflags):
+            return super().get_filename_base(fullname + suffix, abiflags)
+
     class _FingerprintCache(FunctionCache):
         _impl_class = _FingerprintImpl
 
@@ -302,18 +310,19 @@ def _fingerprint_cache_class():
 
 try:
     _FingerprintCache = _fingerprint_cache_class()
+    _SerialCache = _fingerprint_cache_class("_serial")
 except Exception as e:  # noqa: BLE001 -- numba's internals moved: no cache rather than a stale one
-    _FingerprintCache = None
+    _FingerprintCache = _SerialCache = None
     CACHE_ERROR = f"{type(e).__name__}: {e}"
 
 
-def _cached(dispatcher):
+def _cached(dispatcher, serial=False):
     """Turn on the fingerprinted on-disk cache for a jitted entry point (when allowed)."""
     global CACHE_ERROR
     if not CACHE or _FingerprintCache is None:
         return dispatcher
     try:
-        cache = _FingerprintCache(dispatcher.py_func)
+        cache = (_SerialCache if serial else _FingerprintCache)(dispatcher.py_func)
         if cache._impl.locator.get_source_stamp()[-1] != FINGERPRINT:
             raise RuntimeError("the cache stamp does not carry the fingerprint")
         dispatcher._cache = cache
@@ -322,12 +331,37 @@ def _cached(dispatcher):
     return dispatcher
 
 
+#: parallel entry point -> its serial twin: the same function compiled without a
+#: parallel region (``prange`` is then ``range``), which the host calls whenever the
+#: call runs as one part (one thread, or under ``2 * MIN_PER_THREAD`` elements).
+_SERIAL = {}
+_TWINS = set()  # the serial twins (they open no parallel region)
+
+
 def _entry(sums=False):
-    """The decorator of an entry point: parallel, nogil, fingerprint-cached."""
-    opts = dict(parallel=_PARALLEL, nogil=True)
+    """The decorator of an entry point: parallel, nogil, fingerprint-cached, with a serial twin.
+
+    Parfor lowering is most of a kernel's compile time (a serial twin compiles in
+    about half the time of the parallel function), so a step that runs as one part
+    -- small models, one thread, the tiny arrays of a first try -- compiles and
+    calls the twin and never pays for the parallel function; that one compiles on
+    the first call big enough to use the threads.  The twin uses NumPy's error model
+    (a float division by zero is inf/nan, not an exception), as Numba's parfor
+    bodies do, so both run the same arithmetic.  Entry points whose second argument
+    is not ``sizes`` (their part count is not the table's) get no twin.
+    """
+    opts = dict(nogil=True)
     if sums:
         opts["fastmath"] = {"reassoc"}
-    return lambda fn: _cached(njit(**opts)(fn))
+
+    def make(fn):
+        par = _cached(njit(parallel=_PARALLEL, **opts)(fn))
+        if fn.__code__.co_varnames[1:2] == ("sizes",):
+            _SERIAL[par] = _cached(njit(error_model="numpy", **opts)(fn), serial=True)
+            _TWINS.add(_SERIAL[par])
+        return par
+
+    return make
 
 
 # ------------------------------------------------------------------ raw memory
@@ -1424,28 +1458,51 @@ def _note_compiling():
         sys.stderr.flush()
 
 
+#: Which compiled form ``_pick`` calls: None (by the size of the call), or "serial" /
+#: "parallel" to force one (``warmup`` compiles both).
+_FORCE = None
+
+
+def _pick(fn, args):
+    """``(kernel, threads)``: the serial twin when the call runs as one part, else ``fn``."""
+    threads = numba.get_num_threads()
+    serial = _SERIAL.get(fn)
+    if serial is None or _FORCE == "parallel":
+        return fn, threads
+    if _FORCE == "serial" or threads == 1 or int(args[1].sum()) < 2 * MIN_PER_THREAD:
+        return serial, 1
+    return fn, threads
+
+
 def _launch(fn, *args):
     """Call a kernel; on a first call that runs for over a second, say once that it compiles."""
+    fn, threads = _pick(fn, args)
     key = (fn, args[3].dtype, isinstance(args[4], np.ndarray))  # a format vector: tiled
     if key in _seen:
-        return _call(fn, *args)
+        return _run(fn, threads, args)
     timer = threading.Timer(1.0, _note_compiling)
     timer.daemon = True
     timer.start()
     try:
-        return _call(fn, *args)
+        return _run(fn, threads, args)
     finally:
         timer.cancel()
         _seen.add(key)
 
 
 def _call(fn, *args):
-    """Call a parallel kernel; serialized only under the thread-unsafe workqueue layer."""
+    """Call a kernel (its serial twin when it runs as one part), see ``_run``."""
+    fn, threads = _pick(fn, args)
+    return _run(fn, threads, args)
+
+
+def _run(fn, threads, args):
+    """Call a kernel; serialized only under the thread-unsafe workqueue layer."""
     global _serialize
-    if not _serialize:
-        return fn(*args, numba.get_num_threads())
+    if not _serialize or fn in _TWINS:  # a serial twin opens no parallel region
+        return fn(*args, threads)
     with _LOCK:
-        out = fn(*args, numba.get_num_threads())
+        out = fn(*args, threads)
         try:
             _serialize = numba.threading_layer() == "workqueue"
         except ValueError:  # no parallel region has run yet (one part only)
@@ -1875,12 +1932,19 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
     """
     import time
 
+    global _FORCE
     jobs = warmup_jobs(dtypes, rules, variants)
     t0 = time.perf_counter()
     for k, (label, run) in enumerate(jobs):
         if progress is not None:
             progress(k, len(jobs), label)
-        run()
+        # both compiled forms of each entry point: the serial twin (steps that run as one
+        # part) and the parallel function (bigger steps), see ``_entry``
+        try:
+            for _FORCE in ("serial", "parallel"):
+                run()
+        finally:
+            _FORCE = None
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
     return time.perf_counter() - t0

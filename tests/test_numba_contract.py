@@ -102,8 +102,10 @@ _CACHE_PROBE = textwrap.dedent("""
         opt.step([g]); opt.step([g])
         out[be] = p[0]
     ok = np.allclose(out["numba"], out["numpy"], rtol=1e-5, atol=1e-6)
-    st = nc._k_adam.stats
-    print(nc.FINGERPRINT, sum(st.cache_hits.values()), sum(st.cache_misses.values()), ok)
+    # both compiled forms (100 elements run as one part: the serial twin)
+    sts = [nc._k_adam.stats, nc._SERIAL[nc._k_adam].stats]
+    print(nc.FINGERPRINT, sum(sum(st.cache_hits.values()) for st in sts),
+          sum(sum(st.cache_misses.values()) for st in sts), ok)
 """)
 
 
@@ -212,6 +214,8 @@ def test_read_pass_does_not_depend_on_the_thread_count():
                       0.0 if np.isfinite(a).all() else np.nan] for a in arrays]).reshape(n, 2)
     for exact in (1, 0):
         runs = [nc._k_read(*args, exact, nc.DATA_OFFSET, threads) for threads in (1, 2, 3, 8)]
+        # the serial twin (the compiled form of a call that runs as one part)
+        runs.append(nc._SERIAL[nc._k_read](*args, exact, nc.DATA_OFFSET, 1))
         for r in runs[1:]:
             np.testing.assert_array_equal(r, runs[0])  # bit for bit
     exact_run = nc._k_read(*args, 1, nc.DATA_OFFSET, 2)
