@@ -30,6 +30,9 @@ Layout
   runtime bitmask.  ``_ENTRIES`` maps ``(rule, variant)`` to the entry point
   and the rule's kind (``Rule.kind``) picks the host driver; no code here
   branches on a rule's name.
+* Each entry point also has a serial twin (``_SERIAL``: the same function
+  compiled without a parallel region), which the host calls when the call runs
+  as one part; see ``_entry``.
 
 Scalars and flags
 -----------------
@@ -112,9 +115,10 @@ fork-safe: a process forked after a step must not step with this backend.
 
 Compilation and caching
 -----------------------
-Kernels compile lazily, per (rule, variant, dtype), on first use: a first
-Adam step compiles ``_k_read`` and ``_k_adam`` (about 5 and 7 s on a 2-core
-machine; loading both from the cache about 1 s, nearly all of it Numba's own
+Kernels compile lazily, per (rule, variant, dtype, form), on first use: a
+first small Adam step compiles the serial twins of ``_k_read`` and ``_k_adam``
+(about 6 s together on a loaded 2-core machine, where the parallel forms took
+16 s; loading both from the cache about 0.6 s, nearly all of it Numba's own
 start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
 ahead of time, and a first call that runs for over a second says once on
 stderr that it is compiling (``COMPILE_NOTE``).  They are
@@ -419,11 +423,12 @@ def _pointers(tab, deref):
     """Data pointers from the operand table (object addresses when ``deref >= 0``)."""
     if deref < 0:
         return tab
-    out = np.zeros_like(tab)
+    # np.empty and explicit fills, not np.zeros: every NumPy constructor Numba compiles
+    # adds to a kernel's first compile (see _last_le)
+    out = np.empty_like(tab)
     for r in range(tab.shape[0]):
         for t in range(tab.shape[1]):
-            if tab[r, t] != 0:
-                out[r, t] = _load_i64(tab[r, t] + deref)
+            out[r, t] = _load_i64(tab[r, t] + deref) if tab[r, t] != 0 else 0
     return out
 
 
@@ -431,7 +436,8 @@ def _pointers(tab, deref):
 def _setup(tab, sizes, deref, threads):
     """Data pointers, prefix offsets, total size and the number of parts (threads)."""
     n = sizes.shape[0]
-    off = np.zeros(n + 1, np.int64)
+    off = np.empty(n + 1, np.int64)
+    off[0] = 0
     for t in range(n):
         off[t + 1] = off[t] + sizes[t]
     total = off[n]
@@ -480,10 +486,27 @@ def _views(ptr, t, n, z):
 
 
 @njit(inline="always")
+def _last_le(a, x):
+    """The last ``t`` with ``a[t] <= x`` (``a`` ascending, ``a[0] <= x``).
+
+    ``np.searchsorted(a, x, side="right") - 1``, written out: Numba's
+    ``searchsorted`` alone took 2.5 s to compile in a probe, the loop 0.2 s.
+    """
+    lo, hi = 0, a.shape[0]  # a[lo] <= x; the answer is in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if a[mid] <= x:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@njit(inline="always")
 def _tensors(k, parts, off, total):
     """The first tensor of part ``k`` and the end of the part."""
     lo = total * k // parts
-    return np.searchsorted(off, lo, side="right") - 1, total * (k + 1) // parts
+    return _last_le(off, lo), total * (k + 1) // parts
 
 
 # Tuples cannot enter a parallel region (they would be gufunc arguments), so each
@@ -1122,7 +1145,7 @@ def _read_blocks_full(k, parts, ptr, off, boff, cs, flags, out):
     exact = flags != 0
     nb = boff[boff.shape[0] - 1]
     j, hi = nb * k // parts, nb * (k + 1) // parts
-    t = np.searchsorted(boff, j, side="right") - 1
+    t = _last_le(boff, j)
     c = to_fixed_tuple(cs, _NSCALARS)
     ginv, gclip = c[_GINV], c[_GCLIP]
     while j < hi:
@@ -1387,14 +1410,17 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     """
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     n = sizes.shape[0]
-    boff = np.zeros(n + 1, np.int64)
+    boff = np.empty(n + 1, np.int64)
+    boff[0] = 0
     for t in range(n):
         boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
     out = np.empty((boff[n], 2))
     for k in prange(parts):
         _read_blocks(k, parts, ptr, off, boff, cs, flags, out)
-    res = np.zeros((n, 2))
+    res = np.empty((n, 2))
     for t in range(n):
+        res[t, 0] = 0.0
+        res[t, 1] = 0.0
         for j in range(boff[t], boff[t + 1]):
             res[t, 0] += out[j, 0]
             res[t, 1] += out[j, 1]
