@@ -30,9 +30,9 @@ Layout
   runtime bitmask.  ``_ENTRIES`` maps ``(rule, variant)`` to the entry point
   and the rule's kind (``Rule.kind``) picks the host driver; no code here
   branches on a rule's name.
-* Each entry point also has a serial twin (``_SERIAL``: the same function
-  compiled without a parallel region), which the host calls when the call runs
-  as one part; see ``_entry``.
+* The read pass's entry point also has a serial twin (``_SERIAL``: the same
+  function compiled without a parallel region), which the host calls when the
+  call runs as one part; see ``_entry``.
 
 Scalars and flags
 -----------------
@@ -115,11 +115,11 @@ fork-safe: a process forked after a step must not step with this backend.
 
 Compilation and caching
 -----------------------
-Kernels compile lazily, per (rule, variant, dtype, form), on first use: a
-first small Adam step compiles the serial twins of ``_k_read`` and ``_k_adam``
-(about 6 s together on a loaded 2-core machine, where the parallel forms took
-16 s; loading both from the cache about 0.6 s, nearly all of it Numba's own
-start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
+Kernels compile lazily, per (rule, variant, dtype), on first use: a first
+small Adam step compiles the serial twin of ``_k_read`` and ``_k_adam`` (the
+read pass's twin compiles in under half the time of its parallel form; loading
+both from the cache takes about 0.6 s on a quiet 2-core machine, nearly all of it
+Numba's own start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
 ahead of time, and a first call that runs for over a second says once on
 stderr that it is compiling (``COMPILE_NOTE``).  They are
 cached on disk (Numba's ``__pycache__`` next to this file, ``NUMBA_CACHE_DIR``
@@ -342,17 +342,19 @@ _SERIAL = {}
 _TWINS = set()  # the serial twins (they open no parallel region)
 
 
-def _entry(sums=False):
-    """The decorator of an entry point: parallel, nogil, fingerprint-cached, with a serial twin.
+def _entry(sums=False, twin=False):
+    """The decorator of an entry point: parallel, nogil, fingerprint-cached.
 
-    Parfor lowering is most of a kernel's compile time (a serial twin compiles in
-    about half the time of the parallel function), so a step that runs as one part
-    -- small models, one thread, the tiny arrays of a first try -- compiles and
-    calls the twin and never pays for the parallel function; that one compiles on
-    the first call big enough to use the threads.  The twin uses NumPy's error model
-    (a float division by zero is inf/nan, not an exception), as Numba's parfor
-    bodies do, so both run the same arithmetic.  Entry points whose second argument
-    is not ``sizes`` (their part count is not the table's) get no twin.
+    ``twin``: also compile a serial twin (``_SERIAL``) for calls that run as one
+    part.  Parfor lowering is about half of a kernel's compile time: the read pass's
+    twin compiles in less than half the time of its parallel form and runs as fast,
+    so a first small step never compiles the parallel read pass.  Only the read pass
+    has one: in a serial function LLVM did not vectorize the update loops (Adam's
+    twin ran 5-13x slower than the parallel form on one thread; the parfor body is
+    compiled with ``noalias`` arguments and vectorizes).  The twin uses NumPy's error
+    model (a float division by zero is inf/nan, not an exception), as parfor bodies
+    do, so both forms run the same arithmetic.  A twin's entry point must take
+    ``sizes`` second and ``threads`` last (the template of ``_k_read``).
     """
     opts = dict(nogil=True)
     if sums:
@@ -360,7 +362,8 @@ def _entry(sums=False):
 
     def make(fn):
         par = _cached(njit(parallel=_PARALLEL, **opts)(fn))
-        if fn.__code__.co_varnames[1:2] == ("sizes",):
+        if twin:
+            assert fn.__code__.co_varnames[1:2] == ("sizes",), fn.__name__
             _SERIAL[par] = _cached(njit(error_model="numpy", **opts)(fn), serial=True)
             _TWINS.add(_SERIAL[par])
         return par
@@ -1401,7 +1404,7 @@ def _trust_coef(acc, scales, lr):
     return coef
 
 
-@_entry(sums=True)
+@_entry(sums=True, twin=True)
 def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     """The read pass: per tensor (sum of squares, non-finite flag), see ``_read_blocks``.
 

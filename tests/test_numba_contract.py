@@ -102,8 +102,9 @@ _CACHE_PROBE = textwrap.dedent("""
         opt.step([g]); opt.step([g])
         out[be] = p[0]
     ok = np.allclose(out["numba"], out["numpy"], rtol=1e-5, atol=1e-6)
-    # both compiled forms (100 elements run as one part: the serial twin)
-    sts = [nc._k_adam.stats, nc._SERIAL[nc._k_adam].stats]
+    # both cache classes: Adam's parallel entry point and the read pass's serial twin
+    # (100 elements run as one part)
+    sts = [nc._k_adam.stats, nc._SERIAL[nc._k_read].stats]
     print(nc.FINGERPRINT, sum(sum(st.cache_hits.values()) for st in sts),
           sum(sum(st.cache_misses.values()) for st in sts), ok)
 """)
@@ -120,11 +121,11 @@ def _cache_probe(mode, cache_dir):
 
 def test_changed_vocabulary_does_not_load_stale_cached_kernels(tmp_path):
     fp0, hits, misses, ok = _cache_probe("same", tmp_path)
-    assert (hits, misses, ok) == (0, 1, True)  # compiled and saved
-    assert _cache_probe("same", tmp_path) == (fp0, 1, 0, True)  # the cache works: loaded
+    assert (hits, misses, ok) == (0, 2, True)  # compiled and saved
+    assert _cache_probe("same", tmp_path) == (fp0, 2, 0, True)  # the cache works: loaded
     fp1, hits, misses, ok = _cache_probe("changed", tmp_path)
     assert fp1 != fp0
-    assert (hits, misses, ok) == (0, 1, True)  # recompiled with the new slots, right math
+    assert (hits, misses, ok) == (0, 2, True)  # recompiled with the new slots, right math
     # the control: kernels reading other slots than the host packed give wrong math,
     # which is what a stale cache hit would have given above
     assert _cache_probe("mismatch", tmp_path)[3] is False
