@@ -30,6 +30,9 @@ Layout
   runtime bitmask.  ``_ENTRIES`` maps ``(rule, variant)`` to the entry point
   and the rule's kind (``Rule.kind``) picks the host driver; no code here
   branches on a rule's name.
+* The read pass's entry point also has a serial twin (``_SERIAL``: the same
+  function compiled without a parallel region), which the host calls when the
+  call runs as one part; see ``_entry``.
 
 Scalars and flags
 -----------------
@@ -113,9 +116,10 @@ fork-safe: a process forked after a step must not step with this backend.
 Compilation and caching
 -----------------------
 Kernels compile lazily, per (rule, variant, dtype), on first use: a first
-Adam step compiles ``_k_read`` and ``_k_adam`` (about 5 and 7 s on a 2-core
-machine; loading both from the cache about 1 s, nearly all of it Numba's own
-start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
+small Adam step compiles the serial twin of ``_k_read`` and ``_k_adam`` (the
+read pass's twin compiles in under half the time of its parallel form; loading
+both from the cache takes about 0.6 s on a quiet 2-core machine, nearly all of it
+Numba's own start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
 ahead of time, and a first call that runs for over a second says once on
 stderr that it is compiling (``COMPILE_NOTE``).  They are
 cached on disk (Numba's ``__pycache__`` next to this file, ``NUMBA_CACHE_DIR``
@@ -276,8 +280,13 @@ FINGERPRINT = _fingerprint()
 CACHE_ERROR = None  # why the on-disk cache is off, when it is off for a reason other than the env
 
 
-def _fingerprint_cache_class():
-    """Numba's ``FunctionCache`` with ``FINGERPRINT`` added to every index stamp."""
+def _fingerprint_cache_class(suffix=""):
+    """Numba's ``FunctionCache`` with ``FINGERPRINT`` added to every index stamp.
+
+    ``suffix`` is appended to the cache files' names: the serial twin of an entry
+    point (``_entry``) is the same Python function as the parallel one, and Numba's
+    index key (signature, CPU, bytecode) would not tell their compiled code apart.
+    """
     from numba.core.caching import FunctionCache
 
     class _Stamped:
@@ -297,6 +306,9 @@ def _fingerprint_cache_class():
             super().__init__(py_func)
             self._locator = _Stamped(self._locator)
 
+        def get_filename_base(self, fullname, abiflags):
+            return super().get_filename_base(fullname + suffix, abiflags)
+
     class _FingerprintCache(FunctionCache):
         _impl_class = _FingerprintImpl
 
@@ -305,18 +317,19 @@ def _fingerprint_cache_class():
 
 try:
     _FingerprintCache = _fingerprint_cache_class()
+    _SerialCache = _fingerprint_cache_class("_serial")
 except Exception as e:  # noqa: BLE001 -- numba's internals moved: no cache rather than a stale one
-    _FingerprintCache = None
+    _FingerprintCache = _SerialCache = None
     CACHE_ERROR = f"{type(e).__name__}: {e}"
 
 
-def _cached(dispatcher):
+def _cached(dispatcher, serial=False):
     """Turn on the fingerprinted on-disk cache for a jitted entry point (when allowed)."""
     global CACHE_ERROR
     if not CACHE or _FingerprintCache is None:
         return dispatcher
     try:
-        cache = _FingerprintCache(dispatcher.py_func)
+        cache = (_SerialCache if serial else _FingerprintCache)(dispatcher.py_func)
         if cache._impl.locator.get_source_stamp()[-1] != FINGERPRINT:
             raise RuntimeError("the cache stamp does not carry the fingerprint")
         dispatcher._cache = cache
@@ -325,12 +338,40 @@ def _cached(dispatcher):
     return dispatcher
 
 
-def _entry(sums=False):
-    """The decorator of an entry point: parallel, nogil, fingerprint-cached."""
-    opts = dict(parallel=_PARALLEL, nogil=True, error_model="numpy")
+#: parallel entry point -> its serial twin: the same function compiled without a
+#: parallel region (``prange`` is then ``range``), which the host calls whenever the
+#: call runs as one part (one thread, or under ``2 * MIN_PER_THREAD`` elements).
+_SERIAL = {}
+_TWINS = set()  # the serial twins (they open no parallel region)
+
+
+def _entry(sums=False, twin=False):
+    """The decorator of an entry point: parallel, nogil, fingerprint-cached.
+
+    ``twin``: also compile a serial twin (``_SERIAL``) for calls that run as one
+    part.  Parfor lowering is about half of a kernel's compile time: the read pass's
+    twin compiles in less than half the time of its parallel form and runs as fast,
+    so a first small step never compiles the parallel read pass.  Only the read pass
+    has one: in a serial function LLVM did not vectorize the update loops (Adam's
+    twin ran 5-13x slower than the parallel form on one thread; the parfor body is
+    compiled with ``noalias`` arguments and vectorizes).  Both forms use NumPy's error
+    model (a float division by zero is inf/nan, not an exception): under Python's model
+    a division carries a zero test whose branch keeps LLVM from vectorizing the loop.  A twin's entry point must take
+    ``sizes`` second and ``threads`` last (the template of ``_k_read``).
+    """
+    opts = dict(nogil=True, error_model="numpy")
     if sums:
         opts["fastmath"] = {"reassoc"}
-    return lambda fn: _cached(njit(**opts)(fn))
+
+    def make(fn):
+        par = _cached(njit(parallel=_PARALLEL, **opts)(fn))
+        if twin:
+            assert fn.__code__.co_varnames[1:2] == ("sizes",), fn.__name__
+            _SERIAL[par] = _cached(njit(**opts)(fn), serial=True)
+            _TWINS.add(_SERIAL[par])
+        return par
+
+    return make
 
 
 # ------------------------------------------------------------------ raw memory
@@ -388,11 +429,12 @@ def _pointers(tab, deref):
     """Data pointers from the operand table (object addresses when ``deref >= 0``)."""
     if deref < 0:
         return tab
-    out = np.zeros_like(tab)
+    # np.empty and explicit fills, not np.zeros: every NumPy constructor Numba compiles
+    # adds to a kernel's first compile (see _last_le)
+    out = np.empty_like(tab)
     for r in range(tab.shape[0]):
         for t in range(tab.shape[1]):
-            if tab[r, t] != 0:
-                out[r, t] = _load_i64(tab[r, t] + deref)
+            out[r, t] = _load_i64(tab[r, t] + deref) if tab[r, t] != 0 else 0
     return out
 
 
@@ -400,7 +442,8 @@ def _pointers(tab, deref):
 def _setup(tab, sizes, deref, threads):
     """Data pointers, prefix offsets, total size and the number of parts (threads)."""
     n = sizes.shape[0]
-    off = np.zeros(n + 1, np.int64)
+    off = np.empty(n + 1, np.int64)
+    off[0] = 0
     for t in range(n):
         off[t + 1] = off[t] + sizes[t]
     total = off[n]
@@ -449,10 +492,27 @@ def _views(ptr, t, n, z):
 
 
 @njit(inline="always")
+def _last_le(a, x):
+    """The last ``t`` with ``a[t] <= x`` (``a`` ascending, ``a[0] <= x``).
+
+    ``np.searchsorted(a, x, side="right") - 1``, written out: Numba's
+    ``searchsorted`` alone took 2.5 s to compile in a probe, the loop 0.2 s.
+    """
+    lo, hi = 0, a.shape[0]  # a[lo] <= x; the answer is in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if a[mid] <= x:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@njit(inline="always")
 def _tensors(k, parts, off, total):
     """The first tensor of part ``k`` and the end of the part."""
     lo = total * k // parts
-    return np.searchsorted(off, lo, side="right") - 1, total * (k + 1) // parts
+    return _last_le(off, lo), total * (k + 1) // parts
 
 
 # Tuples cannot enter a parallel region (they would be gufunc arguments), so each
@@ -1132,7 +1192,7 @@ def _read_blocks_full(k, parts, ptr, off, boff, cs, flags, out):
     exact = flags != 0
     nb = boff[boff.shape[0] - 1]
     j, hi = nb * k // parts, nb * (k + 1) // parts
-    t = np.searchsorted(boff, j, side="right") - 1
+    t = _last_le(boff, j)
     c = to_fixed_tuple(cs, _NSCALARS)
     ginv, gclip = c[_GINV], c[_GCLIP]
     while j < hi:
@@ -1402,7 +1462,7 @@ def _trust_coef(acc, scales, lr):
     return coef
 
 
-@_entry(sums=True)
+@_entry(sums=True, twin=True)
 def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     """The read pass: per tensor (sum of squares, non-finite flag), see ``_read_blocks``.
 
@@ -1411,14 +1471,17 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     """
     ptr, off, total, parts = _setup(tab, sizes, deref, threads)
     n = sizes.shape[0]
-    boff = np.zeros(n + 1, np.int64)
+    boff = np.empty(n + 1, np.int64)
+    boff[0] = 0
     for t in range(n):
         boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
     out = np.empty((boff[n], 2))
     for k in prange(parts):
         _read_blocks(k, parts, ptr, off, boff, cs, flags, out)
-    res = np.zeros((n, 2))
+    res = np.empty((n, 2))
     for t in range(n):
+        res[t, 0] = 0.0
+        res[t, 1] = 0.0
         for j in range(boff[t], boff[t + 1]):
             res[t, 0] += out[j, 0]
             res[t, 1] += out[j, 1]
@@ -1483,28 +1546,51 @@ def _note_compiling():
         sys.stderr.flush()
 
 
+#: Which compiled form ``_pick`` calls: None (by the size of the call), or "serial" /
+#: "parallel" to force one (``warmup`` compiles both).
+_FORCE = None
+
+
+def _pick(fn, args):
+    """``(kernel, threads)``: the serial twin when the call runs as one part, else ``fn``."""
+    threads = numba.get_num_threads()
+    serial = _SERIAL.get(fn)
+    if serial is None or _FORCE == "parallel":
+        return fn, threads
+    if _FORCE == "serial" or threads == 1 or int(args[1].sum()) < 2 * MIN_PER_THREAD:
+        return serial, 1
+    return fn, threads
+
+
 def _launch(fn, *args):
     """Call a kernel; on a first call that runs for over a second, say once that it compiles."""
+    fn, threads = _pick(fn, args)
     key = (fn, args[3].dtype, isinstance(args[4], np.ndarray))  # a format vector: tiled
     if key in _seen:
-        return _call(fn, *args)
+        return _run(fn, threads, args)
     timer = threading.Timer(1.0, _note_compiling)
     timer.daemon = True
     timer.start()
     try:
-        return _call(fn, *args)
+        return _run(fn, threads, args)
     finally:
         timer.cancel()
         _seen.add(key)
 
 
 def _call(fn, *args):
-    """Call a parallel kernel; serialized only under the thread-unsafe workqueue layer."""
+    """Call a kernel (its serial twin when it runs as one part), see ``_run``."""
+    fn, threads = _pick(fn, args)
+    return _run(fn, threads, args)
+
+
+def _run(fn, threads, args):
+    """Call a kernel; serialized only under the thread-unsafe workqueue layer."""
     global _serialize
-    if not _serialize:
-        return fn(*args, numba.get_num_threads())
+    if not _serialize or fn in _TWINS:  # a serial twin opens no parallel region
+        return fn(*args, threads)
     with _LOCK:
-        out = fn(*args, numba.get_num_threads())
+        out = fn(*args, threads)
         try:
             _serialize = numba.threading_layer() == "workqueue"
         except ValueError:  # no parallel region has run yet (one part only)
@@ -2115,12 +2201,19 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
     """
     import time
 
+    global _FORCE
     jobs = warmup_jobs(dtypes, rules, variants)
     t0 = time.perf_counter()
     for k, (label, run) in enumerate(jobs):
         if progress is not None:
             progress(k, len(jobs), label)
-        run()
+        # both compiled forms of each entry point: the serial twin (steps that run as one
+        # part) and the parallel function (bigger steps), see ``_entry``
+        try:
+            for _FORCE in ("serial", "parallel"):
+                run()
+        finally:
+            _FORCE = None
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
     return time.perf_counter() - t0

@@ -223,7 +223,7 @@ def asv_suite():
     try:
         mods = {name: importlib.import_module(f"benchmarks.{name}")
                 for name in ("bench_step", "bench_multitensor", "bench_clip", "bench_bandwidth",
-                             "bench_memory", "bench_compile")}
+                             "bench_memory", "bench_compile", "bench_speed")}
         yield mods
     finally:
         sys.path.remove(os.path.join(ROOT, "asv_bench"))
@@ -328,3 +328,41 @@ def test_muon_row_runs_interleaved_against_torch(capsys):
                  "numpy", "--json", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["muon"]["shape"] == [16, 16] and "rows" not in out
+
+
+# --------------------------------------------------------------------------- --speed (issue 16)
+
+
+@pytest.mark.skipif(not (HAS_NUMBA and HAS_TORCH), reason="needs numba and torch")
+def test_speed_table_has_every_row_of_the_issue_with_its_peer(capsys):
+    # tiny sizes and one pair per row: the rows and their peers, not the figures
+    assert main(["bench", "--speed", "--json", "--no-progress", "--speed-n", "3000", "--reps", "1",
+                 "--no-first-step"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["case"]: r for r in res["rows"]}
+    for rule in ("Adam", "SGD-momentum", "Adagrad"):
+        for mode, goal in (('"ignore"', None), ("default", 1.15 if rule == "Adam" else 1.2)):
+            r = rows[f"{rule} {mode} 3e3"]
+            assert r["peer"] == "torch fused" and r["goal"] == goal
+    for model in ("demo MLP (26,634)", "1000 x 256"):
+        assert rows[f"{model} Adam default, 1 thread"]["goal"] == 0.5
+        assert rows[f'{model} Adam "ignore", 1 thread']["peer"] == "torch fused"
+    assert rows["read pass (check) 3e3"]["peer"] == "BLAS dot"
+    assert rows["Adam + clip_global_norm 3e3"]["peer"] == "fastopt Adam"
+    assert rows["AdaHessian 3e3 (32/28 B)"]["peer"] == "fastopt Adam"
+    for r in res["rows"]:  # each ratio is the median of per-pair ratios of its own two times
+        assert r["fastopt_s"] > 0 and r["peer_s"] > 0 and r["ratio"] > 0
+    assert res["first_step"] is None and len(res["rows"]) == 13
+    text = _bench.format_speed_table(res)
+    assert len(text.splitlines()) == 2 + 13 and "torch fused" in text
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+def test_asv_speed_benchmarks_set_up_and_step(asv_suite):
+    sp = asv_suite["bench_speed"]
+    runs = [(sp.DefaultStep(), ("adam", "demo"))]
+    if HAS_TORCH:
+        runs.append((sp.TorchFusedStep(), ("adam", "demo")))
+    for bench, params in runs:
+        bench.setup(*params)
+        bench.time_step(*params)

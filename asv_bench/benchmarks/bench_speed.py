@@ -4,15 +4,12 @@ goals are in ``asv_bench/numba_speed.py`` (one interleaved run); these are the
 plain times asv tracks between commits.
 """
 
-import os
-import sys
 import tempfile
 
 import numpy as np
 
 from fastopt.apps import bench as _bench
 
-_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N16 = 16_777_216
 DEMO_SIZES = [68 * 128, 128, 128 * 128, 128, 128 * 10, 10]
 
@@ -91,10 +88,7 @@ class FirstStep:
         _skip_without_numba()
 
     def _first(self, cache):
-        sys.path.insert(0, _HERE)
-        from numba_speed import first_step_seconds
-
-        return first_step_seconds(cache)
+        return _bench.first_step_seconds("fastopt", cache)
 
     def track_cold_first_step(self):
         with tempfile.TemporaryDirectory(prefix="fastopt-cold-") as tmp:
@@ -108,3 +102,33 @@ class FirstStep:
             return self._first(tmp)
 
     track_warm_first_step.unit = "seconds"
+
+    def track_torch_first_step(self):
+        """The peer: torch's fused Adam, first step of a fresh process (import included)."""
+        if _bench.torch_module() is None:
+            raise NotImplementedError("torch is not installed")
+        return _bench.first_step_seconds("torch")
+
+    track_torch_first_step.unit = "seconds"
+
+
+class TorchFusedStep:
+    """The peer of ``DefaultStep``: torch's fused optimizer on the same sizes (``--speed`` rows)."""
+
+    params = [["adam", "sgd-momentum", "adagrad"], ["16.7M", "demo", "1000x256"]]
+    param_names = ["rule", "model"]
+    timeout = 300
+
+    def setup(self, rule, model):
+        _skip_without_numba()  # the arrays come from the pair builder the --speed table uses
+        torch = _bench.torch_module()
+        if torch is None:
+            raise NotImplementedError("torch is not installed")
+        sizes = {"16.7M": [N16], "demo": DEMO_SIZES, "1000x256": [256] * 1000}[model]
+        cls, kw = {"adam": ("Adam", {"lr": 1e-3}), "sgd-momentum": ("SGD", {"lr": 1e-3, "momentum": 0.9}),
+                   "adagrad": ("Adagrad", {"lr": 1e-2})}[rule]
+        _, self.step = _bench._speed_steps(cls, sizes, torch, **kw)
+        self.step()
+
+    def time_step(self, rule, model):
+        self.step()
