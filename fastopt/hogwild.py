@@ -61,7 +61,7 @@ import numpy as np
 
 from . import _backend
 from ._pipeline import StepInfo, clip_scales
-from ._rules import DENSE_SOLVE, FACTORED, ORTHOGONALIZE, as_host_scalars, check_lr_value
+from ._rules import COPY_OF_PARAM, DENSE_SOLVE, FACTORED, ORTHOGONALIZE, as_host_scalars, check_lr_value
 from ._validate import check_companions, check_disjoint, check_grad_scale, expected_layout
 from .distributed import Part, check_param_list, read_stats, resolve_rule, split_options, write_step
 
@@ -97,7 +97,10 @@ class Hogwild:
         self.step_count = 0
         self._gstate = dict(self.rule.group_state)
         names = self.rule.state(self.hp)
-        self._state = [{n: np.full_like(p, init) for n, init in names} for p in self.params]
+        # Schedule-Free's z starts as a copy of its param (COPY_OF_PARAM), every other state as
+        # the rule's start value
+        self._state = [{n: p.copy() if isinstance(init, str) and init == COPY_OF_PARAM
+                        else np.full_like(p, init) for n, init in names} for p in self.params]
         dtypes = sorted({p.dtype for p in self.params}, key=str)
         self._groups = [[i for i, p in enumerate(self.params) if p.dtype == dt] for dt in dtypes]
 

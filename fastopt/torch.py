@@ -1215,7 +1215,7 @@ class Adafactor(Optimizer):
                  weight_decay=0.0, *, foreach=None, maximize=False, clip_value=None,
                  clip_norm=None, clip_global_norm=None, weight_clip=None, max_norm=None,
                  nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
-                 stochastic_rounding=False, seed=0):
+                 stochastic_rounding=False, seed=0, min_8bit_size=4096):
         # torch.optim.Adafactor's own checks and messages first
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")

@@ -378,7 +378,7 @@ BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
                  # (the range of each beta: tests/test_rules_issue19.py)
                  ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9],
                  # Adafactor's eps is the pair (eps1 or None, eps2)
-                 ("adafactor", "eps"): [(-1.0, 1e-3), (None, -1.0), (None, NAN), 1e-3, (1e-3,)]}
+                 ("adafactor", "eps"): [(-1.0, 1e-3), (None, -1.0), (None, NAN), 1e-3, (1e-3,)],
                  # Schedule-Free SGD's momentum is an interpolation constant in (0, 1)
                  ("schedule_free_sgd", "momentum"): [0.0, 1.0, -0.5, NAN, None],
                  # (beta1 = 0, which eval() would divide by: tests/test_rules_sf.py)
