@@ -18,8 +18,13 @@ BatchNorm (``x`` as ``(N, C, S)``)
     c, s, so memory is read in order for both (N, C) and (N, C, H, W); (N, C)
     inputs (S = 1) have their own 2-D kernels whose innermost loop runs over the
     channels and vectorizes.  Forward: 2 reads + 1 write of the batch
-    (cache-blocked two-pass statistics, apply);
-    backward: 4 reads + 1 write (the two sums, then dx).
+    (statistics, apply); backward: 4 reads + 1 write (the two sums in one pass,
+    then dx).  (N, C, S) statistics are two-pass within cache-sized row blocks,
+    merged with Chan's update; (N, C) statistics are single-pass sums shifted by
+    each channel's first value (see ``_k_moments2``).  The element-wise passes use
+    per-channel coefficients folded on the host (``x * scale + shift``;
+    ``k * dy + c2 * x + c3``) so each element costs few loads: every pass of the
+    (N, C) kernels runs near this machine's memory bandwidth.
 Dropout
     ``random_bits(seed, step, i)`` of ``fastopt.precision`` transcribed with
     u64 arithmetic: the step key is computed on the host once per call, each
@@ -39,6 +44,9 @@ BACKEND = "numba"
 
 CACHE = os.environ.get("FASTOPT_NUMBA_CACHE", "1") != "0"
 _JIT = dict(parallel=True, nogil=True, cache=CACHE)
+# numpy's error model for the (N, C) kernels: a division in a loop carries no
+# ZeroDivisionError branch, which would keep the loop from vectorizing
+_JIT2 = dict(_JIT, error_model="numpy")
 # the inner sums over s are one dependency chain unless LLVM may reassociate them; the
 # order it picks is fixed at compile time, so results stay the same run to run and for
 # every thread count (not across CPUs with other vector widths)
@@ -46,7 +54,8 @@ _JIT_SUM = dict(_JIT, fastmath={"reassoc"})
 
 #: at most this many row blocks per reduction (partials: blocks * C float64)
 MAX_BLOCKS = 64
-#: elements of one row block of an (N, C) reduction: kept in cache between its two passes
+#: elements of one row block of an (N, C, S) moments reduction: kept in cache between its
+#: two passes
 BLOCK_ELEMENTS = 1 << 15
 #: elements per parallel chunk of the element-wise passes
 CHUNK = 1 << 16
@@ -89,30 +98,59 @@ def _chan_merge(mu, m2, n, rows, s):
     return mean, q / (n * s)
 
 
-@njit(**_JIT)
-def _k_moments2(x, rows):
-    """(N, C) input: two-pass mean and M2 per block of ``rows`` rows (the second pass
-    re-reads the block from cache), then Chan's merge of the blocks in block order."""
+@njit(**_JIT2)
+def _k_moments2(x, nblocks):
+    """(N, C) input: single-pass float64 sums of ``d = x - x[0]`` and ``d * d`` per
+    channel (shifted by the channel's first value, so a large mean cancels before the
+    squares), ``nblocks`` row blocks of fixed bounds summed in block order.  Rows go
+    four at a time into one update of the per-channel accumulators: the loop over the
+    channels vectorizes and the accumulators are loaded and stored a quarter as often.
+    ``var = (S2 - S1 * S1 / n) / n`` loses ``(mean - x[0])**2 / var`` float64 ulps to
+    cancellation: none that a float32 result could show unless the first row sits
+    thousands of standard deviations from the mean."""
     n, c = x.shape
-    nblocks = (n + rows - 1) // rows
-    mu = np.zeros((nblocks, c), dtype=np.float64)
-    m2 = np.zeros((nblocks, c), dtype=np.float64)
+    k = np.empty(c, dtype=np.float64)
+    for j in range(c):
+        k[j] = np.float64(x[0, j])
+    part = np.zeros((2, nblocks, c), dtype=np.float64)
     for b in prange(nblocks):
-        lo = b * rows
-        hi = min(n, lo + rows)
-        mb = mu[b]
-        qb = m2[b]
-        for i in range(lo, hi):
+        lo = b * n // nblocks
+        hi = (b + 1) * n // nblocks
+        mid = lo + (hi - lo) // 4 * 4
+        p0 = part[0, b]
+        p1 = part[1, b]
+        for i in range(lo, mid, 4):
+            x0 = x[i]
+            x1 = x[i + 1]
+            x2 = x[i + 2]
+            x3 = x[i + 3]
             for j in range(c):
-                mb[j] += np.float64(x[i, j])
-        inv = 1.0 / (hi - lo)
+                kj = k[j]
+                d0 = np.float64(x0[j]) - kj
+                d1 = np.float64(x1[j]) - kj
+                d2 = np.float64(x2[j]) - kj
+                d3 = np.float64(x3[j]) - kj
+                p0[j] += (d0 + d1) + (d2 + d3)
+                p1[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        for i in range(mid, hi):
+            x0 = x[i]
+            for j in range(c):
+                d = np.float64(x0[j]) - k[j]
+                p0[j] += d
+                p1[j] += d * d
+    s1 = np.zeros(c, dtype=np.float64)
+    s2 = np.zeros(c, dtype=np.float64)
+    for b in range(nblocks):
         for j in range(c):
-            mb[j] *= inv
-        for i in range(lo, hi):
-            for j in range(c):
-                d = np.float64(x[i, j]) - mb[j]
-                qb[j] += d * d
-    return _chan_merge(mu, m2, n, rows, 1)
+            s1[j] += part[0, b, j]
+            s2[j] += part[1, b, j]
+    mean = np.empty(c, dtype=np.float64)
+    var = np.empty(c, dtype=np.float64)
+    for j in range(c):
+        dm = s1[j] / n
+        mean[j] = k[j] + dm
+        var[j] = max(0.0, (s2[j] - s1[j] * dm) / n)
+    return mean, var
 
 
 @njit(**_JIT_SUM)
@@ -149,47 +187,55 @@ def _k_moments3(x3, rows):
 
 
 def bn_moments(x3):
-    """Per-channel ``(mean, biased variance)``, float64, two-pass (see the reference).
+    """Per-channel ``(mean, biased variance)``, float64; one read of x from memory.
 
-    Two-pass within blocks of rows small enough to stay in cache, merged with Chan
-    et al.'s pairwise update -- one read of x from memory.  The blocks depend on the
-    shape only, so the result does not depend on the thread count.
+    (N, C, S): two-pass within blocks of rows small enough to stay in cache, merged
+    with Chan et al.'s pairwise update.  (N, C): single-pass shifted sums (see
+    ``_k_moments2``), where the second in-cache pass would cost as much as the read.
+    The blocks depend on the shape only, so the result does not depend on the
+    thread count.
     """
     n, c, s = x3.shape
     if s == 1:
-        return _k_moments2(x3.reshape(n, c), max(1, BLOCK_ELEMENTS // c))
+        return _k_moments2(x3.reshape(n, c), _blocks(n))
     # rows per block: the cache budget, but at least enough blocks for the threads to share
     rows = max(1, min(BLOCK_ELEMENTS // (c * s), n // MAX_BLOCKS))
     return _k_moments3(x3, rows)
 
 
-@njit(**_JIT)
-def _k_apply(x3, mean, scale, beta, out):
+@njit(**_JIT2)
+def _k_apply(x3, scale, shift, out):
     n, c, s = x3.shape
     for i in prange(n):
         for j in range(c):
-            m = mean[j]
             sc = scale[j]
-            be = beta[j]
+            sh = shift[j]
             for k in range(s):
-                out[i, j, k] = (np.float64(x3[i, j, k]) - m) * sc + be
+                out[i, j, k] = np.float64(x3[i, j, k]) * sc + sh
 
 
-@njit(**_JIT)
-def _k_apply2(x, mean, scale, beta, out):
+@njit(**_JIT2)
+def _k_apply2(x, scale, shift, out):
     n, c = x.shape
     for i in prange(n):
+        x0 = x[i]
+        o0 = out[i]
         for j in range(c):
-            out[i, j] = (np.float64(x[i, j]) - mean[j]) * scale[j] + beta[j]
+            o0[j] = np.float64(x0[j]) * scale[j] + shift[j]
 
 
 def bn_apply(x3, mean, scale, beta, out):
-    """``out = (x - mean) * scale + beta`` per channel (float64 math, one rounding)."""
+    """``out = (x - mean) * scale + beta`` per channel, as ``x * scale + (beta - mean *
+    scale)``: float64 math, one rounding to out's dtype, two coefficient loads per
+    element.  Against the reference's order this differs by float64 ulps of ``mean *
+    scale``, far below a float32 ulp of the result unless ``|mean|`` is ~1e6 standard
+    deviations."""
     n, c, s = x3.shape
+    shift = beta - mean * scale
     if s == 1:  # channels innermost: the loop over them vectorizes
-        _k_apply2(x3.reshape(n, c), mean, scale, beta, out.reshape(n, c))
+        _k_apply2(x3.reshape(n, c), scale, shift, out.reshape(n, c))
     else:
-        _k_apply(x3, mean, scale, beta, out)
+        _k_apply(x3, scale, shift, out)
 
 
 @njit(**_JIT_SUM)
@@ -220,26 +266,51 @@ def _k_backward_sums(x3, dy3, mean, invstd, nblocks):
     return sdy, sdyx
 
 
-@njit(**_JIT)
+@njit(**_JIT2)
 def _k_backward_sums2(x, dy, mean, invstd, nblocks):
+    """Sums of ``dy`` and ``dy * (x - mean)`` (times invstd once per channel at the
+    end), rows four at a time per accumulator update as in ``_k_moments2``."""
     n, c = x.shape
     part = np.zeros((2, nblocks, c), dtype=np.float64)
     for b in prange(nblocks):
         lo = b * n // nblocks
         hi = (b + 1) * n // nblocks
+        mid = lo + (hi - lo) // 4 * 4
         p0 = part[0, b]
         p1 = part[1, b]
-        for i in range(lo, hi):
+        for i in range(lo, mid, 4):
+            x0 = x[i]
+            x1 = x[i + 1]
+            x2 = x[i + 2]
+            x3 = x[i + 3]
+            g0 = dy[i]
+            g1 = dy[i + 1]
+            g2 = dy[i + 2]
+            g3 = dy[i + 3]
             for j in range(c):
-                g = np.float64(dy[i, j])
-                p0[j] += g
-                p1[j] += g * ((np.float64(x[i, j]) - mean[j]) * invstd[j])
+                m = mean[j]
+                a0 = np.float64(g0[j])
+                a1 = np.float64(g1[j])
+                a2 = np.float64(g2[j])
+                a3 = np.float64(g3[j])
+                p0[j] += (a0 + a1) + (a2 + a3)
+                p1[j] += ((a0 * (np.float64(x0[j]) - m) + a1 * (np.float64(x1[j]) - m))
+                          + (a2 * (np.float64(x2[j]) - m) + a3 * (np.float64(x3[j]) - m)))
+        for i in range(mid, hi):
+            x0 = x[i]
+            g0 = dy[i]
+            for j in range(c):
+                a0 = np.float64(g0[j])
+                p0[j] += a0
+                p1[j] += a0 * (np.float64(x0[j]) - mean[j])
     sdy = np.zeros(c, dtype=np.float64)
     sdyx = np.zeros(c, dtype=np.float64)
     for b in range(nblocks):
         for j in range(c):
             sdy[j] += part[0, b, j]
             sdyx[j] += part[1, b, j]
+    for j in range(c):
+        sdyx[j] *= invstd[j]
     return sdy, sdyx
 
 
@@ -251,38 +322,42 @@ def bn_backward_sums(x3, dy3, mean, invstd):
     return _k_backward_sums(x3, dy3, mean, invstd, _blocks(n))
 
 
-@njit(**_JIT)
-def _k_backward_dx(x3, dy3, mean, invstd, kk, a, b, out):
+@njit(**_JIT2)
+def _k_backward_dx(x3, dy3, c1, c2, c3, out):
     n, c, s = x3.shape
     for i in prange(n):
         for j in range(c):
-            m = mean[j]
-            r = invstd[j]
-            kj = kk[j]
-            aj = a[j]
-            bj = b[j]
+            a1 = c1[j]
+            a2 = c2[j]
+            a3 = c3[j]
             for k in range(s):
-                xhat = (np.float64(x3[i, j, k]) - m) * r
-                out[i, j, k] = kj * (np.float64(dy3[i, j, k]) - aj - xhat * bj)
+                out[i, j, k] = a1 * np.float64(dy3[i, j, k]) + (a2 * np.float64(x3[i, j, k]) + a3)
 
 
-@njit(**_JIT)
-def _k_backward_dx2(x, dy, mean, invstd, kk, a, b, out):
+@njit(**_JIT2)
+def _k_backward_dx2(x, dy, c1, c2, c3, out):
     n, c = x.shape
     for i in prange(n):
+        x0 = x[i]
+        g0 = dy[i]
+        o0 = out[i]
         for j in range(c):
-            xhat = (np.float64(x[i, j]) - mean[j]) * invstd[j]
-            out[i, j] = kk[j] * (np.float64(dy[i, j]) - a[j] - xhat * b[j])
+            o0[j] = c1[j] * np.float64(g0[j]) + (c2[j] * np.float64(x0[j]) + c3[j])
 
 
 def bn_backward_dx(x3, dy3, mean, invstd, k, a, b, out):
-    """``out = k * (dy - a - xhat * b)`` per channel (float64 math, one rounding)."""
+    """``out = k * (dy - a - xhat * b)`` per channel, as ``k * dy + (c2 * x + c3)`` with
+    ``c2 = -k * invstd * b`` and ``c3 = k * (invstd * b * mean - a)`` (float64 math, one
+    rounding; three coefficient loads per element instead of five).  With ``a = b = 0``
+    (evaluation) it is ``k * dy`` exactly."""
     n, c, s = x3.shape
+    rb = invstd * b
+    c2 = -(k * rb)
+    c3 = k * (rb * mean - a)
     if s == 1:
-        _k_backward_dx2(x3.reshape(n, c), dy3.reshape(n, c), mean, invstd, k, a, b,
-                        out.reshape(n, c))
+        _k_backward_dx2(x3.reshape(n, c), dy3.reshape(n, c), k, c2, c3, out.reshape(n, c))
     else:
-        _k_backward_dx(x3, dy3, mean, invstd, k, a, b, out)
+        _k_backward_dx(x3, dy3, k, c2, c3, out)
 
 
 # ------------------------------------------------------------------ Dropout

@@ -351,8 +351,9 @@ def test_numba_layers_defines_every_jitted_function_it_uses():
 @pytest.mark.parametrize("block_rows", [1, 7, 300])
 @pytest.mark.parametrize("c, s", [(17, 1), (3, 11)])
 def test_numba_blocked_moments_merge(monkeypatch, block_rows, c, s):
-    # statistics are two-pass per block of rows, merged pairwise (Chan et al.);
-    # 300 = 42 * 7 + 6 leaves an uneven last block
+    # (N, C, S) statistics are two-pass per block of rows, merged pairwise (Chan et
+    # al.); 300 = 42 * 7 + 6 leaves an uneven last block.  (N, C) ones are single-pass
+    # shifted sums (BLOCK_ELEMENTS does not apply): the same bounds hold
     from fastopt.kernels import numba_layers, reference_layers
 
     x3 = (np.random.default_rng(8).standard_normal((300, c, s)) * 0.01 + 1e4)
@@ -361,6 +362,24 @@ def test_numba_blocked_moments_merge(monkeypatch, block_rows, c, s):
     rmean, rvar = reference_layers.bn_moments(x3)
     np.testing.assert_allclose(mean, rmean, rtol=1e-14)
     np.testing.assert_allclose(var, rvar, rtol=1e-9)
+
+
+@needs_numba
+@pytest.mark.parametrize("first", [0.0, 1e3])
+def test_numba_shifted_moments_with_a_large_mean_and_an_outlying_first_row(first):
+    # (N, C) moments sum x - x[0] and its square in one pass: a mean of 1e4 cancels in
+    # the shift; a first row far from the mean costs (mean - x[0])**2 / var float64
+    # ulps, still far below float32's.  303 rows: 64 blocks of 4 or 5 rows, each with
+    # a row left over after the groups of four
+    from fastopt.kernels import numba_layers, reference_layers
+
+    x = np.random.default_rng(9).standard_normal((303, 19)).astype(np.float32) + 1e4
+    x[0] += np.float32(first)
+    mean, var = numba_layers.bn_moments(x.reshape(303, 19, 1))
+    rmean, rvar = reference_layers.bn_moments(x.reshape(303, 19, 1))
+    np.testing.assert_allclose(mean, rmean, rtol=1e-14)
+    np.testing.assert_allclose(var, rvar, rtol=1e-9)
+    assert (var > 0).all()
 
 
 def test_an_unavailable_backend_is_reported_with_its_reason(monkeypatch):

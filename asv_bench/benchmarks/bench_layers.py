@@ -6,6 +6,8 @@ batch, timed alternately in one loop of the same process (the median of the per-
 ratios), so a busy machine slows both sides alike.  ``Dropout.track_fraction_of_copy`` is
 the achieved bandwidth (one read, one write per element) over ``np.copyto``'s on arrays of
 the same size, measured in the same process.
+Bytes: BatchNorm forward + backward makes 5 reads and 2 writes of the batch (docs/design.md,
+Layers), so on a memory-bound machine the ratio is bounded by torch's time over that floor.
 Note: torch's and numba's OpenMP pools spin after a parallel region; on a machine with few
 cores run with ``OMP_WAIT_POLICY=PASSIVE`` or each side's spinning slows the other.
 """
