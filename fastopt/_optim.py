@@ -8,13 +8,14 @@ only fix the constructor signature and the docstring of each rule.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import _backend
 from . import precision as _prec
 from . import quantization as _q
-from ._pipeline import make_buckets, run_step
+from ._pipeline import StepInfo, make_buckets, run_step
 from ._rules import (COPY_OF_PARAM, _lerp_form, PIPELINE_DEFAULTS, PRECISION_DEFAULTS, RULES, Rule,
                      check_hyperparameters, check_lr_value)
 from ._state import LoadPlan, plan_load, precision_record, q8_record
@@ -83,6 +84,8 @@ class Optimizer:
         self._state_names = [None] * len(self.param_groups)
         self._bucket_names = [None] * len(self.param_groups)
         self._layout = None  # (ids of the params, expected_layout of a grad of each)
+        self._plan = None  # a _StepCache (see _plan_step)
+        self._last_grads = None  # ids of the last full step's grads
         for gi in range(len(self.param_groups)):
             self._ensure_state(gi)
 
@@ -213,13 +216,83 @@ class Optimizer:
 
     def _step(self, grads, extras, grad_scale):
         t = self.step_count + 1
+        if self._plan is not None and extras is None and grad_scale is None:
+            info = self._cached_step(grads, t)
+            if info is not None:
+                return info
         inv_scale = check_grad_scale(grad_scale)
         steps = self._prepare(grads, extras, t)
         info = run_step(self.backend, self.rule, steps, t, self.nonfinite, inv_scale)
         if not info.skipped:
             self.step_count = t
             self.group_state = [dict(s) for s in info.group_state]
+            if extras is None and inv_scale is None:
+                self._plan_step(grads, steps)
         return info
+
+    # ------------------------------------------------------------------ step cache
+
+    def _plan_step(self, grads, steps):
+        """After a full step: cache what the next one with the same arrays can reuse.
+
+        Only the second step in a row with the same grad objects builds a plan (a
+        training loop whose backward pass makes new grad arrays would only pay for
+        it), only for a small step (the fixed cost matters there; the plan also keeps
+        the grads alive), and only where the backend has one (``Ops.step_plan``).
+        See docs/design.md, "Pipeline" (the step cache).
+        """
+        last, self._last_grads = self._last_grads, None
+        self._plan = None
+        if (type(grads) not in (list, tuple) or len(self.param_groups) != 1
+                or type(self)._prepare is not Optimizer._prepare or self._q8_checked
+                or len(steps[0].buckets) != 1):
+            return
+        ids = list(map(id, grads))
+        if last != ids:
+            self._last_grads = ids
+            return
+        make = getattr(self._ops, "step_plan", None)
+        options = _frozen_options(self.param_groups[0])
+        gs = steps[0]
+        if make is None or options is None or gs.t is not None or gs.norm_group is not None:
+            return
+        try:
+            same = [(type(o), o.shape, o.dtype, o.strides) for o in grads] == self._layout[1]
+        except AttributeError:
+            same = False
+        if not same or sum(g.size for g in gs.grads) > _PLAN_MAX_SIZE:
+            return  # a grad was copied or converted by the checks: its values would go stale
+        plan = make(self.rule, gs.buckets[0], gs.grads, gs.hp)
+        if plan is not None:
+            self._plan = _StepCache(plan, gs.hp, options, ids, list(map(id, self.param_groups[0]["params"])),
+                                    self._buckets[0], self.nonfinite, list(grads))
+
+    def _cached_step(self, grads, t):
+        """A step through the cached plan, or None (then the full step runs) unless it all matches.
+
+        The exact check: the same grad objects (the cache holds them, so an id is
+        not reused) with the layout the full checks accepted (shape, dtype,
+        strides), the same param objects, state buckets, ``nonfinite`` and group
+        options.  A non-finite grad goes back to the full step, which raises or
+        skips with nothing written.
+        """
+        c = self._plan
+        if (type(grads) not in (list, tuple) or list(map(id, grads)) != c.grad_ids
+                or len(self.param_groups) != 1):
+            return None
+        g = self.param_groups[0]
+        if (list(map(id, g["params"])) != c.param_ids or self._buckets[0] is not c.buckets
+                or self.nonfinite != c.nonfinite or _frozen_options(g) != c.options):
+            return None
+        if [(type(o), o.shape, o.dtype, o.strides) for o in grads] != self._layout[1]:
+            return None
+        if self.nonfinite != "ignore" and not c.plan.finite():
+            return None
+        s, new_gs = self.rule.step_scalars(c.hp, t, self.group_state[0])
+        c.plan.update(s)
+        self.step_count = t
+        self.group_state = [dict(new_gs)]
+        return StepInfo(skipped=False, _group_norms=(None,), group_state=(new_gs,))
 
     def _prepare(self, grads, extras, t):
         """Every check of the step, before anything is written; returns the GroupSteps."""
@@ -319,6 +392,45 @@ class Optimizer:
         opts = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return (f"{type(self).__name__}({sum(len(g['params']) for g in self.param_groups)} params, "
                 f"{len(self.param_groups)} group(s), backend={self.backend!r}, {opts})")
+
+
+#: The most elements a cached step plan covers: above it the fixed cost of a step is small
+#: beside its arithmetic, and the plan would keep large grads alive between steps.
+_PLAN_MAX_SIZE = 1 << 21
+
+_SCALAR_TYPES = (int, float, bool, str, type(None))
+
+
+def _frozen_options(g):
+    """A group's options as a tuple equal to an earlier one only while no option changed.
+
+    None where a value is not an immutable scalar (a schedule, a list that could be
+    changed in place): such a group gets no step cache.
+    """
+    out = []
+    for k, v in g.items():
+        if k == "params":
+            continue
+        tv = type(v)
+        if tv is tuple:
+            if not all(type(x) in _SCALAR_TYPES for x in v):
+                return None
+        elif tv not in _SCALAR_TYPES:
+            return None
+        out.append((k, tv, v))
+    return tuple(out)
+
+
+@dataclass
+class _StepCache:
+    plan: object
+    hp: dict
+    options: tuple
+    grad_ids: list
+    param_ids: list
+    buckets: list
+    nonfinite: str
+    grads: list  # held: their ids stay theirs while the cache lives
 
 
 def _copy_as(p, dtype, xp):

@@ -166,7 +166,7 @@ from numba.extending import intrinsic, overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .. import precision as _precision
-from .._backend import Ops, register_kernel
+from .._backend import Ops, Pre, register_kernel
 from .._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNEL_FLAGS,
                       KERNEL_SCALAR_SLOT, KERNEL_SCALARS, ORTHOGONALIZE, RULES, TRUST_RATIO,
                       muon_lr_ratio)
@@ -2126,11 +2126,77 @@ class NumbaOps(Ops):
     def sumsq(self, arrays):
         return np.ascontiguousarray(self._stats(arrays, 1.0, None, exact=False)[:, 0])
 
+    def step_plan(self, rule, bucket, grads, hp):
+        """A :class:`StepPlan` for repeated steps of one plain bucket, or None where it cannot.
+
+        Only an elementwise rule's single float32/float64 bucket with no extra input,
+        no norm clipping and no ``max_norm`` qualifies; the caller (the optimizer's
+        step cache, docs/design.md "Pipeline") keeps the plan only while the same
+        param, grad and state arrays come back with the same options.
+        """
+        if (rule.kind != ELEMENTWISE or rule.extra is not None or bucket.precision is not None
+                or _is_reduced(bucket.params[0].dtype) or hp["clip_norm"] is not None
+                or hp["clip_global_norm"] is not None or hp["max_norm"] is not None
+                or hp["clip_value"] is not None):
+            return None
+        return StepPlan(rule, bucket, grads, hp)
+
+
     def scale_(self, arrays, factors):
         self._each_dtype(_k_scale, arrays, factors, _plain_head())
 
     def clip_(self, arrays, c):
         self._each_dtype(_k_clip, arrays, None, _plain_head(wclip=float(c)))
+
+
+class StepPlan:
+    """The host side of a small step, built once while the same arrays come back.
+
+    Holds the operand tables of the read pass and of the update (object addresses:
+    the kernels read each array's data pointer at call time, and the plan keeps the
+    arrays alive, so an address cannot be reused), the sizes, the clip factors (ones)
+    and the scalar arrays, whose values are refreshed per step.  ``finite`` runs the
+    read pass (its fast form: one float64 sum per tensor), ``update`` the fused step.
+    """
+
+    def __init__(self, rule, bucket, grads, hp):
+        params, states = bucket.params, bucket.states
+        n = len(params)
+        dt = params[0].dtype
+        self.rule, self.keep = rule, (params, grads, states)
+        rows = [(_P, params), (_G, grads)]
+        rows += [(_S0 + k, states[st]) for k, st in enumerate(rule.all_state) if st in states]
+        self.table = _table(rows, n)
+        self.read_table = _table([(_P, grads), (_G, grads)], n)
+        self.sizes = _sizes(params, n)
+        self.total = int(self.sizes.sum())
+        self.ones = np.ones(n, dt)
+        pre = Pre(maximize=hp["maximize"], clip_value=None, weight_clip=hp["weight_clip"])
+        self.cs = _scalars(dt, _head(pre), _NO_RULE)
+        self.read_cs = _scalars(dt, _plain_head())
+
+    def _pick(self, fn):
+        threads = numba.get_num_threads()
+        serial = _SERIAL.get(fn)
+        if serial is not None and (threads == 1 or self.total < 2 * MIN_PER_THREAD):
+            return serial, 1
+        return fn, threads
+
+    def finite(self):
+        """Whether every grad is finite: True, or None when the exact check must decide."""
+        fn, threads = self._pick(_k_read)
+        res = _run(fn, threads, (self.read_table, self.sizes, self.ones, self.read_cs, 0,
+                                 DATA_OFFSET))
+        return True if math.isfinite(res[:, 0].sum()) else None
+
+    def update(self, s):
+        """The fused update with the step scalars ``s`` (``Rule.step_scalars``)."""
+        rule = self.rule
+        self.cs[_HEAD:] = rule.kernel_scalars(s)
+        entry = _ENTRIES[rule.name, _mode(rule, s)]
+        fn, threads = self._pick(entry)
+        _run(fn, threads, (self.table, self.sizes, self.ones, self.cs, rule.kernel_flags(s),
+                           DATA_OFFSET))
 
 
 OPS = NumbaOps()

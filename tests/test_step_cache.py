@@ -1,0 +1,152 @@
+"""The optimizer's step cache (docs/design.md, "Pipeline"): a small step whose arrays come back
+unchanged reuses its checked layout and the backend's operand tables, and anything that
+differs sends the step back through the full checks.
+
+Each test runs the same sequence on two optimizers, one with the cache and one whose cache
+is switched off, and asserts bit-exact params and state (one rounding per write, the same
+kernels), and that the cached one did take the cached path where it should.
+"""
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt._backend import available
+
+pytestmark = pytest.mark.skipif(not available("numba"), reason="numba backend unavailable")
+
+SHAPES = [(7, 5), (3,), (11,)]  # odd sizes; a 2-D param (its grad goes in as a flat view)
+
+
+def twins(nonfinite="raise", dtype=np.float32, **kw):
+    rng = np.random.default_rng(1)
+    ps = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    a = fo.Adam([p.copy() for p in ps], lr=1e-2, backend="numba", nonfinite=nonfinite, **kw)
+    b = fo.Adam([p.copy() for p in ps], lr=1e-2, backend="numba", nonfinite=nonfinite, **kw)
+    b._plan_step = lambda grads, steps: None  # the uncached reference
+    a.cached = 0
+    full = a._cached_step
+
+    def counted(grads, t):
+        info = full(grads, t)
+        a.cached += info is not None
+        return info
+
+    a._cached_step = counted
+    grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    return a, b, grads, rng
+
+
+def snapshot(opt):
+    return ([p.copy() for p in opt.param_groups[0]["params"]],
+            [{k: v.copy() for k, v in st.items()} for st in opt.state[0]], opt.step_count)
+
+
+def assert_same(a, b):
+    pa, sa, ta = snapshot(a)
+    pb, sb, tb = snapshot(b)
+    assert ta == tb
+    for x, y in zip(pa, pb):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(sa, sb):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def steps(a, b, grads, rng, n=3):
+    """``n`` steps on both, the grads' values changed in place between them (same objects)."""
+    for _ in range(n):
+        for g in grads:
+            g[...] = rng.standard_normal(g.shape).astype(g.dtype)
+        a.step(grads)
+        b.step(grads)
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cached_steps_match_full_steps(nonfinite, dtype):
+    kw = dict(maximize=True, weight_clip=0.5) if dtype == np.float32 else {}
+    a, b, grads, rng = twins(nonfinite, dtype, **kw)
+    steps(a, b, grads, rng, 4)
+    assert a.cached == 2 and b._plan is None  # two full steps, then the cache
+
+
+def test_a_new_grad_array_is_checked_again():
+    a, b, grads, rng = twins()
+    steps(a, b, grads, rng)
+    assert a._plan is not None
+    before = snapshot(a)
+    bad = list(grads)
+    bad[1] = np.zeros(4, np.float32)  # a new object with the wrong shape
+    with pytest.raises(ValueError, match=r"grads\[1\].*shape"):
+        a.step(bad)
+    after = snapshot(a)
+    for x, y in zip(before[0], after[0]):
+        np.testing.assert_array_equal(x, y)
+    assert before[2] == after[2]
+    grads[1] = rng.standard_normal(3).astype(np.float32)  # a new, good array in the same list
+    steps(a, b, grads, rng, 1)
+
+
+def test_a_reshaped_or_restrided_grad_is_checked_again():
+    a, b, grads, rng = twins()
+    steps(a, b, grads, rng)
+    g0 = grads[0]
+    g0.shape = (5, 7)  # the same object, reshaped in place
+    with pytest.raises(ValueError, match=r"grads\[0\].*shape"):
+        a.step(grads)
+    g0.shape = (7, 5)
+    # the same values through a non-contiguous view: the full checks copy it
+    grads[0] = np.asfortranarray(g0.T).T.copy(order="F")
+    assert not grads[0].flags.c_contiguous
+    n = a.cached
+    steps(a, b, grads, rng, 3)
+    assert a._plan is None and a.cached == n  # a copied grad is never cached
+
+
+def test_a_param_list_changed_in_place_is_checked_again():
+    a, b, grads, rng = twins()
+    steps(a, b, grads, rng)
+    for opt in (a, b):
+        opt.param_groups[0]["params"][2] = np.zeros(4, np.float32)  # wrong shape for its grad
+        with pytest.raises(ValueError, match=r"grads\[2\]"):
+            opt.step(grads)
+
+
+def test_changed_options_and_loaded_state_take_effect():
+    a, b, grads, rng = twins()
+    steps(a, b, grads, rng)
+    for opt in (a, b):
+        opt.param_groups[0]["lr"] = 0.5
+    steps(a, b, grads, rng, 2)
+    sd = b.state_dict()
+    steps(a, b, grads, rng, 1)
+    a.load_state_dict(sd)
+    b.load_state_dict(sd)
+    n = a.cached
+    steps(a, b, grads, rng, 3)
+    assert a.cached == n + 1
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_a_nonfinite_grad_after_caching_writes_nothing(value):
+    a, b, grads, rng = twins("skip")
+    steps(a, b, grads, rng)
+    assert a._plan is not None
+    before = snapshot(a)
+    grads[2][-1] = value
+    assert a.step(grads).skipped
+    after = snapshot(a)
+    for x, y in zip(before[0] + [v for st in before[1] for v in st.values()],
+                    after[0] + [v for st in after[1] for v in st.values()]):
+        np.testing.assert_array_equal(x, y)
+    assert before[2] == after[2]
+    b.step(grads)
+    steps(a, b, grads, rng, 2)
+    a.nonfinite = b.nonfinite = "raise"
+    grads[0][0, 0] = value
+    with pytest.raises(FloatingPointError):
+        a.step(grads)
+    assert a.step_count == b.step_count
