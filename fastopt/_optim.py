@@ -238,7 +238,7 @@ class Optimizer:
         Only the second step in a row with the same grad objects builds a plan (a
         training loop whose backward pass makes new grad arrays would only pay for
         it), only for a small step (the fixed cost matters there; the plan also keeps
-        the grads alive), and only where the backend has one (``Ops.step_plan``).
+        the grads alive), and only where the backend makes one (``Ops.step_plan``).
         See docs/design.md, "Pipeline" (the step cache).
         """
         last, self._last_grads = self._last_grads, None
@@ -251,10 +251,9 @@ class Optimizer:
         if last != ids:
             self._last_grads = ids
             return
-        make = getattr(self._ops, "step_plan", None)
         options = _frozen_options(self.param_groups[0])
         gs = steps[0]
-        if make is None or options is None or gs.t is not None or gs.norm_group is not None:
+        if options is None or gs.t is not None or gs.norm_group is not None:
             return
         try:
             same = [(type(o), o.shape, o.dtype, o.strides) for o in grads] == self._layout[1]
@@ -262,10 +261,12 @@ class Optimizer:
             same = False
         if not same or sum(g.size for g in gs.grads) > _PLAN_MAX_SIZE:
             return  # a grad was copied or converted by the checks: its values would go stale
-        plan = make(self.rule, gs.buckets[0], gs.grads, gs.hp)
+        plan = self._ops.step_plan(self.rule, gs.buckets[0], gs.grads, gs.hp)
         if plan is not None:
-            self._plan = _StepCache(plan, gs.hp, options, ids, list(map(id, self.param_groups[0]["params"])),
-                                    self._buckets[0], self.nonfinite, list(grads))
+            g = self.param_groups[0]
+            self._plan = _StepCache(plan, gs.hp, tuple(map(type, g.values())), tuple(g.items()),
+                                    ids, list(map(id, g["params"])), self._buckets[0],
+                                    self.nonfinite, list(grads))
 
     def _cached_step(self, grads, t):
         """A step through the cached plan, or None (then the full step runs) unless it all matches.
@@ -281,8 +282,10 @@ class Optimizer:
                 or len(self.param_groups) != 1):
             return None
         g = self.param_groups[0]
+        # the params first: then the group's own list compares equal by identity, element-wise
         if (list(map(id, g["params"])) != c.param_ids or self._buckets[0] is not c.buckets
-                or self.nonfinite != c.nonfinite or _frozen_options(g) != c.options):
+                or self.nonfinite != c.nonfinite or tuple(map(type, g.values())) != c.types
+                or tuple(g.items()) != c.items):
             return None
         if [(type(o), o.shape, o.dtype, o.strides) for o in grads] != self._layout[1]:
             return None
@@ -402,11 +405,9 @@ _SCALAR_TYPES = (int, float, bool, str, type(None))
 
 
 def _frozen_options(g):
-    """A group's options as a tuple equal to an earlier one only while no option changed.
-
-    None where a value is not an immutable scalar (a schedule, a list that could be
-    changed in place): such a group gets no step cache.
-    """
+    """A group's options as ``(key, type, value)`` triples, or None where a value is not an
+    immutable scalar or a tuple of them (a schedule, a list that could change in place):
+    such a group gets no step cache."""
     out = []
     for k, v in g.items():
         if k == "params":
@@ -425,7 +426,10 @@ def _frozen_options(g):
 class _StepCache:
     plan: object
     hp: dict
-    options: tuple
+    #: the group's option types and (key, value) pairs when the plan was made: every value
+    #: an immutable scalar or a tuple of them (``_frozen_options``), so equal means unchanged
+    types: tuple
+    items: tuple
     grad_ids: list
     param_ids: list
     buckets: list
