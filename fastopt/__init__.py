@@ -15,6 +15,7 @@ from ._lbfgs import LBFGS
 from ._sparse import SparseAdam
 from ._optim import Adafactor
 from ._optim import AdamWScheduleFree, SGDScheduleFree
+from ._optim import LARS
 from ._pipeline import StepInfo
 from ._checkpoint import load, save
 from ._warmup import warmup
@@ -29,3 +30,4 @@ __all__ += ["ASGD", "Rprop", "AdaBelief", "Yogi", "AdEMAMix"]
 __all__ += ["LBFGS", "SparseAdam"]
 __all__ += ["Adafactor"]
 __all__ += ["AdamWScheduleFree", "SGDScheduleFree"]
+__all__ += ["LARS"]

@@ -987,7 +987,32 @@ class SGDScheduleFree(_ScheduleFree):
         return g["momentum"]
 
 
+class LARS(Optimizer):
+    r"""LARS (You et al. 2017), optax's semantics: momentum SGD on a per-tensor trust-scaled step.
+
+    .. math::
+        u = g + \lambda p;\quad
+        \tau = c\,\frac{\lVert p\rVert}{\lVert u\rVert + \epsilon}
+        \quad(1 \text{ if either norm is } 0);\quad
+        m = -\eta\tau u + \mu m;\quad p \mathrel{+}= m
+        \quad(\text{nesterov: } p \mathrel{+}= -\eta\tau u + \mu m)
+
+    As ``optax.lars`` (``trust_coefficient`` ``c``, ``eps``, ``momentum`` ``mu``, defaults
+    alike; the momentum buffer holds the lr-scaled step, optax's ``trace``).  optax's masks are
+    per-group options: put biases and norm scales in a group with ``weight_decay=0`` and
+    ``trust_ratio=False`` (then ``tau = 1``).  No 8-bit state (``state_dtype="q8"``).
+    """ + _PIPELINE_DOC
+    rule = RULES["lars"]
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0,
+                 momentum=0.9, nesterov=False, *, trust_ratio=True, maximize=False,
+                 clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+                 max_norm=None, nonfinite="raise", backend="auto", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096):
+        super().__init__(params, **_opts(locals()))
+
+
 OPTIMIZERS = {cls.rule.name: cls for cls in
               (SGD, Adam, AdamW, Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
                AdaHessian, Newton, Muon, ASGD, Rprop, AdaBelief, Yogi, AdEMAMix, Adafactor,
-               AdamWScheduleFree, SGDScheduleFree)}
+               AdamWScheduleFree, SGDScheduleFree, LARS)}

@@ -68,6 +68,7 @@ KERNEL_SCALARS = (
     "eta", "eta_decay", "mu", "etaplus", "etaminus", "step_size_min", "step_size_max",
     "eps_root", "beta3", "one_minus_beta3",
     "c_lerp", "y_lr", "bc2",
+    "trust_coefficient",
 )
 KERNEL_SCALAR_SLOT = {name: k for k, name in enumerate(KERNEL_SCALARS)}
 
@@ -147,6 +148,15 @@ class Rule:
     #: why ``state_dtype="q8"`` cannot hold this rule's state, or None where it can
     #: (Schedule-Free's ``z`` is an iterate of the params' own magnitude, not a statistic)
     q8_state_refused: str | None = None
+    #: a trust-ratio rule's float64 host scalars that its kernels take as arguments, beside the
+    #: scalar vector (which holds them rounded to the dtype): the per-tensor trust formula runs on
+    #: them in double, as the reference computes it (LAMB: ``lr``; LARS: ``lr``, its trust
+    #: coefficient, eps and the ``trust_ratio`` switch as 0.0/1.0)
+    trust_scalars: tuple = ("lr",)
+    #: a trust-ratio rule's pass-2 scalar per tensor, ``trust_coef(xp, p_norm, u_norm, s)``: from
+    #: the float64 arrays of the two norms pass 1 summed and the step's scalars ``s``, in double
+    #: (the CUDA host forms it; the reference and the numba kernels write the same formula)
+    trust_coef: Callable | None = None
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -445,6 +455,12 @@ def _lamb_scalars(hp, t, gs):
                 bc1=bc1, bc2_sqrt=math.sqrt(bc2)), gs
 
 
+def _lamb_trust_coef(xp, pn, rn, s):
+    """LAMB's ``lr * |p|/|r|`` per tensor (ratio 1 where either norm is 0)."""
+    ok = (pn > 0) & (rn > 0)
+    return s["lr"] * xp.where(ok, pn / xp.where(ok, rn, 1.0), 1.0)
+
+
 def _lamb_check(hp):
     _adam_family_check(hp)
     _require(isinstance(hp["bias_correction"], bool), "bias_correction", "a bool",
@@ -539,7 +555,7 @@ _add(Rule("lamb", "LAMB", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_dec
           lambda hp: (("exp_avg", 0.0), ("exp_avg_sq", 0.0)),
           _lamb_scalars, _lamb_check, ("exp_avg", "exp_avg_sq"), kind=TRUST_RATIO,
           weight_decay="rule", pack=("lr",) + _BETAS + ("eps", "weight_decay", "bc1", "bc2_sqrt"),
-          nonnegative_state=("exp_avg_sq",)))
+          nonnegative_state=("exp_avg_sq",), trust_coef=_lamb_trust_coef))
 _add(Rule("adahessian", "AdaHessian", dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, hessian_power=1.0,
                                            weight_decay=0.0),
           lambda hp: (("exp_avg", 0.0), ("exp_hessian_diag_sq", 0.0)),
@@ -1009,3 +1025,43 @@ _add(Rule("schedule_free_sgd", "SGDScheduleFree",
                weight_lr_power=2.0),
           lambda hp: (("z", COPY_OF_PARAM),), _sf_sgd_scalars, _sf_sgd_check, ("z",),
           group_state=_SF_GSTATE, pack=_SF_PACK, flags=("lerp_swap",), q8_state_refused=_SF_Q8))
+
+
+# --------------------------------------------------------------------------- LARS
+# optax 0.2.8's lars: chain(add_decayed_weights(wd), scale_by_trust_ratio(trust_coefficient, eps),
+# scale_by_learning_rate(lr), trace(momentum, nesterov)).  Per tensor u = g + wd*p,
+# trust = trust_coefficient*|p|/(|u| + eps) (1 where |p| or |u| is 0), d = -(lr*trust)*u,
+# m = d + momentum*m, p += m (nesterov: p += d + momentum*m).  optax's weight_decay_mask and
+# trust_ratio_mask are per-group options here: a group with weight_decay=0 and trust_ratio=False
+# (biases, norms) gets plain momentum SGD on its grads.
+
+
+def _lars_scalars(hp, t, gs):
+    return dict(lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"],
+                eps=hp["eps"], trust_coefficient=hp["trust_coefficient"],
+                trust_ratio=1.0 if hp["trust_ratio"] else 0.0, nesterov=bool(hp["nesterov"])), gs
+
+
+def _lars_trust_coef(xp, pn, un, s):
+    """LARS's ``-(lr * trust)`` per tensor, optax's ``trust_coefficient*|p|/(|u| + eps)`` (1 where
+    either norm is 0, or with ``trust_ratio`` off)."""
+    ok = (pn > 0) & (un > 0) & (s["trust_ratio"] != 0)
+    trust = xp.where(ok, s["trust_coefficient"] * pn / (xp.where(ok, un, 1.0) + s["eps"]), 1.0)
+    return -(s["lr"] * trust)
+
+
+def _lars_check(hp):
+    check_nonneg(hp, "weight_decay", "momentum", "eps", "trust_coefficient")
+    for n in ("nesterov", "trust_ratio"):
+        _require(isinstance(hp[n], bool), n, "a bool", hp[n])
+
+
+_add(Rule("lars", "LARS", dict(lr=1e-3, weight_decay=0.0, trust_coefficient=1e-3, eps=0.0,
+                               momentum=0.9, nesterov=False, trust_ratio=True),
+          lambda hp: (("momentum_buffer", 0.0),), _lars_scalars, _lars_check, ("momentum_buffer",),
+          kind=TRUST_RATIO, weight_decay="rule",
+          pack=("lr", "momentum", "eps", "weight_decay", "trust_coefficient"), flags=("nesterov",),
+          trust_scalars=("lr", "trust_coefficient", "eps", "trust_ratio"),
+          trust_coef=_lars_trust_coef,
+          q8_state_refused="the 8-bit trust-ratio kernels decode LAMB's two moments in their read "
+                           "pass; LARS's momentum buffer has no q8 path yet"))

@@ -54,6 +54,7 @@ __all__ = ["sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "adamax", "
 __all__ += ["asgd", "rprop", "adabelief", "yogi", "ademamix"]
 __all__ += ["adafactor"]
 __all__ += ["schedule_free_adamw", "schedule_free_sgd"]
+__all__ += ["lars"]
 
 _CALL_OPTIONS = ("step", "grad_scale", "nonfinite", "backend", "mu_product", "eta", "mu",
                  "lr_max", "weight_sum")
@@ -605,3 +606,15 @@ def schedule_free_sgd(params, grads, zs=None, masters=None, *, step, lr=1.0, mom
     for :func:`schedule_free_adamw`.
     """
     return _run(RULES["schedule_free_sgd"], locals())
+
+
+def lars(params, grads, momentum_buffers=None, masters=None, *, step, lr=1e-3, weight_decay=0.0,
+         trust_coefficient=1e-3, eps=0.0, momentum=0.9, nesterov=False, trust_ratio=True,
+         maximize=False, clip_value=None, clip_norm=None, clip_global_norm=None, weight_clip=None,
+         max_norm=None, grad_scale=None, nonfinite="raise", backend="auto", state_dtype=None,
+         master_weights=False, stochastic_rounding=False, seed=0, min_8bit_size=4096) -> StepInfo:
+    """One :class:`fastopt.LARS` step over lists of arrays, in place (the math is on the class).
+
+    State lists: ``momentum_buffers``.
+    """
+    return _run(RULES["lars"], locals())

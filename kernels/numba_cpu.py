@@ -218,6 +218,7 @@ _S_STEP_SIZE_MIN, _S_STEP_SIZE_MAX = _slot("step_size_min"), _slot("step_size_ma
 _S_EPS_ROOT = _slot("eps_root")
 _S_BETA3, _S_ONE_MINUS_BETA3 = _slot("beta3"), _slot("one_minus_beta3")
 _S_C_LERP, _S_Y_LR, _S_BC2 = _slot("c_lerp"), _slot("y_lr"), _slot("bc2")
+_S_TRUST_COEFFICIENT = _slot("trust_coefficient")
 
 # runtime flags (Rule.kernel_flags bits)
 _F_NESTEROV = 1 << KERNEL_FLAG_BIT["nesterov"]
@@ -248,6 +249,11 @@ _V_POW = 1 << 16
 #: (see "Reduced precision" in the module docstring).
 _V_TRUST2 = 1 << 17
 _V_TILE = 1 << 18
+#: Backend-local, added by LARS's entry point to ``_V_TRUST2``: pass 2's ``scales`` has 2n
+#: entries, the per-tensor ``-(lr * trust)`` then the grads' norm-clip factors (LARS's step
+#: reads the grad, so it needs both; LAMB's reads only its moments).  The tiled driver takes
+#: the norm-clip factors from the format vector and ignores the second half.
+_V_GSCALE2 = 1 << 19
 
 # The format vector of a reduced-precision call (int64; see "Reduced precision"): it
 # takes the place of the int ``flags`` argument of an entry point, and its type (an
@@ -553,10 +559,11 @@ def _apply_full(body, mode, k, parts, ptr, off, total, scales, cs, f):
         a, b = _range(k, parts, off, total, t)
         p, g, s0, s1, s2, e = _views(ptr, t, off[t + 1] - off[t], cs[0])
         ts = scales[t]
+        gs = scales[n + t] if mode & _V_GSCALE2 else ts  # (a constant test: folds away)
         # unsigned indices: a signed one costs a negative-index wraparound per
         # access, which keeps LLVM from vectorizing the loop
         for i in range(np.uint64(a), np.uint64(b)):
-            x = _clip(g[i] * c[_GINV], c[_GCLIP]) * ts
+            x = _clip(g[i] * c[_GINV], c[_GCLIP]) * gs
             pi = p[i]
             if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
                 x = x + l2 * pi
@@ -1042,6 +1049,30 @@ def _lamb_step(i, g, p, m, v, s2, e, c, f, ts, mode):  # pass 2, 16 B/elem; ts =
 
 
 @njit(inline="always")
+def _lars_u(g, p, c):
+    """LARS's direction u = g + wd * p (its own decay; none when wd is 0, as optax skips it)."""
+    wd = c[_S_WEIGHT_DECAY]
+    return g + wd * p if wd != c[_ZERO] else g
+
+
+@njit(inline="always")
+def _lars_norms(i, x, p, m, s1, s2, e, c, f, ts, mode):  # pass 1, 8 B/elem: (p^2, u^2), no writes
+    u = np.float64(_lars_u(_grad(x, c, ts), p, c))
+    pd = np.float64(p)
+    return pd * pd, u * u
+
+
+@njit(inline="always")
+def _lars_step(i, g, p, m, s1, s2, e, c, f, ts, mode):  # pass 2, 20 B/elem; ts = -(lr * trust)
+    d = ts * _lars_u(g, p, c)
+    mi = d + c[_S_MOMENTUM] * m[i]  # optax's trace: new = update + momentum * old
+    m[i] = mi
+    if f & _F_NESTEROV:
+        return p + (d + c[_S_MOMENTUM] * mi)
+    return p + mi
+
+
+@njit(inline="always")
 def _asgd(i, g, p, ax, s1, s2, e, c, f, ts, mode):  # 20 B/elem
     p = p * c[_S_ETA_DECAY] - c[_S_ETA] * g
     if f & _F_AVERAGE_COPY:  # mu == 1: torch copies p (ax + (p - ax) * 1 may round)
@@ -1462,6 +1493,42 @@ def _trust_coef(acc, scales, lr):
     return coef
 
 
+@_entry()
+def _k_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, threads):
+    """LARS: pass 1 sums p^2 and u^2 per tensor (writes nothing), pass 2 steps.
+
+    ``lr``, ``tc`` (trust_coefficient), ``eps`` and ``on`` (trust_ratio, 0.0 or 1.0) are
+    float64 (``Rule.trust_scalars``).  No fast-math: it would regroup pass 2's nesterov
+    ``p + (d + mu*m)``; the read pass's float64 sums then do not vectorize (16 B/elem of 36).
+    """
+    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    acc = np.zeros((parts, sizes.shape[0], 2))
+    for k in prange(parts):
+        _reduce(_lars_norms, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
+    coef = _lars_coef(acc, scales, lr, tc, eps, on)
+    for k in prange(parts):
+        _apply(_lars_step, _V_TRUST2 | _V_GSCALE2, k, parts, ptr, off, total, coef, cs, flags)
+
+
+@njit(inline="always")
+def _lars_coef(acc, scales, lr, tc, eps, on):
+    """Pass 2's scales (``_V_GSCALE2``): per tensor ``-(lr * trust)`` with optax's trust ratio
+    ``tc * |p| / (|u| + eps)`` (1 where a norm is 0 or ``on`` is 0), rounded to the dtype once,
+    then the norm-clip factors ``scales``."""
+    n = scales.shape[0]
+    coef = np.empty(2 * n, scales.dtype)
+    for t in range(n):
+        trust = 1.0
+        if on != 0.0:
+            pn = math.sqrt(acc[:, t, 0].sum())
+            un = math.sqrt(acc[:, t, 1].sum())
+            if pn > 0.0 and un > 0.0:
+                trust = tc * pn / (un + eps)
+        coef[t] = -(lr * trust)
+        coef[n + t] = scales[t]
+    return coef
+
+
 @_entry(sums=True, twin=True)
 def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     """The read pass: per tensor (sum of squares, non-finite flag), see ``_read_blocks``.
@@ -1518,6 +1585,7 @@ _ENTRIES = {
     ("asgd", 0): _k_asgd, ("rprop", 0): _k_rprop,
     ("adabelief", 0): _k_adabelief, ("yogi", 0): _k_yogi, ("ademamix", 0): _k_ademamix,
     ("schedule_free_adamw", 0): _k_sf_adamw, ("schedule_free_sgd", 0): _k_sf_sgd,
+    ("lars", 0): _k_lars,
 }
 
 
@@ -1712,7 +1780,7 @@ def _fused_kernel(rule):
                 _scalars(dt, _head(pre), rule.kernel_scalars(s)), rule.kernel_flags(s),
                 DATA_OFFSET)
         if trust:
-            args += (float(s["lr"]),)
+            args += tuple(float(s[k]) for k in rule.trust_scalars)
         _launch(_ENTRIES[name, _mode(rule, s)], *args)
 
     return kernel
@@ -1742,7 +1810,7 @@ def _reduced_call(rule, rows, n, states, s, pre):
             _scalars(_F32, _head(pre), rule.kernel_scalars(s)), fmt, DATA_OFFSET]
     fmt[_X_GSCALE] = scales.ctypes.data  # (LAMB's pass 2 gets lr * trust as its scales)
     if rule.kind == TRUST_RATIO:
-        args.append(float(s["lr"]))
+        args += [float(s[k]) for k in rule.trust_scalars]
     entry = _ENTRIES[rule.name, _mode(rule, s)]
     entry = _EXACT.get(entry, entry)
     if pre.max_norm is not None:

@@ -600,3 +600,27 @@ def schedule_free_adamw(p, g, st, s, _):
 def schedule_free_sgd(p, g, st, s, _):
     """schedulefree.SGDScheduleFree: g += wd*y (the L2 stage, at y), then ``_sf_interpolate``."""
     _sf_interpolate(p, st["z"], g, s)
+
+
+# ------------------------------------------------------------------ LARS (Rule.kind "trust_ratio")
+
+
+@_rule("lars")
+def lars(p, g, st, s, _):
+    """u = g + wd*p; trust = tc*|p|/(|u| + eps) (1 if either norm is 0, or trust_ratio off);
+    m = -(lr*trust)*u + mu*m; p += m (nesterov: p += -(lr*trust)*u + mu*m).
+
+    optax.lars's order: the trust ratio and -lr are one float64 scalar per tensor, rounded once
+    to the dtype where it multiplies ``u``.
+    """
+    m = st["momentum_buffer"]
+    u = g + s["weight_decay"] * p if s["weight_decay"] != 0 else g  # optax skips a zero decay
+    trust = 1.0
+    if s["trust_ratio"]:
+        p_norm = math.sqrt(np.dot(p.astype(np.float64), p.astype(np.float64)))
+        u_norm = math.sqrt(np.dot(u.astype(np.float64), u.astype(np.float64)))
+        if p_norm > 0 and u_norm > 0:
+            trust = s["trust_coefficient"] * p_norm / (u_norm + s["eps"])
+    d = -(s["lr"] * trust) * u
+    m[...] = d + s["momentum"] * m
+    p += d + s["momentum"] * m if s["nesterov"] else m

@@ -88,6 +88,12 @@ def _lamb_draws(draw):
     return {"bias_correction": draw(st.booleans())}
 
 
+def _lars_draws(draw):
+    return {"momentum": draw(st.sampled_from([0.0, 0.9])), "nesterov": draw(st.booleans()),
+            "trust_coefficient": draw(st.sampled_from([1e-3, 0.1])),
+            "trust_ratio": draw(st.booleans())}
+
+
 def _adagrad_draws(draw):
     return {"lr_decay": draw(st.floats(0.0, 0.1)),
             "initial_accumulator_value": draw(st.floats(0.0, 1.0))}
@@ -387,6 +393,20 @@ _RECORDS += [
         # r = 1 weights the late iterates up: the average settles in Rosenbrock's valley
         rosen=(dict(lr=1.5e-3, momentum=0.9, r=1.0), 20000),
         strategy=_sf_sgd_draws),
+]
+
+# LARS (optax.lars's semantics; its optax oracle is tests/test_lars.py).  Like LAMB its step is
+# ~lr*trust_coefficient*|p| whatever the gradient: the problems use trust_coefficient 1 and a
+# decaying lr.
+_RECORDS += [
+    OptimInfo(
+        "lars",
+        cases=(Case("lars", {"lr": 0.1, "weight_decay": 0.01, "trust_coefficient": 0.1}),
+               Case("lars-nesterov-eps", {"lr": 0.1, "nesterov": True, "eps": 1e-3,
+                                          "trust_coefficient": 0.05, "momentum": 0.5})),
+        converge=(dict(lr=_cosine(0.05, 3000), trust_coefficient=1.0),),
+        rosen=(dict(lr=_cosine(0.01, 8000), trust_coefficient=1.0), 8000),
+        strategy=_lars_draws),
 ]
 
 #: rule -> its record, in the rule table's order.

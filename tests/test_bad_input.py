@@ -383,6 +383,9 @@ BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
                  ("schedule_free_sgd", "momentum"): [0.0, 1.0, -0.5, NAN, None],
                  # (beta1 = 0, which eval() would divide by: tests/test_rules_sf.py)
                  ("schedule_free_adamw", "betas"): [(1.0, 0.999), (0.9, 1.0), (0.9,), 0.9]}
+# LARS (optax.lars): eps = 0 is its default; trust_ratio is the per-group trust mask
+BAD_VALUES.update({"trust_coefficient": [-1.0, NAN, INF, None], "trust_ratio": [1, "yes", None]})
+BAD_VALUES_OF[("lars", "eps")] = [-1e-8, NAN, INF, None]
 
 HP_CASES = [(r, k) for r, rule in RULES.items() for k in list(rule.defaults) + list(PIPELINE_DEFAULTS)]
 

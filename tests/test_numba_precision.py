@@ -64,6 +64,7 @@ RULE_CASES = [
     ("ademamix", {"lr": 1e-2, "t_alpha": 5, "t_beta3": 5}),
     ("schedule_free_adamw", {"lr": 1e-2, "weight_decay": 0.01, "warmup_steps": 2}),
     ("schedule_free_sgd", {"lr": 0.1, "momentum": 0.5, "r": 1.0, "weight_decay": 0.01}),
+    ("lars", {"lr": 0.1, "weight_decay": 0.01, "trust_coefficient": 0.1, "nesterov": True}),
 ]
 #: every rule with an elementwise or trust-ratio kernel (Newton and Muon keep float32/float64)
 assert {r for r, _ in RULE_CASES} == {n for n, r in RULES.items()

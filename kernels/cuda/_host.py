@@ -446,7 +446,7 @@ class CudaBackend:
         h = pack_hyper(OPMATH[dtype], rule.kernel_scalars(scalars), rule.kernel_flags(scalars))
         slots = self._slots(rule, params, grads, states, extras)
         if rule.kind == TRUST_RATIO:
-            return self.trust_ratio(rule, params, slots, h, pre)
+            return self.trust_ratio(rule, params, slots, h, pre, scalars)
         assert rule.kind == ELEMENTWISE
         scales = self._scales(pre, len(params))
         self._run(f"fo_update_{rule.name}", dtype, slots, [p.size for p in params],
@@ -542,11 +542,9 @@ class CudaBackend:
                     f"(weight_decay 'rule' or None), got {rule.weight_decay!r}")
             part_p, part_r = sums(), sums()
             launch("trust_stage1", _addr(dev, part_p), _addr(dev, part_r))
-            # lr * trust per tensor in double on the device, as the reference forms it:
-            # |p| / |r| (1 when either is 0) times the host double lr
+            # the rule's per-tensor coefficient in double from the two norms (Rule.trust_coef)
             pn, rn = xp.sqrt(finalize(part_p)), xp.sqrt(finalize(part_r))
-            ok = (pn > 0) & (rn > 0)
-            coefs = xp.ascontiguousarray(scalars["lr"] * xp.where(ok, pn / xp.where(ok, rn, 1.0), 1.0))
+            coefs = xp.ascontiguousarray(rule.trust_coef(xp, pn, rn, scalars), dtype=np.float64)
             f = None
             if pre.max_norm is not None:
                 part = sums()
@@ -601,9 +599,10 @@ class CudaBackend:
         q["unsigned_mask"][0] = mask
         return q
 
-    def trust_ratio(self, rule: Rule, params, slots, h, pre):
-        """Pass 1 updates the state and sums p^2 and r^2 per chunk, ``fo_finalize_sums``
-        adds them per tensor, pass 2 applies ``p -= lr * |p|/|r| * r``."""
+    def trust_ratio(self, rule: Rule, params, slots, h, pre, scalars):
+        """Pass 1 updates the state (LAMB) and sums p^2 and r^2 per chunk, ``fo_finalize_sums``
+        adds them per tensor, ``Rule.trust_coef`` forms each tensor's scalar from the two norms
+        in double, pass 2 applies it (LAMB ``p -= coef * r``; LARS the momentum step)."""
         if rule.weight_decay not in ("rule", None):
             # pass 1 does not write p, so a decoupled decay would be lost and an L2 term would
             # enter r's pass-1 norm only: such a rule needs its decay inside its direction
@@ -623,10 +622,10 @@ class CudaBackend:
         r_sq = xp.zeros_like(p_sq)
         self._finalize(p, sizes, part_p, p_sq)
         self._finalize(p, sizes, part_r, r_sq)
-        slots = list(slots)
-        slots[SLOT_GRAD] = None
+        coefs = xp.ascontiguousarray(rule.trust_coef(xp, xp.sqrt(p_sq), xp.sqrt(r_sq), scalars),
+                                     dtype=np.float64)
         self._run(f"fo_trust_stage2_{rule.name}", dtype, slots, sizes,
-                  (h, pp, _addr(self.dev, p_sq), _addr(self.dev, r_sq)), p=p)
+                  (h, pp, _addr(self.dev, scales), _addr(self.dev, coefs)), p=p)
 
     def dense_solve(self, rule: Rule, params, grads, s, pre, extras):
         """``p -= lr * solve(H + damping*I, g)`` per tensor with the array module's solver.

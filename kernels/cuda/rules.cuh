@@ -195,18 +195,53 @@ struct FoAdaHessian {
     }
 };
 
-// LAMB, a trust-ratio rule: update_state(h, p, g, s0, s1, s2) in pass 1, direction(h, p, s0,
-// s1, s2) = r in both passes, then p -= lr * trust * r, trust = |p|/|r| (1 if either is 0).
-// r = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + weight_decay*p (LAMB's own decay: stage "rule").
+// A trust-ratio rule (the two passes of update.cu and q8.cu): update_state(h, p, g, s0, s1, s2)
+// in pass 1 (and again in the 16-bit and q8 pass 2, which recompute it), direction(h, p, g, s0,
+// s1, s2) = the vector whose norm pass 1 sums with |p|'s, then apply(h, p, g, s0, s1, s2, coef)
+// in pass 2 with coef the per-tensor scalar the host forms from the two norms
+// (fastopt._rules.Rule.trust_coef). pass1_writes: the slots pass 1 stores (its state);
+// pass2_slots / pass2_writes: what pass 2 of the uniform kernels loads and stores.
+//
+// LAMB: r = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + weight_decay*p (its own decay: stage "rule"),
+// p -= coef * r, coef = lr * |p|/|r| (1 if either is 0). The step is formed in C, the type of
+// coef: the opmath type, or double in the 16-bit and q8 kernels (the reference's float32 p
+// minus a float64 array, rounded once).
 struct FoLAMB {
-    enum : unsigned { slots = FO_P_G | FO_STATES(2) };
+    enum : unsigned { slots = FO_P_G | FO_STATES(2), pass1_writes = FO_STATES(3),
+                      pass2_slots = FO_USES(FO_SLOT_PARAM) | FO_STATES(2),
+                      pass2_writes = FO_USES(FO_SLOT_PARAM) };
     template <class O>
     static __device__ __forceinline__ void update_state(const FoHyper<O>& h, O, O g, O& m, O& v, O&) {
         fo_moments(h, m, v, g, g);
     }
     template <class O>
-    static __device__ __forceinline__ O direction(const FoHyper<O>& h, O p, O m, O v, O) {
+    static __device__ __forceinline__ O direction(const FoHyper<O>& h, O p, O, O m, O v, O) {
         return (m / h.v[FO_S_BC1]) / fo_adam_denom(h, v) + h.v[FO_S_WEIGHT_DECAY] * p;
+    }
+    template <class O, class C>
+    static __device__ __forceinline__ void apply(const FoHyper<O>& h, O& p, O g, O& m, O& v, O& s2, C coef) {
+        p = O((C)p - coef * (C)direction(h, p, g, m, v, s2));
+    }
+};
+
+// LARS (optax.lars): u = g + weight_decay*p (none when weight_decay is 0, as optax), pass 1
+// writes nothing; pass 2: d = coef*u with coef = -(lr * trust) rounded to O (the reference's
+// Python-float scalar times a float32 array is float32), m = d + momentum*m (optax's trace),
+// p += m, or with nesterov p += d + momentum*m.
+struct FoLARS {
+    enum : unsigned { slots = FO_P_G | FO_STATES(1), pass1_writes = 0u, pass2_slots = slots,
+                      pass2_writes = FO_USES(FO_SLOT_PARAM) | FO_STATES(1) };
+    template <class O>
+    static __device__ __forceinline__ void update_state(const FoHyper<O>&, O, O, O&, O&, O&) {}
+    template <class O>
+    static __device__ __forceinline__ O direction(const FoHyper<O>& h, O p, O g, O, O, O) {
+        return h.v[FO_S_WEIGHT_DECAY] != O(0) ? g + h.v[FO_S_WEIGHT_DECAY] * p : g;
+    }
+    template <class O, class C>
+    static __device__ __forceinline__ void apply(const FoHyper<O>& h, O& p, O g, O& m, O&, O&, C coef) {
+        const O d = O(coef) * direction(h, p, g, m, m, m);
+        m = d + h.v[FO_S_MOMENTUM] * m;
+        p = h.flag(FO_F_NESTEROV) ? p + (d + h.v[FO_S_MOMENTUM] * m) : p + m;
     }
 };
 
@@ -370,12 +405,6 @@ __device__ __forceinline__ void fo_put_partial(const FoTable& tab, int w, int s,
     if (threadIdx.x == 0) partial[tab.chunk_base[s] + tab.item_chunk[w]] = v;
 }
 
-// LAMB's trust ratio |p| / |r| of tensor `index` from its sums of squares (1 if either is 0).
-__device__ __forceinline__ double fo_trust(const double* p_sumsq, const double* r_sumsq, int index) {
-    const double pn = sqrt(p_sumsq[index]), rn = sqrt(r_sumsq[index]);
-    return (pn > 0 && rn > 0) ? pn / rn : 1.0;
-}
-
 // A trust-ratio rule's element in a dry pass: the new state (in x, not stored) and the sums
 // of p^2 and r^2.
 template <class Rule>
@@ -383,21 +412,21 @@ __device__ __forceinline__ void fo_trust_norms(const FoHyper<float>& h, const Fo
                                                float (&x)[FO_DEPTH], float scale, double& pp2, double& rr2) {
     const float p = x[FO_SLOT_PARAM];
     float* st = x + FO_SLOT_STATE0;
-    Rule::update_state(h, p, fo_pre_grad(pp, x[FO_SLOT_GRAD], scale), st[0], st[1], st[2]);
-    const double r = (double)Rule::direction(h, p, st[0], st[1], st[2]);
+    const float g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
+    Rule::update_state(h, p, g, st[0], st[1], st[2]);
+    const double r = (double)Rule::direction(h, p, g, st[0], st[1], st[2]);
     pp2 += (double)p * (double)p;
     rr2 += r * r;
 }
 
-// ... and in the write pass: the same state, then p -= coef * r with coef = lr * trust kept
-// in double and the update formed in double, rounded once to float32 (the reference's
-// float32 p minus a float64 array).
+// ... and in the write pass: the same state, then the rule's apply with the per-tensor coef
+// kept in double (see FoLAMB, FoLARS).
 template <class Rule>
 __device__ __forceinline__ void fo_trust_apply(const FoHyper<float>& h, const FoPipe<float>& pp,
                                                float (&x)[FO_DEPTH], float scale, double coef) {
     float& p = x[FO_SLOT_PARAM];
     float* st = x + FO_SLOT_STATE0;
-    Rule::update_state(h, p, fo_pre_grad(pp, x[FO_SLOT_GRAD], scale), st[0], st[1], st[2]);
-    const double step = coef * (double)Rule::direction(h, p, st[0], st[1], st[2]);
-    p = (float)((double)p - step);
+    const float g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
+    Rule::update_state(h, p, g, st[0], st[1], st[2]);
+    Rule::apply(h, p, g, st[0], st[1], st[2], coef);
 }

@@ -42,7 +42,7 @@ __device__ __forceinline__ void fo_trust_stage1(const FoTable& tab, const FoHype
                                                 const FoPipe<typename F::O>& pp, const double* scales,
                                                 double* partial_p, double* partial_r) {
     typedef typename F::O O;
-    const unsigned write = FO_STATES(3);
+    const unsigned write = Rule::pass1_writes;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
         typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
@@ -52,8 +52,9 @@ __device__ __forceinline__ void fo_trust_stage1(const FoTable& tab, const FoHype
         auto body = [&](O (&x)[FO_DEPTH]) {
             const O p = x[FO_SLOT_PARAM];
             O* st = x + FO_SLOT_STATE0;
-            Rule::update_state(h, p, fo_pre_grad(pp, x[FO_SLOT_GRAD], scale), st[0], st[1], st[2]);
-            const double r = (double)Rule::direction(h, p, st[0], st[1], st[2]);
+            const O g = fo_pre_grad(pp, x[FO_SLOT_GRAD], scale);
+            Rule::update_state(h, p, g, st[0], st[1], st[2]);
+            const double r = (double)Rule::direction(h, p, g, st[0], st[1], st[2]);
             pp2 += (double)p * (double)p;
             rr2 += r * r;
         };
@@ -68,25 +69,28 @@ __device__ __forceinline__ void fo_trust_stage1(const FoTable& tab, const FoHype
     }
 }
 
-// bytes per element: sizeof(T) * (2 + states) (LAMB: read p, m, v; write p)
+// bytes per element: LAMB sizeof(T) * (2 + states) (read p, m, v; write p); LARS read p, g, m,
+// write p, m. coefs: the per-tensor scalar of Rule.trust_coef (double, rounded to O here).
 template <class F, class Rule>
 __device__ __forceinline__ void fo_trust_stage2(const FoTable& tab, const FoHyper<typename F::O>& h,
-                                                const FoPipe<typename F::O>& pp, const double* p_sumsq,
-                                                const double* r_sumsq) {
+                                                const FoPipe<typename F::O>& pp, const double* scales,
+                                                const double* coefs) {
     typedef typename F::O O;
-    const unsigned write = FO_USES(FO_SLOT_PARAM);
+    const unsigned write = Rule::pass2_writes;
     for (int w = blockIdx.x; w < tab.n_items; w += gridDim.x) {
         typename F::T* ptr[FO_DEPTH];
         fo_i64 begin, end;
         const int s = fo_item(tab, w, ptr, begin, end);
-        const O coef = O((double)h.v[FO_S_LR] * fo_trust(p_sumsq, r_sumsq, tab.index[s]));
+        const O coef = O(coefs[tab.index[s]]);
+        const O scale = scales ? O(scales[tab.index[s]]) : O(1);
         auto body = [&](O (&x)[FO_DEPTH]) {
             O& p = x[FO_SLOT_PARAM];
-            const O* st = x + FO_SLOT_STATE0;
-            p = p - coef * Rule::direction(h, p, st[0], st[1], st[2]);
+            O* st = x + FO_SLOT_STATE0;
+            const O g = (Rule::pass2_slots & FO_USES(FO_SLOT_GRAD)) ? fo_pre_grad(pp, x[FO_SLOT_GRAD], scale) : O(0);
+            Rule::apply(h, p, g, st[0], st[1], st[2], coef);
             if (pp.flags & FO_WEIGHT_CLIP) p = fo_clamp(p, pp.weight_clip);
         };
-        fo_range_loop<F, Rule::slots & ~FO_USES(FO_SLOT_GRAD)>(ptr, begin, end, write, body);
+        fo_range_loop<F, Rule::pass2_slots>(ptr, begin, end, write, body);
     }
 }
 
@@ -339,9 +343,9 @@ __device__ __forceinline__ void fo_trust_mixed2(const FoTable& tab, const FoHype
         fo_trust_stage1<F, RULE>(tab, h, pp, scales, partial_p, partial_r);                      \
     }                                                                                             \
     FO_EXPORT(fo_trust_stage1_##NAME##_##SUF)                                                     \
-    extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(FO_ARGS(F), const double* p_sumsq, \
-                                                              const double* r_sumsq) {            \
-        fo_trust_stage2<F, RULE>(tab, h, pp, p_sumsq, r_sumsq);                                  \
+    extern "C" __global__ void fo_trust_stage2_##NAME##_##SUF(FO_ARGS(F), const double* scales,  \
+                                                              const double* coefs) {              \
+        fo_trust_stage2<F, RULE>(tab, h, pp, scales, coefs);                                     \
     }                                                                                             \
     FO_EXPORT(fo_trust_stage2_##NAME##_##SUF)
 
@@ -383,3 +387,4 @@ FO_ELEMENTWISE(yogi, FoYogi)
 FO_ELEMENTWISE(ademamix, FoAdEMAMix)
 FO_ELEMENTWISE(schedule_free_adamw, FoSFAdamW)
 FO_ELEMENTWISE(schedule_free_sgd, FoSFSGD)
+FO_TRUST_RATIO(lars, FoLARS)
