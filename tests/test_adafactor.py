@@ -77,16 +77,13 @@ def test_state_shapes_and_bytes():
     assert matrix == (256 + 512) * 4 and adam == 2 * 256 * 512 * 4
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_numba_matches_the_reference(dtype):
-    _numba_or_skip()
-    opts = {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "clip_value": 0.8,
-            "clip_global_norm": 3.0, "weight_clip": 1.5, "max_norm": 9.0, "eps": (1e-20, 1e-3)}
-    shapes = SHAPES + [(37, 131), (2, 3, 33, 70), (9001,), (0, 4), (4, 0), (0,)]
-    params, grads = _feed(shapes, dtype, 5, seed=3)
+def _assert_matches_reference(backend, opts, shapes, dtype, steps, seed):
+    """``steps`` Adafactor steps on ``backend`` and on the reference from the same params and
+    grads: params and every state array agree within the dtype's tolerance."""
+    params, grads = _feed(shapes, dtype, steps, seed=seed)
     want = [p.copy() for p in params]
     a = fo.Adafactor(want, backend="numpy", **opts)
-    b = fo.Adafactor(params, backend="numba", **opts)
+    b = fo.Adafactor(params, backend=backend, **opts)
     for gs in grads:
         with np.errstate(invalid="ignore", divide="ignore"):  # the empty dims: nan, as torch
             a.step(gs)
@@ -96,6 +93,15 @@ def test_numba_matches_the_reference(dtype):
         for name in a.state[0][i]:
             np.testing.assert_allclose(b.state[0][i][name], a.state[0][i][name],
                                        err_msg=f"{i} {name}", **TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_numba_matches_the_reference(dtype):
+    _numba_or_skip()
+    opts = {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "clip_value": 0.8,
+            "clip_global_norm": 3.0, "weight_clip": 1.5, "max_norm": 9.0, "eps": (1e-20, 1e-3)}
+    shapes = SHAPES + [(37, 131), (2, 3, 33, 70), (9001,), (0, 4), (4, 0), (0,)]
+    _assert_matches_reference("numba", opts, shapes, dtype, steps=5, seed=3)
 
 
 def test_numba_bits_do_not_depend_on_the_thread_count():
@@ -252,19 +258,7 @@ def test_cuda_harness_matches_the_reference(libs, monkeypatch, dtype, layout):
     opts = {"lr": 0.05, "weight_decay": 0.1, "maximize": True, "clip_value": 0.8,
             "clip_norm": 2.0, "weight_clip": 1.5, "eps": (None, 1e-3)}
     shapes = SHAPES + [(37, 131), (2, 3, 33, 7), (9001,), (0, 4), (4, 0)]
-    params, grads = _feed(shapes, dtype, 4, seed=8)
-    want = [p.copy() for p in params]
-    a = fo.Adafactor(want, backend="numpy", **opts)
-    b = fo.Adafactor(params, backend="cudacpu", **opts)
-    for gs in grads:
-        with np.errstate(invalid="ignore", divide="ignore"):  # the empty dims: nan, as torch
-            a.step(gs)
-            b.step(gs)
-    for i in range(len(shapes)):
-        np.testing.assert_allclose(params[i], want[i], err_msg=f"p{i}", **TOL[np.dtype(dtype)])
-        for name in a.state[0][i]:
-            np.testing.assert_allclose(b.state[0][i][name], a.state[0][i][name],
-                                       err_msg=f"{i} {name}", **TOL[np.dtype(dtype)])
+    _assert_matches_reference("cudacpu", opts, shapes, dtype, steps=4, seed=8)
     names = {n for n in k.dev.names if n.startswith("fo_af_")}  # besides the norm clip's
     assert {n[:-4] for n in names} == {"fo_af_rows", "fo_af_cols", "fo_af_rms", "fo_af_apply",
                                        "fo_af_vec", "fo_af_vec_apply"}

@@ -24,15 +24,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def jax_x64():
-    jax = pytest.importorskip("jax")
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", old)
-
-
 def _problem(seed=5):
     rng = np.random.default_rng(seed)
     params = [rng.standard_normal(s) for s in SIZES]

@@ -167,15 +167,6 @@ OPTAX_CASES = [
 ]
 
 
-@pytest.fixture
-def jax_x64():
-    jax = pytest.importorskip("jax")
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", old)
-
-
 def _optax_transform(optax, rule, o):
     b1, b2 = o.get("betas", (0.9, 0.999))
     if rule == "adabelief":
