@@ -6,7 +6,7 @@ Both run in this one process on the same number of threads; each repetition
 times one step of fastopt and one of torch back to back (alternating which
 goes first), and the table quotes the median of the per-repetition ratios, so
 a noisy machine slows both sides of a pair alike.  The goals are those of
-issue 3 (numba backend).  Needs ``torch`` (the ``bench`` extra).
+the numba backend.  Needs ``torch`` (the ``bench`` extra).
 
 Like for like, fastopt runs with ``nonfinite="ignore"`` (torch's fused
 optimizers check nothing unless a GradScaler passes ``found_inf``); the row

@@ -1,4 +1,4 @@
-"""The goals of issue 16 (CPU speed where users feel it), measured for the numba backend.
+"""The CPU-speed targets (where users feel it), measured for the numba backend.
 
     python asv_bench/numba_speed.py [--threads 2] [--reps 15] [--skip-compile]
 
@@ -83,7 +83,7 @@ def main():
     numba.set_num_threads(ARGS.threads)
     reps = ARGS.reps
     only = set(ARGS.only.split(","))
-    print(f"numba backend, issue 16 goals: {ARGS.threads} threads, median of {reps} "
+    print(f"numba backend, CPU-speed targets: {ARGS.threads} threads, median of {reps} "
           f"interleaved pairs")
 
     if "1" in only:

@@ -15,7 +15,7 @@ Three cases, all CPU, float32, in this one process on the same thread count:
 Each repetition times a batch of steps of one side and then of the other,
 alternating which goes first; the table quotes the median of the
 per-repetition ratios (and differences), so a noisy machine slows both sides
-of a pair alike.  Goals (issue 14): ratio <= 1.0 for the first two, <= 20 us
+of a pair alike.  Targets: ratio <= 1.0 for the first two, <= 20 us
 overhead for the third.
 
 The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set): see the comment at the top.

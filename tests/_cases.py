@@ -284,7 +284,7 @@ _RECORDS = [
         converge=(dict(lr=1.0),),
         rosen=(dict(lr=1.0, damping=1e-3), 200),
         strategy=_newton_draws),
-    # ---- issue 19: torch.optim's ASGD and Rprop
+    # ---- torch.optim's ASGD and Rprop
     OptimInfo(
         "asgd",
         # t0=2: mu = 1/(t - 2) from step 4 on, so the averaging path runs (mu == 1 copies)
@@ -307,7 +307,7 @@ _RECORDS = [
         converge=(dict(lr=0.01),),
         rosen=(dict(lr=1e-3, step_sizes=(1e-9, 0.01)), 20000),
         strategy=_rprop_draws),
-    # ---- issue 19: optax's AdaBelief and Yogi (oracle: tests/test_rules_issue19.py)
+    # ---- optax's AdaBelief and Yogi (oracle: tests/test_rules_oracles.py)
     OptimInfo(
         "adabelief",
         cases=(Case("adabelief", {"lr": 1e-2, "weight_decay": 0.01}),
@@ -324,7 +324,7 @@ _RECORDS = [
         converge=(dict(lr=0.05),),
         rosen=(dict(lr=0.02), 6000),
         strategy=_yogi_draws),
-    # ---- issue 19: AdEMAMix (oracle: bitsandbytes' reference, tests/test_rules_issue19.py)
+    # ---- AdEMAMix (oracle: bitsandbytes' reference, tests/test_rules_oracles.py)
     OptimInfo(
         "ademamix",
         cases=(Case("ademamix", {"lr": 1e-2}),
@@ -372,7 +372,7 @@ _RECORDS.append(OptimInfo(
     rosen=(dict(lr=0.02), 8000),
     strategy=_adafactor_draws))
 
-# ---- issue 19: Schedule-Free AdamW and SGD (oracle: schedulefree 1.4.1, tests/test_rules_sf.py).
+# ---- Schedule-Free AdamW and SGD (oracle: schedulefree 1.4.1, tests/test_rules_sf.py).
 # The params hold y (train mode) throughout these tests; momentum 0.5 and r = 1 reach both of
 # torch's lerp forms (weights above and below 1/2).
 _RECORDS += [

@@ -355,7 +355,7 @@ BAD_VALUES = {
     "ns_coefficients": [(1.0, 2.0), (1.0, NAN, 2.0), "abc", None],
     "ns_steps": [-1, 100, 2.5, True, None],
     "adjust_lr_fn": ["rms", 1],
-    # issue 19
+    # rules added with the torch.optim 2.13 / optax breadth work
     "lambd": [-1.0, NAN, INF],
     "t0": [NAN, INF, "1"],
     "etas": [(0.5,), (1.0, 1.2), (0.5, 1.0), (0.0, 1.2), (0.5, NAN), 0.5],
@@ -375,7 +375,7 @@ BAD_VALUES = {
 BAD_VALUES_OF = {("asgd", "alpha"): [-0.1, NAN, INF],
                  # AdEMAMix: alpha weighs the slow EMA (any finite number >= 0); three betas
                  ("ademamix", "alpha"): [-0.1, NAN, INF],
-                 # (the range of each beta: tests/test_rules_issue19.py)
+                 # (the range of each beta: tests/test_rules_oracles.py)
                  ("ademamix", "betas"): [(0.9,), (0.9, 0.999, 0.9999, 0.9), 0.9],
                  # Adafactor's eps is the pair (eps1 or None, eps2)
                  ("adafactor", "eps"): [(-1.0, 1e-3), (None, -1.0), (None, NAN), 1e-3, (1e-3,)],

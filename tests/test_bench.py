@@ -330,11 +330,11 @@ def test_muon_row_runs_interleaved_against_torch(capsys):
     assert out["muon"]["shape"] == [16, 16] and "rows" not in out
 
 
-# --------------------------------------------------------------------------- --speed (issue 16)
+# --------------------------------------------------------------------------- --speed
 
 
 @pytest.mark.skipif(not (HAS_NUMBA and HAS_TORCH), reason="needs numba and torch")
-def test_speed_table_has_every_row_of_the_issue_with_its_peer(capsys):
+def test_speed_table_has_every_target_row_with_its_peer(capsys):
     # tiny sizes and one pair per row: the rows and their peers, not the figures
     assert main(["bench", "--speed", "--json", "--no-progress", "--speed-n", "3000", "--reps", "1",
                  "--no-first-step"]) == 0

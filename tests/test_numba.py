@@ -241,7 +241,7 @@ def test_float32_update_loops_have_no_double_arithmetic():
 
 
 def test_double_detector_catches_a_promotion():
-    # the trap of STYLE.md habit 3: 1 - b1 with an int literal is float64 in Numba
+    # the float64-promotion trap: 1 - b1 with an int literal is float64 in Numba
     @numba.njit
     def promoted(x, b1):
         return x * (1 - b1)

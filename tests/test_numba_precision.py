@@ -72,7 +72,7 @@ assert {r for r, _ in RULE_CASES} == {n for n, r in RULES.items()
 
 
 def _precisions():
-    """(id, param dtype, precision options): the whole cross product of the issue."""
+    """(id, param dtype, precision options): the whole cross product of the precision options."""
     out = []
     for dt in (F16, BF16):
         for state in (None, "param", "bfloat16"):
@@ -337,7 +337,7 @@ def test_precision_bench_rows_and_bytes_table():
 
 
 def test_tiled_rule_loop_has_no_zero_division_test():
-    # issue 12: a rule body compiled under Numba's default (Python) error model tests every
+    # A rule body compiled under Numba's default (Python) error model tests every
     # float divisor for zero to raise ZeroDivisionError, an early loop exit that kept the
     # loop over the float32 tiles scalar (6x slower).  A serial probe with the default error
     # model runs the tiled driver: the overload's NumPy error model must reach the body.

@@ -451,7 +451,7 @@ def bf16_neighbours(x: np.ndarray):
 
 
 def test_sr_is_unbiased():
-    """The mean of 1e5 roundings of each of 32 values is the value (issue 12: within 3e-5 relative)."""
+    """The mean of 1e5 roundings of each of 32 values is the value (within 3e-5 relative)."""
     rng = np.random.default_rng(5)
     x = (rng.uniform(0.5, 2.0, 32) * 10.0 ** rng.integers(-6, 6, 32)
          * rng.choice([-1, 1], 32)).astype(np.float32)

@@ -130,7 +130,7 @@ def test_initial_state_is_the_quantized_initial_value():
 
 # ---------------------------------------------------------------------------------- trajectories
 
-# (class name, options, steps taken with the Hessian diagonal): every rule of issue 13, every
+# (class name, options, steps taken with the Hessian diagonal): every rule with 8-bit state, every
 # variant that changes which states a step keeps; learning rates that make real progress
 RULE_CASES = [
     ("SGD", dict(lr=0.05, momentum=0.9)),
@@ -188,7 +188,7 @@ def _run(cls_name, options, steps, **precision):
 @pytest.mark.parametrize("cls_name,options", RULE_CASES,
                          ids=[f"{c}-{'-'.join(sorted(o))}" for c, o in RULE_CASES])
 def test_free_running_trajectory_stays_near_the_float32_one(cls_name, options):
-    """200 steps: ||p_q8 - p_32|| / ||p_32 - p_0|| < 0.05 (issue 13's criterion)."""
+    """200 steps: ||p_q8 - p_32|| / ||p_32 - p_0|| < 0.05 (the trajectory criterion)."""
     x0, x32, _ = _run(cls_name, options, 200)
     _, x8, opt = _run(cls_name, options, 200, state_dtype="q8")
     assert all(a.dtype == np.uint8 for n, a in opt.state[0][0].items() if not n.endswith("_absmax"))

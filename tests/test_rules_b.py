@@ -1,4 +1,4 @@
-"""Rules of issue 19 part B whose shape is not one fused elementwise pass: Muon.
+"""Rules whose shape is not one fused elementwise pass: Muon.
 
 The generic tests (tests/_cases.py's table: parity, torch.optim oracle, convergence,
 checkpoints, bad input) cover Muon through ``param_shape``; here are the checks only

@@ -55,7 +55,7 @@ CASES = [
     ("adamax", ft.Adamax, torch.optim.Adamax, dict(lr=2e-3, weight_decay=1e-2)),
     ("nadam", ft.NAdam, torch.optim.NAdam, dict(lr=2e-3, weight_decay=1e-2)),
     ("radam", ft.RAdam, torch.optim.RAdam, dict(lr=1e-3, weight_decay=1e-2)),
-    # issue 19: t0=3 makes ASGD average from step 5 on (before that mu == 1 copies p)
+    # t0=3 makes ASGD average from step 5 on (before that mu == 1 copies p)
     ("asgd", ft.ASGD, torch.optim.ASGD, dict(lr=1e-2, t0=3.0, weight_decay=1e-2)),
     ("asgd-lambd-maximize", ft.ASGD, torch.optim.ASGD, dict(lr=1e-2, lambd=1e-2, alpha=0.5,
                                                             maximize=True)),
@@ -861,7 +861,7 @@ def test_step_hooks_global_and_under_the_profiler():
             h.remove()
 
 
-# --------------------------------------------------------------------------- 8-bit state (issue 13)
+# --------------------------------------------------------------------------- 8-bit state
 
 
 class Q8MLP(nn.Module):

@@ -1,6 +1,6 @@
 """fastopt.layers: BatchNorm forward + backward against torch CPU, Dropout against a copy.
 
-``BatchNorm.track_ratio_to_torch`` is the issue's figure: our forward + backward time over
+``BatchNorm.track_ratio_to_torch`` is the headline figure: our forward + backward time over
 ``torch.nn.functional.batch_norm`` + autograd's, both in training mode on the same float32
 batch, timed alternately in one loop of the same process (the median of the per-pair
 ratios), so a busy machine slows both sides alike.  ``Dropout.track_fraction_of_copy`` is

@@ -1,4 +1,4 @@
-"""Mixed precision: Adam on 16.7M elements with bfloat16 params (issue 12's goals).
+"""Mixed precision: Adam on 16.7M elements with bfloat16 params (the mixed-precision targets).
 
 ``Formats.time_step`` times one step of each format of
 ``fastopt.apps.bench.PRECISION_ROWS`` (float32 Adam and torch's fused Adam on the

@@ -1,4 +1,4 @@
-"""The numba backend where users feel its speed (issue 16): the read pass, the
+"""The numba backend where users feel its speed: the read pass, the
 default step, small models, the first step.  The ratios against torch and the
 goals are in ``asv_bench/numba_speed.py`` (one interleaved run); these are the
 plain times asv tracks between commits.

@@ -310,7 +310,7 @@ def cold_compile_seconds(dtype="float32", rules=None, cache_dir=None, timeout=60
 #: The options of a fastopt case that torch.optim has no counterpart of.
 PRECISION_OPTIONS = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
 
-#: Adam with 16-bit params, each against its baseline in one interleaved run (issue 12):
+#: Adam with 16-bit params, each against its baseline in one interleaved run (the mixed-precision targets):
 #: (label, impl, param dtype, options, baseline label, goal of the time ratio).
 PRECISION_ROWS = (
     ("f32", "numba", "float32", {}, None, None),
@@ -744,7 +744,7 @@ def q8_ratios(n=1 << 24, reps=5, threads=2, peer=True, progress=False):
     return out
 
 
-# --------------------------------------------------------------------------- --speed (issue 16)
+# --------------------------------------------------------------------------- --speed
 
 #: The demo's default MLP (``python -m fastopt demo``): 6 tensors, 26,634 params.
 DEMO_SIZES = (68 * 128, 128, 128 * 128, 128, 128 * 10, 10)
@@ -809,7 +809,7 @@ def _speed_steps(cls, sizes, torch_mod, **kw):
 
 
 def speed_table(n=16_777_216, threads=2, reps=15, torch=True, first_step=True, progress=False):
-    """The rows of issue 16 (CPU speed where users feel it), each from one interleaved run.
+    """The CPU-speed rows (where users feel it: default step, small models, first call), each from one interleaved run.
 
     Every ratio is the median of per-pair ratios (``benchkit.pairwise``: the two
     sides timed back to back, alternating which goes first).  Rows: the read pass
@@ -818,7 +818,7 @@ def speed_table(n=16_777_216, threads=2, reps=15, torch=True, first_step=True, p
     torch's fused optimizers; Adam + ``clip_global_norm`` against plain Adam; the
     demo's MLP and 1000 x 256 tensors on one thread; AdaHessian against Adam; and
     (``first_step``) a fresh process's first Adam step with an empty and a warm
-    kernel cache, beside torch's.  ``goal`` is the issue's bound on ``ratio`` (None:
+    kernel cache, beside torch's.  ``goal`` is the project's target bound on ``ratio`` (None:
     no bound; for the first step the bound is on the seconds).
     """
     from .benchkit import pairwise
@@ -985,7 +985,7 @@ def register(sub) -> None:
                         "param dtype, bfloat16 state + stochastic rounding, float32 state) against "
                         "float32 Adam and torch fused Adam on bfloat16, one interleaved run")
     p.add_argument("--speed", action="store_true",
-                   help="instead: the numba backend where users feel it (issue 16): default "
+                   help="instead: the numba backend where users feel it: default "
                         "steps, small models, the read pass and the first step, beside torch")
     p.add_argument("--speed-n", type=float, default=16_777_216, metavar="N",
                    help="--speed: elements of the big-tensor rows (default: 16777216)")

@@ -1,4 +1,4 @@
-"""Issue 19's elementwise rules against their oracles, 20 steps in float64.
+"""The newer elementwise rules (ASGD, Rprop, AdaBelief, Yogi, AdEMAMix, LARS) against their oracles, 20 steps in float64.
 
 ASGD and Rprop: torch.optim (2.13) on every oracle option set of the test table
 (``tests/_cases.py``), params and every state array, on every CPU backend; the
