@@ -106,12 +106,14 @@ class Ops:
         """Per-tensor sums of squares, float64, one array of the backend's kind."""
         raise NotImplementedError
 
-    def step_plan(self, rule, bucket, grads, hp):
+    def step_plan(self, rule, bucket, grads, hp, pointers=False):
         """Optional: a plan for repeated small steps of one bucket, or None (the default).
 
         A plan has ``finite()`` (the read pass: True, or None when the full step must
         decide) and ``update(s)`` (the fused update with the step scalars ``s``); the
         optimizer's step cache decides when it may be used (docs/design.md, "Pipeline").
+        With ``pointers`` the plan addresses the grads by the data pointers its caller
+        passes to ``set_grads(ptrs)`` before each step.
         """
         return None
 

@@ -260,6 +260,7 @@ class _Plan:
     st_tensors: list
     vals: list                   # per group: the option values last checked (None: a tensor
     hp: list                     #   among them, check every step); their host scalars
+    fast: tuple | None = None    # (key, (step plan, grad layout) or None): _fast_step's
 
 
 def _cacheable(vals):
@@ -274,6 +275,21 @@ def _cacheable(vals):
 _data_ptr = torch.Tensor.data_ptr
 
 
+def _grad_layout(g):
+    """What the pointer plan of a step needs of a grad: dtype, shape, strides, on the CPU,
+    dense, no lazy negation (``torch._neg_view``: its memory holds -g); compared as one
+    tuple with the param's (``Optimizer._fast_step``)."""
+    return (g.dtype, g.shape, g.stride(), g.is_cpu, g.is_sparse, g.is_neg())
+
+
+def _contiguous_strides(shape):
+    out, k = [], 1
+    for d in reversed(shape):
+        out.append(k)
+        k *= max(int(d), 1)
+    return tuple(reversed(out))
+
+
 def _grad_view(g):
     """A flat NumPy view of a grad (a contiguous copy if it is not contiguous: it is only read)."""
     try:
@@ -285,6 +301,8 @@ def _grad_view(g):
         if g.layout != torch.strided:
             raise RuntimeError(f"sparse gradients are not supported (got layout {g.layout}); "
                                "use torch.optim.SparseAdam or a dense embedding") from None
+        if g.is_neg():  # torch's lazy negation (its memory holds -g): read a resolved copy
+            g = g.resolve_neg()
         a = _flat_view(g)  # a grad that requires grad (create_graph=True)
     if a.ndim != 1:
         return a.reshape(-1)  # a copy when the grad is not C-contiguous
@@ -619,6 +637,8 @@ class Optimizer(torch.optim.Optimizer):
         plan = self._current_plan(grads_of)
         if plan is None:
             return loss  # no param has a grad
+        if extras is None and inv_scale is None and self._fast_step(plan, grads_of[0], nonfinite):
+            return loss
         steps = []
         for gi, parts in enumerate(plan.parts):
             present = [x for x in grads_of[gi] if x is not None]
@@ -651,6 +671,71 @@ class Optimizer(torch.optim.Optimizer):
                     part.gstate[name] = float(views[0])
                 k += 1
         return loss
+
+    def _fast_step(self, plan, grads, nonfinite) -> bool:
+        """The step through the backend's pointer plan (``Ops.step_plan``); False: take the full one.
+
+        Only for one group of params at one step count whose options are plain values
+        and whose single bucket the backend plans (float32/float64, an elementwise rule,
+        no norm clipping, no ``max_norm``).  Per step it checks that every grad is a
+        C-contiguous CPU tensor of its param's dtype and shape (a cached tuple compare),
+        hands the kernels the grads' data pointers, runs the read pass unless
+        ``nonfinite='ignore'`` and the update.  A non-finite grad goes back to the full
+        step, which raises or skips with nothing written.  The same kernels run as on the
+        full step, so the results are bit-identical (tests/test_torch_adapter.py).
+        """
+        if len(plan.parts) != 1 or len(plan.parts[0]) != 1 or plan.vals[0] is None:
+            return False
+        part = plan.parts[0][0]
+        hp = plan.hp[0]
+        fast = plan.fast
+        # what the plan's construction reads of the options (its scalars come per step)
+        key = (self.backend, hp["maximize"], hp["weight_clip"], hp["clip_norm"],
+               hp["clip_global_norm"], hp["max_norm"], hp["clip_value"])
+        if fast is None or fast[0] != key:
+            fast = plan.fast = (key, self._pointer_plan(part, hp))
+        sp = fast[1]
+        if sp is None:
+            return False
+        step_plan, want = sp
+        present = [x for x in grads if x is not None]  # (``None in grads`` would call Tensor.__eq__)
+        if list(map(_grad_layout, present)) != want:
+            return False
+        step_plan.set_grads(list(map(_data_ptr, present)))
+        if nonfinite != "ignore" and not step_plan.finite():
+            return False
+        t = part.t + 1
+        s, new_gs = self.rule.step_scalars(hp, t, part.gstate)
+        step_plan.update(s)
+        part.t = t
+        for v in part.steps:
+            v[()] = float(t)
+        part.gstate = dict(new_gs)
+        for name, views in part.gviews.items():
+            value = part.gstate[name]
+            for v in views:
+                v[()] = value
+            part.gstate[name] = float(views[0])
+        return True
+
+    def _pointer_plan(self, part, hp):
+        """``(StepPlan, the grad layout it accepts)`` for ``part``, or None where the backend
+        has none: the step plan of the backend over the part's one bucket, addressing the
+        grads through data pointers (the bucket's params stand in for them until the first
+        ``set_grads``)."""
+        if len(part.buckets) != 1:
+            return None
+        bucket = part.buckets[0]
+        try:
+            sp = _backend.get_ops(self.backend).step_plan(
+                self.rule, bucket, bucket.params, hp, pointers=True)
+        except TypeError:  # a backend whose plans take no pointers
+            return None
+        if sp is None:
+            return None
+        want = [(p.dtype, p.shape, _contiguous_strides(p.shape), True, False, False)
+                for p in part.params]
+        return sp, want
 
     def _bad_grad(self, part, grads):
         for p, a in zip(part.params, grads):

@@ -1693,6 +1693,14 @@ def _scalars(dt, head, values=_NO_RULE):
     return cs
 
 
+def _pointer_table(rows, n):
+    """``_table`` with the arrays' data pointers in place of their object addresses."""
+    tab = np.zeros((_ROWS, n), np.int64)
+    for r, arrays in rows:
+        tab[r] = [a.ctypes.data for a in arrays]
+    return tab
+
+
 def _table(rows, n):
     """The operand table: ``rows`` is a list of (row, list of arrays)."""
     tab = np.zeros((_ROWS, n), np.int64)
@@ -2194,20 +2202,23 @@ class NumbaOps(Ops):
     def sumsq(self, arrays):
         return np.ascontiguousarray(self._stats(arrays, 1.0, None, exact=False)[:, 0])
 
-    def step_plan(self, rule, bucket, grads, hp):
+    def step_plan(self, rule, bucket, grads, hp, pointers=False):
         """A :class:`StepPlan` for repeated steps of one plain bucket, or None where it cannot.
 
         Only an elementwise rule's single float32/float64 bucket with no extra input,
         no norm clipping and no ``max_norm`` qualifies; the caller (the optimizer's
         step cache, docs/design.md "Pipeline") keeps the plan only while the same
-        param, grad and state arrays come back with the same options.
+        param, grad and state arrays come back with the same options.  ``pointers``:
+        the plan holds data pointers, and the caller hands it the grads' pointers
+        before every step (``StepPlan.set_grads``; fastopt.torch, whose grads are
+        new tensors at every backward pass).
         """
         if (rule.kind != ELEMENTWISE or rule.extra is not None or bucket.precision is not None
                 or _is_reduced(bucket.params[0].dtype) or hp["clip_norm"] is not None
                 or hp["clip_global_norm"] is not None or hp["max_norm"] is not None
                 or hp["clip_value"] is not None):
             return None
-        return StepPlan(rule, bucket, grads, hp)
+        return StepPlan(rule, bucket, grads, hp, pointers)
 
 
     def scale_(self, arrays, factors):
@@ -2227,15 +2238,19 @@ class StepPlan:
     read pass (its fast form: one float64 sum per tensor), ``update`` the fused step.
     """
 
-    def __init__(self, rule, bucket, grads, hp):
+    def __init__(self, rule, bucket, grads, hp, pointers=False):
         params, states = bucket.params, bucket.states
         n = len(params)
         dt = params[0].dtype
         self.rule, self.keep = rule, (params, grads, states)
         rows = [(_P, params), (_G, grads)]
         rows += [(_S0 + k, states[st]) for k, st in enumerate(rule.all_state) if st in states]
-        self.table = _table(rows, n)
-        self.read_table = _table([(_P, grads), (_G, grads)], n)
+        # object addresses (the kernels read each array's data pointer), or with
+        # ``pointers`` the data pointers themselves (the grad rows: set_grads)
+        table = _pointer_table if pointers else _table
+        self.deref = -1 if pointers else DATA_OFFSET
+        self.table = table(rows, n)
+        self.read_table = table([(_P, grads), (_G, grads)], n)
         self.sizes = _sizes(params, n)
         self.total = int(self.sizes.sum())
         self.ones = np.ones(n, dt)
@@ -2254,7 +2269,7 @@ class StepPlan:
         """Whether every grad is finite: True, or None when the exact check must decide."""
         fn, threads = self._pick(_k_read)
         res = _run(fn, threads, (self.read_table, self.sizes, self.ones, self.read_cs, 0,
-                                 DATA_OFFSET))
+                                 self.deref))
         # the fast form leaves the flag column 0: the whole sum is finite iff every grad is
         return True if math.isfinite(res.sum()) else None
 
@@ -2265,7 +2280,17 @@ class StepPlan:
         entry = _ENTRIES[rule.name, _mode(rule, s)]
         fn, threads = self._pick(entry)
         _run(fn, threads, (self.table, self.sizes, self.ones, self.cs, rule.kernel_flags(s),
-                           DATA_OFFSET))
+                           self.deref))
+
+    def set_grads(self, ptrs):
+        """The grads' data pointers for the next step (a plan made with ``pointers``).
+
+        The caller keeps the grads alive until the step has run and has checked that
+        each is a C-contiguous array of its param's dtype and size.
+        """
+        self.table[_G] = ptrs
+        self.read_table[_P] = ptrs
+        self.read_table[_G] = ptrs
 
 
 OPS = NumbaOps()

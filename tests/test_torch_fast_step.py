@@ -1,0 +1,224 @@
+"""fastopt.torch's pointer-plan step (``Optimizer._fast_step``) against its full step.
+
+The fast step runs the same kernels as the full one through a plan that takes the
+grads' data pointers each step; every test here runs two optimizers side by side,
+one with the fast step switched off, and asks for bit-identical params and state.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+import fastopt.torch as ft  # noqa: E402
+
+
+def _no_fast(opt):
+    opt._fast_step = lambda plan, grads, nonfinite: False
+    return opt
+
+
+def _pair(cls, n_params=4, size=37, dtype=torch.float32, seed=0, **opts):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(size,), (3, size), (size, 2), (5,)][:n_params]
+    a = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    return cls(a, backend="numba", **opts), _no_fast(cls(b, backend="numba", **opts)), a, b
+
+
+def _grads(params, step, scale=1.0, seed=1):
+    g = torch.Generator().manual_seed(seed + step)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) * scale for p in params]
+
+
+def _same(a, b, oa, ob):
+    for x, y in zip(a, b):
+        assert torch.equal(x.detach(), y.detach())
+    for x, y in zip(a, b):
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def _fast_steps(opt):
+    """How many of the next steps ran through the pointer plan: wraps ``_fast_step``."""
+    count = [0]
+    inner = opt._fast_step
+
+    def counting(plan, grads, nonfinite):
+        ok = inner(plan, grads, nonfinite)
+        count[0] += ok
+        return ok
+
+    opt._fast_step = counting
+    return count
+
+
+@pytest.mark.parametrize("cls,opts", [
+    (ft.Adam, dict(lr=1e-2)),
+    (ft.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (ft.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
+    (ft.NAdam, dict(lr=1e-2)),  # a group state (mu_product) kept per param by torch
+    (ft.Adagrad, dict(lr=0.1, weight_decay=0.01)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_step_is_bit_identical_to_the_full_step(cls, opts, dtype):
+    fa, fb, a, b = _pair(cls, dtype=dtype, **opts)
+    used = _fast_steps(fa)
+    for t in range(6):
+        for pa, pb, g in zip(a, b, _grads(a, t)):  # new grad tensors each step (set_to_none)
+            pa.grad, pb.grad = g, g.clone()
+        fa.step()
+        fb.step()
+        _same(a, b, fa, fb)
+    assert used[0] >= 5  # the first step builds the plan; the rest take the fast step
+
+
+def test_fast_step_falls_back_for_grads_it_cannot_take():
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
+    used = _fast_steps(fa)
+    for t in range(3):
+        for pa, pb, g in zip(a, b, _grads(a, t)):
+            pa.grad, pb.grad = g, g.clone()
+        fa.step()
+        fb.step()
+    before = used[0]
+    # a non-contiguous grad (a transposed view): the full step copies it
+    g = _grads(a, 10)
+    g[1] = torch.randn(a[1].shape[::-1]).t()
+    assert not g[1].is_contiguous()
+    for pa, pb, x in zip(a, b, g):
+        pa.grad, pb.grad = x, x.clone()
+    fa.step()
+    fb.step()
+    _same(a, b, fa, fb)
+    assert used[0] == before
+    # a broadcast grad (stride 0): the full step reads a contiguous copy
+    for pa, pb, x in zip(a, b, _grads(a, 12)):
+        pa.grad, pb.grad = x, x.clone()
+    a[0].grad = torch.full((1,), 0.25).expand(a[0].shape)
+    b[0].grad = a[0].grad.clone()
+    before = used[0]
+    fa.step()
+    fb.step()
+    _same(a, b, fa, fb)
+    assert used[0] == before
+    # and back to plain grads: the fast step again
+    for pa, pb, x in zip(a, b, _grads(a, 13)):
+        pa.grad, pb.grad = x, x.clone()
+    fa.step()
+    fb.step()
+    _same(a, b, fa, fb)
+    assert used[0] == before + 1
+    # a grad with torch's lazy negation bit: its memory holds -g, the fast step must not read it
+    for pa, pb, x in zip(a, b, _grads(a, 13)):
+        pa.grad, pb.grad = x, x.clone()
+    a[3].grad = torch._neg_view(-b[3].grad)  # the same values, memory holding their negation
+    assert a[3].grad.is_neg() and torch.equal(a[3].grad, b[3].grad)
+    before = used[0]
+    fa.step()
+    fb.step()
+    _same(a, b, fa, fb)
+    assert used[0] == before
+    # a param without a grad this step: a new plan; that param is one step behind from now on, so its
+    # group runs at two step counts (the full step, as torch keeps a step per param)
+    for pa, pb, x in zip(a, b, _grads(a, 11)):
+        pa.grad, pb.grad = x, x.clone()
+    a[2].grad = b[2].grad = None
+    fa.step()
+    fb.step()
+    _same(a, b, fa, fb)
+    for t in range(14, 16):
+        for pa, pb, x in zip(a, b, _grads(a, t)):
+            pa.grad, pb.grad = x, x.clone()
+        fa.step()
+        fb.step()
+        _same(a, b, fa, fb)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_non_finite_grad_after_fast_steps_writes_nothing(nonfinite):
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2, nonfinite=nonfinite)
+    used = _fast_steps(fa)
+    for t in range(3):
+        for pa, pb, g in zip(a, b, _grads(a, t)):
+            pa.grad, pb.grad = g, g.clone()
+        fa.step()
+        fb.step()
+    assert used[0] >= 2
+    g = _grads(a, 5)
+    g[2][0, 1] = float("inf")
+    for pa, pb, x in zip(a, b, g):
+        pa.grad, pb.grad = x, x.clone()
+    snapshot = [p.detach().clone() for p in a]
+    state = {k: v.clone() for k, v in fa.state[a[0]].items()}
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            fa.step()
+        with pytest.raises(FloatingPointError):
+            fb.step()
+    else:
+        fa.step()
+        fb.step()
+    for p, s in zip(a, snapshot):
+        assert torch.equal(p.detach(), s)
+    for k, v in fa.state[a[0]].items():
+        assert torch.equal(v, state[k]), k
+    _same(a, b, fa, fb)
+
+
+def test_option_changes_reach_the_fast_step():
+    """An LR scheduler (lr every step), maximize switched on, weight_clip set: the same
+    params as the full step each time."""
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
+    sa = torch.optim.lr_scheduler.StepLR(fa, step_size=1, gamma=0.7)
+    sb = torch.optim.lr_scheduler.StepLR(fb, step_size=1, gamma=0.7)
+    used = _fast_steps(fa)
+    for t in range(8):
+        if t == 4:
+            for o in (fa, fb):
+                o.param_groups[0]["maximize"] = True
+        if t == 6:
+            for o in (fa, fb):
+                o.param_groups[0]["weight_clip"] = 0.5
+        for pa, pb, g in zip(a, b, _grads(a, t)):
+            pa.grad, pb.grad = g, g.clone()
+        fa.step()
+        fb.step()
+        sa.step()
+        sb.step()
+        _same(a, b, fa, fb)
+    assert used[0] >= 6
+    assert max(float(p.detach().abs().max()) for p in a) <= 0.5
+
+
+def test_grad_scaler_and_native_scale_take_the_full_step():
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
+    used = _fast_steps(fa)
+    for t in range(4):
+        for pa, pb, g in zip(a, b, _grads(a, t, scale=8.0)):
+            pa.grad, pb.grad = g, g.clone()
+        fa.step(grad_scale=8.0)
+        fb.step(grad_scale=8.0)
+        _same(a, b, fa, fb)
+    assert used[0] == 0
+
+
+def test_fast_step_reads_the_grads_in_place_each_step():
+    """Grads accumulated in place (zero_grad(set_to_none=False)): same tensors, new values."""
+    fa, fb, a, b = _pair(ft.SGD, lr=0.1, momentum=0.9)
+    for p in a + b:
+        p.grad = torch.zeros_like(p)
+    used = _fast_steps(fa)
+    for t in range(5):
+        for pa, pb, g in zip(a, b, _grads(a, t)):
+            pa.grad.copy_(g)
+            pb.grad.copy_(g)
+        fa.step()
+        fb.step()
+        _same(a, b, fa, fb)
+    assert used[0] >= 4
+    ref = np.asarray(a[0].detach())
+    assert np.all(np.isfinite(ref))
