@@ -263,3 +263,46 @@ def test_muon_row_splits_hidden_matrices_from_the_rest(digits):
     assert all(not np.array_equal(a, b) for a, b in zip(before, net.params))
     x = _demo.train_xor("muon", steps=300, seed=0, backend="numpy")
     assert x.accuracy == 1.0 and x.loss < 0.05
+
+
+@pytest.mark.parametrize("name", ["lars", "adafactor", "lbfgs"])
+def test_new_rows_learn_digits(digits, name):
+    """LARS, Adafactor and L-BFGS (full batch, closure-based) each train the digits MLP."""
+    r = _demo.train(name, digits, epochs=1 if name != "lbfgs" else 2, max_steps=40,
+                    backend="numpy", seed=0)
+    assert r.diverged_at is None
+    assert r.steps == (2 if name == "lbfgs" else 40)
+    assert r.train_loss < 0.5 * r.initial_loss, name
+    assert r.test_acc > 0.6, name
+    assert r.step_s > 0 and 0 < r.opt_share < 1
+
+
+def test_lars_row_groups_biases_without_trust_ratio_or_decay():
+    net = _demo.MLP((6, 5, 3), np.random.default_rng(0))
+    opt = _demo.make_optimizer("lars", net.params, backend="numpy")
+    assert opt.mats == [0, 2] and opt.rest == [1, 3]
+    g0, g1 = opt.opt.param_groups
+    assert g0["weight_decay"] > 0 and g0["trust_ratio"] is True
+    assert g1["weight_decay"] == 0 and g1["trust_ratio"] is False
+    # the grads are handed on in the groups' order: a bias grad moves its bias only
+    before = [p.copy() for p in net.params]
+    grads = [np.zeros_like(p) for p in net.params]
+    grads[3][:] = 1.0
+    opt.step(grads)
+    lr = _demo.default_lr("lars")
+    np.testing.assert_allclose(net.params[3], before[3] - lr, rtol=1e-6)  # tau = 1 for biases
+    np.testing.assert_array_equal(net.params[1], before[1])  # zero grad, no decay
+    # a zero-grad matrix moves by its trust-scaled decay only: along -W
+    step = net.params[0] - before[0]
+    np.testing.assert_allclose(step, -before[0] * (np.abs(step).sum() / np.abs(before[0]).sum()),
+                               rtol=1e-3, atol=1e-9)
+
+
+def test_lbfgs_row_refuses_what_it_cannot_take(digits):
+    net = _demo.MLP((6, 5, 3), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="schedule"):
+        _demo.make_optimizer("lbfgs", net.params, schedule="cosine", total_steps=10)
+    with pytest.raises(ValueError, match="clip_global_norm"):
+        _demo.make_optimizer("lbfgs", net.params, clip_global_norm=1.0)
+    x = _demo.train_xor("lbfgs", steps=5, seed=0, backend="numpy")
+    assert x.accuracy == 1.0 and x.loss < 1e-3
