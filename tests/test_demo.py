@@ -306,3 +306,43 @@ def test_lbfgs_row_refuses_what_it_cannot_take(digits):
         _demo.make_optimizer("lbfgs", net.params, clip_global_norm=1.0)
     x = _demo.train_xor("lbfgs", steps=5, seed=0, backend="numpy")
     assert x.accuracy == 1.0 and x.loss < 1e-3
+
+
+# ---------------------------------------------------------------- --sparse (SparseAdam)
+
+def test_digit_tokens_are_pixel_level_rows():
+    tr, ytr, te, yte = _demo.load_digit_tokens(seed=0)
+    assert tr.shape == (len(ytr), 64) and te.shape == (len(yte), 64)
+    assert tr.dtype == np.int64 and tr.min() >= 0 and tr.max() < 64 * 17
+    # token // 17 is the pixel, in order; the split is load_digits_split's
+    np.testing.assert_array_equal(tr // 17, np.broadcast_to(np.arange(64), tr.shape))
+    np.testing.assert_array_equal(ytr, _demo.load_digits_split(seed=0).y_train)
+
+
+def test_sparse_adam_touches_only_the_batch_rows_and_learns():
+    data = _demo.load_digit_tokens(seed=0)
+    net = _demo.EmbeddingBag(64 * 17, 8, 10, np.random.default_rng(0))
+    from fastopt import SparseAdam
+
+    opt = SparseAdam([net.table], lr=1e-2, backend="numpy")
+    before = net.table.copy()
+    tokens = data[0][:5]
+    _, (idx, vals), _, _ = net.loss_and_grads(tokens, data[1][:5])
+    assert idx.shape == (5 * 64,) and vals.shape == (5 * 64, 8)
+    opt.step([(idx, vals)])
+    moved = np.flatnonzero((net.table != before).any(axis=1))
+    np.testing.assert_array_equal(moved, np.unique(tokens))  # only the batch's rows
+    r = _demo.train_sparse(True, max_steps=90, dim=8, backend="numpy", data=data)
+    d = _demo.train_sparse(False, max_steps=90, dim=8, backend="numpy", data=data)
+    assert r.steps == d.steps == 90
+    assert r.train_loss < 0.5 * r.initial_loss and d.train_loss < 0.5 * d.initial_loss
+    assert r.test_acc > 0.6 and d.test_acc > 0.6
+    assert r.rows_per_step < d.rows_per_step == 64 * 17
+
+
+def test_cli_sparse(capsys):
+    assert _cli.main(["demo", "--sparse", "--epochs", "1", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "SparseAdam" in out and "Adam (dense)" in out and "of 1088" in out
+    assert _cli.main(["demo", "--sparse", "-o", "adam"]) == 2
+    assert "--sparse" in capsys.readouterr().err
