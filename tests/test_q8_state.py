@@ -148,6 +148,9 @@ RULE_CASES = [
     ("Lion", dict(lr=1e-3, weight_decay=1e-2)),
     ("AdaHessian", dict(lr=0.1)),
     ("LAMB", dict(lr=1e-2, weight_decay=1e-2)),
+    # LARS: one signed momentum buffer; the trust ratio reads p and u = g + wd*p, not the state
+    ("LARS", dict(lr=1.0, trust_coefficient=0.02, weight_decay=1e-3)),
+    ("LARS", dict(lr=0.05, nesterov=True)),
 ]
 
 
@@ -568,7 +571,7 @@ def test_state_dtype_options_that_give_the_same_arrays_load_without_convert():
         fo.Adam([np.ones(5, np.float32)], state_dtype="bfloat16").load_state_dict(a.state_dict())
 
 
-@pytest.mark.parametrize("name", ["asgd", "rprop", "adabelief", "yogi", "ademamix"])
+@pytest.mark.parametrize("name", ["asgd", "rprop", "adabelief", "yogi", "ademamix", "lars"])
 def test_rules_without_a_fused_q8_kernel_take_the_reference_step_on_numba(name):
     """The numba backend runs the reference's q8 step for a rule that has no fused q8 entry
     point: the same codes, absmax and params as backend="numpy"."""
