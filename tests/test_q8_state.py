@@ -571,7 +571,7 @@ def test_state_dtype_options_that_give_the_same_arrays_load_without_convert():
         fo.Adam([np.ones(5, np.float32)], state_dtype="bfloat16").load_state_dict(a.state_dict())
 
 
-@pytest.mark.parametrize("name", ["asgd", "rprop", "adabelief", "yogi", "ademamix", "lars"])
+@pytest.mark.parametrize("name", ["asgd", "rprop", "adabelief", "yogi", "ademamix"])
 def test_rules_without_a_fused_q8_kernel_take_the_reference_step_on_numba(name):
     """The numba backend runs the reference's q8 step for a rule that has no fused q8 entry
     point: the same codes, absmax and params as backend="numpy"."""
