@@ -346,3 +346,12 @@ def test_cli_sparse(capsys):
     assert "SparseAdam" in out and "Adam (dense)" in out and "of 1088" in out
     assert _cli.main(["demo", "--sparse", "-o", "adam"]) == 2
     assert "--sparse" in capsys.readouterr().err
+
+
+def test_cli_lbfgs_with_a_schedule_is_skipped_or_refused(capsys):
+    assert _cli.main(["demo", "-o", "lbfgs", "--schedule", "cosine", "--no-progress"]) == 2
+    assert "lbfgs takes neither --schedule" in capsys.readouterr().err
+    assert _cli.main(["demo", "-o", "sgd,lbfgs", "--clip-global-norm", "1", "-e", "1",
+                      "--backend", "numpy", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "no lbfgs row" in out and "\nsgd " in out and "\nlbfgs " not in out

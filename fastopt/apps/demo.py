@@ -1116,6 +1116,15 @@ def run(args) -> int:
           + f", seed {args.seed}")
     results = []
     skipped = []
+    closure_skipped = []
+    if args.schedule != "constant" or args.clip_global_norm:
+        # L-BFGS's lr is its line search's first trial step, and it has no grad pipeline
+        closure_skipped = [n for n in names if n in CLOSURE_BASED]
+        names = [n for n in names if n not in CLOSURE_BASED]
+        if not names:
+            print(f"error: {', '.join(closure_skipped)} takes neither --schedule nor "
+                  f"--clip-global-norm (a constant lr, no grad pipeline)", file=sys.stderr)
+            return 2
     for name in names:
         for pdtype, precision, suffix in variants:
             if name in FLOAT_ONLY and (pdtype is not None or precision):
@@ -1141,6 +1150,9 @@ def run(args) -> int:
         print(f"lbfgs: full batch, one step per epoch of up to "
               f"{OPTIMIZER_SPECS['lbfgs'][1]['max_iter']} iterations (strong-Wolfe line search); "
               f"ms/step is per L-BFGS step, opt share excludes its closure's forward/backward")
+    if closure_skipped:
+        print(f"no {', '.join(closure_skipped)} row: it takes neither --schedule nor "
+              f"--clip-global-norm (a constant lr, no grad pipeline)")
     if skipped:
         print(f"no 16-bit or q8 rows for {', '.join(dict.fromkeys(skipped))} (float32 params "
               f"and state only)")
