@@ -355,3 +355,9 @@ def test_cli_lbfgs_with_a_schedule_is_skipped_or_refused(capsys):
                       "--backend", "numpy", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "no lbfgs row" in out and "\nsgd " in out and "\nlbfgs " not in out
+
+
+@pytest.mark.parametrize("name", ["lars", "adafactor", "lbfgs"])
+def test_hogwild_and_distributed_refuse_the_whole_tensor_rows(name, capsys):
+    assert _cli.main(["demo", "--hogwild", "2", "-o", name]) == 2
+    assert f"element-wise rules ({name}" in capsys.readouterr().err
