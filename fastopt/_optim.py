@@ -1000,7 +1000,8 @@ class LARS(Optimizer):
     As ``optax.lars`` (``trust_coefficient`` ``c``, ``eps``, ``momentum`` ``mu``, defaults
     alike; the momentum buffer holds the lr-scaled step, optax's ``trace``).  optax's masks are
     per-group options: put biases and norm scales in a group with ``weight_decay=0`` and
-    ``trust_ratio=False`` (then ``tau = 1``).  No 8-bit state (``state_dtype="q8"``).
+    ``trust_ratio=False`` (then ``tau = 1``).  ``state_dtype="q8"`` keeps the momentum buffer
+    8-bit (signed map; the trust ratio comes from the params and grads, not from the state).
     """ + _PIPELINE_DOC
     rule = RULES["lars"]
 

@@ -157,6 +157,11 @@ class Rule:
     #: the float64 arrays of the two norms pass 1 summed and the step's scalars ``s``, in double
     #: (the CUDA host forms it; the reference and the numba kernels write the same formula)
     trust_coef: Callable | None = None
+    #: a trust-ratio rule's element accesses ``(param, grad, state)`` per param element over its
+    #: two passes, where LAMB's count (pass 1 reads p and the moments, pass 2 reads p and the
+    #: moments and writes p) does not fit; None: LAMB's.  LARS: pass 1 reads p and g, pass 2
+    #: reads p, g and the momentum and writes p and the momentum: ``(3, 2, 2)``
+    trust_accesses: tuple | None = None
 
     def step_scalars(self, hp: dict, t: int, gstate: dict) -> tuple:
         """``scalars`` plus the weight-decay stage's ``l2`` and ``decay`` (see ``DECAY_KINDS``)."""
@@ -203,11 +208,13 @@ class Rule:
         for the item sizes of the param, grad, state and extra arrays.
         """
         n_state = len(self.state(hp))
-        param, state = 2, 2 * n_state
+        param, grad, state = 2, 1, 2 * n_state
         if self.kind == TRUST_RATIO:  # pass 1 only reads p; pass 2 reads p and the moments, writes p
             param, state = param + 1, state + n_state
+            if self.trust_accesses is not None:
+                param, grad, state = self.trust_accesses
         extra = 1 if (self.extra is not None and self.extra_shape == "param") else 0
-        return param, 1, state, extra
+        return param, grad, state, extra
 
     def bytes_per_element(self, hp: dict, itemsize: int, grad_itemsize: int | None = None,
                           state_itemsize: int | None = None) -> int:
@@ -1062,6 +1069,4 @@ _add(Rule("lars", "LARS", dict(lr=1e-3, weight_decay=0.0, trust_coefficient=1e-3
           kind=TRUST_RATIO, weight_decay="rule",
           pack=("lr", "momentum", "eps", "weight_decay", "trust_coefficient"), flags=("nesterov",),
           trust_scalars=("lr", "trust_coefficient", "eps", "trust_ratio"),
-          trust_coef=_lars_trust_coef,
-          q8_state_refused="the 8-bit trust-ratio kernels decode LAMB's two moments in their read "
-                           "pass; LARS's momentum buffer has no q8 path yet"))
+          trust_coef=_lars_trust_coef, trust_accesses=(3, 2, 2)))

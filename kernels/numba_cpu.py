@@ -2775,6 +2775,67 @@ def _lamb_q8(i, g, p, m, v, s2, e, c, f, ts, mode):  # LAMB pass 2 on decoded mo
     return p - ts * _lamb_r(p, mi, vi, c)
 
 
+def _q8_lars_sums(k, parts, ptr, off, boff, scales, cs, f, acc):
+    """LARS pass 1 on a q8 bucket (see the overload): ``acc[j]`` = float64 (sum p^2, sum u^2)
+    of block ``j``.  The norms need the param and grad only: the momentum is not decoded."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
+def _q8_lars_sums_f32(k, parts, ptr, off, boff, scales, cs, f, acc):
+    j, hi, t = _q8_block(k, parts, boff)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    z = c[_ZERO]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        a = (j - boff[t]) * _QB
+        m = min(_QB, off[t + 1] - off[t] - a)
+        p = _as_ptr(ptr[_QP, t], z)
+        g = _as_ptr(ptr[_QG, t], z)
+        ts = scales[t]
+        u = 0.0
+        v = 0.0
+        for i in range(m):
+            du, dv = _lars_norms(i, g[a + i] * c[_GINV], p[a + i], p, p, p, p, c, f, ts, 0)
+            u += du
+            v += dv
+        acc[j, 0] = u
+        acc[j, 1] = v
+        j += 1
+
+
+def _q8_lars_sums_16(k, parts, ptr, off, boff, scales, cs, f, acc):
+    """``_q8_lars_sums_f32`` for 16-bit params: p (or its master) and g through float32."""
+    fmt = f
+    nt = off.shape[0] - 1
+    j, hi, t = _q8_block(k, parts, boff)
+    c = to_fixed_tuple(cs, _NSCALARS)
+    f = fmt[_Y_FLAGS]
+    h = np.empty((3, _QB), cs.dtype)
+    pt, gt = h[0], h[1]
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
+        a = (j - boff[t]) * _QB
+        m = min(_QB, off[t + 1] - off[t] - a)
+        _q8_in16(ptr, fmt, t, nt, a, m, h)
+        ts = scales[t]
+        u = 0.0
+        v = 0.0
+        for i in range(m):
+            du, dv = _lars_norms(i, gt[i] * c[_GINV], pt[i], pt, pt, pt, pt, c, f, ts, 0)
+            u += du
+            v += dv
+        acc[j, 0] = u
+        acc[j, 1] = v
+        j += 1
+
+
+@overload(_q8_lars_sums, inline="always")
+def _q8_lars_sums_overload(k, parts, ptr, off, boff, scales, cs, f, acc):
+    return _q8_lars_sums_16 if isinstance(f, types.Array) else _q8_lars_sums_f32
+
+
 # One entry point per rule; the variant is a runtime argument tested once per call
 # (each branch instantiates the driver with a constant mode, so every inner loop is
 # still specialised).  Fewer entry points than _ENTRIES: a q8 entry compiles several
@@ -2915,12 +2976,45 @@ def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qb, qt, qz, threads
                   qm, qb, qt, qz)
 
 
+@_entry()  # no fastmath "reassoc": nesterov's p + (d + mu*m), as _k_lars
+def _k_q8_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, qm, qb, qt, qz, threads):
+    """LARS on a q8 momentum buffer: pass 1 sums p^2 and u^2 per block (the buffer is not
+    read), pass 2 decodes the buffer, steps (``_lars_step``) and encodes it.
+
+    The block sums of a tensor are added in block order (any thread count, the same
+    bits).  ``lr``, ``tc``, ``eps``, ``on`` are float64 (``Rule.trust_scalars``), the
+    coefficient ``-(lr * trust)`` rounded once per tensor, as ``_lars_coef``.
+    """
+    ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
+    n = sizes.shape[0]
+    acc = np.empty((boff[n], 2))
+    for k in prange(parts):
+        _q8_lars_sums(k, parts, ptr, off, boff, scales, cs, flags, acc)
+    coef = np.empty_like(scales)
+    for t in range(n):
+        trust = 1.0
+        if on != 0.0:
+            pn = 0.0
+            un = 0.0
+            for j in range(boff[t], boff[t + 1]):
+                pn += acc[j, 0]
+                un += acc[j, 1]
+            pn = math.sqrt(pn)
+            un = math.sqrt(un)
+            if pn > 0.0 and un > 0.0:
+                trust = tc * pn / (un + eps)
+        coef[t] = -(lr * trust)  # one rounding to the dtype per tensor
+    for k in prange(parts):
+        _q8_apply(_lars_step, 0, k, parts, ptr, off, boff, scales, coef, cs, flags,
+                  qm, qb, qt, qz)
+
+
 #: rule -> its q8 entry point (AdamW shares Adam's; Newton has no state to quantize).
 _Q8_ENTRIES = {
     "sgd": _k_q8_sgd, "adam": _k_q8_adam, "adamw": _k_q8_adam, "adagrad": _k_q8_adagrad,
     "rmsprop": _k_q8_rmsprop, "adadelta": _k_q8_adadelta, "adamax": _k_q8_adamax,
     "nadam": _k_q8_nadam, "radam": _k_q8_radam, "lion": _k_q8_lion,
-    "adahessian": _k_q8_adahessian, "lamb": _k_q8_lamb,
+    "adahessian": _k_q8_adahessian, "lamb": _k_q8_lamb, "lars": _k_q8_lars,
 }
 
 
@@ -3086,7 +3180,9 @@ def _q8_kernel(rule, plain):
             scales = np.ones(n, dt) if pre.scales is None else np.asarray(pre.scales, dt)
             args = (tab, _sizes(params, n), scales,
                     _scalars(dt, _head(pre), rule.kernel_scalars(s)), flags,
-                    DATA_OFFSET, float(s["lr"]) if trust else _mode(rule, s), *tables)
+                    DATA_OFFSET,
+                    *([float(s[k]) for k in rule.trust_scalars] if trust else [_mode(rule, s)]),
+                    *tables)
             _launch(entry, *args)
         else:  # no state this step (SGD without momentum): nothing to quantize
             plain(params, grads, states, s, pre, extras)

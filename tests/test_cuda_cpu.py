@@ -666,8 +666,11 @@ def test_q8_parity_bit_exact(libs, rule, dtype, popts):
 @pytest.mark.parametrize("block", [1, 3, 8])
 @pytest.mark.parametrize("rule,options", [("adam", {"max_norm": 1.5, "amsgrad": True}),
                                           ("lamb", {"max_norm": 4.0}), ("rmsprop", {"centered": True,
-                                                                                    "momentum": 0.9})],
-                         ids=["adam-maxnorm-amsgrad", "lamb-maxnorm", "rmsprop-3-states"])
+                                                                                    "momentum": 0.9}),
+                                          ("lars", {"max_norm": 4.0, "nesterov": True,
+                                                    "weight_decay": 0.01})],
+                         ids=["adam-maxnorm-amsgrad", "lamb-maxnorm", "rmsprop-3-states",
+                              "lars-maxnorm-nesterov"])
 def test_q8_parity_threaded_and_max_norm(libs, rule, options, block):
     """Several threads per block (the absmax block reduction and the requantize stride) and
     max_norm's dry pass, LAMB's two passes with three."""

@@ -263,3 +263,101 @@ def test_muon_row_splits_hidden_matrices_from_the_rest(digits):
     assert all(not np.array_equal(a, b) for a, b in zip(before, net.params))
     x = _demo.train_xor("muon", steps=300, seed=0, backend="numpy")
     assert x.accuracy == 1.0 and x.loss < 0.05
+
+
+@pytest.mark.parametrize("name", ["lars", "adafactor", "lbfgs"])
+def test_new_rows_learn_digits(digits, name):
+    """LARS, Adafactor and L-BFGS (full batch, closure-based) each train the digits MLP."""
+    r = _demo.train(name, digits, epochs=1 if name != "lbfgs" else 2, max_steps=40,
+                    backend="numpy", seed=0)
+    assert r.diverged_at is None
+    assert r.steps == (2 if name == "lbfgs" else 40)
+    assert r.train_loss < 0.5 * r.initial_loss, name
+    assert r.test_acc > 0.6, name
+    assert r.step_s > 0 and 0 < r.opt_share < 1
+
+
+def test_lars_row_groups_biases_without_trust_ratio_or_decay():
+    net = _demo.MLP((6, 5, 3), np.random.default_rng(0))
+    opt = _demo.make_optimizer("lars", net.params, backend="numpy")
+    assert opt.mats == [0, 2] and opt.rest == [1, 3]
+    g0, g1 = opt.opt.param_groups
+    assert g0["weight_decay"] > 0 and g0["trust_ratio"] is True
+    assert g1["weight_decay"] == 0 and g1["trust_ratio"] is False
+    # the grads are handed on in the groups' order: a bias grad moves its bias only
+    before = [p.copy() for p in net.params]
+    grads = [np.zeros_like(p) for p in net.params]
+    grads[3][:] = 1.0
+    opt.step(grads)
+    lr = _demo.default_lr("lars")
+    np.testing.assert_allclose(net.params[3], before[3] - lr, rtol=1e-6)  # tau = 1 for biases
+    np.testing.assert_array_equal(net.params[1], before[1])  # zero grad, no decay
+    # a zero-grad matrix moves by its trust-scaled decay only: along -W
+    step = net.params[0] - before[0]
+    np.testing.assert_allclose(step, -before[0] * (np.abs(step).sum() / np.abs(before[0]).sum()),
+                               rtol=1e-3, atol=1e-9)
+
+
+def test_lbfgs_row_refuses_what_it_cannot_take(digits):
+    net = _demo.MLP((6, 5, 3), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="schedule"):
+        _demo.make_optimizer("lbfgs", net.params, schedule="cosine", total_steps=10)
+    with pytest.raises(ValueError, match="clip_global_norm"):
+        _demo.make_optimizer("lbfgs", net.params, clip_global_norm=1.0)
+    x = _demo.train_xor("lbfgs", steps=5, seed=0, backend="numpy")
+    assert x.accuracy == 1.0 and x.loss < 1e-3
+
+
+# ---------------------------------------------------------------- --sparse (SparseAdam)
+
+def test_digit_tokens_are_pixel_level_rows():
+    tr, ytr, te, yte = _demo.load_digit_tokens(seed=0)
+    assert tr.shape == (len(ytr), 64) and te.shape == (len(yte), 64)
+    assert tr.dtype == np.int64 and tr.min() >= 0 and tr.max() < 64 * 17
+    # token // 17 is the pixel, in order; the split is load_digits_split's
+    np.testing.assert_array_equal(tr // 17, np.broadcast_to(np.arange(64), tr.shape))
+    np.testing.assert_array_equal(ytr, _demo.load_digits_split(seed=0).y_train)
+
+
+def test_sparse_adam_touches_only_the_batch_rows_and_learns():
+    data = _demo.load_digit_tokens(seed=0)
+    net = _demo.EmbeddingBag(64 * 17, 8, 10, np.random.default_rng(0))
+    from fastopt import SparseAdam
+
+    opt = SparseAdam([net.table], lr=1e-2, backend="numpy")
+    before = net.table.copy()
+    tokens = data[0][:5]
+    _, (idx, vals), _, _ = net.loss_and_grads(tokens, data[1][:5])
+    assert idx.shape == (5 * 64,) and vals.shape == (5 * 64, 8)
+    opt.step([(idx, vals)])
+    moved = np.flatnonzero((net.table != before).any(axis=1))
+    np.testing.assert_array_equal(moved, np.unique(tokens))  # only the batch's rows
+    r = _demo.train_sparse(True, max_steps=90, dim=8, backend="numpy", data=data)
+    d = _demo.train_sparse(False, max_steps=90, dim=8, backend="numpy", data=data)
+    assert r.steps == d.steps == 90
+    assert r.train_loss < 0.5 * r.initial_loss and d.train_loss < 0.5 * d.initial_loss
+    assert r.test_acc > 0.6 and d.test_acc > 0.6
+    assert r.rows_per_step < d.rows_per_step == 64 * 17
+
+
+def test_cli_sparse(capsys):
+    assert _cli.main(["demo", "--sparse", "--epochs", "1", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "SparseAdam" in out and "Adam (dense)" in out and "of 1088" in out
+    assert _cli.main(["demo", "--sparse", "-o", "adam"]) == 2
+    assert "--sparse" in capsys.readouterr().err
+
+
+def test_cli_lbfgs_with_a_schedule_is_skipped_or_refused(capsys):
+    assert _cli.main(["demo", "-o", "lbfgs", "--schedule", "cosine", "--no-progress"]) == 2
+    assert "lbfgs takes neither --schedule" in capsys.readouterr().err
+    assert _cli.main(["demo", "-o", "sgd,lbfgs", "--clip-global-norm", "1", "-e", "1",
+                      "--backend", "numpy", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "no lbfgs row" in out and "\nsgd " in out and "\nlbfgs " not in out
+
+
+@pytest.mark.parametrize("name", ["lars", "adafactor", "lbfgs"])
+def test_hogwild_and_distributed_refuse_the_whole_tensor_rows(name, capsys):
+    assert _cli.main(["demo", "--hogwild", "2", "-o", name]) == 2
+    assert f"element-wise rules ({name}" in capsys.readouterr().err

@@ -63,6 +63,8 @@ CASES = [
     ("radam", {"lr": 1e-2, "weight_decay": 0.01}, {}),  # rectified from t = 6
     ("lion", {"lr": 1e-3, "weight_decay": 0.1}, {}),
     ("lamb", {"lr": 1e-2, "weight_decay": 0.01}, {}),
+    ("lars", {"lr": 0.5, "weight_decay": 0.01, "trust_coefficient": 0.02, "nesterov": True},
+     {"clip_value": 0.8}),
     ("adahessian", {"lr": 0.15}, {}),
     ("adahessian", {"lr": 0.15, "hessian_power": 0.5}, {"inv_scale": 0.5}),
 ]
@@ -434,6 +436,8 @@ HALF_CASES = [
     ("adam", {"lr": 1e-2}, {"weight_clip": 1.5}, "float16", False, False),
     ("adam", {"lr": 1e-2}, {}, "float16", True, False),
     ("lamb", {"lr": 1e-2, "weight_decay": 0.01}, {}, "bfloat16", True, True),
+    ("lars", {"lr": 0.5, "weight_decay": 0.01, "trust_coefficient": 0.02}, {"scales": True},
+     "bfloat16", False, True),
 ]
 
 

@@ -148,6 +148,9 @@ RULE_CASES = [
     ("Lion", dict(lr=1e-3, weight_decay=1e-2)),
     ("AdaHessian", dict(lr=0.1)),
     ("LAMB", dict(lr=1e-2, weight_decay=1e-2)),
+    # LARS: one signed momentum buffer; the trust ratio reads p and u = g + wd*p, not the state
+    ("LARS", dict(lr=1.0, trust_coefficient=0.02, weight_decay=1e-3)),
+    ("LARS", dict(lr=0.05, nesterov=True)),
 ]
 
 

@@ -193,6 +193,12 @@ def run(args, backend) -> int:
         print("error: --distributed and --hogwild take element-wise rules (Muon orthogonalizes "
               "whole matrices; a shard is not one)", file=sys.stderr)
         return 2
+    whole = [n for n in names if OPTIMIZER_SPECS[n][0] in ("lars", "adafactor", "lbfgs")]
+    if whole:
+        print(f"error: --distributed and --hogwild take element-wise rules ({', '.join(whole)}: "
+              f"per-tensor trust ratios, factored moments or a full-batch closure)",
+              file=sys.stderr)
+        return 2
     if args.distributed and any(OPTIMIZER_SPECS[n][0] == "lamb" for n in names):
         print("error: --distributed takes element-wise rules (LAMB's trust ratio is not sharded)",
               file=sys.stderr)

@@ -10,7 +10,8 @@
 //          fastopt.quantization.nearest_code: one table load and one comparison), with the
 //          sign guard (a negative value whose nearest code is the zero code gets the one below)
 //
-// Passes may be dry (write == false) exactly as in update.cu: LAMB's norms, max_norm's norm.
+// Passes may be dry (write == false) exactly as in update.cu: LAMB's and LARS's norms, max_norm's
+// norm.
 // Work items are chunks of a multiple of FO_QBLOCK elements (the host makes them so), so a
 // quant block never straddles two items. bytes per element: read p (or master) + g + 1 per
 // state [+ extra]; write p [+ master] + 1 per state; plus 4 bytes per state per 256 elements.
@@ -241,6 +242,7 @@ FO_Q8_ALL(FO_Q8_UPDATE, radam, FoRAdam)
 FO_Q8_ALL(FO_Q8_UPDATE, lion, FoLion)
 FO_Q8_ALL(FO_Q8_UPDATE, adahessian, FoAdaHessian)
 FO_Q8_ALL(FO_Q8_TRUST, lamb, FoLAMB)
+FO_Q8_ALL(FO_Q8_TRUST, lars, FoLARS)  // pass 1 needs no state; the loop decodes it anyway (1 B/elem)
 FO_Q8_ALL(FO_Q8_UPDATE, asgd, FoASGD)
 FO_Q8_ALL(FO_Q8_UPDATE, rprop, FoRprop)
 FO_Q8_ALL(FO_Q8_UPDATE, adabelief, FoAdaBelief)
