@@ -2366,8 +2366,8 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
 #   -> the step pipeline and the rule's own body on the scratch (``_q8_apply``: the
 #      same statements as ``_apply``) -> the param written once
 #   -> the new absmax of each state block -> the exact nearest code of each element
-#      (``_q8_store``: the bucketed table of ``fastopt.quantization.nearest_code``,
-#      with the sign guard; each stage its own loop) -> codes and absmax written.
+#      (``_q8_store``: a code table over the top 16 bits of ``y = x / absmax``, 8
+#      elements per AVX2 gather, with the sign guard) -> codes and absmax written.
 #
 # The param step reads the new *unquantized* state (the scratch), as the reference.
 # Bodies index the scratch with the element's position in its block, so the extra
