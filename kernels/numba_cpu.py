@@ -2416,8 +2416,9 @@ def _has_avx2() -> bool:
 
 
 #: Whether ``_q8_store`` looks codes up 8 at a time with an AVX2 gather (else scalar).
-#: A compile-time constant of the kernels; Numba's cache is keyed by the host CPU.
-_Q8_GATHER = _has_avx2() and os.environ.get("FASTOPT_Q8_GATHER", "1") != "0"
+#: A compile-time constant of the kernels, from the host CPU only: Numba's cache index
+#: carries the CPU name and features, so no other machine loads this choice.
+_Q8_GATHER = _has_avx2()
 
 
 @intrinsic
