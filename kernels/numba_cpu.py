@@ -2391,8 +2391,8 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
 #   -> the step pipeline and the rule's own body on the scratch (``_q8_apply``: the
 #      same statements as ``_apply``) -> the param written once
 #   -> the new absmax of each state block -> the exact nearest code of each element
-#      (``_q8_store``: the bucketed table of ``fastopt.quantization.nearest_code``,
-#      with the sign guard; each stage its own loop) -> codes and absmax written.
+#      (``_q8_store``: a code table over the top 16 bits of ``y = x / absmax``, 8
+#      elements per AVX2 gather, with the sign guard) -> codes and absmax written.
 #
 # The param step reads the new *unquantized* state (the scratch), as the reference.
 # Bodies index the scratch with the element's position in its block, so the extra
@@ -2420,12 +2420,30 @@ _QROWS = _QM + 1
 # param's storage code (_C_*), then a storage code per tensor for the grads and extras
 _Y_FLAGS, _Y_SR, _Y_KEY, _Y_P = 0, 1, 2, 3
 _Y_HEAD = 4
-# fastopt.quantization.nearest_code's buckets: |y| clamped to [2**-23, 1) as float32
-# bits, then its binade and top 7 mantissa bits (_q8_tables spreads them over bits >> 16)
-_Q_LO, _Q_HI, _Q_SHIFT = 0x34000000, 0x3F7FFFFF, 16
+# The code table (_q8_tables): one uint32 per value of the top 16 bits of y (sign,
+# exponent, 7 mantissa bits), the bucket's first code << 16 | the low 16 bits of the
+# one threshold inside the bucket (sign-folded; 0xFFFF when none)
+_Q_SHIFT, _Q_LOW = 16, 0xFFFF
 # uint32 constants: the code loop stays in 32-bit lanes (a Python int is an int64 to
 # Numba, and uint32 op int64 widens every lane)
 _QU_ZERO, _QU_ABS, _QU_SHIFT = np.uint32(0), np.uint32(0x7FFFFFFF), np.uint32(_Q_SHIFT)
+
+
+def _has_avx2() -> bool:
+    """True when this host compiles AVX2 (the encode's 8-lane table gather)."""
+    try:
+        import llvmlite.binding as llb
+
+        return (os.uname().machine in ("x86_64", "AMD64")
+                and "+avx2" in llb.get_host_cpu_features().flatten().split(","))
+    except Exception:  # noqa: BLE001 -- no feature list: the scalar path is always correct
+        return False
+
+
+#: Whether ``_q8_store`` looks codes up 8 at a time with an AVX2 gather (else scalar).
+#: A compile-time constant of the kernels, from the host CPU only: Numba's cache index
+#: carries the CPU name and features, so no other machine loads this choice.
+_Q8_GATHER = _has_avx2()
 
 
 @intrinsic
@@ -2443,6 +2461,48 @@ def _put(typingctx, addr, k, value):
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64, value), codegen
+
+
+@intrinsic
+def _q8_encode8(typingctx, xaddr, am, kaddr, zc, caddr):
+    """Codes of the 8 float32 at ``xaddr`` in a block of absmax ``am``, as 8 bytes at ``caddr``.
+
+    One AVX2 vector: ``y = x / am`` (IEEE division, no fast-math flags), the code
+    table entry of each ``bits(y) >> 16`` fetched with one gather, the code
+    ``entry >> 16`` plus one when the low 16 bits of ``y`` (inverted for a
+    negative ``y``, whose order is reversed) exceed the entry's low 16 bits, then
+    the sign guard (``x < 0`` and code ``zc`` -> ``zc - 1``) and the byte store.
+    ``am`` must not be 0.  ``_q8_store``'s scalar loop is the same lookup per element.
+    """
+    def codegen(context, builder, sig, args):
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        vi, vf, vb = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(i8, 8)
+
+        def splat(ty, value):
+            return ir.Constant(ty, [ir.Constant(ty.element, value)] * 8)
+
+        def bcast(vty, scalar):
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), splat(vi, 0))
+
+        x = builder.load(builder.inttoptr(args[0], ir.PointerType(vf)), align=4)
+        y = builder.bitcast(builder.fdiv(x, bcast(vf, args[1])), vi)
+        fnty = ir.FunctionType(vi, [vi, ir.PointerType(i8), vi, vi, i8])
+        gather = builder.module.declare_intrinsic("llvm.x86.avx2.gather.d.d.256", fnty=fnty)
+        entry = builder.call(gather, [splat(vi, 0), builder.inttoptr(args[2], ir.PointerType(i8)),
+                                      builder.lshr(y, splat(vi, _Q_SHIFT)), splat(vi, -1),
+                                      ir.Constant(i8, 4)])
+        low = builder.and_(builder.xor(y, builder.ashr(y, splat(vi, 31))), splat(vi, _Q_LOW))
+        above = builder.icmp_signed(">", low, builder.and_(entry, splat(vi, _Q_LOW)))
+        code = builder.add(builder.lshr(entry, splat(vi, _Q_SHIFT)), builder.zext(above, vi))
+        neg = builder.fcmp_ordered("<", x, splat(vf, 0.0))
+        guard = builder.and_(neg, builder.icmp_unsigned("==", code, bcast(vi, args[3])))
+        code = builder.sub(code, builder.zext(guard, vi))
+        builder.store(builder.trunc(code, vb),
+                      builder.inttoptr(args[4], ir.PointerType(vb)), align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.float32, types.int64, types.uint32, types.int64), codegen
 
 
 @njit(inline="always")
@@ -2471,29 +2531,25 @@ def _q8_load(ptr, q, t, blk, a, m, qm, w, z):
 
 
 @njit(inline="always")
-def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
+def _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb):
     """Encode ``w[q][:m]`` as block ``blk`` of q8 state ``q``: its absmax, then each nearest code.
 
     Exactly ``fastopt.quantization.quantize_blockwise``: absmax = max |x| (nan if
-    any x is nan), y = x / absmax (0 when absmax is 0: an all-zero block gets the
-    zero code, no nan), code = #{thresholds < y} through the bucket table indexed
-    by the top 16 bits of y (one load and one comparison; see ``_q8_tables``),
-    nan -> 0, and the sign guard: a negative x whose
-    code is the zero code ``qz[q]`` gets the code below it (``qz[q]`` is 256 for
-    the unsigned map, which has no guard).  ``w[_NQ]`` is the scratch of y,
-    ``w[_NQ + 2]`` of the codes before the guard; ``wb`` is ``w`` as uint32 bits.
+    any x is nan), y = x / absmax (an all-zero block gets the code of y = 0, no
+    nan), code = #{thresholds < y} from the code table ``qk[q]`` indexed by the
+    top 16 bits of y (one load and one comparison; see ``_q8_tables``), nan -> 0,
+    and the sign guard: a negative x whose code is the zero code ``qz[q]`` gets
+    the code below it (``qz[q]`` is 256 for the unsigned map, which has no guard).
 
-    In stages, each its own loop: absmax, division, the table lookups (scalar
-    loads: x86 has no fast gather on the cores measured, so LLVM keeps this loop
-    scalar), then the guard and the narrowing byte store.  Every loop but the
-    lookups vectorizes; fused into one loop with the lookups (as before) the
-    guard and the store ran scalar too, and the encode took ~1.45x as long.
+    Two loops: the absmax as an integer max over the bits of ``|x|`` (for
+    non-negative floats the integer order is the float order and every nan is
+    above inf, so nan propagates; vectorized), then the codes.  With AVX2
+    (``_Q8_GATHER``) 8 elements at a time go through ``_q8_encode8`` (division,
+    one gather of table entries, guard and byte store in one vector), the tail of
+    a partial block through the scalar loop; without AVX2 every element
+    takes the scalar path (``qt[q]``: the bucket's threshold as a float32).
     """
     x, xb = w[q], wb[q]
-    y, yb = w[_NQ], wb[_NQ]
-    cb = wb[_NQ + 2]
-    # |x| as bits: for non-negative floats the integer order is the float order, and
-    # every nan is above inf, so an integer max is the absmax with nan propagated
     mu, au = np.uint64(m), np.uint64(a)
     top = _QU_ZERO
     for i in range(mu):
@@ -2501,23 +2557,31 @@ def _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb):
         top = v if v > top else top  # uint32 lanes (uint32 & uint32 is a uint64 to Numba)
     wb[_NQ + 1, 0] = top
     am = w[_NQ + 1, 0]
-    if top == _QU_ZERO:
-        for i in range(mu):
-            y[i] = am
-    else:
-        for i in range(mu):
-            y[i] = x[i] / am  # IEEE division: the absmax element gives exactly 1
-    base, thr = qb[q], qt[q]
-    for i in range(mu):
-        k = yb[i] >> _QU_SHIFT  # sign, exponent and the top 7 mantissa bits of y
-        cb[i] = np.uint32(base[k]) + np.uint32(y[i] > thr[k])  # nan: base 0, never greater
+    kt, tt = qk[q], qt[q]
     zc = qz[q]
-    zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
     codes = _as_ptr(ptr[_QC0 + q, t], np.uint8(0))
-    for i in range(mu):
-        code = cb[i]
-        code = code - np.uint32((code == zc) & (x[i] < zero))  # the sign guard
-        codes[au + i] = np.uint8(code)
+    if top == _QU_ZERO:
+        zero = np.uint8(kt[0] >> _QU_SHIFT)  # the code of y = +0.0 (x = -0.0 is not < 0)
+        for i in range(mu):
+            codes[au + i] = zero
+    else:
+        i = 0
+        if _Q8_GATHER:
+            xa = np.int64(x.ctypes.data)
+            ka = np.int64(kt.ctypes.data)
+            ca = ptr[_QC0 + q, t] + a
+            while i + 8 <= m:
+                _q8_encode8(xa + 4 * i, am, ka, zc, ca + i)
+                i += 8
+        zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
+        while i < m:
+            xi = x[i]
+            y = xi / am  # IEEE division: the absmax element gives exactly 1
+            k = _f32_bits(y) >> _QU_SHIFT
+            code = (kt[k] >> _QU_SHIFT) + np.uint32(y > tt[k])  # nan: code 0, +inf threshold
+            code = code - np.uint32((code == zc) & (xi < zero))  # the sign guard
+            codes[au + i] = np.uint8(code)
+            i += 1
     _put(ptr[_QA0 + q, t], blk, am)
 
 
@@ -2529,7 +2593,7 @@ def _q8_block(k, parts, boff):
     return j, hi, np.searchsorted(boff, j, side="right") - 1
 
 
-def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
+def _q8_apply(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qk, qt, qz):
     """Part ``k`` of a q8 update pass (see the overload: ``f`` an int or a q8 format vector)."""
     raise NotImplementedError("only callable from a jitted function")
 
@@ -2539,7 +2603,7 @@ def _q8_sums(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
     raise NotImplementedError("only callable from a jitted function")
 
 
-def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
+def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qk, qt, qz):
     """Part ``k`` of a q8 update pass: per block, decode, ``_apply``'s statements, encode.
 
     ``coef[t]`` is what the body gets as ``ts`` (``scales`` for every rule but
@@ -2578,7 +2642,7 @@ def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm,
             p[au + i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, tc, mode), c[_WCLIP])
         for q in range(_NQ):
             if ptr[_QC0 + q, t] != 0:
-                _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb)
+                _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb)
         j += 1
 
 
@@ -2673,7 +2737,7 @@ def _q8_in16(ptr, fmt, t, nt, a, m, h):
         _q8_in(h[2], ptr[_QE, t], fmt[_Y_HEAD + nt + t], a, m)
 
 
-def _q8_apply_16(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt, qz):
+def _q8_apply_16(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qk, qt, qz):
     """``_q8_apply_f32`` for 16-bit params (``f``: the q8 format vector).
 
     Per block: the param or master, grad and extra into float32 scratch, the q8
@@ -2716,7 +2780,7 @@ def _q8_apply_16(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, 
             pt[i] = _clip(body(i, x, pi, s0, s1, s2, et, c, f, tc, mode), c[_WCLIP])
         for q in range(_NQ):
             if ptr[_QC0 + q, t] != 0:
-                _q8_store(ptr, q, t, blk, a, m, qb, qt, qz, w, wb)
+                _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb)
         if ptr[_QM, t] != 0:
             _q8_out(pt, ptr[_QM, t], _C_F32, a, m, False, key)
         _q8_out(pt, ptr[_QP, t], fmt[_Y_P], a, m, sr, key)
@@ -2758,7 +2822,7 @@ def _q8_sums_16(k, parts, ptr, off, boff, scales, cs, f, qm, acc):
 
 
 @overload(_q8_apply, inline="always")
-def _q8_apply_overload(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qb, qt,
+def _q8_apply_overload(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm, qk, qt,
                        qz):
     return _q8_apply_16 if isinstance(f, types.Array) else _q8_apply_f32
 
@@ -2843,110 +2907,110 @@ def _q8_lars_sums_overload(k, parts, ptr, off, boff, scales, cs, f, acc):
 
 
 @_entry()
-def _k_q8_sgd(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_sgd(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):  # only the momentum variant has a state
         _q8_apply(_sgd, _V_SGD_MOMENTUM, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_adam(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_adam(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     if variant == _V_ADAM_AMSGRAD:
         for k in prange(parts):
             _q8_apply(_adam, _V_ADAM_AMSGRAD, k, parts, ptr, off, boff, scales, scales, cs,
-                      flags, qm, qb, qt, qz)
+                      flags, qm, qk, qt, qz)
     else:
         for k in prange(parts):
             _q8_apply(_adam, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                      qm, qb, qt, qz)
+                      qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_adagrad(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_adagrad(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):
         _q8_apply(_adagrad, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_rmsprop(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_rmsprop(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     if variant == _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM:
         for k in prange(parts):
             _q8_apply(_rmsprop, _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM, k, parts, ptr, off,
-                      boff, scales, scales, cs, flags, qm, qb, qt, qz)
+                      boff, scales, scales, cs, flags, qm, qk, qt, qz)
     elif variant == _V_RMSPROP_CENTERED:
         for k in prange(parts):
             _q8_apply(_rmsprop, _V_RMSPROP_CENTERED, k, parts, ptr, off, boff, scales, scales,
-                      cs, flags, qm, qb, qt, qz)
+                      cs, flags, qm, qk, qt, qz)
     elif variant == _V_RMSPROP_MOMENTUM:
         for k in prange(parts):
             _q8_apply(_rmsprop, _V_RMSPROP_MOMENTUM, k, parts, ptr, off, boff, scales, scales,
-                      cs, flags, qm, qb, qt, qz)
+                      cs, flags, qm, qk, qt, qz)
     else:
         for k in prange(parts):
             _q8_apply(_rmsprop, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                      qm, qb, qt, qz)
+                      qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_adadelta(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_adadelta(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):
         _q8_apply(_adadelta, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_adamax(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_adamax(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):
         _q8_apply(_adamax, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_nadam(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_nadam(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):
         _q8_apply(_nadam, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_radam(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_radam(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):
         _q8_apply(_radam, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_lion(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_lion(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     for k in prange(parts):
         _q8_apply(_lion, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()
-def _k_q8_adahessian(tab, sizes, scales, cs, flags, deref, variant, qm, qb, qt, qz, threads):
+def _k_q8_adahessian(tab, sizes, scales, cs, flags, deref, variant, qm, qk, qt, qz, threads):
     ptr, off, boff, parts = _q8_setup(tab, sizes, deref, threads)
     if variant == _V_POW:
         for k in prange(parts):
             _q8_apply(_adahessian, _V_POW, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                      qm, qb, qt, qz)
+                      qm, qk, qt, qz)
     else:
         for k in prange(parts):
             _q8_apply(_adahessian, 0, k, parts, ptr, off, boff, scales, scales, cs, flags,
-                      qm, qb, qt, qz)
+                      qm, qk, qt, qz)
 
 
 @_entry()  # no fastmath "reassoc" (see the docstring)
-def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qb, qt, qz, threads):
+def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qk, qt, qz, threads):
     """LAMB on q8 moments: pass 1 sums p^2 and r^2 per block, pass 2 decodes again and steps.
 
     The block sums of a tensor are added in block order, so the trust ratio has
@@ -2973,7 +3037,7 @@ def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qb, qt, qz, threads
         coef[t] = lr * trust  # one rounding to float32 per tensor
     for k in prange(parts):
         _q8_apply(_lamb_q8, 0, k, parts, ptr, off, boff, scales, coef, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 @_entry()  # no fastmath "reassoc": nesterov's p + (d + mu*m), as _k_lars
@@ -3022,43 +3086,60 @@ _Q8_ENTRIES = {
 
 
 def _q8_tables(rule):
-    """Per state slot of ``rule``: the map, the bucket tables and the zero code.
+    """Per state slot of ``rule``: the map, the code tables and the zero code.
 
     Built from ``fastopt.quantization`` (the definition), so the kernel's codes
-    are its codes: ``qm[k]`` the 256 map values; ``qb[k]`` and ``qt[k]`` the
-    bucket table of ``nearest_code`` (``code_table(signed)`` and the threshold
-    each bucket compares with) spread over all 65536 values of the top 16 bits
-    of a float32 ``y`` (sign, exponent, 7 mantissa bits): ``nearest_code``
-    clamps ``|y|`` into ``[2**-23, 1)`` before it takes the bucket, here the
-    clamped buckets are copies, so the kernel indexes with ``bits >> 16`` and
-    nothing else (the integer clamp cost more than the lookups: this CPU path
-    is scalar, AVX2 gathers are slower than scalar loads on the x86 cores
-    measured).  A nan ``y`` (exponent all ones; ``|y| <= 1`` otherwise, so inf
-    never occurs) lands in buckets of code 0 and threshold +inf: code 0, as the
-    definition says.  ``qz[k]`` is the signed map's zero code (the sign guard)
-    or 256 (no code) for the unsigned map.  Unsigned when the state is in
-    ``Rule.nonnegative_state``.  1.3 MB per rule, built once.
+    are its codes.  ``qm[k]`` the 256 map values.  The code of a float32 ``y``
+    is ``#{T < y}`` over the 255 thresholds ``T = code_thresholds(signed)``; the
+    kernel indexes by ``bits(y) >> 16`` (sign, exponent, top 7 mantissa bits:
+    65536 buckets of consecutive floats, no clamp).  No bucket holds more than
+    one threshold (asserted), so per bucket ``code = c0 + [T_j < y]`` with ``c0``
+    the count of thresholds below the bucket's values and ``T_j`` the threshold
+    inside it, if any; buckets without one (every bucket of ``|y| < 2**-23`` or
+    ``|y| >= 1``; the buckets of exponent 255, nan: code 0) have a constant code.  Two encodings
+    of that one answer: ``qk[k]`` uint32 ``c0 << 16 | L`` for the vector path,
+    ``L`` the low 16 bits of ``T_j`` (bitwise inverted in a negative bucket,
+    where a larger magnitude is a smaller number; 0xFFFF when there is no
+    ``T_j``: ``low16 > L`` is then never true), and ``qt[k]`` float32 ``T_j``
+    (+inf when none) for the scalar path, which compares ``y > qt[k]``.  Both
+    equal ``nearest_code`` on every float32 but +inf, which shares its bucket with
+    nans (``y = x / absmax`` is never infinite; ``tests/test_numba_q8.py`` checks
+    every threshold's neighbours and the bucket edges).  ``qz[k]`` is the signed
+    map's zero code (the sign guard) or 256 (no code) for the unsigned map.
+    Unsigned when the state is in ``Rule.nonnegative_state``.  ~1.5 MB per rule,
+    built once; the buckets real states hit (|y| in [2**-23, 1)) span ~24 KB.
     """
     from .. import quantization as q8
 
     assert q8.BLOCKSIZE == _QB and len(rule.all_state) <= _NQ
-    top = np.arange(1 << 16, dtype=np.int64)
-    sign, mag = top >> 15, (top & 0x7FFF) << _Q_SHIFT  # |y| bits of the bucket's first value
-    small = (np.clip(mag, _Q_LO, _Q_HI) - _Q_LO) >> _Q_SHIFT
-    nan = mag >= 0x7F800000
+    top = np.arange(1 << 16, dtype=np.uint32)
+    first = (top << np.uint32(_Q_SHIFT)).view(np.float32)
+    last = ((top << np.uint32(_Q_SHIFT)) | np.uint32(_Q_LOW)).view(np.float32)
+    neg = top >> np.uint32(15) == 1
+    lo, hi = np.where(neg, last, first), np.where(neg, first, last)  # the bucket is [lo, hi]
+    nan = top & np.uint32(0x7F80) == 0x7F80  # exponent all ones: every nan, and inf (never a y)
     qm = np.zeros((_NQ, 256), np.float32)
-    qb = np.zeros((_NQ, 1 << 16), np.uint8)
+    qk = np.zeros((_NQ, 1 << 16), np.uint32)
     qt = np.zeros((_NQ, 1 << 16), np.float32)
     qz = np.full(_NQ, 256, np.uint32)
     for k, name in enumerate(rule.all_state):
         signed = name not in rule.nonnegative_state
+        thr = q8.code_thresholds(signed)
+        below = np.searchsorted(thr, lo, side="left")  # #{T < lo}
+        inside = np.searchsorted(thr, hi, side="left") - below  # #{lo <= T < hi}
+        assert np.all(inside[~nan] <= 1)
+        inside = (inside == 1) & ~nan
+        tj = thr[np.minimum(below, thr.size - 1)]
+        low = tj.view(np.uint32) & np.uint32(_Q_LOW)
+        low = np.where(neg, np.uint32(_Q_LOW) - low, low)
+        low = np.where(inside, low, np.uint32(_Q_LOW))
+        c0 = np.where(nan, 0, below).astype(np.uint32)
         qm[k] = q8.dynamic_map(signed)
-        base = q8.code_table(signed)[sign, small]
-        qb[k] = np.where(nan, 0, base)
-        qt[k] = np.where(nan, np.float32(np.inf), q8.code_thresholds(signed)[base])
+        qk[k] = (c0 << np.uint32(_Q_SHIFT)) | low
+        qt[k] = np.where(inside, tj, np.float32(np.inf))
         if signed:
             qz[k] = q8.zero_code(True)
-    return qm, qb, qt, qz
+    return qm, qk, qt, qz
 
 
 def _q8_check(params, states, present):

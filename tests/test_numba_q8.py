@@ -516,3 +516,44 @@ def test_q8_warmup_compiles_the_q8_entries():
                         lambda k, n, label: seen.append(label)) >= 0
     assert seen == ["adam float32 q8", "adam bfloat16 q8", "done"]
     assert "q8" in inspect.signature(fo.warmup).parameters
+
+
+def _table_codes(y, qk, qt, q):
+    """Both encodings of the kernel's code table, emulated in NumPy: the vector path's packed
+    entry (code << 16 | sign-folded low 16 bits of the bucket's threshold) and the scalar
+    path's float32 threshold."""
+    u = y.view(np.uint32)
+    e = qk[q][u >> 16]
+    low = (u ^ (u.view(np.int32) >> 31).view(np.uint32)) & 0xFFFF
+    vector = (e >> 16) + (low > (e & 0xFFFF))
+    scalar = (qk[q][u >> 16] >> 16) + (y > qt[q][u >> 16])
+    return vector, scalar
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_q8_code_table_equals_nearest_code_on_edges(signed):
+    # every threshold and its float32 neighbours (both signs), the first and last float of
+    # every bucket of |y| <= 1, zeros, subnormals, 1, nans of several payloads: both table
+    # encodings give nearest_code's code (a one-off scan of all 2**32 bit patterns agreed
+    # too, +inf aside: it shares its bucket with nans and y = x / absmax is never infinite)
+    rule = RULES["adam"]
+    q = rule.all_state.index("exp_avg" if signed else "exp_avg_sq")
+    qm, qk, qt, qz = nc._q8_tables(rule)
+    assert qk.dtype == np.uint32 and qt.dtype == np.float32
+    t = q8.code_thresholds(signed)
+    u32 = np.uint32
+    top = np.arange(0x3F81, dtype=u32) << u32(16)
+    edges = np.concatenate([top, top | u32(0xFFFF)]).view(np.float32)
+    near = np.concatenate([t, np.nextafter(t, np.float32(np.inf)),
+                           np.nextafter(t, np.float32(-np.inf)), edges,
+                           np.array([0.0, 1e-45, 1e-40, 2.0 ** -23, 1.0], np.float32)])
+    y = np.concatenate([near, -near])
+    vector, scalar = _table_codes(y, qk, qt, q)
+    want = q8.nearest_code(y, signed)
+    np.testing.assert_array_equal(vector, want)
+    np.testing.assert_array_equal(scalar, want)
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FA00000], u32)
+    vector, scalar = _table_codes(nans.view(np.float32), qk, qt, q)
+    assert not vector.any() and not scalar.any()  # nan -> code 0
+    assert qm[q].tolist() == q8.dynamic_map(signed).tolist()
+    assert qz[q] == (q8.zero_code(True) if signed else 256)
