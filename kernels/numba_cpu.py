@@ -3041,7 +3041,7 @@ def _k_q8_lamb(tab, sizes, scales, cs, flags, deref, lr, qm, qk, qt, qz, threads
 
 
 @_entry()  # no fastmath "reassoc": nesterov's p + (d + mu*m), as _k_lars
-def _k_q8_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, qm, qb, qt, qz, threads):
+def _k_q8_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, qm, qk, qt, qz, threads):
     """LARS on a q8 momentum buffer: pass 1 sums p^2 and u^2 per block (the buffer is not
     read), pass 2 decodes the buffer, steps (``_lars_step``) and encodes it.
 
@@ -3070,7 +3070,7 @@ def _k_q8_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, qm, qb, qt
         coef[t] = -(lr * trust)  # one rounding to the dtype per tensor
     for k in prange(parts):
         _q8_apply(_lars_step, 0, k, parts, ptr, off, boff, scales, coef, cs, flags,
-                  qm, qb, qt, qz)
+                  qm, qk, qt, qz)
 
 
 #: rule -> its q8 entry point (AdamW shares Adam's; Newton has no state to quantize).
