@@ -188,6 +188,8 @@ _PARALLEL = dict(prange=True, comprehension=False, setitem=False, reduction=Fals
 # rows of the operand table (_M: the float32 master copy of a 16-bit param)
 _P, _G, _S0, _S1, _S2, _E, _M = range(7)
 _ROWS = 7
+# the extra row of a checked call's table (see _setup): the address of its float64 sums
+_CHECK = _ROWS
 # the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
 # grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
 # unscale, and a zero of the dtype (the bodies use no literals)
@@ -440,13 +442,21 @@ def _pointers(tab, deref):
     out = np.empty_like(tab)
     for r in range(tab.shape[0]):
         for t in range(tab.shape[1]):
-            out[r, t] = _load_i64(tab[r, t] + deref) if tab[r, t] != 0 else 0
+            # (the check row of a checked call, _CHECK, holds a data address: copied as is)
+            out[r, t] = _load_i64(tab[r, t] + deref) if tab[r, t] != 0 and r < _ROWS else tab[r, t]
     return out
 
 
 @njit(inline="always")
-def _setup(tab, sizes, deref, threads):
-    """Data pointers, prefix offsets, total size and the number of parts (threads)."""
+def _setup(tab, sizes, cs, deref, threads):
+    """Data pointers, prefix offsets, total size and the number of parts (threads).
+
+    A *checked* call (the operand table has the extra row ``_CHECK``; only the
+    optimizer's step cache makes one, for a step that runs as one part) first runs
+    the read pass's non-finite check over the grads in this same call
+    (``_check_grads``): where it fails, the number of parts is 0, so the update
+    loop writes nothing.
+    """
     n = sizes.shape[0]
     off = np.empty(n + 1, np.int64)
     off[0] = 0
@@ -456,7 +466,10 @@ def _setup(tab, sizes, deref, threads):
     # the thread count comes from the host: numba.get_num_threads() inside a kernel
     # goes through a ctypes pointer, which makes the kernel uncacheable
     parts = min(threads, max(1, total // MIN_PER_THREAD))
-    return _pointers(tab, deref), off, total, parts
+    ptr = _pointers(tab, deref)
+    if tab.shape[0] > _CHECK and not _check_grads(ptr, sizes, off, cs, tab[_CHECK, 0]):
+        parts = 0
+    return ptr, off, total, parts
 
 
 @njit(inline="always")
@@ -1268,6 +1281,61 @@ def _read_blocks_overload(k, parts, ptr, off, boff, cs, flags, out):
 
 
 @njit(inline="always")
+def _block_offsets(sizes):
+    """``boff[t]``: the first block of tensor ``t`` (``_BLOCK`` elements a block)."""
+    n = sizes.shape[0]
+    boff = np.empty(n + 1, np.int64)
+    boff[0] = 0
+    for t in range(n):
+        boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
+    return boff
+
+
+@njit(inline="always")
+def _block_totals(boff, out):
+    """(n, 2): the block sums of each tensor added in block order."""
+    n = boff.shape[0] - 1
+    res = np.empty((n, 2))
+    for t in range(n):
+        res[t, 0] = 0.0
+        res[t, 1] = 0.0
+        for j in range(boff[t], boff[t + 1]):
+            res[t, 0] += out[j, 0]
+            res[t, 1] += out[j, 1]
+    return res
+
+
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _check_grads(ptr, sizes, off, cs, addr):
+    """The read pass's fast check (``_k_read`` with flags 0) inside a checked update call.
+
+    The same blocks, the same block sums and the same per-tensor totals as the read
+    pass (bit for bit: ``tests/test_step_cache.py`` compares them), run as one part.
+    Writes the total of the per-tensor sums to the float64 array at ``addr``, then the
+    sums; True when the total is finite (every grad is then finite, as on the host:
+    a finite sum of squares has no inf or nan term).  A non-finite total leaves the
+    decision to the full step (its exact check tells an inf grad from a sum that
+    overflowed), so the update writes nothing.  The grads of a small step are then
+    still in cache when the update reads them.
+    """
+    n = sizes.shape[0]
+    boff = _block_offsets(sizes)
+    out = np.empty((boff[n], 2))
+    _read_blocks(0, 1, ptr, off, boff, cs, 0, out)
+    res = _block_totals(boff, out)
+    total = 0.0
+    for t in range(n):
+        total += res[t, 0]
+    # the total first, then the sums (written the other way round, the store of the total
+    # after the loop was missing from the compiled code with Numba 0.68: not understood)
+    sums = numba.carray(_as_ptr(addr, 0.0), n + 1)
+    sums[0] = total
+    for t in range(n):
+        sums[t + 1] = res[t, 0]
+    return np.isfinite(total)
+
+
+@njit(inline="always")
 def _scale(i, g, p, s0, s1, s2, e, c, f, ts, mode):  # 8 B/elem (ts: the factor)
     return p * ts
 
@@ -1287,161 +1355,161 @@ def _identity(i, g, p, s0, s1, s2, e, c, f, ts, mode):  # 8 B/elem (clip_: _appl
 
 @_entry()
 def _k_sgd(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_sgd_momentum(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sgd, _V_SGD_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adam(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adam_amsgrad(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adam, _V_ADAM_AMSGRAD, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adagrad(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adagrad, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop_momentum(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, _V_RMSPROP_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop_centered(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, _V_RMSPROP_CENTERED, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop_centered_momentum(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adadelta(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adadelta, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adamax(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adamax, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_nadam(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_nadam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_radam(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_radam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_lion(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_lion, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adahessian(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adahessian, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adahessian_pow(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adahessian, _V_POW, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_asgd(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_asgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rprop(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rprop, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adabelief(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adabelief, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_yogi(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_yogi, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_ademamix(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_ademamix, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_sf_adamw(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sf_adamw, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_sf_sgd(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sf_sgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
@@ -1452,7 +1520,7 @@ def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
 
     ``lr`` is a float64: ``lr * trust`` is rounded to the dtype once per tensor.
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
@@ -1472,7 +1540,7 @@ def _k_lamb_exact(tab, sizes, scales, cs, flags, deref, lr, threads):
     scalar: the step is computed in double and rounded once, so ``lr * trust``
     stays a float64 here (the tiled driver rounds the new param to float32).
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
@@ -1501,7 +1569,7 @@ def _k_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, threads):
     float64 (``Rule.trust_scalars``).  No fast-math: it would regroup pass 2's nesterov
     ``p + (d + mu*m)``; the read pass's float64 sums then do not vectorize (16 B/elem of 36).
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lars_norms, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
@@ -1536,35 +1604,24 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     ``flags`` is 1 for the exact pass (clipped squares and the flag), 0 for the
     one-accumulator pass.  4 B/elem.
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
-    n = sizes.shape[0]
-    boff = np.empty(n + 1, np.int64)
-    boff[0] = 0
-    for t in range(n):
-        boff[t + 1] = boff[t] + (sizes[t] + _BLOCK - 1) // _BLOCK
-    out = np.empty((boff[n], 2))
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
+    boff = _block_offsets(sizes)
+    out = np.empty((boff[sizes.shape[0]], 2))
     for k in prange(parts):
         _read_blocks(k, parts, ptr, off, boff, cs, flags, out)
-    res = np.empty((n, 2))
-    for t in range(n):
-        res[t, 0] = 0.0
-        res[t, 1] = 0.0
-        for j in range(boff[t], boff[t + 1]):
-            res[t, 0] += out[j, 0]
-            res[t, 1] += out[j, 1]
-    return res
+    return _block_totals(boff, out)
 
 
 @_entry()
 def _k_scale(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_scale, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_clip(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_identity, 0, k, parts, ptr, off, total, scales, cs, flags)
 
@@ -2224,7 +2281,10 @@ class StepPlan:
     the kernels read each array's data pointer at call time, and the plan keeps the
     arrays alive, so an address cannot be reused), the sizes, the clip factors (ones)
     and the scalar arrays, whose values are refreshed per step.  ``finite`` runs the
-    read pass (its fast form: one float64 sum per tensor), ``update`` the fused step.
+    read pass (its fast form: one float64 sum per tensor), ``update`` the fused step;
+    ``update(s, check=True)`` checks the grads first, in the same kernel call when
+    the step runs as one part (a *checked* call: the table's extra row ``_CHECK``
+    points the kernel at ``sums``, see ``_setup``), else by ``finite`` before it.
     """
 
     def __init__(self, rule, bucket, grads, hp):
@@ -2236,6 +2296,11 @@ class StepPlan:
         rows += [(_S0 + k, states[st]) for k, st in enumerate(rule.all_state) if st in states]
         self.table = _table(rows, n)
         self.read_table = _table([(_P, grads), (_G, grads)], n)
+        #: the checked call's total of the per-tensor sums of squares, then the sums
+        self.sums = np.zeros(n + 1)
+        self.checked_table = np.zeros((_CHECK + 1, n), np.int64)
+        self.checked_table[:_ROWS] = self.table
+        self.checked_table[_CHECK, 0] = self.sums.ctypes.data
         self.sizes = _sizes(params, n)
         self.total = int(self.sizes.sum())
         self.ones = np.ones(n, dt)
@@ -2258,14 +2323,26 @@ class StepPlan:
         # the fast form leaves the flag column 0: the whole sum is finite iff every grad is
         return True if math.isfinite(res.sum()) else None
 
-    def update(self, s):
-        """The fused update with the step scalars ``s`` (``Rule.step_scalars``)."""
+    def update(self, s, check=False):
+        """The fused update with the step scalars ``s`` (``Rule.step_scalars``).
+
+        ``check``: the grads are checked first; returns False, with nothing written,
+        where the check leaves the decision to the full step (a non-finite sum), else True.
+        """
         rule = self.rule
         self.cs[_HEAD:] = rule.kernel_scalars(s)
-        entry = _ENTRIES[rule.name, _mode(rule, s)]
-        fn, threads = self._pick(entry)
-        _run(fn, threads, (self.table, self.sizes, self.ones, self.cs, rule.kernel_flags(s),
-                           DATA_OFFSET))
+        fn = _ENTRIES[rule.name, _mode(rule, s)]
+        threads = numba.get_num_threads()
+        args = (self.table, self.sizes, self.ones, self.cs, rule.kernel_flags(s), DATA_OFFSET)
+        if check:
+            if threads == 1 or self.total < 2 * MIN_PER_THREAD:  # one part: check in the call
+                self.sums[0] = math.nan  # (a call that did not check reads as failed)
+                _run(fn, threads, (self.checked_table,) + args[1:])
+                return math.isfinite(self.sums[0])
+            if self.finite() is None:
+                return False
+        _run(fn, threads, args)
+        return True
 
 
 OPS = NumbaOps()
