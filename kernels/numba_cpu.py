@@ -2307,6 +2307,11 @@ class StepPlan:
         pre = Pre(maximize=hp["maximize"], clip_value=None, weight_clip=hp["weight_clip"])
         self.cs = _scalars(dt, _head(pre), _NO_RULE)
         self.read_cs = _scalars(dt, _plain_head())
+        # the slots that Rule.kernel_scalars fills (the others stay as _NO_RULE has them:
+        # 0, and decay, which every rule sets), written one by one: converting the whole
+        # list to an array took ~4 us a step
+        self.slots = [(_HEAD + KERNEL_SCALAR_SLOT[k], k) for k in rule.pack + ("l2", "decay")]
+        self.entry = None  # the entry point: the variant comes from the (fixed) options
 
     def _pick(self, fn):
         threads = numba.get_num_threads()
@@ -2329,11 +2334,14 @@ class StepPlan:
         ``check``: the grads are checked first; returns False, with nothing written,
         where the check leaves the decision to the full step (a non-finite sum), else True.
         """
-        rule = self.rule
-        self.cs[_HEAD:] = rule.kernel_scalars(s)
-        fn = _ENTRIES[rule.name, _mode(rule, s)]
+        rule, cs = self.rule, self.cs
+        for i, k in self.slots:
+            cs[i] = float(s[k])  # (as Rule.kernel_scalars: float, then the dtype)
+        fn = self.entry
+        if fn is None:
+            fn = self.entry = _ENTRIES[rule.name, _mode(rule, s)]
         threads = numba.get_num_threads()
-        args = (self.table, self.sizes, self.ones, self.cs, rule.kernel_flags(s), DATA_OFFSET)
+        args = (self.table, self.sizes, self.ones, cs, rule.kernel_flags(s), DATA_OFFSET)
         if check:
             if threads == 1 or self.total < 2 * MIN_PER_THREAD:  # one part: check in the call
                 self.sums[0] = math.nan  # (a call that did not check reads as failed)
