@@ -33,6 +33,10 @@ Layout
 * The read pass's entry point also has a serial twin (``_SERIAL``: the same
   function compiled without a parallel region), which the host calls when the
   call runs as one part; see ``_entry``.
+* Every update entry point can also run the read pass's fast check itself, before
+  its loop (``_setup``, ``_check_grads``): the optimizer's step cache (``StepPlan``)
+  makes such a *checked* call for a small step, so the check and the update are
+  one launch and nothing is written when a grad is not finite.
 
 Scalars and flags
 -----------------
@@ -188,7 +192,7 @@ _PARALLEL = dict(prange=True, comprehension=False, setitem=False, reduction=Fals
 # rows of the operand table (_M: the float32 master copy of a 16-bit param)
 _P, _G, _S0, _S1, _S2, _E, _M = range(7)
 _ROWS = 7
-# the extra row of a checked call's table (see _setup): the address of its float64 sums
+# the extra row of a checked call's table (see _setup): its float64 sums array
 _CHECK = _ROWS
 # the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
 # grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
@@ -442,8 +446,7 @@ def _pointers(tab, deref):
     out = np.empty_like(tab)
     for r in range(tab.shape[0]):
         for t in range(tab.shape[1]):
-            # (the check row of a checked call, _CHECK, holds a data address: copied as is)
-            out[r, t] = _load_i64(tab[r, t] + deref) if tab[r, t] != 0 and r < _ROWS else tab[r, t]
+            out[r, t] = _load_i64(tab[r, t] + deref) if tab[r, t] != 0 else 0
     return out
 
 
@@ -467,7 +470,7 @@ def _setup(tab, sizes, cs, deref, threads):
     # goes through a ctypes pointer, which makes the kernel uncacheable
     parts = min(threads, max(1, total // MIN_PER_THREAD))
     ptr = _pointers(tab, deref)
-    if tab.shape[0] > _CHECK and not _check_grads(ptr, sizes, off, cs, tab[_CHECK, 0]):
+    if tab.shape[0] > _CHECK and not _check_grads(ptr, sizes, off, cs, ptr[_CHECK, 0]):
         parts = 0
     return ptr, off, total, parts
 
@@ -2302,7 +2305,7 @@ class StepPlan:
         self.sums = np.zeros(n + 1)
         self.checked_table = np.zeros((_CHECK + 1, n), np.int64)
         self.checked_table[:_ROWS] = self.table
-        self.checked_table[_CHECK, 0] = self.sums.ctypes.data
+        self.checked_table[_CHECK, 0] = _ids([self.sums], 1)[0]  # (an operand like the others)
         self.sizes = _sizes(params, n)
         self.total = int(self.sizes.sum())
         self.ones = np.ones(n, dt)
