@@ -1238,21 +1238,19 @@ def _read_blocks_full(k, parts, ptr, off, boff, cs, flags, out):
     """
     exact = flags != 0
     nb = boff[boff.shape[0] - 1]
-    lo, j = nb * k // parts, nb * (k + 1) // parts
-    # the blocks of the part last to first: the update that follows walks its part first
-    # to last, so it starts on the grads this pass read last, which may still be cached
-    t = _last_le(boff, max(j - 1, 0))
+    j, hi = nb * k // parts, nb * (k + 1) // parts
+    t = _last_le(boff, j)
     c = to_fixed_tuple(cs, _NSCALARS)
     ginv, gclip = c[_GINV], c[_GCLIP]
-    while j > lo:
-        j -= 1
-        while boff[t] > j:
-            t -= 1
+    while j < hi:
+        while boff[t + 1] <= j:
+            t += 1
         n = off[t + 1] - off[t]
         g = numba.carray(_as_ptr(ptr[_G, t], cs[0]), n)
         a = (j - boff[t]) * _BLOCK
         b = min(a + _BLOCK, n)
         out[j, 0], out[j, 1] = _block_sums(g, a, b, ginv, gclip, exact)
+        j += 1
 
 
 def _read_blocks_tiled(k, parts, ptr, off, boff, cs, flags, out):
