@@ -289,10 +289,9 @@ class Optimizer:
             return None
         if [(type(o), o.shape, o.dtype, o.strides) for o in grads] != self._layout[1]:
             return None
-        if self.nonfinite != "ignore" and not c.plan.finite():
-            return None
         s, new_gs = self.rule.step_scalars(c.hp, t, self.group_state[0])
-        c.plan.update(s)
+        if not c.plan.update(s, check=self.nonfinite != "ignore"):
+            return None
         self.step_count = t
         self.group_state = [dict(new_gs)]
         return StepInfo(skipped=False, _group_norms=(None,), group_state=(new_gs,))

@@ -679,8 +679,9 @@ class Optimizer(torch.optim.Optimizer):
         and whose single bucket the backend plans (float32/float64, an elementwise rule,
         no norm clipping, no ``max_norm``).  Per step it checks that every grad is a
         C-contiguous CPU tensor of its param's dtype and shape (a cached tuple compare),
-        hands the kernels the grads' data pointers, runs the read pass unless
-        ``nonfinite='ignore'`` and the update.  A non-finite grad goes back to the full
+        hands the kernels the grads' data pointers, and runs the update, checking the
+        grads first unless ``nonfinite='ignore'`` (in the same kernel call where the step
+        runs as one part).  A non-finite grad goes back to the full
         step, which raises or skips with nothing written.  The same kernels run as on the
         full step, so the results are bit-identical (tests/test_torch_adapter.py).
         """
@@ -689,9 +690,11 @@ class Optimizer(torch.optim.Optimizer):
         part = plan.parts[0][0]
         hp = plan.hp[0]
         fast = plan.fast
-        # what the plan's construction reads of the options (its scalars come per step)
-        key = (self.backend, hp["maximize"], hp["weight_clip"], hp["clip_norm"],
-               hp["clip_global_norm"], hp["max_norm"], hp["clip_value"])
+        # what the plan's construction reads of the options (its scalars come per step):
+        # the pipeline's, and every flag, as flags pick the kernel's variant (nesterov)
+        key = (self.backend, hp["weight_clip"], hp["clip_norm"], hp["clip_global_norm"],
+               hp["max_norm"], hp["clip_value"], hp.get("hessian_power"),
+               tuple(sorted((k, v) for k, v in hp.items() if isinstance(v, bool))))
         if fast is None or fast[0] != key:
             fast = plan.fast = (key, self._pointer_plan(part, hp))
         sp = fast[1]
@@ -702,11 +705,10 @@ class Optimizer(torch.optim.Optimizer):
         if list(map(_grad_layout, present)) != want:
             return False
         step_plan.set_grads(list(map(_data_ptr, present)))
-        if nonfinite != "ignore" and not step_plan.finite():
-            return False
         t = part.t + 1
         s, new_gs = self.rule.step_scalars(hp, t, part.gstate)
-        step_plan.update(s)
+        if not step_plan.update(s, check=nonfinite != "ignore"):
+            return False  # nothing written: the full step raises or skips
         part.t = t
         for v in part.steps:
             v[()] = float(t)

@@ -33,6 +33,10 @@ Layout
 * The read pass's entry point also has a serial twin (``_SERIAL``: the same
   function compiled without a parallel region), which the host calls when the
   call runs as one part; see ``_entry``.
+* Every update entry point can also run the read pass's fast check itself, before
+  its loop (``_setup``, ``_check_grads``): the optimizer's step cache (``StepPlan``)
+  makes such a *checked* call for a small step, so the check and the update are
+  one launch and nothing is written when a grad is not finite.
 
 Scalars and flags
 -----------------
@@ -188,6 +192,8 @@ _PARALLEL = dict(prange=True, comprehension=False, setitem=False, reduction=Fals
 # rows of the operand table (_M: the float32 master copy of a 16-bit param)
 _P, _G, _S0, _S1, _S2, _E, _M = range(7)
 _ROWS = 7
+# the extra row of a checked call's table (see _setup): its float64 sums array
+_CHECK = _ROWS
 # the pipeline scalars at the head of every scalar array (docs/design.md, "Step pipeline"):
 # grad unscale (sign folded in for maximize), clip_value, weight_clip, extra-input
 # unscale, and a zero of the dtype (the bodies use no literals)
@@ -445,8 +451,15 @@ def _pointers(tab, deref):
 
 
 @njit(inline="always")
-def _setup(tab, sizes, deref, threads):
-    """Data pointers, prefix offsets, total size and the number of parts (threads)."""
+def _setup(tab, sizes, cs, deref, threads):
+    """Data pointers, prefix offsets, total size and the number of parts (threads).
+
+    A *checked* call (the operand table has the extra row ``_CHECK``; only the
+    optimizer's step cache makes one, for a step that runs as one part) first runs
+    the read pass's non-finite check over the grads in this same call
+    (``_check_grads``): where it fails, the number of parts is 0, so the update
+    loop writes nothing.
+    """
     n = sizes.shape[0]
     off = np.empty(n + 1, np.int64)
     off[0] = 0
@@ -456,7 +469,10 @@ def _setup(tab, sizes, deref, threads):
     # the thread count comes from the host: numba.get_num_threads() inside a kernel
     # goes through a ctypes pointer, which makes the kernel uncacheable
     parts = min(threads, max(1, total // MIN_PER_THREAD))
-    return _pointers(tab, deref), off, total, parts
+    ptr = _pointers(tab, deref)
+    if tab.shape[0] > _CHECK and not _check_grads(ptr, sizes, off, cs, ptr[_CHECK, 0]):
+        parts = 0
+    return ptr, off, total, parts
 
 
 @njit(inline="always")
@@ -1267,6 +1283,37 @@ def _read_blocks_overload(k, parts, ptr, off, boff, cs, flags, out):
     return _read_blocks_tiled if isinstance(flags, types.Array) else _read_blocks_full
 
 
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _check_grads(ptr, sizes, off, cs, addr):
+    """The read pass's fast check (``_k_read`` with flags 0) inside a checked update call.
+
+    The same blocks, the same block sums (``_block_sums``) added in the same order as
+    the read pass (bit for bit: ``tests/test_step_cache.py`` compares them), run as one
+    part.  Writes the per-tensor sums to the float64 array at ``addr`` from index 1 and
+    their total at index 0; True when the total is finite (every grad is then finite,
+    as on the host: a finite sum of squares has no inf or nan term).  A non-finite total
+    leaves the decision to the full step (its exact check tells an inf grad from a sum
+    that overflowed), so the update writes nothing.  The grads of a small step are then
+    still in cache when the update reads them.  Written out rather than through
+    ``_read_blocks``: it compiles (once per dtype, with the first entry point) in about
+    a sixth of the time.
+    """
+    n = sizes.shape[0]
+    ginv, gclip = cs[_GINV], cs[_GCLIP]
+    sums = numba.carray(_as_ptr(addr, 0.0), n + 1)
+    total = 0.0
+    for t in range(n):
+        m = off[t + 1] - off[t]
+        g = numba.carray(_as_ptr(ptr[_G, t], cs[0]), m)
+        u = 0.0
+        for a in range(0, m, _BLOCK):
+            u += _block_sums(g, a, min(a + _BLOCK, m), ginv, gclip, False)[0]
+        sums[t + 1] = u
+        total += u
+    sums[0] = total
+    return np.isfinite(total)
+
+
 @njit(inline="always")
 def _scale(i, g, p, s0, s1, s2, e, c, f, ts, mode):  # 8 B/elem (ts: the factor)
     return p * ts
@@ -1287,161 +1334,161 @@ def _identity(i, g, p, s0, s1, s2, e, c, f, ts, mode):  # 8 B/elem (clip_: _appl
 
 @_entry()
 def _k_sgd(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_sgd_momentum(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sgd, _V_SGD_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adam(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adam_amsgrad(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adam, _V_ADAM_AMSGRAD, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adagrad(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adagrad, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop_momentum(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, _V_RMSPROP_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop_centered(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, _V_RMSPROP_CENTERED, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rmsprop_centered_momentum(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rmsprop, _V_RMSPROP_CENTERED | _V_RMSPROP_MOMENTUM, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adadelta(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adadelta, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adamax(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adamax, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_nadam(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_nadam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_radam(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_radam, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_lion(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_lion, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adahessian(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adahessian, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adahessian_pow(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adahessian, _V_POW, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_asgd(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_asgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_rprop(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_rprop, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_adabelief(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_adabelief, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_yogi(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_yogi, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_ademamix(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_ademamix, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_sf_adamw(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sf_adamw, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_sf_sgd(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_sf_sgd, 0, k, parts, ptr, off, total, scales, cs, flags)
 
@@ -1452,7 +1499,7 @@ def _k_lamb(tab, sizes, scales, cs, flags, deref, lr, threads):
 
     ``lr`` is a float64: ``lr * trust`` is rounded to the dtype once per tensor.
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
@@ -1472,7 +1519,7 @@ def _k_lamb_exact(tab, sizes, scales, cs, flags, deref, lr, threads):
     scalar: the step is computed in double and rounded once, so ``lr * trust``
     stays a float64 here (the tiled driver rounds the new param to float32).
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lamb_moments, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
@@ -1501,7 +1548,7 @@ def _k_lars(tab, sizes, scales, cs, flags, deref, lr, tc, eps, on, threads):
     float64 (``Rule.trust_scalars``).  No fast-math: it would regroup pass 2's nesterov
     ``p + (d + mu*m)``; the read pass's float64 sums then do not vectorize (16 B/elem of 36).
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     acc = np.zeros((parts, sizes.shape[0], 2))
     for k in prange(parts):
         _reduce(_lars_norms, 0, k, parts, ptr, off, total, scales, cs, flags, acc)
@@ -1536,7 +1583,7 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     ``flags`` is 1 for the exact pass (clipped squares and the flag), 0 for the
     one-accumulator pass.  4 B/elem.
     """
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     n = sizes.shape[0]
     boff = np.empty(n + 1, np.int64)
     boff[0] = 0
@@ -1557,14 +1604,14 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
 
 @_entry()
 def _k_scale(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_scale, 0, k, parts, ptr, off, total, scales, cs, flags)
 
 
 @_entry()
 def _k_clip(tab, sizes, scales, cs, flags, deref, threads):
-    ptr, off, total, parts = _setup(tab, sizes, deref, threads)
+    ptr, off, total, parts = _setup(tab, sizes, cs, deref, threads)
     for k in prange(parts):
         _apply(_identity, 0, k, parts, ptr, off, total, scales, cs, flags)
 
@@ -2235,7 +2282,10 @@ class StepPlan:
     the kernels read each array's data pointer at call time, and the plan keeps the
     arrays alive, so an address cannot be reused), the sizes, the clip factors (ones)
     and the scalar arrays, whose values are refreshed per step.  ``finite`` runs the
-    read pass (its fast form: one float64 sum per tensor), ``update`` the fused step.
+    read pass (its fast form: one float64 sum per tensor), ``update`` the fused step;
+    ``update(s, check=True)`` checks the grads first, in the same kernel call when
+    the step runs as one part (a *checked* call: the table's extra row ``_CHECK``
+    points the kernel at ``sums``, see ``_setup``), else by ``finite`` before it.
     """
 
     def __init__(self, rule, bucket, grads, hp, pointers=False):
@@ -2251,12 +2301,22 @@ class StepPlan:
         self.deref = -1 if pointers else DATA_OFFSET
         self.table = table(rows, n)
         self.read_table = table([(_P, grads), (_G, grads)], n)
+        #: the checked call's total of the per-tensor sums of squares, then the sums
+        self.sums = np.zeros(n + 1)
+        self.checked_table = np.zeros((_CHECK + 1, n), np.int64)
+        self.checked_table[:_ROWS] = self.table
+        self.checked_table[_CHECK, 0] = table([(0, [self.sums])], 1)[0, 0]  # (an operand like the others)
         self.sizes = _sizes(params, n)
         self.total = int(self.sizes.sum())
         self.ones = np.ones(n, dt)
         pre = Pre(maximize=hp["maximize"], clip_value=None, weight_clip=hp["weight_clip"])
         self.cs = _scalars(dt, _head(pre), _NO_RULE)
         self.read_cs = _scalars(dt, _plain_head())
+        # the slots that Rule.kernel_scalars fills (the others stay as _NO_RULE has them:
+        # 0, and decay, which every rule sets), written one by one: converting the whole
+        # list to an array took ~4 us a step
+        self.slots = [(_HEAD + KERNEL_SCALAR_SLOT[k], k) for k in rule.pack + ("l2", "decay")]
+        self.entry = None  # the entry point: the variant comes from the (fixed) options
 
     def _pick(self, fn):
         threads = numba.get_num_threads()
@@ -2273,14 +2333,29 @@ class StepPlan:
         # the fast form leaves the flag column 0: the whole sum is finite iff every grad is
         return True if math.isfinite(res.sum()) else None
 
-    def update(self, s):
-        """The fused update with the step scalars ``s`` (``Rule.step_scalars``)."""
-        rule = self.rule
-        self.cs[_HEAD:] = rule.kernel_scalars(s)
-        entry = _ENTRIES[rule.name, _mode(rule, s)]
-        fn, threads = self._pick(entry)
-        _run(fn, threads, (self.table, self.sizes, self.ones, self.cs, rule.kernel_flags(s),
-                           self.deref))
+    def update(self, s, check=False):
+        """The fused update with the step scalars ``s`` (``Rule.step_scalars``).
+
+        ``check``: the grads are checked first; returns False, with nothing written,
+        where the check leaves the decision to the full step (a non-finite sum), else True.
+        """
+        rule, cs = self.rule, self.cs
+        for i, k in self.slots:
+            cs[i] = float(s[k])  # (as Rule.kernel_scalars: float, then the dtype)
+        fn = self.entry
+        if fn is None:
+            fn = self.entry = _ENTRIES[rule.name, _mode(rule, s)]
+        threads = numba.get_num_threads()
+        args = (self.table, self.sizes, self.ones, cs, rule.kernel_flags(s), self.deref)
+        if check:
+            if threads == 1 or self.total < 2 * MIN_PER_THREAD:  # one part: check in the call
+                self.sums[0] = math.nan  # (a call that did not check reads as failed)
+                _run(fn, threads, (self.checked_table,) + args[1:])
+                return math.isfinite(self.sums[0])
+            if self.finite() is None:
+                return False
+        _run(fn, threads, args)
+        return True
 
     def set_grads(self, ptrs):
         """The grads' data pointers for the next step (a plan made with ``pointers``).
@@ -2289,6 +2364,7 @@ class StepPlan:
         each is a C-contiguous array of its param's dtype and size.
         """
         self.table[_G] = ptrs
+        self.checked_table[_G] = ptrs
         self.read_table[_P] = ptrs
         self.read_table[_G] = ptrs
 

@@ -337,8 +337,9 @@ def test_muon_row_runs_interleaved_against_torch(capsys):
 def test_speed_table_has_every_target_row_with_its_peer(capsys):
     # tiny sizes and one pair per row: the rows and their peers, not the figures
     assert main(["bench", "--speed", "--json", "--no-progress", "--speed-n", "3000", "--reps", "1",
-                 "--no-first-step"]) == 0
+                 "--no-first-step", "--omp-wait-policy", "inherit"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "unset")
     rows = {r["case"]: r for r in res["rows"]}
     for rule in ("Adam", "SGD-momentum", "Adagrad"):
         for mode, goal in (('"ignore"', None), ("default", 1.15 if rule == "Adam" else 1.2)):
@@ -355,6 +356,21 @@ def test_speed_table_has_every_target_row_with_its_peer(capsys):
     assert res["first_step"] is None and len(res["rows"]) == 13
     text = _bench.format_speed_table(res)
     assert len(text.splitlines()) == 2 + 13 and "torch fused" in text
+
+
+def test_speed_wait_policy_is_set_only_before_an_openmp_runtime_starts(monkeypatch):
+    pools = ("torch", "numba.np.ufunc.omppool", "numba.np.ufunc.tbbpool",
+             "numba.np.ufunc.workqueue")
+    for m in pools:
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert _bench._set_wait_policy("inherit") == "active"
+    assert _bench._set_wait_policy("passive") == "passive"
+    assert os.environ["OMP_WAIT_POLICY"] == "passive"
+    monkeypatch.setitem(sys.modules, "numba.np.ufunc.omppool", object())  # a runtime started
+    said = _bench._set_wait_policy("active")
+    assert said == "passive (numba.np.ufunc.omppool already loaded)"
+    assert os.environ["OMP_WAIT_POLICY"] == "passive"  # too late to change: left alone
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")

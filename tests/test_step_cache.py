@@ -150,3 +150,76 @@ def test_a_nonfinite_grad_after_caching_writes_nothing(value):
     with pytest.raises(FloatingPointError):
         a.step(grads)
     assert a.step_count == b.step_count
+
+
+def _adam_pair(sizes, seed=2, **kw):
+    """A cached and an uncached Adam over float32 tensors of ``sizes``, and their grads."""
+    rng = np.random.default_rng(seed)
+    ps = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    a = fo.Adam([p.copy() for p in ps], lr=1e-2, backend="numba", **kw)
+    b = fo.Adam([p.copy() for p in ps], lr=1e-2, backend="numba", **kw)
+    b._plan_step = lambda grads, steps: None
+    return a, b, [rng.standard_normal(n).astype(np.float32) for n in sizes], rng
+
+
+@pytest.fixture
+def one_thread():
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # every call runs as one part: the checked call
+    yield
+    numba.set_num_threads(threads)
+
+
+def test_the_checked_update_sums_as_the_read_pass(one_thread):
+    """One part: the grads are checked inside the update call, with the read pass's sums."""
+    from fastopt.kernels import numba_cpu as nc
+
+    sizes = [21 * nc._BLOCK + 5, 7, nc._BLOCK + 1]  # several blocks, odd tails
+    a, b, grads, rng = _adam_pair(sizes, maximize=True)  # maximize: the check sees -g
+    steps(a, b, grads, rng, 3)
+    for g in grads:  # magnitudes over many binades: the sums' rounding shows any reordering
+        g *= (10.0 ** rng.uniform(-4, 4, g.size)).astype(np.float32)
+    a.step(grads)
+    b.step(grads)
+    assert_same(a, b)
+    plan = a._plan.plan
+    read = nc.OPS._stats(grads, 1.0, None, exact=False)[:, 0]
+    np.testing.assert_array_equal(plan.sums[1:], read)  # bit for bit
+    assert plan.sums[0] == sum(read.tolist()) and np.isfinite(plan.sums[0])
+    before = snapshot(a)
+    grads[0][3 * nc._BLOCK + 2] = np.nan  # in the last, partial block of the first tensor
+    s, _ = a.rule.step_scalars(a._plan.hp, a.step_count + 1, a.group_state[0])
+    assert plan.update(s, check=True) is False and np.isnan(plan.sums[0])
+    assert_same_snapshot(before, snapshot(a))
+
+
+def assert_same_snapshot(x, y):
+    assert x[2] == y[2]
+    for u, v in zip(x[0] + [w for st in x[1] for w in st.values()],
+                    y[0] + [w for st in y[1] for w in st.values()]):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_a_nonfinite_grad_in_a_two_part_cached_step_raises_with_nothing_written():
+    """Two parts (two threads, 2 * MIN_PER_THREAD elements): the read pass runs before the update."""
+    import numba
+
+    from fastopt.kernels import numba_cpu as nc
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two numba threads")
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        a, b, grads, rng = _adam_pair([2 * nc.MIN_PER_THREAD + 3])
+        steps(a, b, grads, rng, 3)
+        assert a._plan is not None
+        before = snapshot(a)
+        grads[0][-1] = np.inf
+        with pytest.raises(FloatingPointError):
+            a.step(grads)
+        assert_same_snapshot(before, snapshot(a))
+    finally:
+        numba.set_num_threads(threads)

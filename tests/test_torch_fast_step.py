@@ -180,6 +180,9 @@ def test_option_changes_reach_the_fast_step():
         if t == 4:
             for o in (fa, fb):
                 o.param_groups[0]["maximize"] = True
+        if t == 5:
+            for o in (fa, fb):
+                o.param_groups[0]["amsgrad"] = True  # a new state: a new plan
         if t == 6:
             for o in (fa, fb):
                 o.param_groups[0]["weight_clip"] = 0.5
@@ -192,6 +195,20 @@ def test_option_changes_reach_the_fast_step():
         _same(a, b, fa, fb)
     assert used[0] >= 6
     assert max(float(p.detach().abs().max()) for p in a) <= 0.5
+
+
+def test_nesterov_switched_on_mid_run_changes_the_kernel():
+    """A flag that picks the kernel's variant without changing the state (nesterov)."""
+    fa, fb, a, b = _pair(ft.SGD, lr=0.1, momentum=0.9)
+    for t in range(6):
+        if t == 3:
+            for o in (fa, fb):
+                o.param_groups[0]["nesterov"] = True
+        for pa, pb, g in zip(a, b, _grads(a, t)):
+            pa.grad, pb.grad = g, g.clone()
+        fa.step()
+        fb.step()
+        _same(a, b, fa, fb)
 
 
 def test_grad_scaler_and_native_scale_take_the_full_step():

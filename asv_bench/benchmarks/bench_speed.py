@@ -4,11 +4,17 @@ goals are in ``asv_bench/numba_speed.py`` (one interleaved run); these are the
 plain times asv tracks between commits.
 """
 
+import os
 import tempfile
 
-import numpy as np
+# before numba or torch start an OpenMP runtime: with the default (active) wait policy
+# idle OpenMP threads spin after each parallel region and, on a shared machine, take
+# the cores from the working threads (see fastopt.apps.bench.speed_table)
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-from fastopt.apps import bench as _bench
+import numpy as np  # noqa: E402
+
+from fastopt.apps import bench as _bench  # noqa: E402
 
 N16 = 16_777_216
 DEMO_SIZES = [68 * 128, 128, 128 * 128, 128, 128 * 10, 10]
