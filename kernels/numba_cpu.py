@@ -264,6 +264,11 @@ _X_HEAD = 7  # then one storage code per (operand row, tensor): _X_HEAD + row * 
 _C_F32, _C_BF16, _C_F16 = 0, 1, 2
 #: elements per float32 tile of the reduced-precision drivers (7 tiles: 14 KiB per thread)
 _TILE = 512
+#: floats between the starts of two tile rows: 512 + 32, so the seven rows begin at seven
+#: different offsets modulo 4 KiB (see ``_tile_buffer``)
+_TILE_STRIDE = _TILE + 32
+#: where the tile buffer starts modulo 4 KiB, in bytes (see ``_tile_buffer``)
+_TILE_PHASE = 512
 
 
 def _mode(rule, s):
@@ -795,6 +800,55 @@ def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
     return 0.0
 
 
+@njit(inline="always")
+def _tile_buffer():
+    """The ``(_ROWS, _TILE_STRIDE)`` float32 tiles of one part, at a fixed 4 KiB phase.
+
+    The tile loops store to one row and load from another (and from the operands)
+    in the same iteration; x86 cores take a load whose address equals an earlier
+    in-flight store's modulo 4 KiB as dependent on it until the full addresses are
+    checked ("4K aliasing"), a stall per element.  With rows 512 floats apart,
+    rows r and r + 2 were 4 KiB apart, and where the buffer itself began modulo
+    4 KiB depended on the heap's history: the same kernel ran 2-3x slower in a
+    process that had just compiled it (a heap grown by the compiler) than in one
+    that loaded it from the cache.  So the rows are padded (``_TILE_STRIDE``) and the
+    buffer starts at ``_TILE_PHASE`` bytes past a 4 KiB boundary, away from the
+    operands (large arrays start 16 bytes past a page).
+
+    Returns the flat buffer; ``_tile_row`` cuts the rows out of it.
+    """
+    size = _ROWS * _TILE_STRIDE
+    raw = np.empty(size + 1024, np.float32)
+    o = ((_TILE_PHASE - np.int64(raw.ctypes.data) % 4096) % 4096) // 4  # < 1024 spare floats
+    return raw[o:o + size]
+
+
+@njit(inline="always")
+def _tile_row(buf, r):
+    """Row ``r`` of the flat tile buffer (``r`` a constant: see ``_apply_tiled``)."""
+    return buf[r * _TILE_STRIDE:r * _TILE_STRIDE + _TILE]
+
+
+@njit(nogil=True, error_model="numpy")
+def _tile_rule(body, mode, m, pt, gt, s0, s1, s2, e, c, f, ts, gs, use_l2):
+    """The pipeline of ``_apply_full`` and the rule body over the first ``m`` floats of the tiles.
+
+    A function of its own, not inlined by Numba: LLVM optimizes it once here and
+    again inside the kernel, where the rows become constant offsets into one
+    buffer.  Written inline in ``_apply_tiled``, the loop was optimized in one round
+    only in a freshly compiling process and stayed scalar (see "Speed of the tiled
+    loop" in docs/design.md).
+    """
+    l2, decay = c[_S_L2], c[_S_DECAY]
+    for j in range(_U64(m)):
+        x = _clip(gt[j] * c[_GINV], c[_GCLIP]) * gs
+        pi = pt[j]
+        if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
+            x = x + l2 * pi
+        pi = pi * decay
+        pt[j] = _clip(body(j, x, pi, s0, s1, s2, e, c, f, ts, mode), c[_WCLIP])
+
+
 def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
     """Part ``k`` of the update pass of a reduced-precision call (``f``: the format vector).
 
@@ -815,9 +869,15 @@ def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
     f = fmt[_X_FLAGS]
     dry = fmt[_X_DRY] != 0
     gscale = numba.carray(_as_ptr(fmt[_X_GSCALE], cs[0]), nt)  # the norm-clip factors
-    tiles = np.empty((_ROWS, _TILE), np.float32)
-    pt, gt = tiles[_P], tiles[_G]
-    s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
+    # The rule loop reads and writes the rows as views of one flat buffer at constant
+    # offsets: LLVM then sees that they cannot overlap and vectorizes the loop with no
+    # run-time overlap checks (rows of a 2-D array sit a run-time stride apart, and the
+    # first compile of the loop stayed scalar; see "Speed of the tiled loop" in
+    # docs/design.md).  The loaders take the same memory as a 2-D array.
+    buf = _tile_buffer()
+    tiles = buf.reshape((_ROWS, _TILE_STRIDE))
+    pt, gt = _tile_row(buf, _P), _tile_row(buf, _G)
+    s0, s1, s2, e = _tile_row(buf, _S0), _tile_row(buf, _S1), _tile_row(buf, _S2), _tile_row(buf, _E)
     while t < nt and off[t] < hi:
         a, b = _range(k, parts, off, total, t)
         n = off[t + 1] - off[t]
@@ -827,13 +887,7 @@ def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
         while base < b:
             m = min(_TILE, b - base)
             _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
-            for j in range(_U64(m)):
-                x = _clip(gt[j] * c[_GINV], c[_GCLIP]) * gs
-                pi = pt[j]
-                if use_l2:
-                    x = x + l2 * pi
-                pi = pi * decay
-                pt[j] = _clip(body(j, x, pi, s0, s1, s2, e, c, f, ts, mode | _V_TILE), c[_WCLIP])
+            _tile_rule(body, mode | _V_TILE, m, pt, gt, s0, s1, s2, e, c, f, ts, gs, use_l2)
             sumsq += _finish_tile(tiles, ptr, fmt, t, nt, base, m, n)
             base += m
         if dry:
@@ -854,9 +908,10 @@ def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     c = to_fixed_tuple(cs, _NSCALARS)
     fmt = f
     f = fmt[_X_FLAGS]
-    tiles = np.empty((_ROWS, _TILE), np.float32)
-    pt, gt = tiles[_P], tiles[_G]
-    s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
+    buf = _tile_buffer()  # flat, rows at constant offsets: see _apply_tiled
+    tiles = buf.reshape((_ROWS, _TILE_STRIDE))
+    pt, gt = _tile_row(buf, _P), _tile_row(buf, _G)
+    s0, s1, s2, e = _tile_row(buf, _S0), _tile_row(buf, _S1), _tile_row(buf, _S2), _tile_row(buf, _E)
     while t < nt and off[t] < hi:
         a, b = _range(k, parts, off, total, t)
         n = off[t + 1] - off[t]
