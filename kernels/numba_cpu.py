@@ -807,13 +807,14 @@ def _tile_buffer():
     The tile loops store to one row and load from another (and from the operands)
     in the same iteration; x86 cores take a load whose address equals an earlier
     in-flight store's modulo 4 KiB as dependent on it until the full addresses are
-    checked ("4K aliasing"), a stall per element.  With rows 512 floats apart,
-    rows r and r + 2 were 4 KiB apart, and where the buffer itself began modulo
-    4 KiB depended on the heap's history: the same kernel ran 2-3x slower in a
-    process that had just compiled it (a heap grown by the compiler) than in one
-    that loaded it from the cache.  So the rows are padded (``_TILE_STRIDE``) and the
-    buffer starts at ``_TILE_PHASE`` bytes past a 4 KiB boundary, away from the
-    operands (large arrays start 16 bytes past a page).
+    checked ("4K aliasing").  With rows 512 floats apart, rows r and r + 2 were
+    exactly 4 KiB apart, and where the buffer began in its page depended on the
+    heap's history (in one process, allocations made before the steps moved a
+    one-thread bfloat16 Adam step between 7.2 and 11.5 ms).  So the rows are
+    padded (``_TILE_STRIDE``) and the buffer starts ``_TILE_PHASE`` bytes past a
+    4 KiB boundary, away from the operands (large arrays start 16 bytes past a
+    page).  A precaution: its effect was not measured apart from the changes of
+    ``_tiled_driver``.
 
     Returns the flat buffer; ``_tile_row`` cuts the rows out of it.
     """
@@ -829,7 +830,7 @@ def _tile_row(buf, r):
     return buf[r * _TILE_STRIDE:r * _TILE_STRIDE + _TILE]
 
 
-#: rule body (a jitted function) -> its ``_apply_tiled`` (see ``_tiled_driver``)
+#: (rule body, entry point mode) -> its ``_apply_tiled`` (see ``_tiled_driver``)
 _TILED_DRIVERS = {}
 
 
@@ -912,6 +913,7 @@ def _tiled_driver(rule_body, rule_mode):
                 _store_f64(fmt[_X_ACC], k * nt + t, sumsq)  # acc[k, t] of the (parts, nt) sums
             t += 1
 
+    _apply_tiled.tile_rule = tile_rule  # for tests/test_numba_tile_loop.py
     _TILED_DRIVERS[key] = _apply_tiled
     return _apply_tiled
 
