@@ -270,6 +270,11 @@ _X_HEAD = 7  # then one storage code per (operand row, tensor): _X_HEAD + row * 
 _C_F32, _C_BF16, _C_F16 = 0, 1, 2
 #: elements per float32 tile of the reduced-precision drivers (7 tiles: 14 KiB per thread)
 _TILE = 512
+#: floats between the starts of two tile rows: 512 + 32, so the seven rows begin at seven
+#: different offsets modulo 4 KiB (see ``_tile_buffer``)
+_TILE_STRIDE = _TILE + 32
+#: where the tile buffer starts modulo 4 KiB, in bytes (see ``_tile_buffer``)
+_TILE_PHASE = 512
 
 
 def _mode(rule, s):
@@ -811,50 +816,122 @@ def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
     return 0.0
 
 
-def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
-    """Part ``k`` of the update pass of a reduced-precision call (``f``: the format vector).
+@njit(inline="always")
+def _tile_buffer():
+    """The ``(_ROWS, _TILE_STRIDE)`` float32 tiles of one part, at a fixed 4 KiB phase.
 
-    Per tile of ``_TILE`` elements: load every operand as float32, run the same
-    pipeline as ``_apply_full`` on the tiles, then either add the squares of the
-    new params to the ``max_norm`` sums (a dry run writes nothing) or scale them
-    by the ``max_norm`` factor and store every written operand with its one
-    rounding.  The grads' norm-clip factors come through the vector
-    (``_X_GSCALE``): the second pass of a trust-ratio rule gets ``lr * trust``
-    (float64, see ``_k_lamb_exact``) as ``scales``.
+    The tile loops store to one row and load from another (and from the operands)
+    in the same iteration; x86 cores take a load whose address equals an earlier
+    in-flight store's modulo 4 KiB as dependent on it until the full addresses are
+    checked ("4K aliasing").  With rows 512 floats apart, rows r and r + 2 were
+    exactly 4 KiB apart, and where the buffer began in its page depended on the
+    heap's history (in one process, allocations made before the steps moved a
+    one-thread bfloat16 Adam step between 7.2 and 11.5 ms).  So the rows are
+    padded (``_TILE_STRIDE``) and the buffer starts ``_TILE_PHASE`` bytes past a
+    4 KiB boundary, away from the operands (large arrays start 16 bytes past a
+    page).  A precaution: its effect was not measured apart from the changes of
+    ``_tiled_driver``.
+
+    Returns the flat buffer; ``_tile_row`` cuts the rows out of it.
     """
-    nt = off.shape[0] - 1
-    t, hi = _tensors(k, parts, off, total)
-    c = to_fixed_tuple(cs, _NSCALARS)
-    l2, decay = c[_S_L2], c[_S_DECAY]
-    use_l2 = l2 != c[_ZERO]
-    fmt = f
-    f = fmt[_X_FLAGS]
-    dry = fmt[_X_DRY] != 0
-    gscale = numba.carray(_as_ptr(fmt[_X_GSCALE], cs[0]), nt)  # the norm-clip factors
-    tiles = np.empty((_ROWS, _TILE), np.float32)
-    pt, gt = tiles[_P], tiles[_G]
-    s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
-    while t < nt and off[t] < hi:
-        a, b = _range(k, parts, off, total, t)
-        n = off[t + 1] - off[t]
-        ts, gs = scales[t], gscale[t]
-        sumsq = 0.0
-        base = a
-        while base < b:
-            m = min(_TILE, b - base)
-            _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
-            for j in range(_U64(m)):
-                x = _clip(gt[j] * c[_GINV], c[_GCLIP]) * gs
-                pi = pt[j]
-                if use_l2:
-                    x = x + l2 * pi
-                pi = pi * decay
-                pt[j] = _clip(body(j, x, pi, s0, s1, s2, e, c, f, ts, mode | _V_TILE), c[_WCLIP])
-            sumsq += _finish_tile(tiles, ptr, fmt, t, nt, base, m, n)
-            base += m
-        if dry:
-            _store_f64(fmt[_X_ACC], k * nt + t, sumsq)  # acc[k, t] of the (parts, nt) sums
-        t += 1
+    size = _ROWS * _TILE_STRIDE
+    raw = np.empty(size + 1024, np.float32)
+    o = ((_TILE_PHASE - np.int64(raw.ctypes.data) % 4096) % 4096) // 4  # < 1024 spare floats
+    return raw[o:o + size]
+
+
+@njit(inline="always")
+def _tile_row(buf, r):
+    """Row ``r`` of the flat tile buffer (``r`` a constant: see ``_apply_tiled``)."""
+    return buf[r * _TILE_STRIDE:r * _TILE_STRIDE + _TILE]
+
+
+#: (rule body, entry point mode) -> its ``_apply_tiled`` (see ``_tiled_driver``)
+_TILED_DRIVERS = {}
+
+
+def _tiled_driver(rule_body, rule_mode):
+    """``_apply_tiled`` for one rule body and mode: the driver the ``_apply`` overload picks.
+
+    The rule loop over the tiles is a jitted function of its own (``tile_rule``),
+    not inlined by Numba.  Written inline in the driver, the loop came out scalar
+    in the copy of the kernel that a compiling process runs (Numba's parfor
+    lowering compiles the loop's function once on its own and once more inside the
+    entry point, and the process calls the first copy; only the second, which the
+    on-disk cache stores, was vectorized -- see "Speed of the tiled loop" in
+    docs/design.md).  As a function of its own, with the rows at constant offsets
+    of one flat buffer (so LLVM sees that they cannot overlap and needs no run-time
+    overlap checks), it vectorizes in every copy.  The body is a closure variable,
+    not an argument: a jitted function passed as an argument to a non-inlined
+    function becomes a run-time address, which keeps Numba from caching the kernel.
+    ``rule_mode`` (the entry point's variant bits, a constant of its source) is a
+    closure constant too, so the body's variant tests fold away in ``tile_rule``'s
+    own compile; ``None`` when the caller's mode was not a literal (it then goes
+    through as an argument).
+    """
+    key = (rule_body, rule_mode)
+    driver = _TILED_DRIVERS.get(key)
+    if driver is not None:
+        return driver
+    tile_mode = -1 if rule_mode is None else rule_mode | _V_TILE
+
+    @njit(nogil=True, error_model="numpy")
+    def tile_rule(mode, m, buf, c, f, ts, gs, use_l2):
+        # The pipeline of _apply_full and the rule body over the first m floats of
+        # the tiles.
+        pt, gt = _tile_row(buf, _P), _tile_row(buf, _G)
+        s0, s1, s2, e = (_tile_row(buf, _S0), _tile_row(buf, _S1), _tile_row(buf, _S2),
+                         _tile_row(buf, _E))
+        l2, decay = c[_S_L2], c[_S_DECAY]
+        for j in range(_U64(m)):
+            x = _clip(gt[j] * c[_GINV], c[_GCLIP]) * gs
+            pi = pt[j]
+            if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
+                x = x + l2 * pi
+            pi = pi * decay
+            pt[j] = _clip(rule_body(j, x, pi, s0, s1, s2, e, c, f, ts,
+                                    mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+
+    def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
+        """Part ``k`` of the update pass of a reduced-precision call (``f``: the format vector).
+
+        Per tile of ``_TILE`` elements: load every operand as float32, run the same
+        pipeline as ``_apply_full`` on the tiles, then either add the squares of the
+        new params to the ``max_norm`` sums (a dry run writes nothing) or scale them
+        by the ``max_norm`` factor and store every written operand with its one
+        rounding.  The grads' norm-clip factors come through the vector
+        (``_X_GSCALE``): the second pass of a trust-ratio rule gets ``lr * trust``
+        (float64, see ``_k_lamb_exact``) as ``scales``.
+        """
+        nt = off.shape[0] - 1
+        t, hi = _tensors(k, parts, off, total)
+        c = to_fixed_tuple(cs, _NSCALARS)
+        use_l2 = c[_S_L2] != c[_ZERO]
+        fmt = f
+        f = fmt[_X_FLAGS]
+        dry = fmt[_X_DRY] != 0
+        gscale = numba.carray(_as_ptr(fmt[_X_GSCALE], cs[0]), nt)  # the norm-clip factors
+        buf = _tile_buffer()
+        tiles = buf.reshape((_ROWS, _TILE_STRIDE))  # the same memory, for the loaders
+        while t < nt and off[t] < hi:
+            a, b = _range(k, parts, off, total, t)
+            n = off[t + 1] - off[t]
+            ts, gs = scales[t], gscale[t]
+            sumsq = 0.0
+            base = a
+            while base < b:
+                m = min(_TILE, b - base)
+                _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
+                tile_rule(mode | _V_TILE, m, buf, c, f, ts, gs, use_l2)
+                sumsq += _finish_tile(tiles, ptr, fmt, t, nt, base, m, n)
+                base += m
+            if dry:
+                _store_f64(fmt[_X_ACC], k * nt + t, sumsq)  # acc[k, t] of the (parts, nt) sums
+            t += 1
+
+    _apply_tiled.tile_rule = tile_rule  # for tests/test_numba_tile_loop.py
+    _TILED_DRIVERS[key] = _apply_tiled
+    return _apply_tiled
 
 
 def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
@@ -870,7 +947,7 @@ def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     c = to_fixed_tuple(cs, _NSCALARS)
     fmt = f
     f = fmt[_X_FLAGS]
-    tiles = np.empty((_ROWS, _TILE), np.float32)
+    tiles = _tile_buffer().reshape((_ROWS, _TILE_STRIDE))
     pt, gt = tiles[_P], tiles[_G]
     s0, s1, s2, e = tiles[_S0], tiles[_S1], tiles[_S2], tiles[_E]
     while t < nt and off[t] < hi:
@@ -905,9 +982,16 @@ def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
 _BODY_JIT = {"error_model": "numpy"}
 
 
-@overload(_apply, inline="always", jit_options=_BODY_JIT)
+# ``prefer_literal``: the entry point's mode (a constant in its source) is first offered
+# as a literal; the tiled driver bakes it into its rule loop (``_tiled_driver``), while
+# the full-precision driver declines the literal and is typed with a plain int, as
+# it always was.
+@overload(_apply, inline="always", prefer_literal=True, jit_options=_BODY_JIT)
 def _apply_overload(body, mode, k, parts, ptr, off, total, scales, cs, f):
-    return _apply_tiled if isinstance(f, types.Array) else _apply_full
+    literal = isinstance(mode, types.IntegerLiteral)
+    if isinstance(f, types.Array):
+        return _tiled_driver(body.dispatcher, mode.literal_value if literal else None)
+    return None if literal else _apply_full
 
 
 @overload(_reduce, inline="always", jit_options=_BODY_JIT)

@@ -1,0 +1,69 @@
+"""The Numba backend's 16-bit rule loop: vectorized in every compiled copy, and cacheable.
+
+A kernel's parfor body is compiled twice by Numba (once on its own, once inside the entry
+point), and a process that has just compiled the kernel runs the first copy, while the
+on-disk cache stores the second (docs/design.md, "Speed of the tiled loop").  The rule loop
+of the tiled driver is therefore a jitted function of its own that must be vector code in its
+own compile; these tests read that compile's assembly instead of timing anything.
+"""
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+
+pytestmark = pytest.mark.skipif(not fo._backend.available("numba"), reason="numba not installed")
+
+
+@pytest.fixture(scope="module")
+def K():
+    from fastopt.kernels import numba_cpu
+
+    return numba_cpu
+
+
+def _run_tile_rule(K, body, mode, c):
+    rule = K._tiled_driver(body, mode).tile_rule
+    buf = np.zeros(K._ROWS * K._TILE_STRIDE, np.float32)
+    buf[:] = np.linspace(0.5, 1.5, buf.size, dtype=np.float32)
+    rule(np.int64(0), np.int64(K._TILE), buf, c, np.int64(0), np.float32(1), np.float32(1), False)
+    return rule, buf
+
+
+def _scalars(K):
+    c = np.full(K._NSCALARS, 0.5, np.float32)
+    c[K._GINV] = 1
+    c[K._GCLIP] = c[K._WCLIP] = np.inf
+    c[K._ZERO] = 0
+    c[K._S_DECAY] = 1
+    return tuple(c)
+
+
+def test_adam_tile_rule_is_vector_code_in_its_own_compile(K):
+    rule, buf = _run_tile_rule(K, K._adam, 0, _scalars(K))
+    asm = rule.inspect_asm(rule.signatures[-1])
+    # the packed square root of Adam's denominator; a scalar loop has only sqrtss
+    assert "sqrtps" in asm, "the 16-bit Adam rule loop compiled to scalar code"
+    # and it computed something: the params row (row _P) changed from its start values
+    start = np.linspace(0.5, 1.5, buf.size, dtype=np.float32)
+    assert not np.array_equal(buf[:K._TILE], start[:K._TILE])
+
+
+def test_tiled_drivers_are_made_once_per_body_and_mode(K):
+    a = K._tiled_driver(K._adam, 0)
+    assert K._tiled_driver(K._adam, 0) is a
+    assert K._tiled_driver(K._adam, K._V_ADAM_AMSGRAD) is not a
+    assert K._tiled_driver(K._sgd, 0) is not a
+
+
+def test_16bit_lion_kernel_has_no_runtime_addresses(K):
+    """A jitted body passed as an argument to a non-inlined function becomes a run-time
+    address (a "dynamic global"), and Numba then refuses to cache the kernel."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    p = np.linspace(-1, 1, 1029).astype(ml_dtypes.bfloat16)
+    opt = fo.Lion([p], lr=1e-3, backend="numba", state_dtype="param")
+    opt.step([np.ones(1029, ml_dtypes.bfloat16)])
+    libs = [cres.library for sig, cres in K._k_lion.overloads.items()
+            if isinstance(sig[4], __import__("numba").types.Array)]
+    assert libs, "the 16-bit Lion step did not run the tiled kernel"
+    assert not any(lib.has_dynamic_globals for lib in libs)
