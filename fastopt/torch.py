@@ -260,7 +260,7 @@ class _Plan:
     st_tensors: list
     vals: list                   # per group: the option values last checked (None: a tensor
     hp: list                     #   among them, check every step); their host scalars
-    fast: tuple | None = None    # (key, (step plan, grad layout) or None): _fast_step's
+    fast: tuple | None = None    # (hp, key, (step plan, grad layout) or None): _fast_step's
 
 
 def _cacheable(vals):
@@ -276,10 +276,10 @@ _data_ptr = torch.Tensor.data_ptr
 
 
 def _grad_layout(g):
-    """What the pointer plan of a step needs of a grad: dtype, shape, strides, on the CPU,
-    dense, no lazy negation (``torch._neg_view``: its memory holds -g); compared as one
+    """What the pointer plan of a step needs of a grad: dtype, shape, strides (a sparse
+    grad has none: ``stride()`` raises), on the CPU, no lazy negation (``torch._neg_view``: its memory holds -g); compared as one
     tuple with the param's (``Optimizer._fast_step``)."""
-    return (g.dtype, g.shape, g.stride(), g.is_cpu, g.is_sparse, g.is_neg())
+    return (g.dtype, g.shape, g.stride(), g.is_cpu, g.is_neg())  # (a sparse grad: no stride())
 
 
 def _contiguous_strides(shape):
@@ -683,28 +683,32 @@ class Optimizer(torch.optim.Optimizer):
         grads first unless ``nonfinite='ignore'`` (in the same kernel call where the step
         runs as one part).  A non-finite grad goes back to the full
         step, which raises or skips with nothing written.  The same kernels run as on the
-        full step, so the results are bit-identical (tests/test_torch_adapter.py).
+        full step, so the results are bit-identical (tests/test_torch_fast_step.py).
         """
         if len(plan.parts) != 1 or len(plan.parts[0]) != 1 or plan.vals[0] is None:
             return False
         part = plan.parts[0][0]
         hp = plan.hp[0]
         fast = plan.fast
-        # what the plan's construction reads of the options (its scalars come per step):
-        # the pipeline's, and every flag, as flags pick the kernel's variant (nesterov)
-        key = (self.backend, hp["weight_clip"], hp["clip_norm"], hp["clip_global_norm"],
-               hp["max_norm"], hp["clip_value"], hp.get("hessian_power"),
-               tuple(sorted((k, v) for k, v in hp.items() if isinstance(v, bool))))
-        if fast is None or fast[0] != key:
-            fast = plan.fast = (key, self._pointer_plan(part, hp))
-        sp = fast[1]
+        if fast is None or fast[0] is not hp:  # new options were checked (an lr schedule)
+            # what the plan's construction reads of the options (its scalars come per step):
+            # the pipeline's, and every flag, as flags pick the kernel's variant (nesterov)
+            key = (self.backend, hp["weight_clip"], hp["clip_norm"], hp["clip_global_norm"],
+                   hp["max_norm"], hp["clip_value"], hp.get("hessian_power"),
+                   tuple(sorted((k, v) for k, v in hp.items() if isinstance(v, bool))))
+            sp = fast[2] if fast is not None and fast[1] == key else self._pointer_plan(part, hp)
+            fast = plan.fast = (hp, key, sp)
+        sp = fast[2]
         if sp is None:
             return False
         step_plan, want = sp
         present = [x for x in grads if x is not None]  # (``None in grads`` would call Tensor.__eq__)
-        if list(map(_grad_layout, present)) != want:
+        try:
+            if list(map(_grad_layout, present)) != want:
+                return False
+        except RuntimeError:  # a sparse grad: the full step says what is wrong
             return False
-        step_plan.set_grads(list(map(_data_ptr, present)))
+        step_plan.set_grads(np.fromiter(map(_data_ptr, present), np.int64, len(present)))
         t = part.t + 1
         s, new_gs = self.rule.step_scalars(hp, t, part.gstate)
         if not step_plan.update(s, check=nonfinite != "ignore"):
@@ -735,7 +739,7 @@ class Optimizer(torch.optim.Optimizer):
             return None
         if sp is None:
             return None
-        want = [(p.dtype, p.shape, _contiguous_strides(p.shape), True, False, False)
+        want = [(p.dtype, p.shape, _contiguous_strides(p.shape), True, False)
                 for p in part.params]
         return sp, want
 

@@ -239,3 +239,19 @@ def test_fast_step_reads_the_grads_in_place_each_step():
     assert used[0] >= 4
     ref = np.asarray(a[0].detach())
     assert np.all(np.isfinite(ref))
+
+
+def test_sparse_grad_after_fast_steps_is_the_full_steps_error():
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
+    used = _fast_steps(fa)
+    for t in range(3):
+        for pa, g in zip(a, _grads(a, t)):
+            pa.grad = g
+        fa.step()
+    assert used[0] >= 2
+    a[0].grad = a[0].grad.to_sparse()
+    snapshot = [p.detach().clone() for p in a]
+    with pytest.raises(RuntimeError, match="sparse"):
+        fa.step()
+    for p, s in zip(a, snapshot):
+        assert torch.equal(p.detach(), s)
