@@ -612,8 +612,8 @@ def resolve_precision(param_dtype, grad_dtype=None, *, state_dtype=None, master_
                          f"float16/bfloat16 params), got {state_dtype!r}")
     if kind in what and state is Q8:
         raise ValueError(f"state_dtype: expected None, 'param', 'float32' or 'bfloat16' for "
-                         f"{'Adafactor' if kind == 'factored' else 'Muon'} (the 8-bit block format is for "
-                         f"elementwise moments, not {what[kind]}), got 'q8'")
+                         f"{'Adafactor' if kind == 'factored' else 'Muon'} (the 8-bit block "
+                         f"format is for elementwise moments, not {what[kind]}), got 'q8'")
     master = check_master_weights(dt, master_weights, label)
     sr = check_stochastic_rounding(dt, stochastic_rounding, master, label)
     return Precision(param=dt, compute=compute_dtype(dt), state=state, master_weights=master,
