@@ -715,7 +715,9 @@ class Muon(Optimizer):
     ``sqrt(max(1, A/B))`` (``adjust_lr_fn=None`` or ``"original"``) or ``0.2*sqrt(max(A, B))``
     (``"match_rms_adamw"``).  Params must be 2-D (hidden weight matrices; give biases, gains,
     embeddings and the output layer to AdamW).  The products run in the param's dtype on the
-    backend's BLAS (torch runs them in bfloat16).  float32/float64 params only.
+    backend's BLAS (torch runs them in bfloat16); float16/bfloat16 params in float32 on copies,
+    each array rounded once (docs/design.md, "Precision"; numpy and numba backends; no
+    ``state_dtype="q8"``).
     """ + _PIPELINE_DOC
     rule = RULES["muon"]
 
@@ -849,8 +851,10 @@ class Adafactor(Optimizer):
     batched over the leading ones: n + m state elements for an n x m matrix instead of Adam's
     2nm.  A 0-/1-D param keeps a full ``variance`` (``V``).  ``eps = (eps1, eps2)``; ``eps1``
     None is the param dtype's machine epsilon.  ``weight_decay`` is decoupled.  The
-    relative step is torch's (``lr`` capped by ``1/sqrt(t)``).  float32/float64 params and
-    state only (the factors are not elementwise state: no 8-bit or 16-bit form).
+    relative step is torch's (``lr`` capped by ``1/sqrt(t)``).  float16/bfloat16 params run in
+    float32 on copies, each array rounded once (docs/design.md, "Precision"; numpy and numba
+    backends); the factors are not elementwise state: no 8-bit form, and float32/float64
+    params keep them in their own dtype.
     """ + _PIPELINE_DOC
     rule = RULES["adafactor"]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ._backend import Pre, get_kernel, get_ops, is_plain
 from ._rules import CLIP_EPS, Rule
+from ._widen import check_backend, widened_step, widens
 
 
 @dataclass
@@ -129,6 +130,8 @@ def clip_scales(xp, sumsq, hp):
 
 def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv_scale) -> StepInfo:
     """One step of ``rule`` over validated groups (see the module docstring)."""
+    # Muon/Adafactor buckets of 16-bit params run through fastopt._widen (no CuPy form)
+    check_backend(rule, backend, [b.precision for gs in groups for b in gs.buckets])
     ops = get_ops(backend)
     kernel = get_kernel(rule.name, backend)
     xp = ops.xp
@@ -194,7 +197,10 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
                       scales=bscales, weight_clip=hp["weight_clip"], precision=b.precision,
                       step=t_g, max_norm=hp["max_norm"] if b.precision is not None else None,
                       shapes=b.shapes)
-            kernel(b.params, grads, b.states, scalars, pre, extras)
+            if widens(rule, b.precision):
+                widened_step(kernel, b.params, grads, b.states, scalars, pre, extras)
+            else:
+                kernel(b.params, grads, b.states, scalars, pre, extras)
             if hp["max_norm"] is not None and b.precision is None:
                 pn = xp.sqrt(ops.sumsq(b.params))
                 ops.scale_(b.params, xp.minimum(1.0, hp["max_norm"] / (pn + CLIP_EPS)))

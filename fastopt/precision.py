@@ -599,22 +599,21 @@ def resolve_precision(param_dtype, grad_dtype=None, *, state_dtype=None, master_
     if kind == "dense_solve" and dt not in (_F32, _F64):
         raise TypeError(f"{label}: expected dtype float32 or float64 (the dense Newton solve has "
                         f"no reduced-precision form), got {dt}")
-    if kind == "orthogonalize" and dt not in (_F32, _F64):
-        raise TypeError(f"{label}: expected dtype float32 or float64 (Muon's Newton-Schulz matrix "
-                        f"products have no reduced-precision form here), got {dt}")
-    if kind == "factored" and dt not in (_F32, _F64):
-        raise TypeError(f"{label}: expected dtype float32 or float64 (Adafactor's factored "
-                        f"second moments have no reduced-precision kernels), got {dt}")
     if grad_dtype is not None:
         check_grad_dtype(dt, grad_dtype, label.replace("params", "grads", 1))
     state = resolve_state_dtype(dt, state_dtype, label)
-    if kind == "factored" and state != dt:
-        raise ValueError(f"state_dtype: expected None or 'param' for Adafactor (its row/column "
-                         f"factors are not elementwise state: they are kept in the param's "
-                         f"dtype, never 8-bit or 16-bit), got {state_dtype!r}")
-    if kind == "orthogonalize" and state != dt:
-        raise ValueError(f"state_dtype: expected None or 'param' for Muon (its momentum buffer is "
-                         f"kept in the param's dtype), got {state_dtype!r}")
+    # Muon and Adafactor take 16-bit params through the widening driver (fastopt._widen,
+    # docs/design.md "Precision"): float32 copies, the float32 kernel, one rounding per write
+    what = {"factored": "Adafactor's row/column factors", "orthogonalize": "Muon's momentum buffer"}
+    if kind in what and not is_16bit(dt) and state != dt:
+        raise ValueError(f"state_dtype: expected None or 'param' for "
+                         f"{'Adafactor' if kind == 'factored' else 'Muon'} with {dt} params "
+                         f"({what[kind]}: kept in the param's dtype; a narrower state is for "
+                         f"float16/bfloat16 params), got {state_dtype!r}")
+    if kind in what and state is Q8:
+        raise ValueError(f"state_dtype: expected None, 'param', 'float32' or 'bfloat16' for "
+                         f"{'Adafactor' if kind == 'factored' else 'Muon'} (the 8-bit block "
+                         f"format is for elementwise moments, not {what[kind]}), got 'q8'")
     master = check_master_weights(dt, master_weights, label)
     sr = check_stochastic_rounding(dt, stochastic_rounding, master, label)
     return Precision(param=dt, compute=compute_dtype(dt), state=state, master_weights=master,

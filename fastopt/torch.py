@@ -1297,9 +1297,10 @@ class Adafactor(Optimizer):
     rule = RULES["adafactor"]
     __doc__ = "Adafactor (factored second moments)." + _DOC.format(
         torch="Adafactor", extra="; ``row_var``/``col_var`` (params of two or more dims) and "
-        "``variance`` (0-/1-D params) are kept under torch's names and shapes; float32/float64 "
-        "params only") + """
-    ``state_dtype`` other than None/``"param"`` is refused: the factors are not elementwise.
+        "``variance`` (0-/1-D params) are kept under torch's names and shapes") + """
+    ``state_dtype="q8"`` is refused (the factors are not elementwise), and so is a state dtype
+    other than the param's for float32/float64 params; float16/bfloat16 params take None
+    (float32 factors), ``"param"`` or ``"bfloat16"``.
 """
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,

@@ -501,6 +501,15 @@ except ImportError:  # pragma: no cover - the bf16 extra is part of the test ext
 #: last-bit differences grow to ~1e-11 relative on the well-conditioned test problems.
 TOL["sparse-adam-torch"] = dict(rtol=1e-12, atol=1e-13)
 TOL["lbfgs-torch"] = dict(rtol=1e-8, atol=1e-9)
+#: torch.optim.Muon/Adafactor on bfloat16 params (every operation in bfloat16) against fastopt
+#: with state_dtype="param" (bf16 state, float32 arithmetic, one rounding per write), over 5
+#: steps of O(1) params (|p| < 4, where a bfloat16 ulp is at most 2**-6): where the two updates
+#: differ, the param can round to the other neighbour, one ulp per step at most.  Muon: torch's
+#: Newton-Schulz in bfloat16 has errors of 1-2% in its O(1) entries, times lr*ratio ~0.05-0.09,
+#: ~0.002 a step on top: 5 steps * 2**-6 (measured 2**-5).  Adafactor: its bf16 update is
+#: alpha*u with ~0.5% error, far below a param ulp: one ulp in all (measured 2**-8).
+TOL["muon-torch-bf16"] = dict(rtol=0, atol=5 * 2.0 ** -6)
+TOL["adafactor-torch-bf16"] = dict(rtol=0, atol=2.0 ** -6)
 STEPS = 7
 SIZES = (1, 7, 278011)
 #: The largest tensor of a rule whose extra input is an ``(n, n)`` matrix (Newton's Hessian).

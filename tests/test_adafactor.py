@@ -192,8 +192,9 @@ def test_functional_matches_the_class():
 
 def test_refusals():
     p16 = [np.zeros((3, 4), np.float16)]
-    with pytest.raises(TypeError, match=r"params\[0\]: expected dtype float32 or float64"):
-        fo.Adafactor(p16)
+    with pytest.raises(ValueError, match=r"state_dtype: expected None, 'param', 'float32' or "
+                                         r"'bfloat16' for Adafactor"):
+        fo.Adafactor(p16, state_dtype="q8", min_8bit_size=0)
     with pytest.raises(ValueError, match=r"state_dtype: expected None or 'param' for Adafactor"):
         fo.Adafactor([np.zeros((300, 40), np.float32)], state_dtype="q8", min_8bit_size=0)
     with pytest.raises(ValueError, match=r"state_dtype: expected None or 'param'"):

@@ -40,9 +40,10 @@ def test_muon_refuses_params_that_are_not_matrices(backend):
     assert all((a == 1).all() for a in p) and not any(b.any() for b in bufs)  # nothing written
 
 
-def test_muon_takes_float32_and_float64_only():
-    with pytest.raises(TypeError, match=r"params\[0\]: expected dtype float32 or float64"):
-        fo.Muon([np.zeros((3, 4), np.float16)])
+def test_muon_state_dtype_refusals():
+    with pytest.raises(ValueError, match=r"state_dtype: expected None, 'param', 'float32' or "
+                                         r"'bfloat16' for Muon"):
+        fo.Muon([np.zeros((3, 4), np.float16)], state_dtype="q8", min_8bit_size=0)
     with pytest.raises(ValueError, match=r"state_dtype: expected None or 'param' for Muon"):
         fo.Muon([np.zeros((3, 4), np.float32)], state_dtype="bfloat16")
 
