@@ -208,8 +208,15 @@ def _step_hooks(func):
         if torch.autograd._profiler_enabled():
             return profiled(*args, **kwargs)
         self = args[0]
-        for pre_hook in itertools.chain(_torch_optimizer._global_optimizer_pre_hooks.values(),
-                                        self._optimizer_step_pre_hooks.values()):
+        pre_global, pre_own = (_torch_optimizer._global_optimizer_pre_hooks,
+                               self._optimizer_step_pre_hooks)
+        post_own, post_global = (self._optimizer_step_post_hooks,
+                                 _torch_optimizer._global_optimizer_post_hooks)
+        if not (pre_global or pre_own or post_own or post_global):  # the usual case: no hooks
+            out = func(*args, **kwargs)
+            self._optimizer_step_code()
+            return out
+        for pre_hook in itertools.chain(pre_global.values(), pre_own.values()):
             result = pre_hook(self, args, kwargs)
             if result is not None:
                 if isinstance(result, tuple) and len(result) == 2:
@@ -219,8 +226,7 @@ def _step_hooks(func):
                                        f"new_kwargs), but got {result}.")
         out = func(*args, **kwargs)
         self._optimizer_step_code()
-        for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
-                                         _torch_optimizer._global_optimizer_post_hooks.values()):
+        for post_hook in itertools.chain(post_own.values(), post_global.values()):
             post_hook(self, args, kwargs)
         return out
 
@@ -273,6 +279,7 @@ def _cacheable(vals):
 
 
 _data_ptr = torch.Tensor.data_ptr
+_NONES = itertools.repeat(None)
 
 
 def _grad_layout(g):
@@ -758,7 +765,9 @@ class Optimizer(torch.optim.Optimizer):
         state tensor (a tensor replaced by hand), and the groups' option values.
         """
         groups = self.param_groups
-        key = tuple(tuple(id(p) for p, x in zip(g["params"], gl) if x is not None)
+        # (``None in gl`` would call Tensor.__eq__; ``is`` over the list stays in C)
+        key = tuple(tuple(map(id, g["params"])) if not any(map(operator.is_, gl, _NONES))
+                    else tuple(id(p) for p, x in zip(g["params"], gl) if x is not None)
                     for g, gl in zip(groups, grads_of))
         plan = self._plan
         if plan is not None and plan.key == key:
