@@ -191,3 +191,19 @@ def test_bad_input_writes_nothing():
     with pytest.raises(FloatingPointError, match="non-finite"):
         opt.step([(np.array([1]), np.array([[np.inf, 1.0]], BF16))])
     assert (p == 1).all() and opt.state[0][0] == {}
+
+
+def test_checkpoint_keeps_bfloat16_bits_and_the_master(tmp_path):
+    params, grads = _problem(BF16, steps=2, seed=4)
+    opts = {"master_weights": True, "state_dtype": "bfloat16"}
+    opt = fo.SparseAdam(params, lr=LR, backend="numpy", **opts)
+    opt.step(grads[0])
+    fo.save(opt, tmp_path / "sparse16.npz")
+    copies = [p.copy() for p in params]
+    again = fo.SparseAdam(copies, lr=LR, backend="numpy", **opts)
+    fo.load(again, tmp_path / "sparse16.npz")
+    assert again.state[0][0]["exp_avg"].dtype == BF16 and "master" in again.state[0][0]
+    opt.step(grads[1])
+    again.step(grads[1])
+    for a, b in zip(params, copies):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
