@@ -198,7 +198,8 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
                       step=t_g, max_norm=hp["max_norm"] if b.precision is not None else None,
                       shapes=b.shapes)
             if widens(rule, b.precision):
-                widened_step(kernel, b.params, grads, b.states, scalars, pre, extras)
+                widened_step(kernel, b.params, grads, b.states, scalars, pre, extras,
+                             rule.nonnegative_state)
             else:
                 kernel(b.params, grads, b.states, scalars, pre, extras)
             if hp["max_norm"] is not None and b.precision is None:

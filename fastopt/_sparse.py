@@ -8,6 +8,18 @@ corrections of the param's own step count (torch keeps ``step`` per param, and a
 whose grad is None is not stepped).  The fused kernels are ``sparse_adam_rows`` in
 ``kernels/reference.py`` (the definition), ``kernels/numba_cpu.py`` and
 ``kernels/cuda/sparse.cu``; see docs/design.md, "LBFGS and SparseAdam".
+
+16-bit params (float16/bfloat16), 16-bit state, master weights and stochastic rounding
+(NumPy arrays, the class only) widen only the touched rows, as ``fastopt._widen`` does for
+whole tensors: the rows the coalesced grad names are gathered into a compact float32
+table (the param's rows, or its float32 master's, and the moments' rows), the backend's
+float32 row kernel steps that table with the indices renumbered 0..k-1, and each row is
+written back once: the moments rounded to nearest-even to their dtype, the master as is,
+the param to nearest-even or stochastically with the counter hash of (seed, the param's
+step, the element's flat index in the FULL param) -- the same bits as stepping a widened
+copy of the whole table and rounding it, untouched rows keeping theirs.  8-bit state is
+refused: a block of 256 codes spans rows, so writing a touched row would re-quantize the
+untouched rows of its blocks (a new absmax moves their codes).
 """
 
 from __future__ import annotations
@@ -17,8 +29,10 @@ import numbers
 import numpy as np
 
 from . import _backend
-from ._rules import (NONFINITE_MODES, OWN_DRIVER_RULES, PIPELINE_DEFAULTS, PRECISION_DEFAULTS,
-                     as_host_scalars, check_hyperparameters)
+from . import precision as _prec
+from ._rules import (NONFINITE_MODES, OWN_DRIVER_RULES, PIPELINE_DEFAULTS, as_host_scalars,
+                     check_hyperparameters)
+from ._state import precision_record
 from ._validate import array_kind, as_list, check_params
 
 RULE = OWN_DRIVER_RULES["sparse_adam"]
@@ -27,9 +41,12 @@ DENSE_MESSAGE = "SparseAdam does not support dense gradients, please consider Ad
 _REFUSED = {
     **{k: "torch.optim.SparseAdam has no grad pipeline besides maximize"
        for k in PIPELINE_DEFAULTS if k != "maximize"},
-    **{k: "SparseAdam takes float32 or float64 params with state in their dtype"
-       for k in PRECISION_DEFAULTS},
+    "min_8bit_size": "it sizes state_dtype='q8', which SparseAdam refuses",
 }
+
+#: why ``state_dtype="q8"`` is refused (see the module docstring)
+Q8_REFUSED = ("a row update would re-quantize whole 256-element blocks of untouched rows; "
+              "use None, 'param' or 'bfloat16'")
 
 
 def coalesce(indices, xp=np):
@@ -98,6 +115,33 @@ def _check_steps_etc(hp, where):
                         "got a callable")
 
 
+def widened_rows(kernel, p, st, vals, order, starts, rows, s, maximize, prec) -> None:
+    """One SparseAdam step of a reduced-precision param (``prec``), widening only its touched
+    rows (see the module docstring): gather, the float32 row ``kernel`` on the compact
+    table, one rounding per element written back."""
+    p2, m2, v2 = _rows2d(p), _rows2d(st["exp_avg"]), _rows2d(st["exp_avg_sq"])
+    master = st.get("master")
+    # fancy indexing copies: every table below is a fresh C-contiguous array
+    work = _rows2d(master)[rows] if master is not None else _prec.to_float32(p2[rows])
+    m = _prec.to_float32(m2[rows])
+    v = _prec.to_float32(v2[rows])
+    g = _prec.to_float32(vals.reshape(vals.shape[0], -1))
+    local = np.arange(rows.shape[0], dtype=np.int64)  # row r of the table is param row rows[r]
+    kernel(work, m, v, g, order, starts, local, s, maximize)
+    m2[rows] = _prec.round_to(m, m2.dtype)
+    v2[rows] = _prec.round_to(v, v2.dtype)
+    if master is not None:
+        _rows2d(master)[rows] = work
+    if prec.stochastic_rounding:
+        width = p2.shape[1]
+        index = (rows.astype(np.uint64)[:, None] * np.uint64(width)
+                 + np.arange(width, dtype=np.uint64)[None, :])
+        p2[rows] = _prec.round_to(work, p2.dtype, stochastic_rounding=True, seed=prec.seed,
+                                  step=st["step"], index=index)
+    else:
+        p2[rows] = _prec.round_to(work, p2.dtype)
+
+
 class SparseAdam:
     """Lazy Adam for embedding tables (torch.optim.SparseAdam semantics).
 
@@ -112,7 +156,8 @@ class SparseAdam:
     rule = RULE
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, maximize=False,
-                 nonfinite="raise", backend="auto", **options):
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0, **options):
         for k in options:
             if k in _REFUSED:
                 raise ValueError(f"{k}: SparseAdam does not take this option ({_REFUSED[k]})")
@@ -142,10 +187,27 @@ class SparseAdam:
                               else f"params[{pi}]")
         self._kind = check_params(flat, labels)
         for p, lab in zip(flat, labels):
-            if p.dtype not in (np.float32, np.float64) or p.ndim < 1:
-                raise TypeError(f"{lab}: expected a float32 or float64 array with a row axis "
-                                f"(SparseAdam updates rows of embedding tables), got "
-                                f"{p.ndim}-D {p.dtype}")
+            if p.ndim < 1 or not (p.dtype in (np.float32, np.float64) or _prec.is_16bit(p.dtype)):
+                raise TypeError(f"{lab}: expected a float16, bfloat16, float32 or float64 array "
+                                f"with a row axis (SparseAdam updates rows of embedding tables), "
+                                f"got {p.ndim}-D {p.dtype}")
+        if isinstance(state_dtype, str) and state_dtype == "q8":
+            raise ValueError(f"state_dtype: expected None, 'param' or 'bfloat16' for SparseAdam, "
+                             f"got 'q8' ({Q8_REFUSED})")
+        self._prec_options = dict(state_dtype=state_dtype, master_weights=master_weights,
+                                  stochastic_rounding=stochastic_rounding, seed=seed)
+        self._precisions = {}
+        for p, lab in zip(flat, labels):
+            if p.dtype not in self._precisions:
+                pr = _prec.resolve_precision(p.dtype, state_dtype=state_dtype,
+                                             master_weights=master_weights,
+                                             stochastic_rounding=stochastic_rounding, seed=seed,
+                                             kind=RULE.kind, label=lab)
+                self._precisions[p.dtype] = None if _backend.is_plain(pr) else pr
+        if self._kind != "numpy" and any(self._precisions.values()):
+            raise TypeError("backend 'cupy': SparseAdam takes float32/float64 params with state "
+                            "in their dtype on the GPU; 16-bit params or state, master_weights "
+                            "and stochastic_rounding run on NumPy arrays")
         for gi, g in enumerate(groups):
             _check_steps_etc({k: v for k, v in g.items() if k != "params"},
                              f"param_groups[{gi}]: " if len(groups) > 1 else "")
@@ -192,14 +254,23 @@ class SparseAdam:
             hp = as_host_scalars({k_: v for k_, v in self.param_groups[gi].items()
                                   if k_ != "params"})
             st = self.state[gi][pi]
+            pr = self._precisions[p.dtype]
             if not st:
                 xp = self._xp
-                st.update(step=0, exp_avg=xp.zeros_like(p), exp_avg_sq=xp.zeros_like(p))
+                sdt = p.dtype if pr is None else pr.state
+                st.update(step=0, exp_avg=xp.zeros_like(p, dtype=sdt),
+                          exp_avg_sq=xp.zeros_like(p, dtype=sdt))
+                if pr is not None and pr.master_weights:
+                    st["master"] = _prec.to_float32(p)
             st["step"] += 1
             if idx.shape[0] == 0:
                 continue  # torch counts the step and skips the update
             s, _ = RULE.scalars(hp, st["step"], {})
             order, starts, rows = coalesce(idx, self._xp)
+            if pr is not None:
+                widened_rows(self._kernel, p, st, vals, order, starts, rows, s,
+                             hp["maximize"], pr)
+                continue
             self._kernel(_rows2d(p), _rows2d(st["exp_avg"]), _rows2d(st["exp_avg_sq"]),
                          vals.reshape(vals.shape[0], -1),
                          order, starts, rows, s, hp["maximize"])
@@ -223,11 +294,12 @@ class SparseAdam:
             for st in self.state[gi]:
                 if st:
                     state[i] = {n: (st[n].get() if self._kind == "cupy" else np.array(st[n]))
-                                for n in RULE.all_state}
+                                for n in RULE.all_state + ("master",) if n in st}
                     state[i]["step"] = np.array(st["step"], np.int64)
                 i += 1
         return {"rule": RULE.name, "step_count": self.step_count, "param_groups": groups,
-                "state": state, "group_state": [{} for _ in groups], "precision": None}
+                "state": state, "group_state": [{} for _ in groups],
+                "precision": precision_record(self._prec_options)}
 
     def load_state_dict(self, state_dict: dict, params=None) -> None:
         """Load a ``state_dict`` (checked whole first; nothing changes on an error)."""
@@ -253,6 +325,12 @@ class SparseAdam:
             _check_steps_etc(hp, f"state_dict['param_groups'][{gi}]: ")
             options.append(hp)
             i += n
+        theirs, mine = sd.get("precision"), precision_record(self._prec_options)
+        if theirs is None:  # a state_dict of a fastopt before 16-bit SparseAdam: the defaults
+            theirs = precision_record({})
+        if theirs != mine:
+            raise ValueError(f"state_dict['precision']: expected this optimizer's precision "
+                             f"options {mine}, got {theirs}")
         params_all = self._params
         state = sd.get("state")
         if not isinstance(state, dict):
@@ -262,14 +340,19 @@ class SparseAdam:
             j = int(key) if isinstance(key, (numbers.Integral, str)) and str(key).isdigit() else -1
             if not 0 <= j < len(params_all) or not isinstance(st, dict):
                 raise ValueError(f"state_dict['state']: bad entry {key!r}")
-            if set(st) != {"exp_avg", "exp_avg_sq", "step"}:
-                raise ValueError(f"state_dict['state'][{j}]: expected exp_avg, exp_avg_sq and "
-                                 f"step, got {sorted(st)}")
             p = params_all[j]
-            for name in RULE.all_state:
+            pr = self._precisions[p.dtype]
+            has_master = pr is not None and pr.master_weights
+            want = {"exp_avg", "exp_avg_sq", "step"} | ({"master"} if has_master else set())
+            if set(st) != want:
+                raise ValueError(f"state_dict['state'][{j}]: expected {sorted(want)}, got "
+                                 f"{sorted(st)}")
+            for name in RULE.all_state + (("master",) if has_master else ()):
                 a = st[name]
-                if not isinstance(a, np.ndarray) or a.shape != p.shape or a.dtype != p.dtype:
-                    raise ValueError(f"state_dict['state'][{j}]['{name}']: expected a {p.dtype} "
+                dt = (np.dtype(np.float32) if name == "master" else
+                      p.dtype if pr is None else pr.state)
+                if not isinstance(a, np.ndarray) or a.shape != p.shape or a.dtype != dt:
+                    raise ValueError(f"state_dict['state'][{j}]['{name}']: expected a {dt} "
                                      f"NumPy array of shape {p.shape}")
                 if not np.isfinite(a).all():
                     raise ValueError(f"state_dict['state'][{j}]['{name}']: expected finite values")
@@ -291,8 +374,8 @@ class SparseAdam:
             for pi in range(len(g["params"])):
                 st = loaded.get(i)
                 self.state[gi][pi] = {} if st is None else {
-                    "step": int(st["step"]), "exp_avg": xp.array(st["exp_avg"]),
-                    "exp_avg_sq": xp.array(st["exp_avg_sq"])}
+                    "step": int(st["step"]),
+                    **{n: xp.array(a) for n, a in st.items() if n != "step"}}
                 i += 1
         if params is not None:
             for p, a in zip(params_all, params):

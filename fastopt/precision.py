@@ -603,17 +603,22 @@ def resolve_precision(param_dtype, grad_dtype=None, *, state_dtype=None, master_
         check_grad_dtype(dt, grad_dtype, label.replace("params", "grads", 1))
     state = resolve_state_dtype(dt, state_dtype, label)
     # Muon and Adafactor take 16-bit params through the widening driver (fastopt._widen,
-    # docs/design.md "Precision"): float32 copies, the float32 kernel, one rounding per write
+    # docs/design.md "Precision"): float32 copies, the float32 kernel, one rounding per write.
+    # Muon's momentum buffer is elementwise state, so the driver also decodes and re-encodes
+    # it in the 8-bit block format (float32 or 16-bit params); Adafactor's row/column
+    # factors are not elementwise: q8 stays refused there.
     what = {"factored": "Adafactor's row/column factors", "orthogonalize": "Muon's momentum buffer"}
-    if kind in what and not is_16bit(dt) and state != dt:
+    if kind == "factored" and state is Q8 and is_16bit(dt):
+        raise ValueError(f"state_dtype: expected None, 'param', 'float32' or 'bfloat16' for "
+                         f"Adafactor (the 8-bit block format is for elementwise moments, not "
+                         f"{what[kind]}), got 'q8'")
+    if kind in what and not is_16bit(dt) and state != dt and \
+            not (kind == "orthogonalize" and state is Q8):
+        q8_too = " or the 8-bit 'q8'" if kind == "orthogonalize" else ""
         raise ValueError(f"state_dtype: expected None or 'param' for "
                          f"{'Adafactor' if kind == 'factored' else 'Muon'} with {dt} params "
-                         f"({what[kind]}: kept in the param's dtype; a narrower state is for "
-                         f"float16/bfloat16 params), got {state_dtype!r}")
-    if kind in what and state is Q8:
-        raise ValueError(f"state_dtype: expected None, 'param', 'float32' or 'bfloat16' for "
-                         f"{'Adafactor' if kind == 'factored' else 'Muon'} (the 8-bit block "
-                         f"format is for elementwise moments, not {what[kind]}), got 'q8'")
+                         f"({what[kind]}: kept in the param's dtype{q8_too}; a narrower float "
+                         f"state is for float16/bfloat16 params), got {state_dtype!r}")
     master = check_master_weights(dt, master_weights, label)
     sr = check_stochastic_rounding(dt, stochastic_rounding, master, label)
     return Precision(param=dt, compute=compute_dtype(dt), state=state, master_weights=master,

@@ -155,9 +155,10 @@ def test_stochastic_rounding_is_reproducible_and_seeded(rule):
 def test_bad_input_writes_nothing(rule):
     cls = CLASSES[rule]
     p16 = [np.ones((3, 4), BF16)]
-    with pytest.raises(ValueError, match=r"state_dtype: expected None, 'param', 'float32' or "
-                                         r"'bfloat16' for (Muon|Adafactor)"):
-        cls(p16, state_dtype="q8", min_8bit_size=0)
+    if rule == "adafactor":  # Muon takes q8 (its momentum is elementwise): tests below
+        with pytest.raises(ValueError, match=r"state_dtype: expected None, 'param', 'float32' "
+                                             r"or 'bfloat16' for Adafactor"):
+            cls(p16, state_dtype="q8", min_8bit_size=0)
     with pytest.raises(ValueError, match=r"master_weights: expected False for params\[0\] of "
                                          r"dtype float32"):
         cls([np.ones((3, 4), np.float32)], master_weights=True)
@@ -252,3 +253,125 @@ def test_state_dict_resumes_bit_for_bit(rule):
     for a, b in zip(params + [a for _, _, a in _states(rule, opt)],
                     copies + [a for _, _, a in _states(rule, again)]):
         np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+# ------------------------------------------------------------------ Muon with 8-bit momentum
+
+#: a q8 matrix (6144 elements, above min_8bit_size) and a small one that keeps float32 state
+Q8_SHAPES = [(64, 96), (5, 7)]
+Q8_CONFIGS = [(np.dtype(np.float32), {}), (BF16, {"stochastic_rounding": True, "seed": 3}),
+              (F16, {"master_weights": True, "weight_decay": 0.1, "max_norm": 20.0})]
+Q8_IDS = ["f32", "bf16-sr", "f16-master-decay-maxnorm"]
+
+
+def _q8_problem(dtype, steps, seed=1):
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s).astype(dtype) for s in Q8_SHAPES]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in Q8_SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def _q8_run(dtype, opts, backend, steps=3):
+    params, grads = _q8_problem(dtype, steps)
+    opt = fo.Muon(params, lr=LR["muon"], state_dtype="q8", backend=backend, **opts)
+    for g in grads:
+        opt.step(g)
+    return params, opt
+
+
+def _q8_oracle(dtype, opts, steps=3):
+    """decode -> the float32 Muon step (functional, plain) -> quantize; the param rounded once
+    (the small matrix keeps a float32 buffer, min_8bit_size)."""
+    params, grads = _q8_problem(dtype, steps)
+    hp = {k: v for k, v in opts.items() if k not in PRECISION_KEYS}
+    masters = [prec.to_float32(p) for p in params] if opts.get("master_weights") else None
+    codes, absmax = fo.quantization.quantize_blockwise(np.zeros(Q8_SHAPES[0], np.float32),
+                                                       signed=True)
+    small = np.zeros(Q8_SHAPES[1], np.float32)
+    for t, g in enumerate(grads, 1):
+        work = [m.copy() for m in masters] if masters else [prec.to_float32(p) for p in params]
+        buf = fo.quantization.dequantize_blockwise(codes, absmax, signed=True)
+        fo.functional.muon(work, [prec.to_float32(x) for x in g], [buf, small], step=t,
+                           lr=LR["muon"], backend="numpy", **hp)
+        codes, absmax = fo.quantization.quantize_blockwise(buf, signed=True)
+        for i, w in enumerate(work):
+            if masters:
+                masters[i] = w
+            params[i] = prec.round_to(w, dtype, stochastic_rounding=bool(
+                opts.get("stochastic_rounding")), seed=opts.get("seed", 0), step=t,
+                index=prec.element_index(w.shape))
+    return params, codes, absmax, small
+
+
+@pytest.mark.parametrize("dtype,opts", Q8_CONFIGS, ids=Q8_IDS)
+def test_muon_q8_is_decode_step_quantize(dtype, opts):
+    params, opt = _q8_run(dtype, opts, "numpy")
+    want_p, codes, absmax, small = _q8_oracle(dtype, opts)
+    st = opt.state[0]
+    assert st[0]["momentum_buffer"].dtype == np.uint8 and "momentum_buffer_absmax" not in st[1]
+    np.testing.assert_array_equal(st[0]["momentum_buffer"], codes)
+    np.testing.assert_array_equal(st[0]["momentum_buffer_absmax"].view(np.uint32),
+                                  absmax.view(np.uint32))
+    np.testing.assert_array_equal(st[1]["momentum_buffer"].view(np.uint32), small.view(np.uint32))
+    for p, w in zip(params, want_p):
+        assert p.dtype == dtype
+        np.testing.assert_array_equal(_bits(p), _bits(w))
+
+
+@pytest.mark.parametrize("dtype,opts", Q8_CONFIGS, ids=Q8_IDS)
+def test_muon_q8_numba_matches_the_reference_bit_for_bit(dtype, opts):
+    if not fo.backends()["numba"]["available"]:
+        pytest.skip("numba is not available")
+    ref_p, ref = _q8_run(dtype, opts, "numpy")
+    got_p, got = _q8_run(dtype, opts, "numba")
+    assert got.backend == "numba"
+    for a, b in zip(ref_p, got_p):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    for sa, sb in zip(ref.state[0], got.state[0]):
+        assert sorted(sa) == sorted(sb)
+        for n in sa:
+            np.testing.assert_array_equal(sa[n].view(np.uint8), sb[n].view(np.uint8), err_msg=n)
+
+
+def test_muon_q8_trajectory_stays_near_the_float32_one():
+    """test_q8_state's criterion on its least-squares problem (one 72 x 64 matrix, 200
+    minibatch steps): ||p_q8 - p_32|| / ||p_32 - p_0|| < 0.05."""
+    from test_q8_state import _run as q8_run
+
+    opts = dict(lr=0.02, weight_decay=0.0)
+    x0, x32, _ = q8_run("Muon", opts, 200)
+    _, x8, opt = q8_run("Muon", opts, 200, state_dtype="q8")
+    assert opt.state[0][0]["momentum_buffer"].dtype == np.uint8
+    moved = np.linalg.norm((x32 - x0).astype(np.float64))
+    assert moved > 1.0
+    ratio = np.linalg.norm((x8 - x32).astype(np.float64)) / moved
+    assert ratio < 0.05, ratio
+
+
+def test_muon_q8_state_dict_round_trip_and_nbytes():
+    params, grads = _q8_problem(BF16, steps=2, seed=8)
+    opt = fo.Muon(params, lr=LR["muon"], state_dtype="q8", backend="numpy")
+    opt.step(grads[0])
+    sd = opt.state_dict()
+    assert sd["state"][0]["momentum_buffer"].dtype == np.uint8 and "q8" in sd
+    copies = [p.copy() for p in params]
+    again = fo.Muon(copies, lr=LR["muon"], state_dtype="q8", backend="numpy")
+    again.load_state_dict(sd)
+    opt.step(grads[1])
+    again.step(grads[1])
+    for a, b in zip(params, copies):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    for sa, sb in zip(opt.state[0], again.state[0]):
+        for n in sa:
+            np.testing.assert_array_equal(sa[n].view(np.uint8), sb[n].view(np.uint8), err_msg=n)
+    n_big, n_small = 64 * 96, 5 * 7
+    assert opt.state_nbytes() == fo.quantization.q8_nbytes(n_big) + 4 * n_small
+    assert fo.quantization.q8_nbytes(n_big) == n_big + 4 * (n_big // 256)
+
+
+def test_muon_q8_refusals():
+    with pytest.raises(ValueError, match=r"state_dtype.*float64.*'q8'"):
+        fo.Muon([np.zeros((300, 40))], state_dtype="q8")
+    with pytest.raises(ValueError, match=r"state_dtype: expected None or 'param' for Adafactor "
+                                         r"with float32 params"):
+        fo.Adafactor([np.zeros((300, 40), np.float32)], state_dtype="q8", min_8bit_size=0)
