@@ -241,8 +241,8 @@ class Split:
     y_test: np.ndarray
 
 
-def load_digits_split(seed: int = 0, test_fraction: float = 0.2, dtype=np.float32) -> Split:
-    """scikit-learn's digits: shuffled by ``seed``, split, standardised by the train statistics."""
+def _shuffled_digits(seed: int):
+    """scikit-learn's digits ``(x, y)`` in the order of ``seed``'s permutation."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -250,7 +250,13 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2, dtype=np.float3
                          "pip install 'fastopt[demo]'") from e
     x, y = load_digits(return_X_y=True)
     order = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[order].astype(np.float64), y[order].astype(np.int64)
+    return x[order], y[order]
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2, dtype=np.float32) -> Split:
+    """scikit-learn's digits: shuffled by ``seed``, split, standardised by the train statistics."""
+    x, y = _shuffled_digits(seed)
+    x, y = x.astype(np.float64), y.astype(np.int64)
     n_test = int(round(len(y) * test_fraction))
     x_train, x_test = x[n_test:], x[:n_test]
     mean = x_train.mean(axis=0)
@@ -689,16 +695,10 @@ def load_digit_tokens(seed: int = 0, test_fraction: float = 0.2):
     64 x 17 = 1088 rows of an embedding table; every image is 64 tokens (int64).  The split
     and its order are :func:`load_digits_split`'s for the same ``seed``.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise SystemExit("the demo needs scikit-learn for its data set: "
-                         "pip install 'fastopt[demo]'") from e
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    levels = np.rint(x[order]).astype(np.int64)
+    x, y = _shuffled_digits(seed)
+    levels = np.rint(x).astype(np.int64)
     tokens = DIGIT_LEVELS * np.arange(x.shape[1]) + levels
-    y = y[order].astype(np.int64)
+    y = y.astype(np.int64)
     n_test = int(round(len(y) * test_fraction))
     return tokens[n_test:], y[n_test:], tokens[:n_test], y[:n_test]
 
