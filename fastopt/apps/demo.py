@@ -449,8 +449,20 @@ def _training(fn):
     return wrapper
 
 
+class _StepTimes:
+    """Per-step time and optimizer share of a run with ``steps``, ``step_s``, ``opt_s``."""
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.step_s / max(self.steps, 1)
+
+    @property
+    def opt_share(self) -> float:
+        return self.opt_s / self.step_s if self.step_s > 0 else 0.0
+
+
 @dataclass
-class Result:
+class Result(_StepTimes):
     """One optimizer's run.  Times are of the training steps only (see :func:`train`)."""
 
     name: str
@@ -469,13 +481,6 @@ class Result:
     state_bytes: int = 0   # the optimizer's state_nbytes() at the end of the run
     n_params: int = 0      # parameter elements of the network
 
-    @property
-    def ms_per_step(self) -> float:
-        return 1e3 * self.step_s / max(self.steps, 1)
-
-    @property
-    def opt_share(self) -> float:
-        return self.opt_s / self.step_s if self.step_s > 0 else 0.0
 
 
 def _warm_up(name, params, grads, **opt_kwargs) -> float:
@@ -742,7 +747,7 @@ class EmbeddingBag:
 
 
 @dataclass
-class SparseResult:
+class SparseResult(_StepTimes):
     name: str
     initial_loss: float
     train_loss: float
@@ -752,14 +757,6 @@ class SparseResult:
     step_s: float          # forward + backward + optimizer, summed over the steps
     opt_s: float
     backend: str = ""
-
-    @property
-    def ms_per_step(self) -> float:
-        return 1e3 * self.step_s / max(self.steps, 1)
-
-    @property
-    def opt_share(self) -> float:
-        return self.opt_s / self.step_s if self.step_s > 0 else 0.0
 
 
 #: ``--sparse``'s learning rate for both the table and the classifier.  Tried 3e-3, 1e-2,
