@@ -42,6 +42,15 @@ def _same(a, b, oa, ob):
             assert torch.equal(sa[k], sb[k]), k
 
 
+def _step_both(fa, fb, a, b, grads):
+    """``grads`` on ``a``, copies of them on ``b``; one step of each; bit-identical after it."""
+    for pa, pb, g in zip(a, b, grads):
+        pa.grad, pb.grad = g, None if g is None else g.clone()
+    fa.step()
+    fb.step()
+    _same(a, b, fa, fb)
+
+
 def _fast_steps(opt):
     """How many of the next steps ran through the pointer plan: wraps ``_fast_step``."""
     count = [0]
@@ -68,11 +77,7 @@ def test_fast_step_is_bit_identical_to_the_full_step(cls, opts, dtype):
     fa, fb, a, b = _pair(cls, dtype=dtype, **opts)
     used = _fast_steps(fa)
     for t in range(6):
-        for pa, pb, g in zip(a, b, _grads(a, t)):  # new grad tensors each step (set_to_none)
-            pa.grad, pb.grad = g, g.clone()
-        fa.step()
-        fb.step()
-        _same(a, b, fa, fb)
+        _step_both(fa, fb, a, b, _grads(a, t))  # new grad tensors each step (set_to_none)
     assert used[0] >= 5  # the first step builds the plan; the rest take the fast step
 
 
@@ -80,37 +85,22 @@ def test_fast_step_falls_back_for_grads_it_cannot_take():
     fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
     used = _fast_steps(fa)
     for t in range(3):
-        for pa, pb, g in zip(a, b, _grads(a, t)):
-            pa.grad, pb.grad = g, g.clone()
-        fa.step()
-        fb.step()
+        _step_both(fa, fb, a, b, _grads(a, t))
     before = used[0]
     # a non-contiguous grad (a transposed view): the full step copies it
     g = _grads(a, 10)
     g[1] = torch.randn(a[1].shape[::-1]).t()
     assert not g[1].is_contiguous()
-    for pa, pb, x in zip(a, b, g):
-        pa.grad, pb.grad = x, x.clone()
-    fa.step()
-    fb.step()
-    _same(a, b, fa, fb)
+    _step_both(fa, fb, a, b, g)
     assert used[0] == before
     # a broadcast grad (stride 0): the full step reads a contiguous copy
-    for pa, pb, x in zip(a, b, _grads(a, 12)):
-        pa.grad, pb.grad = x, x.clone()
-    a[0].grad = torch.full((1,), 0.25).expand(a[0].shape)
-    b[0].grad = a[0].grad.clone()
+    g = _grads(a, 12)
+    g[0] = torch.full((1,), 0.25).expand(a[0].shape)
     before = used[0]
-    fa.step()
-    fb.step()
-    _same(a, b, fa, fb)
+    _step_both(fa, fb, a, b, g)
     assert used[0] == before
     # and back to plain grads: the fast step again
-    for pa, pb, x in zip(a, b, _grads(a, 13)):
-        pa.grad, pb.grad = x, x.clone()
-    fa.step()
-    fb.step()
-    _same(a, b, fa, fb)
+    _step_both(fa, fb, a, b, _grads(a, 13))
     assert used[0] == before + 1
     # a grad with torch's lazy negation bit: its memory holds -g, the fast step must not read it
     for pa, pb, x in zip(a, b, _grads(a, 13)):
@@ -124,18 +114,11 @@ def test_fast_step_falls_back_for_grads_it_cannot_take():
     assert used[0] == before
     # a param without a grad this step: a new plan; that param is one step behind from now on, so its
     # group runs at two step counts (the full step, as torch keeps a step per param)
-    for pa, pb, x in zip(a, b, _grads(a, 11)):
-        pa.grad, pb.grad = x, x.clone()
-    a[2].grad = b[2].grad = None
-    fa.step()
-    fb.step()
-    _same(a, b, fa, fb)
+    g = _grads(a, 11)
+    g[2] = None
+    _step_both(fa, fb, a, b, g)
     for t in range(14, 16):
-        for pa, pb, x in zip(a, b, _grads(a, t)):
-            pa.grad, pb.grad = x, x.clone()
-        fa.step()
-        fb.step()
-        _same(a, b, fa, fb)
+        _step_both(fa, fb, a, b, _grads(a, t))
 
 
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
@@ -143,10 +126,7 @@ def test_non_finite_grad_after_fast_steps_writes_nothing(nonfinite):
     fa, fb, a, b = _pair(ft.Adam, lr=1e-2, nonfinite=nonfinite)
     used = _fast_steps(fa)
     for t in range(3):
-        for pa, pb, g in zip(a, b, _grads(a, t)):
-            pa.grad, pb.grad = g, g.clone()
-        fa.step()
-        fb.step()
+        _step_both(fa, fb, a, b, _grads(a, t))
     assert used[0] >= 2
     g = _grads(a, 5)
     g[2][0, 1] = float("inf")
@@ -186,13 +166,9 @@ def test_option_changes_reach_the_fast_step():
         if t == 6:
             for o in (fa, fb):
                 o.param_groups[0]["weight_clip"] = 0.5
-        for pa, pb, g in zip(a, b, _grads(a, t)):
-            pa.grad, pb.grad = g, g.clone()
-        fa.step()
-        fb.step()
+        _step_both(fa, fb, a, b, _grads(a, t))
         sa.step()
         sb.step()
-        _same(a, b, fa, fb)
     assert used[0] >= 6
     assert max(float(p.detach().abs().max()) for p in a) <= 0.5
 
@@ -204,11 +180,7 @@ def test_nesterov_switched_on_mid_run_changes_the_kernel():
         if t == 3:
             for o in (fa, fb):
                 o.param_groups[0]["nesterov"] = True
-        for pa, pb, g in zip(a, b, _grads(a, t)):
-            pa.grad, pb.grad = g, g.clone()
-        fa.step()
-        fb.step()
-        _same(a, b, fa, fb)
+        _step_both(fa, fb, a, b, _grads(a, t))
 
 
 def test_grad_scaler_and_native_scale_take_the_full_step():
