@@ -415,6 +415,23 @@ def _as_ptr(typingctx, addr, like):
     return ptrty(types.int64, like), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, addr):
+    """Ask the core to bring the cache line at address ``addr`` into L1 (no fault if invalid)."""
+
+    def codegen(context, builder, sig, args):
+        vp = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [vp, i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, fnty, "llvm.prefetch.p0")
+        # read, keep in all levels (locality 3), data cache
+        builder.call(fn, [builder.inttoptr(args[0], vp), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
+
+
 def _probe_data_offset() -> int:
     """Byte offset of the data pointer inside a ``PyArrayObject``, or -1 if not found.
 
@@ -686,20 +703,31 @@ def _bf16_rne(x):
 
 
 @njit(inline="always")
-def _random_bits(key, i):
-    """``fastopt.precision.random_bits`` for the step key ``key`` and element index ``i``."""
-    z = key + _U64(i) * _GOLDEN
+def _mix_high(z):
+    """The high 32 bits of SplitMix64's output function of the hash input ``z``."""
     z = (z ^ (z >> _U64(30))) * _MIX1
     z = (z ^ (z >> _U64(27))) * _MIX2
     return _U32((z ^ (z >> _U64(31))) >> _U64(32))
 
 
 @njit(inline="always")
-def _bf16_sr(x, key, i):
+def _random_bits(key, i):
+    """``fastopt.precision.random_bits`` for the step key ``key`` and element index ``i``."""
+    return _mix_high(key + _U64(i) * _GOLDEN)
+
+
+@njit(inline="always")
+def _bf16_sr_at(x, z):
+    """``_bf16_sr`` given the element's hash input ``z = key + i * G`` (see ``_store``)."""
     u = _f32_bits(x)
     if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
         return _nan16(u)
-    return _U16((u + (_random_bits(key, i) & _U32(0xFFFF))) >> _U32(16))
+    return _U16((u + (_mix_high(z) & _U32(0xFFFF))) >> _U32(16))
+
+
+@njit(inline="always")
+def _bf16_sr(x, key, i):
+    return _bf16_sr_at(x, key + _U64(i) * _GOLDEN)
 
 
 @njit(inline="always")
@@ -755,8 +783,13 @@ def _store(tile, addr, code, base, m, n, sr, key):
     elif code == _C_BF16:
         h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
         if sr:  # the hash of the element's index within its param
+            # The hash input key + i * G advances by G per element: a running sum (a
+            # vector induction once vectorized) instead of a 64-bit multiply per
+            # element, which AVX2 emulates with three 32-bit ones.  Same bits.
+            z = key + ub * _GOLDEN
             for j in range(_U64(m)):
-                h[ub + j] = _bf16_sr(tile[j], key, ub + j)
+                h[ub + j] = _bf16_sr_at(tile[j], z)
+                z += _GOLDEN
         else:
             for j in range(_U64(m)):
                 h[ub + j] = _bf16_rne(tile[j])
@@ -777,6 +810,24 @@ def _load_tiles(tiles, ptr, fmt, t, nt, base, m, n):
     for r in range(_S0, _E + 1):
         if ptr[r, t] != 0:
             _load(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n)
+
+
+@njit(nogil=True)
+def _prefetch_tiles(ptr, fmt, t, nt, base, m, n):
+    """Prefetch elements ``[base, base + m)`` of every operand of tensor t (the next tile).
+
+    The tile loop reads memory only in its loaders; while the rule loop runs on
+    the tiles no load is in flight, so without this the next tile's loads wait on
+    memory that could have been fetched during the rule loop.
+    """
+    for r in range(_ROWS):
+        a = ptr[r, t]
+        if a == 0 or (r == _P and ptr[_M, t] != 0):  # the master is read instead
+            continue
+        size = 4 if r == _M or fmt[_X_HEAD + r * nt + t] == _C_F32 else 2
+        lo = a + base * size
+        for line in range(lo, lo + m * size, 64):
+            _prefetch(line)
 
 
 @njit(nogil=True)
@@ -922,6 +973,8 @@ def _tiled_driver(rule_body, rule_mode):
             while base < b:
                 m = min(_TILE, b - base)
                 _load_tiles(tiles, ptr, fmt, t, nt, base, m, n)
+                if base + m < b:
+                    _prefetch_tiles(ptr, fmt, t, nt, base + m, min(_TILE, b - base - m), n)
                 tile_rule(mode | _V_TILE, m, buf, c, f, ts, gs, use_l2)
                 sumsq += _finish_tile(tiles, ptr, fmt, t, nt, base, m, n)
                 base += m
