@@ -89,7 +89,7 @@ are overloads that pick the tiled driver when that argument is an array.  So
 the storage type is a parameter of the memory loop, the rule bodies stay as
 they are, and Numba compiles a tiled kernel per entry point only when a
 reduced-precision step first runs (once for every dtype combination: the
-storage codes are run-time values, branched on once per 512-element tile),
+storage codes are run-time values, branched on once per 256-element tile),
 while a float32 or float64 step compiles exactly what it did before.
 
 Per tile, the tiled driver loads every operand as float32 (16-bit values
@@ -268,9 +268,10 @@ _X_FLAGS, _X_SR, _X_KEY, _X_DRY, _X_ACC, _X_FAC, _X_GSCALE = range(7)
 _X_HEAD = 7  # then one storage code per (operand row, tensor): _X_HEAD + row * n + t
 #: storage codes: how an operand is held in memory (its arithmetic is float32)
 _C_F32, _C_BF16, _C_F16 = 0, 1, 2
-#: elements per float32 tile of the reduced-precision drivers (7 tiles: 14 KiB per thread)
-_TILE = 512
-#: floats between the starts of two tile rows: 512 + 32, so the seven rows begin at seven
+#: elements per float32 tile of the reduced-precision drivers (7 tiles: 7 KiB per thread;
+#: 256 measured 0-20 % faster than 512, see docs/design.md "Speed of the tiled loop")
+_TILE = 256
+#: floats between the starts of two tile rows: 256 + 32, so the seven rows begin at seven
 #: different offsets modulo 4 KiB (see ``_tile_buffer``)
 _TILE_STRIDE = _TILE + 32
 #: where the tile buffer starts modulo 4 KiB, in bytes (see ``_tile_buffer``)

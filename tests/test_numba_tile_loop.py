@@ -67,3 +67,20 @@ def test_16bit_lion_kernel_has_no_runtime_addresses(K):
             if isinstance(sig[4], __import__("numba").types.Array)]
     assert libs, "the 16-bit Lion step did not run the tiled kernel"
     assert not any(lib.has_dynamic_globals for lib in libs)
+
+
+def test_sr_store_at_an_odd_offset_is_the_hash_of_each_index(K):
+    """The SR store carries the hash input ``key + i * G`` as a running sum from the tile's
+    first index: a store of elements [1000, 1077) must round each with its own index's bits,
+    as fastopt.precision defines them, and write nothing outside that range."""
+    from fastopt import precision as prec
+
+    n, base, m = 1100, 1000, 77
+    x = np.random.default_rng(5).standard_normal(m).astype(np.float32)
+    x[3] = np.nan
+    h = np.full(n, 0xABCD, np.uint16)
+    seed, step = 2024, 7
+    K._store(x, h.ctypes.data, K._C_BF16, base, m, n, True, np.uint64(prec.step_key(seed, step)))
+    want = prec.f32_to_bf16_bits_sr(x, seed, step, np.arange(base, base + m))
+    np.testing.assert_array_equal(h[base:base + m], want)
+    assert (h[:base] == 0xABCD).all() and (h[base + m:] == 0xABCD).all()

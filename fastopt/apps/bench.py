@@ -353,12 +353,16 @@ def interleaved(fns, reps):
     return out
 
 
-def run_precision_bench(n=PRECISION_N, reps=11, torch=True, progress=False):
+def run_precision_bench(n=PRECISION_N, reps=11, torch=True, progress=False,
+                        wait_policy="passive"):
     """Adam on ``n`` elements in every ``PRECISION_ROWS`` format, one interleaved run.
 
     Each row's ``ratio`` is the median over repetitions of its time over its
-    baseline's time in the same repetition.
+    baseline's time in the same repetition.  ``wait_policy``: ``OMP_WAIT_POLICY``
+    for both OpenMP runtimes, as in ``speed_table`` (idle spinning threads of one
+    runtime would take the cores from the other's on a shared machine).
     """
+    policy = _set_wait_policy(wait_policy)
     rows = [r for r in PRECISION_ROWS if torch or r[1] not in PEER_IMPLS]
     cases, skipped = {}, []
     with Progress(len(rows), progress) as bar:
@@ -385,14 +389,15 @@ def run_precision_bench(n=PRECISION_N, reps=11, torch=True, progress=False):
                         dtype, {"state_dtype": "param"} if impl in PEER_IMPLS else options),
                     "time_s": float(np.median(times[:, j])), "baseline": base,
                     "ratio": ratio, "goal": goal})
-    return {"n": n, "reps": reps, "loadavg": list(os.getloadavg()), "rows": out,
-            "skipped": skipped}
+    return {"n": n, "reps": reps, "loadavg": list(os.getloadavg()), "omp_wait_policy": policy,
+            "rows": out, "skipped": skipped}
 
 
 def format_precision_table(result) -> str:
     lines = [f"Adam, {_fmt_size(result['n'])} elements, one interleaved run of {result['reps']} "
-             f"repetitions (load average {result['loadavg'][0]:.1f}); ratio: time over the "
-             f"baseline's in the same repetition (median)"]
+             f"repetitions (load average {result['loadavg'][0]:.1f}, OMP_WAIT_POLICY "
+             f"{result.get('omp_wait_policy', 'unset')}); ratio: time over the baseline's in the "
+             f"same repetition (median)"]
     head = f"{'format':20} {'impl':12} {'B/elem':>6} {'time':>10} {'ratio':>7} {'goal':>6}  baseline"
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
@@ -968,7 +973,8 @@ def _cmd_bench(args) -> int:
         print(json.dumps(res, indent=1) if args.json else format_speed_table(res))
         return 0
     if args.precision:
-        res = run_precision_bench(torch=not args.no_torch, progress=progress)
+        res = run_precision_bench(torch=not args.no_torch, progress=progress,
+                                  wait_policy=args.omp_wait_policy)
         print(json.dumps(res, indent=1) if args.json else format_precision_table(res))
         return 0
     result = run_bench(rules, impls, sizes, args.dtype, torch=not args.no_torch,
@@ -1025,7 +1031,7 @@ def register(sub) -> None:
                    help="--speed: skip the fresh-process first-step rows")
     p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"),
                    default="passive",
-                   help="--speed: OMP_WAIT_POLICY for both OpenMP runtimes (numba's and torch's); "
+                   help="--speed, --precision: OMP_WAIT_POLICY for both OpenMP runtimes (numba's and torch's); "
                         "'inherit' leaves the environment as it is (default: passive, see "
                         "speed_table)")
     p.add_argument("--plot", metavar="FILE.png", help="also write a bar chart (needs matplotlib)")
