@@ -16,9 +16,8 @@ kernels, ``fastopt/kernels/numba_layers.py``), ``"cupy"`` (the CUDA kernels of
 CuPy device and current stream) and ``"auto"`` (CuPy arrays to ``cupy``; NumPy
 arrays to the ``FASTOPT_BACKEND`` environment variable if set, else numba when
 it imports, else numpy).  :func:`backends` says which are available and why
-not.  Inputs are float32 or float64 arrays (NumPy, or CuPy with every array of
-a call on the device), or float16/bfloat16 NumPy ones (see "16-bit inputs"
-below).  Every check runs before anything is written.
+not.  Inputs are float32, float64, float16 or bfloat16 arrays (NumPy, or CuPy
+with every array of a call on the device; see "16-bit inputs" below).  Every check runs before anything is written.
 
 BatchNorm
 ---------
@@ -68,18 +67,20 @@ scale ``1 / (1 - p)`` does not exist (drop the layer's output instead).
 
 16-bit inputs
 -------------
-``x`` (and ``dy``) may be float16 or ``ml_dtypes.bfloat16``; the statistics
-stay float32: ``gamma``, ``beta`` and their gradients are float32,
-``running_mean``/``running_var`` float32 or float64, and the reductions
-accumulate in float64 as above.  Each 16-bit element is widened exactly to
-float32, the float32 kernels run (BatchNorm's per-element math in float64,
-rounded once to float32; Dropout's ``x * float32(scale)`` in float32), and the
-float32 result is rounded to nearest even into the 16-bit dtype (NumPy's and
-ml_dtypes' casts, the bits of ``fastopt.precision``'s recipes) -- the same two
-steps on every backend, so
-Dropout agrees bit for bit and BatchNorm as its float32 kernels do.  It costs
-a widening pass in and a rounding pass out (not fused yet); the BatchNorm
-cache keeps the 16-bit ``x`` and widens it again in the backward pass.
+``x`` (and ``dy``) may be float16 or ``ml_dtypes.bfloat16`` (NumPy, or CuPy on
+the ``cupy`` backend); the statistics stay float32: ``gamma``, ``beta`` and
+their gradients are float32, ``running_mean``/``running_var`` float32 or
+float64, and the reductions accumulate in float64 as above.  The definition
+(the ``numpy`` backend): each 16-bit element is widened exactly to float32, the
+float32 kernels run (BatchNorm's per-element math in float64, rounded once to
+float32; Dropout's ``x * float32(scale)`` in float32), and the float32 result is
+rounded to nearest even into the 16-bit dtype (NumPy's and ml_dtypes' casts,
+the bits of ``fastopt.precision``'s recipes).  The ``numba`` and ``cupy``
+kernels do the same in one pass over the 16-bit bits (no widened copy, no
+narrowing pass): BatchNorm gives bit for bit what those backends' float32
+kernels give on the widened batch, and Dropout agrees bit for bit with the
+reference on every backend.  A nan input gives a nan output; the payload of a
+signalling nan may differ between backends.
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ BatchNorm (``x`` as ``(N, C, S)``)
     per-channel coefficients folded on the host (``x * scale + shift``;
     ``k * dy + c2 * x + c3``) so each element costs few loads: every pass of the
     (N, C) kernels runs near this machine's memory bandwidth.
+16-bit batches
+    bfloat16 and float16 arrays come as integer views of their bits (see "16-bit
+    elements" below); every kernel above reads them exactly and rounds its float64
+    result to float32 and then to the 16-bit format, so the bits are those of the
+    float32 kernels on the widened batch without the widened copy.
 Dropout
     ``random_bits(seed, step, i)`` of ``fastopt.precision`` transcribed with
     u64 arithmetic: the step key is computed on the host once per call, each
