@@ -130,15 +130,23 @@ def _load(name: str):
     return _load(name)
 
 
+#: the input dtypes every layers backend takes (16-bit with float32 statistics)
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
 def backends() -> dict:
-    """Each layers backend: ``{name: {"available": bool, "reason": str | None}}`` (loads them)."""
+    """Each layers backend: ``{name: {"available": bool, "reason": str | None, "dtypes":
+    tuple, "fused_16bit": bool}}`` (loads them).  ``fused_16bit``: the kernels read and
+    write 16-bit batches themselves; else they run on a widened float32 copy."""
     out = {}
     for name in _BACKEND_MODULES:
         try:
-            _load(name)
-            out[name] = {"available": True, "reason": None}
+            k = _load(name)
+            out[name] = {"available": True, "reason": None, "dtypes": DTYPES,
+                         "fused_16bit": bool(getattr(k, "FUSED_16BIT", False))}
         except RuntimeError:
-            out[name] = {"available": False, "reason": _FAILED[name]}
+            out[name] = {"available": False, "reason": _FAILED[name], "dtypes": (),
+                         "fused_16bit": False}
     return out
 
 

@@ -310,8 +310,9 @@ def test_dropout_backward_bad_input():
 @needs_numba
 def test_backends_and_auto(monkeypatch):
     info = layers.backends()
-    assert info["numpy"] == {"available": True, "reason": None}
-    assert info["numba"]["available"]
+    assert info["numpy"] == {"available": True, "reason": None, "dtypes": layers.DTYPES,
+                             "fused_16bit": False}
+    assert info["numba"]["available"] and info["numba"]["fused_16bit"]
     x = np.ones((4, 2))
     monkeypatch.setenv("FASTOPT_BACKEND", "numpy")
     assert layers.batch_norm_forward(x, None, None, None, None)[1].backend.BACKEND == "numpy"
