@@ -27,6 +27,15 @@ def _info(args) -> int:
     for rule, cls in OPTIMIZERS.items():
         marks = " ".join(f"{('yes' if rule in info[n]['rules'] else '-'):6}" for n in names)
         print(f"{rule:11} {cls.__name__:11} {marks}")
+    from . import layers
+
+    print()
+    print(f"{'layers':8}  {'available':9}  detail (BatchNorm, Dropout)")
+    for name, b in layers.backends().items():
+        detail = (f"input dtypes {', '.join(b['dtypes'])}; 16-bit "
+                  f"{'in the kernels' if b['fused_16bit'] else 'through a float32 copy'}"
+                  if b["available"] else b["reason"])
+        print(f"{name:8}  {'yes' if b['available'] else 'no':9}  {detail}")
     return 0
 
 

@@ -16,9 +16,8 @@ kernels, ``fastopt/kernels/numba_layers.py``), ``"cupy"`` (the CUDA kernels of
 CuPy device and current stream) and ``"auto"`` (CuPy arrays to ``cupy``; NumPy
 arrays to the ``FASTOPT_BACKEND`` environment variable if set, else numba when
 it imports, else numpy).  :func:`backends` says which are available and why
-not.  Inputs are float32 or float64 arrays (NumPy, or CuPy with every array of
-a call on the device), or float16/bfloat16 NumPy ones (see "16-bit inputs"
-below).  Every check runs before anything is written.
+not.  Inputs are float32, float64, float16 or bfloat16 arrays (NumPy, or CuPy
+with every array of a call on the device; see "16-bit inputs" below).  Every check runs before anything is written.
 
 BatchNorm
 ---------
@@ -68,18 +67,20 @@ scale ``1 / (1 - p)`` does not exist (drop the layer's output instead).
 
 16-bit inputs
 -------------
-``x`` (and ``dy``) may be float16 or ``ml_dtypes.bfloat16``; the statistics
-stay float32: ``gamma``, ``beta`` and their gradients are float32,
-``running_mean``/``running_var`` float32 or float64, and the reductions
-accumulate in float64 as above.  Each 16-bit element is widened exactly to
-float32, the float32 kernels run (BatchNorm's per-element math in float64,
-rounded once to float32; Dropout's ``x * float32(scale)`` in float32), and the
-float32 result is rounded to nearest even into the 16-bit dtype (NumPy's and
-ml_dtypes' casts, the bits of ``fastopt.precision``'s recipes) -- the same two
-steps on every backend, so
-Dropout agrees bit for bit and BatchNorm as its float32 kernels do.  It costs
-a widening pass in and a rounding pass out (not fused yet); the BatchNorm
-cache keeps the 16-bit ``x`` and widens it again in the backward pass.
+``x`` (and ``dy``) may be float16 or ``ml_dtypes.bfloat16`` (NumPy, or CuPy on
+the ``cupy`` backend); the statistics stay float32: ``gamma``, ``beta`` and
+their gradients are float32, ``running_mean``/``running_var`` float32 or
+float64, and the reductions accumulate in float64 as above.  The definition
+(the ``numpy`` backend): each 16-bit element is widened exactly to float32, the
+float32 kernels run (BatchNorm's per-element math in float64, rounded once to
+float32; Dropout's ``x * float32(scale)`` in float32), and the float32 result is
+rounded to nearest even into the 16-bit dtype (NumPy's and ml_dtypes' casts,
+the bits of ``fastopt.precision``'s recipes).  The ``numba`` and ``cupy``
+kernels do the same in one pass over the 16-bit bits (no widened copy, no
+narrowing pass): BatchNorm gives bit for bit what those backends' float32
+kernels give on the widened batch, and Dropout agrees bit for bit with the
+reference on every backend.  A nan input gives a nan output; the payload of a
+signalling nan may differ between backends.
 """
 
 from __future__ import annotations
@@ -129,15 +130,23 @@ def _load(name: str):
     return _load(name)
 
 
+#: the input dtypes every layers backend takes (16-bit with float32 statistics)
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
 def backends() -> dict:
-    """Each layers backend: ``{name: {"available": bool, "reason": str | None}}`` (loads them)."""
+    """Each layers backend: ``{name: {"available": bool, "reason": str | None, "dtypes":
+    tuple, "fused_16bit": bool}}`` (loads them).  ``fused_16bit``: the kernels read and
+    write 16-bit batches themselves; else they run on a widened float32 copy."""
     out = {}
     for name in _BACKEND_MODULES:
         try:
-            _load(name)
-            out[name] = {"available": True, "reason": None}
+            k = _load(name)
+            out[name] = {"available": True, "reason": None, "dtypes": DTYPES,
+                         "fused_16bit": bool(getattr(k, "FUSED_16BIT", False))}
         except RuntimeError:
-            out[name] = {"available": False, "reason": _FAILED[name]}
+            out[name] = {"available": False, "reason": _FAILED[name], "dtypes": (),
+                         "fused_16bit": False}
     return out
 
 
@@ -192,16 +201,13 @@ def _overlap(a, b) -> bool:
 
 def _float_array(a, name: str, sixteen: bool = False, kind: str = "numpy"):
     """``a`` if it is a float32/float64 array of ``kind`` (or, with ``sixteen``,
-    float16/bfloat16: NumPy only, ``layers.cu`` has float32/float64 kernels)."""
+    float16/bfloat16)."""
     got = _kind(a)
     if got != kind:
         what = "a numpy.ndarray" if kind == "numpy" else "a cupy.ndarray (like x)"
         raise TypeError(f"{name}: expected {what} of float32 or float64, "
                         f"got {type(a).__module__}.{type(a).__name__}")
     if _precision.is_16bit(a.dtype):
-        if sixteen and kind == "cupy":
-            raise TypeError(f"{name}: 16-bit CuPy arrays ({a.dtype}) are not supported yet (the "
-                            "CUDA layer kernels are float32/float64); cast with .astype('float32')")
         if sixteen:
             return a
         raise TypeError(f"{name}: expected dtype float32 or float64 (statistics stay in float32 "
@@ -222,6 +228,26 @@ def _widen(a):
     return a.astype(np.float32) if _precision.is_16bit(a.dtype) else a
 
 
+def _bits_view(a):
+    """A 16-bit array as the integer view the fused kernels take (bfloat16: uint16, float16:
+    int16; the view's dtype tells the kernel which format the bits are in)."""
+    return a.view(np.int16 if a.dtype == np.float16 else np.uint16)
+
+
+def _operands(k, arrays, dtype):
+    """The kernels' inputs and an empty output for ``arrays`` (all of ``dtype``) on backend
+    ``k``: ``(inputs, out, out_view)``.  A backend with ``FUSED_16BIT`` reads and writes
+    16-bit arrays through their bits, so ``out`` has ``dtype``; any other runs its float32
+    kernels on widened copies and ``out`` is float32 (narrowed by the caller)."""
+    xp = _xp(_kind(arrays[0]))
+    if _precision.is_16bit(dtype) and getattr(k, "FUSED_16BIT", False):
+        out = xp.empty(arrays[0].shape, dtype)
+        return [_bits_view(a) for a in arrays], out, _bits_view(out)
+    ins = [_widen(a) for a in arrays]
+    out = xp.empty_like(ins[0])
+    return ins, out, out
+
+
 def _narrow(a32, dtype):
     """A float32 kernel result stored as the 16-bit ``dtype`` (nearest even), else as is.
 
@@ -229,7 +255,7 @@ def _narrow(a32, dtype):
     as ``fastopt.precision``'s recipes for every non-NaN value (its tests check them); they
     run in C, ten times faster than the recipes in NumPy (4M elements: 7 ms against 76).
     """
-    return a32.astype(dtype) if _precision.is_16bit(dtype) else a32
+    return a32.astype(dtype) if _precision.is_16bit(dtype) and a32.dtype != dtype else a32
 
 
 def _vector(a, name: str, c: int, dtype=None, writable: bool = False, x_dtype=None,
@@ -329,7 +355,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, 
     k = _resolve(backend, kind)
 
     x3 = xp.ascontiguousarray(x).reshape(n, c, -1)
-    xk = _widen(x3)  # the float32 kernels' input (x3 itself unless x is 16-bit)
+    (xk,), y3, yk = _operands(k, [x3], x.dtype)  # 16-bit: bits, or a widened copy
     if training:
         mean, var = k.bn_moments(xk)
     else:
@@ -339,8 +365,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, 
     g64 = None if gamma is None else gamma.astype(np.float64)
     scale = invstd if g64 is None else invstd * g64
     b64 = xp.zeros(c) if beta is None else beta.astype(np.float64)
-    y3 = xp.empty_like(xk)
-    k.bn_apply(xk, mean, scale, b64, y3)
+    k.bn_apply(xk, mean, scale, b64, yk)
     y3 = _narrow(y3, x.dtype)
     if training and running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
@@ -369,19 +394,19 @@ def batch_norm_backward(dy, cache):
     k = cache.backend
     n, c, _ = x3.shape
     m = x3.size // c
-    dy3 = _widen(xp.ascontiguousarray(dy).reshape(x3.shape))
-    xk = _widen(x3)
+    (xk, dy3), dx3, dxk = _operands(k, [x3, xp.ascontiguousarray(dy).reshape(x3.shape)],
+                                    x3.dtype)
     sdy, sdyx = k.bn_backward_sums(xk, dy3, cache.mean, cache.invstd)
     kk = cache.invstd if cache.gamma is None else cache.invstd * cache.gamma
     if cache.training:
         a, b = sdy / m, sdyx / m
     else:
         a = b = xp.zeros(c)
-    dx3 = xp.empty_like(xk)
-    k.bn_backward_dx(xk, dy3, cache.mean, cache.invstd, kk, a, b, dx3)
+    k.bn_backward_dx(xk, dy3, cache.mean, cache.invstd, kk, a, b, dxk)
     dx3 = _narrow(dx3, x3.dtype)
-    dgamma = None if cache.gamma is None else sdyx.astype(xk.dtype)
-    dbeta = sdy.astype(xk.dtype) if cache.has_beta else None
+    wide = _wide(x3)
+    dgamma = None if cache.gamma is None else sdyx.astype(wide)
+    dbeta = sdy.astype(wide) if cache.has_beta else None
     return dx3.reshape(cache.shape), dgamma, dbeta
 
 
@@ -422,9 +447,8 @@ class DropoutMask:
 
 def _dropout(k, x, mask: DropoutMask):
     xp = _xp(_kind(x))
-    flat = _widen(xp.ascontiguousarray(x).reshape(-1))
-    out = xp.empty_like(flat)
-    k.dropout_apply(flat, mask.seed, mask.step, mask.threshold, flat.dtype.type(mask.scale), out)
+    (flat,), out, outk = _operands(k, [xp.ascontiguousarray(x).reshape(-1)], x.dtype)
+    k.dropout_apply(flat, mask.seed, mask.step, mask.threshold, _wide(x).type(mask.scale), outk)
     return _narrow(out, x.dtype).reshape(x.shape)
 
 

@@ -25,6 +25,11 @@ BatchNorm (``x`` as ``(N, C, S)``)
     per-channel coefficients folded on the host (``x * scale + shift``;
     ``k * dy + c2 * x + c3``) so each element costs few loads: every pass of the
     (N, C) kernels runs near this machine's memory bandwidth.
+16-bit batches
+    bfloat16 and float16 arrays come as integer views of their bits (see "16-bit
+    elements" below); every kernel above reads them exactly and rounds its float64
+    result to float32 and then to the 16-bit format, so the bits are those of the
+    float32 kernels on the widened batch without the widened copy.
 Dropout
     ``random_bits(seed, step, i)`` of ``fastopt.precision`` transcribed with
     u64 arithmetic: the step key is computed on the host once per call, each
@@ -36,11 +41,15 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from ..precision import step_key
 
 BACKEND = "numba"
+#: 16-bit batches are read and written through their bits (see "16-bit elements" below)
+FUSED_16BIT = True
 
 CACHE = os.environ.get("FASTOPT_NUMBA_CACHE", "1") != "0"
 _JIT = dict(parallel=True, nogil=True, cache=CACHE)
@@ -67,6 +76,173 @@ _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
+
+
+# ------------------------------------------------------------------ 16-bit elements
+#
+# float16 and bfloat16 batches reach these kernels as integer views of their bits (Numba
+# types neither dtype): bfloat16 as uint16, float16 as int16, so the view's dtype picks the
+# conversion when a kernel is compiled and the loops carry no branch on it.  Loads are
+# exact (every 16-bit value is a float32); a store rounds the float64 result to float32
+# first and then to the 16-bit format, nearest even: the same two roundings as the
+# reference, which runs its float32 kernel and casts the float32 result.  These helpers
+# repeat the bit recipes of ``fastopt.precision`` (and of the optimizer kernels) because
+# this module must not call into another one (see the module docstring).
+
+def _i32(builder, v):
+    return ir.Constant(ir.IntType(32), v)
+
+
+def _u32_of16(builder, h):
+    """A 16-bit integer argument zero-extended to i32."""
+    return builder.zext(h, ir.IntType(32))
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, h):
+    """bfloat16 bits (a 16-bit integer) -> float32: the bits shifted into the top half."""
+
+    def codegen(context, builder, sig, args):
+        u = _u32_of16(builder, args[0])
+        return builder.bitcast(builder.shl(u, _i32(builder, 16)), ir.FloatType())
+
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+    return types.float32(h), codegen
+
+
+def _hardware_f16() -> bool:
+    """Whether LLVM lowers float <-> half conversions to instructions on this CPU (x86's F16C,
+    every 64-bit ARM): then the float16 helpers below are one instruction per 4-8 values."""
+    import llvmlite.binding as llvm
+
+    triple = llvm.get_process_triple()
+    if triple.startswith(("aarch64", "arm64")):
+        return True
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:
+        return False
+
+
+#: float16 conversions by the CPU's instructions (else the integer recipes below); either
+#: gives the nearest-even bits NumPy's cast gives (tested on every float32 bit pattern class)
+HARDWARE_F16 = _hardware_f16()
+
+
+@intrinsic
+def _f16_to_f32(typingctx, h):
+    """float16 bits (a 16-bit integer) -> float32, exactly.  Without F16C: the magnitude
+    bits moved into float32's place and scaled by 2**112 give every finite value
+    (subnormals included: the product is exact); inf and nan keep their payload under an
+    all-ones exponent."""
+
+    def codegen(context, builder, sig, args):
+        if HARDWARE_F16:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        i32 = ir.IntType(32)
+        u = _u32_of16(builder, args[0])
+        a = builder.and_(u, _i32(builder, 0x7FFF))
+        f = builder.fmul(builder.bitcast(builder.shl(a, _i32(builder, 13)), ir.FloatType()),
+                         ir.Constant(ir.FloatType(), 2.0 ** 112))
+        special = builder.or_(_i32(builder, 0x7F800000),
+                              builder.shl(builder.and_(a, _i32(builder, 0x3FF)), _i32(builder, 13)))
+        mag = builder.select(builder.icmp_unsigned(">=", a, _i32(builder, 0x7C00)), special,
+                             builder.bitcast(f, i32))
+        sign = builder.shl(builder.and_(u, _i32(builder, 0x8000)), _i32(builder, 16))
+        return builder.bitcast(builder.or_(mag, sign), ir.FloatType())
+
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, x):
+    """float32 -> bfloat16 bits (uint16), nearest even; nan -> a quiet nan with its sign.
+    In 32-bit integer lanes (Numba's own integer arithmetic would widen them to 64)."""
+
+    def codegen(context, builder, sig, args):
+        u = builder.bitcast(args[0], ir.IntType(32))
+        hi = builder.lshr(u, _i32(builder, 16))
+        rne = builder.lshr(builder.add(builder.add(u, _i32(builder, 0x7FFF)),
+                                       builder.and_(hi, _i32(builder, 1))), _i32(builder, 16))
+        nan = builder.or_(builder.and_(hi, _i32(builder, 0x8000)), _i32(builder, 0x7FC0))
+        isnan = builder.icmp_unsigned(">", builder.and_(u, _i32(builder, 0x7FFFFFFF)),
+                                      _i32(builder, 0x7F800000))
+        return builder.trunc(builder.select(isnan, nan, rne), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, x):
+    """float32 -> float16 bits (uint16), nearest even; overflow -> inf, nan -> a quiet nan
+    with its sign.  Normal results: the exponent rebiased and the low 13 bits rounded in
+    integer arithmetic; subnormal ones: a float32 add of 0.5 leaves the value in units of
+    2**-24 in the low mantissa bits, rounded by the FPU's nearest even."""
+
+    def codegen(context, builder, sig, args):
+        if HARDWARE_F16:
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        a = builder.and_(u, _i32(builder, 0x7FFFFFFF))
+        big = builder.select(builder.icmp_unsigned(">", a, _i32(builder, 0x7F800000)),
+                             _i32(builder, 0x7E00), _i32(builder, 0x7C00))
+        magic = (127 - 15 + 23 - 10 + 1) << 23  # 0.5
+        fs = builder.fadd(builder.bitcast(a, ir.FloatType()),
+                          builder.bitcast(_i32(builder, magic), ir.FloatType()))
+        sub = builder.sub(builder.bitcast(fs, i32), _i32(builder, magic))
+        odd = builder.and_(builder.lshr(a, _i32(builder, 13)), _i32(builder, 1))
+        norm = builder.lshr(builder.add(builder.add(builder.sub(a, _i32(builder, 0x38000000)),
+                                                    _i32(builder, 0xFFF)), odd), _i32(builder, 13))
+        low = builder.select(builder.icmp_unsigned("<", a, _i32(builder, 0x38800000)), sub, norm)
+        mag = builder.select(builder.icmp_unsigned(">=", a, _i32(builder, 0x477FF000)), big, low)
+        sign = builder.and_(builder.lshr(u, _i32(builder, 16)), _i32(builder, 0x8000))
+        return builder.trunc(builder.or_(mag, sign), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def _wide(v):
+    """An element as the kernels compute with it: float32 for a 16-bit one, else itself."""
+
+
+@overload(_wide, inline="always")
+def _wide_ov(v):
+    if v == types.uint16:
+        def bf16(v):
+            return _bf16_to_f32(v)
+        return bf16
+    if v == types.int16:
+        def f16(v):
+            return _f16_to_f32(v)
+        return f16
+
+    def same(v):
+        return v
+    return same
+
+
+def _narrow(v, like):
+    """Float ``v`` as an element of the array ``like`` (16-bit: rounded via float32)."""
+
+
+@overload(_narrow, inline="always")
+def _narrow_ov(v, like):
+    if like.dtype == types.uint16:
+        def bf16(v, like):
+            return _f32_to_bf16(np.float32(v))
+        return bf16
+    if like.dtype == types.int16:
+        def f16(v, like):
+            return np.int16(_f32_to_f16(np.float32(v)))
+        return f16
+
+    def same(v, like):
+        return v
+    return same
 
 
 def _blocks(n: int) -> int:
@@ -111,7 +287,7 @@ def _k_moments2(x, nblocks):
     n, c = x.shape
     k = np.empty(c, dtype=np.float64)
     for j in range(c):
-        k[j] = np.float64(x[0, j])
+        k[j] = np.float64(_wide(x[0, j]))
     part = np.zeros((2, nblocks, c), dtype=np.float64)
     for b in prange(nblocks):
         lo = b * n // nblocks
@@ -126,16 +302,16 @@ def _k_moments2(x, nblocks):
             x3 = x[i + 3]
             for j in range(c):
                 kj = k[j]
-                d0 = np.float64(x0[j]) - kj
-                d1 = np.float64(x1[j]) - kj
-                d2 = np.float64(x2[j]) - kj
-                d3 = np.float64(x3[j]) - kj
+                d0 = np.float64(_wide(x0[j])) - kj
+                d1 = np.float64(_wide(x1[j])) - kj
+                d2 = np.float64(_wide(x2[j])) - kj
+                d3 = np.float64(_wide(x3[j])) - kj
                 p0[j] += (d0 + d1) + (d2 + d3)
                 p1[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         for i in range(mid, hi):
             x0 = x[i]
             for j in range(c):
-                d = np.float64(x0[j]) - k[j]
+                d = np.float64(_wide(x0[j])) - k[j]
                 p0[j] += d
                 p1[j] += d * d
     s1 = np.zeros(c, dtype=np.float64)
@@ -170,7 +346,7 @@ def _k_moments3(x3, rows):
             for j in range(c):
                 t = 0.0
                 for k in range(s):
-                    t += np.float64(x3[i, j, k])
+                    t += np.float64(_wide(x3[i, j, k]))
                 mb[j] += t
         inv = 1.0 / ((hi - lo) * s)
         for j in range(c):
@@ -180,7 +356,7 @@ def _k_moments3(x3, rows):
                 m = mb[j]
                 t = 0.0
                 for k in range(s):
-                    d = np.float64(x3[i, j, k]) - m
+                    d = np.float64(_wide(x3[i, j, k])) - m
                     t += d * d
                 qb[j] += t
     return _chan_merge(mu, m2, n, rows, s)
@@ -211,7 +387,7 @@ def _k_apply(x3, scale, shift, out):
             sc = scale[j]
             sh = shift[j]
             for k in range(s):
-                out[i, j, k] = np.float64(x3[i, j, k]) * sc + sh
+                out[i, j, k] = _narrow(np.float64(_wide(x3[i, j, k])) * sc + sh, out)
 
 
 @njit(**_JIT2)
@@ -221,7 +397,7 @@ def _k_apply2(x, scale, shift, out):
         x0 = x[i]
         o0 = out[i]
         for j in range(c):
-            o0[j] = np.float64(x0[j]) * scale[j] + shift[j]
+            o0[j] = _narrow(np.float64(_wide(x0[j])) * scale[j] + shift[j], o0)
 
 
 def bn_apply(x3, mean, scale, beta, out):
@@ -252,9 +428,9 @@ def _k_backward_sums(x3, dy3, mean, invstd, nblocks):
                 t0 = 0.0
                 t1 = 0.0
                 for k in range(s):
-                    g = np.float64(dy3[i, j, k])
+                    g = np.float64(_wide(dy3[i, j, k]))
                     t0 += g
-                    t1 += g * ((np.float64(x3[i, j, k]) - m) * r)
+                    t1 += g * ((np.float64(_wide(x3[i, j, k])) - m) * r)
                 part[0, b, j] += t0
                 part[1, b, j] += t1
     sdy = np.zeros(c, dtype=np.float64)
@@ -289,20 +465,20 @@ def _k_backward_sums2(x, dy, mean, invstd, nblocks):
             g3 = dy[i + 3]
             for j in range(c):
                 m = mean[j]
-                a0 = np.float64(g0[j])
-                a1 = np.float64(g1[j])
-                a2 = np.float64(g2[j])
-                a3 = np.float64(g3[j])
+                a0 = np.float64(_wide(g0[j]))
+                a1 = np.float64(_wide(g1[j]))
+                a2 = np.float64(_wide(g2[j]))
+                a3 = np.float64(_wide(g3[j]))
                 p0[j] += (a0 + a1) + (a2 + a3)
-                p1[j] += ((a0 * (np.float64(x0[j]) - m) + a1 * (np.float64(x1[j]) - m))
-                          + (a2 * (np.float64(x2[j]) - m) + a3 * (np.float64(x3[j]) - m)))
+                p1[j] += ((a0 * (np.float64(_wide(x0[j])) - m) + a1 * (np.float64(_wide(x1[j])) - m))
+                          + (a2 * (np.float64(_wide(x2[j])) - m) + a3 * (np.float64(_wide(x3[j])) - m)))
         for i in range(mid, hi):
             x0 = x[i]
             g0 = dy[i]
             for j in range(c):
-                a0 = np.float64(g0[j])
+                a0 = np.float64(_wide(g0[j]))
                 p0[j] += a0
-                p1[j] += a0 * (np.float64(x0[j]) - mean[j])
+                p1[j] += a0 * (np.float64(_wide(x0[j])) - mean[j])
     sdy = np.zeros(c, dtype=np.float64)
     sdyx = np.zeros(c, dtype=np.float64)
     for b in range(nblocks):
@@ -331,7 +507,8 @@ def _k_backward_dx(x3, dy3, c1, c2, c3, out):
             a2 = c2[j]
             a3 = c3[j]
             for k in range(s):
-                out[i, j, k] = a1 * np.float64(dy3[i, j, k]) + (a2 * np.float64(x3[i, j, k]) + a3)
+                out[i, j, k] = _narrow(a1 * np.float64(_wide(dy3[i, j, k]))
+                                      + (a2 * np.float64(_wide(x3[i, j, k])) + a3), out)
 
 
 @njit(**_JIT2)
@@ -342,7 +519,8 @@ def _k_backward_dx2(x, dy, c1, c2, c3, out):
         g0 = dy[i]
         o0 = out[i]
         for j in range(c):
-            o0[j] = c1[j] * np.float64(g0[j]) + (c2[j] * np.float64(x0[j]) + c3[j])
+            o0[j] = _narrow(c1[j] * np.float64(_wide(g0[j])) + (c2[j] * np.float64(_wide(x0[j])) + c3[j]),
+                            o0)
 
 
 def bn_backward_dx(x3, dy3, mean, invstd, k, a, b, out):
@@ -385,8 +563,8 @@ def _k_dropout(x, key, threshold, scale, out, chunk):
         hi = min(n, lo + chunk)
         for i in range(lo, hi):
             # a select, not a branch: the keep test is a coin flip the predictor cannot learn
-            v = x[i] * scale
-            out[i] = v if _bits(key, i) >= threshold else zero
+            v = _wide(x[i]) * scale
+            out[i] = _narrow(v if _bits(key, i) >= threshold else zero, out)
 
 
 def dropout_apply(x, seed, step, threshold, scale, out):

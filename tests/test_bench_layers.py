@@ -21,29 +21,32 @@ def bench(monkeypatch):
     sys.modules.pop("benchmarks.bench_layers", None)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("impl", ["numpy", "numba", "torch"])
-def test_batch_norm_benchmark(bench, impl):
+def test_batch_norm_benchmark(bench, impl, dtype):
     if impl == "torch" and not HAS_TORCH:
         pytest.skip("torch is not installed")
     b = bench.BatchNorm()
     for shape in bench.BN_SHAPES:
-        b.setup(shape, impl)
-        b.time_forward_backward(shape, impl)
+        b.setup(shape, impl, dtype)
+        assert b.x.dtype.name == dtype
+        b.time_forward_backward(shape, impl, dtype)
         if impl == "torch":
             with pytest.raises(NotImplementedError):
-                b.track_ratio_to_torch(shape, impl)
+                b.track_ratio_to_torch(shape, impl, dtype)
         else:
-            assert b.track_ratio_to_torch(shape, impl) > 0
+            assert b.track_ratio_to_torch(shape, impl, dtype) > 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("impl", ["numpy", "numba", "torch"])
-def test_dropout_benchmark(bench, impl):
+def test_dropout_benchmark(bench, impl, dtype):
     if impl == "torch" and not HAS_TORCH:
         pytest.skip("torch is not installed")
     d = bench.Dropout()
-    d.setup("1M", impl)
-    d.time_forward("1M", impl)
-    assert d.track_gbps("1M", impl) > 0 and d.track_fraction_of_copy("1M", impl) > 0
+    d.setup("1M", impl, dtype)
+    d.time_forward("1M", impl, dtype)
+    assert d.track_gbps("1M", impl, dtype) > 0 and d.track_fraction_of_copy("1M", impl, dtype) > 0
 
 
 def test_unavailable_backend_skips_the_asv_way(bench, monkeypatch):

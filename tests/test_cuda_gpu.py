@@ -367,5 +367,32 @@ def test_layers_on_cupy_bad_input():
         layers.batch_norm_forward(x, np.ones(3, np.float32), None, None, None)
     with pytest.raises(TypeError, match="backend 'numba' takes numpy arrays, got cupy"):
         layers.dropout_forward(x, 0.5, 0, 1, backend="numba")
-    with pytest.raises(TypeError, match="16-bit CuPy arrays"):
-        layers.dropout_forward(x.astype(cupy.float16), 0.5, 0, 1)
+    with pytest.raises(TypeError, match="dy: expected dtype float16"):
+        layers.dropout_backward(x, layers.dropout_forward(x.astype(cupy.float16), 0.5, 0, 1)[1])
+
+
+@pytest.mark.parametrize("shape", [(1001, 37), (9, 5, 7, 3)])
+def test_layers_float16_on_cupy(shape):
+    """float16 CuPy batches run layers.cu's FoF16 kernels on their bits: Dropout bit for bit
+    with the reference; BatchNorm bit for bit with the same kernels on the widened batch,
+    rounded (the reference's two roundings)."""
+    from fastopt import layers
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    c = shape[1]
+    g, b = cupy.ones(c, cupy.float32) * 1.5, cupy.full(c, 0.25, cupy.float32)
+    y, mask = layers.dropout_forward(cupy.asarray(x), 0.3, 4, 9)
+    assert y.dtype == cupy.float16
+    assert cupy.asnumpy(y).tobytes() == layers.dropout_forward(x, 0.3, 4, 9,
+                                                               backend="numpy")[0].tobytes()
+    res = {}
+    for name, xs, dys in (("16", x, dy), ("32", x.astype(np.float32), dy.astype(np.float32))):
+        yg, cache = layers.batch_norm_forward(cupy.asarray(xs), g, b, None, None)
+        dxg, dgg, dbg = layers.batch_norm_backward(cupy.asarray(dys), cache)
+        res[name] = [cupy.asnumpy(a).astype(np.float16 if a.dtype != cupy.float32 or
+                                             a.ndim > 1 else np.float32)
+                     for a in (yg, dxg, dgg, dbg)]
+    for a, w in zip(res["16"], res["32"]):
+        assert a.tobytes() == w.tobytes()

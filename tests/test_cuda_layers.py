@@ -71,3 +71,40 @@ def test_dropout_bit_exact(cudacpu, dtype, p):
         res[backend] = (y.tobytes(), layers.dropout_backward(dy, mask, backend=backend).tobytes())
     assert res["cudacpu"] == res["numpy"]
     assert "fo_dropout_" + ("f32" if dtype == np.float32 else "f64") in cudacpu.names
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(37, 5), (3, 4, 5, 7)])
+def test_sixteen_bit_fused(cudacpu, name, shape):
+    """16-bit batches run layers.cu's FoBF16/FoF16 kernels on their bits (no widened copy):
+    BatchNorm gives the bits of the same kernels on the widened float32 batch rounded once
+    more (the reference's two roundings), Dropout the reference's bits."""
+    import ml_dtypes
+
+    dt = np.dtype(np.float16) if name == "float16" else np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(3)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32).astype(dt)
+    dy = rng.standard_normal(shape).astype(np.float32).astype(dt)
+    g = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    g[0] = 1e-6 if name == "float16" else 1e-39  # results among the 16-bit subnormals
+    b = rng.standard_normal(c).astype(np.float32)
+    b[0] = 0.0
+    res = {}
+    for key, xs, dys in (("16", x, dy), ("32", x.astype(np.float32), dy.astype(np.float32))):
+        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        y, cache = layers.batch_norm_forward(xs, g, b, rm, rv, backend="cudacpu")
+        dx, dg, db = layers.batch_norm_backward(dys, cache)
+        res[key] = [y.astype(dt), dx.astype(dt), dg, db, rm, rv]
+    assert res["16"][0].dtype == dt and res["16"][1].dtype == dt
+    for a, w in zip(res["16"], res["32"]):
+        assert a.tobytes() == w.tobytes()
+    y0 = np.abs(res["16"][0][:, 0].astype(np.float32))
+    assert ((y0 > 0) & (y0 < ml_dtypes.finfo(dt).tiny)).any()
+    assert any(n.endswith("_" + ("f16" if name == "float16" else "bf16")) for n in cudacpu.names)
+    for p in (0.0, 0.4):
+        y0, m0 = layers.dropout_forward(x, p, 7, 2, backend="numpy")
+        y1, m1 = layers.dropout_forward(x, p, 7, 2, backend="cudacpu")
+        assert y1.dtype == dt and y1.tobytes() == y0.tobytes()
+        dx0 = layers.dropout_backward(dy, m0, backend="numpy")
+        assert layers.dropout_backward(dy, m1, backend="cudacpu").tobytes() == dx0.tobytes()

@@ -310,8 +310,9 @@ def test_dropout_backward_bad_input():
 @needs_numba
 def test_backends_and_auto(monkeypatch):
     info = layers.backends()
-    assert info["numpy"] == {"available": True, "reason": None}
-    assert info["numba"]["available"]
+    assert info["numpy"] == {"available": True, "reason": None, "dtypes": layers.DTYPES,
+                             "fused_16bit": False}
+    assert info["numba"]["available"] and info["numba"]["fused_16bit"]
     x = np.ones((4, 2))
     monkeypatch.setenv("FASTOPT_BACKEND", "numpy")
     assert layers.batch_norm_forward(x, None, None, None, None)[1].backend.BACKEND == "numpy"
@@ -522,3 +523,112 @@ def test_batch_norm_sixteen_bit_bad_statistics():
     _, cache = layers.batch_norm_forward(**a)
     with pytest.raises(ValueError, match="dy: expected dtype bfloat16"):
         layers.batch_norm_backward(np.ones((4, 3), np.float16), cache)
+
+
+@needs_numba
+@pytest.mark.parametrize("name", SIXTEEN)
+@pytest.mark.parametrize("shape", [(37, 5), (9, 3, 5, 7), (301, 17)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_sixteen_bit_numba_fused_is_float32_kernel_rounded(name, shape, training):
+    """The numba kernels read and write 16-bit batches through their bits; the result is
+    bit for bit what their float32 kernels give on the widened batch, rounded once to the
+    16-bit dtype (as the reference does).  Values cover 16-bit subnormals (scaled by a small
+    gamma), float16 overflow (a large gamma) and a nan channel."""
+    dt = _np16(name)
+    rng = np.random.default_rng([len(name), *shape, training])
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32).astype(dt)
+    x[(0, 2) + (0,) * (len(shape) - 2)] = np.nan  # channel 2 turns nan
+    dy = rng.standard_normal(shape).astype(np.float32).astype(dt)
+    g = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    g[0], g[1] = 1e-6, 2e5  # subnormal and overflowing float16 results
+    b = rng.standard_normal(c).astype(np.float32)
+    b[:2] = 0.0
+    stats = dict(running_mean=rng.standard_normal(c).astype(np.float32),
+                 running_var=rng.uniform(0.5, 2.0, c).astype(np.float32))
+    got, want = [], []
+    for xs, dys, res in ((x, dy, got), (x.astype(np.float32), dy.astype(np.float32), want)):
+        st = {k: v.copy() for k, v in stats.items()}
+        y, cache = layers.batch_norm_forward(xs, g, b, training=training, backend="numba", **st)
+        dx, dg, db = layers.batch_norm_backward(dys, cache)
+        res += [y.astype(dt), dx.astype(dt), dg, db, st["running_mean"], st["running_var"]]
+    assert got[0].dtype == dt and got[1].dtype == dt
+    for a, w in zip(got, want):
+        assert a.shape == w.shape
+        bits = np.uint16 if a.dtype.itemsize == 2 else np.uint32
+        same = a.view(bits) == w.view(bits)
+        assert np.all(same | (np.isnan(a.astype(np.float32)) & np.isnan(w.astype(np.float32))))
+    nan_y = np.isnan(got[0].astype(np.float32))  # training: the nan spreads over channel 2
+    assert nan_y[:, 2].all() if training else nan_y.sum() == 1
+    assert not nan_y[:, 3:].any()
+    if name == "float16" and training:
+        assert np.isinf(got[0][:, 1]).any()  # overflow rounds to inf as the cast does
+        y0 = np.abs(got[0][:, 0].astype(np.float32))
+        assert ((y0 > 0) & (y0 < ml_dtypes.finfo(dt).tiny)).any()  # subnormals
+
+
+@needs_numba
+@pytest.mark.parametrize("name", SIXTEEN)
+def test_dropout_sixteen_bit_numba_fused_special_values(name):
+    """Dropout's fused 16-bit path on the values where rounding is delicate: 16-bit
+    subnormals, the largest finite values (float16: scale pushes them to inf), inf and nan;
+    the same bits as the reference."""
+    dt = _np16(name)
+    fi = ml_dtypes.finfo(dt)
+    vals = np.array([0.0, -0.0, float(fi.smallest_subnormal), -float(fi.smallest_subnormal),
+                     float(fi.tiny), float(fi.max), -float(fi.max), np.inf, -np.inf, np.nan,
+                     1.0, 1.0 + float(fi.eps), 3.0], np.float32)
+    x = np.tile(vals, 23).astype(dt)
+    for p in (0.1, 0.5):
+        y0, m0 = layers.dropout_forward(x, p, 11, 3, backend="numpy")
+        y1, m1 = layers.dropout_forward(x, p, 11, 3, backend="numba")
+        assert y1.dtype == dt and y1.view(np.uint16).tobytes() == y0.view(np.uint16).tobytes()
+
+
+@needs_numba
+@pytest.mark.parametrize("hardware", [True, False], ids=["f16c", "integer"])
+def test_numba_sixteen_bit_conversions_are_numpys(monkeypatch, hardware):
+    """The numba layer kernels' float32 <-> 16-bit conversions, with the CPU's float16
+    instructions and with the integer recipes used where the CPU has none: the bits of
+    NumPy's / ml_dtypes' nearest-even casts on every float16 value, the float32 midpoints
+    between neighbours (ties) and one float32 ulp either side, the subnormal and overflow
+    boundaries and random bit patterns; float16 -> float32 exact on every non-nan pattern."""
+    from numba import njit
+
+    from fastopt.kernels import numba_layers as nl
+
+    monkeypatch.setattr(nl, "HARDWARE_F16", hardware)
+
+    @njit(cache=False)
+    def convert(a, h, bf, back):
+        for i in range(a.size):
+            h[i] = nl._f32_to_f16(a[i])
+            bf[i] = nl._f32_to_bf16(a[i])
+        for i in range(back.size):
+            back[i] = nl._f16_to_f32(np.uint16(i))
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.sort(every[np.isfinite(every)].astype(np.float32))
+    mids = ((finite[1:].astype(np.float64) + finite[:-1]) / 2).astype(np.float32)
+    bits = np.concatenate([finite, mids]).view(np.uint32)
+    rng = np.random.default_rng(4)
+    bits = np.concatenate([bits, bits + 1, bits - 1, rng.integers(0, 2**32, 1 << 16, np.uint64)
+                           .astype(np.uint32), np.array([0x7F800000, 0xFF800000, 0x7FC00000,
+                                                         0x477FEFFF, 0x477FF000, 0x33000000,
+                                                         0x33000001, 0x387FFFFF], np.uint32)])
+    a = bits.view(np.float32)
+    h, bf = np.empty(a.size, np.uint16), np.empty(a.size, np.uint16)
+    back = np.empty(1 << 16, np.float32)
+    convert(a, h, bf, back)
+    llvm = next(iter(convert.inspect_llvm().values()))
+    assert ("fptrunc" in llvm) == hardware
+    with np.errstate(over="ignore", invalid="ignore"):
+        want_h = a.astype(np.float16).view(np.uint16)
+        want_bf = a.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(h[~nan], want_h[~nan])
+    np.testing.assert_array_equal(bf[~nan], want_bf[~nan])
+    assert np.isnan(h.view(np.float16)[nan]).all() and np.isnan(bf.view(ml_dtypes.bfloat16)[nan]).all()
+    ok = ~np.isnan(every)
+    np.testing.assert_array_equal(back.view(np.uint32)[ok], every.astype(np.float32).view(np.uint32)[ok])
+    assert np.isnan(back[~ok]).all()

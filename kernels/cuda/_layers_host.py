@@ -19,10 +19,16 @@ MAX_BLOCKS = 64
 #: blocks of an element-wise launch when the device sets no cap (grid-stride covers the rest)
 DEFAULT_GRID = 4096
 
-_SUF = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+#: kernel suffix per array dtype; 16-bit batches come as their bits (fastopt.layers'
+#: ``_bits_view``: bfloat16 as uint16, float16 as int16) and run ``layers.cu``'s FoBF16/FoF16
+_SUF = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
+        np.dtype(np.uint16): "bf16", np.dtype(np.int16): "f16"}
 
 
 class CudaLayers:
+    #: 16-bit batches are read and written through their bits by the kernels themselves
+    FUSED_16BIT = True
+
     def __init__(self, device):
         self.dev = device
 
@@ -95,4 +101,5 @@ class CudaLayers:
             return
         self._launch(f"fo_dropout_{_SUF[x.dtype]}", x.size, self._p(x), np.int64(x.size),
                      np.uint64(step_key(seed, step)), np.uint64(threshold),
-                     x.dtype.type(scale), self._p(out))
+                     np.float32(scale) if x.dtype.itemsize == 2 else x.dtype.type(scale),
+                     self._p(out))
