@@ -634,8 +634,9 @@ class Optimizer(torch.optim.Optimizer):
             grad_scale = _number(grad_scale)
         inv_scale = check_grad_scale(grad_scale)
         plan = self._plan
+        # (``plan.fast[2]`` None: the backend has no pointer plan for it, 16-bit or q8 state)
         if (extras is None and inv_scale is None and plan is not None and plan.fast is not None
-                and self._fast_step(plan, None, nonfinite)):
+                and plan.fast[2] is not None and self._fast_step(plan, None, nonfinite)):
             return loss  # the cached plan checked as current in one pass (see _fast_step)
 
         # one pass over p.grad: the grads of this step and the key of the cached plan
