@@ -264,8 +264,10 @@ class _Plan:
     st_dicts: list               # (state dict, name, tensor) in three lists: state that
     st_names: list               #   must not have been replaced by hand
     st_tensors: list
-    st_of: list                  # ``self.state.get(p)`` of each of ``params`` (a state dict
-                                 #   replaced whole by hand must not leave stale views)
+    state: dict                  # ``self.state`` and its values (the param state dicts), in
+    st_of: list                  #   order: a state dict replaced whole by hand must not leave
+                                 #   stale views (compared without hashing a tensor: torch's
+                                 #   ``Tensor.__hash__`` is a Python function)
     vals: list                   # per group: the option values last checked (None: a tensor
     hp: list                     #   among them, check every step); their host scalars
     fast: tuple | None = None    # (hp, key, (step plan, grad layout) or None): _fast_step's
@@ -717,7 +719,7 @@ class Optimizer(torch.optim.Optimizer):
             present = [p.grad for p in present]
             if (any(map(operator.is_, present, _NONES))
                     or list(map(_data_ptr, plan.params)) != plan.ptrs
-                    or not all(map(operator.is_, map(self.state.get, plan.params), plan.st_of))
+                    or not self._same_state_dicts(plan)
                     or not all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
                                    plan.st_tensors))
                     or not self._options_current(plan, 0, group)):
@@ -802,7 +804,7 @@ class Optimizer(torch.optim.Optimizer):
         plan = self._plan
         if (plan is not None and plan.key == key
                 and list(map(_data_ptr, plan.params)) == plan.ptrs
-                and all(map(operator.is_, map(self.state.get, plan.params), plan.st_of))
+                and self._same_state_dicts(plan)
                 and all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
                             plan.st_tensors))
                 and all(self._options_current(plan, gi, g) for gi, g in enumerate(groups))):
@@ -812,6 +814,13 @@ class Optimizer(torch.optim.Optimizer):
             return None
         self._plan = plan = self._build_plan(key)
         return plan
+
+    def _same_state_dicts(self, plan) -> bool:
+        """Whether ``self.state`` and every param's state dict in it are the plan's objects
+        (any entry replaced, added or removed since the plan was built: False)."""
+        state = self.state
+        return (state is plan.state and len(state) == len(plan.st_of)
+                and all(map(operator.is_, state.values(), plan.st_of)))
 
     def _options_current(self, plan, gi, group) -> bool:
         """Whether the plan's options of group ``gi`` are ``group``'s: its values as last
@@ -915,7 +924,7 @@ class Optimizer(torch.optim.Optimizer):
         return _Plan(key=key, parts=parts_all, params=params_all,
                      ptrs=list(map(_data_ptr, params_all)), st_dicts=st_dicts,
                      st_names=st_names, st_tensors=st_tensors,
-                     st_of=[self.state.get(p) for p in params_all], vals=vals, hp=hps)
+                     state=self.state, st_of=list(self.state.values()), vals=vals, hp=hps)
 
     def _check_q8_state(self, hps, with_grad) -> None:
         """ValueError for a param with 8-bit state whose state holds a float moment under torch's
