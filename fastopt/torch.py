@@ -794,7 +794,9 @@ class Optimizer(torch.optim.Optimizer):
 
         Checked every step, at C speed: which params have a grad (their ids), the
         params' data pointers (``module.to()`` swaps storage), the identity of every
-        state tensor (a tensor replaced by hand), and the groups' option values.
+        param's state dict and state tensor (either replaced by hand), and the groups'
+        option values.  ``_step`` first tries the previous plan without this lookup
+        (``_fast_step(plan, None, ...)``, which checks the same things).
         """
         groups = self.param_groups
         # (``None in gl`` would call Tensor.__eq__; ``is`` over the list stays in C)
