@@ -142,6 +142,37 @@ def widened_rows(kernel, p, st, vals, order, starts, rows, s, maximize, prec) ->
         p2[rows] = _prec.round_to(work, p2.dtype)
 
 
+def check_row_params(params, labels) -> None:
+    """TypeError unless every param is a float16/bfloat16/float32/float64 array with a row axis."""
+    for p, lab in zip(params, labels):
+        if p.ndim < 1 or not (p.dtype in (np.float32, np.float64) or _prec.is_16bit(p.dtype)):
+            raise TypeError(f"{lab}: expected a float16, bfloat16, float32 or float64 array "
+                            f"with a row axis (SparseAdam updates rows of embedding tables), "
+                            f"got {p.ndim}-D {p.dtype}")
+
+
+def resolve_precisions(params, labels, kind, options) -> dict:
+    """``{param dtype: resolved Precision, or None where the plain row kernel steps it}``.
+
+    ``options``: ``state_dtype``, ``master_weights``, ``stochastic_rounding``, ``seed`` (the
+    raw API's checks and messages, first param of each dtype named); ``state_dtype="q8"`` is
+    refused (see the module docstring), and so are 16-bit params or state on CuPy arrays."""
+    state_dtype = options["state_dtype"]
+    if isinstance(state_dtype, str) and state_dtype == "q8":
+        raise ValueError(f"state_dtype: expected None, 'param' or 'bfloat16' for SparseAdam, "
+                         f"got 'q8' ({Q8_REFUSED})")
+    out = {}
+    for p, lab in zip(params, labels):
+        if p.dtype not in out:
+            pr = _prec.resolve_precision(p.dtype, kind=RULE.kind, label=lab, **options)
+            out[p.dtype] = None if _backend.is_plain(pr) else pr
+    if kind != "numpy" and any(out.values()):
+        raise TypeError("backend 'cupy': SparseAdam takes float32/float64 params with state "
+                        "in their dtype on the GPU; 16-bit params or state, master_weights "
+                        "and stochastic_rounding run on NumPy arrays")
+    return out
+
+
 class SparseAdam:
     """Lazy Adam for embedding tables (torch.optim.SparseAdam semantics).
 
@@ -186,28 +217,10 @@ class SparseAdam:
                 labels.append(f"param_groups[{gi}]['params'][{pi}]" if len(groups) > 1
                               else f"params[{pi}]")
         self._kind = check_params(flat, labels)
-        for p, lab in zip(flat, labels):
-            if p.ndim < 1 or not (p.dtype in (np.float32, np.float64) or _prec.is_16bit(p.dtype)):
-                raise TypeError(f"{lab}: expected a float16, bfloat16, float32 or float64 array "
-                                f"with a row axis (SparseAdam updates rows of embedding tables), "
-                                f"got {p.ndim}-D {p.dtype}")
-        if isinstance(state_dtype, str) and state_dtype == "q8":
-            raise ValueError(f"state_dtype: expected None, 'param' or 'bfloat16' for SparseAdam, "
-                             f"got 'q8' ({Q8_REFUSED})")
+        check_row_params(flat, labels)
         self._prec_options = dict(state_dtype=state_dtype, master_weights=master_weights,
                                   stochastic_rounding=stochastic_rounding, seed=seed)
-        self._precisions = {}
-        for p, lab in zip(flat, labels):
-            if p.dtype not in self._precisions:
-                pr = _prec.resolve_precision(p.dtype, state_dtype=state_dtype,
-                                             master_weights=master_weights,
-                                             stochastic_rounding=stochastic_rounding, seed=seed,
-                                             kind=RULE.kind, label=lab)
-                self._precisions[p.dtype] = None if _backend.is_plain(pr) else pr
-        if self._kind != "numpy" and any(self._precisions.values()):
-            raise TypeError("backend 'cupy': SparseAdam takes float32/float64 params with state "
-                            "in their dtype on the GPU; 16-bit params or state, master_weights "
-                            "and stochastic_rounding run on NumPy arrays")
+        self._precisions = resolve_precisions(flat, labels, self._kind, self._prec_options)
         for gi, g in enumerate(groups):
             _check_steps_etc({k: v for k, v in g.items() if k != "params"},
                              f"param_groups[{gi}]: " if len(groups) > 1 else "")
@@ -390,49 +403,76 @@ class SparseAdam:
                 f"backend={self.backend!r}, {self.defaults})")
 
 
-def sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr=1e-3,
-                betas=(0.9, 0.999), eps=1e-8, maximize=False, backend="auto") -> None:
-    """SparseAdam (torch.optim.SparseAdam), functional: torch's ``F.sparse_adam`` signature.
+def sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, masters=None, *,
+                lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, backend="auto",
+                state_dtype=None, master_weights=False, stochastic_rounding=False,
+                seed=0) -> None:
+    """SparseAdam (torch.optim.SparseAdam), functional: torch's ``F.sparse_adam`` signature,
+    plus the precision options of :class:`SparseAdam` (``fastopt.functional.sparse_adam``
+    documents the arguments).
 
     ``grads[i]`` is ``(indices, values)`` (see :class:`fastopt.SparseAdam`); ``state_steps[i]``
-    the param's step count *after* this step (1 on its first), as torch's functional takes it.
-    Updates the named rows of ``params``, ``exp_avgs`` and ``exp_avg_sqs`` in place; every
-    input is checked before anything is written.
+    the param's step count *after* this step (1 on its first), as torch's functional takes it
+    (also the step stochastic rounding hashes).  Updates the named rows of ``params``,
+    ``exp_avgs``, ``exp_avg_sqs`` (and ``masters``) in place; every input is checked before
+    anything is written.
     """
     params = as_list(params, "params")
     labels = [f"params[{i}]" for i in range(len(params))]
     kind = check_params(params, labels)
+    check_row_params(params, labels)
     hp = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
     _check_steps_etc(hp, "")
+    precisions = resolve_precisions(params, labels, kind, dict(
+        state_dtype=state_dtype, master_weights=master_weights,
+        stochastic_rounding=stochastic_rounding, seed=seed))
     n = len(params)
     lists = {"grads": list(grads), "exp_avgs": as_list(exp_avgs, "exp_avgs"),
              "exp_avg_sqs": as_list(exp_avg_sqs, "exp_avg_sqs"), "state_steps": list(state_steps)}
+    if master_weights:
+        if masters is None:
+            raise TypeError("masters: expected a list of float32 arrays (one per param: "
+                            "master_weights=True), got None")
+        lists["masters"] = as_list(masters, "masters")
+    elif masters is not None:
+        raise ValueError("masters: expected None without master_weights=True, got a list")
     for name, lst in lists.items():
         if len(lst) != n:
             raise ValueError(f"{name}: expected {n} entries (one per param), got {len(lst)}")
     work = []
     for i, p in enumerate(params):
-        if p.dtype not in (np.float32, np.float64) or p.ndim < 1:
-            raise TypeError(f"params[{i}]: expected a float32 or float64 array with a row axis, "
-                            f"got {p.ndim}-D {p.dtype}")
-        for name in ("exp_avgs", "exp_avg_sqs"):
+        pr = precisions[p.dtype]
+        sdt = p.dtype if pr is None else pr.state
+        for name, dt in (("exp_avgs", sdt), ("exp_avg_sqs", sdt),
+                         ("masters", np.dtype(np.float32))):
+            if name not in lists:
+                continue
             a = lists[name][i]
-            if array_kind(a) != kind or a.shape != p.shape or a.dtype != p.dtype \
-                    or not a.flags.c_contiguous:
-                raise ValueError(f"{name}[{i}]: expected a C-contiguous {kind} array like "
-                                 f"params[{i}] ({p.shape}, {p.dtype})")
+            if array_kind(a) != kind or a.shape != p.shape or a.dtype != dt \
+                    or not a.flags.c_contiguous or (kind == "numpy" and not a.flags.writeable):
+                raise ValueError(f"{name}[{i}]: expected a writeable C-contiguous {kind} array "
+                                 f"of shape {p.shape} and dtype {dt} (params[{i}] is {p.dtype}), "
+                                 f"got {getattr(a, 'dtype', type(a).__name__)} "
+                                 f"{getattr(a, 'shape', '')}")
         t = lists["state_steps"][i]
         if not (isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 1):
             raise ValueError(f"state_steps[{i}]: expected an int >= 1, got {t!r}")
         idx, vals = check_sparse_grad(lists["grads"][i], p, f"grads[{i}]", kind)
-        work.append((p, lists["exp_avgs"][i], lists["exp_avg_sqs"][i], idx, vals, int(t)))
+        st = {"exp_avg": lists["exp_avgs"][i], "exp_avg_sq": lists["exp_avg_sqs"][i],
+              "step": int(t)}
+        if "masters" in lists:
+            st["master"] = lists["masters"][i]
+        work.append((p, st, idx, vals, pr))
     kernel = kernel_of(_backend.resolve(backend, kind))
     xp = np if kind == "numpy" else __import__("cupy")
     hp = as_host_scalars(hp)
-    for p, m, v, idx, vals, t in work:
+    for p, st, idx, vals, pr in work:
         if idx.shape[0] == 0:
             continue
-        s, _ = RULE.scalars(hp, t, {})
+        s, _ = RULE.scalars(hp, st["step"], {})
         order, starts, rows = coalesce(idx, xp)
-        kernel(_rows2d(p), _rows2d(m), _rows2d(v), vals.reshape(vals.shape[0], -1),
-               order, starts, rows, s, maximize)
+        if pr is not None:
+            widened_rows(kernel, p, st, vals, order, starts, rows, s, maximize, pr)
+            continue
+        kernel(_rows2d(p), _rows2d(st["exp_avg"]), _rows2d(st["exp_avg_sq"]),
+               vals.reshape(vals.shape[0], -1), order, starts, rows, s, maximize)

@@ -556,21 +556,38 @@ def ademamix(params, grads, m1s=None, m2s=None, nus=None, masters=None, *, step,
 # step is a loop of closure calls over state, which torch too exposes only as a class.
 
 
-def sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr=1e-3,
-                betas=(0.9, 0.999), eps=1e-8, maximize=False, backend="auto") -> None:
+def sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, masters=None, *,
+                lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, backend="auto",
+                state_dtype=None, master_weights=False, stochastic_rounding=False,
+                seed=0) -> None:
     """SparseAdam (torch.optim.SparseAdam), torch's ``F.sparse_adam`` signature.
 
     ``grads[i]`` is ``(indices, values)``: a 1-D integer array of row numbers of param ``i``
     (duplicates allowed, summed in order of appearance) and the rows' grads,
-    ``(nnz, *params[i].shape[1:])``.  ``state_steps[i]`` is the param's step count *after*
-    this step (1 on its first), as torch's functional takes it.  Only the named rows of
-    ``params``, ``exp_avgs`` and ``exp_avg_sqs`` are updated, in place; every input is
-    checked before anything is written.  See :class:`fastopt.SparseAdam`.
+    ``(nnz, *params[i].shape[1:])``, in the param's dtype.  ``state_steps[i]`` is the
+    param's step count *after* this step (1 on its first), as torch's functional takes it.
+    Only the named rows of ``params``, ``exp_avgs`` and ``exp_avg_sqs`` are updated, in
+    place; every input is checked before anything is written.  See
+    :class:`fastopt.SparseAdam`.
+
+    The precision options are :class:`fastopt.SparseAdam`'s (float16/bfloat16 params on
+    NumPy arrays; only the touched rows are widened to float32, each element written back
+    with one rounding): ``exp_avgs``/``exp_avg_sqs`` then have the resolved state dtype
+    (float32 for 16-bit params by default, ``state_dtype="param"`` the param's,
+    ``"bfloat16"``); ``master_weights=True`` takes ``masters``, one float32 array per param
+    (start it as the param's exact float32 value) that the rows are stepped on, the param
+    being its round-to-nearest-even; ``stochastic_rounding`` (bfloat16 params without
+    masters) rounds the param with the counter hash of ``seed``, ``state_steps[i]`` and each
+    element's flat index in the whole param.  ``state_dtype="q8"`` is refused (a row
+    update would re-quantize the untouched rows sharing its 256-element blocks).  With the
+    same inputs the results are bit for bit those of the class.
     """
     from . import _sparse
 
-    _sparse.sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, betas=betas,
-                        eps=eps, maximize=maximize, backend=backend)
+    _sparse.sparse_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, masters, lr=lr,
+                        betas=betas, eps=eps, maximize=maximize, backend=backend,
+                        state_dtype=state_dtype, master_weights=master_weights,
+                        stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 __all__ += ["sparse_adam"]

@@ -264,6 +264,10 @@ class _Plan:
     st_dicts: list               # (state dict, name, tensor) in three lists: state that
     st_names: list               #   must not have been replaced by hand
     st_tensors: list
+    state: dict                  # ``self.state`` and its values (the param state dicts), in
+    st_of: list                  #   order: a state dict replaced whole by hand must not leave
+                                 #   stale views (compared without hashing a tensor: torch's
+                                 #   ``Tensor.__hash__`` is a Python function)
     vals: list                   # per group: the option values last checked (None: a tensor
     hp: list                     #   among them, check every step); their host scalars
     fast: tuple | None = None    # (hp, key, (step plan, grad layout) or None): _fast_step's
@@ -280,21 +284,14 @@ def _cacheable(vals):
 
 _data_ptr = torch.Tensor.data_ptr
 _NONES = itertools.repeat(None)
-
-
-def _grad_layout(g):
-    """What the pointer plan of a step needs of a grad: dtype, shape, strides (a sparse
-    grad has none: ``stride()`` raises), on the CPU, no lazy negation (``torch._neg_view``: its memory holds -g); compared as one
-    tuple with the param's (``Optimizer._fast_step``)."""
-    return (g.dtype, g.shape, g.stride(), g.is_cpu, g.is_neg())  # (a sparse grad: no stride())
-
-
-def _contiguous_strides(shape):
-    out, k = [], 1
-    for d in reversed(shape):
-        out.append(k)
-        k *= max(int(d), 1)
-    return tuple(reversed(out))
+#: what the fast step compares of each grad with its param's, one C-level ``map`` per property
+#: (a Python function per grad cost about as much again): dtype, shape and device here; C
+#: contiguity and torch's lazy negation (``torch._neg_view``: its memory holds -g) below.  A
+#: grad of another layout (sparse, mkldnn) either fails these or has no data pointer
+#: (``data_ptr()`` raises), so the fast step never reads it.
+_GRAD_META = operator.attrgetter("dtype", "shape", "is_cpu")
+_is_contiguous = torch.Tensor.is_contiguous
+_is_neg = torch.Tensor.is_neg
 
 
 def _grad_view(g):
@@ -638,6 +635,11 @@ class Optimizer(torch.optim.Optimizer):
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = _number(grad_scale)
         inv_scale = check_grad_scale(grad_scale)
+        plan = self._plan
+        # (``plan.fast[2]`` None: the backend has no pointer plan for it, 16-bit or q8 state)
+        if (extras is None and inv_scale is None and plan is not None and plan.fast is not None
+                and plan.fast[2] is not None and self._fast_step(plan, None, nonfinite)):
+            return loss  # the cached plan checked as current in one pass (see _fast_step)
 
         # one pass over p.grad: the grads of this step and the key of the cached plan
         grads_of = [[p.grad for p in g["params"]] for g in self.param_groups]
@@ -685,16 +687,45 @@ class Optimizer(torch.optim.Optimizer):
         Only for one group of params at one step count whose options are plain values
         and whose single bucket the backend plans (float32/float64, an elementwise rule,
         no norm clipping, no ``max_norm``).  Per step it checks that every grad is a
-        C-contiguous CPU tensor of its param's dtype and shape (a cached tuple compare),
-        hands the kernels the grads' data pointers, and runs the update, checking the
-        grads first unless ``nonfinite='ignore'`` (in the same kernel call where the step
-        runs as one part).  A non-finite grad goes back to the full
-        step, which raises or skips with nothing written.  The same kernels run as on the
-        full step, so the results are bit-identical (tests/test_torch_fast_step.py).
+        C-contiguous CPU tensor of its param's dtype and shape, without torch's lazy
+        negation (one C-level ``map`` per property), hands the kernels the grads' data
+        pointers, and runs the update, checking the grads first unless
+        ``nonfinite='ignore'`` (in the same kernel call where the step runs as one part).
+        A non-finite grad goes back to the full step, which raises or skips with nothing
+        written.  The same kernels run as on the full step, so the results are
+        bit-identical (tests/test_torch_fast_step.py).
+
+        ``grads`` None: ``_step`` calls it first with the plan of the previous step and no
+        grads read yet.  Then this checks, in one pass, everything ``_current_plan`` checks
+        for a plan of one group whose params all have a grad -- the same param objects in
+        the group, each with a grad, their data pointers, every state dict and state
+        tensor the same objects, the options unchanged (else re-checked, as
+        ``_current_plan`` does) -- and reads the grads itself; False at the first
+        difference, and the full path decides.
         """
         if len(plan.parts) != 1 or len(plan.parts[0]) != 1 or plan.vals[0] is None:
             return False
         part = plan.parts[0][0]
+        if grads is None:
+            groups = self.param_groups
+            if len(groups) != 1 or part.pos is not None:
+                return False
+            group = groups[0]
+            present = group["params"]
+            # (``is`` over the lists stays in C; ``==`` would call Tensor.__eq__)
+            if len(present) != len(plan.params) or not all(map(operator.is_, present,
+                                                               plan.params)):
+                return False
+            present = [p.grad for p in present]
+            if (any(map(operator.is_, present, _NONES))
+                    or list(map(_data_ptr, plan.params)) != plan.ptrs
+                    or not self._same_state_dicts(plan)
+                    or not all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
+                                   plan.st_tensors))
+                    or not self._options_current(plan, 0, group)):
+                return False
+        else:
+            present = [x for x in grads if x is not None]  # (``None in grads``: Tensor.__eq__)
         hp = plan.hp[0]
         fast = plan.fast
         if fast is None or fast[0] is not hp:  # new options were checked (an lr schedule)
@@ -709,20 +740,23 @@ class Optimizer(torch.optim.Optimizer):
         if sp is None:
             return False
         step_plan, want = sp
-        present = [x for x in grads if x is not None]  # (``None in grads`` would call Tensor.__eq__)
         try:
-            if list(map(_grad_layout, present)) != want:
+            if (list(map(_GRAD_META, present)) != want or not all(map(_is_contiguous, present))
+                    or any(map(_is_neg, present))):
                 return False
+            # (a grad without storage -- sparse, mkldnn -- raises here)
+            ptrs = np.fromiter(map(_data_ptr, present), np.int64, len(present))
         except RuntimeError:  # a sparse grad: the full step says what is wrong
             return False
-        step_plan.set_grads(np.fromiter(map(_data_ptr, present), np.int64, len(present)))
+        step_plan.set_grads(ptrs)
         t = part.t + 1
         s, new_gs = self.rule.step_scalars(hp, t, part.gstate)
         if not step_plan.update(s, check=nonfinite != "ignore"):
             return False  # nothing written: the full step raises or skips
         part.t = t
+        t = float(t)
         for v in part.steps:
-            v[()] = float(t)
+            v[()] = t
         part.gstate = dict(new_gs)
         for name, views in part.gviews.items():
             value = part.gstate[name]
@@ -746,9 +780,7 @@ class Optimizer(torch.optim.Optimizer):
             return None
         if sp is None:
             return None
-        want = [(p.dtype, p.shape, _contiguous_strides(p.shape), True, False)
-                for p in part.params]
-        return sp, want
+        return sp, [(p.dtype, p.shape, True) for p in part.params]  # as _GRAD_META reads
 
     def _bad_grad(self, part, grads):
         for p, a in zip(part.params, grads):
@@ -762,7 +794,9 @@ class Optimizer(torch.optim.Optimizer):
 
         Checked every step, at C speed: which params have a grad (their ids), the
         params' data pointers (``module.to()`` swaps storage), the identity of every
-        state tensor (a tensor replaced by hand), and the groups' option values.
+        param's state dict and state tensor (either replaced by hand), and the groups'
+        option values.  ``_step`` first tries the previous plan without this lookup
+        (``_fast_step(plan, None, ...)``, which checks the same things).
         """
         groups = self.param_groups
         # (``None in gl`` would call Tensor.__eq__; ``is`` over the list stays in C)
@@ -770,27 +804,38 @@ class Optimizer(torch.optim.Optimizer):
                     else tuple(id(p) for p, x in zip(g["params"], gl) if x is not None)
                     for g, gl in zip(groups, grads_of))
         plan = self._plan
-        if plan is not None and plan.key == key:
-            ok = (list(map(_data_ptr, plan.params)) == plan.ptrs
-                  and all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
-                              plan.st_tensors)))
-            if ok:
-                for gi, g in enumerate(groups):
-                    vals = list(g.values())
-                    if plan.vals[gi] is not None and vals == plan.vals[gi]:
-                        continue
-                    hp = self._check_group(g, self._where(gi))
-                    if self._names(hp) != self._names(plan.hp[gi]):
-                        ok = False  # a variant switched (amsgrad, momentum, centered)
-                        break
-                    plan.hp[gi], plan.vals[gi] = hp, _cacheable(vals)
-                if ok:
-                    return plan
+        if (plan is not None and plan.key == key
+                and list(map(_data_ptr, plan.params)) == plan.ptrs
+                and self._same_state_dicts(plan)
+                and all(map(operator.is_, map(dict.get, plan.st_dicts, plan.st_names),
+                            plan.st_tensors))
+                and all(self._options_current(plan, gi, g) for gi, g in enumerate(groups))):
+            return plan
         if not any(key):
             self._plan = None
             return None
         self._plan = plan = self._build_plan(key)
         return plan
+
+    def _same_state_dicts(self, plan) -> bool:
+        """Whether ``self.state`` and every param's state dict in it are the plan's objects
+        (any entry replaced, added or removed since the plan was built: False)."""
+        state = self.state
+        return (state is plan.state and len(state) == len(plan.st_of)
+                and all(map(operator.is_, state.values(), plan.st_of)))
+
+    def _options_current(self, plan, gi, group) -> bool:
+        """Whether the plan's options of group ``gi`` are ``group``'s: its values as last
+        checked, or checked again now and taken into the plan (an lr schedule); False where
+        a variant switched (amsgrad, momentum, centered: other state, a new plan)."""
+        vals = list(group.values())
+        if plan.vals[gi] is not None and vals == plan.vals[gi]:
+            return True
+        hp = self._check_group(group, self._where(gi))
+        if self._names(hp) != self._names(plan.hp[gi]):
+            return False
+        plan.hp[gi], plan.vals[gi] = hp, _cacheable(vals)
+        return True
 
     def _where(self, gi):
         return f"param_groups[{gi}]: " if len(self.param_groups) > 1 else ""
@@ -880,7 +925,8 @@ class Optimizer(torch.optim.Optimizer):
             parts_all.append(parts)
         return _Plan(key=key, parts=parts_all, params=params_all,
                      ptrs=list(map(_data_ptr, params_all)), st_dicts=st_dicts,
-                     st_names=st_names, st_tensors=st_tensors, vals=vals, hp=hps)
+                     st_names=st_names, st_tensors=st_tensors,
+                     state=self.state, st_of=list(self.state.values()), vals=vals, hp=hps)
 
     def _check_q8_state(self, hps, with_grad) -> None:
         """ValueError for a param with 8-bit state whose state holds a float moment under torch's
@@ -1453,6 +1499,16 @@ class LBFGS(torch.optim.Optimizer):
         return first[0] if first else None
 
 
+def _shaped_view(t):
+    """A NumPy view of a contiguous CPU tensor's memory in its own shape (bfloat16: as
+    ``_flat_view`` does it)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_prec.bfloat16_dtype())
+    return t.numpy()
+
+
 class SparseAdam(torch.optim.Optimizer):
     """torch.optim.SparseAdam on fastopt's fused row kernels, for ``nn.Embedding(sparse=True)``.
 
@@ -1461,10 +1517,23 @@ class SparseAdam(torch.optim.Optimizer):
     (``step`` an int, ``exp_avg``, ``exp_avg_sq``), so state_dicts move both ways.  The sparse
     grad's ``(indices, values)`` reach the kernel as NumPy views; duplicates are summed in
     the kernel.  ``nonfinite`` and ``backend`` as the other fastopt.torch classes.
+
+    float16 and bfloat16 params (an embedding ``.to(torch.bfloat16)``) are stepped as the
+    raw ``fastopt.SparseAdam`` steps them: only the rows a grad names are widened to
+    float32, stepped, and written back with one rounding per element.  As for the other
+    fastopt.torch optimizers, ``state_dtype=None`` keeps float32 moments for 16-bit params
+    and ``state_dtype="param"`` the param's dtype, as torch.optim.SparseAdam keeps them;
+    ``"bfloat16"``, ``master_weights`` (a float32 copy in ``state[p]["master"]``),
+    ``stochastic_rounding`` (bfloat16 params without masters; hashed with ``seed`` and the
+    param's ``step``) as the raw class.  ``state_dtype="q8"`` is refused: a row update
+    would re-quantize the untouched rows of its 256-element blocks.  A loaded state whose
+    moments have another dtype (torch's bfloat16 moments into float32 state) is converted
+    at the next step; a missing ``master`` is made from the param.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
-                 nonfinite="raise", backend="auto"):
+                 nonfinite="raise", backend="auto", state_dtype=None, master_weights=False,
+                 stochastic_rounding=False, seed=0):
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
         check_hyperparameters(_sparse_mod.RULE, {**_host_hp(defaults), **PIPELINE_DEFAULTS})
         self.nonfinite = check_nonfinite(nonfinite)
@@ -1472,15 +1541,84 @@ class SparseAdam(torch.optim.Optimizer):
             raise ValueError(f"backend: expected 'auto', 'numba' or 'numpy' (CPU tensors), "
                              f"got {backend!r}")
         super().__init__(params, defaults)
+        firsts = {}
         for gi, g in enumerate(self.param_groups):
             for pi, p in enumerate(g["params"]):
+                label = self._label(gi, pi)
                 if p.is_sparse:
                     raise ValueError(f"Sparse params at indices {[[gi, pi]]}: SparseAdam "
                                      "requires dense parameter tensors")
-                _check_plain_tensor(p, f"param_groups[{gi}]['params'][{pi}]",
-                                    "SparseAdam keeps state in the params' dtype")
+                _check_tensor(p, label)
+                if p.ndim < 1:
+                    raise ValueError(f"{label}: expected a tensor with a row axis (SparseAdam "
+                                     "updates rows of embedding tables), got a 0-d tensor")
+                firsts.setdefault(p.dtype, label)
+        self.precision_options = {"state_dtype": state_dtype, "master_weights": master_weights,
+                                  "stochastic_rounding": stochastic_rounding, "seed": seed}
+        by_np = _sparse_mod.resolve_precisions(
+            [_DtypeOnly(_numpy_dtype(dt)) for dt in firsts], list(firsts.values()), "numpy",
+            self.precision_options)
+        #: torch dtype -> resolved Precision, or None (the plain row kernel, state in its dtype)
+        self._precisions = {dt: by_np[_numpy_dtype(dt)] for dt in firsts}
         self.backend = _backend.resolve(backend, "numpy")
         self._kernel = _sparse_mod.kernel_of(self.backend)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``; a param of a dtype the constructor did not resolve (or
+        a bad param) is refused, and the optimizer is left unchanged."""
+        n_before = len(self.param_groups)
+        super().add_param_group(param_group)
+        if not hasattr(self, "_precisions"):
+            return  # the constructor's own groups: it checks them itself
+        gi = len(self.param_groups) - 1
+        try:
+            for pi, p in enumerate(self.param_groups[gi]["params"]):
+                label = self._label(gi, pi)
+                _check_tensor(p, label)
+                if p.ndim < 1 or p.dtype not in self._precisions:
+                    raise TypeError(f"{label}: expected a tensor with a row axis of a dtype "
+                                    f"among the constructor's params "
+                                    f"{sorted(str(d) for d in self._precisions)}, got "
+                                    f"{p.ndim}-D {p.dtype}")
+        except Exception:
+            del self.param_groups[n_before:]
+            raise
+
+    def _label(self, gi, pi):
+        return (f"param_groups[{gi}]['params'][{pi}]" if len(self.param_groups) > 1
+                else f"params[{pi}]")
+
+    def _state_of(self, p, pr):
+        """The param's state, created (torch's names) or converted to the resolved dtypes."""
+        st = self.state[p]
+        sdt = p.dtype if pr is None else _TORCH_DTYPES[pr.state.name]
+        if len(st) == 0:
+            st["step"] = 0
+        for n in ("exp_avg", "exp_avg_sq"):
+            a = st.get(n)
+            if a is None:
+                st[n] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+            elif a.dtype != sdt or not a.is_contiguous():
+                st[n] = a.to(dtype=sdt, memory_format=torch.contiguous_format)
+        if pr is not None and pr.master_weights:
+            m = st.get("master")
+            if m is None:
+                st["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
+            elif m.dtype != torch.float32 or not m.is_contiguous():
+                st["master"] = m.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return st
+
+    def _check_state(self, p, label, pr) -> None:
+        """ValueError for a state tensor of the wrong shape (a state loaded for another param);
+        nothing is written."""
+        st = self.state.get(p, {})
+        names = ("exp_avg", "exp_avg_sq") + (("master",) if pr is not None and
+                                             pr.master_weights else ())
+        for n in names:
+            a = st.get(n)
+            if a is not None and (not isinstance(a, torch.Tensor) or a.shape != p.shape):
+                raise ValueError(f"state[{label}][{n!r}]: expected a tensor of shape "
+                                 f"{tuple(p.shape)}, got {getattr(a, 'shape', a)!r}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1493,7 +1631,7 @@ class SparseAdam(torch.optim.Optimizer):
             hp = _host_hp({k: v for k, v in group.items() if k != "params"})
             check_hyperparameters(_sparse_mod.RULE, {**hp, **PIPELINE_DEFAULTS},
                                   f"param_groups[{gi}]: ")
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
@@ -1503,27 +1641,37 @@ class SparseAdam(torch.optim.Optimizer):
                     raise ValueError(f"grad of a {tuple(p.shape)} param: expected a sparse COO "
                                      f"grad with one sparse dimension (rows) in {p.dtype}, got "
                                      f"{g.sparse_dim()} sparse dimensions, {g.dtype}")
+                pr = self._precisions.get(p.dtype, False)
+                if pr is False:  # the param's dtype changed after construction (module.to())
+                    raise TypeError(f"{self._label(gi, pi)}: expected a "
+                                    f"{' or '.join(str(d) for d in self._precisions)} tensor "
+                                    f"(the dtypes the optimizer was built for), got {p.dtype}")
+                self._check_state(p, self._label(gi, pi), pr)
                 idx = g._indices()[0].numpy()
-                vals = g._values().detach().contiguous().numpy()
-                if self.nonfinite != "ignore" and not np.isfinite(vals).all():
+                vals = _shaped_view(g._values().contiguous())
+                if self.nonfinite != "ignore" and not bool(torch.isfinite(g._values()).all()):
                     finite = False
-                work.append((p, hp, idx, vals))
+                work.append((p, hp, idx, vals, pr))
         if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError("grads: non-finite values (nonfinite='raise'; "
                                          "nothing was written)")
             return loss
-        for p, hp, idx, vals in work:
-            st = self.state[p]
-            if len(st) == 0:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for p, hp, idx, vals, pr in work:
+            st = self._state_of(p, pr)
             st["step"] += 1
             if idx.shape[0] == 0:
                 continue
             s, _ = _sparse_mod.RULE.scalars(hp, int(st["step"]), {})
             order, starts, rows = _sparse_mod.coalesce(idx.astype(np.int64, copy=False))
+            if pr is not None:
+                views = {n: _shaped_view(st[n]) for n in ("exp_avg", "exp_avg_sq")}
+                if pr.master_weights:  # (a loaded "master" is kept, unused, without them)
+                    views["master"] = _shaped_view(st["master"])
+                views["step"] = int(st["step"])
+                _sparse_mod.widened_rows(self._kernel, _shaped_view(p), views, vals, order,
+                                         starts, rows, s, hp["maximize"], pr)
+                continue
             rows2 = p.shape[0]
             self._kernel(p.detach().numpy().reshape(rows2, -1),
                          st["exp_avg"].numpy().reshape(rows2, -1),

@@ -1003,3 +1003,33 @@ def test_q8_loads_a_torch_state_only_with_convert(digits):
         ft.RMSprop(model.parameters(), centered=True, state_dtype="q8")
     with pytest.raises(ValueError, match="min_8bit_size"):
         ft.Adam(model.parameters(), state_dtype="q8", min_8bit_size=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_q8_matches_the_raw_api(dtype):
+    """Muon with state_dtype='q8' through the adapter is the raw fo.Muon(state_dtype='q8') bit
+    for bit over 3 steps: the momentum buffer of the 75 x 64 weight (4800 elements) is 8-bit
+    (``momentum_buffer_codes`` + ``momentum_buffer_absmax``), the 10 x 75 one keeps torch's
+    float32 ``momentum_buffer`` (below min_8bit_size)."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(dtype))
+              for s in ((75, 64), (10, 75))]
+    raw = [_raw_copy(p) for p in params]
+    of = ft.Muon(params, lr=0.02, state_dtype="q8")
+    oraw = fastopt.Muon(raw, lr=0.02, state_dtype="q8", backend=of.backend)
+    for t in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        oraw.step([_raw_copy(p.grad) for p in params])
+        of.step()
+        for a, b in zip(params, raw):
+            np.testing.assert_array_equal(_raw_copy(a).view(np.uint8), b.view(np.uint8),
+                                          err_msg=f"step {t + 1}")
+    big, small = (of.state[p] for p in params)
+    assert big["momentum_buffer_codes"].dtype == torch.uint8 and "momentum_buffer" not in big
+    assert tuple(big["momentum_buffer_absmax"].shape) == (19,)  # ceil(4800 / 256)
+    assert small["momentum_buffer"].dtype == torch.float32
+    assert np.array_equal(big["momentum_buffer_codes"].numpy(),
+                          oraw.state[0][0]["momentum_buffer"])
+    assert np.array_equal(big["momentum_buffer_absmax"].numpy(),
+                          oraw.state[0][0]["momentum_buffer_absmax"])

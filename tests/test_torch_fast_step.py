@@ -227,3 +227,77 @@ def test_sparse_grad_after_fast_steps_is_the_full_steps_error():
         fa.step()
     for p, s in zip(a, snapshot):
         assert torch.equal(p.detach(), s)
+
+
+def test_cached_plan_step_skips_the_plan_lookup_and_sees_every_change():
+    """``_step`` first tries the previous step's plan (``_fast_step(plan, None, ...)``), which
+    checks in one pass what ``_current_plan`` checks.  Every change that would leave it with
+    stale views sends the step down the full path (or to a new plan); the results stay
+    those of the full step."""
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
+    used = _fast_steps(fa)
+    lookups = [0]
+    inner = fa._current_plan
+
+    def counting(grads_of):
+        lookups[0] += 1
+        return inner(grads_of)
+
+    fa._current_plan = counting
+    for t in range(4):
+        _step_both(fa, fb, a, b, _grads(a, t))
+    assert used[0] == 4 and lookups[0] == 1  # the first step built the plan; no lookup since
+    # an lr change (a scheduler): re-checked in place, still the cached plan
+    for o in (fa, fb):
+        o.param_groups[0]["lr"] = 3e-2
+    _step_both(fa, fb, a, b, _grads(a, 4))
+    assert used[0] == 5 and lookups[0] == 1
+
+    def changes(k):
+        # each one on both optimizers; the next step must take it into account
+        if k == 0:  # a state dict replaced whole (by copies: the old views would be stale)
+            for o, p in ((fa, a[1]), (fb, b[1])):
+                o.state[p] = {n: v.clone() for n, v in o.state[p].items()}
+        elif k == 1:  # one state tensor replaced by hand
+            fa.state[a[0]]["exp_avg"] = torch.full_like(a[0], 0.5)
+            fb.state[b[0]]["exp_avg"] = torch.full_like(b[0], 0.5)
+        elif k == 2:  # the param's storage swapped (what module.to() does)
+            a[2].data, b[2].data = a[2].detach().clone(), b[2].detach().clone()
+        elif k == 3:  # a param of the group replaced by another tensor
+            for o, ps in ((fa, a), (fb, b)):
+                ps[3] = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+                o.param_groups[0]["params"][3] = ps[3]
+
+    for k in range(4):
+        changes(k)
+        before = lookups[0]
+        _step_both(fa, fb, a, b, _grads(a, 5 + k))
+        assert lookups[0] == before + 1  # the cached plan refused: the full path looked up
+        _step_both(fa, fb, a, b, _grads(a, 10 + k))
+        if k < 3:  # (the new param of k == 3 starts at step 0: two step counts, the full path)
+            assert lookups[0] == before + 1  # and the plan it made is the cached one again
+    assert not torch.equal(fa.state[a[3]]["exp_avg"], torch.zeros(5))
+
+
+def test_cached_plan_step_refuses_a_grad_whose_data_was_swapped():
+    """``grad.data = ...`` changes a grad's dtype or layout without a new tensor object (nor a
+    version bump): the per-step grad checks see it, and the full step raises."""
+    fa, fb, a, b = _pair(ft.Adam, lr=1e-2)
+    used = _fast_steps(fa)
+    for t in range(3):
+        _step_both(fa, fb, a, b, _grads(a, t))
+    before = used[0]
+    snapshot = [p.detach().clone() for p in a]
+    a[0].grad.data = torch.zeros(a[0].shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="the grad of a torch.float32 param"):
+        fa.step()
+    g = _grads(a, 7)
+    g[1] = g[1].t().contiguous().t()  # a column-major grad with the param's shape
+    for p, x in zip(a, g):
+        p.grad = x
+    assert not a[1].grad.is_contiguous()
+    assert used[0] == before
+    for p, s in zip(a, snapshot):
+        assert torch.equal(p.detach(), s)
+    fa.step()  # the full step reads a contiguous copy
+    assert used[0] == before
