@@ -2550,9 +2550,11 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
 #   dequantize every q8 state into float32 scratch (``_QB`` per state, per part)
 #   -> the step pipeline and the rule's own body on the scratch (``_q8_apply``: the
 #      same statements as ``_apply``) -> the param written once
-#   -> the new absmax of each state block -> the exact nearest code of each element
-#      (``_q8_store``: a code table over the top 16 bits of ``y = x / absmax``, 8
-#      elements per AVX2 gather, with the sign guard) -> codes and absmax written.
+#   -> the new absmax of each state block (for float32 params taken in the update
+#      loop for states 0 and 1, ``_q8_top`` otherwise) -> the exact nearest code of
+#      each element (``_q8_codes``: a code table over the top 16 bits of
+#      ``y = x / absmax``, 8 elements per AVX2 gather, 16 per call and store, with
+#      the sign guard) -> codes and absmax written.
 #
 # The param step reads the new *unquantized* state (the scratch), as the reference.
 # Bodies index the scratch with the element's position in its block, so the extra
