@@ -2679,7 +2679,7 @@ def _q8_encode8(typingctx, xaddr, am, kaddr, zc, caddr):
     ``entry >> 16`` plus one when the low 16 bits of ``y`` (inverted for a
     negative ``y``, whose order is reversed) exceed the entry's low 16 bits, then
     the sign guard (``x < 0`` and code ``zc`` -> ``zc - 1``) and the byte store.
-    ``am`` must not be 0.  ``_q8_store``'s scalar loop is the same lookup per element.
+    ``am`` must not be 0.  ``_q8_codes``'s scalar loop is the same lookup per element.
     """
     return (types.void(types.int64, types.float32, types.int64, types.uint32, types.int64),
             _q8_encode_codegen(1))
