@@ -2604,9 +2604,11 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
 #   dequantize every q8 state into float32 scratch (``_QB`` per state, per part)
 #   -> the step pipeline and the rule's own body on the scratch (``_q8_apply``: the
 #      same statements as ``_apply``) -> the param written once
-#   -> the new absmax of each state block -> the exact nearest code of each element
-#      (``_q8_store``: a code table over the top 16 bits of ``y = x / absmax``, 8
-#      elements per AVX2 gather, with the sign guard) -> codes and absmax written.
+#   -> the new absmax of each state block (for float32 params taken in the update
+#      loop for states 0 and 1, ``_q8_top`` otherwise) -> the exact nearest code of
+#      each element (``_q8_codes``: a code table over the top 16 bits of
+#      ``y = x / absmax``, 8 elements per AVX2 gather, 16 per call and store, with
+#      the sign guard) -> codes and absmax written.
 #
 # The param step reads the new *unquantized* state (the scratch), as the reference.
 # Bodies index the scratch with the element's position in its block, so the extra
@@ -2677,6 +2679,51 @@ def _put(typingctx, addr, k, value):
     return types.void(types.int64, types.int64, value), codegen
 
 
+def _q8_encode_codegen(nvec):
+    """The codegen of ``_q8_encode8`` (``nvec`` 1) and ``_q8_encode16`` (2): per 8-lane
+    vector the division, one gather of table entries, the comparison and the sign guard;
+    the ``8 * nvec`` codes leave in one byte store."""
+    def codegen(context, builder, sig, args):
+        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        vi, vf = ir.VectorType(i32, 8), ir.VectorType(f32, 8)
+
+        def splat(ty, value):
+            return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+
+        def bcast(vty, scalar):
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), splat(vi, 0))
+
+        fnty = ir.FunctionType(vi, [vi, ir.PointerType(i8), vi, vi, i8])
+        gather = builder.module.declare_intrinsic("llvm.x86.avx2.gather.d.d.256", fnty=fnty)
+        table = builder.inttoptr(args[2], ir.PointerType(i8))
+        am, zc = bcast(vf, args[1]), bcast(vi, args[3])
+        xp = builder.inttoptr(args[0], ir.PointerType(vf))
+        codes = []
+        for h in range(nvec):
+            x = builder.load(builder.gep(xp, [ir.Constant(i32, h)]), align=4)
+            y = builder.bitcast(builder.fdiv(x, am), vi)
+            entry = builder.call(gather, [splat(vi, 0), table, builder.lshr(y, splat(vi, _Q_SHIFT)),
+                                          splat(vi, -1), ir.Constant(i8, 4)])
+            low = builder.and_(builder.xor(y, builder.ashr(y, splat(vi, 31))), splat(vi, _Q_LOW))
+            above = builder.icmp_signed(">", low, builder.and_(entry, splat(vi, _Q_LOW)))
+            code = builder.add(builder.lshr(entry, splat(vi, _Q_SHIFT)), builder.zext(above, vi))
+            neg = builder.fcmp_ordered("<", x, splat(vf, 0.0))
+            guard = builder.and_(neg, builder.icmp_unsigned("==", code, zc))
+            codes.append(builder.sub(code, builder.zext(guard, vi)))
+        if nvec == 2:
+            lanes = ir.Constant(ir.VectorType(i32, 16), [ir.Constant(i32, k) for k in range(16)])
+            code = builder.shuffle_vector(codes[0], codes[1], lanes)
+        else:
+            code = codes[0]
+        vb = ir.VectorType(i8, 8 * nvec)
+        builder.store(builder.trunc(code, vb), builder.inttoptr(args[4], ir.PointerType(vb)),
+                      align=1)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @intrinsic
 def _q8_encode8(typingctx, xaddr, am, kaddr, zc, caddr):
     """Codes of the 8 float32 at ``xaddr`` in a block of absmax ``am``, as 8 bytes at ``caddr``.
@@ -2686,37 +2733,19 @@ def _q8_encode8(typingctx, xaddr, am, kaddr, zc, caddr):
     ``entry >> 16`` plus one when the low 16 bits of ``y`` (inverted for a
     negative ``y``, whose order is reversed) exceed the entry's low 16 bits, then
     the sign guard (``x < 0`` and code ``zc`` -> ``zc - 1``) and the byte store.
-    ``am`` must not be 0.  ``_q8_store``'s scalar loop is the same lookup per element.
+    ``am`` must not be 0.  ``_q8_codes``'s scalar loop is the same lookup per element.
     """
-    def codegen(context, builder, sig, args):
-        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-        vi, vf, vb = ir.VectorType(i32, 8), ir.VectorType(f32, 8), ir.VectorType(i8, 8)
+    return (types.void(types.int64, types.float32, types.int64, types.uint32, types.int64),
+            _q8_encode_codegen(1))
 
-        def splat(ty, value):
-            return ir.Constant(ty, [ir.Constant(ty.element, value)] * 8)
 
-        def bcast(vty, scalar):
-            v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), splat(vi, 0))
-
-        x = builder.load(builder.inttoptr(args[0], ir.PointerType(vf)), align=4)
-        y = builder.bitcast(builder.fdiv(x, bcast(vf, args[1])), vi)
-        fnty = ir.FunctionType(vi, [vi, ir.PointerType(i8), vi, vi, i8])
-        gather = builder.module.declare_intrinsic("llvm.x86.avx2.gather.d.d.256", fnty=fnty)
-        entry = builder.call(gather, [splat(vi, 0), builder.inttoptr(args[2], ir.PointerType(i8)),
-                                      builder.lshr(y, splat(vi, _Q_SHIFT)), splat(vi, -1),
-                                      ir.Constant(i8, 4)])
-        low = builder.and_(builder.xor(y, builder.ashr(y, splat(vi, 31))), splat(vi, _Q_LOW))
-        above = builder.icmp_signed(">", low, builder.and_(entry, splat(vi, _Q_LOW)))
-        code = builder.add(builder.lshr(entry, splat(vi, _Q_SHIFT)), builder.zext(above, vi))
-        neg = builder.fcmp_ordered("<", x, splat(vf, 0.0))
-        guard = builder.and_(neg, builder.icmp_unsigned("==", code, bcast(vi, args[3])))
-        code = builder.sub(code, builder.zext(guard, vi))
-        builder.store(builder.trunc(code, vb),
-                      builder.inttoptr(args[4], ir.PointerType(vb)), align=1)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.float32, types.int64, types.uint32, types.int64), codegen
+@intrinsic
+def _q8_encode16(typingctx, xaddr, am, kaddr, zc, caddr):
+    """``_q8_encode8`` on 16 float32 (two vectors, lane for lane the same operations),
+    the 16 codes packed into one 16-byte store: fewer pack and store instructions
+    per code than two ``_q8_encode8`` calls (~7% of the encode, one thread)."""
+    return (types.void(types.int64, types.float32, types.int64, types.uint32, types.int64),
+            _q8_encode_codegen(2))
 
 
 @njit(inline="always")
@@ -2745,8 +2774,27 @@ def _q8_load(ptr, q, t, blk, a, m, qm, w, z):
 
 
 @njit(inline="always")
+def _q8_top(xb, m):
+    """The bits of the absmax of ``xb[:m]`` (the float32 bits of a block, as uint32): the
+    integer max over ``bits & 0x7FFFFFFF`` (for non-negative floats the integer order is
+    the float order and every nan is above inf, so nan propagates; vectorized)."""
+    top = _QU_ZERO
+    for i in range(np.uint64(m)):
+        v = np.uint32(xb[i] & _QU_ABS)
+        top = v if v > top else top  # uint32 lanes (uint32 & uint32 is a uint64 to Numba)
+    return top
+
+
+@njit(inline="always")
 def _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb):
-    """Encode ``w[q][:m]`` as block ``blk`` of q8 state ``q``: its absmax, then each nearest code.
+    """Encode ``w[q][:m]`` as block ``blk`` of q8 state ``q``: its absmax, then each nearest code
+    (``_q8_top``, then ``_q8_codes``)."""
+    _q8_codes(ptr, q, t, blk, a, m, _q8_top(wb[q], m), qk, qt, qz, w, wb)
+
+
+@njit(inline="always")
+def _q8_codes(ptr, q, t, blk, a, m, top, qk, qt, qz, w, wb):
+    """Block ``blk`` of q8 state ``q`` from ``w[q][:m]`` whose absmax has the bits ``top``.
 
     Exactly ``fastopt.quantization.quantize_blockwise``: absmax = max |x| (nan if
     any x is nan), y = x / absmax (an all-zero block gets the code of y = 0, no
@@ -2755,20 +2803,14 @@ def _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb):
     and the sign guard: a negative x whose code is the zero code ``qz[q]`` gets
     the code below it (``qz[q]`` is 256 for the unsigned map, which has no guard).
 
-    Two loops: the absmax as an integer max over the bits of ``|x|`` (for
-    non-negative floats the integer order is the float order and every nan is
-    above inf, so nan propagates; vectorized), then the codes.  With AVX2
-    (``_Q8_GATHER``) 8 elements at a time go through ``_q8_encode8`` (division,
-    one gather of table entries, guard and byte store in one vector), the tail of
-    a partial block through the scalar loop; without AVX2 every element
-    takes the scalar path (``qt[q]``: the bucket's threshold as a float32).
+    With AVX2 (``_Q8_GATHER``) 16 elements at a time go through ``_q8_encode16``
+    (division, one gather of table entries per 8, guard, one 16-byte store), 8
+    through ``_q8_encode8``, the tail of a partial block through the scalar
+    loop; without AVX2 every element takes the scalar path (``qt[q]``: the
+    bucket's threshold as a float32).  The absmax is written last.
     """
-    x, xb = w[q], wb[q]
+    x = w[q]
     mu, au = np.uint64(m), np.uint64(a)
-    top = _QU_ZERO
-    for i in range(mu):
-        v = np.uint32(xb[i] & _QU_ABS)
-        top = v if v > top else top  # uint32 lanes (uint32 & uint32 is a uint64 to Numba)
     wb[_NQ + 1, 0] = top
     am = w[_NQ + 1, 0]
     kt, tt = qk[q], qt[q]
@@ -2784,7 +2826,10 @@ def _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb):
             xa = np.int64(x.ctypes.data)
             ka = np.int64(kt.ctypes.data)
             ca = ptr[_QC0 + q, t] + a
-            while i + 8 <= m:
+            while i + 16 <= m:
+                _q8_encode16(xa + 4 * i, am, ka, zc, ca + i)
+                i += 16
+            if i + 8 <= m:
                 _q8_encode8(xa + 4 * i, am, ka, zc, ca + i)
                 i += 8
         zero = w[_NQ + 1, 1]  # 0.0 (set by the caller)
@@ -2832,6 +2877,7 @@ def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm,
     wb = w.view(np.uint32)
     w[_NQ + 1, 1] = z
     s0, s1, s2 = w[0], w[1], w[2]
+    b0, b1 = wb[0], wb[1]
     while j < hi:
         while boff[t + 1] <= j:
             t += 1
@@ -2846,6 +2892,8 @@ def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm,
                 _q8_load(ptr, q, t, blk, a, m, qm, w, z)
         ts, tc = scales[t], coef[t]
         au = np.uint64(a)
+        top0 = _QU_ZERO
+        top1 = _QU_ZERO
         # unsigned indices, as in _apply: a signed one keeps LLVM from vectorizing
         for i in range(np.uint64(m)):
             x = _clip(g[au + i] * c[_GINV], c[_GCLIP]) * ts
@@ -2854,7 +2902,17 @@ def _q8_apply_f32(body, mode, k, parts, ptr, off, boff, scales, coef, cs, f, qm,
                 x = x + l2 * pi
             pi = pi * decay
             p[au + i] = _clip(body(i, x, pi, s0, s1, s2, e, c, f, tc, mode), c[_WCLIP])
-        for q in range(_NQ):
+            # the absmax bits of states 0 and 1 (_q8_top) as the body writes them (a row
+            # the rule has no state in holds stale scratch: its top is never used)
+            v = np.uint32(b0[i] & _QU_ABS)
+            top0 = v if v > top0 else top0
+            v = np.uint32(b1[i] & _QU_ABS)
+            top1 = v if v > top1 else top1
+        if ptr[_QC0, t] != 0:
+            _q8_codes(ptr, 0, t, blk, a, m, top0, qk, qt, qz, w, wb)
+        if ptr[_QC0 + 1, t] != 0:
+            _q8_codes(ptr, 1, t, blk, a, m, top1, qk, qt, qz, w, wb)
+        for q in range(2, _NQ):
             if ptr[_QC0 + q, t] != 0:
                 _q8_store(ptr, q, t, blk, a, m, qk, qt, qz, w, wb)
         j += 1
