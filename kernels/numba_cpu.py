@@ -161,6 +161,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 
 import numba
 import numpy as np
@@ -175,6 +176,13 @@ from .._rules import (CLIP_EPS, DENSE_SOLVE, ELEMENTWISE, KERNEL_FLAG_BIT, KERNE
                       KERNEL_SCALAR_SLOT, KERNEL_SCALARS, ORTHOGONALIZE, RULES, TRUST_RATIO,
                       muon_lr_ratio)
 from .._rules import FACTORED, adafactor_eps1
+
+# Numba's SSA pass re-checks its IR after inlining the q8 block driver's helpers and warns
+# ("NumbaIRAssumptionWarning: variable '_q8_...' is not in scope") at their first compile.
+# The check is Numba's own pedantry (the kernels are tested bit for bit against the
+# reference); the warning would only alarm users, so it is silenced for those names.
+warnings.filterwarnings("ignore", category=numba.core.errors.NumbaIRAssumptionWarning,
+                        message=r"variable '_q8_")
 
 BACKEND = "numba"
 
