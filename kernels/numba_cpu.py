@@ -329,6 +329,20 @@ def _fingerprint_cache_class(suffix=""):
     class _FingerprintCache(FunctionCache):
         _impl_class = _FingerprintImpl
 
+        def load_overload(self, sig, target_context):
+            # Numba's own load_overload first calls target_context.refresh(), which
+            # imports and installs every typing and lowering registry Numba has (and
+            # through numba.np.arraymath's BLAS probe, scipy.linalg): 0.5-1 s of a warm
+            # process's first step, none of it needed to load machine code.  Rebuilding
+            # a cached kernel needs the helper symbols (installed when the context was
+            # made) and the NRT's (rtsys.initialize, idempotent); a compile that comes
+            # later refreshes the contexts itself (numba.core.compiler.CompilerBase).
+            _rtsys.initialize(target_context)
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+
+    from numba.core.runtime import rtsys as _rtsys
+
     return _FingerprintCache
 
 
