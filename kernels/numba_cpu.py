@@ -997,20 +997,66 @@ _BODY_JIT = {"error_model": "numpy"}
 
 
 # ``prefer_literal``: the entry point's mode (a constant in its source) is first offered
-# as a literal; the tiled driver bakes it into its rule loop (``_tiled_driver``), while
-# the full-precision driver declines the literal and is typed with a plain int, as
-# it always was.
+# as a literal; the tiled driver bakes it into its rule loop (``_tiled_driver``).  The
+# full-precision driver takes it too: declined, it was typed with a plain int, which
+# compiled the rule body once more for that int (the literal call that the inlined
+# code makes compiles it anyway); the machine code is the same either way (the mode
+# is a constant of the entry point and folds away in LLVM).
 @overload(_apply, inline="always", prefer_literal=True, jit_options=_BODY_JIT)
 def _apply_overload(body, mode, k, parts, ptr, off, total, scales, cs, f):
     literal = isinstance(mode, types.IntegerLiteral)
     if isinstance(f, types.Array):
         return _tiled_driver(body.dispatcher, mode.literal_value if literal else None)
-    return None if literal else _apply_full
+    return _apply_full
 
 
 @overload(_reduce, inline="always", jit_options=_BODY_JIT)
 def _reduce_overload(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     return _reduce_tiled if isinstance(f, types.Array) else _reduce_full
+
+
+def _inline_only(func):
+    """Type an ``inline="always"`` overload of ``func`` without compiling it on its own.
+
+    Numba types such an overload by running the type inference of the implementation
+    it returns (that is all the inliner needs), but first compiles the implementation
+    as a standalone function as well -- typing, lowering, LLVM -- only to check that it
+    compiles, and throws the result away (``_build_impl`` and ``get_call_template`` in
+    ``numba.core.typing.templates``).  For ``_apply`` that was a quarter of an entry
+    point's compile (with one more compile of the rule body, for an ``int`` mode that
+    the inlined code never uses).  Here the implementation's dispatcher is made with
+    compiling disabled: the type inference and the inlined code are the same, so the
+    entry point's machine code is the same, and an implementation that fails to type
+    still fails the entry point's compile with Numba's error.
+    """
+    from numba.core.typing.templates import builtin_registry
+
+    templates = [t for f, ty in builtin_registry.globals if f is func for t in ty.templates]
+    if not templates:
+        return  # numba's registry moved: leave the overload as it is (only slower to compile)
+    for t in templates:
+        make = t._get_jit_decorator
+
+        def _get_jit_decorator(self, make=make):
+            jitter = make(self)
+
+            def with_options(**options):
+                decorate = jitter(**options)
+
+                def typed_only(pyfunc):
+                    disp = decorate(pyfunc)
+                    disp._can_compile = False  # (disable_compile() wants a signature first)
+                    return disp
+
+                return typed_only
+
+            return with_options
+
+        t._get_jit_decorator = _get_jit_decorator
+
+
+_inline_only(_apply)
+_inline_only(_reduce)
 
 
 @njit(inline="always")
@@ -1381,6 +1427,9 @@ def _read_blocks_overload(k, parts, ptr, off, boff, cs, flags, out):
     return _read_blocks_tiled if isinstance(flags, types.Array) else _read_blocks_full
 
 
+_inline_only(_read_blocks)
+
+
 @njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _check_grads(ptr, sizes, off, cs, addr):
     """The read pass's fast check (``_k_read`` with flags 0) inside a checked update call.
@@ -1698,6 +1747,29 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
             res[t, 0] += out[j, 0]
             res[t, 1] += out[j, 1]
     return res
+
+
+def _k_check(tab, sizes, scales, cs, flags, deref, threads):
+    """The read pass's fast form (``_k_read`` with flags 0) for a call that runs as one part.
+
+    ``_check_grads`` over the grads of row ``_G``, its sums written to the float64
+    array of row ``_CHECK`` (the total, then one sum per tensor; the same bits as
+    ``_k_read``).  A serial function with no parallel region, in the entry-point
+    template (``scales``, ``flags`` and ``threads`` unused): a small step's first
+    call compiles this instead of the read pass, about a third of its compile time,
+    and the update's entry point then reuses the compiled ``_check_grads``.
+    """
+    n = sizes.shape[0]
+    off = np.empty(n + 1, np.int64)
+    off[0] = 0
+    for t in range(n):
+        off[t + 1] = off[t] + sizes[t]
+    ptr = _pointers(tab, deref)
+    return _check_grads(ptr, sizes, off, cs, ptr[_CHECK, 0])
+
+
+_k_check = _cached(njit(nogil=True, error_model="numpy")(_k_check))
+_TWINS.add(_k_check)  # (no parallel region: _run takes no lock for it)
 
 
 @_entry()
@@ -2269,6 +2341,19 @@ def _check_table():
 _check_table()
 
 
+def _check_sums(arrays, sizes, dt, inv):
+    """(n, 2) float64: ``_k_check``'s per-tensor sums of squares of ``a * inv``, then zeros."""
+    n = len(arrays)
+    sums = np.empty(n + 1)
+    tab = np.zeros((_CHECK + 1, n), np.int64)
+    tab[_G] = _ids(arrays, n)
+    tab[_CHECK, 0] = _ids([sums], 1)[0]
+    _launch(_k_check, tab, sizes, None, _scalars(dt, _plain_head(inv)), 0, DATA_OFFSET)
+    res = np.zeros((n, 2))
+    res[:, 0] = sums[1:]
+    return res
+
+
 def _by_dtype(arrays):
     """``[(dtype, positions)]``; one entry (positions None) when all share a dtype."""
     dts = {a.dtype for a in arrays}
@@ -2315,6 +2400,10 @@ class NumbaOps(Ops):
 
         ``exact=False``: the unclipped sum only (the flag column is 0), see ``_read_blocks``.
         """
+        if not exact and clip is None:
+            res = self._small_check(arrays, inv)
+            if res is not None:
+                return res
         parts = self._each_dtype(_k_read, arrays, None,
                                  _plain_head(inv, math.inf if clip is None else clip), int(exact))
         if len(parts) == 1:
@@ -2323,6 +2412,24 @@ class NumbaOps(Ops):
         for pos, res in parts:
             out[pos] = res
         return out
+
+    @staticmethod
+    def _small_check(arrays, inv):
+        """``_stats(arrays, inv, None, exact=False)`` through ``_k_check``, or None.
+
+        Only for a float32 or float64 list that runs as one part (the case of a small
+        model's step, and of the first step of any example): it then needs no read-pass
+        kernel of its own, whose compile was about 40 % of a cold first Adam step.
+        """
+        arrays = list(arrays)
+        n = len(arrays)
+        dt = arrays[0].dtype if n else None
+        if dt not in (np.float32, np.float64) or any(a.dtype != dt for a in arrays):
+            return None
+        sizes = _sizes(arrays, n)
+        if numba.get_num_threads() > 1 and int(sizes.sum()) >= 2 * MIN_PER_THREAD:
+            return None
+        return _check_sums(arrays, sizes, dt, inv)
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         inv = 1.0 if inv_scale is None else inv_scale
