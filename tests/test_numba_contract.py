@@ -96,11 +96,13 @@ _CACHE_PROBE = textwrap.dedent("""
     p0 = rng.standard_normal(100).astype(np.float32)
     g = rng.standard_normal(100).astype(np.float32)
     out = {}
+    nc._FORCE = "parallel"  # 100 elements would take Adam's serial twin
     for be in ("numpy", "numba"):
         p = [p0.copy()]
-        opt = fo.Adam(p, lr=0.1, weight_decay=0.1, backend=be)  # "raise": the read pass runs
+        opt = fo.Adam(p, lr=0.1, weight_decay=0.1, backend=be)  # "raise": the check runs
         opt.step([g]); opt.step([g])
         out[be] = p[0]
+    nc._FORCE = None
     ok = np.allclose(out["numba"], out["numpy"], rtol=1e-5, atol=1e-6)
     # both cache classes: Adam's parallel entry point, the read pass's serial twin (an
     # exact pass: 100 elements run as one part) and the fast check of the step (_k_check)
