@@ -227,7 +227,6 @@ def test_a_nonfinite_grad_in_a_two_part_cached_step_raises_with_nothing_written(
 
 @pytest.mark.parametrize("cls, kw", [
     ("Adam", dict(weight_decay=0.1, maximize=True)),
-    ("SGD", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
     ("RMSprop", dict(momentum=0.9, centered=True)),  # its entry's mode is not a literal
 ])
 def test_serial_twin_steps_bit_for_bit_as_the_parallel_form(monkeypatch, cls, kw):
