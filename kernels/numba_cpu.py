@@ -335,6 +335,8 @@ def _fingerprint_cache_class(suffix=""):
         _impl_class = _FingerprintImpl
 
         def load_overload(self, sig, target_context):
+            if not _LEAN_LOAD:
+                return super().load_overload(sig, target_context)
             # Numba's own load_overload first calls target_context.refresh(), which
             # imports and installs every typing and lowering registry Numba has (and
             # through numba.np.arraymath's BLAS probe, scipy.linalg): 0.5-1 s of a warm
@@ -348,6 +350,10 @@ def _fingerprint_cache_class(suffix=""):
 
     from numba.core.runtime import rtsys as _rtsys
 
+    # the internals the lean load uses; where they moved, Numba's own load_overload runs
+    _LEAN_LOAD = (hasattr(FunctionCache, "_load_overload")
+                  and hasattr(FunctionCache, "_guard_against_spurious_io_errors")
+                  and hasattr(_rtsys, "initialize"))
     return _FingerprintCache
 
 
@@ -1124,9 +1130,11 @@ def _inline_only(func):
     """
     from numba.core.typing.templates import builtin_registry
 
-    templates = [t for f, ty in builtin_registry.globals if f is func for t in ty.templates]
+    templates = [t for f, ty in builtin_registry.globals if f is func
+                 for t in getattr(ty, "templates", ())]
+    templates = [t for t in templates if hasattr(t, "_get_jit_decorator")]
     if not templates:
-        return  # numba's registry moved: leave the overload as it is (only slower to compile)
+        return  # numba's internals moved: leave the overload as it is (only slower to compile)
     for t in templates:
         make = t._get_jit_decorator
 
