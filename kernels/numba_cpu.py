@@ -30,9 +30,11 @@ Layout
   runtime bitmask.  ``_ENTRIES`` maps ``(rule, variant)`` to the entry point
   and the rule's kind (``Rule.kind``) picks the host driver; no code here
   branches on a rule's name.
-* The read pass's entry point also has a serial twin (``_SERIAL``: the same
-  function compiled without a parallel region), which the host calls when the
-  call runs as one part; see ``_entry``.
+* The read pass's entry point and every update entry point also have a serial
+  twin (``_SERIAL``: the same function compiled without a parallel region; an
+  update entry's twin runs its element loop as a jitted function of its own,
+  ``_serial_driver``), which the host calls when the call runs as one part; see
+  ``_entry``.  A small fast check (the default step's) runs ``_k_check``.
 * Every update entry point can also run the read pass's fast check itself, before
   its loop (``_setup``, ``_check_grads``): the optimizer's step cache (``StepPlan``)
   makes such a *checked* call for a small step, so the check and the update are
@@ -120,10 +122,13 @@ fork-safe: a process forked after a step must not step with this backend.
 Compilation and caching
 -----------------------
 Kernels compile lazily, per (rule, variant, dtype), on first use: a first
-small Adam step compiles the serial twin of ``_k_read`` and ``_k_adam`` (the
-read pass's twin compiles in under half the time of its parallel form; loading
-both from the cache takes about 0.6 s on a quiet 2-core machine, nearly all of it
-Numba's own start-up).  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
+small Adam step compiles ``_k_check`` and the serial twin of ``_k_adam`` (about
+40 % and 60 % of the CPU time of the read pass's and ``_k_adam``'s parallel forms);
+a step over ``2 * MIN_PER_THREAD`` elements on several threads compiles the parallel
+form.  The inline overloads are typed without a standalone compile
+(``_inline_only``), and a cached kernel loads without Numba's registry refresh
+(``_FingerprintCache.load_overload``): a warm first step is about 0.1 s after the
+imports.  See "First use" in docs/design.md for the figures.  ``fastopt.warmup()`` / ``python -m fastopt warmup`` compiles them
 ahead of time, and a first call that runs for over a second says once on
 stderr that it is compiling (``COMPILE_NOTE``).  They are
 cached on disk (Numba's ``__pycache__`` next to this file, ``NUMBA_CACHE_DIR``
@@ -338,6 +343,26 @@ def _fingerprint_cache_class(suffix=""):
     class _FingerprintCache(FunctionCache):
         _impl_class = _FingerprintImpl
 
+        def load_overload(self, sig, target_context):
+            if not _LEAN_LOAD:
+                return super().load_overload(sig, target_context)
+            # Numba's own load_overload first calls target_context.refresh(), which
+            # imports and installs every typing and lowering registry Numba has (and
+            # through numba.np.arraymath's BLAS probe, scipy.linalg): 0.5-1 s of a warm
+            # process's first step, none of it needed to load machine code.  Rebuilding
+            # a cached kernel needs the helper symbols (installed when the context was
+            # made) and the NRT's (rtsys.initialize, idempotent); a compile that comes
+            # later refreshes the contexts itself (numba.core.compiler.CompilerBase).
+            _rtsys.initialize(target_context)
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+
+    from numba.core.runtime import rtsys as _rtsys
+
+    # the internals the lean load uses; where they moved, Numba's own load_overload runs
+    _LEAN_LOAD = (hasattr(FunctionCache, "_load_overload")
+                  and hasattr(FunctionCache, "_guard_against_spurious_io_errors")
+                  and hasattr(_rtsys, "initialize"))
     return _FingerprintCache
 
 
@@ -375,15 +400,18 @@ def _entry(sums=False, twin=False):
     """The decorator of an entry point: parallel, nogil, fingerprint-cached.
 
     ``twin``: also compile a serial twin (``_SERIAL``) for calls that run as one
-    part.  Parfor lowering is about half of a kernel's compile time: the read pass's
-    twin compiles in less than half the time of its parallel form and runs as fast,
-    so a first small step never compiles the parallel read pass.  Only the read pass
-    has one: in a serial function LLVM did not vectorize the update loops (Adam's
-    twin ran 5-13x slower than the parallel form on one thread; the parfor body is
-    compiled with ``noalias`` arguments and vectorizes).  Both forms use NumPy's error
-    model (a float division by zero is inf/nan, not an exception): under Python's model
-    a division carries a zero test whose branch keeps LLVM from vectorizing the loop.  A twin's entry point must take
-    ``sizes`` second and ``threads`` last (the template of ``_k_read``).
+    part.  Parfor lowering is about half of a kernel's compile time: a twin compiles
+    in about 60 % of the parallel form's CPU time and runs as fast (or faster: no
+    parallel region to enter), so a first small step never compiles a parallel form.
+    Every update entry point (one that calls ``_apply`` and not ``_reduce``, in the
+    template: ``sizes`` second, ``threads`` last) gets a twin without asking: its
+    ``_apply`` becomes ``_apply_serial`` (``_serial_form``), whose driver runs the
+    element loop as a jitted function of its own; inlined in a serial function the
+    loop came out scalar (Adam's 5-13x slower on one thread).  Both forms use NumPy's
+    error model (a float division by zero is inf/nan, not an exception): under Python's
+    model a division carries a zero test whose branch keeps LLVM from vectorizing the
+    loop.  A twin's entry point must take ``sizes`` second and ``threads`` last (the
+    template of ``_k_read``).
     """
     opts = dict(nogil=True, error_model="numpy")
     if sums:
@@ -391,13 +419,32 @@ def _entry(sums=False, twin=False):
 
     def make(fn):
         par = _cached(njit(parallel=_PARALLEL, **opts)(fn))
-        if twin:
-            assert fn.__code__.co_varnames[1:2] == ("sizes",), fn.__name__
-            _SERIAL[par] = _cached(njit(**opts)(fn), serial=True)
+        code = fn.__code__
+        update = ("_apply" in code.co_names and "_reduce" not in code.co_names
+                  and code.co_varnames[1:2] == ("sizes",)
+                  and code.co_varnames[code.co_argcount - 1] == "threads")
+        if twin or update:
+            assert code.co_varnames[1:2] == ("sizes",), fn.__name__
+            src = _serial_form(fn) if update else fn
+            _SERIAL[par] = _cached(njit(**opts)(src), serial=True)
             _TWINS.add(_SERIAL[par])
         return par
 
     return make
+
+
+def _serial_form(fn):
+    """``fn`` with its calls of ``_apply`` made to ``_apply_serial`` (an update entry's twin).
+
+    The same bytecode and module globals, only the name the code loads differs, so Numba
+    sees the same source and the twin's own cache files (``_serial``) hold its code.
+    """
+    code = fn.__code__
+    names = tuple("_apply_serial" if n == "_apply" else n for n in code.co_names)
+    twin = type(fn)(code.replace(co_names=names), fn.__globals__, fn.__name__,
+                    fn.__defaults__, fn.__closure__)
+    twin.__qualname__, twin.__doc__ = fn.__qualname__, fn.__doc__
+    return twin
 
 
 # ------------------------------------------------------------------ raw memory
@@ -587,6 +634,64 @@ def _apply(body, mode, k, parts, ptr, off, total, scales, cs, f):
 def _reduce(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     """Part ``k`` of LAMB's first pass (see the overload)."""
     raise NotImplementedError("only callable from a jitted function")
+
+
+def _apply_serial(body, mode, k, parts, ptr, off, total, scales, cs, f):
+    """``_apply`` in an update entry point's serial twin (see ``_serial_driver``)."""
+    raise NotImplementedError("only callable from a jitted function")
+
+
+_SERIAL_DRIVERS = {}
+
+
+def _serial_driver(rule_body, rule_mode):
+    """``_apply_full`` for a serial twin: the element loop a jitted function of its own.
+
+    Inlined into a serial function, the loop of ``_apply_full`` came out scalar (one
+    LLVM optimization of the whole; the parfor body of the parallel form is optimized
+    once on its own and again where it is linked).  As a function of its own
+    (``rule_loop``, made once per rule body and mode: both closure constants, as in
+    ``_tiled_driver``; ``rule_mode`` None when the entry's mode was not a literal, e.g.
+    ``A | B``: it then goes through as an argument) it is optimized in its own library
+    and again, inlined, in the twin's: the loop is vector code (``sqrtps``/``divps`` for Adam), runs as fast as the
+    parallel form on one thread, and computes the same bits.  The twin compiles in
+    about 60 % of the parallel form's time: no parfor lowering.
+    """
+    key = (rule_body, rule_mode)
+    driver = _SERIAL_DRIVERS.get(key)
+    if driver is not None:
+        return driver
+    loop_mode = -1 if rule_mode is None else rule_mode
+
+    @njit(nogil=True, error_model="numpy")
+    def rule_loop(mode, a, b, p, g, s0, s1, s2, e, c, f, ts, gs, use_l2):
+        l2, decay = c[_S_L2], c[_S_DECAY]
+        # the statements of _apply_full's loop, in the same order
+        for i in range(np.uint64(a), np.uint64(b)):
+            x = _clip(g[i] * c[_GINV], c[_GCLIP]) * gs
+            pi = p[i]
+            if use_l2:
+                x = x + l2 * pi
+            pi = pi * decay
+            p[i] = _clip(rule_body(i, x, pi, s0, s1, s2, e, c, f, ts,
+                                   mode if loop_mode < 0 else loop_mode), c[_WCLIP])
+
+    def _apply_serial_full(body, mode, k, parts, ptr, off, total, scales, cs, f):
+        n = off.shape[0] - 1
+        t, hi = _tensors(k, parts, off, total)
+        c = to_fixed_tuple(cs, _NSCALARS)
+        use_l2 = c[_S_L2] != c[_ZERO]
+        while t < n and off[t] < hi:
+            a, b = _range(k, parts, off, total, t)
+            p, g, s0, s1, s2, e = _views(ptr, t, off[t + 1] - off[t], cs[0])
+            ts = scales[t]
+            gs = scales[n + t] if mode & _V_GSCALE2 else ts
+            rule_loop(mode, a, b, p, g, s0, s1, s2, e, c, f, ts, gs, use_l2)
+            t += 1
+
+    _apply_serial_full.rule_loop = rule_loop
+    _SERIAL_DRIVERS[key] = _apply_serial_full
+    return _apply_serial_full
 
 
 def _apply_full(body, mode, k, parts, ptr, off, total, scales, cs, f):
@@ -1045,20 +1150,77 @@ _BODY_JIT = {"error_model": "numpy"}
 
 
 # ``prefer_literal``: the entry point's mode (a constant in its source) is first offered
-# as a literal; the tiled driver bakes it into its rule loop (``_tiled_driver``), while
-# the full-precision driver declines the literal and is typed with a plain int, as
-# it always was.
+# as a literal; the tiled driver bakes it into its rule loop (``_tiled_driver``).  The
+# full-precision driver takes it too: declined, it was typed with a plain int, which
+# compiled the rule body once more for that int (the literal call that the inlined
+# code makes compiles it anyway); the machine code is the same either way (the mode
+# is a constant of the entry point and folds away in LLVM).
 @overload(_apply, inline="always", prefer_literal=True, jit_options=_BODY_JIT)
 def _apply_overload(body, mode, k, parts, ptr, off, total, scales, cs, f):
     literal = isinstance(mode, types.IntegerLiteral)
     if isinstance(f, types.Array):
         return _tiled_driver(body.dispatcher, mode.literal_value if literal else None)
-    return None if literal else _apply_full
+    return _apply_full
+
+
+@overload(_apply_serial, inline="always", prefer_literal=True, jit_options=_BODY_JIT)
+def _apply_serial_overload(body, mode, k, parts, ptr, off, total, scales, cs, f):
+    literal = isinstance(mode, types.IntegerLiteral)
+    if isinstance(f, types.Array):  # reduced precision: the tiled driver, as in _apply
+        return _tiled_driver(body.dispatcher, mode.literal_value if literal else None)
+    return _serial_driver(body.dispatcher, mode.literal_value if literal else None)
 
 
 @overload(_reduce, inline="always", jit_options=_BODY_JIT)
 def _reduce_overload(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
     return _reduce_tiled if isinstance(f, types.Array) else _reduce_full
+
+
+def _inline_only(func):
+    """Type an ``inline="always"`` overload of ``func`` without compiling it on its own.
+
+    Numba types such an overload by running the type inference of the implementation
+    it returns (that is all the inliner needs), but first compiles the implementation
+    as a standalone function as well -- typing, lowering, LLVM -- only to check that it
+    compiles, and throws the result away (``_build_impl`` and ``get_call_template`` in
+    ``numba.core.typing.templates``).  For ``_apply`` that was a quarter of an entry
+    point's compile (with one more compile of the rule body, for an ``int`` mode that
+    the inlined code never uses).  Here the implementation's dispatcher is made with
+    compiling disabled: the type inference and the inlined code are the same, so the
+    entry point's machine code is the same, and an implementation that fails to type
+    still fails the entry point's compile with Numba's error.
+    """
+    from numba.core.typing.templates import builtin_registry
+
+    templates = [t for f, ty in builtin_registry.globals if f is func
+                 for t in getattr(ty, "templates", ())]
+    templates = [t for t in templates if hasattr(t, "_get_jit_decorator")]
+    if not templates:
+        return  # numba's internals moved: leave the overload as it is (only slower to compile)
+    for t in templates:
+        make = t._get_jit_decorator
+
+        def _get_jit_decorator(self, make=make):
+            jitter = make(self)
+
+            def with_options(**options):
+                decorate = jitter(**options)
+
+                def typed_only(pyfunc):
+                    disp = decorate(pyfunc)
+                    disp._can_compile = False  # (disable_compile() wants a signature first)
+                    return disp
+
+                return typed_only
+
+            return with_options
+
+        t._get_jit_decorator = _get_jit_decorator
+
+
+_inline_only(_apply)
+_inline_only(_apply_serial)
+_inline_only(_reduce)
 
 
 @njit(inline="always")
@@ -1429,6 +1591,9 @@ def _read_blocks_overload(k, parts, ptr, off, boff, cs, flags, out):
     return _read_blocks_tiled if isinstance(flags, types.Array) else _read_blocks_full
 
 
+_inline_only(_read_blocks)
+
+
 @njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _check_grads(ptr, sizes, off, cs, addr):
     """The read pass's fast check (``_k_read`` with flags 0) inside a checked update call.
@@ -1746,6 +1911,29 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
             res[t, 0] += out[j, 0]
             res[t, 1] += out[j, 1]
     return res
+
+
+def _k_check(tab, sizes, scales, cs, flags, deref, threads):
+    """The read pass's fast form (``_k_read`` with flags 0) for a call that runs as one part.
+
+    ``_check_grads`` over the grads of row ``_G``, its sums written to the float64
+    array of row ``_CHECK`` (the total, then one sum per tensor; the same bits as
+    ``_k_read``).  A serial function with no parallel region, in the entry-point
+    template (``scales``, ``flags`` and ``threads`` unused): a small step's first
+    call compiles this instead of the read pass, about a third of its compile time,
+    and the update's entry point then reuses the compiled ``_check_grads``.
+    """
+    n = sizes.shape[0]
+    off = np.empty(n + 1, np.int64)
+    off[0] = 0
+    for t in range(n):
+        off[t + 1] = off[t] + sizes[t]
+    ptr = _pointers(tab, deref)
+    return _check_grads(ptr, sizes, off, cs, ptr[_CHECK, 0])
+
+
+_k_check = _cached(njit(nogil=True, error_model="numpy")(_k_check))
+_TWINS.add(_k_check)  # (no parallel region: _run takes no lock for it)
 
 
 @_entry()
@@ -2317,6 +2505,19 @@ def _check_table():
 _check_table()
 
 
+def _check_sums(arrays, sizes, dt, inv):
+    """(n, 2) float64: ``_k_check``'s per-tensor sums of squares of ``a * inv``, then zeros."""
+    n = len(arrays)
+    sums = np.empty(n + 1)
+    tab = np.zeros((_CHECK + 1, n), np.int64)
+    tab[_G] = _ids(arrays, n)
+    tab[_CHECK, 0] = _ids([sums], 1)[0]
+    _launch(_k_check, tab, sizes, None, _scalars(dt, _plain_head(inv)), 0, DATA_OFFSET)
+    res = np.zeros((n, 2))
+    res[:, 0] = sums[1:]
+    return res
+
+
 def _by_dtype(arrays):
     """``[(dtype, positions)]``; one entry (positions None) when all share a dtype."""
     dts = {a.dtype for a in arrays}
@@ -2363,6 +2564,10 @@ class NumbaOps(Ops):
 
         ``exact=False``: the unclipped sum only (the flag column is 0), see ``_read_blocks``.
         """
+        if not exact and clip is None:
+            res = self._small_check(arrays, inv)
+            if res is not None:
+                return res
         parts = self._each_dtype(_k_read, arrays, None,
                                  _plain_head(inv, math.inf if clip is None else clip), int(exact))
         if len(parts) == 1:
@@ -2371,6 +2576,24 @@ class NumbaOps(Ops):
         for pos, res in parts:
             out[pos] = res
         return out
+
+    @staticmethod
+    def _small_check(arrays, inv):
+        """``_stats(arrays, inv, None, exact=False)`` through ``_k_check``, or None.
+
+        Only for a float32 or float64 list that runs as one part (the case of a small
+        model's step, and of the first step of any example): it then needs no read-pass
+        kernel of its own, whose compile was about 40 % of a cold first Adam step.
+        """
+        arrays = list(arrays)
+        n = len(arrays)
+        dt = arrays[0].dtype if n else None
+        if dt not in (np.float32, np.float64) or any(a.dtype != dt for a in arrays):
+            return None
+        sizes = _sizes(arrays, n)
+        if numba.get_num_threads() > 1 and int(sizes.sum()) >= 2 * MIN_PER_THREAD:
+            return None
+        return _check_sums(arrays, sizes, dt, inv)
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         inv = 1.0 if inv_scale is None else inv_scale
@@ -2465,9 +2688,12 @@ class StepPlan:
         self.entry = None  # the entry point: the variant comes from the (fixed) options
 
     def _pick(self, fn):
+        """As the module's ``_pick`` (``_FORCE`` included) for this plan's fixed size."""
         threads = numba.get_num_threads()
         serial = _SERIAL.get(fn)
-        if serial is not None and (threads == 1 or self.total < 2 * MIN_PER_THREAD):
+        if serial is None or _FORCE == "parallel":
+            return fn, threads
+        if _FORCE == "serial" or threads == 1 or self.total < 2 * MIN_PER_THREAD:
             return serial, 1
         return fn, threads
 
@@ -2491,7 +2717,7 @@ class StepPlan:
         fn = self.entry
         if fn is None:
             fn = self.entry = _ENTRIES[rule.name, _mode(rule, s)]
-        threads = numba.get_num_threads()
+        fn, threads = self._pick(fn)  # the serial twin when the step runs as one part
         args = (self.table, self.sizes, self.ones, cs, rule.kernel_flags(s), self.deref)
         if check:
             if threads == 1 or self.total < 2 * MIN_PER_THREAD:  # one part: check in the call

@@ -96,15 +96,22 @@ _CACHE_PROBE = textwrap.dedent("""
     p0 = rng.standard_normal(100).astype(np.float32)
     g = rng.standard_normal(100).astype(np.float32)
     out = {}
+    nc._FORCE = "parallel"  # 100 elements would take Adam's serial twin
     for be in ("numpy", "numba"):
         p = [p0.copy()]
-        opt = fo.Adam(p, lr=0.1, weight_decay=0.1, backend=be)  # "raise": the read pass runs
+        opt = fo.Adam(p, lr=0.1, weight_decay=0.1, backend=be)  # "raise": the check runs
         opt.step([g]); opt.step([g])
         out[be] = p[0]
+    nc._FORCE = None
     ok = np.allclose(out["numba"], out["numpy"], rtol=1e-5, atol=1e-6)
-    # both cache classes: Adam's parallel entry point and the read pass's serial twin
-    # (100 elements run as one part)
-    sts = [nc._k_adam.stats, nc._SERIAL[nc._k_read].stats]
+    # both cache classes: Adam's parallel entry point, the read pass's serial twin (an
+    # exact pass: 100 elements run as one part) and the fast check of the step (_k_check)
+    nc.OPS._stats([g], 1.0, None)
+    sts = [nc._k_adam.stats, nc._SERIAL[nc._k_read].stats, nc._k_check.stats]
+    # kernels loaded without Numba's registry refresh (_FingerprintCache.load_overload):
+    # a compile afterwards in the same process still works (it refreshes them itself)
+    import numba
+    ok = ok and numba.njit(lambda x: np.sqrt(x) + 1.0)(3.0) == np.sqrt(3.0) + 1.0
     print(nc.FINGERPRINT, sum(sum(st.cache_hits.values()) for st in sts),
           sum(sum(st.cache_misses.values()) for st in sts), ok)
 """)
@@ -121,11 +128,11 @@ def _cache_probe(mode, cache_dir):
 
 def test_changed_vocabulary_does_not_load_stale_cached_kernels(tmp_path):
     fp0, hits, misses, ok = _cache_probe("same", tmp_path)
-    assert (hits, misses, ok) == (0, 2, True)  # compiled and saved
-    assert _cache_probe("same", tmp_path) == (fp0, 2, 0, True)  # the cache works: loaded
+    assert (hits, misses, ok) == (0, 3, True)  # compiled and saved
+    assert _cache_probe("same", tmp_path) == (fp0, 3, 0, True)  # the cache works: loaded
     fp1, hits, misses, ok = _cache_probe("changed", tmp_path)
     assert fp1 != fp0
-    assert (hits, misses, ok) == (0, 2, True)  # recompiled with the new slots, right math
+    assert (hits, misses, ok) == (0, 3, True)  # recompiled with the new slots, right math
     # the control: kernels reading other slots than the host packed give wrong math,
     # which is what a stale cache hit would have given above
     assert _cache_probe("mismatch", tmp_path)[3] is False
@@ -217,6 +224,8 @@ def test_read_pass_does_not_depend_on_the_thread_count():
         runs = [nc._k_read(*args, exact, nc.DATA_OFFSET, threads) for threads in (1, 2, 3, 8)]
         # the serial twin (the compiled form of a call that runs as one part)
         runs.append(nc._SERIAL[nc._k_read](*args, exact, nc.DATA_OFFSET, 1))
+        if not exact:  # the fast form of a small step's first call: _k_check, one part
+            runs.append(nc._check_sums(arrays, args[1], np.dtype(np.float32), 1.0))
         for r in runs[1:]:
             np.testing.assert_array_equal(r, runs[0])  # bit for bit
     exact_run = nc._k_read(*args, 1, nc.DATA_OFFSET, 2)

@@ -223,3 +223,30 @@ def test_a_nonfinite_grad_in_a_two_part_cached_step_raises_with_nothing_written(
         assert_same_snapshot(before, snapshot(a))
     finally:
         numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cls, kw", [
+    ("Adam", dict(weight_decay=0.1, maximize=True)),
+    ("RMSprop", dict(momentum=0.9, centered=True)),  # its entry's mode is not a literal
+])
+def test_serial_twin_steps_bit_for_bit_as_the_parallel_form(monkeypatch, cls, kw):
+    """A step that runs as one part takes the update's serial twin (docs/design.md, "Numba
+    backend"): the same bits as the parallel form, full steps and cached (checked) ones."""
+    from fastopt.kernels import numba_cpu as nc
+
+    rng = np.random.default_rng(3)
+    ps = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    twin = getattr(fo, cls)([p.copy() for p in ps], lr=1e-2, backend="numba", **kw)
+    par = getattr(fo, cls)([p.copy() for p in ps], lr=1e-2, backend="numba", **kw)
+    for _ in range(4):  # the first two full steps, then the step cache's checked calls
+        for g in grads:
+            g[...] = rng.standard_normal(g.shape).astype(np.float32)
+        twin.step(grads)
+        monkeypatch.setattr(nc, "_FORCE", "parallel")
+        par.step(grads)
+        monkeypatch.setattr(nc, "_FORCE", None)
+    assert twin._plan is not None and par._plan is not None
+    entry = twin._plan.plan.entry
+    assert nc._SERIAL[entry].overloads and entry.overloads  # both forms did run
+    assert_same(twin, par)

@@ -109,6 +109,21 @@ class FirstStep:
 
     track_warm_first_step.unit = "seconds"
 
+    def track_cold_first_step_after_imports(self):
+        """The step alone (``first_step_parts``): what its kernels' compile costs."""
+        with tempfile.TemporaryDirectory(prefix="fastopt-cold-") as tmp:
+            return _bench.first_step_parts("fastopt", tmp)[1]
+
+    track_cold_first_step_after_imports.unit = "seconds"
+
+    def track_warm_first_step_after_imports(self):
+        """The step alone on a warm cache: what loading its kernels costs."""
+        with tempfile.TemporaryDirectory(prefix="fastopt-warm-") as tmp:
+            self._first(tmp)
+            return _bench.first_step_parts("fastopt", tmp)[1]
+
+    track_warm_first_step_after_imports.unit = "seconds"
+
     def track_torch_first_step(self):
         """The peer: torch's fused Adam, first step of a fresh process (import included)."""
         if _bench.torch_module() is None:
