@@ -34,7 +34,8 @@ Layout
   twin (``_SERIAL``: the same function compiled without a parallel region; an
   update entry's twin runs its element loop as a jitted function of its own,
   ``_serial_driver``), which the host calls when the call runs as one part; see
-  ``_entry``.  A small fast check (the default step's) runs ``_k_check``.
+  ``_entry``.  A small fast check (the default step's) is ``_k_check``: the host
+  calls ``_check_grads`` itself (see below), no entry point of its own.
 * Every update entry point can also run the read pass's fast check itself, before
   its loop (``_setup``, ``_check_grads``): the optimizer's step cache (``StepPlan``)
   makes such a *checked* call for a small step, so the check and the update are
@@ -122,8 +123,9 @@ fork-safe: a process forked after a step must not step with this backend.
 Compilation and caching
 -----------------------
 Kernels compile lazily, per (rule, variant, dtype), on first use: a first
-small Adam step compiles ``_k_check`` and the serial twin of ``_k_adam`` (about
-40 % and 60 % of the CPU time of the read pass's and ``_k_adam``'s parallel forms);
+small Adam step compiles ``_check_grads`` (the fast check, which the host calls
+directly and every update entry point calls from ``_setup``) and the serial twin
+of ``_k_adam`` (about 60 % of the CPU time of ``_k_adam``'s parallel form);
 a step over ``2 * MIN_PER_THREAD`` elements on several threads compiles the parallel
 form.  The inline overloads are typed without a standalone compile
 (``_inline_only``), and a cached kernel loads without Numba's registry refresh
@@ -2505,7 +2507,7 @@ _check_table()
 
 
 def _check_sums(arrays, sizes, dt, inv):
-    """(n, 2) float64: ``_k_check``'s per-tensor sums of squares of ``a * inv``, then zeros."""
+    """(n, 2) float64: ``_check_grads``'s per-tensor sums of squares of ``a * inv``, then zeros."""
     n = len(arrays)
     sums = np.empty(n + 1)
     ptr = np.zeros((_G + 1, n), np.int64)  # (_check_grads reads row _G only)
@@ -2591,7 +2593,7 @@ class NumbaOps(Ops):
 
     @staticmethod
     def _small_check(arrays, inv):
-        """``_stats(arrays, inv, None, exact=False)`` through ``_k_check``, or None.
+        """``_stats(arrays, inv, None, exact=False)`` through ``_check_grads``, or None.
 
         Only for a float32 or float64 list that runs as one part (the case of a small
         model's step, and of the first step of any example): it then needs no read-pass
