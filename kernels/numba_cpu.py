@@ -34,7 +34,8 @@ Layout
   twin (``_SERIAL``: the same function compiled without a parallel region; an
   update entry's twin runs its element loop as a jitted function of its own,
   ``_serial_driver``), which the host calls when the call runs as one part; see
-  ``_entry``.  A small fast check (the default step's) runs ``_k_check``.
+  ``_entry``.  A small fast check (the default step's) is ``_k_check``: the host
+  calls ``_check_grads`` itself (see below), no entry point of its own.
 * Every update entry point can also run the read pass's fast check itself, before
   its loop (``_setup``, ``_check_grads``): the optimizer's step cache (``StepPlan``)
   makes such a *checked* call for a small step, so the check and the update are
@@ -122,8 +123,9 @@ fork-safe: a process forked after a step must not step with this backend.
 Compilation and caching
 -----------------------
 Kernels compile lazily, per (rule, variant, dtype), on first use: a first
-small Adam step compiles ``_k_check`` and the serial twin of ``_k_adam`` (about
-40 % and 60 % of the CPU time of the read pass's and ``_k_adam``'s parallel forms);
+small Adam step compiles ``_check_grads`` (the fast check, which the host calls
+directly and every update entry point calls from ``_setup``) and the serial twin
+of ``_k_adam`` (about 60 % of the CPU time of ``_k_adam``'s parallel form);
 a step over ``2 * MIN_PER_THREAD`` elements on several threads compiles the parallel
 form.  The inline overloads are typed without a standalone compile
 (``_inline_only``), and a cached kernel loads without Numba's registry refresh
@@ -503,6 +505,14 @@ def _probe_data_offset() -> int:
 
 
 DATA_OFFSET = _probe_data_offset()
+
+
+def _data_pointers(arrays, n):
+    """The arrays' data pointers, read on the host (~0.2 us a tensor; ``_ids`` ~0.05 us)."""
+    if DATA_OFFSET >= 0:
+        at = ctypes.c_int64.from_address
+        return np.fromiter((at(i + DATA_OFFSET).value for i in map(id, arrays)), np.int64, n)
+    return np.fromiter((a.ctypes.data for a in arrays), np.int64, n)
 
 
 def _ids(arrays, n):
@@ -1594,7 +1604,6 @@ def _read_blocks_overload(k, parts, ptr, off, boff, cs, flags, out):
 _inline_only(_read_blocks)
 
 
-@njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
 def _check_grads(ptr, sizes, off, cs, addr):
     """The read pass's fast check (``_k_read`` with flags 0) inside a checked update call.
 
@@ -1608,6 +1617,10 @@ def _check_grads(ptr, sizes, off, cs, addr):
     still in cache when the update reads them.  Written out rather than through
     ``_read_blocks``: it compiles (once per dtype, with the first entry point) in about
     a sixth of the time.
+
+    It is also the read pass's fast form for a call that runs as one part: the host
+    calls it directly (``_k_check``, ``_check_sums``), so it is cached on disk like an
+    entry point, and a small step's first call compiles it once for both uses.
     """
     n = sizes.shape[0]
     ginv, gclip = cs[_GINV], cs[_GCLIP]
@@ -1623,6 +1636,9 @@ def _check_grads(ptr, sizes, off, cs, addr):
         total += u
     sums[0] = total
     return np.isfinite(total)
+
+
+_check_grads = _cached(njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(_check_grads))
 
 
 @njit(inline="always")
@@ -1913,27 +1929,12 @@ def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     return res
 
 
-def _k_check(tab, sizes, scales, cs, flags, deref, threads):
-    """The read pass's fast form (``_k_read`` with flags 0) for a call that runs as one part.
-
-    ``_check_grads`` over the grads of row ``_G``, its sums written to the float64
-    array of row ``_CHECK`` (the total, then one sum per tensor; the same bits as
-    ``_k_read``).  A serial function with no parallel region, in the entry-point
-    template (``scales``, ``flags`` and ``threads`` unused): a small step's first
-    call compiles this instead of the read pass, about a third of its compile time,
-    and the update's entry point then reuses the compiled ``_check_grads``.
-    """
-    n = sizes.shape[0]
-    off = np.empty(n + 1, np.int64)
-    off[0] = 0
-    for t in range(n):
-        off[t + 1] = off[t] + sizes[t]
-    ptr = _pointers(tab, deref)
-    return _check_grads(ptr, sizes, off, cs, ptr[_CHECK, 0])
-
-
-_k_check = _cached(njit(nogil=True, error_model="numpy")(_k_check))
-_TWINS.add(_k_check)  # (no parallel region: _run takes no lock for it)
+#: The read pass's fast form (``_k_read`` with flags 0) for a call that runs as one part:
+#: ``_check_grads`` itself, called from the host (``_check_sums``) with the data pointers
+#: read there.  It used to be an entry point of its own around ``_check_grads``; that
+#: wrapper was ~0.3 s of a cold first step's compile (its own typing and LLVM), while
+#: ``_check_grads`` is compiled with the first update entry point anyway (``_setup``).
+_k_check = _check_grads
 
 
 @_entry()
@@ -2506,13 +2507,26 @@ _check_table()
 
 
 def _check_sums(arrays, sizes, dt, inv):
-    """(n, 2) float64: ``_k_check``'s per-tensor sums of squares of ``a * inv``, then zeros."""
+    """(n, 2) float64: ``_check_grads``'s per-tensor sums of squares of ``a * inv``, then zeros."""
     n = len(arrays)
     sums = np.empty(n + 1)
-    tab = np.zeros((_CHECK + 1, n), np.int64)
-    tab[_G] = _ids(arrays, n)
-    tab[_CHECK, 0] = _ids([sums], 1)[0]
-    _launch(_k_check, tab, sizes, None, _scalars(dt, _plain_head(inv)), 0, DATA_OFFSET)
+    ptr = np.zeros((_G + 1, n), np.int64)  # (_check_grads reads row _G only)
+    ptr[_G] = _data_pointers(arrays, n)
+    off = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=off[1:])
+    args = (ptr, sizes, off, _scalars(dt, _plain_head(inv)), sums.ctypes.data)
+    key = (_k_check, args[3].dtype, False)
+    if key in _seen:
+        _k_check(*args)
+    else:  # the first call: say so when it compiles (as _launch does)
+        timer = threading.Timer(1.0, _note_compiling)
+        timer.daemon = True
+        timer.start()
+        try:
+            _k_check(*args)
+        finally:
+            timer.cancel()
+            _seen.add(key)
     res = np.zeros((n, 2))
     res[:, 0] = sums[1:]
     return res
@@ -2579,7 +2593,7 @@ class NumbaOps(Ops):
 
     @staticmethod
     def _small_check(arrays, inv):
-        """``_stats(arrays, inv, None, exact=False)`` through ``_k_check``, or None.
+        """``_stats(arrays, inv, None, exact=False)`` through ``_check_grads``, or None.
 
         Only for a float32 or float64 list that runs as one part (the case of a small
         model's step, and of the first step of any example): it then needs no read-pass

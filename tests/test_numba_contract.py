@@ -282,3 +282,17 @@ def test_cli_warmup_and_first_use_note(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastopt", "warmup", "--rules", "nope"], env=env,
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 2 and "rules" in r.stderr
+
+
+def test_host_read_data_pointers_match_ctypes(monkeypatch):
+    # the small fast check reads the grads' data pointers on the host (_data_pointers):
+    # views at an offset and a fresh array, through the PyArrayObject field and the fallback
+    base = np.arange(40, dtype=np.float32)
+    arrays = [base[3:17], base[17:], np.ones(5), base]
+    want = [a.ctypes.data for a in arrays]
+    assert nc._data_pointers(arrays, 4).tolist() == want
+    monkeypatch.setattr(nc, "DATA_OFFSET", -1)
+    assert nc._data_pointers(arrays, 4).tolist() == want
+    # and the check itself through them: sums of the view, not of its base
+    sums = nc._check_sums(arrays[:1], nc._sizes(arrays[:1], 1), np.dtype(np.float32), 1.0)
+    assert sums[0, 0] == float(np.dot(base[3:17].astype(np.float64), base[3:17]))
