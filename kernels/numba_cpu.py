@@ -764,7 +764,9 @@ def _reduce_full(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
 # held; the tiled drivers load a tile of every operand into float32, run the
 # pipeline and the unchanged rule body on the tiles, and store each written operand
 # once: state and float16 params round to nearest even, a bfloat16 param to nearest
-# even or stochastically, the float32 master as is.
+# even or stochastically, the float32 master as is.  A tensor whose param, grad and
+# two states are all bfloat16 (nearest even) skips the tiles: ``fused_rule`` loads,
+# updates and stores per element (docs/design.md, "The fused bfloat16 loop").
 
 _U16, _U32, _U64 = np.uint16, np.uint32, np.uint64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -1025,6 +1027,22 @@ def _tile_row(buf, r):
 _TILED_DRIVERS = {}
 
 
+@intrinsic
+def _scratch_f32(typingctx):
+    """A one-float32 stack slot in the function's entry block (its pointer).
+
+    ``fused_rule`` hands the rule body such slots as its one-element state
+    arrays: LLVM promotes them to registers, so the body's ``m[i]`` reads and
+    writes become plain values inside the element loop.
+    """
+    from numba.core import cgutils
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, ir.FloatType())
+
+    return types.CPointer(types.float32)(), codegen
+
+
 def _tiled_driver(rule_body, rule_mode):
     """``_apply_tiled`` for one rule body and mode: the driver the ``_apply`` overload picks.
 
@@ -1049,6 +1067,50 @@ def _tiled_driver(rule_body, rule_mode):
     if driver is not None:
         return driver
     tile_mode = -1 if rule_mode is None else rule_mode | _V_TILE
+
+    @njit(inline="always")
+    def fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2):
+        # The pipeline and the rule body for element j; stores the two states and
+        # returns the new param (float32, not yet rounded).
+        s0[0] = _bf16_load(h0[j])
+        s1[0] = _bf16_load(h1[j])
+        x = _clip(_bf16_load(g[j]) * c[_GINV], c[_GCLIP]) * gs
+        pi = _bf16_load(p[j])
+        if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
+            x = x + c[_S_L2] * pi
+        pi = pi * c[_S_DECAY]
+        pn = _clip(rule_body(0, x, pi, s0, s1, s2, e, c, f, ts,
+                             mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+        h0[j] = _bf16_rne(s0[0])
+        h1[j] = _bf16_rne(s1[0])
+        return pn
+
+    @njit(nogil=True, error_model="numpy")
+    def fused_rule(mode, pa, ga, s0a, s1a, a, b, c, f, ts, gs, use_l2, sr, key):
+        # Elements [a, b) of a tensor whose param, grad and two states are all
+        # bfloat16 (states rounded to nearest even, the param too or, with sr,
+        # stochastically): per element, load the bits as float32, run the pipeline
+        # and the rule body, store each value with one rounding -- no tile buffer.
+        # The body's state arrays are one-float stack slots (index 0) that LLVM
+        # keeps in registers; four raw operand pointers need six run-time overlap
+        # checks, within LLVM's default limit of eight, so the loop vectorizes
+        # (checked with the loop-vectorize remarks; docs/design.md).
+        p = numba.carray(_as_ptr(pa, _ZERO_U16), b)
+        g = numba.carray(_as_ptr(ga, _ZERO_U16), b)
+        h0 = numba.carray(_as_ptr(s0a, _ZERO_U16), b)
+        h1 = numba.carray(_as_ptr(s1a, _ZERO_U16), b)
+        s0, s1 = numba.carray(_scratch_f32(), 1), numba.carray(_scratch_f32(), 1)
+        s2, e = numba.carray(_scratch_f32(), 1), numba.carray(_scratch_f32(), 1)
+        if sr:  # the hash input key + j * G as a running sum, as in _store
+            z = key + _U64(a) * _GOLDEN
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                p[j] = _bf16_sr_at(pn, z)
+                z += _GOLDEN
+        else:
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                p[j] = _bf16_rne(pn)
 
     @njit(nogil=True, error_model="numpy")
     def tile_rule(mode, m, buf, c, f, ts, gs, use_l2):
@@ -1092,6 +1154,11 @@ def _tiled_driver(rule_body, rule_mode):
             a, b = _range(k, parts, off, total, t)
             n = off[t + 1] - off[t]
             ts, gs = scales[t], gscale[t]
+            if _fusable(ptr, fmt, t, nt):  # all bfloat16, nearest even: no tiles
+                fused_rule(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t], ptr[_S1, t],
+                           a, b, c, f, ts, gs, use_l2, fmt[_X_SR] != 0, _U64(fmt[_X_KEY]))
+                t += 1
+                continue
             sumsq = 0.0
             base = a
             while base < b:
@@ -1107,8 +1174,26 @@ def _tiled_driver(rule_body, rule_mode):
             t += 1
 
     _apply_tiled.tile_rule = tile_rule  # for tests/test_numba_tile_loop.py
+    _apply_tiled.fused_rule = fused_rule
     _TILED_DRIVERS[key] = _apply_tiled
     return _apply_tiled
+
+
+@njit(inline="always")
+def _fusable(ptr, fmt, t, nt):
+    """Whether tensor t's update can run as ``fused_rule``: a bfloat16 param, grad and
+    two bfloat16 states (nearest even; the param may round stochastically), no master,
+    no third state, no extra input, no ``max_norm`` (dry run or factor)."""
+    if fmt[_X_DRY] != 0 or fmt[_X_FAC] != 0:
+        return False
+    if ptr[_M, t] != 0 or ptr[_S2, t] != 0 or ptr[_E, t] != 0:
+        return False
+    if ptr[_S0, t] == 0 or ptr[_S1, t] == 0:
+        return False
+    for r in range(_P, _S1 + 1):
+        if fmt[_X_HEAD + r * nt + t] != _C_BF16:
+            return False
+    return True
 
 
 def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):

@@ -86,3 +86,52 @@ def test_sr_store_at_an_odd_offset_is_the_hash_of_each_index(K):
     want = prec.f32_to_bf16_bits_sr(x, seed, step, np.arange(base, base + m))
     np.testing.assert_array_equal(h[base:base + m], want)
     assert (h[:base] == 0xABCD).all() and (h[base + m:] == 0xABCD).all()
+
+
+@pytest.mark.parametrize("sr", [False, True], ids=["rne", "sr"])
+def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr):
+    """A tensor whose param, grad and two states are all bfloat16 (states nearest even, the
+    param nearest even or stochastically) runs ``fused_rule`` (load, pipeline, body, store per
+    element, no tile buffer): it must be vector code and give the bits of the tile loop
+    followed by one rounding per write (the param's stochastic one hashed by its own index),
+    over an odd range of an odd-sized tensor, with nothing written outside that range."""
+    from fastopt import precision as prec
+
+    n, a, b = 1033, 3, 1030
+    rng = np.random.default_rng(11)
+    f32 = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    f32[3] = np.abs(f32[3])  # the second moment
+    f32[0][7], f32[1][9] = np.nan, np.inf
+    bits = [prec.f32_to_bf16_bits_rne(x) for x in f32]  # p, g, m, v
+    start = [h.copy() for h in bits]
+    c = _scalars(K)
+    drv = K._tiled_driver(K._adam, 0)
+    args = (np.float32(1), np.float32(1), False)
+    seed = 99
+    for step in range(1, 4):  # several steps, each reading what the last one stored
+        want = [prec.bf16_bits_to_f32(h[a:b]) for h in bits]
+        buf = np.zeros(K._ROWS * K._TILE_STRIDE, np.float32)
+        rows = (K._P, K._G, K._S0, K._S1)
+        got_p, got_m, got_v = [], [], []
+        for base in range(0, b - a, K._TILE):  # the tile loop on the same values
+            m = min(K._TILE, b - a - base)
+            for r, x in zip(rows, want):
+                buf[r * K._TILE_STRIDE:r * K._TILE_STRIDE + m] = x[base:base + m]
+            drv.tile_rule(np.int64(0), np.int64(m), buf, c, np.int64(0), *args)
+            for r, out in zip((K._P, K._S0, K._S1), (got_p, got_m, got_v)):
+                out.append(buf[r * K._TILE_STRIDE:r * K._TILE_STRIDE + m].copy())
+        expect = [prec.f32_to_bf16_bits_rne(np.concatenate(o)) for o in (got_p, got_m, got_v)]
+        if sr:
+            expect[0] = prec.f32_to_bf16_bits_sr(np.concatenate(got_p), seed, step,
+                                                 np.arange(a, b))
+        drv.fused_rule(np.int64(K._V_TILE), *(h.ctypes.data for h in bits), np.int64(a),
+                       np.int64(b), c, np.int64(0), *args, sr,
+                       np.uint64(prec.step_key(seed, step)))
+        for h, e in zip((bits[0], bits[2], bits[3]), expect):
+            np.testing.assert_array_equal(h[a:b], e)
+    for h, s in zip(bits, start):
+        assert (h[:a] == s[:a]).all() and (h[b:] == s[b:]).all()
+    assert (bits[1] == start[1]).all()  # the grad is only read
+    assert not np.array_equal(bits[0], start[0])
+    rule = drv.fused_rule
+    assert "sqrtps" in rule.inspect_asm(rule.signatures[-1]), "the fused loop is scalar code"
