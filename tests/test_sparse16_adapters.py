@@ -17,13 +17,13 @@ import pytest
 
 import fastopt as fo
 from _cases import TOL
+from test_sparse16 import SHAPES, _bits
+from test_sparse16 import _problem as _sparse16_problem
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
-SHAPES = ((13, 5), (9, 2, 3))  # an odd row width; rows of shape (2, 3)
-NNZ = (7, 4)  # fewer than the rows (untouched rows every step), one duplicate each
 LR = 0.05
 STEPS = 3
 CONFIGS = [
@@ -39,23 +39,9 @@ IDS = ["f16", "bf16", "bf16-param-state", "bf16-sr-bf16state", "f16-master-maxim
 PREC = ("state_dtype", "master_weights", "stochastic_rounding", "seed")
 
 
-def _bits(a):
-    a = np.asarray(a)
-    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
-def _problem(dtype, steps=STEPS, seed=0):
-    rng = np.random.default_rng(seed)
-    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
-    grads = []
-    for _ in range(steps):
-        g = []
-        for shape, nnz in zip(SHAPES, NNZ):
-            idx = rng.integers(0, shape[0], nnz)
-            idx[1] = idx[0]
-            g.append((idx, rng.standard_normal((nnz,) + shape[1:]).astype(dtype)))
-        grads.append(g)
-    return params, grads
+def _problem(dtype):
+    """tests/test_sparse16.py's problem (same shapes, rows and duplicates) over STEPS steps."""
+    return _sparse16_problem(dtype, STEPS)
 
 
 def _raw(dtype, opts, backend="numpy"):
