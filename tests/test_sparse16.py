@@ -17,6 +17,7 @@ from fastopt import precision as prec
 from fastopt._rules import OWN_DRIVER_RULES
 from fastopt._sparse import coalesce
 from fastopt.kernels import reference
+from test_wide16 import write_params
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -75,8 +76,10 @@ def _oracle(dtype, opts, steps=4):
     hp = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, maximize=opts.get("maximize", False))
     for t, g in enumerate(grads, 1):
         s, _ = RULE.scalars(hp, t, {})
+        work = []
         for i, (idx, vals) in enumerate(g):
             w = masters[i].copy() if masters else prec.to_float32(params[i])
+            work.append(w)
             mw, vw = prec.to_float32(m[i]), prec.to_float32(v[i])
             order, starts, rows = coalesce(idx.astype(np.int64))
             n = w.shape[0]
@@ -84,11 +87,7 @@ def _oracle(dtype, opts, steps=4):
                                        prec.to_float32(vals).reshape(len(idx), -1), order,
                                        starts, rows, s, hp["maximize"])
             m[i], v[i] = prec.round_to(mw, sdt), prec.round_to(vw, sdt)
-            if masters:
-                masters[i] = w
-            params[i] = prec.round_to(w, dtype, stochastic_rounding=bool(
-                opts.get("stochastic_rounding")), seed=opts.get("seed", 0), step=t,
-                index=prec.element_index(w.shape))
+        write_params(params, masters, work, dtype, opts, t)
     return params, m, v, masters
 
 

@@ -64,6 +64,19 @@ def _bits(a):
     return np.asarray(a).view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
 
 
+def write_params(params, masters, work, dtype, opts, step):
+    """An oracle's last write of a widened step: each float32 result ``work[i]`` kept as the
+    master (with master weights) and the param rounded once to ``dtype``, to nearest even or
+    stochastically with the element's flat index in its param (``opts``' precision options).
+    Shared with tests/test_sparse16.py's whole-table oracle."""
+    for i, w in enumerate(work):
+        if masters:
+            masters[i] = w
+        params[i] = prec.round_to(w, dtype, stochastic_rounding=bool(
+            opts.get("stochastic_rounding")), seed=opts.get("seed", 0), step=step,
+            index=prec.element_index(w.shape))
+
+
 def _oracle(rule, dtype, opts, steps=3, seed=0):
     """The recipe by hand: float32 functional steps on widened copies, one rounding per write."""
     params, grads = _problem(rule, dtype, steps, seed)
@@ -88,15 +101,7 @@ def _oracle(rule, dtype, opts, steps=3, seed=0):
         for st, w in zip(stored, wide):
             for n in st:
                 st[n] = prec.round_to(w[n], sdt)
-        for i, (p, w) in enumerate(zip(params, work)):
-            if masters:
-                masters[i] = w
-            if opts.get("stochastic_rounding"):
-                params[i] = prec.round_to(w, dtype, stochastic_rounding=True,
-                                          seed=opts.get("seed", 0), step=t,
-                                          index=prec.element_index(p.shape))
-            else:
-                params[i] = prec.round_to(w, dtype)
+        write_params(params, masters, work, dtype, opts, t)
     return params, stored, masters
 
 
@@ -294,12 +299,7 @@ def _q8_oracle(dtype, opts, steps=3):
         fo.functional.muon(work, [prec.to_float32(x) for x in g], [buf, small], step=t,
                            lr=LR["muon"], backend="numpy", **hp)
         codes, absmax = fo.quantization.quantize_blockwise(buf, signed=True)
-        for i, w in enumerate(work):
-            if masters:
-                masters[i] = w
-            params[i] = prec.round_to(w, dtype, stochastic_rounding=bool(
-                opts.get("stochastic_rounding")), seed=opts.get("seed", 0), step=t,
-                index=prec.element_index(w.shape))
+        write_params(params, masters, work, dtype, opts, t)
     return params, codes, absmax, small
 
 
