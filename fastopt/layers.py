@@ -17,7 +17,8 @@ CuPy device and current stream) and ``"auto"`` (CuPy arrays to ``cupy``; NumPy
 arrays to the ``FASTOPT_BACKEND`` environment variable if set, else numba when
 it imports, else numpy).  :func:`backends` says which are available and why
 not.  Inputs are float32, float64, float16 or bfloat16 arrays (NumPy, or CuPy
-with every array of a call on the device; see "16-bit inputs" below).  Every check runs before anything is written.
+with every array of a call on the device; see "16-bit inputs" below).  Every
+check runs before anything is written.
 
 BatchNorm
 ---------
@@ -248,14 +249,16 @@ def _operands(k, arrays, dtype):
     return ins, out, out
 
 
-def _narrow(a32, dtype):
-    """A float32 kernel result stored as the 16-bit ``dtype`` (nearest even), else as is.
+def _narrow(out, dtype):
+    """A kernel result as ``dtype``: a float32 result of a 16-bit call rounded to nearest
+    even; anything already in ``dtype`` (the fused kernels' output, float32/float64 calls)
+    as is, no copy.
 
     NumPy's float16 cast and ml_dtypes' bfloat16 cast round to nearest even, the same bits
     as ``fastopt.precision``'s recipes for every non-NaN value (its tests check them); they
     run in C, ten times faster than the recipes in NumPy (4M elements: 7 ms against 76).
     """
-    return a32.astype(dtype) if _precision.is_16bit(dtype) and a32.dtype != dtype else a32
+    return out.astype(dtype, copy=False)
 
 
 def _vector(a, name: str, c: int, dtype=None, writable: bool = False, x_dtype=None,
