@@ -89,7 +89,7 @@ _S32 = np.uint64(32)
 # repeat the bit recipes of ``fastopt.precision`` (and of the optimizer kernels) because
 # this module must not call into another one (see the module docstring).
 
-def _i32(builder, v):
+def _i32(v):
     return ir.Constant(ir.IntType(32), v)
 
 
@@ -104,7 +104,7 @@ def _bf16_to_f32(typingctx, h):
 
     def codegen(context, builder, sig, args):
         u = _u32_of16(builder, args[0])
-        return builder.bitcast(builder.shl(u, _i32(builder, 16)), ir.FloatType())
+        return builder.bitcast(builder.shl(u, _i32(16)), ir.FloatType())
 
     if not isinstance(h, types.Integer) or h.bitwidth != 16:
         return None
@@ -142,14 +142,14 @@ def _f16_to_f32(typingctx, h):
             return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
         i32 = ir.IntType(32)
         u = _u32_of16(builder, args[0])
-        a = builder.and_(u, _i32(builder, 0x7FFF))
-        f = builder.fmul(builder.bitcast(builder.shl(a, _i32(builder, 13)), ir.FloatType()),
+        a = builder.and_(u, _i32(0x7FFF))
+        f = builder.fmul(builder.bitcast(builder.shl(a, _i32(13)), ir.FloatType()),
                          ir.Constant(ir.FloatType(), 2.0 ** 112))
-        special = builder.or_(_i32(builder, 0x7F800000),
-                              builder.shl(builder.and_(a, _i32(builder, 0x3FF)), _i32(builder, 13)))
-        mag = builder.select(builder.icmp_unsigned(">=", a, _i32(builder, 0x7C00)), special,
+        special = builder.or_(_i32(0x7F800000),
+                              builder.shl(builder.and_(a, _i32(0x3FF)), _i32(13)))
+        mag = builder.select(builder.icmp_unsigned(">=", a, _i32(0x7C00)), special,
                              builder.bitcast(f, i32))
-        sign = builder.shl(builder.and_(u, _i32(builder, 0x8000)), _i32(builder, 16))
+        sign = builder.shl(builder.and_(u, _i32(0x8000)), _i32(16))
         return builder.bitcast(builder.or_(mag, sign), ir.FloatType())
 
     if not isinstance(h, types.Integer) or h.bitwidth != 16:
@@ -164,12 +164,12 @@ def _f32_to_bf16(typingctx, x):
 
     def codegen(context, builder, sig, args):
         u = builder.bitcast(args[0], ir.IntType(32))
-        hi = builder.lshr(u, _i32(builder, 16))
-        rne = builder.lshr(builder.add(builder.add(u, _i32(builder, 0x7FFF)),
-                                       builder.and_(hi, _i32(builder, 1))), _i32(builder, 16))
-        nan = builder.or_(builder.and_(hi, _i32(builder, 0x8000)), _i32(builder, 0x7FC0))
-        isnan = builder.icmp_unsigned(">", builder.and_(u, _i32(builder, 0x7FFFFFFF)),
-                                      _i32(builder, 0x7F800000))
+        hi = builder.lshr(u, _i32(16))
+        rne = builder.lshr(builder.add(builder.add(u, _i32(0x7FFF)),
+                                       builder.and_(hi, _i32(1))), _i32(16))
+        nan = builder.or_(builder.and_(hi, _i32(0x8000)), _i32(0x7FC0))
+        isnan = builder.icmp_unsigned(">", builder.and_(u, _i32(0x7FFFFFFF)),
+                                      _i32(0x7F800000))
         return builder.trunc(builder.select(isnan, nan, rne), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
@@ -187,19 +187,19 @@ def _f32_to_f16(typingctx, x):
             return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
         i32 = ir.IntType(32)
         u = builder.bitcast(args[0], i32)
-        a = builder.and_(u, _i32(builder, 0x7FFFFFFF))
-        big = builder.select(builder.icmp_unsigned(">", a, _i32(builder, 0x7F800000)),
-                             _i32(builder, 0x7E00), _i32(builder, 0x7C00))
+        a = builder.and_(u, _i32(0x7FFFFFFF))
+        big = builder.select(builder.icmp_unsigned(">", a, _i32(0x7F800000)),
+                             _i32(0x7E00), _i32(0x7C00))
         magic = (127 - 15 + 23 - 10 + 1) << 23  # 0.5
         fs = builder.fadd(builder.bitcast(a, ir.FloatType()),
-                          builder.bitcast(_i32(builder, magic), ir.FloatType()))
-        sub = builder.sub(builder.bitcast(fs, i32), _i32(builder, magic))
-        odd = builder.and_(builder.lshr(a, _i32(builder, 13)), _i32(builder, 1))
-        norm = builder.lshr(builder.add(builder.add(builder.sub(a, _i32(builder, 0x38000000)),
-                                                    _i32(builder, 0xFFF)), odd), _i32(builder, 13))
-        low = builder.select(builder.icmp_unsigned("<", a, _i32(builder, 0x38800000)), sub, norm)
-        mag = builder.select(builder.icmp_unsigned(">=", a, _i32(builder, 0x477FF000)), big, low)
-        sign = builder.and_(builder.lshr(u, _i32(builder, 16)), _i32(builder, 0x8000))
+                          builder.bitcast(_i32(magic), ir.FloatType()))
+        sub = builder.sub(builder.bitcast(fs, i32), _i32(magic))
+        odd = builder.and_(builder.lshr(a, _i32(13)), _i32(1))
+        norm = builder.lshr(builder.add(builder.add(builder.sub(a, _i32(0x38000000)),
+                                                    _i32(0xFFF)), odd), _i32(13))
+        low = builder.select(builder.icmp_unsigned("<", a, _i32(0x38800000)), sub, norm)
+        mag = builder.select(builder.icmp_unsigned(">=", a, _i32(0x477FF000)), big, low)
+        sign = builder.and_(builder.lshr(u, _i32(16)), _i32(0x8000))
         return builder.trunc(builder.or_(mag, sign), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
