@@ -837,12 +837,6 @@ def _mix_high(z):
 
 
 @njit(inline="always")
-def _random_bits(key, i):
-    """``fastopt.precision.random_bits`` for the step key ``key`` and element index ``i``."""
-    return _mix_high(key + _U64(i) * _GOLDEN)
-
-
-@njit(inline="always")
 def _bf16_sr_at(x, z):
     """``_bf16_sr`` given the element's hash input ``z = key + i * G`` (see ``_store``)."""
     u = _f32_bits(x)
