@@ -91,6 +91,9 @@ class Ops:
     #: the float state dtypes (names) the kernels store, None: every one a precision may
     #: resolve to
     state_formats: tuple | None = None
+    #: the widening driver's conversions on this backend's arrays (fastopt._widen: an object
+    #: with HostConversions' methods); None: the NumPy ones
+    widening: Any = None
 
     def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
         """One read pass over the grads.

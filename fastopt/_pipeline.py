@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ._backend import Pre, get_kernel, get_ops, is_plain
 from ._rules import CLIP_EPS, Rule
-from ._widen import check_backend, widened_step, widens
+from ._widen import check_backend, conversions, widened_step, widens
 
 
 @dataclass
@@ -130,9 +130,11 @@ def clip_scales(xp, sumsq, hp):
 
 def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv_scale) -> StepInfo:
     """One step of ``rule`` over validated groups (see the module docstring)."""
-    # Muon/Adafactor buckets of 16-bit params run through fastopt._widen (no CuPy form)
-    check_backend(rule, backend, [b.precision for gs in groups for b in gs.buckets])
     ops = get_ops(backend)
+    # Muon/Adafactor buckets of 16-bit params run through fastopt._widen, with the backend's
+    # conversions (Ops.widening); a backend without them refuses here, before any write
+    check_backend(rule, ops, [b.precision for gs in groups for b in gs.buckets])
+    conv = conversions(ops)
     kernel = get_kernel(rule.name, backend)
     xp = ops.xp
 
@@ -199,7 +201,7 @@ def run_step(backend: str, rule: Rule, groups: list, t: int, nonfinite: str, inv
                       shapes=b.shapes)
             if widens(rule, b.precision):
                 widened_step(kernel, b.params, grads, b.states, scalars, pre, extras,
-                             rule.nonnegative_state)
+                             rule.nonnegative_state, conv)
             else:
                 kernel(b.params, grads, b.states, scalars, pre, extras)
             if hp["max_norm"] is not None and b.precision is None:

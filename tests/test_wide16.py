@@ -180,17 +180,25 @@ def test_bad_input_writes_nothing(rule):
                                        if a is not opt.state[0][0].get("master"))
 
 
-def test_cupy_refuses_before_writing():
-    """The driver is NumPy's: the CuPy backend refuses a 16-bit Muon/Adafactor bucket (checked
-    here without a GPU on the pipeline's first line, which runs before any read or write)."""
-    from fastopt._pipeline import Bucket, GroupStep, run_step
+def test_a_backend_without_device_conversions_refuses_before_writing():
+    """The driver converts through ``Ops.widening`` (CuPy: kernels of widen.cu/q8.cu, tested in
+    tests/test_cuda_widen.py); a backend whose arrays are not NumPy's and that has none refuses
+    a widened bucket before any read or write, naming itself and the precision."""
+    from types import SimpleNamespace
+
+    from fastopt import _widen
     from fastopt._rules import RULES
 
     pr = prec.resolve_precision(BF16, kind="orthogonalize")
-    b = Bucket([0], [np.ones((3, 4), BF16).ravel()], {}, pr, [(3, 4)])
-    with pytest.raises(TypeError, match="backend 'cupy': muon takes float32/float64 params"):
-        run_step("cupy", RULES["muon"], [GroupStep({}, [b], [b.params[0]])], 1, "raise", None)
-    assert (b.params[0] == 1).all()
+    ops = SimpleNamespace(name="fake", xp=SimpleNamespace(), widening=None)
+    with pytest.raises(TypeError, match="backend 'fake': muon takes float32/float64 params.*"
+                                        "bfloat16 params, state float32"):
+        _widen.check_backend(RULES["muon"], ops, [None, pr])
+    _widen.check_backend(RULES["muon"], ops, [None])  # a plain bucket is fine
+    _widen.check_backend(RULES["adam"], ops, [pr])  # an elementwise rule has its own kernels
+    _widen.check_backend(RULES["muon"], SimpleNamespace(name="numpy", xp=np, widening=None), [pr])
+    ops.widening = _widen.HOST
+    _widen.check_backend(RULES["muon"], ops, [pr])
 
 
 def _torch_bf16(torch, a):

@@ -34,7 +34,7 @@ AF_CHUNK = 4096
 
 # --------------------------------------------------------------------------- sources
 
-SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu", "sparse.cu", "factored.cu")
+SOURCES = ("update.cu", "reduce.cu", "layers.cu", "q8.cu", "sparse.cu", "factored.cu", "widen.cu")
 NVRTC_OPTIONS = ()  # NVRTC's default dialect (C++17 in CUDA 12/13) is enough; C++14 would do
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 
@@ -49,6 +49,8 @@ def source_of(kernel: str) -> str:
         return "sparse.cu"  # SparseAdam (fastopt/_sparse.py)
     if kernel.startswith("fo_af_"):
         return "factored.cu"  # Adafactor (CudaBackend.factored)
+    if kernel.startswith("fo_widen_"):
+        return "widen.cu"  # the widening driver's conversions (DeviceConversions)
     return "update.cu" if kernel.startswith(("fo_update_", "fo_trust_")) else "reduce.cu"
 
 
@@ -559,21 +561,47 @@ class CudaBackend:
             f = factors(part)
         launch("update", null, _addr(dev, f))
 
-    def quantize(self, x, signed: bool):
+    def quantize(self, x, signed: bool, codes=None, absmax=None):
         """``fastopt.quantization.quantize_blockwise(x, signed)`` of a flat float32 device array
-        on the device (``fo_q8_quantize``): ``(codes, absmax)``, bit for bit the same."""
+        on the device (``fo_q8_quantize``): ``(codes, absmax)``, bit for bit the same; written
+        into ``codes`` (uint8, x's size) and ``absmax`` (float32, one per block) when given."""
         dev, xp = self.dev, self.dev.xp
         n = int(x.size)
-        codes = xp.empty(n, dtype=np.uint8)
-        absmax = xp.empty(-(-n // Q8_BLOCK), dtype=np.float32)
+        nb = -(-n // Q8_BLOCK)
+        codes = xp.empty(n, dtype=np.uint8) if codes is None else codes
+        absmax = xp.empty(nb, dtype=np.float32) if absmax is None else absmax
+        if (np.dtype(x.dtype), np.dtype(codes.dtype), codes.size, np.dtype(absmax.dtype), absmax.size) \
+                != (_F32, np.dtype(np.uint8), n, _F32, nb):
+            raise TypeError(f"quantize: expected float32 x, uint8 codes of its size ({n}) and "
+                            f"{nb} float32 absmax, got {x.dtype} x, {codes.dtype} codes of size "
+                            f"{codes.size}, {absmax.dtype} absmax of size {absmax.size}")
         if n:
             q = self._q8_args(RULES["sgd"], {}, 0)
-            grid = -(-n // Q8_BLOCK) if dev.grid_cap is None else min(-(-n // Q8_BLOCK), dev.grid_cap)
+            grid = nb if dev.grid_cap is None else min(nb, dev.grid_cap)
             dev.launch("fo_q8_quantize", grid, dev.block, (_addr(dev, x), np.int64(n), q,
                                                              np.int32(0 if signed else 1),
                                                              _addr(dev, codes), _addr(dev, absmax)))
             self.launches += 1
         return codes, absmax
+
+    def dequantize(self, codes, absmax, signed: bool):
+        """``fastopt.quantization.dequantize_blockwise(codes, absmax, signed)`` of device arrays
+        (``fo_q8_dequantize``): a new float32 array shaped like ``codes``, bit for bit."""
+        dev, xp = self.dev, self.dev.xp
+        n = int(codes.size)
+        if np.dtype(codes.dtype) != np.uint8 or np.dtype(absmax.dtype) != _F32 \
+                or absmax.size != -(-n // Q8_BLOCK):
+            raise TypeError(f"dequantize: expected uint8 codes and {-(-n // Q8_BLOCK)} float32 "
+                            f"absmax, got {codes.dtype} codes, {absmax.dtype} absmax of size "
+                            f"{absmax.size}")
+        out = xp.empty(codes.shape, dtype=np.float32)
+        if n:
+            q = self._q8_args(RULES["sgd"], {}, 0)
+            dev.launch("fo_q8_dequantize", self._grid(-(-n // dev.block)), dev.block,
+                       (_addr(dev, codes), _addr(dev, absmax), np.int64(n), q,
+                        np.int32(0 if signed else 1), _addr(dev, out)))
+            self.launches += 1
+        return out
 
     def _q8_args(self, rule: Rule, states, n):
         """The FoQ8 of a launch: the code tables (uploaded once per backend) and a device list
@@ -806,6 +834,70 @@ class CudaBackend:
         self.launches += 1
 
 
+class DeviceConversions:
+    """The widening driver's conversions (``fastopt._widen.HostConversions``' methods) on the
+    backend's arrays: ``widen.cu``'s load and store, q8.cu's decode and encode, and max_norm
+    from the read pass's sums (``fo_stats``) and ``fo_scale``.  Arrays are flat and
+    C-contiguous; each call is one launch per array (per list for max_norm)."""
+
+    def __init__(self, backend: CudaBackend):
+        self.backend = backend
+
+    def to_float32(self, a):
+        """An exact float32 copy of a float16, bfloat16 or float32 device array."""
+        b, dev = self.backend, self.backend.dev
+        dt = np.dtype(a.dtype)
+        if dt == _F32:
+            return a.copy()
+        suf = _SUFFIX.get(dt.name)
+        if suf not in ("f16", "bf16"):
+            raise TypeError(f"a: expected dtype float16, bfloat16 or float32, got {dt}")
+        out = dev.xp.empty(a.shape, dtype=np.float32)
+        n = int(a.size)
+        if n:
+            dev.launch(f"fo_widen_load_{suf}", b._grid(-(-n // dev.block)), dev.block,
+                       (_addr(dev, a), np.int64(n), _addr(dev, out)))
+            b.launches += 1
+        return out
+
+    def store(self, x, out, precision=None, step=None) -> None:
+        """``out[...]`` = float32 ``x`` rounded once to ``out``'s dtype (``fo_widen_store``:
+        nearest even, or the param's stochastic rounding under ``precision``, the FoStore key
+        of :func:`pack_store`)."""
+        b, dev = self.backend, self.backend.dev
+        dt = np.dtype(out.dtype)
+        if np.dtype(x.dtype) != _F32 or x.size != out.size:
+            raise TypeError(f"x: expected float32 of out's size {out.size}, got {x.dtype} of "
+                            f"size {x.size}")
+        if dt == _F32:
+            out[...] = x
+            return
+        suf = _SUFFIX.get(dt.name)
+        if suf not in ("f16", "bf16"):
+            raise TypeError(f"out: expected dtype float16, bfloat16 or float32, got {dt}")
+        sr = precision is not None and precision.stochastic_rounding
+        st = pack_store(precision, step, False, False) if sr else np.zeros(1, STORE_DTYPE)
+        n = int(out.size)
+        if n:
+            dev.launch(f"fo_widen_store_{suf}", b._grid(-(-n // dev.block)), dev.block,
+                       (_addr(dev, x), np.int64(n), st, _addr(dev, out)))
+            b.launches += 1
+
+    def dequantize(self, codes, absmax, signed: bool):
+        return self.backend.dequantize(codes, absmax, signed)
+
+    def quantize_into(self, x, signed: bool, codes, absmax) -> None:
+        self.backend.quantize(x, signed, codes=codes, absmax=absmax)
+
+    def max_norm_(self, arrays, max_norm) -> None:
+        """Each float32 array times ``min(1, max_norm / (||a|| + CLIP_EPS))``: the float64 sums
+        of squares of ``fo_stats`` (another order than NumPy's dot), the factor in double on the
+        array module, ``fo_scale`` rounding it to float32 and multiplying, as NumPy does."""
+        xp = self.backend.dev.xp
+        norms = xp.sqrt(self.backend.stats(arrays))
+        self.backend.scale_(arrays, xp.minimum(1.0, max_norm / (norms + CLIP_EPS)))
+
+
 def make_ops(base, backend: CudaBackend, name: str):
     """An ``Ops`` instance named ``name`` over ``backend`` (``base``: fastopt._backend.Ops)."""
 
@@ -815,6 +907,8 @@ def make_ops(base, backend: CudaBackend, name: str):
         dtypes = ("float16", "bfloat16", "float32", "float64")
         precision_options = True
         q8_dtypes = ("float16", "bfloat16", "float32")
+        #: Muon/Adafactor buckets with a precision (fastopt._widen) convert on the device
+        widening = DeviceConversions(backend)
 
         def grad_stats(self, grads, extras, *, inv_scale, clip_value, need_sumsq, check_finite):
             xp = backend.dev.xp

@@ -42,6 +42,11 @@ __device__ __forceinline__ unsigned char fo_q8_code(float v, float a, bool is_si
     return (unsigned char)c;
 }
 
+// The decoded value of a code: map[code] * absmax, one float32 multiply (dequantize_blockwise).
+__device__ __forceinline__ float fo_q8_decode(unsigned char code, const float* map, float absmax) {
+    return map[code] * absmax;
+}
+
 // Runs body(x) over each element of the quant blocks of [begin, end) of slot s, states
 // dequantized into x, then (write) stores the param and requantizes each state's block.
 template <class P, unsigned USED, class Body>
@@ -87,7 +92,7 @@ __device__ __forceinline__ void fo_q8_loop(const FoTable& tab, int s, fo_i64 beg
             x[FO_SLOT_MASTER] = 0.0f;
 #pragma unroll
             for (int k = 0; k < FO_QSTATES; ++k)
-                x[FO_SLOT_STATE0 + k] = codes[k] ? map[k][codes[k][i]] * old[k] : 0.0f;
+                x[FO_SLOT_STATE0 + k] = codes[k] ? fo_q8_decode(codes[k][i], map[k], old[k]) : 0.0f;
             body(x);
             if (!write) continue;
 #pragma unroll
@@ -202,6 +207,18 @@ extern "C" __global__ void fo_q8_quantize(const float* x, const fo_i64 n, const 
     }
 }
 FO_EXPORT(fo_q8_quantize)
+
+// fastopt.quantization.dequantize_blockwise of n codes on the device (the widening driver's
+// 8-bit state, fastopt/_widen.py): out[i] = map[codes[i]] * absmax[i / FO_QBLOCK], float32; the
+// map is the signed one unless is_unsigned. Grid-stride over elements.
+extern "C" __global__ void fo_q8_dequantize(const unsigned char* codes, const float* absmax, const fo_i64 n,
+                                            const FoQ8 q, const int is_unsigned, float* out) {
+    const float* map = q.maps + (is_unsigned ? 256 : 0);
+    const fo_i64 stride = (fo_i64)gridDim.x * blockDim.x;
+    for (fo_i64 i = (fo_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = fo_q8_decode(codes[i], map, absmax[i / FO_QBLOCK]);
+}
+FO_EXPORT(fo_q8_dequantize)
 
 // fo_q8_update_<rule>_<param> and fo_q8_trust_stage{1,2}_<rule>_<param>, param f32, f16, bf16.
 #define FO_Q8_ARGS const FoTable tab, const FoHyper<float> h, const FoPipe<float> pp, const double* scales, \
