@@ -312,6 +312,64 @@ def test_q8_device_quantize_is_exact(signed):
     np.testing.assert_array_equal(cupy.asnumpy(absmax), want_a)
 
 
+# ------------------------------------------------------- the widening driver (Muon, Adafactor)
+
+WIDENED = [
+    ("muon", BF16, {"stochastic_rounding": True, "seed": 11, "max_norm": 2.5}),
+    ("muon", F16, {"master_weights": True, "weight_decay": 0.1}),
+    ("adafactor", BF16, {"state_dtype": "bfloat16", "stochastic_rounding": True, "seed": 3}),
+    ("adafactor", F16, {"master_weights": True, "max_norm": 2.0}),
+    ("muon-q8", BF16, {"stochastic_rounding": True, "seed": 5}),
+    ("muon-q8", F32, {}),
+]
+
+
+def _host_array(a):
+    return cupy.asnumpy(a.view(np.uint16)).view(BF16) if a.dtype == BF16 else cupy.asnumpy(a)
+
+
+@pytest.mark.parametrize("rule,dtype,opts", WIDENED,
+                         ids=[f"{r}-{d.name}-{'-'.join(o) or 'default'}" for r, d, o in WIDENED])
+def test_widened_muon_adafactor_on_cupy(rule, dtype, opts):
+    """16-bit Muon/Adafactor and q8 Muon on CuPy arrays (fastopt/_widen.py with the device
+    conversions of widen.cu and q8.cu) against the NumPy backend, 3 steps: params and 16-bit
+    or float32 state within TOL of the coarsest dtype (cuBLAS and NumPy's BLAS sum the
+    Newton-Schulz products in other orders, so a value may land on the other side of a 16-bit
+    rounding), q8 codes equal or one apart, absmax within 1e-4."""
+    q8 = rule.endswith("-q8")
+    name = rule.removesuffix("-q8")
+    shapes = [(1024, 300), (5, 7)] if q8 else ([(301, 257), (5, 7)] if name == "muon"
+                                               else [(301, 257), (2, 3, 9), (4097,)])
+    rng = np.random.default_rng(9)
+    params = [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shapes]
+             for _ in range(3)]
+    kw = dict(opts, lr=0.05, **({"state_dtype": "q8", "min_8bit_size": 1000} if q8 else {}))
+    want_p = [p.copy() for p in params]
+    ref = OPTIMIZERS[name](want_p, backend="numpy", **kw)
+    got_p = [_device_array(p) for p in params]
+    opt = OPTIMIZERS[name](got_p, backend="cupy", **kw)
+    for g in grads:
+        ref.step(g)
+        opt.step([_device_array(x) for x in g])
+    coarsest = BF16 if dtype == BF16 or kw.get("state_dtype") == "bfloat16" else dtype
+    for w, g in zip(want_p, got_p):
+        np.testing.assert_allclose(_host_array(g).astype(np.float64), w.astype(np.float64),
+                                   **TOL[coarsest])
+    for sw, sg in zip(ref.state[0], opt.state[0]):
+        assert sorted(sw) == sorted(sg)
+        for n, w in sw.items():
+            g = _host_array(sg[n])
+            assert g.dtype == w.dtype, n
+            if w.dtype == np.uint8:
+                assert (np.abs(g.astype(int) - w.astype(int)) <= 1).all(), n
+            elif n.endswith("_absmax"):
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=0, err_msg=n)
+            else:
+                np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64),
+                                           err_msg=n, **TOL[coarsest])
+
+
 # --------------------------------------------------------------------------- fastopt.layers
 
 

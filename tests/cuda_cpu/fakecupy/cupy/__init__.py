@@ -46,7 +46,8 @@ def __getattr__(name):
         return g
     return f
 
-linalg = types.SimpleNamespace(solve=lambda a, b: _w(_np.linalg.solve(a, b)))
+linalg = types.SimpleNamespace(solve=lambda a, b: _w(_np.linalg.solve(a, b)),
+                                norm=lambda a: _w(_np.asarray(_np.linalg.norm(a))))
 
 class _Gen:
     def __init__(self, seed): self.g = _np.random.default_rng(seed)
