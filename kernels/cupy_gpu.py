@@ -12,6 +12,9 @@ Importing this module imports CuPy and checks for a device; without either it ra
   compiled on first use; kernels are ``extern "C"`` and cached per name, i.e. per (rule,
   storage formats); ``_host.CudaBackend.update`` picks them by ``Rule.kind`` and the bucket's
   precision.  A bfloat16 CuPy array reaches a kernel as the address of its bits (uint16).
+* Muon/Adafactor buckets with a precision run ``fastopt._widen``'s driver with
+  ``OPS.widening`` (``_host.DeviceConversions``: ``widen.cu`` and q8.cu's decode/encode), so
+  16-bit and q8 buckets of theirs stay on the device.
 * The launch logic (multi-tensor tables, chunking, scalars cast to the declared C types) is
   ``fastopt.kernels.cuda._host``, which the CPU harness in ``tests/`` runs unchanged.
 * A step has no host synchronization except the read of the non-finite flag when
