@@ -324,10 +324,40 @@ def test_muon_row_runs_interleaved_against_torch(capsys):
     assert "muon numpy 24x24 float32" in _b.format_muon(m)
     from fastopt._cli import main
 
+    assert m["torch_mode"] == "interleaved"
     assert main(["bench", "--muon", "16", "--muon-only", "--muon-rounds", "1", "--backends",
-                 "numpy", "--json", "--no-progress"]) == 0
+                 "numpy", "--json", "--no-progress", "--muon-limit", "0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["muon"]["shape"] == [16, 16] and "rows" not in out
+    assert out["muon"]["torch_mode"] == "interleaved"
+    with pytest.raises(SystemExit, match="--muon-limit: expected 0 .interleaved. or a positive"):
+        main(["bench", "--muon", "16", "--muon-only", "--muon-limit", "-1", "--no-progress"])
+
+
+@pytest.mark.parametrize("limit_s", [120.0, 1e-4], ids=["torch-finishes", "torch-stopped"])
+def test_muon_bounded_mode_measures_or_bounds(limit_s):
+    """The bounded mode (``bench --muon N --muon-limit F``): torch's step in a child process
+    with a time limit.  A tiny N under a generous limit finishes: a measured ratio.  A limit of
+    0.1 ms cannot be met (a pipe round trip alone takes longer): the child is stopped and the
+    row carries the upper bound fastopt's time / limit instead of a ratio."""
+    from fastopt.apps import bench as _b
+
+    if _b.torch_module() is None or not hasattr(_b.torch_module().optim, "Muon"):
+        pytest.skip("torch.optim.Muon is not available")
+    m = _b.muon_vs_torch(8, rounds=1, backend="numpy", torch_limit_s=limit_s)
+    assert m["torch_mode"] == "bounded" and m["torch_limit_s"] == limit_s
+    row = _b.format_muon(m)
+    if limit_s > 1:
+        assert m["torch_finished"] is True and m["ratio_kind"] == "measured"
+        assert m["torch_s"] > 0 and m["ratio"] == pytest.approx(m["fastopt_s"] / m["torch_s"])
+        assert m["ratio_upper_bound"] is None and "in a child process within its" in row
+    else:
+        assert m["torch_finished"] is False and m["ratio_kind"] == "upper_bound"
+        assert m["torch_s"] is None and m["ratio"] is None
+        assert m["ratio_upper_bound"] == pytest.approx(m["fastopt_s"] / limit_s)
+        assert "torch.optim.Muon > " in row and "fastopt/torch < " in row
+    with pytest.raises(ValueError, match="torch_limit: expected a positive factor"):
+        _b.muon_vs_torch(8, rounds=1, backend="numpy", torch_limit=0)
 
 
 # --------------------------------------------------------------------------- --speed

@@ -515,25 +515,103 @@ def run_bench(rules, impls, sizes, dtype="float32", torch=True, min_time=0.1, pr
     }
 
 
-def muon_vs_torch(n=4096, dtype="float32", backend="numba", rounds=3, progress=False):
+#: the shortest time limit of the bounded Muon mode: below it a child's pipe round trip and the
+#: scheduler would decide whether torch "finished", not torch
+MUON_MIN_LIMIT_S = 1.0
+
+
+def _muon_problem(n, dtype):
+    rng = np.random.default_rng(0)
+    return _random(np, rng, (n, n), dtype), _random(np, rng, (n, n), dtype)
+
+
+def _torch_muon_child(n: int, dtype: str) -> None:
+    """The child of the bounded Muon mode: builds torch.optim.Muon on the same problem as the
+    parent, prints ``ready``, waits for a line on stdin, runs ONE step and prints its seconds
+    (``time.perf_counter`` around the step only)."""
+    torch = torch_module()
+    p, g = _muon_problem(n, dtype)
+    tp = torch.from_numpy(p)
+    tp.grad = torch.from_numpy(g)
+    opt = torch.optim.Muon([tp], lr=0.02)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    opt.step()
+    print(f"{time.perf_counter() - t0!r}", flush=True)
+    os._exit(0)  # torch's interpreter teardown can take seconds on a loaded machine: skip it
+
+
+def _torch_muon_bounded(n, dtype, limit_s):
+    """torch.optim.Muon's first step on the ``n`` x ``n`` problem in a child process, stopped
+    after ``limit_s`` seconds of its step (its import and set-up are not counted): the step's
+    seconds, or None when it had not finished (the child is then killed)."""
+    import subprocess
+    import threading
+
+    code = ("import sys; from fastopt.apps.bench import _torch_muon_child; "
+            "_torch_muon_child(int(sys.argv[1]), sys.argv[2])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(n), np.dtype(dtype).name],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"torch.optim.Muon child: expected 'ready', got {line!r} "
+                               f"(exit {proc.poll()})")
+        # the limit is on the step's answer, not on the child's exit: a reader thread
+        got = []
+        reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        reader.start()
+        reader.join(limit_s)
+        if reader.is_alive():
+            return None
+        if not got[0].strip():
+            raise RuntimeError(f"torch.optim.Muon child failed (exit {proc.wait()})")
+        return float(got[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def muon_vs_torch(n=4096, dtype="float32", backend="numba", rounds=3, progress=False,
+                  torch_limit=None, torch_limit_s=None):
     """One Muon step on an ``n`` x ``n`` matrix: fastopt (``backend``) against torch.optim.Muon
-    on the CPU, interleaved in one process (fastopt, torch, fastopt, ...) so that both see the
-    same machine load; returns the dict ``--json`` prints under ``"muon"``.
+    on the CPU; returns the dict ``--json`` prints under ``"muon"``.
 
     Both run torch's defaults (5 Newton-Schulz steps, Nesterov).  fastopt's products run in
-    ``dtype`` on NumPy's BLAS (``syrk`` for the two symmetric ones); torch's in bfloat16.
-    ``ratio`` is fastopt's median time over torch's (below 1: fastopt is faster).
+    ``dtype`` on NumPy's BLAS (``syrk`` for the two symmetric ones); torch's in bfloat16, which
+    on a CPU can take more than an hour per step at n = 4096.  Two modes:
+
+    * interleaved (``torch_limit`` and ``torch_limit_s`` None): fastopt, torch, fastopt, ... in
+      one process, so both see the same machine load; ``ratio`` is fastopt's median time over
+      torch's (below 1: fastopt is faster);
+    * bounded (``torch_limit``: a factor, e.g. 3; or ``torch_limit_s``: seconds): fastopt's
+      median step first, then torch's first step in a child process (:func:`_torch_muon_child`)
+      with a time limit of ``max(torch_limit * fastopt's time, MUON_MIN_LIMIT_S)`` (or
+      ``torch_limit_s``).  If torch finished, ``ratio`` is the measured one (its one cold step:
+      the first step also allocates the momentum buffer); if not, the child is killed, ``ratio``
+      is None and ``ratio_upper_bound`` = fastopt's time / the limit: fastopt/torch is below it.
+
+    ``torch_mode`` says which ("interleaved", "bounded"); ``ratio_kind`` whether the figure is
+    ``"measured"``, an ``"upper_bound"``, or None (no torch).
     """
     from .._optim import Muon
 
+    bounded = torch_limit is not None or torch_limit_s is not None
+    if torch_limit is not None and not (isinstance(torch_limit, (int, float)) and torch_limit > 0):
+        raise ValueError(f"torch_limit: expected a positive factor of fastopt's step time, got "
+                         f"{torch_limit!r}")
+    if torch_limit_s is not None and not (isinstance(torch_limit_s, (int, float)) and torch_limit_s > 0):
+        raise ValueError(f"torch_limit_s: expected positive seconds, got {torch_limit_s!r}")
     torch = torch_module()
-    rng = np.random.default_rng(0)
-    p = _random(np, rng, (n, n), dtype)
-    g = _random(np, rng, (n, n), dtype)
+    p, g = _muon_problem(n, dtype)
     fo_opt = Muon([p.copy()], lr=0.02, backend=backend, nonfinite="ignore")
     fo_step = functools.partial(fo_opt.step, [g])
     t_step = None
-    if torch is not None:
+    if torch is not None and not bounded:
         tp = torch.from_numpy(p.copy())
         tp.grad = torch.from_numpy(g)
         t_opt = torch.optim.Muon([tp], lr=0.02)
@@ -541,7 +619,7 @@ def muon_vs_torch(n=4096, dtype="float32", backend="numba", rounds=3, progress=F
     fo_step()  # compile, first touch
     if t_step is not None:
         t_step()
-    bar = Progress(rounds * (1 + (t_step is not None)), progress)
+    bar = Progress(rounds * (1 + (t_step is not None)) + (bounded and torch is not None), progress)
     fo_times, t_times = [], []
     for _ in range(rounds):
         for step, out in ((fo_step, fo_times), (t_step, t_times)):
@@ -551,23 +629,46 @@ def muon_vs_torch(n=4096, dtype="float32", backend="numba", rounds=3, progress=F
             t0 = time.perf_counter()
             step()
             out.append(time.perf_counter() - t0)
-    bar.close()
     fo_t = statistics.median(fo_times)
+    limit, finished, bound = None, None, None
+    if bounded and torch is not None:
+        bar.update("muon torch (bounded)")
+        limit = float(torch_limit_s) if torch_limit_s is not None else \
+            max(torch_limit * fo_t, MUON_MIN_LIMIT_S)
+        t = _torch_muon_bounded(n, dtype, limit)
+        finished = t is not None
+        if finished:
+            t_times.append(t)
+        else:
+            bound = fo_t / limit
+    bar.close()
     t_t = statistics.median(t_times) if t_times else None
+    ratio = None if t_t is None else fo_t / t_t
     return {"shape": [n, n], "dtype": np.dtype(dtype).name, "backend": backend, "rounds": rounds,
-            "fastopt_s": fo_t, "torch_s": t_t, "ratio": None if t_t is None else fo_t / t_t,
+            "fastopt_s": fo_t, "torch_s": t_t, "ratio": ratio,
+            "torch_mode": "bounded" if bounded else "interleaved",
+            "torch_limit_s": limit, "torch_finished": finished, "ratio_upper_bound": bound,
+            "ratio_kind": "measured" if ratio is not None else ("upper_bound" if bound is not None else None),
             "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def format_muon(m) -> str:
     """The table row of :func:`muon_vs_torch`."""
     shape = "x".join(map(str, m["shape"]))
-    torch_t = "-" if m["torch_s"] is None else _fmt_time(m["torch_s"]).strip()
-    ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}x"
     load = "" if m["loadavg"] is None else f", load average {m['loadavg']:.1f}"
-    return (f"muon {m['backend']} {shape} {m['dtype']}: {_fmt_time(m['fastopt_s']).strip()} per step, "
-            f"torch.optim.Muon {torch_t}, fastopt/torch {ratio} (median of {m['rounds']} "
-            f"interleaved steps{load})")
+    head = f"muon {m['backend']} {shape} {m['dtype']}: {_fmt_time(m['fastopt_s']).strip()} per step"
+    if m.get("torch_mode") == "bounded" and m.get("ratio_kind") == "upper_bound":
+        lim = _fmt_time(m["torch_limit_s"]).strip()
+        return (f"{head} (median of {m['rounds']}), torch.optim.Muon > {lim} (one step in a child "
+                f"process, stopped at the limit), fastopt/torch < {m['ratio_upper_bound']:.3g}{load}")
+    torch_t = "-" if m["torch_s"] is None else _fmt_time(m["torch_s"]).strip()
+    ratio = "-" if m["ratio"] is None else f"{m['ratio']:.3g}x"
+    if m.get("torch_mode") == "bounded":
+        how = (f"fastopt median of {m['rounds']} steps, torch one step in a child process "
+               f"within its {_fmt_time(m['torch_limit_s']).strip()} limit")
+    else:
+        how = f"median of {m['rounds']} interleaved steps"
+    return (f"{head}, torch.optim.Muon {torch_t}, fastopt/torch {ratio} ({how}{load})")
 
 
 def _version(mod):
@@ -999,9 +1100,13 @@ def _cmd_bench(args) -> int:
     result = run_bench(rules, impls, sizes, args.dtype, torch=not args.no_torch,
                        min_time=args.min_time, progress=progress) if rules else None
     muon = None
+    if not args.muon_limit >= 0:  # NaN too
+        raise SystemExit(f"--muon-limit: expected 0 (interleaved) or a positive factor, got "
+                         f"{args.muon_limit}")
     if args.muon:
         muon = muon_vs_torch(args.muon, args.dtype, "numba" if "numba" in impls else impls[0],
-                             rounds=args.muon_rounds, progress=progress)
+                             rounds=args.muon_rounds, progress=progress,
+                             torch_limit=args.muon_limit or None)
     if args.json:
         print(json.dumps({**(result or {}), "muon": muon}, indent=1))
     else:
@@ -1061,4 +1166,9 @@ def register(sub) -> None:
     p.add_argument("--muon-rounds", type=int, default=3, metavar="K",
                    help="interleaved Muon steps of each (default: 3)")
     p.add_argument("--muon-only", action="store_true", help="the Muon row only (with --muon)")
+    p.add_argument("--muon-limit", type=float, default=3.0, metavar="F",
+                   help="--muon: run torch's step in a child process stopped after F times "
+                        "fastopt's step (at least 1 s); if it has not finished, report "
+                        "fastopt/torch < 1/F (an upper bound). 0: interleave both in this "
+                        "process instead (default: 3)")
     p.set_defaults(func=_cmd_bench)
