@@ -88,6 +88,30 @@ def test_sr_store_at_an_odd_offset_is_the_hash_of_each_index(K):
     assert (h[:base] == 0xABCD).all() and (h[base + m:] == 0xABCD).all()
 
 
+def test_rne_store_is_the_recipe_on_every_pattern_class(K):
+    """The nearest-even bfloat16 store (``_bf16_rne``, an LLVM intrinsic in 32-bit lanes) must
+    give ``fastopt.precision``'s bits for every class of float32 pattern: signaling and quiet
+    nans of both signs and any payload, infinities, the largest finite values (which round to
+    inf), exact ties with an even and an odd kept bit, subnormals and zeros -- in the vector
+    body and in the scalar tail of the loop (an odd count), at an odd offset."""
+    from fastopt import precision as prec
+
+    rng = np.random.default_rng(3)
+    special = np.array([0x7F800001, 0x7FBFFFFF, 0x7FC00000, 0x7FFFFFFF, 0xFF800001, 0xFFC12345,
+                        0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x3F808000,
+                        0x3F818000, 0xBF818000, 0x00008000, 0x00018000, 0x00000001, 0x80000000,
+                        0, 0x007FFFFF, 0x3F80FFFF, 0x3F807FFF], np.uint32)
+    u = rng.integers(0, 2 ** 32, 4099, dtype=np.uint32)
+    u[::5] = rng.choice(special, u[::5].size)
+    u[:special.size] = special
+    x = u.view(np.float32)
+    base, n = 5, u.size + 10
+    h = np.full(n, 0xABCD, np.uint16)
+    K._store(x, h.ctypes.data, K._C_BF16, base, x.size, n, False, np.uint64(0))
+    np.testing.assert_array_equal(h[base:base + x.size], prec.f32_to_bf16_bits_rne(x))
+    assert (h[:base] == 0xABCD).all() and (h[base + x.size:] == 0xABCD).all()
+
+
 @pytest.mark.parametrize("sr", [False, True], ids=["rne", "sr"])
 def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr):
     """A tensor whose param, grad and two states are all bfloat16 (states nearest even, the
