@@ -1125,6 +1125,44 @@ def _tiled_driver(rule_body, rule_mode):
                 pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
                 p[j] = _bf16_rne(pn)
 
+    @njit(inline="always")
+    def fused_element32(j, mode, pi, g, s0, s1, s2, e, c, f, ts, gs, use_l2):
+        # fused_element for float32 states: the body reads and writes the state arrays
+        # themselves at j (no conversion); ``pi`` is the param's float32 value (of the
+        # bfloat16 param, or of its float32 master).  Returns the new param, unrounded.
+        x = _clip(_bf16_load(g[j]) * c[_GINV], c[_GCLIP]) * gs
+        if use_l2:
+            x = x + c[_S_L2] * pi
+        pi = pi * c[_S_DECAY]
+        return _clip(rule_body(j, x, pi, s0, s1, s2, e, c, f, ts,
+                               mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+
+    @njit(nogil=True, error_model="numpy")
+    def fused_rule32(mode, pa, ga, s0a, s1a, ma, a, b, c, f, ts, gs, use_l2):
+        # Elements [a, b) of a tensor with a bfloat16 param and grad and two float32
+        # states, with or without a float32 master (``ma``: its address, or 0): the
+        # states are updated in place as float32, the master (when there is one) written
+        # as is, and the param written as the nearest-even rounding of the new value
+        # (without a master the param is read from its bits).  Five operand pointers,
+        # four written: each of the two loops vectorizes (no stochastic rounding here:
+        # in this loop it measured no faster than the tiles, see docs/design.md).
+        p = numba.carray(_as_ptr(pa, _ZERO_U16), b)
+        g = numba.carray(_as_ptr(ga, _ZERO_U16), b)
+        s0 = numba.carray(_as_ptr(s0a, _ZERO_F32), b)
+        s1 = numba.carray(_as_ptr(s1a, _ZERO_F32), b)
+        s2, e = numba.carray(_scratch_f32(), 1), numba.carray(_scratch_f32(), 1)
+        if ma != 0:
+            w = numba.carray(_as_ptr(ma, _ZERO_F32), b)
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element32(j, mode, w[j], g, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                w[j] = pn
+                p[j] = _bf16_rne(pn)
+        else:
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element32(j, mode, _bf16_load(p[j]), g, s0, s1, s2, e, c, f, ts,
+                                     gs, use_l2)
+                p[j] = _bf16_rne(pn)
+
     @njit(nogil=True, error_model="numpy")
     def tile_rule(mode, m, buf, c, f, ts, gs, use_l2):
         # The pipeline of _apply_full and the rule body over the first m floats of
@@ -1167,9 +1205,15 @@ def _tiled_driver(rule_body, rule_mode):
             a, b = _range(k, parts, off, total, t)
             n = off[t + 1] - off[t]
             ts, gs = scales[t], gscale[t]
-            if _fusable(ptr, fmt, t, nt):  # all bfloat16, nearest even: no tiles
+            fuse = _fusable(ptr, fmt, t, nt)
+            if fuse == _C_BF16:  # all bfloat16: no tiles
                 fused_rule(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t], ptr[_S1, t],
                            a, b, c, f, ts, gs, use_l2, fmt[_X_SR] != 0, _U64(fmt[_X_KEY]))
+                t += 1
+                continue
+            if fuse == _C_F32:  # bfloat16 param and grad, float32 states (and master)
+                fused_rule32(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t],
+                             ptr[_S1, t], ptr[_M, t], a, b, c, f, ts, gs, use_l2)
                 t += 1
                 continue
             sumsq = 0.0
@@ -1188,25 +1232,35 @@ def _tiled_driver(rule_body, rule_mode):
 
     _apply_tiled.tile_rule = tile_rule  # for tests/test_numba_tile_loop.py
     _apply_tiled.fused_rule = fused_rule
+    _apply_tiled.fused_rule32 = fused_rule32
     _TILED_DRIVERS[key] = _apply_tiled
     return _apply_tiled
 
 
 @njit(inline="always")
 def _fusable(ptr, fmt, t, nt):
-    """Whether tensor t's update can run as ``fused_rule``: a bfloat16 param, grad and
-    two bfloat16 states (nearest even; the param may round stochastically), no master,
-    no third state, no extra input, no ``max_norm`` (dry run or factor)."""
+    """Which per-element loop can run tensor t's update: ``_C_BF16`` for ``fused_rule``,
+    ``_C_F32`` for ``fused_rule32``, else -1 (the tiles).
+
+    Both need a bfloat16 param and grad, exactly two states (no third, no extra input)
+    and no ``max_norm`` (dry run or factor).  ``fused_rule``: two bfloat16 states and no
+    master (the param rounds to nearest even or stochastically); ``fused_rule32``: two
+    float32 states, with or without a float32 master, the param rounded to nearest even.
+    """
     if fmt[_X_DRY] != 0 or fmt[_X_FAC] != 0:
-        return False
-    if ptr[_M, t] != 0 or ptr[_S2, t] != 0 or ptr[_E, t] != 0:
-        return False
-    if ptr[_S0, t] == 0 or ptr[_S1, t] == 0:
-        return False
-    for r in range(_P, _S1 + 1):
-        if fmt[_X_HEAD + r * nt + t] != _C_BF16:
-            return False
-    return True
+        return -1
+    if ptr[_S2, t] != 0 or ptr[_E, t] != 0 or ptr[_S0, t] == 0 or ptr[_S1, t] == 0:
+        return -1
+    if fmt[_X_HEAD + _P * nt + t] != _C_BF16 or fmt[_X_HEAD + _G * nt + t] != _C_BF16:
+        return -1
+    state = fmt[_X_HEAD + _S0 * nt + t]
+    if fmt[_X_HEAD + _S1 * nt + t] != state:
+        return -1
+    if state == _C_BF16 and ptr[_M, t] == 0:
+        return _C_BF16
+    if state == _C_F32 and fmt[_X_SR] == 0:
+        return _C_F32
+    return -1
 
 
 def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):

@@ -159,3 +159,60 @@ def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr):
     assert not np.array_equal(bits[0], start[0])
     rule = drv.fused_rule
     assert "sqrtps" in rule.inspect_asm(rule.signatures[-1]), "the fused loop is scalar code"
+
+
+@pytest.mark.parametrize("kind", ["rne", "master"])
+def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
+    """bfloat16 params and grads with float32 states (the default for 16-bit params), with or
+    without a float32 master, run ``fused_rule32``: the states updated in place as float32,
+    the master written as is and the param as its nearest-even rounding (stochastic rounding
+    keeps the tiles).  Both loops must be vector code and give the tile loop's bits over an odd range of an odd-sized
+    tensor, several steps, nan and inf included, with nothing written outside the range."""
+    from fastopt import precision as prec
+
+    n, a, b = 1037, 5, 1034
+    rng = np.random.default_rng(13)
+    p32 = rng.standard_normal(n).astype(np.float32)
+    g32 = rng.standard_normal(n).astype(np.float32)
+    g32[11], g32[12] = np.nan, -np.inf
+    m = rng.standard_normal(n).astype(np.float32)
+    v = np.abs(rng.standard_normal(n)).astype(np.float32)
+    v[20] = np.inf
+    master = p32.copy() if kind == "master" else None
+    p = prec.f32_to_bf16_bits_rne(p32)
+    g = prec.f32_to_bf16_bits_rne(g32)
+    start = [x.copy() for x in (p, g, m, v) + ((master,) if master is not None else ())]
+    c = _scalars(K)
+    drv = K._tiled_driver(K._adam, 0)
+    args = (np.float32(1), np.float32(1), False)
+    for step in range(1, 4):
+        param = master[a:b] if master is not None else prec.bf16_bits_to_f32(p[a:b])
+        want = (param, prec.bf16_bits_to_f32(g[a:b]), m[a:b], v[a:b])
+        buf = np.zeros(K._ROWS * K._TILE_STRIDE, np.float32)
+        rows = (K._P, K._G, K._S0, K._S1)
+        got = ([], [], [])
+        for base in range(0, b - a, K._TILE):
+            k = min(K._TILE, b - a - base)
+            for r, x in zip(rows, want):
+                buf[r * K._TILE_STRIDE:r * K._TILE_STRIDE + k] = x[base:base + k]
+            drv.tile_rule(np.int64(0), np.int64(k), buf, c, np.int64(0), *args)
+            for r, out in zip((K._P, K._S0, K._S1), got):
+                out.append(buf[r * K._TILE_STRIDE:r * K._TILE_STRIDE + k].copy())
+        new_p, new_m, new_v = (np.concatenate(o) for o in got)
+        want_p = prec.f32_to_bf16_bits_rne(new_p)
+        drv.fused_rule32(np.int64(K._V_TILE), p.ctypes.data, g.ctypes.data, m.ctypes.data,
+                         v.ctypes.data, 0 if master is None else master.ctypes.data,
+                         np.int64(a), np.int64(b), c, np.int64(0), *args)
+        np.testing.assert_array_equal(p[a:b], want_p)
+        np.testing.assert_array_equal(m[a:b], new_m)
+        np.testing.assert_array_equal(v[a:b], new_v)
+        if master is not None:
+            np.testing.assert_array_equal(master[a:b], new_p)
+    for x, s in zip((p, g, m, v) + ((master,) if master is not None else ()), start):
+        assert (x[:a] == s[:a]).all() and (x[b:] == s[b:]).all()
+    assert (g == start[1]).all()
+    assert not np.array_equal(p, start[0])
+    rule = drv.fused_rule32
+    asm = rule.inspect_asm(rule.signatures[-1])
+    # one packed square root per loop (with a master, without): a scalar loop has none
+    assert asm.count("sqrtps") >= 2, "a fused float32-state loop is scalar code"
