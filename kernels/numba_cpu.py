@@ -942,7 +942,9 @@ def _store(tile, addr, code, base, m, n, sr, key):
 def _load_tiles(tiles, ptr, fmt, t, nt, base, m, n):
     """Load the param (its master when there is one), grad, state and extra tiles of tensor t."""
     if ptr[_M, t] != 0:
-        _load(tiles[0], ptr[_M, t], _C_F32, base, m, n)
+        # (the master's code, _C_F32, read from the vector: a literal argument would make
+        # Numba compile _load once more for it, as below for _store: ~0.3-0.6 s each)
+        _load(tiles[0], ptr[_M, t], fmt[_X_HEAD + _M * nt + t], base, m, n)
     else:
         _load(tiles[0], ptr[_P, t], fmt[_X_HEAD + _P * nt + t], base, m, n)
     _load(tiles[1], ptr[_G, t], fmt[_X_HEAD + _G * nt + t], base, m, n)
@@ -997,11 +999,15 @@ def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
         for j in range(_U64(m)):
             pt[j] = np.float64(pt[j]) * fac
     key = _U64(fmt[_X_KEY])
+    # Run-time values where literals would do (False; the master's code _C_F32): Numba
+    # compiles a jitted callee once per argument types, a literal being a type of its
+    # own, so literals here compiled _store three times per cold tiled kernel.
+    rne = fmt[_X_DRY] != 0  # False: a dry run has returned above
     for r in range(_S0, _S2 + 1):
         if ptr[r, t] != 0:
-            _store(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n, False, key)
+            _store(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n, rne, key)
     if ptr[_M, t] != 0:
-        _store(pt, ptr[_M, t], _C_F32, base, m, n, False, key)
+        _store(pt, ptr[_M, t], fmt[_X_HEAD + _M * nt + t], base, m, n, rne, key)
     _store(pt, ptr[_P, t], fmt[_X_HEAD + _P * nt + t], base, m, n, fmt[_X_SR] != 0, key)
     return 0.0
 
@@ -1080,6 +1086,7 @@ def _tiled_driver(rule_body, rule_mode):
     if driver is not None:
         return driver
     tile_mode = -1 if rule_mode is None else rule_mode | _V_TILE
+    may_fuse = _two_state_body(rule_body)
 
     @njit(inline="always")
     def fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2):
@@ -1163,6 +1170,9 @@ def _tiled_driver(rule_body, rule_mode):
                                      gs, use_l2)
                 p[j] = _bf16_rne(pn)
 
+    if not may_fuse:  # no rule of this body keeps two states: compile no fused loop
+        fused_rule, fused_rule32 = _no_fused_rule, _no_fused_rule32
+
     @njit(nogil=True, error_model="numpy")
     def tile_rule(mode, m, buf, c, f, ts, gs, use_l2):
         # The pipeline of _apply_full and the rule body over the first m floats of
@@ -1205,7 +1215,7 @@ def _tiled_driver(rule_body, rule_mode):
             a, b = _range(k, parts, off, total, t)
             n = off[t + 1] - off[t]
             ts, gs = scales[t], gscale[t]
-            fuse = _fusable(ptr, fmt, t, nt)
+            fuse = _fusable(ptr, fmt, t, nt) if may_fuse else -1
             if fuse == _C_BF16:  # all bfloat16: no tiles
                 fused_rule(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t], ptr[_S1, t],
                            a, b, c, f, ts, gs, use_l2, fmt[_X_SR] != 0, _U64(fmt[_X_KEY]))
@@ -1235,6 +1245,41 @@ def _tiled_driver(rule_body, rule_mode):
     _apply_tiled.fused_rule32 = fused_rule32
     _TILED_DRIVERS[key] = _apply_tiled
     return _apply_tiled
+
+
+@njit(nogil=True)
+def _no_fused_rule(mode, pa, ga, s0a, s1a, a, b, c, f, ts, gs, use_l2, sr, key):
+    """``fused_rule`` of a body that never has two states (never called: see below)."""
+
+
+@njit(nogil=True)
+def _no_fused_rule32(mode, pa, ga, s0a, s1a, ma, a, b, c, f, ts, gs, use_l2):
+    """``fused_rule32`` of a body that never has two states (never called)."""
+
+
+_TWO_STATE_BODIES = None
+
+
+def _two_state_body(body) -> bool:
+    """Whether some rule whose entry point runs ``body`` keeps two or more states and no
+    extra input, so that ``_fusable`` can pick a fused loop for it.
+
+    The fused loops (both compiled into every tiled kernel that may use them) were ~2.2 s
+    of the ~9 s compile of a cold bfloat16 Adam kernel (CPU, load 3); a body of a
+    one-state rule (SGD, Adagrad, Lion, ...), or ``_scale``/``_identity`` (``scale_``,
+    ``clip_``), gets stubs in their place and ``_fusable`` is not consulted.  Read from
+    ``_ENTRIES`` (the global names each entry point's code loads) and ``RULES``.
+    """
+    global _TWO_STATE_BODIES
+    if _TWO_STATE_BODIES is None:
+        names = set()
+        for (name, _), entry in _ENTRIES.items():
+            rule = RULES[name]
+            if len(rule.all_state) >= 2 and rule.extra is None:
+                for fn in (entry, _EXACT.get(entry, entry)):
+                    names.update(fn.py_func.__code__.co_names)
+        _TWO_STATE_BODIES = frozenset(names)
+    return getattr(body, "py_func", body).__name__ in _TWO_STATE_BODIES
 
 
 @njit(inline="always")
