@@ -216,3 +216,36 @@ def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     asm = rule.inspect_asm(rule.signatures[-1])
     # one packed square root per loop (with a master, without): a scalar loop has none
     assert asm.count("sqrtps") >= 2, "a fused float32-state loop is scalar code"
+
+
+def test_fusable_picks_the_loop_of_each_format(K):
+    """``_fusable``: bfloat16 param and grad with two bfloat16 states and no master ->
+    ``fused_rule``; with two float32 states, master or not -> ``fused_rule32``; anything else
+    (stochastic rounding with float32 states, a bfloat16 state with a master, a third state,
+    an extra input, a float16 param, a float32 grad, max_norm) -> the tiles (-1)."""
+    def case(p=K._C_BF16, g=K._C_BF16, s=K._C_BF16, master=False, sr=0, s2=False, e=False,
+             dry=0):
+        ptr = np.zeros((K._ROWS, 1), np.int64)
+        ptr[[K._P, K._G, K._S0, K._S1], 0] = 64
+        ptr[K._M, 0] = 64 * master
+        ptr[K._S2, 0] = 64 * s2
+        ptr[K._E, 0] = 64 * e
+        fmt = np.zeros(K._X_HEAD + K._ROWS, np.int64)
+        fmt[K._X_HEAD + np.array([K._P, K._G, K._S0, K._S1, K._M])] = [p, g, s, s, K._C_F32]
+        fmt[K._X_SR], fmt[K._X_DRY] = sr, dry
+        return K._fusable(ptr, fmt, 0, 1)
+
+    assert case() == K._C_BF16
+    assert case(sr=1) == K._C_BF16
+    assert case(s=K._C_F32) == K._C_F32
+    assert case(s=K._C_F32, master=True) == K._C_F32
+    for kw in (dict(s=K._C_F32, sr=1), dict(master=True), dict(s2=True), dict(e=True),
+               dict(p=K._C_F16, g=K._C_F16), dict(g=K._C_F32), dict(dry=1)):
+        assert case(**kw) == -1, kw
+
+
+def test_one_state_bodies_compile_no_fused_loop(K):
+    assert K._two_state_body(K._adam) and K._two_state_body(K._rmsprop)
+    assert not K._two_state_body(K._sgd) and not K._two_state_body(K._scale)
+    assert K._tiled_driver(K._sgd, 0).fused_rule is K._no_fused_rule
+    assert K._tiled_driver(K._adam, 0).fused_rule32 is not K._no_fused_rule32
