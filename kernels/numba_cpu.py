@@ -774,6 +774,7 @@ _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _F16_SUBNORMAL = np.float32(2.0 ** -24)
 _ZERO_U16 = np.uint16(0)
 _ZERO_F32 = np.float32(0)
+_INF_F32 = np.float32(np.inf)
 
 
 @intrinsic
@@ -1089,18 +1090,24 @@ def _tiled_driver(rule_body, rule_mode):
     may_fuse = _two_state_body(rule_body)
 
     @njit(inline="always")
-    def fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2):
+    def fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2, clip):
         # The pipeline and the rule body for element j; stores the two states and
-        # returns the new param (float32, not yet rounded).
+        # returns the new param (float32, not yet rounded).  ``clip``: a constant of
+        # the calling loop; False where clip_value and weight_clip are both inf, where
+        # each _clip is x itself (nan and inf included), so the loop skips them.
         s0[0] = _bf16_load(h0[j])
         s1[0] = _bf16_load(h1[j])
-        x = _clip(_bf16_load(g[j]) * c[_GINV], c[_GCLIP]) * gs
+        x = _bf16_load(g[j]) * c[_GINV]
+        if clip:
+            x = _clip(x, c[_GCLIP])
+        x = x * gs
         pi = _bf16_load(p[j])
         if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
             x = x + c[_S_L2] * pi
         pi = pi * c[_S_DECAY]
-        pn = _clip(rule_body(0, x, pi, s0, s1, s2, e, c, f, ts,
-                             mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+        pn = rule_body(0, x, pi, s0, s1, s2, e, c, f, ts, mode if tile_mode < 0 else tile_mode)
+        if clip:
+            pn = _clip(pn, c[_WCLIP])
         h0[j] = _bf16_rne(s0[0])
         h1[j] = _bf16_rne(s1[0])
         return pn
@@ -1124,25 +1131,37 @@ def _tiled_driver(rule_body, rule_mode):
         if sr:  # the hash input key + j * G as a running sum, as in _store
             z = key + _U64(a) * _GOLDEN
             for j in range(_U64(a), _U64(b)):
-                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                   True)
                 p[j] = _bf16_sr_at(pn, z)
                 z += _GOLDEN
+        elif c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32:  # no clipping: ~8 % faster
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                   False)
+                p[j] = _bf16_rne(pn)
         else:
             for j in range(_U64(a), _U64(b)):
-                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                   True)
                 p[j] = _bf16_rne(pn)
 
     @njit(inline="always")
-    def fused_element32(j, mode, pi, g, s0, s1, s2, e, c, f, ts, gs, use_l2):
+    def fused_element32(j, mode, pi, g, s0, s1, s2, e, c, f, ts, gs, use_l2, clip):
         # fused_element for float32 states: the body reads and writes the state arrays
         # themselves at j (no conversion); ``pi`` is the param's float32 value (of the
         # bfloat16 param, or of its float32 master).  Returns the new param, unrounded.
-        x = _clip(_bf16_load(g[j]) * c[_GINV], c[_GCLIP]) * gs
+        x = _bf16_load(g[j]) * c[_GINV]
+        if clip:
+            x = _clip(x, c[_GCLIP])
+        x = x * gs
         if use_l2:
             x = x + c[_S_L2] * pi
         pi = pi * c[_S_DECAY]
-        return _clip(rule_body(j, x, pi, s0, s1, s2, e, c, f, ts,
-                               mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+        pn = rule_body(j, x, pi, s0, s1, s2, e, c, f, ts, mode if tile_mode < 0 else tile_mode)
+        if clip:
+            pn = _clip(pn, c[_WCLIP])
+        return pn
 
     @njit(nogil=True, error_model="numpy")
     def fused_rule32(mode, pa, ga, s0a, s1a, ma, a, b, c, f, ts, gs, use_l2):
@@ -1161,13 +1180,19 @@ def _tiled_driver(rule_body, rule_mode):
         if ma != 0:
             w = numba.carray(_as_ptr(ma, _ZERO_F32), b)
             for j in range(_U64(a), _U64(b)):
-                pn = fused_element32(j, mode, w[j], g, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                pn = fused_element32(j, mode, w[j], g, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                     True)
                 w[j] = pn
+                p[j] = _bf16_rne(pn)
+        elif c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32:  # no clipping (fused_element)
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element32(j, mode, _bf16_load(p[j]), g, s0, s1, s2, e, c, f, ts,
+                                     gs, use_l2, False)
                 p[j] = _bf16_rne(pn)
         else:
             for j in range(_U64(a), _U64(b)):
                 pn = fused_element32(j, mode, _bf16_load(p[j]), g, s0, s1, s2, e, c, f, ts,
-                                     gs, use_l2)
+                                     gs, use_l2, True)
                 p[j] = _bf16_rne(pn)
 
     if not may_fuse:  # no rule of this body keeps two states: compile no fused loop

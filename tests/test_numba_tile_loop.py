@@ -112,8 +112,17 @@ def test_rne_store_is_the_recipe_on_every_pattern_class(K):
     assert (h[:base] == 0xABCD).all() and (h[base + x.size:] == 0xABCD).all()
 
 
-@pytest.mark.parametrize("sr", [False, True], ids=["rne", "sr"])
-def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr):
+def _clipped(K, c):
+    """The scalars ``c`` with clip_value and weight_clip on (the fused loops' clipping form:
+    without them each loop runs a form with no clipping)."""
+    c = list(c)
+    c[K._GCLIP], c[K._WCLIP] = np.float32(0.75), np.float32(1.25)
+    return tuple(c)
+
+
+@pytest.mark.parametrize("sr,clip", [(False, False), (False, True), (True, False)],
+                         ids=["rne", "rne-clip", "sr"])
+def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr, clip):
     """A tensor whose param, grad and two states are all bfloat16 (states nearest even, the
     param nearest even or stochastically) runs ``fused_rule`` (load, pipeline, body, store per
     element, no tile buffer): it must be vector code and give the bits of the tile loop
@@ -128,7 +137,7 @@ def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr):
     f32[0][7], f32[1][9] = np.nan, np.inf
     bits = [prec.f32_to_bf16_bits_rne(x) for x in f32]  # p, g, m, v
     start = [h.copy() for h in bits]
-    c = _scalars(K)
+    c = _clipped(K, _scalars(K)) if clip else _scalars(K)
     drv = K._tiled_driver(K._adam, 0)
     args = (np.float32(1), np.float32(1), False)
     seed = 99
@@ -161,7 +170,7 @@ def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr):
     assert "sqrtps" in rule.inspect_asm(rule.signatures[-1]), "the fused loop is scalar code"
 
 
-@pytest.mark.parametrize("kind", ["rne", "master"])
+@pytest.mark.parametrize("kind", ["rne", "rne-clip", "master"])
 def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     """bfloat16 params and grads with float32 states (the default for 16-bit params), with or
     without a float32 master, run ``fused_rule32``: the states updated in place as float32,
@@ -182,7 +191,7 @@ def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     p = prec.f32_to_bf16_bits_rne(p32)
     g = prec.f32_to_bf16_bits_rne(g32)
     start = [x.copy() for x in (p, g, m, v) + ((master,) if master is not None else ())]
-    c = _scalars(K)
+    c = _clipped(K, _scalars(K)) if kind != "rne" else _scalars(K)
     drv = K._tiled_driver(K._adam, 0)
     args = (np.float32(1), np.float32(1), False)
     for step in range(1, 4):
@@ -214,8 +223,9 @@ def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     assert not np.array_equal(p, start[0])
     rule = drv.fused_rule32
     asm = rule.inspect_asm(rule.signatures[-1])
-    # one packed square root per loop (with a master, without): a scalar loop has none
-    assert asm.count("sqrtps") >= 2, "a fused float32-state loop is scalar code"
+    # one packed square root per loop (with a master; without, clipped or not): a scalar
+    # loop has none
+    assert asm.count("sqrtps") >= 3, "a fused float32-state loop is scalar code"
 
 
 def test_fusable_picks_the_loop_of_each_format(K):
