@@ -1147,21 +1147,16 @@ def _tiled_driver(rule_body, rule_mode):
                 p[j] = _bf16_rne(pn)
 
     @njit(inline="always")
-    def fused_element32(j, mode, pi, g, s0, s1, s2, e, c, f, ts, gs, use_l2, clip):
-        # fused_element for float32 states: the body reads and writes the state arrays
-        # themselves at j (no conversion); ``pi`` is the param's float32 value (of the
-        # bfloat16 param, or of its float32 master).  Returns the new param, unrounded.
-        x = _bf16_load(g[j]) * c[_GINV]
-        if clip:
-            x = _clip(x, c[_GCLIP])
-        x = x * gs
+    def fused_element32(j, mode, pi, g, s0, s1, s2, e, c, f, ts, gs, use_l2):
+        # fused_element for float32 states and no clipping (see fused_rule32): the body
+        # reads and writes the state arrays themselves at j (no conversion); ``pi`` is the
+        # param's float32 value (of the bfloat16 param, or of its float32 master).
+        # Returns the new param, unrounded.
+        x = _bf16_load(g[j]) * c[_GINV] * gs
         if use_l2:
             x = x + c[_S_L2] * pi
         pi = pi * c[_S_DECAY]
-        pn = rule_body(j, x, pi, s0, s1, s2, e, c, f, ts, mode if tile_mode < 0 else tile_mode)
-        if clip:
-            pn = _clip(pn, c[_WCLIP])
-        return pn
+        return rule_body(j, x, pi, s0, s1, s2, e, c, f, ts, mode if tile_mode < 0 else tile_mode)
 
     @njit(nogil=True, error_model="numpy")
     def fused_rule32(mode, pa, ga, s0a, s1a, ma, a, b, c, f, ts, gs, use_l2):
@@ -1170,8 +1165,10 @@ def _tiled_driver(rule_body, rule_mode):
         # states are updated in place as float32, the master (when there is one) written
         # as is, and the param written as the nearest-even rounding of the new value
         # (without a master the param is read from its bits).  Five operand pointers,
-        # four written: each of the two loops vectorizes (no stochastic rounding here:
-        # in this loop it measured no faster than the tiles, see docs/design.md).
+        # four written: each of the two loops vectorizes.  Only where clip_value and
+        # weight_clip are both inf (the default; each clip is then x itself), and with no
+        # stochastic rounding (here it measured no faster than the tiles): a clipping form
+        # of both loops would add ~0.5 s to every cold compile (docs/design.md).
         p = numba.carray(_as_ptr(pa, _ZERO_U16), b)
         g = numba.carray(_as_ptr(ga, _ZERO_U16), b)
         s0 = numba.carray(_as_ptr(s0a, _ZERO_F32), b)
@@ -1180,19 +1177,13 @@ def _tiled_driver(rule_body, rule_mode):
         if ma != 0:
             w = numba.carray(_as_ptr(ma, _ZERO_F32), b)
             for j in range(_U64(a), _U64(b)):
-                pn = fused_element32(j, mode, w[j], g, s0, s1, s2, e, c, f, ts, gs, use_l2,
-                                     True)
+                pn = fused_element32(j, mode, w[j], g, s0, s1, s2, e, c, f, ts, gs, use_l2)
                 w[j] = pn
-                p[j] = _bf16_rne(pn)
-        elif c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32:  # no clipping (fused_element)
-            for j in range(_U64(a), _U64(b)):
-                pn = fused_element32(j, mode, _bf16_load(p[j]), g, s0, s1, s2, e, c, f, ts,
-                                     gs, use_l2, False)
                 p[j] = _bf16_rne(pn)
         else:
             for j in range(_U64(a), _U64(b)):
                 pn = fused_element32(j, mode, _bf16_load(p[j]), g, s0, s1, s2, e, c, f, ts,
-                                     gs, use_l2, True)
+                                     gs, use_l2)
                 p[j] = _bf16_rne(pn)
 
     if not may_fuse:  # no rule of this body keeps two states: compile no fused loop
@@ -1230,6 +1221,7 @@ def _tiled_driver(rule_body, rule_mode):
         t, hi = _tensors(k, parts, off, total)
         c = to_fixed_tuple(cs, _NSCALARS)
         use_l2 = c[_S_L2] != c[_ZERO]
+        noclip = c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32
         fmt = f
         f = fmt[_X_FLAGS]
         dry = fmt[_X_DRY] != 0
@@ -1246,7 +1238,7 @@ def _tiled_driver(rule_body, rule_mode):
                            a, b, c, f, ts, gs, use_l2, fmt[_X_SR] != 0, _U64(fmt[_X_KEY]))
                 t += 1
                 continue
-            if fuse == _C_F32:  # bfloat16 param and grad, float32 states (and master)
+            if fuse == _C_F32 and noclip:  # bfloat16 param and grad, float32 states
                 fused_rule32(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t],
                              ptr[_S1, t], ptr[_M, t], a, b, c, f, ts, gs, use_l2)
                 t += 1
@@ -1315,7 +1307,8 @@ def _fusable(ptr, fmt, t, nt):
     Both need a bfloat16 param and grad, exactly two states (no third, no extra input)
     and no ``max_norm`` (dry run or factor).  ``fused_rule``: two bfloat16 states and no
     master (the param rounds to nearest even or stochastically); ``fused_rule32``: two
-    float32 states, with or without a float32 master, the param rounded to nearest even.
+    float32 states, with or without a float32 master, the param rounded to nearest even
+    (the caller also requires clip_value and weight_clip to be inf for that one).
     """
     if fmt[_X_DRY] != 0 or fmt[_X_FAC] != 0:
         return -1

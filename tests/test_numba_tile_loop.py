@@ -170,12 +170,12 @@ def test_fused_bf16_adam_loop_matches_the_tile_loop_bit_for_bit(K, sr, clip):
     assert "sqrtps" in rule.inspect_asm(rule.signatures[-1]), "the fused loop is scalar code"
 
 
-@pytest.mark.parametrize("kind", ["rne", "rne-clip", "master"])
+@pytest.mark.parametrize("kind", ["rne", "master"])
 def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     """bfloat16 params and grads with float32 states (the default for 16-bit params), with or
     without a float32 master, run ``fused_rule32``: the states updated in place as float32,
     the master written as is and the param as its nearest-even rounding (stochastic rounding
-    keeps the tiles).  Both loops must be vector code and give the tile loop's bits over an odd range of an odd-sized
+    and clipping keep the tiles).  Both loops must be vector code and give the tile loop's bits over an odd range of an odd-sized
     tensor, several steps, nan and inf included, with nothing written outside the range."""
     from fastopt import precision as prec
 
@@ -191,7 +191,7 @@ def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     p = prec.f32_to_bf16_bits_rne(p32)
     g = prec.f32_to_bf16_bits_rne(g32)
     start = [x.copy() for x in (p, g, m, v) + ((master,) if master is not None else ())]
-    c = _clipped(K, _scalars(K)) if kind != "rne" else _scalars(K)
+    c = _scalars(K)  # (no clipping: with clip_value or weight_clip the tiles run)
     drv = K._tiled_driver(K._adam, 0)
     args = (np.float32(1), np.float32(1), False)
     for step in range(1, 4):
@@ -223,9 +223,8 @@ def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     assert not np.array_equal(p, start[0])
     rule = drv.fused_rule32
     asm = rule.inspect_asm(rule.signatures[-1])
-    # one packed square root per loop (with a master; without, clipped or not): a scalar
-    # loop has none
-    assert asm.count("sqrtps") >= 3, "a fused float32-state loop is scalar code"
+    # one packed square root per loop (with a master, without): a scalar loop has none
+    assert asm.count("sqrtps") >= 2, "a fused float32-state loop is scalar code"
 
 
 def test_fusable_picks_the_loop_of_each_format(K):
