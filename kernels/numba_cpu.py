@@ -764,9 +764,10 @@ def _reduce_full(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
 # held; the tiled drivers load a tile of every operand into float32, run the
 # pipeline and the unchanged rule body on the tiles, and store each written operand
 # once: state and float16 params round to nearest even, a bfloat16 param to nearest
-# even or stochastically, the float32 master as is.  A tensor whose param, grad and
-# two states are all bfloat16 (nearest even) skips the tiles: ``fused_rule`` loads,
-# updates and stores per element (docs/design.md, "The fused bfloat16 loop").
+# even or stochastically, the float32 master as is.  A tensor with a bfloat16 param
+# and grad and two states skips the tiles: ``fused_rule`` (bfloat16 states) and
+# ``fused_rule32`` (float32 states, master or not) load, update and store per element
+# (docs/design.md, "The fused bfloat16 loop"; ``_fusable`` picks).
 
 _U16, _U32, _U64 = np.uint16, np.uint32, np.uint64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
