@@ -252,18 +252,20 @@ def test_serial_twin_steps_bit_for_bit_as_the_parallel_form(monkeypatch, cls, kw
     assert_same(twin, par)
 
 
-#: 16-bit buckets (the tiled kernel, ``ReducedStepPlan``): nearest-even bfloat16 with its
-#: state, stochastic rounding (the step key refreshed per cached step), float32 state and
-#: master weights, float16
+#: buckets with a precision (the tiled kernel, ``ReducedStepPlan``): nearest-even bfloat16
+#: with its state, stochastic rounding (the step key refreshed per cached step), float32 state
+#: and master weights, float16, float32 params with bfloat16 state
 _PRECISIONS = [
     ("bfloat16", {"state_dtype": "param"}),
     ("bfloat16", {"state_dtype": "bfloat16", "stochastic_rounding": True, "seed": 7}),
     ("bfloat16", {"master_weights": True, "weight_decay": 0.1}),
     ("float16", {"maximize": True, "weight_clip": 0.5}),
+    ("float32", {"state_dtype": "bfloat16"}),
 ]
 
 
-@pytest.mark.parametrize("dtype,kw", _PRECISIONS, ids=["bf16", "bf16-sr", "bf16-master", "f16"])
+@pytest.mark.parametrize("dtype,kw", _PRECISIONS,
+                         ids=["bf16", "bf16-sr", "bf16-master", "f16", "f32-bf16-state"])
 def test_cached_16bit_steps_match_full_steps(dtype, kw):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
