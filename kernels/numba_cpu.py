@@ -2433,13 +2433,14 @@ class ReducedStepPlan:
 
     A 16-bit step through the full pipeline spent most of a small step's time on the
     host (the option checks, the bucket and its ``Pre``, ``_reduced_call``'s tables and
-    format vector: ~100 us at 32,768 elements on one thread against ~15 us for the
-    kernel); the float32 step skips all that through ``StepPlan``.  This plan builds the
+    format vector): bfloat16 Adam at 32,768 elements on one thread took 143 us a step,
+    56 us through this plan (load 3; docs/design.md, "Pipeline"); the float32 step
+    skips all that through ``StepPlan``.  This plan builds the
     operand table, the format vector (storage codes, the master row) and the scalar
     array once and per step refreshes only the scalars, the flags and stochastic
-    rounding's step key.  The grads' non-finite check is the read pass's fast form on
-    the 16-bit grads (the tiled ``_k_read``, as ``NumbaOps._stats`` runs it), a call of
-    its own before the update; a non-finite sum returns False and the full step decides.
+    rounding's step key.  The grads' non-finite check is the read pass's fast form (on
+    16-bit grads the tiled ``_k_read``, as ``NumbaOps._stats`` runs it), a call of its
+    own before the update; a non-finite sum returns False and the full step decides.
     Made by ``NumbaOps.step_plan`` for the cases ``StepPlan`` takes (no max_norm, no
     norm or value clipping) with an elementwise precision (not q8) and object addresses
     (not the data pointers of fastopt.torch's plans).
@@ -2465,14 +2466,19 @@ class ReducedStepPlan:
         self.slots = [(_HEAD + KERNEL_SCALAR_SLOT[k], k) for k in rule.pack + ("l2", "decay")]
         read_rows = [(_P, grads), (_G, grads)]
         self.read_table = _table(read_rows, n)
-        self.read_fmt = _format(read_rows, n, 0, {_P, _G})
-        self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
-        self.read_cs = _scalars(_F32, _plain_head())
+        gdt = grads[0].dtype
+        if _is_reduced(gdt) or any(g.dtype != gdt for g in grads):
+            self.read_fmt = _format(read_rows, n, 0)  # the tiled read (16-bit grads)
+            self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
+            self.read_ones, gdt = self.ones, _F32
+        else:  # float32 grads (of float32 params with a 16-bit state): the plain read
+            self.read_fmt, self.read_ones = 0, np.ones(n, gdt)
+        self.read_cs = _scalars(gdt, _plain_head())
         self.entry = None
 
     def finite(self):
         """Whether every grad is finite: True, or None when the exact check must decide."""
-        res = _call(_k_read, self.read_table, self.sizes, self.ones, self.read_cs,
+        res = _call(_k_read, self.read_table, self.sizes, self.read_ones, self.read_cs,
                     self.read_fmt, DATA_OFFSET)
         return True if math.isfinite(res.sum()) else None
 
@@ -2919,10 +2925,13 @@ class NumbaOps(Ops):
         return np.ascontiguousarray(self._stats(arrays, 1.0, None, exact=False)[:, 0])
 
     def step_plan(self, rule, bucket, grads, hp, pointers=False):
-        """A :class:`StepPlan` for repeated steps of one plain bucket, or None where it cannot.
+        """A :class:`StepPlan` for repeated steps of one bucket, or None where it cannot.
 
-        Only an elementwise rule's single float32/float64 bucket with no extra input,
-        no norm clipping and no ``max_norm`` qualifies; the caller (the optimizer's
+        Only an elementwise rule's single bucket with no extra input, no norm or value
+        clipping and no ``max_norm`` qualifies: a plain float32/float64 one gets a
+        ``StepPlan``, one with a precision (16-bit params or state, master weights,
+        stochastic rounding; not q8, and not with ``pointers``) a ``ReducedStepPlan``;
+        the caller (the optimizer's
         step cache, docs/design.md "Pipeline") keeps the plan only while the same
         param, grad and state arrays come back with the same options.  ``pointers``:
         the plan holds data pointers, and the caller hands it the grads' pointers
