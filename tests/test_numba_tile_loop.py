@@ -175,8 +175,9 @@ def test_fused_float32_state_loop_matches_the_tile_loop_bit_for_bit(K, kind):
     """bfloat16 params and grads with float32 states (the default for 16-bit params), with or
     without a float32 master, run ``fused_rule32``: the states updated in place as float32,
     the master written as is and the param as its nearest-even rounding (stochastic rounding
-    and clipping keep the tiles).  Both loops must be vector code and give the tile loop's bits over an odd range of an odd-sized
-    tensor, several steps, nan and inf included, with nothing written outside the range."""
+    and clipping keep the tiles).  Both loops must be vector code and give the tile loop's
+    bits over an odd range of an odd-sized tensor, several steps, nan and inf included, with
+    nothing written outside the range."""
     from fastopt import precision as prec
 
     n, a, b = 1037, 5, 1034
