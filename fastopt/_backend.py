@@ -113,9 +113,11 @@ class Ops:
         """Optional: a plan for repeated small steps of one bucket, or None (the default).
 
         A plan has ``finite()`` (the read pass: True, or None when the full step must
-        decide) and ``update(s, check=False)`` (the fused update with the step scalars
-        ``s``; with ``check`` it checks the grads first and returns False, with nothing
-        written, where the full step must decide, else True); the optimizer's step cache
+        decide) and ``update(s, check=False, step=None)`` (the fused update with the step
+        scalars ``s``; with ``check`` it checks the grads first and returns False, with
+        nothing written, where the full step must decide, else True; ``step``, the step
+        count, is what stochastic rounding hashes: a plan that needs it and gets None
+        returns False); the optimizer's step cache
         decides when it may be used (docs/design.md, "Pipeline").  With ``pointers`` the
         plan addresses the grads by the data pointers its caller passes to
         ``set_grads(ptrs)`` before each step.

@@ -290,7 +290,7 @@ class Optimizer:
         if [(type(o), o.shape, o.dtype, o.strides) for o in grads] != self._layout[1]:
             return None
         s, new_gs = self.rule.step_scalars(c.hp, t, self.group_state[0])
-        if not c.plan.update(s, check=self.nonfinite != "ignore"):
+        if not c.plan.update(s, check=self.nonfinite != "ignore", step=t):
             return None
         self.step_count = t
         self.group_state = [dict(new_gs)]

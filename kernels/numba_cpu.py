@@ -764,9 +764,10 @@ def _reduce_full(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
 # held; the tiled drivers load a tile of every operand into float32, run the
 # pipeline and the unchanged rule body on the tiles, and store each written operand
 # once: state and float16 params round to nearest even, a bfloat16 param to nearest
-# even or stochastically, the float32 master as is.  A tensor whose param, grad and
-# two states are all bfloat16 (nearest even) skips the tiles: ``fused_rule`` loads,
-# updates and stores per element (docs/design.md, "The fused bfloat16 loop").
+# even or stochastically, the float32 master as is.  A tensor with a bfloat16 param
+# and grad and two states skips the tiles: ``fused_rule`` (bfloat16 states) and
+# ``fused_rule32`` (float32 states, master or not) load, update and store per element
+# (docs/design.md, "The fused bfloat16 loop"; ``_fusable`` picks).
 
 _U16, _U32, _U64 = np.uint16, np.uint32, np.uint64
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -774,6 +775,7 @@ _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _F16_SUBNORMAL = np.float32(2.0 ** -24)
 _ZERO_U16 = np.uint16(0)
 _ZERO_F32 = np.float32(0)
+_INF_F32 = np.float32(np.inf)
 
 
 @intrinsic
@@ -820,12 +822,31 @@ def _nan16(u):
     return _U16(((u >> _U32(16)) & _U32(0x8000)) | _U32(0x7FC0))
 
 
-@njit(inline="always")
-def _bf16_rne(x):
-    u = _f32_bits(x)
-    if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
-        return _nan16(u)
-    return _U16((u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16))
+@intrinsic
+def _bf16_rne(typingctx, x):
+    """float32 -> bfloat16 bits, nearest even; nan -> the quiet nan ``_nan16`` gives.
+
+    The recipe of ``fastopt.precision`` written as LLVM IR in 32-bit lanes, so
+    that a vectorized loop tests for nan with one unordered compare (``u & 0x7FFFFFFF
+    > 0x7F800000`` is an unsigned compare AVX2 lacks: three instructions), picks
+    between the rounded value and the nan pattern while both are still 32-bit, and
+    narrows once.  Written with ``if`` in Numba, LLVM narrowed both candidates and
+    the mask apart (three packs and three lane permutes per 16 values) and blended
+    them: 16 % slower in ``fused_rule``, 25 % in the tile store loop
+    (docs/design.md, "The fused bfloat16 loop").  Same bits.
+    """
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        hi = builder.lshr(u, i32(16))
+        rne = builder.lshr(builder.add(builder.add(u, i32(0x7FFF)), builder.and_(hi, i32(1))),
+                           i32(16))
+        nan = builder.or_(builder.and_(hi, i32(0x8000)), i32(0x7FC0))
+        isnan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(isnan, nan, rne), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
 
 
 @njit(inline="always")
@@ -923,7 +944,9 @@ def _store(tile, addr, code, base, m, n, sr, key):
 def _load_tiles(tiles, ptr, fmt, t, nt, base, m, n):
     """Load the param (its master when there is one), grad, state and extra tiles of tensor t."""
     if ptr[_M, t] != 0:
-        _load(tiles[0], ptr[_M, t], _C_F32, base, m, n)
+        # (the master's code, _C_F32, read from the vector: a literal argument would make
+        # Numba compile _load once more for it, as below for _store: ~0.3-0.6 s each)
+        _load(tiles[0], ptr[_M, t], fmt[_X_HEAD + _M * nt + t], base, m, n)
     else:
         _load(tiles[0], ptr[_P, t], fmt[_X_HEAD + _P * nt + t], base, m, n)
     _load(tiles[1], ptr[_G, t], fmt[_X_HEAD + _G * nt + t], base, m, n)
@@ -978,11 +1001,15 @@ def _finish_tile(tiles, ptr, fmt, t, nt, base, m, n):
         for j in range(_U64(m)):
             pt[j] = np.float64(pt[j]) * fac
     key = _U64(fmt[_X_KEY])
+    # Run-time values where literals would do (False; the master's code _C_F32): Numba
+    # compiles a jitted callee once per argument types, a literal being a type of its
+    # own, so literals here compiled _store three times per cold tiled kernel.
+    rne = fmt[_X_DRY] != 0  # False: a dry run has returned above
     for r in range(_S0, _S2 + 1):
         if ptr[r, t] != 0:
-            _store(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n, False, key)
+            _store(tiles[r], ptr[r, t], fmt[_X_HEAD + r * nt + t], base, m, n, rne, key)
     if ptr[_M, t] != 0:
-        _store(pt, ptr[_M, t], _C_F32, base, m, n, False, key)
+        _store(pt, ptr[_M, t], fmt[_X_HEAD + _M * nt + t], base, m, n, rne, key)
     _store(pt, ptr[_P, t], fmt[_X_HEAD + _P * nt + t], base, m, n, fmt[_X_SR] != 0, key)
     return 0.0
 
@@ -1061,20 +1088,27 @@ def _tiled_driver(rule_body, rule_mode):
     if driver is not None:
         return driver
     tile_mode = -1 if rule_mode is None else rule_mode | _V_TILE
+    may_fuse = _two_state_body(rule_body)
 
     @njit(inline="always")
-    def fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2):
+    def fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2, clip):
         # The pipeline and the rule body for element j; stores the two states and
-        # returns the new param (float32, not yet rounded).
+        # returns the new param (float32, not yet rounded).  ``clip``: a constant of
+        # the calling loop; False where clip_value and weight_clip are both inf, where
+        # each _clip is x itself (nan and inf included), so the loop skips them.
         s0[0] = _bf16_load(h0[j])
         s1[0] = _bf16_load(h1[j])
-        x = _clip(_bf16_load(g[j]) * c[_GINV], c[_GCLIP]) * gs
+        x = _bf16_load(g[j]) * c[_GINV]
+        if clip:
+            x = _clip(x, c[_GCLIP])
+        x = x * gs
         pi = _bf16_load(p[j])
         if use_l2:  # L2 decay; never 0 * p, which is nan for an inf param
             x = x + c[_S_L2] * pi
         pi = pi * c[_S_DECAY]
-        pn = _clip(rule_body(0, x, pi, s0, s1, s2, e, c, f, ts,
-                             mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+        pn = rule_body(0, x, pi, s0, s1, s2, e, c, f, ts, mode if tile_mode < 0 else tile_mode)
+        if clip:
+            pn = _clip(pn, c[_WCLIP])
         h0[j] = _bf16_rne(s0[0])
         h1[j] = _bf16_rne(s1[0])
         return pn
@@ -1098,13 +1132,63 @@ def _tiled_driver(rule_body, rule_mode):
         if sr:  # the hash input key + j * G as a running sum, as in _store
             z = key + _U64(a) * _GOLDEN
             for j in range(_U64(a), _U64(b)):
-                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                   True)
                 p[j] = _bf16_sr_at(pn, z)
                 z += _GOLDEN
+        elif c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32:  # no clipping: ~8 % faster
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                   False)
+                p[j] = _bf16_rne(pn)
         else:
             for j in range(_U64(a), _U64(b)):
-                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                   True)
                 p[j] = _bf16_rne(pn)
+
+    @njit(inline="always")
+    def fused_element32(j, mode, pi, g, s0, s1, s2, e, c, f, ts, gs, use_l2):
+        # fused_element for float32 states and no clipping (see fused_rule32): the body
+        # reads and writes the state arrays themselves at j (no conversion); ``pi`` is the
+        # param's float32 value (of the bfloat16 param, or of its float32 master).
+        # Returns the new param, unrounded.
+        x = _bf16_load(g[j]) * c[_GINV] * gs
+        if use_l2:
+            x = x + c[_S_L2] * pi
+        pi = pi * c[_S_DECAY]
+        return rule_body(j, x, pi, s0, s1, s2, e, c, f, ts, mode if tile_mode < 0 else tile_mode)
+
+    @njit(nogil=True, error_model="numpy")
+    def fused_rule32(mode, pa, ga, s0a, s1a, ma, a, b, c, f, ts, gs, use_l2):
+        # Elements [a, b) of a tensor with a bfloat16 param and grad and two float32
+        # states, with or without a float32 master (``ma``: its address, or 0): the
+        # states are updated in place as float32, the master (when there is one) written
+        # as is, and the param written as the nearest-even rounding of the new value
+        # (without a master the param is read from its bits).  Five operand pointers,
+        # four written: each of the two loops vectorizes.  Only where clip_value and
+        # weight_clip are both inf (the default; each clip is then x itself), and with no
+        # stochastic rounding (here it measured no faster than the tiles): a clipping form
+        # of both loops would add ~0.5 s to every cold compile (docs/design.md).
+        p = numba.carray(_as_ptr(pa, _ZERO_U16), b)
+        g = numba.carray(_as_ptr(ga, _ZERO_U16), b)
+        s0 = numba.carray(_as_ptr(s0a, _ZERO_F32), b)
+        s1 = numba.carray(_as_ptr(s1a, _ZERO_F32), b)
+        s2, e = numba.carray(_scratch_f32(), 1), numba.carray(_scratch_f32(), 1)
+        if ma != 0:
+            w = numba.carray(_as_ptr(ma, _ZERO_F32), b)
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element32(j, mode, w[j], g, s0, s1, s2, e, c, f, ts, gs, use_l2)
+                w[j] = pn
+                p[j] = _bf16_rne(pn)
+        else:
+            for j in range(_U64(a), _U64(b)):
+                pn = fused_element32(j, mode, _bf16_load(p[j]), g, s0, s1, s2, e, c, f, ts,
+                                     gs, use_l2)
+                p[j] = _bf16_rne(pn)
+
+    if not may_fuse:  # no rule of this body keeps two states: compile no fused loop
+        fused_rule, fused_rule32 = _no_fused_rule, _no_fused_rule32
 
     @njit(nogil=True, error_model="numpy")
     def tile_rule(mode, m, buf, c, f, ts, gs, use_l2):
@@ -1138,6 +1222,7 @@ def _tiled_driver(rule_body, rule_mode):
         t, hi = _tensors(k, parts, off, total)
         c = to_fixed_tuple(cs, _NSCALARS)
         use_l2 = c[_S_L2] != c[_ZERO]
+        noclip = c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32
         fmt = f
         f = fmt[_X_FLAGS]
         dry = fmt[_X_DRY] != 0
@@ -1148,9 +1233,15 @@ def _tiled_driver(rule_body, rule_mode):
             a, b = _range(k, parts, off, total, t)
             n = off[t + 1] - off[t]
             ts, gs = scales[t], gscale[t]
-            if _fusable(ptr, fmt, t, nt):  # all bfloat16, nearest even: no tiles
+            fuse = _fusable(ptr, fmt, t, nt) if may_fuse else -1
+            if fuse == _C_BF16:  # all bfloat16: no tiles
                 fused_rule(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t], ptr[_S1, t],
                            a, b, c, f, ts, gs, use_l2, fmt[_X_SR] != 0, _U64(fmt[_X_KEY]))
+                t += 1
+                continue
+            if fuse == _C_F32 and noclip:  # bfloat16 param and grad, float32 states
+                fused_rule32(mode | _V_TILE, ptr[_P, t], ptr[_G, t], ptr[_S0, t],
+                             ptr[_S1, t], ptr[_M, t], a, b, c, f, ts, gs, use_l2)
                 t += 1
                 continue
             sumsq = 0.0
@@ -1169,25 +1260,71 @@ def _tiled_driver(rule_body, rule_mode):
 
     _apply_tiled.tile_rule = tile_rule  # for tests/test_numba_tile_loop.py
     _apply_tiled.fused_rule = fused_rule
+    _apply_tiled.fused_rule32 = fused_rule32
     _TILED_DRIVERS[key] = _apply_tiled
     return _apply_tiled
 
 
+@njit(nogil=True)
+def _no_fused_rule(mode, pa, ga, s0a, s1a, a, b, c, f, ts, gs, use_l2, sr, key):
+    """``fused_rule`` of a body that never has two states (never called: see below)."""
+
+
+@njit(nogil=True)
+def _no_fused_rule32(mode, pa, ga, s0a, s1a, ma, a, b, c, f, ts, gs, use_l2):
+    """``fused_rule32`` of a body that never has two states (never called)."""
+
+
+_TWO_STATE_BODIES = None
+
+
+def _two_state_body(body) -> bool:
+    """Whether some rule whose entry point runs ``body`` keeps two or more states and no
+    extra input, so that ``_fusable`` can pick a fused loop for it.
+
+    The fused loops (both compiled into every tiled kernel that may use them) were ~2.2 s
+    of the ~9 s compile of a cold bfloat16 Adam kernel (CPU, load 3); a body of a
+    one-state rule (SGD, Adagrad, Lion, ...), or ``_scale``/``_identity`` (``scale_``,
+    ``clip_``), gets stubs in their place and ``_fusable`` is not consulted.  Read from
+    ``_ENTRIES`` (the global names each entry point's code loads) and ``RULES``.
+    """
+    global _TWO_STATE_BODIES
+    if _TWO_STATE_BODIES is None:
+        names = set()
+        for (name, _), entry in _ENTRIES.items():
+            rule = RULES[name]
+            if len(rule.all_state) >= 2 and rule.extra is None:
+                for fn in (entry, _EXACT.get(entry, entry)):
+                    names.update(fn.py_func.__code__.co_names)
+        _TWO_STATE_BODIES = frozenset(names)
+    return getattr(body, "py_func", body).__name__ in _TWO_STATE_BODIES
+
+
 @njit(inline="always")
 def _fusable(ptr, fmt, t, nt):
-    """Whether tensor t's update can run as ``fused_rule``: a bfloat16 param, grad and
-    two bfloat16 states (nearest even; the param may round stochastically), no master,
-    no third state, no extra input, no ``max_norm`` (dry run or factor)."""
+    """Which per-element loop can run tensor t's update: ``_C_BF16`` for ``fused_rule``,
+    ``_C_F32`` for ``fused_rule32``, else -1 (the tiles).
+
+    Both need a bfloat16 param and grad, exactly two states (no third, no extra input)
+    and no ``max_norm`` (dry run or factor).  ``fused_rule``: two bfloat16 states and no
+    master (the param rounds to nearest even or stochastically); ``fused_rule32``: two
+    float32 states, with or without a float32 master, the param rounded to nearest even
+    (the caller also requires clip_value and weight_clip to be inf for that one).
+    """
     if fmt[_X_DRY] != 0 or fmt[_X_FAC] != 0:
-        return False
-    if ptr[_M, t] != 0 or ptr[_S2, t] != 0 or ptr[_E, t] != 0:
-        return False
-    if ptr[_S0, t] == 0 or ptr[_S1, t] == 0:
-        return False
-    for r in range(_P, _S1 + 1):
-        if fmt[_X_HEAD + r * nt + t] != _C_BF16:
-            return False
-    return True
+        return -1
+    if ptr[_S2, t] != 0 or ptr[_E, t] != 0 or ptr[_S0, t] == 0 or ptr[_S1, t] == 0:
+        return -1
+    if fmt[_X_HEAD + _P * nt + t] != _C_BF16 or fmt[_X_HEAD + _G * nt + t] != _C_BF16:
+        return -1
+    state = fmt[_X_HEAD + _S0 * nt + t]
+    if fmt[_X_HEAD + _S1 * nt + t] != state:
+        return -1
+    if state == _C_BF16 and ptr[_M, t] == 0:
+        return _C_BF16
+    if state == _C_F32 and fmt[_X_SR] == 0:
+        return _C_F32
+    return -1
 
 
 def _reduce_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f, acc):
@@ -2291,6 +2428,82 @@ def _reduced_call(rule, rows, n, states, s, pre):
     _launch(entry, *args)
 
 
+class ReducedStepPlan:
+    """The step cache's plan (see ``StepPlan``) for a bucket with a precision.
+
+    A 16-bit step through the full pipeline spent most of a small step's time on the
+    host (the option checks, the bucket and its ``Pre``, ``_reduced_call``'s tables and
+    format vector): bfloat16 Adam at 32,768 elements on one thread took 143 us a step,
+    56 us through this plan (load 3; docs/design.md, "Pipeline"); the float32 step
+    skips all that through ``StepPlan``.  This plan builds the
+    operand table, the format vector (storage codes, the master row) and the scalar
+    array once and per step refreshes only the scalars, the flags and stochastic
+    rounding's step key.  The grads' non-finite check is the read pass's fast form (on
+    16-bit grads the tiled ``_k_read``, as ``NumbaOps._stats`` runs it), a call of its
+    own before the update; a non-finite sum returns False and the full step decides.
+    Made by ``NumbaOps.step_plan`` for the cases ``StepPlan`` takes (no max_norm, no
+    norm or value clipping) with an elementwise precision (not q8) and object addresses
+    (not the data pointers of fastopt.torch's plans).
+    """
+
+    def __init__(self, rule, bucket, grads, hp):
+        params, states = bucket.params, bucket.states
+        n = len(params)
+        self.rule, self.keep = rule, (params, grads, states)
+        rows = [(_P, params), (_G, grads)]
+        rows += [(_S0 + k, states[st]) for k, st in enumerate(rule.all_state) if st in states]
+        if "master" in states:
+            rows.append((_M, states["master"]))
+        self.prec = bucket.precision
+        self.fmt = _format(rows, n, 0, {_P, _S0, _S1, _S2, _M})
+        self.fmt[_X_SR] = int(bool(self.prec is not None and self.prec.stochastic_rounding))
+        self.ones = np.ones(n, _F32)  # the norm-clip factors (none: ones), also the read's
+        self.fmt[_X_GSCALE] = self.ones.ctypes.data
+        self.table = _table(rows, n)
+        self.sizes = _sizes(params, n)
+        pre = Pre(maximize=hp["maximize"], clip_value=None, weight_clip=hp["weight_clip"])
+        self.cs = _scalars(_F32, _head(pre), _NO_RULE)
+        self.slots = [(_HEAD + KERNEL_SCALAR_SLOT[k], k) for k in rule.pack + ("l2", "decay")]
+        read_rows = [(_P, grads), (_G, grads)]
+        self.read_table = _table(read_rows, n)
+        gdt = grads[0].dtype
+        if _is_reduced(gdt) or any(g.dtype != gdt for g in grads):
+            self.read_fmt = _format(read_rows, n, 0)  # the tiled read (16-bit grads)
+            self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
+            self.read_ones, gdt = self.ones, _F32
+        else:  # float32 grads (of float32 params with a 16-bit state): the plain read
+            self.read_fmt, self.read_ones = 0, np.ones(n, gdt)
+        self.read_cs = _scalars(gdt, _plain_head())
+        self.entry = None
+
+    def finite(self):
+        """Whether every grad is finite: True, or None when the exact check must decide."""
+        res = _call(_k_read, self.read_table, self.sizes, self.read_ones, self.read_cs,
+                    self.read_fmt, DATA_OFFSET)
+        return True if math.isfinite(res.sum()) else None
+
+    def update(self, s, check=False, step=None):
+        """The fused update with the step scalars ``s``; ``step``: the step count (the
+        stochastic-rounding hash needs it: without it such a plan returns False).
+        Returns False, with nothing written, where the full step must decide."""
+        rule, cs, fmt = self.rule, self.cs, self.fmt
+        if fmt[_X_SR]:
+            if step is None:
+                return False
+            fmt[_X_KEY] = np.array(_precision.step_key(self.prec.seed, step),
+                                   np.uint64).view(np.int64)
+        if check and self.finite() is None:
+            return False
+        for i, k in self.slots:
+            cs[i] = float(s[k])
+        fn = self.entry
+        if fn is None:
+            fn = self.entry = _ENTRIES[rule.name, _mode(rule, s)]
+        fmt[_X_FLAGS] = rule.kernel_flags(s)
+        _call(fn, self.table, self.sizes, self.ones, cs, fmt, DATA_OFFSET)
+        return True
+
+
 #: Rule.kind -> the host driver that makes the rule's kernel.
 _DRIVERS = {ELEMENTWISE: _fused_kernel, TRUST_RATIO: _fused_kernel, DENSE_SOLVE: _solve_kernel}
 
@@ -2712,21 +2925,28 @@ class NumbaOps(Ops):
         return np.ascontiguousarray(self._stats(arrays, 1.0, None, exact=False)[:, 0])
 
     def step_plan(self, rule, bucket, grads, hp, pointers=False):
-        """A :class:`StepPlan` for repeated steps of one plain bucket, or None where it cannot.
+        """A :class:`StepPlan` for repeated steps of one bucket, or None where it cannot.
 
-        Only an elementwise rule's single float32/float64 bucket with no extra input,
-        no norm clipping and no ``max_norm`` qualifies; the caller (the optimizer's
+        Only an elementwise rule's single bucket with no extra input, no norm or value
+        clipping and no ``max_norm`` qualifies: a plain float32/float64 one gets a
+        ``StepPlan``, one with a precision (16-bit params or state, master weights,
+        stochastic rounding; not q8, and not with ``pointers``) a ``ReducedStepPlan``;
+        the caller (the optimizer's
         step cache, docs/design.md "Pipeline") keeps the plan only while the same
         param, grad and state arrays come back with the same options.  ``pointers``:
         the plan holds data pointers, and the caller hands it the grads' pointers
         before every step (``StepPlan.set_grads``; fastopt.torch, whose grads are
         new tensors at every backward pass).
         """
-        if (rule.kind != ELEMENTWISE or rule.extra is not None or bucket.precision is not None
-                or _is_reduced(bucket.params[0].dtype) or hp["clip_norm"] is not None
+        if (rule.kind != ELEMENTWISE or rule.extra is not None or hp["clip_norm"] is not None
                 or hp["clip_global_norm"] is not None or hp["max_norm"] is not None
                 or hp["clip_value"] is not None):
             return None
+        if bucket.precision is not None or _is_reduced(bucket.params[0].dtype):
+            prec = bucket.precision  # 16-bit storage: the tiled kernel (ReducedStepPlan)
+            if pointers or (prec is not None and not isinstance(prec.state, np.dtype)):
+                return None  # (fastopt.torch's data-pointer plans; q8 state)
+            return ReducedStepPlan(rule, bucket, grads, hp)
         return StepPlan(rule, bucket, grads, hp, pointers)
 
 
@@ -2798,11 +3018,12 @@ class StepPlan:
         # the fast form leaves the flag column 0: the whole sum is finite iff every grad is
         return True if math.isfinite(res.sum()) else None
 
-    def update(self, s, check=False):
+    def update(self, s, check=False, step=None):
         """The fused update with the step scalars ``s`` (``Rule.step_scalars``).
 
         ``check``: the grads are checked first; returns False, with nothing written,
         where the check leaves the decision to the full step (a non-finite sum), else True.
+        ``step`` (the step count) is for ``ReducedStepPlan``'s stochastic rounding; unused here.
         """
         rule, cs = self.rule, self.cs
         for i, k in self.slots:

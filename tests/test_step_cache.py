@@ -250,3 +250,34 @@ def test_serial_twin_steps_bit_for_bit_as_the_parallel_form(monkeypatch, cls, kw
     entry = twin._plan.plan.entry
     assert nc._SERIAL[entry].overloads and entry.overloads  # both forms did run
     assert_same(twin, par)
+
+
+#: buckets with a precision (the tiled kernel, ``ReducedStepPlan``): nearest-even bfloat16
+#: with its state, stochastic rounding (the step key refreshed per cached step), float32 state
+#: and master weights, float16, float32 params with bfloat16 state
+_PRECISIONS = [
+    ("bfloat16", {"state_dtype": "param"}),
+    ("bfloat16", {"state_dtype": "bfloat16", "stochastic_rounding": True, "seed": 7}),
+    ("bfloat16", {"master_weights": True, "weight_decay": 0.1}),
+    ("float16", {"maximize": True, "weight_clip": 0.5}),
+    ("float32", {"state_dtype": "bfloat16"}),
+]
+
+
+@pytest.mark.parametrize("dtype,kw", _PRECISIONS,
+                         ids=["bf16", "bf16-sr", "bf16-master", "f16", "f32-bf16-state"])
+def test_cached_16bit_steps_match_full_steps(dtype, kw):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    a, b, grads, rng = twins("skip", dt, **kw)
+    steps(a, b, grads, rng, 4)
+    assert a.cached == 2 and b._plan is None  # two full steps, then the cache
+    before = snapshot(a)
+    grads[1][-1] = np.nan  # a non-finite grad: the cached step hands over, nothing written
+    assert a.step(grads).skipped and b.step(grads).skipped
+    after = snapshot(a)
+    for x, y in zip(before[0] + [v for st in before[1] for v in st.values()],
+                    after[0] + [v for st in after[1] for v in st.values()]):
+        np.testing.assert_array_equal(x, y)
+    steps(a, b, grads, rng, 3)
+    assert a.cached >= 4
