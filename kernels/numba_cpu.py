@@ -840,13 +840,15 @@ def _mix64(z):
 def _bf16_sr_bits(x, r):
     """bfloat16 bits of float32 ``x`` rounded stochastically with the 16 random bits ``r``.
 
-    Branch-free (a mask picks the NaN pattern): with an ``if``, LLVM sank the load of
-    ``r`` from the bits buffer into the non-NaN branch, and a conditional load kept the
-    store loops scalar (the hash it replaces was pure arithmetic, safe to speculate)."""
+    Both candidates are computed first and one is selected: with an early ``return`` for
+    NaN, LLVM sank the load of ``r`` from the bits buffer into the non-NaN branch, and that
+    conditional load kept the store loops scalar (the hash it replaces was pure arithmetic,
+    safe to speculate); a select mask built as ``0 - (u is NaN)`` came out in 64-bit lanes
+    (Numba widens u32 arithmetic), a quarter of the lanes per vector."""
     u = _f32_bits(x)
-    nan = _U32(0) - _U32((u & _U32(0x7FFFFFFF)) > _U32(0x7F800000))  # all ones for NaN
-    v = (u + _U32(r)) >> _U32(16)
-    return _U16((_U32(_nan16(u)) & nan) | (v & ~nan))
+    v = _U32((u + _U32(r)) >> _U32(16))
+    n = _U32(_nan16(u))
+    return _U16(n if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000) else v)
 
 
 # Stochastic rounding's bits (``fastopt.precision.sr_bits``): element i takes the 16-bit
