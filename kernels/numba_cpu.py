@@ -858,6 +858,9 @@ def _bf16_sr_bits(x, r):
 # element order, so element a + j of a chunk starting at a reads u16 number (a & 3) + j.
 _SR_CHUNK = 1024  # elements per _sr_fill (a multiple of _TILE)
 _SR_WORDS = _SR_CHUNK // 4 + 2  # groups covering a chunk that starts anywhere in a group
+if sys.byteorder != "little":  # the uint16 view would hold the slices in reverse order
+    raise ImportError("the numba backend's stochastic rounding reads the 16-bit slices of a u64 "
+                      "in little-endian order; this CPU is big-endian")
 
 
 @intrinsic
