@@ -158,6 +158,7 @@ name the option, the param and what was expected.
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -462,15 +463,35 @@ def sr_bits(seed, step, index) -> np.ndarray:
 
     Slice ``index & 3`` of the hash of the group ``index >> 2`` (four consecutive
     elements share one ``mix64``).  Arguments as :func:`random_bits`; definition
-    and quality argument: section 2 of the module docstring.
+    and quality argument: section 2 of the module docstring.  An index of consecutive
+    integers (``element_index``) at one step hashes each group once, as the kernels do;
+    any other index is hashed element by element, with the same bits.
     """
     skey = seed_key(seed)
     t = _as_u64_array(step, "step")
     i = _as_u64_array(index, "index")
     with np.errstate(over="ignore"):
         k = mix64(np.uint64(skey) + t * _GAMMA)
+        fast = _sr_bits_of_a_range(k, i)
+        if fast is not None:
+            return fast
         z = mix64(k + (i >> np.uint64(2)) * _GAMMA)
     return ((z >> ((i & np.uint64(3)) << np.uint64(4))) & np.uint64(0xFFFF)).astype(np.uint16)
+
+
+def _sr_bits_of_a_range(k: np.ndarray, i: np.ndarray):
+    """``sr_bits`` of consecutive indices (C order) at one step key ``k``, one ``mix64``
+    per group of four, as the kernels do: the hashes' uint16 view holds the slices in
+    element order on a little-endian machine.  None when ``i`` is not such a range."""
+    if k.ndim != 0 or i.size < 16 or sys.byteorder != "little":
+        return None
+    flat = i.reshape(-1)
+    lo, n = int(flat[0]), flat.size
+    if int(flat[-1]) - lo != n - 1 or not np.array_equal(flat, np.arange(lo, lo + n, dtype=np.uint64)):
+        return None
+    groups = np.arange(((lo & 3) + n + 3) >> 2, dtype=np.uint64) + np.uint64(lo >> 2)
+    z = mix64(k + groups * _GAMMA)
+    return z.view(np.uint16)[lo & 3:(lo & 3) + n].reshape(i.shape)
 
 
 def element_index(shape, offset: int = 0) -> np.ndarray:

@@ -318,6 +318,22 @@ def test_sr_bits_of_a_range_at_any_offset():
                                       full[lo:hi])
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 5, MASK64 - 40])
+def test_sr_bits_of_a_range_hash_each_group_once_with_the_same_bits(offset):
+    """A range of consecutive indices at one step takes the path that hashes each group of
+    four once; it gives the per-element definition's bits (a reversed index, which is no
+    range, takes the elementwise path), at any start and size, in any shape."""
+    for n in (16, 17, 33, 41):
+        idx = P.element_index(n, offset=offset)
+        got = P.sr_bits(77, 5, idx)
+        np.testing.assert_array_equal(got, P.sr_bits(77, 5, idx[::-1])[::-1])
+        assert got.tolist()[:3] + got.tolist()[-2:] == \
+            [py_sr_bits(77, 5, offset + j) for j in (0, 1, 2, n - 2, n - 1)]
+    idx = P.element_index((3, 11), offset=offset)
+    np.testing.assert_array_equal(P.sr_bits(77, 5, idx), P.sr_bits(77, 5, idx.ravel()[::-1])[::-1]
+                                  .reshape(3, 11))
+
+
 def test_random_bits_broadcast_step_and_index():
     steps = np.arange(1, 4)[:, None]
     got = P.random_bits(7, steps, np.arange(5))
