@@ -853,7 +853,7 @@ def _bf16_sr_bits(x, r):
 
 # Stochastic rounding's bits (``fastopt.precision.sr_bits``): element i takes the 16-bit
 # slice i & 3 of mix64(key + (i >> 2) * G), one hash per group of four elements.  A
-# chunk of at most _TILE elements hashes its groups into a stack buffer of u64
+# chunk of at most _SR_CHUNK elements hashes its groups into a stack buffer of u64
 # (``_sr_fill``); on a little-endian CPU the buffer's uint16 view holds the slices in
 # element order, so element a + j of a chunk starting at a reads u16 number (a & 3) + j.
 _SR_CHUNK = 1024  # elements per _sr_fill (a multiple of _TILE)
@@ -900,7 +900,7 @@ def _sr_fill(w, key, a, m):
 def _sr_store(h, ua, src, m, key, w):
     """``h[ua + j]`` = ``src[j]`` rounded stochastically for ``j < m`` (``ua`` the index of
     the first element within its param; ``w`` an ``_sr_scratch`` buffer), by chunks of
-    ``_TILE``: hash the chunk's groups, then one loop that reads the bits."""
+    ``_SR_CHUNK``: hash the chunk's groups, then one loop that reads the bits."""
     r = _u16_view(w)
     done = _U64(0)
     um = _U64(m)
