@@ -58,7 +58,8 @@ Precision options (``state_dtype`` including ``"q8"``, ``min_8bit_size``,
 work as in one process, bit for bit: grads of 16-bit params are summed and
 averaged in float32; a piece of a param that starts at offset ``lo`` is rounded
 stochastically with :func:`shifted_seed` (the hash takes the index within the
-param); q8 params start on a 256-element block of their flat buffer, so shards
+param, one hash per group of four elements: such params start at a multiple of 4
+of their flat buffer and ``block`` must be a multiple of 4, so ``lo`` is one); q8 params start on a 256-element block of their flat buffer, so shards
 hold whole blocks (docs/design.md, "Distributed").  ``max_norm`` with such
 params is refused (their kernels apply it per tensor).
 
@@ -94,6 +95,9 @@ from ._validate import (check_companions, check_disjoint, check_grad_scale, chec
 #: sizes differ by at most one block (and a future block-quantized state never
 #: straddles two ranks).
 BLOCK = 256
+#: Elements that share one hash of stochastic rounding (``fastopt.precision.sr_bits``): a
+#: piece of a param rounded stochastically starts at a multiple of this within it.
+SR_GROUP = 4
 
 SUM_ORDERS = ("rank", "mpi")
 
@@ -223,13 +227,16 @@ def make_layouts(params: list, rank: int, world: int, block: int = BLOCK,
     buffer (the gap is padding no piece covers), so that shard boundaries, which fall on
     multiples of ``block``, are also block boundaries of every param: each rank then
     holds whole blocks of codes with their absmax, and its step is the one-process step.
+    Params rounded stochastically start at a multiple of :data:`SR_GROUP` the same way,
+    so that every piece starts on a group of the rounding hash (see :func:`shifted_seed`).
     """
     precisions = precisions or [None] * len(params)
     keys = [(p.dtype, pr) for p, pr in zip(params, precisions)]
     out = []
     for dt, pr in sorted(set(keys), key=lambda k: (str(k[0]), repr(k[1]))):
         idx = [i for i, k in enumerate(keys) if k == (dt, pr)]
-        pad = _q.BLOCKSIZE if pr is not None and pr.state is _prec.Q8 else 1
+        pad = (_q.BLOCKSIZE if pr is not None and pr.state is _prec.Q8
+               else SR_GROUP if pr is not None and pr.stochastic_rounding else 1)
         offsets, total = [], 0
         for i in idx:
             offsets.append(total)
@@ -266,18 +273,26 @@ def _unmix64(z: int) -> int:
 
 def shifted_seed(seed: int, step: int, offset: int) -> int:
     """A seed whose stochastic-rounding bits at ``(step, i)`` are ``seed``'s at
-    ``(step, i + offset)``, for every element index ``i``.
+    ``(step, i + offset)``, for every element index ``i``; ``offset`` a multiple of
+    :data:`SR_GROUP` (ValueError otherwise).
 
     A kernel hashes the index of an element within the array it is given
-    (``fastopt.precision.random_bits``: ``mix64(K + i*G)`` with the step key
-    ``K = mix64(mix64(seed + G) + step*G)``); a shard's piece of a param starts at
-    ``offset`` within it.  ``K + (i + offset)*G == (K + offset*G) + i*G``, and both
-    mixes are invertible, so the seed whose step key is ``K + offset*G`` exists and is
+    (``fastopt.precision.sr_bits``: slice ``i & 3`` of ``mix64(K + (i >> 2)*G)`` with the
+    step key ``K = mix64(mix64(seed + G) + step*G)``); a shard's piece of a param starts at
+    ``offset`` within it.  For ``offset = 4*q``, element ``i + offset`` is in group
+    ``(i >> 2) + q`` at the same slice, and ``K + ((i >> 2) + q)*G == (K + q*G) + (i >> 2)*G``;
+    both mixes are invertible, so the seed whose step key is ``K + q*G`` exists and is
     computed here: the kernels need no offset argument, and a sharded step rounds every
     element exactly as the one-process step does (tests/test_distributed.py checks it).
+    ``make_layouts`` starts every such param at a multiple of 4 in its buffer and shard
+    boundaries fall on multiples of ``block`` (a multiple of 4 then), so offsets are too.
     """
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0 \
+            or offset % SR_GROUP:
+        raise ValueError(f"offset: expected a non-negative multiple of {SR_GROUP} (the elements "
+                         f"that share one stochastic-rounding hash), got {offset!r}")
     m, g = (1 << 64) - 1, 0x9E3779B97F4A7C15
-    key = (_prec.step_key(seed, step) + offset * g) & m
+    key = (_prec.step_key(seed, step) + (int(offset) // SR_GROUP) * g) & m
     return (_unmix64((_unmix64(key) - step * g) & m) - g) & m
 
 
@@ -567,6 +582,11 @@ class ShardedOptimizer:
             None if _backend.is_plain(pr) else pr
             for pr in (param_precision(by_dtype, p, self.precision_options["min_8bit_size"])
                        for p in self.params)]
+        if any(pr is not None and pr.stochastic_rounding for pr in self._precisions) \
+                and block % SR_GROUP:
+            raise ValueError(f"block: expected a multiple of {SR_GROUP} with "
+                             f"stochastic_rounding=True (a shard must start on a group of "
+                             f"{SR_GROUP} elements, which share one rounding hash), got {block}")
         if any(pr is not None and pr.state is _prec.Q8 for pr in self._precisions) \
                 and block % _q.BLOCKSIZE:
             raise ValueError(f"block: expected a multiple of {_q.BLOCKSIZE} with "

@@ -33,8 +33,8 @@ midpoint between the largest finite bfloat16, 0x7f7f = 3.3895e38, and 2**128)
 becomes inf, as IEEE overflow does.  NaN becomes the canonical quiet NaN
 0x7fc0/0xffc0 -- the same bits ``ml_dtypes``' cast gives (tested on all of them).
 
-2. The counter-based hash (``random_bits``)
--------------------------------------------
+2. The counter-based hash (``random_bits``, ``sr_bits``)
+--------------------------------------------------------
 ``mix64`` is the SplitMix64 output function (Stafford's "Mix13" finaliser)::
 
     G = 0x9e3779b97f4a7c15                  # SplitMix64's increment (odd)
@@ -45,29 +45,45 @@ becomes inf, as IEEE overflow does.  NaN becomes the canonical quiet NaN
     seed_key(seed)       = mix64(seed + G)                    # host, once
     step_key(seed, step) = mix64(seed_key(seed) + step * G)   # host, once per step
     random_bits(seed, step, i) = u32(mix64(step_key(seed, step) + i * G) >> 32)
+    sr_bits(seed, step, i)     = u16(mix64(step_key(seed, step) + (i >> 2) * G)
+                                     >> (16 * (i & 3)))
 
 ``seed`` and ``step`` are integers in [0, 2**64); ``step`` is the step number
 ``t`` the update is computed for (1 on the first step, the ``t`` of the bias
 corrections); ``i`` is the flat C-order index of the element *within its
 param* -- not an offset into a packed multi-tensor buffer, not a thread or
 chunk index -- which is what makes the bits independent of thread count,
-chunking and resume.  A kernel receives ``step_key`` as one u64 scalar and
-spends one ``mix64`` (two 64-bit multiplies) per element.
+chunking and resume.  A kernel receives ``step_key`` as one u64 scalar.
 
-Why the quality is enough.  For a fixed (seed, step) the inputs
-``step_key + i*G`` are exactly the SplitMix64 sequence started at
-``step_key``: SplitMix64 passes BigCrush and PractRand (Steele, Lea and Flood,
-"Fast splittable pseudorandom number generators", OOPSLA 2014), and since G
-is odd the map ``i -> step_key + i*G`` is a bijection, so no two elements of
-one step share an input.  Each step starts its sequence at a pseudo-random
-point (``step_key`` is itself a SplitMix64 output of the seed's sequence);
-the windows of two steps overlap with probability about 2n/2**64 for n
-elements, and an overlap merely reuses the bits of another element at
-another step, which biases nothing.  Stochastic rounding needs 16 uniform,
-independent bits per element and step: a deviation e from uniform biases the
-expected rounding by at most e ulp.  ``tests/test_precision.py`` checks the
-bit balance of all 32 bits, a chi-square of the low 16 bits along the index
-and along the step, a chi-square of neighbouring pairs and avalanche.
+``random_bits`` (32 bits per element, one ``mix64`` each) is Dropout's
+(``fastopt.layers``).  ``sr_bits`` is stochastic rounding's: the four
+consecutive elements ``4g .. 4g+3`` share one ``mix64`` output (of group
+``g = i >> 2``), element ``i`` taking its 16-bit slice number ``i & 3``
+(bits ``16*(i&3)`` to ``16*(i&3)+15``; on a little-endian machine the u64
+viewed as four u16 holds the slices in element order).  A kernel hashes once
+per group of four -- two 64-bit multiplies, which AVX2 emulates with three
+32-bit ones each, for four elements instead of one -- and a range that
+starts or ends inside a group takes its head or tail slices of that group's
+hash, so any slice of a param gets exactly the bits the whole param would.
+
+Why the quality is enough.  For a fixed (seed, step) the group inputs
+``step_key + g*G`` are exactly the SplitMix64 sequence started at
+``step_key``: SplitMix64 passes BigCrush and PractRand on its whole 64-bit
+output (Steele, Lea and Flood, "Fast splittable pseudorandom number
+generators", OOPSLA 2014), so the four 16-bit slices of one output are as
+uniform and as independent of each other as the one slice per output used
+before; since G is odd the map ``g -> step_key + g*G`` is a bijection, so no
+two groups of one step share an input.  Each step starts its sequence at a
+pseudo-random point (``step_key`` is itself a SplitMix64 output of the
+seed's sequence); the windows of two steps overlap with probability about
+2n/2**64 for n groups, and an overlap merely reuses the bits of another
+group at another step, which biases nothing.  Stochastic rounding needs 16
+uniform, independent bits per element and step: a deviation e from uniform
+biases the expected rounding by at most e ulp.  ``tests/test_precision.py``
+checks, for ``sr_bits``, the balance of each of the 16 bits, a chi-square
+along the index and along the step, a chi-square of neighbouring pairs
+(pairs inside a group and pairs across two groups) and avalanche; and the
+same for the 32 bits of ``random_bits``.
 
 3. Stochastic rounding float32 -> bfloat16 (``f32_to_bf16_bits_sr``)
 ----------------------------------------------------------------------
@@ -76,7 +92,7 @@ and along the step, a chi-square of neighbouring pairs and avalanche.
     if (u & 0x7fffffff) > 0x7f800000:             # NaN: as in (1)
         h = ((u >> 16) & 0x8000) | 0x7fc0
     else:
-        r = random_bits(seed, step, i) & 0xffff
+        r = sr_bits(seed, step, i)
         h = (u + r) >> 16
 
 Adding ``r`` uniform in [0, 2**16) to the 16 bits that truncation drops
@@ -127,7 +143,7 @@ are lost.  CUDA: ``unsigned long long`` constants with the ``ull`` suffix,
 ``--use_fast_math``: NumPy keeps float32 subnormals, so a kernel that flushes
 them stops agreeing on tiny values.  ``tests/test_precision.py`` holds a Numba
 and a C transcription of the recipes above, checked against this module, and
-pinned outputs of ``random_bits`` for the kernels' own tests.  A master-weight
+pinned outputs of ``random_bits`` and ``sr_bits`` for the kernels' own tests.  A master-weight
 param is written as the round-to-nearest-even of its float32 master (1, 4).
 
 5. The precision options
@@ -142,6 +158,7 @@ name the option, the param and what was expected.
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,7 +167,7 @@ __all__ = [
     "BF16_EXTRA", "Q8", "Precision", "bfloat16_dtype", "is_bfloat16", "is_16bit", "as_dtype",
     "bf16_bits_to_f32", "f32_to_bf16_bits_rne", "f32_to_bf16_bits_sr",
     "f16_bits_to_f32", "f32_to_f16_bits_rne", "to_float32", "round_to",
-    "mix64", "seed_key", "step_key", "random_bits", "element_index",
+    "mix64", "seed_key", "step_key", "random_bits", "sr_bits", "element_index",
     "compute_dtype", "allowed_grad_dtypes", "allowed_state_dtypes", "resolve_state_dtype",
     "check_param_dtype", "check_grad_dtype", "check_master_weights",
     "check_stochastic_rounding", "check_seed", "resolve_precision",
@@ -279,11 +296,11 @@ def f32_to_bf16_bits_sr(x, seed, step, index) -> np.ndarray:
     integer array broadcastable to ``x``; ``element_index`` builds it; ``step``
     may be an array too, and the result has the broadcast shape).  The
     result rounds up with probability equal to x's distance from the lower
-    bfloat16 neighbour over the gap, using ``random_bits(seed, step, index)``;
+    bfloat16 neighbour over the gap, using ``sr_bits(seed, step, index)``;
     NaN -> quiet NaN, +-inf unchanged (section 3 of the module docstring).
     """
     u = _need(x, _F32, "x", " (cast to float32 first)").view(np.uint32)
-    r = random_bits(seed, step, index) & np.uint32(0xFFFF)
+    r = sr_bits(seed, step, index).astype(np.uint32)
     try:
         np.broadcast_shapes(r.shape, u.shape)
     except ValueError:
@@ -439,6 +456,42 @@ def random_bits(seed, step, index) -> np.ndarray:
         k = mix64(np.uint64(skey) + t * _GAMMA)
         z = mix64(k + i * _GAMMA)
     return (z >> np.uint64(32)).astype(np.uint32)
+
+
+def sr_bits(seed, step, index) -> np.ndarray:
+    """uint16 stochastic-rounding bits of (seed, step, element index); same on every backend.
+
+    Slice ``index & 3`` of the hash of the group ``index >> 2`` (four consecutive
+    elements share one ``mix64``).  Arguments as :func:`random_bits`; definition
+    and quality argument: section 2 of the module docstring.  An index of consecutive
+    integers (``element_index``) at one step hashes each group once, as the kernels do;
+    any other index is hashed element by element, with the same bits.
+    """
+    skey = seed_key(seed)
+    t = _as_u64_array(step, "step")
+    i = _as_u64_array(index, "index")
+    with np.errstate(over="ignore"):
+        k = mix64(np.uint64(skey) + t * _GAMMA)
+        fast = _sr_bits_of_a_range(k, i)
+        if fast is not None:
+            return fast
+        z = mix64(k + (i >> np.uint64(2)) * _GAMMA)
+    return ((z >> ((i & np.uint64(3)) << np.uint64(4))) & np.uint64(0xFFFF)).astype(np.uint16)
+
+
+def _sr_bits_of_a_range(k: np.ndarray, i: np.ndarray):
+    """``sr_bits`` of consecutive indices (C order) at one step key ``k``, one ``mix64``
+    per group of four, as the kernels do: the hashes' uint16 view holds the slices in
+    element order on a little-endian machine.  None when ``i`` is not such a range."""
+    if k.ndim != 0 or i.size < 16 or sys.byteorder != "little":
+        return None
+    flat = i.reshape(-1)
+    lo, n = int(flat[0]), flat.size
+    if int(flat[-1]) - lo != n - 1 or not np.array_equal(flat, np.arange(lo, lo + n, dtype=np.uint64)):
+        return None
+    groups = np.arange(((lo & 3) + n + 3) >> 2, dtype=np.uint64) + np.uint64(lo >> 2)
+    z = mix64(k + groups * _GAMMA)
+    return z.view(np.uint16)[lo & 3:(lo & 3) + n].reshape(i.shape)
 
 
 def element_index(shape, offset: int = 0) -> np.ndarray:

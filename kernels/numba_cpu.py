@@ -850,25 +850,89 @@ def _bf16_rne(typingctx, x):
 
 
 @njit(inline="always")
-def _mix_high(z):
-    """The high 32 bits of SplitMix64's output function of the hash input ``z``."""
+def _mix64(z):
+    """SplitMix64's output function (``fastopt.precision.mix64``) of the u64 ``z``."""
     z = (z ^ (z >> _U64(30))) * _MIX1
     z = (z ^ (z >> _U64(27))) * _MIX2
-    return _U32((z ^ (z >> _U64(31))) >> _U64(32))
+    return z ^ (z >> _U64(31))
 
 
 @njit(inline="always")
-def _bf16_sr_at(x, z):
-    """``_bf16_sr`` given the element's hash input ``z = key + i * G`` (see ``_store``)."""
+def _bf16_sr_bits(x, r):
+    """bfloat16 bits of float32 ``x`` rounded stochastically with the 16 random bits ``r``.
+
+    Both candidates are computed first and one is selected: with an early ``return`` for
+    NaN, LLVM sank the load of ``r`` from the bits buffer into the non-NaN branch, and that
+    conditional load kept the store loops scalar (the hash it replaces was pure arithmetic,
+    safe to speculate); a select mask built as ``0 - (u is NaN)`` came out in 64-bit lanes
+    (Numba widens u32 arithmetic), a quarter of the lanes per vector."""
     u = _f32_bits(x)
-    if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000):
-        return _nan16(u)
-    return _U16((u + (_mix_high(z) & _U32(0xFFFF))) >> _U32(16))
+    v = _U32((u + _U32(r)) >> _U32(16))
+    n = _U32(_nan16(u))
+    return _U16(n if (u & _U32(0x7FFFFFFF)) > _U32(0x7F800000) else v)
+
+
+# Stochastic rounding's bits (``fastopt.precision.sr_bits``): element i takes the 16-bit
+# slice i & 3 of mix64(key + (i >> 2) * G), one hash per group of four elements.  A
+# chunk of at most _SR_CHUNK elements hashes its groups into a stack buffer of u64
+# (``_sr_fill``); on a little-endian CPU the buffer's uint16 view holds the slices in
+# element order, so element a + j of a chunk starting at a reads u16 number (a & 3) + j.
+_SR_CHUNK = 1024  # elements per _sr_fill (a multiple of _TILE)
+_SR_WORDS = _SR_CHUNK // 4 + 2  # groups covering a chunk that starts anywhere in a group
+if sys.byteorder != "little":  # the uint16 view would hold the slices in reverse order
+    raise ImportError("the numba backend's stochastic rounding reads the 16-bit slices of a u64 "
+                      "in little-endian order; this CPU is big-endian")
+
+
+@intrinsic
+def _sr_scratch(typingctx):
+    """``_SR_WORDS`` u64 on the stack (the function's entry block): the chunk's hashes."""
+    from numba.core import cgutils
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, ir.IntType(64), size=_SR_WORDS)
+
+    return types.CPointer(types.uint64)(), codegen
+
+
+@intrinsic
+def _u16_view(typingctx, ptr):
+    """The u64 pointer ``ptr`` as a pointer to uint16 (its 16-bit slices, lowest first)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(16).as_pointer())
+
+    return types.CPointer(types.uint16)(types.CPointer(types.uint64)), codegen
 
 
 @njit(inline="always")
-def _bf16_sr(x, key, i):
-    return _bf16_sr_at(x, key + _U64(i) * _GOLDEN)
+def _sr_fill(w, key, a, m):
+    """``w[k] = mix64(key + (a // 4 + k) * G)`` for the groups that cover elements
+    ``[a, a + m)`` (``m <= _SR_CHUNK``): then element ``a + j``'s bits are ``u16[(a & 3) + j]``
+    of ``w``.  The hash input advances by G per group: a running sum, no multiply."""
+    ua = _U64(a)
+    z = key + (ua >> _U64(2)) * _GOLDEN
+    for k in range(((ua & _U64(3)) + _U64(m) + _U64(3)) >> _U64(2)):
+        w[k] = _mix64(z)
+        z += _GOLDEN
+
+
+@njit(inline="always")
+def _sr_store(h, ua, src, m, key, w):
+    """``h[ua + j]`` = ``src[j]`` rounded stochastically for ``j < m`` (``ua`` the index of
+    the first element within its param; ``w`` an ``_sr_scratch`` buffer), by chunks of
+    ``_SR_CHUNK``: hash the chunk's groups, then one loop that reads the bits."""
+    r = _u16_view(w)
+    done = _U64(0)
+    um = _U64(m)
+    while done < um:
+        c = min(_U64(_SR_CHUNK), um - done)
+        a = ua + done
+        _sr_fill(w, key, a, c)
+        o = a & _U64(3)
+        for j in range(c):
+            h[a + j] = _bf16_sr_bits(src[done + j], r[o + j])
+        done += c
 
 
 @njit(inline="always")
@@ -923,14 +987,8 @@ def _store(tile, addr, code, base, m, n, sr, key):
             dst[ub + j] = tile[j]
     elif code == _C_BF16:
         h = numba.carray(_as_ptr(addr, _ZERO_U16), n)
-        if sr:  # the hash of the element's index within its param
-            # The hash input key + i * G advances by G per element: a running sum (a
-            # vector induction once vectorized) instead of a 64-bit multiply per
-            # element, which AVX2 emulates with three 32-bit ones.  Same bits.
-            z = key + ub * _GOLDEN
-            for j in range(_U64(m)):
-                h[ub + j] = _bf16_sr_at(tile[j], z)
-                z += _GOLDEN
+        if sr:  # the bits of the element's index within its param, one hash per 4 elements
+            _sr_store(h, ub, tile, m, key, _sr_scratch())
         else:
             for j in range(_U64(m)):
                 h[ub + j] = _bf16_rne(tile[j])
@@ -1129,13 +1187,19 @@ def _tiled_driver(rule_body, rule_mode):
         h1 = numba.carray(_as_ptr(s1a, _ZERO_U16), b)
         s0, s1 = numba.carray(_scratch_f32(), 1), numba.carray(_scratch_f32(), 1)
         s2, e = numba.carray(_scratch_f32(), 1), numba.carray(_scratch_f32(), 1)
-        if sr:  # the hash input key + j * G as a running sum, as in _store
-            z = key + _U64(a) * _GOLDEN
-            for j in range(_U64(a), _U64(b)):
-                pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
-                                   True)
-                p[j] = _bf16_sr_at(pn, z)
-                z += _GOLDEN
+        if sr:  # by chunks: hash the chunk's groups of four (_sr_fill), then the loop
+            w = _sr_scratch()
+            r = _u16_view(w)
+            j0 = _U64(a)
+            while j0 < _U64(b):
+                j1 = min(j0 + _U64(_SR_CHUNK), _U64(b))
+                _sr_fill(w, key, j0, j1 - j0)
+                o = (j0 & _U64(3)) - j0  # element j reads r[j + o] (u64 arithmetic wraps back)
+                for j in range(j0, j1):
+                    pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
+                                       True)
+                    p[j] = _bf16_sr_bits(pn, r[j + o])
+                j0 = j1
         elif c[_GCLIP] == _INF_F32 and c[_WCLIP] == _INF_F32:  # no clipping: ~8 % faster
             for j in range(_U64(a), _U64(b)):
                 pn = fused_element(j, mode, p, g, h0, h1, s0, s1, s2, e, c, f, ts, gs, use_l2,
@@ -3169,7 +3233,7 @@ def warmup(dtypes=("float32", "float64"), rules=None, variants=True, progress=No
 # is one), the grad and the extra input are read into float32 scratch with the bit
 # helpers of the reduced-precision section (``_bf16_load``, ``_f16_load``), the
 # pipeline and body run on the scratch as above, and after the codes the master is
-# written as is and the param rounded once (``_bf16_rne``, ``_bf16_sr`` with the
+# written as is and the param rounded once (``_bf16_rne``, ``_sr_store`` with the
 # element's index in its param, ``_f16_rne``): the reference's ``_reduced_tensor``
 # order.  ``max_norm`` with 16-bit params (its factor must act before that rounding)
 # takes the reference's q8 step.
@@ -3533,8 +3597,7 @@ def _q8_out(src, addr, code, a, m, sr, key):
     elif code == _C_BF16:
         h = _as_ptr(addr, _ZERO_U16)
         if sr:
-            for i in range(np.uint64(m)):
-                h[ua + i] = _bf16_sr(src[i], key, ua + i)
+            _sr_store(h, ua, src, m, key, _sr_scratch())
         else:
             for i in range(np.uint64(m)):
                 h[ua + i] = _bf16_rne(src[i])

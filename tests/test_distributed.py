@@ -164,15 +164,37 @@ def test_hogwild_still_refuses_sixteen_bit_params():
 
 
 def test_shifted_seed_shifts_the_rounding_index():
-    """A shard's piece starting at ``offset`` within its param draws, at index i, the bits
-    the whole param draws at i + offset: stochastic rounding is the one-process rounding."""
+    """A shard's piece starting at ``offset`` (a multiple of 4) within its param draws, at
+    index i, the bits the whole param draws at i + offset: stochastic rounding is the
+    one-process rounding.  An offset inside a group of four is refused."""
     from fastopt import precision as P
     from fastopt.distributed import shifted_seed
 
-    for seed, step, offset in ((0, 1, 256), (9, 7, 1000), (2 ** 64 - 1, 3, 77)):
-        i = np.arange(40, dtype=np.uint64)
-        assert np.array_equal(P.random_bits(shifted_seed(seed, step, offset), step, i),
-                              P.random_bits(seed, step, i + np.uint64(offset)))
+    for seed, step, offset in ((0, 1, 256), (9, 7, 1000), (2 ** 64 - 1, 3, 76)):
+        i = np.arange(41, dtype=np.uint64)
+        assert np.array_equal(P.sr_bits(shifted_seed(seed, step, offset), step, i),
+                              P.sr_bits(seed, step, i + np.uint64(offset)))
+    for bad in (77, 2, -4, 4.0):
+        with pytest.raises(ValueError, match=r"offset: expected a non-negative multiple of 4"):
+            shifted_seed(1, 1, bad)
+
+
+def test_stochastic_rounding_layout_starts_params_on_groups_of_four():
+    """Params rounded stochastically start at a multiple of 4 of their buffer, so with
+    ``block`` a multiple of 4 every piece's offset within its param is one too."""
+    from fastopt.distributed import make_layouts
+    from fastopt.precision import resolve_precision
+
+    BF16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    params = [np.zeros(n, BF16) for n in (5, 30, 7, 9)]
+    pr = resolve_precision(BF16, stochastic_rounding=True, seed=3)
+    (L,) = make_layouts(params, 1, 3, 8, [pr] * 4)
+    assert L.offsets == [0, 8, 40, 48] and L.total == 60
+    for r in range(3):
+        for q in make_layouts(params, r, 3, 8, [pr] * 4)[0].pieces:
+            assert q.lo % 4 == 0
+    with pytest.raises(ValueError, match=r"block: expected a multiple of 4 with stochastic_rounding"):
+        ShardedOptimizer("adam", [np.zeros(10, BF16)], block=6, stochastic_rounding=True)
 
 
 @pytest.mark.parametrize("opts, params, match", [

@@ -278,7 +278,7 @@ def test_scale_and_clip_on_16_bit_arrays_round_once():
 
 def test_stochastic_rounding_bits_are_the_hash_of_seed_step_and_index():
     """One SGD step from 1.0 by a sub-resolution amount: each element rounds up exactly where
-    ``random_bits(seed, 1, i)`` says so, on Numba as defined in fastopt.precision."""
+    ``sr_bits(seed, 1, i)`` says so, on Numba as defined in fastopt.precision."""
     n = 4099
     p = [np.ones(n, BF16)]
     g = [np.full(n, -1.0, F32)]

@@ -72,20 +72,23 @@ def test_16bit_lion_kernel_has_no_runtime_addresses(K):
 
 
 def test_sr_store_at_an_odd_offset_is_the_hash_of_each_index(K):
-    """The SR store carries the hash input ``key + i * G`` as a running sum from the tile's
-    first index: a store of elements [1000, 1077) must round each with its own index's bits,
-    as fastopt.precision defines them, and write nothing outside that range."""
+    """The SR store hashes once per group of four elements (``fastopt.precision.sr_bits``)
+    from the tile's first index: a store of elements [base, base + m), starting and ending
+    anywhere inside a group, must round each with its own index's bits, as
+    fastopt.precision defines them, and write nothing outside that range."""
     from fastopt import precision as prec
 
-    n, base, m = 1100, 1000, 77
-    x = np.random.default_rng(5).standard_normal(m).astype(np.float32)
-    x[3] = np.nan
-    h = np.full(n, 0xABCD, np.uint16)
+    n = 1400
     seed, step = 2024, 7
-    K._store(x, h.ctypes.data, K._C_BF16, base, m, n, True, np.uint64(prec.step_key(seed, step)))
-    want = prec.f32_to_bf16_bits_sr(x, seed, step, np.arange(base, base + m))
-    np.testing.assert_array_equal(h[base:base + m], want)
-    assert (h[:base] == 0xABCD).all() and (h[base + m:] == 0xABCD).all()
+    key = np.uint64(prec.step_key(seed, step))
+    for base, m in ((1000, 77), (1001, 77), (1003, K._TILE), (2, 1), (1, 2)):
+        x = np.random.default_rng(base).standard_normal(m).astype(np.float32)
+        x[m // 2] = np.nan
+        h = np.full(n, 0xABCD, np.uint16)
+        K._store(x, h.ctypes.data, K._C_BF16, base, m, n, True, key)
+        want = prec.f32_to_bf16_bits_sr(x, seed, step, np.arange(base, base + m))
+        np.testing.assert_array_equal(h[base:base + m], want)
+        assert (h[:base] == 0xABCD).all() and (h[base + m:] == 0xABCD).all()
 
 
 def test_rne_store_is_the_recipe_on_every_pattern_class(K):

@@ -256,6 +256,12 @@ def py_random_bits(seed: int, step: int, index: int) -> int:
     return py_mix((py_step_key(seed, step) + index * G) & MASK64) >> 32
 
 
+def py_sr_bits(seed: int, step: int, index: int) -> int:
+    """``sr_bits`` by the docstring's definition in Python integers: slice ``index % 4`` of
+    the hash of group ``index // 4``."""
+    return (py_mix((py_step_key(seed, step) + (index // 4) * G) & MASK64) >> (16 * (index % 4))) & 0xFFFF
+
+
 SEEDS = [0, 1, 2, 12345, 1 << 63, MASK64]
 STEPS = [0, 1, 2, 1000, 10 ** 9, MASK64]
 INDICES = [0, 1, 2, 3, 255, 256, (1 << 32) - 1, 1 << 32, (1 << 40) + 3, MASK64]
@@ -278,6 +284,54 @@ def test_random_bits_golden_values():
     assert [int(v) for v in P.random_bits(0, 1, np.arange(4))] == \
         [py_random_bits(0, 1, i) for i in range(4)] == [3030037623, 595752380, 4170851686, 1193283101]
     assert P.step_key(0, 1) == 0xA706DD2F4D197E6F
+
+
+def test_sr_bits_match_the_written_definition():
+    idx = np.array(INDICES, dtype=np.uint64)
+    for seed in SEEDS:
+        for step in STEPS:
+            got = P.sr_bits(seed, step, idx)
+            assert got.dtype == np.uint16
+            assert got.tolist() == [py_sr_bits(seed, step, i) for i in INDICES]
+
+
+def test_sr_bits_known_answers():
+    """Pinned outputs of the definition (Python integers): ports test against these."""
+    # step_key(0, 1) = 0xa706dd2f4d197e6f; mix64 of it (group 0) = 0xb49ab477bb8685e2,
+    # whose four 16-bit slices, lowest first, are the bits of elements 0..3
+    assert py_mix(P.step_key(0, 1)) == 0xB49AB477BB8685E2
+    assert [py_sr_bits(0, 1, i) for i in range(8)] == \
+        [0x85E2, 0xBB86, 0xB477, 0xB49A, 48785, 14588, 30140, 9090]
+    assert P.sr_bits(0, 1, np.arange(8)).tolist() == [py_sr_bits(0, 1, i) for i in range(8)]
+    far = [5, 6, (1 << 40) + 3, MASK64]
+    assert [py_sr_bits(12345, 7, i) for i in far] == [3112, 10953, 6753, 61966]
+    assert P.sr_bits(12345, 7, np.array(far, np.uint64)).tolist() == [3112, 10953, 6753, 61966]
+    # the group shares the hash that random_bits (Dropout's) draws for element 0: its top 32 bits
+    assert P.random_bits(0, 1, np.arange(1)).tolist() == [0xB49AB477]
+
+
+def test_sr_bits_of_a_range_at_any_offset():
+    """A range that starts or ends inside a group of four gets the whole param's bits."""
+    full = P.sr_bits(21, 3, P.element_index(64))
+    for lo, hi in ((5, 64), (1, 3), (2, 7), (3, 4), (6, 61), (0, 1)):
+        np.testing.assert_array_equal(P.sr_bits(21, 3, P.element_index(hi - lo, offset=lo)),
+                                      full[lo:hi])
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 5, MASK64 - 40])
+def test_sr_bits_of_a_range_hash_each_group_once_with_the_same_bits(offset):
+    """A range of consecutive indices at one step takes the path that hashes each group of
+    four once; it gives the per-element definition's bits (a reversed index, which is no
+    range, takes the elementwise path), at any start and size, in any shape."""
+    for n in (16, 17, 33, 41):
+        idx = P.element_index(n, offset=offset)
+        got = P.sr_bits(77, 5, idx)
+        np.testing.assert_array_equal(got, P.sr_bits(77, 5, idx[::-1])[::-1])
+        assert got.tolist()[:3] + got.tolist()[-2:] == \
+            [py_sr_bits(77, 5, offset + j) for j in (0, 1, 2, n - 2, n - 1)]
+    idx = P.element_index((3, 11), offset=offset)
+    np.testing.assert_array_equal(P.sr_bits(77, 5, idx), P.sr_bits(77, 5, idx.ravel()[::-1])[::-1]
+                                  .reshape(3, 11))
 
 
 def test_random_bits_broadcast_step_and_index():
@@ -304,6 +358,17 @@ def test_random_bits_bad_input(call, exc, msg):
         call()
 
 
+@pytest.mark.parametrize("call, exc, msg", [
+    (lambda: P.sr_bits(-1, 1, [0]), ValueError, r"seed: expected an integer in \[0, 2\*\*64\), got -1"),
+    (lambda: P.sr_bits(0, -3, [0]), ValueError, r"step: expected an integer in \[0, 2\*\*64\), got -3"),
+    (lambda: P.sr_bits(0, 1, np.array([0.5])), TypeError, r"index: expected a non-negative integer"),
+    (lambda: P.sr_bits(0, 1, [-2]), ValueError, r"index: expected non-negative integers, got -2"),
+])
+def test_sr_bits_bad_input(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
 def chi2_uniform(counts: np.ndarray) -> float:
     """(chi2 - dof) / sqrt(2 dof): about N(0, 1) for uniform counts with many cells."""
     e = counts.sum() / counts.size
@@ -312,19 +377,20 @@ def chi2_uniform(counts: np.ndarray) -> float:
     return (chi2 - dof) / math.sqrt(2 * dof)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 0xDEADBEEF])
+@pytest.mark.parametrize("seed", [0xDEADBEEF])
 def test_random_bits_quality_along_the_index(seed):
+    """Dropout's 32 bits per element (stochastic rounding's: test_sr_bits_quality)."""
     n = 1 << 22
     r = P.random_bits(seed, 1, np.arange(n, dtype=np.uint64))
     # every one of the 32 bits is set half of the time (sigma = 0.5 / sqrt(n) = 2.4e-4)
     freq = np.array([np.count_nonzero((r >> np.uint32(b)) & np.uint32(1)) / n for b in range(32)])
     assert np.abs(freq - 0.5).max() < 6 * 0.5 / math.sqrt(n), freq
-    # the 16 bits stochastic rounding uses: uniform over all 65536 values (64 per cell)
+    # the low 16 bits: uniform over all 65536 values (64 per cell)
     assert abs(chi2_uniform(np.bincount(r & 0xFFFF, minlength=1 << 16))) < 5
     # neighbouring elements independent: top bytes of (r[i], r[i+1]) uniform over 65536 pairs
     pair = ((r[:-1] >> 24) << 8) | (r[1:] >> 24)
     assert abs(chi2_uniform(np.bincount(pair, minlength=1 << 16))) < 5
-    # and no linear correlation of the SR bits between neighbours (sigma = 1 / sqrt(n) = 4.9e-4)
+    # and no linear correlation of the low bits between neighbours (sigma = 1 / sqrt(n) = 4.9e-4)
     lo = (r & 0xFFFF).astype(np.float64)
     assert abs(np.corrcoef(lo[:-1], lo[1:])[0, 1]) < 6 / math.sqrt(n)
 
@@ -356,6 +422,76 @@ def test_random_bits_avalanche():
         assert np.abs(frac - 0.5).max() < 0.05
 
 
+def _top_byte_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ((a >> 8).astype(np.int64) << 8) | (b >> 8).astype(np.int64)
+
+
+def sr_quality_checks(bits, n: int = 1 << 20, n_steps: int = 1 << 17):
+    """The quality checks of stochastic rounding's 16 bits, lazily: yields (name, passed).
+
+    ``bits(seed, step, index)`` -> uint16 (``P.sr_bits`` or a deliberately bad
+    variant).  Bounds are about 5-6 sigma, so a good generator fails with
+    probability ~1e-6 per check; the bad variants below fail by hundreds of sigma.
+    """
+    r = bits(1, 1, np.arange(n, dtype=np.uint64))
+    # every one of the 16 bits is set half of the time (sigma = 0.5 / sqrt(n))
+    freq = np.array([np.count_nonzero((r >> b) & 1) / n for b in range(16)])
+    yield "bit balance", bool(np.abs(freq - 0.5).max() < 6 * 0.5 / math.sqrt(n))
+    # uniform over all 65536 values along the index (16 per cell); two-sided: too even fails too
+    yield "chi2 along the index", abs(chi2_uniform(np.bincount(r, minlength=1 << 16))) < 5
+    # pairs of elements: every two slices of one group's hash, and the last slice of a group
+    # with the first of the next; top bytes of the pair uniform over 65536 cells
+    q = r.reshape(-1, 4)
+    pairs = [(f"in-group slices {a},{b}", q[:, a], q[:, b]) for a in range(4) for b in range(a + 1, 4)]
+    pairs.append(("across groups", q[:-1, 3], q[1:, 0]))
+    for name, a, b in pairs:
+        yield f"pairs {name}", abs(chi2_uniform(np.bincount(_top_byte_pairs(a, b), minlength=1 << 16))) < 5
+    lo = r.astype(np.float64)
+    yield "neighbour correlation", abs(np.corrcoef(lo[:-1], lo[1:])[0, 1]) < 6 / math.sqrt(n)
+    # one element over many steps (what the stagnation average relies on): the four
+    # slices of one group and an element far away
+    steps = np.arange(1, n_steps + 1, dtype=np.uint64)[:, None]
+    rs = bits(3, steps, np.array([0, 1, 2, 3, 12345], dtype=np.uint64))
+    for k, col in enumerate(rs.T):
+        yield f"chi2 along the step ({k})", abs(chi2_uniform(np.bincount(col >> 4, minlength=1 << 12))) < 5
+        yield f"step pairs ({k})", \
+            abs(chi2_uniform(np.bincount(_top_byte_pairs(col[:-1], col[1:]), minlength=1 << 16))) < 5
+    # avalanche: flipping one bit of the index (inside the group or of the group), of the
+    # step or of the seed flips each of the 16 bits half of the time
+    rng = np.random.default_rng(9)
+    idx = rng.integers(0, 1 << 62, size=1 << 14, dtype=np.uint64)
+    base = bits(11, 5, idx)
+    others = [(f"index bit {b}", bits(11, 5, idx ^ np.uint64(1 << b))) for b in (0, 1, 2, 3, 19, 40, 62)]
+    others += [("step", bits(11, 4, idx)), ("seed", bits(10, 5, idx))]
+    for name, other in others:
+        frac = ((base ^ other)[:, None] >> np.arange(16, dtype=np.uint16) & 1).mean(axis=0)
+        yield f"avalanche {name}", bool(np.abs(frac - 0.5).max() < 0.05)
+
+
+def test_sr_bits_quality():
+    failed = [name for name, ok in sr_quality_checks(P.sr_bits) if not ok]
+    assert failed == []
+
+
+def _unmixed_sr_bits(seed, step, index):
+    """The group counter itself, not hashed (its slices are far too regular)."""
+    t = np.asarray(step, dtype=np.uint64)
+    i = np.asarray(index, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = P.mix64(np.uint64(P.seed_key(seed)) + t * np.uint64(G)) + (i >> np.uint64(2)) * np.uint64(G)
+    return ((z >> ((i & np.uint64(3)) << np.uint64(4))) & np.uint64(0xFFFF)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda s, t, i: P.sr_bits(s, t, np.asarray(i, np.uint64) & ~np.uint64(3)),  # one slice per group
+    lambda s, t, i: P.sr_bits(s, np.asarray(t, np.uint64) * np.uint64(0) + np.uint64(1), i),  # no step
+    _unmixed_sr_bits,
+], ids=["one-slice-per-group", "step-blind", "unmixed"])
+def test_sr_bits_quality_checks_catch_bad_bits(bad):
+    """The checks above are not vacuous: each bad variant fails one of them."""
+    assert not all(ok for _, ok in sr_quality_checks(bad))
+
+
 def test_numba_transcription_of_the_recipe_matches():
     """The module docstring's recipe, written as a Numba kernel author would, reproduces NumPy."""
     numba = pytest.importorskip("numba")
@@ -369,11 +505,11 @@ def test_numba_transcription_of_the_recipe_matches():
             if (u & u32(0x7FFFFFFF)) > u32(0x7F800000):
                 out[i] = np.uint16(((u >> u32(16)) & u32(0x8000)) | u32(0x7FC0))
                 continue
-            z = key + u64(i) * g
+            z = key + (u64(i) >> u64(2)) * g  # the group of four elements
             z = (z ^ (z >> u64(30))) * u64(0xBF58476D1CE4E5B9)
             z = (z ^ (z >> u64(27))) * u64(0x94D049BB133111EB)
             z = z ^ (z >> u64(31))
-            r = u32(z >> u64(32)) & u32(0xFFFF)
+            r = u32(z >> ((u64(i) & u64(3)) * u64(16))) & u32(0xFFFF)  # its slice i & 3
             out[i] = np.uint16((u + r) >> u32(16))
 
     x = f32(float32_sample(n_random=1 << 16, seed=8)[: 1 << 17])
@@ -397,7 +533,7 @@ static inline uint16_t bf16_rne(uint32_t u) {
 }
 static inline uint16_t bf16_sr(uint32_t u, uint64_t key, uint64_t i) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7fc0u);
-    uint32_t r = (uint32_t)(mix64(key + i * 0x9e3779b97f4a7c15ull) >> 32) & 0xffffu;
+    uint32_t r = (uint32_t)(mix64(key + (i >> 2) * 0x9e3779b97f4a7c15ull) >> (16 * (i & 3))) & 0xffffu;
     return (uint16_t)((u + r) >> 16);
 }
 static inline uint16_t f16_rne(uint32_t u) {

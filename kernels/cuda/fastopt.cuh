@@ -64,8 +64,11 @@ struct FoTable {
 __device__ __forceinline__ unsigned fo_f2u(float x) { return __float_as_uint(x); }
 __device__ __forceinline__ float fo_u2f(unsigned u) { return __uint_as_float(u); }
 
-// SplitMix64's output function; random_bits(seed, step, i) = mix64(step_key + i*G) >> 32, the
-// step key computed on the host (fastopt.precision.step_key), i the flat index within the param.
+// SplitMix64's output function, with the step key computed on the host
+// (fastopt.precision.step_key). Dropout (layers.cu) draws random_bits(seed, step, i) =
+// mix64(step_key + i*G) >> 32; stochastic rounding draws sr_bits(seed, step, i), the 16-bit
+// slice i & 3 of mix64(step_key + (i >> 2)*G) -- four consecutive elements share one hash (on the
+// GPU each thread simply computes its element's group hash). i: the flat index within the param.
 __device__ __forceinline__ unsigned long long fo_mix64(unsigned long long z) {
     z ^= z >> 30;
     z *= 0xbf58476d1ce4e5b9ull;
@@ -73,8 +76,10 @@ __device__ __forceinline__ unsigned long long fo_mix64(unsigned long long z) {
     z *= 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
-__device__ __forceinline__ unsigned fo_random_bits(unsigned long long step_key, fo_i64 i) {
-    return (unsigned)(fo_mix64(step_key + (unsigned long long)i * 0x9e3779b97f4a7c15ull) >> 32);
+__device__ __forceinline__ unsigned fo_sr_bits(unsigned long long step_key, fo_i64 i) {
+    const unsigned long long u = (unsigned long long)i;
+    return (unsigned)(fo_mix64(step_key + (u >> 2) * 0x9e3779b97f4a7c15ull) >> (16u * (unsigned)(u & 3u)))
+           & 0xffffu;
 }
 
 struct FoF32 {
@@ -104,7 +109,7 @@ struct FoBF16 {
     static __device__ __forceinline__ T store_sr(O x, unsigned long long key, fo_i64 i) {
         const unsigned u = fo_f2u(x);
         if ((u & 0x7fffffffu) > 0x7f800000u) return (T)(((u >> 16) & 0x8000u) | 0x7fc0u);
-        return (T)((u + (fo_random_bits(key, i) & 0xffffu)) >> 16);
+        return (T)((u + fo_sr_bits(key, i)) >> 16);
     }
 };
 // IEEE binary16 (precision.py, recipe 4)
