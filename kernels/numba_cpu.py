@@ -658,6 +658,23 @@ def _apply_serial(body, mode, k, parts, ptr, off, total, scales, cs, f):
 _SERIAL_DRIVERS = {}
 
 
+def _own_symbol(fn, rule_body, mode):
+    """Name a jitted closure made per rule body and mode after them; returns ``fn``.
+
+    Numba's machine-code symbol for a function is its module, qualified name, a
+    per-process counter and its argument types.  The closures made per rule body
+    (``rule_loop``, ``tile_rule``, ``fused_rule``) share a qualified name and argument
+    types, so two of them compiled in different processes can get the same symbol, and
+    a process that loads both kernels from the on-disk cache links every call to the
+    first one loaded: a cached NAdam step ran Adam's loop
+    (``tests/test_numba_contract.py``).  The body's name and the mode in the
+    qualified name make the symbols differ.
+    """
+    name = getattr(rule_body, "__name__", None) or rule_body.py_func.__name__
+    fn.py_func.__qualname__ = f"{fn.py_func.__qualname__}_{name}_{mode}".replace("-", "m")
+    return fn
+
+
 def _serial_driver(rule_body, rule_mode):
     """``_apply_full`` for a serial twin: the element loop a jitted function of its own.
 
@@ -689,6 +706,8 @@ def _serial_driver(rule_body, rule_mode):
             pi = pi * decay
             p[i] = _clip(rule_body(i, x, pi, s0, s1, s2, e, c, f, ts,
                                    mode if loop_mode < 0 else loop_mode), c[_WCLIP])
+
+    _own_symbol(rule_loop, rule_body, loop_mode)
 
     def _apply_serial_full(body, mode, k, parts, ptr, off, total, scales, cs, f):
         n = off.shape[0] - 1
@@ -1126,6 +1145,9 @@ def _tiled_driver(rule_body, rule_mode):
             pi = pi * decay
             pt[j] = _clip(rule_body(j, x, pi, s0, s1, s2, e, c, f, ts,
                                     mode if tile_mode < 0 else tile_mode), c[_WCLIP])
+
+    _own_symbol(fused_rule, rule_body, tile_mode)
+    _own_symbol(tile_rule, rule_body, tile_mode)
 
     def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
         """Part ``k`` of the update pass of a reduced-precision call (``f``: the format vector).
