@@ -398,7 +398,7 @@ _SERIAL = {}
 _TWINS = set()  # the serial twins (they open no parallel region)
 
 
-def _entry(sums=False, twin=False):
+def _entry(sums=False, twin=False, contract=False):
     """The decorator of an entry point: parallel, nogil, fingerprint-cached.
 
     ``twin``: also compile a serial twin (``_SERIAL``) for calls that run as one
@@ -414,10 +414,14 @@ def _entry(sums=False, twin=False):
     model a division carries a zero test whose branch keeps LLVM from vectorizing the
     loop.  A twin's entry point must take ``sizes`` second and ``threads`` last (the
     template of ``_k_read``).
+
+    ``contract`` (the read pass only): also fastmath "contract", so ``u += y * y``
+    becomes one fused multiply-add; see ``_block_sums`` for why its bits are those of
+    the separate multiply and add.
     """
     opts = dict(nogil=True, error_model="numpy")
     if sums:
-        opts["fastmath"] = {"reassoc"}
+        opts["fastmath"] = {"reassoc", "contract"} if contract else {"reassoc"}
 
     def make(fn):
         par = _cached(njit(parallel=_PARALLEL, **opts)(fn))
@@ -654,6 +658,23 @@ def _apply_serial(body, mode, k, parts, ptr, off, total, scales, cs, f):
 _SERIAL_DRIVERS = {}
 
 
+def _own_symbol(fn, rule_body, mode):
+    """Name a jitted closure made per rule body and mode after them; returns ``fn``.
+
+    Numba's machine-code symbol for a function is its module, qualified name, a
+    per-process counter and its argument types.  The closures made per rule body
+    (``rule_loop``, ``tile_rule``, ``fused_rule``) share a qualified name and argument
+    types, so two of them compiled in different processes can get the same symbol, and
+    a process that loads both kernels from the on-disk cache links every call to the
+    first one loaded: a cached NAdam step ran Adam's loop
+    (``tests/test_numba_contract.py``).  The body's name and the mode in the
+    qualified name make the symbols differ.
+    """
+    name = getattr(rule_body, "__name__", None) or rule_body.py_func.__name__
+    fn.py_func.__qualname__ = f"{fn.py_func.__qualname__}_{name}_{mode}".replace("-", "m")
+    return fn
+
+
 def _serial_driver(rule_body, rule_mode):
     """``_apply_full`` for a serial twin: the element loop a jitted function of its own.
 
@@ -685,6 +706,8 @@ def _serial_driver(rule_body, rule_mode):
             pi = pi * decay
             p[i] = _clip(rule_body(i, x, pi, s0, s1, s2, e, c, f, ts,
                                    mode if loop_mode < 0 else loop_mode), c[_WCLIP])
+
+    _own_symbol(rule_loop, rule_body, loop_mode)
 
     def _apply_serial_full(body, mode, k, parts, ptr, off, total, scales, cs, f):
         n = off.shape[0] - 1
@@ -1271,6 +1294,9 @@ def _tiled_driver(rule_body, rule_mode):
             pt[j] = _clip(rule_body(j, x, pi, s0, s1, s2, e, c, f, ts,
                                     mode if tile_mode < 0 else tile_mode), c[_WCLIP])
 
+    _own_symbol(fused_rule, rule_body, tile_mode)
+    _own_symbol(tile_rule, rule_body, tile_mode)
+
     def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):
         """Part ``k`` of the update pass of a reduced-precision call (``f``: the format vector).
 
@@ -1797,7 +1823,8 @@ def _sf_sgd(i, g, p, z, s1, s2, e, c, f, ts, mode):  # 20 B/elem
 # boundary falls, and the block sums of a tensor are added in block order, so the
 # result does not depend on the thread count (nor on timing).  Inside a block the
 # loop vectorizes (fastmath "reassoc": several independent accumulators; inf and
-# nan semantics kept).
+# nan semantics kept) and each square is added by one fused multiply-add
+# (fastmath "contract"; see _block_sums).
 _BLOCK = 8192
 
 
@@ -1808,7 +1835,18 @@ def _read_blocks(k, parts, ptr, off, boff, cs, flags, out):
 
 @njit(inline="always")
 def _block_sums(x, a, b, ginv, gclip, exact):
-    """(sum of clip(x*ginv)^2, sum of x*ginv*0) over ``x[a:b]`` (see ``_read_blocks_full``)."""
+    """(sum of clip(x*ginv)^2, sum of x*ginv*0) over ``x[a:b]`` (see ``_read_blocks_full``).
+
+    Its callers compile it with fastmath "reassoc" and "contract": ``u += y * y`` is one
+    fused multiply-add.  For float32 grads that is the same bits as a multiply and an
+    add, since the square of a float32 value is exact in float64 (48 significant bits);
+    for float64 grads the square is no longer rounded before the add (every numba path
+    sums through this function, so they still agree bit for bit).  ``y * 0.0`` is
+    exact too.  The fast form skips the multiply by ``ginv`` when it is 1 (no loss
+    scale, the common case): ``x * 1`` is ``x`` for every float, nan and inf included.
+    Together they made the read pass of 16.7M float32 grads 0.85-0.94x as long in A/B
+    runs (docs/design.md, "Numba backend").
+    """
     u = 0.0
     w = 0.0
     if exact:
@@ -1817,6 +1855,10 @@ def _block_sums(x, a, b, ginv, gclip, exact):
             z = np.float64(_clip(y, gclip))
             u += z * z
             w += np.float64(y) * 0.0
+    elif ginv == 1:
+        for i in range(np.uint64(a), np.uint64(b)):
+            y = np.float64(x[i])
+            u += y * y
     else:
         for i in range(np.uint64(a), np.uint64(b)):
             y = np.float64(x[i] * ginv)
@@ -1918,7 +1960,8 @@ def _check_grads(ptr, sizes, off, cs, addr):
     return np.isfinite(total)
 
 
-_check_grads = _cached(njit(nogil=True, error_model="numpy", fastmath={"reassoc"})(_check_grads))
+_check_grads = _cached(njit(nogil=True, error_model="numpy",
+                             fastmath={"reassoc", "contract"})(_check_grads))
 
 
 @njit(inline="always")
@@ -2183,7 +2226,7 @@ def _lars_coef(acc, scales, lr, tc, eps, on):
     return coef
 
 
-@_entry(sums=True, twin=True)
+@_entry(sums=True, twin=True, contract=True)
 def _k_read(tab, sizes, scales, cs, flags, deref, threads):
     """The read pass: per tensor (sum of squares, non-finite flag), see ``_read_blocks``.
 

@@ -138,6 +138,52 @@ def test_changed_vocabulary_does_not_load_stale_cached_kernels(tmp_path):
     assert _cache_probe("mismatch", tmp_path)[3] is False
 
 
+_TWIN_PROBE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import fastopt as fo
+    from fastopt.kernels import numba_cpu as nc
+    nc._FORCE = "serial"  # the serial twins, whose element loop is a closure per rule body
+    ok = []
+    for name in sys.argv[1].split(","):
+        rng = np.random.default_rng(5)
+        p, g = rng.standard_normal(37).astype(np.float32), rng.standard_normal(37).astype(np.float32)
+        out = []
+        for backend in ("numpy", "numba"):
+            q = p.copy()
+            opt = getattr(fo, name)([q], lr=0.1, backend=backend)
+            for _ in range(3):
+                opt.step([g])
+            out.append(q)
+        ok.append(bool(np.allclose(out[1], out[0], rtol=1e-5)))
+    print(all(ok))
+""")
+
+
+def test_twins_compiled_apart_each_run_their_own_loop(tmp_path):
+    """Each rule's serial loop gets a machine-code symbol of its own.
+
+    The serial twins' element loops (``rule_loop``, one closure per rule body) have one
+    qualified name and the same argument types, and Numba's symbol adds only a
+    per-process counter: Adam's and NAdam's, each compiled in a fresh process (as two
+    test workers or two users would), got the same symbol, and a process that loaded
+    both from the cache ran the first one loaded for both.
+    """
+    import shutil
+
+    def probe(names, cache):
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), FASTOPT_NUMBA_CACHE="1")
+        r = subprocess.run([sys.executable, "-c", _TWIN_PROBE, names], env=env,
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.split()[-1]
+
+    assert probe("Adam", tmp_path / "a") == "True"
+    assert probe("NAdam", tmp_path / "b") == "True"
+    shutil.copytree(tmp_path / "b", tmp_path / "a", dirs_exist_ok=True)
+    assert probe("Adam,NAdam", tmp_path / "a") == "True"  # both loaded from the cache
+
+
 # ------------------------------------------------------------------ non-finite params
 
 _ELEMENTWISE = [c for c in CASES if _rules.RULES[c[0]].kind == _rules.ELEMENTWISE]
