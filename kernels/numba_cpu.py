@@ -1274,7 +1274,10 @@ def _tiled_driver(rule_body, rule_mode):
                                      gs, use_l2)
                 p[j] = _bf16_rne(pn)
 
-    if not may_fuse:  # no rule of this body keeps two states: compile no fused loop
+    if may_fuse:  # per-body closures: each its own symbol (the module-level stubs are one)
+        _own_symbol(fused_rule, rule_body, tile_mode)
+        _own_symbol(fused_rule32, rule_body, tile_mode)
+    else:  # no rule of this body keeps two states: compile no fused loop
         fused_rule, fused_rule32 = _no_fused_rule, _no_fused_rule32
 
     @njit(nogil=True, error_model="numpy")
@@ -1294,7 +1297,6 @@ def _tiled_driver(rule_body, rule_mode):
             pt[j] = _clip(rule_body(j, x, pi, s0, s1, s2, e, c, f, ts,
                                     mode if tile_mode < 0 else tile_mode), c[_WCLIP])
 
-    _own_symbol(fused_rule, rule_body, tile_mode)
     _own_symbol(tile_rule, rule_body, tile_mode)
 
     def _apply_tiled(body, mode, k, parts, ptr, off, total, scales, cs, f):

@@ -262,3 +262,19 @@ def test_one_state_bodies_compile_no_fused_loop(K):
     assert not K._two_state_body(K._sgd) and not K._two_state_body(K._scale)
     assert K._tiled_driver(K._sgd, 0).fused_rule is K._no_fused_rule
     assert K._tiled_driver(K._adam, 0).fused_rule32 is not K._no_fused_rule32
+
+
+def test_per_body_loops_have_their_own_symbols(K):
+    # Numba names machine code by qualified name and argument types (plus a per-process
+    # counter): per-body closures that shared a name ran one another's code once both
+    # were loaded from the cache (tests/test_numba_contract.py has the end-to-end case).
+    # The module-level stubs of one-state bodies are shared and keep their own name.
+    stub, stub32 = (K._no_fused_rule.py_func.__qualname__,
+                    K._no_fused_rule32.py_func.__qualname__)
+    drivers = [K._tiled_driver(b, 0) for b in (K._adam, K._nadam, K._adamax)]
+    for attr in ("tile_rule", "fused_rule", "fused_rule32"):
+        names = {getattr(d, attr).py_func.__qualname__ for d in drivers}
+        assert len(names) == len(drivers), attr
+    K._tiled_driver(K._sgd, 0), K._tiled_driver(K._lion, 0)
+    assert K._no_fused_rule.py_func.__qualname__ == stub
+    assert K._no_fused_rule32.py_func.__qualname__ == stub32
