@@ -546,17 +546,24 @@ def _torch_muon_bounded(n, dtype, limit_s):
     """torch.optim.Muon's first step on the ``n`` x ``n`` problem in a child process, stopped
     after ``limit_s`` seconds of its step (its import and set-up are not counted): the step's
     seconds, or None when it had not finished (the child is then killed)."""
+    code = ("import sys; from fastopt.apps.bench import _torch_muon_child; "
+            "_torch_muon_child(int(sys.argv[1]), sys.argv[2])")
+    return _bounded_child(code, [str(n), np.dtype(dtype).name], limit_s)
+
+
+def _bounded_child(code, args, limit_s):
+    """Run ``python -c code *args``; the child prints ``ready``, waits for a line on stdin, does
+    its timed work and prints its seconds.  Returns them, or None when no answer came within
+    ``limit_s`` seconds of the ``go`` line (the child is then killed)."""
     import subprocess
     import threading
 
-    code = ("import sys; from fastopt.apps.bench import _torch_muon_child; "
-            "_torch_muon_child(int(sys.argv[1]), sys.argv[2])")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(n), np.dtype(dtype).name],
+    proc = subprocess.Popen([sys.executable, "-c", code, *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         if line.strip() != "ready":
-            raise RuntimeError(f"torch.optim.Muon child: expected 'ready', got {line!r} "
+            raise RuntimeError(f"bounded child: expected 'ready', got {line!r} "
                                f"(exit {proc.poll()})")
         # the limit is on the step's answer, not on the child's exit: a reader thread
         got = []
@@ -568,7 +575,7 @@ def _torch_muon_bounded(n, dtype, limit_s):
         if reader.is_alive():
             return None
         if not got[0].strip():
-            raise RuntimeError(f"torch.optim.Muon child failed (exit {proc.wait()})")
+            raise RuntimeError(f"bounded child failed (exit {proc.wait()})")
         return float(got[0])
     finally:
         if proc.poll() is None:
