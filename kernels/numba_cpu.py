@@ -3039,7 +3039,8 @@ class NumbaOps(Ops):
         Only an elementwise rule's single bucket with no extra input, no norm or value
         clipping and no ``max_norm`` qualifies: a plain float32/float64 one gets a
         ``StepPlan``, one with a precision (16-bit params or state, master weights,
-        stochastic rounding; not q8, and not with ``pointers``) a ``ReducedStepPlan``;
+        stochastic rounding; not with ``pointers``) a ``ReducedStepPlan``, one with q8
+        state a ``Q8StepPlan`` (for a rule with a fused q8 entry point);
         the caller (the optimizer's
         step cache, docs/design.md "Pipeline") keeps the plan only while the same
         param, grad and state arrays come back with the same options.  ``pointers``:
@@ -3053,8 +3054,12 @@ class NumbaOps(Ops):
             return None
         if bucket.precision is not None or _is_reduced(bucket.params[0].dtype):
             prec = bucket.precision  # 16-bit storage: the tiled kernel (ReducedStepPlan)
-            if pointers or (prec is not None and not isinstance(prec.state, np.dtype)):
-                return None  # (fastopt.torch's data-pointer plans; q8 state)
+            if pointers:
+                return None  # (fastopt.torch's data-pointer plans)
+            if prec is not None and prec.state is _precision.Q8:
+                return Q8StepPlan.make(rule, bucket, grads, hp)  # 8-bit state
+            if prec is not None and not isinstance(prec.state, np.dtype):
+                return None
             return ReducedStepPlan(rule, bucket, grads, hp)
         return StepPlan(rule, bucket, grads, hp, pointers)
 
@@ -4070,6 +4075,17 @@ def _q8_tables(rule):
     return qm, qk, qt, qz
 
 
+_Q8_TABLES = {}  # rule name -> _q8_tables(rule), built on first use
+
+
+def _q8_tables_of(rule):
+    """``_q8_tables(rule)``, built once per process (the kernel and ``Q8StepPlan`` share it)."""
+    tables = _Q8_TABLES.get(rule.name)
+    if tables is None:  # two threads at once may both build it: the same values
+        tables = _Q8_TABLES.setdefault(rule.name, _q8_tables(rule))
+    return tables
+
+
 def _q8_check(params, states, present):
     """The q8 arrays fit their params (the kernel writes through raw pointers): ValueError if not."""
     n = len(params)
@@ -4142,7 +4158,6 @@ def _q8_kernel(rule, plain):
     entry = _Q8_ENTRIES.get(rule.name)
     trust = rule.kind == TRUST_RATIO
     extra_row = rule.extra is not None and rule.extra_shape == "param"
-    tables = []  # built on first use
 
     def kernel(params, grads, states, s, pre, extras=None):
         prec = pre.precision
@@ -4169,8 +4184,7 @@ def _q8_kernel(rule, plain):
             _q8_check(params, states, present)
             if half and "master" in states:
                 _q8_check_master(params, states["master"])
-            if not tables:  # one slice assignment: two threads at once cannot double it
-                tables[:] = _q8_tables(rule)
+            tables = _q8_tables_of(rule)
             tab = np.zeros((_QROWS, n), np.int64)
             tab[_QP] = _ids(params, n)
             tab[_QG] = _ids(grads, n)
@@ -4206,6 +4220,113 @@ def _q8_kernel(rule, plain):
 
 #: The param dtypes whose q8 buckets these kernels take (``fastopt._backend.supports``).
 NumbaOps.q8_dtypes = ("float32", "float16", "bfloat16")
+
+
+class Q8StepPlan:
+    """The step cache's plan (see ``StepPlan``) for a bucket whose state is q8.
+
+    The full path rebuilt, every step, what does not change while the same arrays
+    come back: ``_q8_check``'s layout checks of the codes and absmax (and masters),
+    the operand table, the sizes, the q8 format vector of 16-bit params, and the
+    scalar array; at 10 tensors of 4,096 float32 elements that host work was over
+    half of a ~350 us Adam step (docs/design.md, "Pipeline").  This plan checks once
+    when it is made (the full step has just accepted the same arrays) and per step
+    refreshes only the scalars, the flags and stochastic rounding's step key.  The
+    table holds object addresses (the kernel reads each array's data pointer at call
+    time) and the plan keeps the arrays alive, so an address cannot be reused; the
+    caller (``Optimizer._cached_step``) sees a new grad, param or state bucket, or
+    changed options, and takes the full path.  The grads are checked by the read pass's
+    fast form before the update (``_k_read``, tiled for 16-bit grads); a non-finite
+    sum returns False with nothing written and the full step decides (raise or skip).
+    Made by ``NumbaOps.step_plan`` (``make``) for a rule with a q8 entry point.
+    """
+
+    @classmethod
+    def make(cls, rule, bucket, grads, hp):
+        """The plan, or None where the bucket takes another path than the q8 entry point."""
+        params = bucket.params
+        dt = params[0].dtype
+        if (rule.name not in _Q8_ENTRIES or rule.kind != ELEMENTWISE
+                or (dt != np.float32 and not _is_reduced(dt))):
+            return None
+        if not any(name in bucket.states for name in rule.all_state):
+            return None  # no state (SGD without momentum): the plain kernel's step
+        return cls(rule, bucket, grads, hp)
+
+    def __init__(self, rule, bucket, grads, hp):
+        params, states = bucket.params, bucket.states
+        n = len(params)
+        present = [name for name in rule.all_state if name in states]
+        _q8_check(params, states, present)  # (the kernel writes through raw pointers)
+        half = _is_reduced(params[0].dtype)
+        if half and "master" in states:
+            _q8_check_master(params, states["master"])
+        self.rule, self.keep = rule, (params, grads, states)
+        tab = np.zeros((_QROWS, n), np.int64)
+        tab[_QP] = _ids(params, n)
+        tab[_QG] = _ids(grads, n)
+        for k, name in enumerate(rule.all_state):
+            if name in states:
+                tab[_QC0 + k] = _ids(states[name], n)
+                tab[_QA0 + k] = _ids(states[name + "_absmax"], n)
+        self.prec = bucket.precision
+        self.fmt = None
+        if half:
+            if "master" in states:
+                tab[_QM] = _ids(states["master"], n)
+            # flags and the step key are written per step
+            self.fmt = _q8_format(params, grads, None, 0, Pre(precision=self.prec, step=0))
+        self.table = tab
+        self.sizes = _sizes(params, n)
+        self.total = int(self.sizes.sum())
+        self.ones = np.ones(n, _F32)  # the norm-clip factors (none: ones)
+        pre = Pre(maximize=hp["maximize"], clip_value=None, weight_clip=hp["weight_clip"])
+        self.cs = _scalars(_F32, _head(pre), _NO_RULE)
+        self.slots = [(_HEAD + KERNEL_SCALAR_SLOT[k], k) for k in rule.pack + ("l2", "decay")]
+        self.tables = _q8_tables_of(rule)
+        self.entry = _Q8_ENTRIES[rule.name]
+        self.mode = None  # the variant: from the (fixed) options, at the first update
+        # the grads' check: the read pass's fast form (one float64 sum per tensor)
+        read_rows = [(_P, grads), (_G, grads)]
+        self.read_table = _table(read_rows, n)
+        gdt = grads[0].dtype
+        if _is_reduced(gdt) or any(g.dtype != gdt for g in grads):
+            self.read_fmt = _format(read_rows, n, 0)  # the tiled read (16-bit grads)
+            self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
+            self.read_ones, gdt = self.ones, _F32
+        else:
+            self.read_fmt, self.read_ones = 0, np.ones(n, gdt)
+        self.read_cs = _scalars(gdt, _plain_head())
+
+    def finite(self):
+        """Whether every grad is finite: True, or None when the exact check must decide."""
+        res = _call(_k_read, self.read_table, self.sizes, self.read_ones, self.read_cs,
+                    self.read_fmt, DATA_OFFSET)
+        return True if math.isfinite(res.sum()) else None
+
+    def update(self, s, check=False, step=None):
+        """The fused q8 update with the step scalars ``s``; ``step``: the step count
+        (stochastic rounding's key: without it such a plan returns False).  Returns
+        False, with nothing written, where the full step must decide."""
+        rule, cs, fmt = self.rule, self.cs, self.fmt
+        flags = rule.kernel_flags(s)
+        if fmt is not None:
+            if fmt[_Y_SR]:
+                if step is None:
+                    return False
+                fmt[_Y_KEY] = np.array(_precision.step_key(self.prec.seed, step),
+                                       np.uint64).view(np.int64)
+            fmt[_Y_FLAGS] = flags
+            flags = fmt
+        if check and self.finite() is None:
+            return False
+        for i, k in self.slots:
+            cs[i] = float(s[k])  # (as Rule.kernel_scalars: float, then float32)
+        if self.mode is None:
+            self.mode = _mode(rule, s)
+        _run(self.entry, numba.get_num_threads(),
+             (self.table, self.sizes, self.ones, cs, flags, DATA_OFFSET, self.mode, *self.tables))
+        return True
 
 
 def q8_warmup_jobs(dtypes=("float32",), rules=None, variants=True):

@@ -281,3 +281,89 @@ def test_cached_16bit_steps_match_full_steps(dtype, kw):
         np.testing.assert_array_equal(x, y)
     steps(a, b, grads, rng, 3)
     assert a.cached >= 4
+
+
+# ------------------------------------------------------------------ 8-bit state (Q8StepPlan)
+Q8_SHAPES = [(300,), (7, 5), (3,)]  # 300: a whole block and a partial one
+
+
+def q8_twins(nonfinite="skip", dtype=np.float32, **kw):
+    """A cached and an uncached Adam with q8 state (every tensor: ``min_8bit_size=1``)."""
+    rng = np.random.default_rng(3)
+    ps = [rng.standard_normal(s).astype(dtype) for s in Q8_SHAPES]
+    opts = dict(lr=1e-2, backend="numba", nonfinite=nonfinite, state_dtype="q8",
+                min_8bit_size=1, **kw)
+    a = fo.Adam([p.copy() for p in ps], **opts)
+    b = fo.Adam([p.copy() for p in ps], **opts)
+    b._plan_step = lambda grads, steps: None  # the uncached reference
+    a.cached = 0
+    full = a._cached_step
+
+    def counted(grads, t):
+        info = full(grads, t)
+        a.cached += info is not None
+        return info
+
+    a._cached_step = counted
+    grads = [rng.standard_normal(s).astype(dtype) for s in Q8_SHAPES]
+    return a, b, grads, rng
+
+
+def _q8_plan(opt):
+    from fastopt.kernels.numba_cpu import Q8StepPlan
+
+    return opt._plan is not None and isinstance(opt._plan.plan, Q8StepPlan)
+
+
+@pytest.mark.parametrize("dtype,kw", [
+    ("float32", {}),
+    ("float32", {"maximize": True, "weight_clip": 0.5, "weight_decay": 0.1, "amsgrad": True}),
+    ("bfloat16", {"stochastic_rounding": True, "seed": 5}),  # the q8 format vector, its key
+], ids=["plain", "options", "bf16-sr"])
+def test_cached_q8_steps_match_full_steps(dtype, kw):
+    if dtype == "bfloat16":
+        dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    a, b, grads, rng = q8_twins("raise", dtype, **kw)
+    steps(a, b, grads, rng, 5)
+    assert _q8_plan(a) and a.cached == 3 and b._plan is None  # two full steps, then the cache
+    before = snapshot(a)
+    grads[0][-1] = np.nan  # a non-finite grad: the cached step hands over, nothing written
+    with pytest.raises(FloatingPointError):
+        a.step(grads)
+    after = snapshot(a)
+    assert_same_snapshot(before, after)
+    with pytest.raises(FloatingPointError):
+        b.step(grads)
+    steps(a, b, grads, rng, 3)
+
+
+def test_a_nonfinite_grad_after_q8_caching_writes_nothing():
+    a, b, grads, rng = q8_twins("skip")
+    steps(a, b, grads, rng, 3)
+    assert _q8_plan(a)
+    before = snapshot(a)
+    grads[1][2, 3] = np.inf
+    assert a.step(grads).skipped and b.step(grads).skipped
+    assert_same_snapshot(before, snapshot(a))
+    steps(a, b, grads, rng, 3)
+    assert a.cached >= 3
+
+
+def test_q8_plan_sees_lr_loaded_state_and_a_swapped_param():
+    a, b, grads, rng = q8_twins("raise")
+    steps(a, b, grads, rng, 3)
+    for opt in (a, b):
+        opt.param_groups[0]["lr"] = 0.5  # changed options: the full path, then a new plan
+    steps(a, b, grads, rng, 3)
+    sd = b.state_dict()
+    steps(a, b, grads, rng, 1)
+    n = a.cached
+    for opt in (a, b):  # new state arrays (load_state_dict rebuilds the buckets)
+        opt.load_state_dict(sd)
+    steps(a, b, grads, rng, 3)
+    assert a.cached == n + 1 and _q8_plan(a)
+    new = rng.standard_normal(35).astype(np.float32).reshape(7, 5)
+    for opt in (a, b):  # a swapped param of the same shape: its state stays, the table must not
+        opt.param_groups[0]["params"][1] = new.copy()
+    steps(a, b, grads, rng, 3)
+    assert a.cached == n + 2 and _q8_plan(a)
