@@ -18,9 +18,9 @@ pytestmark = pytest.mark.skipif(not available("numba"), reason="numba backend un
 SHAPES = [(7, 5), (3,), (11,)]  # odd sizes; a 2-D param (its grad goes in as a flat view)
 
 
-def twins(nonfinite="raise", dtype=np.float32, **kw):
-    rng = np.random.default_rng(1)
-    ps = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+def twins(nonfinite="raise", dtype=np.float32, shapes=SHAPES, data_seed=1, **kw):
+    rng = np.random.default_rng(data_seed)
+    ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
     a = fo.Adam([p.copy() for p in ps], lr=1e-2, backend="numba", nonfinite=nonfinite, **kw)
     b = fo.Adam([p.copy() for p in ps], lr=1e-2, backend="numba", nonfinite=nonfinite, **kw)
     b._plan_step = lambda grads, steps: None  # the uncached reference
@@ -33,7 +33,7 @@ def twins(nonfinite="raise", dtype=np.float32, **kw):
         return info
 
     a._cached_step = counted
-    grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
     return a, b, grads, rng
 
 
@@ -289,24 +289,8 @@ Q8_SHAPES = [(300,), (7, 5), (3,)]  # 300: a whole block and a partial one
 
 def q8_twins(nonfinite="skip", dtype=np.float32, **kw):
     """A cached and an uncached Adam with q8 state (every tensor: ``min_8bit_size=1``)."""
-    rng = np.random.default_rng(3)
-    ps = [rng.standard_normal(s).astype(dtype) for s in Q8_SHAPES]
-    opts = dict(lr=1e-2, backend="numba", nonfinite=nonfinite, state_dtype="q8",
-                min_8bit_size=1, **kw)
-    a = fo.Adam([p.copy() for p in ps], **opts)
-    b = fo.Adam([p.copy() for p in ps], **opts)
-    b._plan_step = lambda grads, steps: None  # the uncached reference
-    a.cached = 0
-    full = a._cached_step
-
-    def counted(grads, t):
-        info = full(grads, t)
-        a.cached += info is not None
-        return info
-
-    a._cached_step = counted
-    grads = [rng.standard_normal(s).astype(dtype) for s in Q8_SHAPES]
-    return a, b, grads, rng
+    return twins(nonfinite, dtype, shapes=Q8_SHAPES, data_seed=3, state_dtype="q8", min_8bit_size=1,
+                 **kw)
 
 
 def _q8_plan(opt):
