@@ -2537,7 +2537,31 @@ def _reduced_call(rule, rows, n, states, s, pre):
     _launch(entry, *args)
 
 
-class ReducedStepPlan:
+class _GradRead:
+    """The grads' check of a cached plan (``ReducedStepPlan``, ``Q8StepPlan``): the read
+    pass's fast form, one float64 sum per tensor; ``self.ones`` (float32 ones per tensor)
+    and ``self.sizes`` are the plan's own."""
+
+    def _read_setup(self, grads, n):
+        read_rows = [(_P, grads), (_G, grads)]
+        self.read_table = _table(read_rows, n)
+        gdt = grads[0].dtype
+        if _is_reduced(gdt) or any(g.dtype != gdt for g in grads):
+            self.read_fmt = _format(read_rows, n, 0)  # the tiled read (16-bit grads)
+            self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
+            self.read_ones, gdt = self.ones, _F32
+        else:  # float32 grads (of float32 params with a 16-bit state): the plain read
+            self.read_fmt, self.read_ones = 0, np.ones(n, gdt)
+        self.read_cs = _scalars(gdt, _plain_head())
+
+    def finite(self):
+        """Whether every grad is finite: True, or None when the exact check must decide."""
+        res = _call(_k_read, self.read_table, self.sizes, self.read_ones, self.read_cs,
+                    self.read_fmt, DATA_OFFSET)
+        return True if math.isfinite(res.sum()) else None
+
+
+class ReducedStepPlan(_GradRead):
     """The step cache's plan (see ``StepPlan``) for a bucket with a precision.
 
     A 16-bit step through the full pipeline spent most of a small step's time on the
@@ -2573,23 +2597,8 @@ class ReducedStepPlan:
         pre = Pre(maximize=hp["maximize"], clip_value=None, weight_clip=hp["weight_clip"])
         self.cs = _scalars(_F32, _head(pre), _NO_RULE)
         self.slots = [(_HEAD + KERNEL_SCALAR_SLOT[k], k) for k in rule.pack + ("l2", "decay")]
-        read_rows = [(_P, grads), (_G, grads)]
-        self.read_table = _table(read_rows, n)
-        gdt = grads[0].dtype
-        if _is_reduced(gdt) or any(g.dtype != gdt for g in grads):
-            self.read_fmt = _format(read_rows, n, 0)  # the tiled read (16-bit grads)
-            self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
-            self.read_ones, gdt = self.ones, _F32
-        else:  # float32 grads (of float32 params with a 16-bit state): the plain read
-            self.read_fmt, self.read_ones = 0, np.ones(n, gdt)
-        self.read_cs = _scalars(gdt, _plain_head())
+        self._read_setup(grads, n)
         self.entry = None
-
-    def finite(self):
-        """Whether every grad is finite: True, or None when the exact check must decide."""
-        res = _call(_k_read, self.read_table, self.sizes, self.read_ones, self.read_cs,
-                    self.read_fmt, DATA_OFFSET)
-        return True if math.isfinite(res.sum()) else None
 
     def update(self, s, check=False, step=None):
         """The fused update with the step scalars ``s``; ``step``: the step count (the
@@ -4222,7 +4231,7 @@ def _q8_kernel(rule, plain):
 NumbaOps.q8_dtypes = ("float32", "float16", "bfloat16")
 
 
-class Q8StepPlan:
+class Q8StepPlan(_GradRead):
     """The step cache's plan (see ``StepPlan``) for a bucket whose state is q8.
 
     The full path rebuilt, every step, what does not change while the same arrays
@@ -4286,23 +4295,7 @@ class Q8StepPlan:
         self.tables = _q8_tables_of(rule)
         self.entry = _Q8_ENTRIES[rule.name]
         self.mode = None  # the variant: from the (fixed) options, at the first update
-        # the grads' check: the read pass's fast form (one float64 sum per tensor)
-        read_rows = [(_P, grads), (_G, grads)]
-        self.read_table = _table(read_rows, n)
-        gdt = grads[0].dtype
-        if _is_reduced(gdt) or any(g.dtype != gdt for g in grads):
-            self.read_fmt = _format(read_rows, n, 0)  # the tiled read (16-bit grads)
-            self.read_fmt[_X_GSCALE] = self.ones.ctypes.data
-            self.read_ones, gdt = self.ones, _F32
-        else:
-            self.read_fmt, self.read_ones = 0, np.ones(n, gdt)
-        self.read_cs = _scalars(gdt, _plain_head())
-
-    def finite(self):
-        """Whether every grad is finite: True, or None when the exact check must decide."""
-        res = _call(_k_read, self.read_table, self.sizes, self.read_ones, self.read_cs,
-                    self.read_fmt, DATA_OFFSET)
-        return True if math.isfinite(res.sum()) else None
+        self._read_setup(grads, n)  # the grads' check: the read pass's fast form
 
     def update(self, s, check=False, step=None):
         """The fused q8 update with the step scalars ``s``; ``step``: the step count
