@@ -159,6 +159,130 @@ def breakdown(n, reps, threads):
     return rows
 
 
+def lookup_floor(reps, n=1 << 20, inner=2, k=400):
+    """What a q8 step costs above float32 Adam when memory is not the limit, and why.
+
+    One thread, one tensor of ``n`` = 1,048,576 params (the step's working set, 10 MB
+    for q8 and 16 MB for float32, fits the 32 MB L3 cache, and the host's share of a
+    call is ~1%), each side run ``inner`` times per timing, interleaved as above: the q8 and
+    float32 Adam steps through the kernel, per element.  Then the per-element
+    price of the lookups q8 adds (each run alone over 64 blocks in L1): the
+    kernel's decode of one state (``_q8_load``: a code byte, a map entry, a
+    multiply), its encode of one state (``_q8_encode16``: a division, an AVX2
+    gather from the code table, a comparison), and a bare 8-lane gather of
+    32-bit entries from a 1 KiB table (the lookup alone).  A q8 Adam step does
+    two decodes and two encodes per element, so ``f32 + 2 decode + 2 encode`` is
+    what the step costs with no other overhead; ``lookup_bound`` is that over the
+    float32 step, ``gather_bound`` the same with four bare gathers in place of the
+    kernel's lookups (docs/design.md, "8-bit optimizer state").  The lookups are
+    timed ``k`` times over their blocks, the best of ``max(3, reps)`` runs.
+    """
+    import time
+
+    import numba
+    import numpy as np
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from fastopt.apps.bench import Q8KernelStep
+    from fastopt.apps.benchkit import pairwise
+    from fastopt.kernels import numba_cpu as nc
+
+    numba.set_num_threads(1)
+    q8, f32 = Q8KernelStep("adam", n, "q8"), Q8KernelStep("adam", n, "float32")
+
+    def many(case):
+        def run():
+            for _ in range(inner):
+                case.step()
+        return run
+
+    t_q8, t_f32, r = pairwise(many(q8), many(f32), reps)
+    out = {"n": n, "threads": 1, "q8_ns": t_q8 / (inner * n) * 1e9,
+           "f32_ns": t_f32 / (inner * n) * 1e9, "q8_over_f32": r}
+
+    @intrinsic
+    def gather8(typingctx, iaddr, taddr, oaddr):
+        # 8 int32 indices at iaddr -> the 8 int32 table entries, stored at oaddr
+        def codegen(context, builder, sig, args):
+            i8, i32 = ir.IntType(8), ir.IntType(32)
+            vi = ir.VectorType(i32, 8)
+            fnty = ir.FunctionType(vi, [vi, ir.PointerType(i8), vi, vi, i8])
+            g = builder.module.declare_intrinsic("llvm.x86.avx2.gather.d.d.256", fnty=fnty)
+            idx = builder.load(builder.inttoptr(args[0], ir.PointerType(vi)), align=4)
+            ones = ir.Constant(vi, [ir.Constant(i32, -1)] * 8)
+            zero = ir.Constant(vi, [ir.Constant(i32, 0)] * 8)
+            v = builder.call(g, [zero, builder.inttoptr(args[1], ir.PointerType(i8)), idx, ones,
+                                 ir.Constant(i8, 4)])
+            builder.store(v, builder.inttoptr(args[2], ir.PointerType(vi)), align=4)
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64, types.int64), codegen
+
+    qm, qk, qt, qz = nc._q8_tables(q8.rule)
+    nb, qb = 64, nc._QB
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(nb * qb).astype(np.float32)
+    am = np.abs(x).reshape(nb, qb).max(1)
+    codes = rng.integers(0, 256, nb * qb).astype(np.uint8)
+    idx = codes.astype(np.int32)
+    got = np.zeros(nb * qb, np.int32)
+    kt = qk[0].copy()
+    table = qm[0].view(np.int32).copy()
+    tab = np.zeros((nc._QROWS, 1), np.int64)
+    tab[nc._QC0, 0], tab[nc._QA0, 0] = id(codes), id(am)
+
+    @njit
+    def decode(tab, qm, reps):
+        ptr = nc._pointers(tab, nc.DATA_OFFSET)
+        w = np.empty((nc._NQ + 3, nc._QB), np.float32)
+        acc = np.float32(0)
+        for _ in range(reps):
+            for j in range(nb):
+                nc._q8_load(ptr, 0, 0, j, j * nc._QB, nc._QB, qm, w, np.float32(0))
+                acc += w[0, 5]
+        return acc
+
+    @njit
+    def encode(x, am, kt, zc, out, reps):
+        xa, ka, ca = x.ctypes.data, kt.ctypes.data, out.ctypes.data
+        for _ in range(reps):
+            for j in range(nb):
+                for i in range(0, nc._QB, 16):
+                    k = j * nc._QB + i
+                    nc._q8_encode16(xa + 4 * k, am[j], ka, zc, ca + k)
+        return out[0]
+
+    @njit
+    def bare(idx, table, got, reps):
+        ia, ta, ga = idx.ctypes.data, table.ctypes.data, got.ctypes.data
+        for _ in range(reps):
+            for k in range(0, idx.shape[0], 8):
+                gather8(ia + 4 * k, ta, ga + 4 * k)
+        return got[0]
+
+    out8 = np.zeros(nb * qb, np.uint8)
+    jobs = {"decode_ns": lambda k: decode(tab, qm, k)}
+    if nc._Q8_GATHER:  # the encode's and the bare gather need AVX2 (else: not measured)
+        jobs["encode_ns"] = lambda k: encode(x, am, kt, qz[0], out8, k)
+        jobs["gather_ns"] = lambda k: bare(idx, table, got, k)
+    for name, fn in jobs.items():
+        fn(1)
+        best = float("inf")
+        for _ in range(max(3, reps)):
+            t0 = time.perf_counter()
+            fn(k)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best / (k * nb * qb) * 1e9
+    if nc._Q8_GATHER:
+        assert np.array_equal(got, table[idx])  # the bare gather fetched the right entries
+        bound = out["f32_ns"] + 2 * out["decode_ns"] + 2 * out["encode_ns"]
+        out["lookup_bound"] = bound / out["f32_ns"]
+        out["gather_bound"] = (out["f32_ns"] + 4 * out["gather_ns"]) / out["f32_ns"]
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    return out
+
+
 def main():
     args = _parse()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -167,6 +291,7 @@ def main():
     res = q8_ratios(args.n, args.reps, args.threads, peer=not args.no_peer)
     res["bf16_q8_sr"] = bf16_ratio(args.n, args.reps)
     res["breakdown"] = breakdown(args.n, args.reps, args.threads)
+    res["floor"] = lookup_floor(args.reps)
     json.dump(res, sys.stdout, indent=1)
     print()
 

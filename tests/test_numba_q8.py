@@ -394,6 +394,26 @@ def test_bench_q8_kernel_step_runs_both_formats():
         Q8KernelStep("adam", 10, "int8")
 
 
+def test_q8_bench_lookup_floor_runs_and_measures_the_right_lookups():
+    # asv_bench/q8_numba.py's floor section (README's q8 table): tiny sizes, one pass; its
+    # bare gather is checked against the table inside, its encode wrote real codes
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "asv_bench", "q8_numba.py")
+    spec = importlib.util.spec_from_file_location("q8_numba_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.lookup_floor(1, n=4096, inner=1, k=1)
+    assert out["n"] == 4096 and out["threads"] == 1
+    keys = ["q8_ns", "f32_ns", "decode_ns"] + (["encode_ns", "gather_ns"] if nc._Q8_GATHER else [])
+    assert all(out[key] > 0 for key in keys)
+    if nc._Q8_GATHER:
+        assert out["lookup_bound"] > 1 and out["gather_bound"] > 1  # f32 + positive costs
+    else:
+        assert "lookup_bound" not in out
+
+
 # ------------------------------------------------------------------ 16-bit params
 
 
