@@ -189,6 +189,9 @@ def lookup_floor(reps, n=1 << 20, inner=2, k=400):
     from fastopt.apps.benchkit import pairwise
     from fastopt.kernels import numba_cpu as nc
 
+    from fastopt import quantization
+
+    threads = numba.get_num_threads()
     numba.set_num_threads(1)
     q8, f32 = Q8KernelStep("adam", n, "q8"), Q8KernelStep("adam", n, "float32")
 
@@ -274,12 +277,13 @@ def lookup_floor(reps, n=1 << 20, inner=2, k=400):
             fn(k)
             best = min(best, time.perf_counter() - t0)
         out[name] = best / (k * nb * qb) * 1e9
-    if nc._Q8_GATHER:
-        assert np.array_equal(got, table[idx])  # the bare gather fetched the right entries
+    if nc._Q8_GATHER:  # what was timed did the right thing: the quantizer's codes, the entries
+        assert np.array_equal(out8, quantization.quantize_blockwise(x, signed=True)[0])
+        assert np.array_equal(got, table[idx])
         bound = out["f32_ns"] + 2 * out["decode_ns"] + 2 * out["encode_ns"]
         out["lookup_bound"] = bound / out["f32_ns"]
         out["gather_bound"] = (out["f32_ns"] + 4 * out["gather_ns"]) / out["f32_ns"]
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
     return out
 
 
