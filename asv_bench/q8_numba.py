@@ -175,21 +175,19 @@ def lookup_floor(reps, n=1 << 20, inner=2, k=400):
     what the step costs with no other overhead; ``lookup_bound`` is that over the
     float32 step, ``gather_bound`` the same with four bare gathers in place of the
     kernel's lookups (docs/design.md, "8-bit optimizer state").  The lookups are
-    timed ``k`` times over their blocks, the best of ``max(3, reps)`` runs.
+    timed ``k`` times over their blocks, the median of ``max(3, reps)`` runs
+    (``benchkit.measure``).
     """
-    import time
-
     import numba
     import numpy as np
     from llvmlite import ir
     from numba import njit, types
     from numba.extending import intrinsic
 
-    from fastopt.apps.bench import Q8KernelStep
-    from fastopt.apps.benchkit import pairwise
-    from fastopt.kernels import numba_cpu as nc
-
     from fastopt import quantization
+    from fastopt.apps.bench import Q8KernelStep
+    from fastopt.apps.benchkit import measure, pairwise
+    from fastopt.kernels import numba_cpu as nc
 
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
@@ -269,14 +267,10 @@ def lookup_floor(reps, n=1 << 20, inner=2, k=400):
     if nc._Q8_GATHER:  # the encode's and the bare gather need AVX2 (else: not measured)
         jobs["encode_ns"] = lambda k: encode(x, am, kt, qz[0], out8, k)
         jobs["gather_ns"] = lambda k: bare(idx, table, got, k)
+    runs = max(3, reps)
     for name, fn in jobs.items():
-        fn(1)
-        best = float("inf")
-        for _ in range(max(3, reps)):
-            t0 = time.perf_counter()
-            fn(k)
-            best = min(best, time.perf_counter() - t0)
-        out[name] = best / (k * nb * qb) * 1e9
+        t = measure(lambda fn=fn: fn(k), min_runs=runs, max_runs=runs, warmup=1)
+        out[name] = t / (k * nb * qb) * 1e9
     if nc._Q8_GATHER:  # what was timed did the right thing: the quantizer's codes, the entries
         assert np.array_equal(out8, quantization.quantize_blockwise(x, signed=True)[0])
         assert np.array_equal(got, table[idx])
